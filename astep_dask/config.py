@@ -1,0 +1,147 @@
+"""One typed place for every setting of the pipeline.
+
+Settings are grouped by the stage that reads them. Every stage receives the whole
+:class:`Settings` object (or its own group), never loose literals. A TOML file with the
+same table and key names overrides the defaults::
+
+    [combine]
+    sigma = 3.0
+    [mask]
+    hot_sigma = 5.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class CombineSettings:
+    """Robust combination of frames into a master."""
+
+    method: str = "sigclip"  # "sigclip" (clipped mean) or "median"
+    sigma_low: float = 3.0
+    sigma_high: float = 3.0
+    iterations: int = 3
+    memory_budget_mb: float = 256.0  # bytes of one row strip holding every frame
+    min_frames: int = 3
+
+
+@dataclass(frozen=True)
+class FlatSettings:
+    """Sky-flat screening and normalisation."""
+
+    central_fraction: float = 0.5  # side of the central box used for each flat's level
+    min_level_adu: float = 3000.0  # below this a flat has too little signal
+    max_level_fraction: float = 0.8  # above this fraction of saturation it is rejected
+
+
+@dataclass(frozen=True)
+class MaskSettings:
+    """Bad-pixel mask thresholds."""
+
+    hot_sigma: float = 5.0  # dark excess over the robust level, in master-dark noise units
+    dead_sigma: float = 5.0  # flat deficit relative to a smoothed flat, in flat noise units
+    dead_floor: float = 0.05  # a deficit smaller than this fraction is never called dead
+    smooth_box: int = 15  # box of the median filter that gives the smoothed flat
+    column_sigma: float = 5.0  # column median deficit, in units of its own noise
+
+
+@dataclass(frozen=True)
+class CosmicSettings:
+    """Cosmic-ray detection with astroscrappy."""
+
+    enabled: bool = True
+    sigclip: float = 4.5
+    sigfrac: float = 0.3
+    objlim: float = 5.0
+    niter: int = 4
+    replace: bool = False  # keep astroscrappy's cleaned values in SCI
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    """Fallbacks for values normally read from the raw header."""
+
+    gain: float = 1.0  # e-/ADU, when the header has no GAIN
+    read_noise: float = 10.0  # e-, when the header has no RDNOISE
+    saturation_adu: float = 65535.0  # raw level at and above which a pixel is saturated
+    overscan: str = "auto"  # "auto" (BIASSEC/TRIMSEC headers), "none"
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """Where the work runs."""
+
+    kind: str = "local"  # local, slurm, pbs
+    scheduler: str | None = None
+    n_workers: int | None = None  # None: sized to the machine
+    threads_per_worker: int = 1
+    memory_limit: str = "auto"
+    frames_in_flight: int = 0  # 0: two per worker thread
+    retries: int = 2
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of a run. Immutable; derive variants with :meth:`replace`."""
+
+    combine: CombineSettings = field(default_factory=CombineSettings)
+    flat: FlatSettings = field(default_factory=FlatSettings)
+    mask: MaskSettings = field(default_factory=MaskSettings)
+    cosmics: CosmicSettings = field(default_factory=CosmicSettings)
+    detector: DetectorSettings = field(default_factory=DetectorSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+
+    def replace(self, **groups: Any) -> Settings:
+        """Return a copy with some groups (or fields of groups, given as dicts) replaced."""
+        changes = {}
+        for name, value in groups.items():
+            current = getattr(self, name)
+            if isinstance(value, dict):
+                value = dataclasses.replace(current, **value)
+            changes[name] = value
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict, for manifests and hashing."""
+        return dataclasses.asdict(self)
+
+    def digest(self, *groups: str) -> str:
+        """Short stable hash of the named groups (all groups when none are named)."""
+        data = self.to_dict()
+        chosen = {g: data[g] for g in (groups or tuple(data))}
+        text = json.dumps(chosen, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Read settings from a TOML file; missing tables and keys keep their defaults.
+
+    Raises
+    ------
+    ValueError
+        When the file names a table or key that does not exist, naming the file.
+    """
+    settings = Settings()
+    if path is None:
+        return settings
+    path = Path(path)
+    with path.open("rb") as fh:
+        data = tomllib.load(fh)
+    groups: dict[str, dict[str, Any]] = {}
+    for table, values in data.items():
+        if table not in settings.to_dict() or not isinstance(values, dict):
+            raise ValueError(f"{path}: unknown settings table [{table}]")
+        known = {f.name for f in dataclasses.fields(getattr(settings, table))}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) in [{table}]: {', '.join(sorted(unknown))}")
+        groups[table] = values
+    return settings.replace(**groups)

@@ -1,0 +1,24 @@
+"""Shared fixtures: small simulated nights with known truth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from astep_dask.simulate import SimConfig, simulate_night
+
+SMALL = SimConfig(size=128, n_science=6, n_darks=5, n_flats=7, seed=3)
+
+
+@pytest.fixture(scope="session")
+def small_night(tmp_path_factory) -> Path:
+    """A clean 128² night (6 science, 5+5 darks, 7 flats), written once per session."""
+    return simulate_night(tmp_path_factory.mktemp("archive"), SMALL)
+
+
+@pytest.fixture(scope="session")
+def bad_night(tmp_path_factory) -> Path:
+    """The same night plus one unusable file of each kind."""
+    cfg = SimConfig(**{**SMALL.__dict__, "bad_files": True})
+    return simulate_night(tmp_path_factory.mktemp("archive_bad"), cfg)
