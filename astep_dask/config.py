@@ -31,6 +31,7 @@ class CombineSettings:
     iterations: int = 3
     memory_budget_mb: float = 256.0  # bytes of one row strip holding every frame
     min_frames: int = 3
+    noise_clip: bool = True  # clip with the frames' Poisson + read noise (GAIN, RDNOISE)
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,7 @@ class Truth:
     hot: np.ndarray  # bool
     dead: np.ndarray  # bool (dead pixels and dead columns)
     stars: np.ndarray  # (n, 3): x, y, flux in the sky (reference-frame) grid
+    flat_stars: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))  # flat, x, y, e-
     frames: list[dict] = field(default_factory=list)
 
     def save(self, folder: Path) -> None:
@@ -104,6 +105,7 @@ class Truth:
             hot=self.hot,
             dead=self.dead,
             stars=self.stars,
+            flat_stars=self.flat_stars,
         )
         meta = {"config": asdict(self.config), "frames": self.frames}
         (folder / "truth.json").write_text(json.dumps(meta, indent=1))
@@ -333,6 +335,7 @@ def simulate_night(root: str | Path, cfg: SimConfig | None = None) -> Path:
     # Twilight flats first (sky fading through the series), with their darks.
     t = start
     illum_sum = np.zeros((n, n))
+    flat_stars: list[list[float]] = []
     levels = np.geomspace(*cfg.flat_levels, max(cfg.n_flats, 1))
     for i in range(cfg.n_flats):
         amp = cfg.flat_gradient * rng_flat.uniform(0.8, 1.2)
@@ -341,14 +344,16 @@ def simulate_night(root: str | Path, cfg: SimConfig | None = None) -> Path:
         level_e = (levels[i] - cfg.bias_level) * cfg.gain
         sky = level_e * illum
         stars = np.zeros((n, n))
-        add_sources(stars, rng_flat.uniform(0, n, cfg.flat_stars),
-                    rng_flat.uniform(0, n, cfg.flat_stars),
-                    _power_law(rng_flat, cfg.flat_stars, 2e4, 5e5), cfg.psf_sigma * 1.5)
+        sx, sy = rng_flat.uniform(0, n, cfg.flat_stars), rng_flat.uniform(0, n, cfg.flat_stars)
+        sf = _power_law(rng_flat, cfg.flat_stars, 2e4, 5e5)
+        add_sources(stars, sx, sy, sf, cfg.psf_sigma * 1.5)
+        flat_stars += [[i, x, y, f] for x, y, f in zip(sx, sy, sf, strict=True)]
         adu, osc = cam.expose(rng_flat, truth.flat * (sky + stars), cfg.flat_exptime)
         cam.write(cam.flats, _name(cfg.date, t, "SKYFLAT"), "SKYFLAT", cfg.flat_exptime, t, adu,
                   osc)
         t += (cfg.flat_exptime + 20) / 86400
     truth.illumination = (illum_sum / max(cfg.n_flats, 1)).astype(np.float32)
+    truth.flat_stars = np.array(flat_stars, dtype=float).reshape(-1, 4)
     for _ in range(cfg.n_darks):
         adu, osc = cam.expose(rng_dark, None, cfg.flat_exptime)
         cam.write(cam.flats, _name(cfg.date, t, "DARK"), "DARK", cfg.flat_exptime, t, adu, osc)

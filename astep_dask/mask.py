@@ -1,0 +1,148 @@
+"""Mask bits and the bad-pixel mask (hot pixels from darks, dead pixels from flats).
+
+Bits follow the LSST/KBMOD convention (value = 1 << bit). Hot and dead pixels are BAD;
+the extra bits HOT and DEAD (above 15, as DESIGN.md allows) say which, for diagnosis.
+"""
+
+from __future__ import annotations
+
+import enum
+import warnings
+
+import numpy as np
+from astropy.io import fits
+from scipy import ndimage
+
+from .combine import MAD_TO_SIGMA
+from .config import MaskSettings
+
+MASK_DTYPE = np.int32
+
+
+class Bit(enum.IntEnum):
+    """Mask bit numbers; a flag's value is ``1 << bit``."""
+
+    BAD = 0
+    SAT = 1
+    INTRP = 2
+    CR = 3
+    EDGE = 4
+    SUSPECT = 7
+    NO_DATA = 8
+    HOT = 16
+    DEAD = 17
+
+
+def flag(*bits: Bit) -> int:
+    """Combined flag value of several bits."""
+    out = 0
+    for b in bits:
+        out |= 1 << int(b)
+    return out
+
+
+def header_cards(header: fits.Header) -> fits.Header:
+    """Write the ``MP_<NAME> = bit`` keywords that name the mask bits."""
+    for b in Bit:
+        key = f"MP_{b.name}"
+        key = key if len(key) <= 8 else f"HIERARCH {key}"  # LSST writes these as HIERARCH
+        header[key] = (int(b), f"mask bit: value 1<<{int(b)}")
+    return header
+
+
+def robust_sigma(values: np.ndarray) -> float:
+    """1.4826 × MAD of the finite values."""
+    v = values[np.isfinite(values)]
+    if v.size == 0:
+        return float("nan")
+    return float(MAD_TO_SIGMA * np.median(np.abs(v - np.median(v))))
+
+
+def hot_pixels(dark: np.ndarray, settings: MaskSettings) -> np.ndarray:
+    """Pixels whose dark signal exceeds the robust level by ``hot_sigma`` robust sigmas.
+
+    ``dark`` is a master dark (any exposure; the longer the better). The robust sigma of
+    the master over the whole frame is its noise, so the test is a significance test of
+    each pixel's excess dark current.
+    """
+    finite = np.isfinite(dark)
+    level = np.median(dark[finite])
+    sigma = robust_sigma(dark)
+    with np.errstate(invalid="ignore"):
+        return finite & (dark - level > settings.hot_sigma * sigma)
+
+
+def smooth_flat(flat: np.ndarray, box: int) -> np.ndarray:
+    """Large-scale shape of a flat: medians of ``box``×``box`` blocks, interpolated back.
+
+    Block medians ignore isolated dead pixels and columns; the bilinear interpolation
+    follows vignetting and broad illumination. Much cheaper than a sliding median filter
+    on a 4k² frame.
+    """
+    ny, nx = flat.shape
+    by, bx = -(-ny // box), -(-nx // box)
+    padded = np.full((by * box, bx * box), np.nan, np.float32)
+    padded[:ny, :nx] = flat
+    padded[~np.isfinite(padded)] = np.nan
+    blocks = padded.reshape(by, box, bx, box).swapaxes(1, 2).reshape(by, bx, box * box)
+    with np.errstate(all="ignore"):
+        med = np.nanmedian(blocks, axis=2)
+    if np.isnan(med).any():  # blocks with no data: fill from neighbours
+        idx = ndimage.distance_transform_edt(np.isnan(med), return_distances=False,
+                                             return_indices=True)
+        med = med[tuple(idx)]
+    # Block centres sit at (i + 0.5) * box - 0.5 in pixel coordinates.
+    yc = (np.arange(ny) + 0.5) / box - 0.5
+    xc = (np.arange(nx) + 0.5) / box - 0.5
+    yy, xx = np.meshgrid(yc, xc, indexing="ij")
+    return ndimage.map_coordinates(med, [yy, xx], order=1, mode="nearest").astype(np.float32)
+
+
+def dead_pixels(flat: np.ndarray, settings: MaskSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Dead / low-response pixels and columns of a normalised master flat.
+
+    A pixel is dead when its ratio to the smoothed flat falls below 1 by more than
+    ``max(dead_sigma × sigma, dead_floor)``, sigma being the robust scatter of the ratio
+    (pixel response non-uniformity plus noise). A column is dead when the median of its
+    ratios falls below 1 by more than ``column_sigma`` times the robust scatter of the
+    column medians (and by at least 1 %). Returns ``(pixels, columns)`` as boolean images.
+    """
+    smooth = smooth_flat(flat, settings.smooth_box)
+    with np.errstate(all="ignore"):
+        ratio = flat / smooth
+    sigma = robust_sigma(ratio)
+    cut = max(settings.dead_sigma * sigma, settings.dead_floor)
+    with np.errstate(invalid="ignore"):
+        pixels = np.isfinite(ratio) & (ratio < 1.0 - cut)
+    with warnings.catch_warnings():  # a fully dead column has no good pixel: NaN is right
+        warnings.simplefilter("ignore", RuntimeWarning)
+        col_med = np.nanmedian(np.where(pixels, np.nan, ratio), axis=0)
+        col_all = np.nanmedian(ratio, axis=0)
+    col_sigma = robust_sigma(col_med)
+    col_cut = max(settings.column_sigma * col_sigma, 0.01)
+    with np.errstate(invalid="ignore"):
+        bad_cols = (col_all < 1.0 - col_cut) | (col_med < 1.0 - col_cut)
+    columns = np.zeros_like(pixels)
+    columns[:, bad_cols] = True
+    return pixels, columns
+
+
+def bad_pixel_mask(
+    flat: np.ndarray | None, dark: np.ndarray | None, settings: MaskSettings
+) -> np.ndarray:
+    """The static bad-pixel mask of a night (int32 bit flags).
+
+    Hot pixels (from the master dark) get BAD|HOT; dead pixels and columns (from the
+    master flat) BAD|DEAD; pixels where the flat is NaN or not positive get NO_DATA.
+    """
+    shape = (flat if flat is not None else dark).shape
+    mask = np.zeros(shape, MASK_DTYPE)
+    if dark is not None:
+        mask[hot_pixels(dark, settings)] |= flag(Bit.BAD, Bit.HOT)
+    if flat is not None:
+        with np.errstate(invalid="ignore"):
+            no_data = ~np.isfinite(flat) | (flat <= 0)
+        mask[no_data] |= flag(Bit.NO_DATA)
+        pixels, columns = dead_pixels(np.where(no_data, np.nan, flat), settings)
+        mask[pixels | columns] |= flag(Bit.BAD, Bit.DEAD)
+    return mask
