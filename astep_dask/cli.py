@@ -75,6 +75,97 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _settings(args: argparse.Namespace):
+    from .config import load_settings
+
+    settings = load_settings(args.config)
+    cluster = {}
+    if args.scheduler:
+        cluster["scheduler"] = args.scheduler
+    if args.cluster:
+        cluster["kind"] = args.cluster
+    if args.workers:
+        cluster["n_workers"] = args.workers
+    if args.threads:
+        cluster["threads_per_worker"] = args.threads
+    if args.retries is not None:
+        cluster["retries"] = args.retries
+    if args.dashboard_address:
+        cluster["dashboard_address"] = args.dashboard_address
+    groups: dict = {"cluster": cluster}
+    if args.no_cosmics:
+        groups["cosmics"] = {"enabled": False}
+    return settings.replace(**groups)
+
+
+def _summary(result) -> str:
+    c = result.counts
+    lines = [
+        f"night {result.night}: {result.status}  "
+        f"({c['done']} calibrated, {c['skipped']} already done, {c['failed']} failed, "
+        f"{c['unusable']} unusable files) in {result.finished - result.started:.1f} s",
+        f"  output: {result.out_dir}",
+    ]
+    done = [r for r in result.frames if r["status"] == "done"]
+    if done:
+        rows = [{"frame": r["output"], "sky e-": f"{r['sky']:.1f}", "noise e-": f"{r['noise']:.1f}",
+                 "masked": r["n_masked"], "CR px": r["n_cr"], "sat px": r["n_saturated"],
+                 "s": f"{r['t_total']:.2f}"} for r in done]
+        lines.append(format_table(rows, list(rows[0])))
+    for note in result.masters.get("notes", []):
+        lines.append(f"  note: {note}")
+    for r in result.masters.get("rejected", []):
+        lines.append(f"  rejected flat: {r['path']}: {r['reason']}")
+    for r in result.frames:
+        if r["status"] == "failed":
+            lines.append(f"  failed: {r['file']}: {r['reason']}")
+    for u in result.unusable:
+        lines.append(f"  unusable: {u['path']}: {u['reason']}")
+    if result.error:
+        lines.append(f"  error: {result.error}")
+    return "\n".join(lines)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    import time
+
+    from .cluster import connect
+    from .layout import scan_night
+    from .pipeline import RunError, calibrate_night, check_writable, output_dir, print_progress
+
+    settings = _settings(args)
+    night = args.night
+    inv = scan_night(night)  # raises a one-line ArchiveError before any work
+    if args.out is not None:
+        check_writable(output_dir(night, args.out))
+    start = [time.perf_counter()]
+    with connect(settings.cluster, log=lambda m: print(m, file=sys.stderr)) as client:
+        try:
+            result = calibrate_night(
+                night, client, settings, out=args.out, force=args.force,
+                reuse_foreign=args.reuse_foreign_masters, inventory=inv,
+                progress=lambda d, t, r: print_progress(d, t, r, start),
+            )
+        except RunError as exc:
+            print(f"astep-dask: error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    print(_summary(result))
+    return {"complete": EXIT_OK, "partial": EXIT_PARTIAL}.get(result.status, EXIT_FAILED)
+
+
+def _cluster_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster (default: a LocalCluster sized to this machine)")
+    g.add_argument("--scheduler", metavar="ADDRESS",
+                   help="join a running dask scheduler, e.g. tcp://host:8786")
+    g.add_argument("--cluster", choices=["local", "slurm", "pbs"],
+                   help="start a cluster of this kind (slurm/pbs: dask-jobqueue, see deploy/)")
+    g.add_argument("--workers", type=int, help="local worker processes (default: one per core)")
+    g.add_argument("--threads", type=int, help="threads per local worker (default 1)")
+    g.add_argument("--retries", type=int,
+                   help="extra attempts of a frame whose worker died (default 2)")
+    g.add_argument("--dashboard-address", help="dashboard address of a local cluster (:8787)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -119,6 +210,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path, help="a night folder or a season root")
     p.add_argument("--json", action="store_true", help="print the full inventory as JSON")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="build a night's masters and calibrate every science frame on a dask cluster",
+        description="Calibrate one night: master darks/flats/bias and bad-pixel mask (reused "
+        "when they exist with the same inputs and settings), then every science frame as one "
+        "task on the cluster: overscan/trim, bias, dark, flat, gain, variance, mask, cosmic "
+        "rays. Writes <raw stem>_CAL.fits (SCI e-, VAR e-^2, MASK bits) and manifest.json "
+        "to NIGHT/NIGHT-CAMS_CAL/ or OUT/NIGHT/. Re-running resumes: frames already "
+        "calibrated with the same provenance are skipped.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("night", type=Path, help="night folder ROOT/YYYY-MM-DD/")
+    p.add_argument("--out", type=Path, help="output root (default: beside the raw night)")
+    p.add_argument("--config", type=Path, help="settings file (TOML), see astep_dask/config.py")
+    p.add_argument("--force", action="store_true", help="recalibrate frames already done")
+    p.add_argument("--reuse-foreign-masters", action="store_true",
+                   help="reuse master files written by other tools (no astep-dask provenance)")
+    p.add_argument("--no-cosmics", action="store_true", help="skip cosmic-ray detection")
+    _cluster_options(p)
+    p.set_defaults(func=_cmd_calibrate)
     return parser
 
 

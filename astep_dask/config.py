@@ -86,7 +86,10 @@ class ClusterSettings:
     threads_per_worker: int = 1
     memory_limit: str = "auto"
     frames_in_flight: int = 0  # 0: two per worker thread
-    retries: int = 2
+    retries: int = 2  # extra attempts of a frame whose worker died
+    dashboard_address: str = ":8787"  # a busy port makes dask pick another
+    min_jobs: int = 0  # dask-jobqueue adaptive scaling bounds
+    max_jobs: int = 10
 
 
 @dataclass(frozen=True)

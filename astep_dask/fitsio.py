@@ -104,3 +104,42 @@ def stamp(header: fits.Header, **cards: object) -> fits.Header:
     for key, value in cards.items():
         header[key.replace("_", "-")] = value
     return header
+
+
+def calibrated_hdul(
+    raw_header: fits.Header,
+    sci: np.ndarray,
+    var: np.ndarray,
+    mask: np.ndarray,
+    cards: dict[str, tuple],
+) -> fits.HDUList:
+    """The calibrated-frame file: PRIMARY (raw header + provenance), SCI, VAR, MASK."""
+    from .mask import header_cards
+
+    primary = fits.PrimaryHDU(header=copy_header(raw_header))
+    h = primary.header
+    h["BUNIT"] = ("electron", "unit of the SCI extension")
+    for key, value in cards.items():
+        h[key] = value
+    header_cards(h)
+    stamp(h)
+    sci_hdu = fits.ImageHDU(sci.astype(np.float32, copy=False), name="SCI")
+    sci_hdu.header["BUNIT"] = ("electron", "calibrated signal")
+    var_hdu = fits.ImageHDU(var.astype(np.float32, copy=False), name="VAR")
+    var_hdu.header["BUNIT"] = ("electron2", "variance of SCI")
+    mask_hdu = fits.ImageHDU(mask.astype(np.int32, copy=False), name="MASK")
+    header_cards(mask_hdu.header)
+    return fits.HDUList([primary, sci_hdu, var_hdu, mask_hdu])
+
+
+def read_provenance(path: str | Path, key: str = "ADPROV") -> str | None:
+    """The provenance hash recorded in a product's primary header, or None when the file
+    is missing, unreadable, incomplete or has none (then it must be remade)."""
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            if len(hdul) < 4:
+                return None
+            value = hdul[0].header.get(key)
+            return str(value) if value is not None else None
+    except (OSError, ValueError, TypeError):
+        return None

@@ -190,45 +190,60 @@ def _inputs_table(records: Sequence[FrameRecord], levels: Sequence[float] | None
     return rows
 
 
-def dark_for_exptime(
-    t: float, bias: Master | None, darks: dict[float, Master]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """What to subtract from a raw frame of exposure ``t`` (see the module docstring).
+@dataclass(frozen=True)
+class DarkSolution:
+    """What to subtract from a raw frame of one exposure time, and how it was made.
 
-    Returns
-    -------
-    total, var, current, how
-        ADU to subtract (bias + dark), its variance, the dark-current part (for Poisson
-        noise), and a short description for the header.
+    ``total``: ADU to subtract (bias + dark); ``var``: its variance (ADU²); ``current``:
+    the dark-current part of ``total`` (ADU, for its Poisson noise); ``how``: a short
+    description for the header; ``used``: exposure times of the darks used.
+    """
+
+    total: np.ndarray
+    var: np.ndarray
+    current: np.ndarray
+    how: str
+    used: tuple[float, ...]
+    bias_used: bool
+
+
+def _var(m: Master) -> np.ndarray:
+    return m.var if m.var is not None else np.zeros_like(m.data)
+
+
+def dark_for_exptime(t: float, bias: Master | None, darks: dict[float, Master]) -> DarkSolution:
+    """The dark (+ bias) to subtract from a raw frame of exposure ``t``.
+
+    See the module docstring for the order of preference.
 
     Raises
     ------
     CalibrationError
         When no dark can be made for ``t``.
     """
-    match = next((d for et, d in darks.items() if np.isclose(et, t)), None)
+    match = next((et for et in darks if np.isclose(et, t)), None)
     if bias is not None:
-        bvar = bias.var if bias.var is not None else np.zeros_like(bias.data)
         if match is not None:
-            dvar = match.var if match.var is not None else 0
-            return bias.data + match.data, bvar + dvar, match.data, f"bias + dark {t:g}s"
+            d = darks[match]
+            return DarkSolution(bias.data + d.data, _var(bias) + _var(d), d.data,
+                                f"bias + dark {t:g}s", (match,), True)
         if not darks:
-            return bias.data, bvar, np.zeros_like(bias.data), "bias only (no dark)"
+            zero = np.zeros_like(bias.data)
+            return DarkSolution(bias.data, _var(bias), zero, "bias only (no dark)", (), True)
         et = min(darks, key=lambda e: (abs(np.log(max(e, 1e-3) / max(t, 1e-3))), -e))
         k = np.float32(t / et)
         d = darks[et]
-        dvar = d.var if d.var is not None else 0
-        return bias.data + k * d.data, bvar + k * k * dvar, k * d.data, (
-            f"bias + dark {et:g}s scaled x{float(k):.4g}"
-        )
+        return DarkSolution(bias.data + k * d.data, _var(bias) + k * k * _var(d), k * d.data,
+                            f"bias + dark {et:g}s scaled x{float(k):.4g}", (et,), True)
     if match is not None:
-        var = match.var if match.var is not None else np.zeros_like(match.data)
-        fit = _dark_fit(darks) if len(darks) >= 2 else None
+        d = darks[match]
+        fit = _dark_fit(darks)
         if fit is not None:
-            current = match.data - fit[0]
+            current = d.data - fit[0]
         else:
-            current = np.maximum(match.data - np.median(match.data), 0)
-        return match.data, var, current, f"dark {t:g}s (carries the bias)"
+            current = np.maximum(d.data - np.median(d.data), 0)
+        return DarkSolution(d.data, _var(d), current, f"dark {t:g}s (carries the bias)",
+                            (match,), False)
     fit = _dark_fit(darks)
     if fit is None:
         raise CalibrationError(
@@ -238,9 +253,9 @@ def dark_for_exptime(
     offset, rate, (t1, t2), (v1, v2) = fit
     a, b = (t2 - t) / (t2 - t1), (t - t1) / (t2 - t1)
     var = np.float32(a * a) * v1 + np.float32(b * b) * v2
-    return offset + rate * np.float32(t), var, rate * np.float32(t), (
-        f"dark fit offset+rate*t from {t1:g}s and {t2:g}s darks"
-    )
+    return DarkSolution(offset + rate * np.float32(t), var, rate * np.float32(t),
+                        f"dark fit offset+rate*t from {t1:g}s and {t2:g}s darks", (t1, t2),
+                        False)
 
 
 def _dark_fit(darks: dict[float, Master]):
@@ -252,10 +267,7 @@ def _dark_fit(darks: dict[float, Master]):
     d1, d2 = darks[t1], darks[t2]
     rate = (d2.data - d1.data) / np.float32(t2 - t1)
     offset = d1.data - rate * np.float32(t1)
-    zero = np.zeros_like(d1.data)
-    v1 = d1.var if d1.var is not None else zero
-    v2 = d2.var if d2.var is not None else zero
-    return offset, rate, (t1, t2), (v1, v2)
+    return offset, rate, (t1, t2), (_var(d1), _var(d2))
 
 
 @dataclass(frozen=True)
@@ -285,8 +297,11 @@ def load_cached(path: Path) -> Master:
     return _load(str(path), path.stat().st_mtime_ns)
 
 
-def frame_masters(paths: MasterPaths, exptime: float, filter: str) -> tuple[FrameMasters, str]:
-    """The masters one frame needs, loaded (once per worker process) from their files.
+def frame_masters(
+    paths: MasterPaths, exptime: float, filter: str
+) -> tuple[FrameMasters, dict[str, tuple]]:
+    """The masters one frame needs, loaded (once per worker process) from their files,
+    and the header cards that name them (file and hash) and say how the dark was made.
 
     Raises
     ------
@@ -294,17 +309,29 @@ def frame_masters(paths: MasterPaths, exptime: float, filter: str) -> tuple[Fram
         When there is no flat for the filter or no way to make the dark.
     """
     bias = load_cached(paths.bias) if paths.bias else None
-    darks = {et: load_cached(p) for et, p in paths.darks}
+    dark_paths = dict(paths.darks)
+    darks = {et: load_cached(p) for et, p in dark_paths.items()}
     flats = dict(paths.flats)
     if filter not in flats:
         have = ", ".join(sorted(flats)) or "none"
         raise CalibrationError(f"no master flat for filter {filter!r} (flats for: {have})")
     flat = load_cached(flats[filter])
     mask = load_cached(paths.mask)
-    dark, dark_var, current, how = dark_for_exptime(exptime, bias, darks)
-    fvar = flat.var if flat.var is not None else np.zeros_like(flat.data)
-    return FrameMasters(dark=dark, dark_var=dark_var, dark_current=current, flat=flat.data,
-                        flat_var=fvar, mask=mask.data), how
+    sol = dark_for_exptime(exptime, bias, darks)
+    cards: dict[str, tuple] = {"DARKMETH": (sol.how[:68], "how the dark was subtracted")}
+    if sol.bias_used and bias is not None:
+        cards["MBIAS"] = (bias.path.name, "master bias used")
+        cards["MBIASH"] = (bias.digest, "its ADHASH")
+    for i, et in enumerate(sol.used, start=1):
+        cards[f"MDARK{i}"] = (dark_paths[et].name, "master dark used")
+        cards[f"MDARK{i}H"] = (darks[et].digest, "its ADHASH")
+    cards["MFLAT"] = (flat.path.name, "master flat used")
+    cards["MFLATH"] = (flat.digest, "its ADHASH")
+    cards["MMASK"] = (mask.path.name, "bad-pixel mask used")
+    cards["MMASKH"] = (mask.digest, "its ADHASH")
+    fm = FrameMasters(dark=sol.total, dark_var=sol.var, dark_current=sol.current,
+                      flat=flat.data, flat_var=_var(flat), mask=mask.data)
+    return fm, cards
 
 
 @dataclass
@@ -494,11 +521,11 @@ class MasterBuilder:
                 out[filt] = m
                 continue
             levels = dask.compute(*[
-                dask.delayed(self._flat_level)(r, dark_info[r.exptime][0]) for r in recs
+                dask.delayed(self._flat_level)(r, dark_info[r.exptime].total) for r in recs
             ])
             keep, kept_levels = [], []
             for r, level in zip(recs, levels, strict=True):
-                dark_level = float(np.median(dark_info[r.exptime][0]))
+                dark_level = float(np.median(dark_info[r.exptime].total))
                 sat = r.saturation or self.settings.detector.saturation_adu
                 if not np.isfinite(level):
                     reason = "no finite pixels in the central region"
@@ -517,10 +544,10 @@ class MasterBuilder:
                 if fb is not None:
                     out[filt] = fb
                 continue
-            how = {dark_info[et][3] for et in {r.exptime for r in keep}}
+            how = {dark_info[et].how for et in {r.exptime for r in keep}}
             dark_stack = xr.DataArray(
-                np.stack([dark_info[r.exptime][0] for r in keep]) if len(how) > 1
-                else dark_info[keep[0].exptime][0],
+                np.stack([dark_info[r.exptime].total for r in keep]) if len(how) > 1
+                else dark_info[keep[0].exptime].total,
                 dims=("frame", "y", "x") if len(how) > 1 else ("y", "x"),
             )
             res = self._combine(keep, subtract=dark_stack, levels=kept_levels)

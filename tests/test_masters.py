@@ -213,8 +213,9 @@ def test_dark_scaling_with_bias(biased_night, tmp_path):
     b = MasterBuilder(inv, tmp_path, Settings())
     bias = b.bias()
     darks = b.darks(bias)
-    _total, _, current, how = dark_for_exptime(60.0, bias, darks)
-    assert "scaled" in how
+    sol = dark_for_exptime(60.0, bias, darks)
+    assert "scaled" in sol.how and sol.bias_used
+    current = sol.current
     expected = truth.dark_rate * 60 / cfg.gain
     hot = truth.hot & (truth.dark_rate > 5)
     assert np.median(current[hot] / expected[hot]) == pytest.approx(1, abs=0.02)
@@ -228,8 +229,9 @@ def test_dark_fit_without_bias(tmp_path):
     b = MasterBuilder(scan_night(night), tmp_path / "out", Settings())
     darks = b.darks(None)
     assert sorted(darks) == [10.0, 90.0]
-    total, var, _current, how = dark_for_exptime(60.0, None, darks)
-    assert "fit" in how
+    sol = dark_for_exptime(60.0, None, darks)
+    assert "fit" in sol.how and sol.used == (10.0, 90.0)
+    total, var = sol.total, sol.var
     expected = truth.bias + truth.dark_rate * 60 / cfg.gain
     err = total - expected
     assert abs(np.mean(err[~truth.hot])) < 0.3
