@@ -22,6 +22,7 @@ from .mask import MASK_DTYPE, Bit, flag, robust_sigma
 
 # Pixels that astroscrappy must not see as data: filled from their neighbours first.
 UNUSABLE = flag(Bit.BAD, Bit.NO_DATA, Bit.SAT)
+EDGE_PAD = 8  # pixels mirrored around a frame before cosmic-ray detection
 
 
 def overscan_level(region: np.ndarray) -> float:
@@ -117,6 +118,11 @@ def find_cosmics(
     top = float(np.max(data[~sat])) if (~sat).any() else 1.0
     satlevel = 2.0 * abs(top) + 1.0
     data[sat] = 2.0 * satlevel
+    # Mirror a margin around the frame: astroscrappy's median filters otherwise miss most
+    # cosmic rays within a few pixels of the edges.
+    pad = EDGE_PAD if min(sci.shape) > 2 * EDGE_PAD else 0
+    data = np.pad(data, pad, mode="reflect")
+    variance = np.pad(variance, pad, mode="reflect")
     crmask, clean = astroscrappy.detect_cosmics(
         data.astype(np.float32),
         invar=np.maximum(variance, 1e-6).astype(np.float32),
@@ -131,6 +137,8 @@ def find_cosmics(
         cleantype="meanmask",
         fsmode="median",
     )
+    if pad:
+        crmask, clean = crmask[pad:-pad, pad:-pad], clean[pad:-pad, pad:-pad]
     return crmask & ~unusable, clean
 
 
