@@ -66,7 +66,7 @@ def test_night_completes_with_manifest(calibrated):
 
 def test_output_format(calibrated, small_night):
     _, folder = calibrated
-    path, header, sci, var, mask = next(_frames(folder))
+    _path, header, sci, var, mask = next(_frames(folder))
     raw_header = fits.getheader(small_night / f"{small_night.name}-CAMS" /
                                 header["RAWFILE"])
     for key in ("EXPTIME", "FILTER", "DATE-OBS", "MJD-OBS", "ACQTYPE", "OBJECT"):
@@ -126,7 +126,7 @@ def test_chain_matches_ccdproc_the_slow_way(small_night, calibrated):
     ccdproc = pytest.importorskip("ccdproc")
     import astropy.units as u
 
-    result, folder = calibrated
+    result, _folder = calibrated
     inv = scan_night(small_night)
     rec = inv.select(FrameType.SCIENCE)[1]
     from astep_dask.masters import MasterPaths
@@ -149,7 +149,7 @@ def test_chain_matches_ccdproc_the_slow_way(small_night, calibrated):
 
 
 def test_rerun_skips_everything(calibrated, small_night, client):
-    result, folder = calibrated
+    _result, folder = calibrated
     before = {p: p.stat().st_mtime_ns for p in folder.glob("*_CAL.fits")}
     again = calibrate_night(small_night, client, SETTINGS, out=folder.parent)
     assert again.counts["skipped"] == 6 and again.counts["done"] == 0
@@ -257,7 +257,7 @@ def test_cli_killed_midway_then_resumed(small_night, tmp_path):
     assert f"{6 - partial} calibrated, {partial} already done" in done.stdout
     assert not list(folder.glob(".tmp-*"))
     assert len(list(folder.glob("*_CAL.fits"))) == 6
-    for path, header, sci, var, mask in _frames(folder):
+    for _path, header, sci, _var, mask in _frames(folder):
         assert header["ADPROV"]
         assert np.isfinite(sci[mask == 0]).all()
 
