@@ -346,7 +346,8 @@ def read_record(path: Path, night: str = "", folder: str = "") -> FrameRecord:
                     (k, v) for k, v in header.items() if k not in ("XTENSION", "PCOUNT", "GCOUNT")
                 )
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
-        return replace(rec, problem=f"not a readable FITS image: {exc}")
+        reason = str(exc).split(". ")[0].split("\n")[0]
+        return replace(rec, problem=f"not a readable FITS image: {reason}")
 
     kind, note = classify(merged, path)
     exptime = _float(merged, "EXPTIME", "EXPOSURE", "ITIME")

@@ -4,7 +4,11 @@ Simulates a night with ``astep-dask simulate`` and runs, each as a subprocess on
 night, in the same invocation:
 
 - ``ccdproc``: the serial survey recipe (``benchmarks/ccdproc_recipe.py``);
-- ``ours``: ``astep-dask calibrate NIGHT --out OUT --workers W`` for each ``--workers``;
+- ``ours``: ``astep-dask calibrate NIGHT --out OUT --workers W --dashboard-address :0``
+  for each ``--workers`` (``--threads T`` too when given), on a fresh output folder so
+  every master and frame is computed (nothing is resumed); the per-frame step times
+  (``t_read``, ``t_calibrate``, ``t_cosmics``, ``t_write``, ``t_total``) are taken from
+  its ``OUT/DATE/manifest.json``;
 - ``io_floor``: read every raw science frame with astropy and write a float32 copy
   (``benchmarks/io_floor.py``), the cost no pipeline can avoid;
 - ``ours`` again on nights of ``--frames-scaling`` science frames, to see that peak memory
@@ -17,6 +21,9 @@ children (``getrusage(RUSAGE_CHILDREN)``); on Linux this script makes itself a c
 subreaper so that orphaned grandchildren (e.g. dask workers) are reaped, and counted, here.
 The per-process CPU times seen while sampling are kept as a cross-check. A failed run is
 reported as failed and the benchmark goes on.
+
+Peak RSS of a tree counts pages shared between processes (libraries, page cache of
+memory-mapped files) once per process, so it is an upper bound for multi-process runs.
 
 Results are printed as a table and written to ``WORKDIR/bench.json``::
 
@@ -356,6 +363,47 @@ def simulate(workdir: Path, spec: NightSpec) -> tuple[Path, float]:
     return night, seconds
 
 
+STEP_KEYS = ("t_read", "t_calibrate", "t_cosmics", "t_write", "t_total")
+
+
+def manifest_summary(path: Path) -> dict[str, Any]:
+    """Per-frame step times and counts from one of our ``manifest.json`` files.
+
+    Parameters
+    ----------
+    path : Path
+        The manifest (``OUT/DATE/manifest.json``).
+
+    Returns
+    -------
+    dict
+        ``status``, ``counts``, ``wall_seconds`` (the pipeline's own clock, masters
+        included), ``frames_timed``, and for each step key present in the frame rows its
+        ``sum`` and ``median`` over frames (seconds); ``{}`` when the file is missing or
+        unreadable.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    rows = [r for r in data.get("frames", []) if r.get("status") == "done"]
+    steps: dict[str, dict[str, float]] = {}
+    for key in STEP_KEYS:
+        values = sorted(float(r[key]) for r in rows if isinstance(r.get(key), int | float))
+        if values:
+            mid = len(values) // 2
+            median = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+            steps[key] = {"sum": sum(values), "median": median}
+    return {
+        "status": data.get("status"),
+        "counts": data.get("counts"),
+        "wall_seconds": data.get("wall_seconds"),
+        "frames_timed": len(rows),
+        "workers": len({r.get("worker") for r in rows if r.get("worker")}),
+        "steps": steps,
+    }
+
+
 def _count(folder: Path, pattern: str) -> int:
     return sum(1 for _ in folder.rglob(pattern)) if folder.exists() else 0
 
@@ -369,6 +417,7 @@ def measure_run(
     workdir: Path,
     timeout_s: float | None,
     keep_outputs: bool,
+    manifest: Path | None = None,
 ) -> Measurement:
     """Run one command on a clean output folder and count the frames it wrote.
 
@@ -390,6 +439,9 @@ def measure_run(
         Per-run time limit.
     keep_outputs : bool
         Keep ``out_dir`` after counting.
+    manifest : Path, optional
+        Our ``manifest.json`` inside ``out_dir``: its step times go to
+        ``details["manifest"]`` (read before the folder is removed).
 
     Returns
     -------
@@ -406,6 +458,8 @@ def measure_run(
     summary = last_json_line(m.stdout)
     if summary:
         m.details["summary"] = summary
+    if manifest is not None:
+        m.details["manifest"] = manifest_summary(manifest)
     if not keep_outputs:
         shutil.rmtree(out_dir, ignore_errors=True)
     print(f"  -> {m.status}, {m.wall_s:.1f} s wall, {m.peak_rss_mb:.0f} MiB peak", flush=True)
@@ -429,13 +483,16 @@ def run_ours(night: Path, spec: NightSpec, workers: int, args: argparse.Namespac
     out = args.workdir / "runs" / f"{name}_{spec.label}"
     try:
         command = [bin_path("astep-dask"), "calibrate", str(night), "--out", str(out),
-                   "--workers", str(workers)]
+                   "--workers", str(workers), "--dashboard-address", ":0"]
     except FileNotFoundError as exc:
         return Measurement(name, [], "failed", None, 0.0, 0.0, 0.0, 0.0, 0.0, 0,
                            error=str(exc), details={"workers": workers})
+    if args.threads:
+        command += ["--threads", str(args.threads)]
     m = measure_run(name, command, out, "*_CAL.fits", spec.science, args.workdir,
-                    args.timeout, args.keep_outputs)
-    m.details.update(workers=workers, frames=spec.science, size=spec.size)
+                    args.timeout, args.keep_outputs, manifest=out / night.name / "manifest.json")
+    m.details.update(workers=workers, threads=args.threads or 1, frames=spec.science,
+                     size=spec.size)
     return m
 
 
@@ -459,7 +516,7 @@ def _ratio(num: Measurement | None, den: Measurement | None) -> float | None:
 
 
 def compute_ratios(runs: Sequence[Measurement]) -> dict[str, float | None]:
-    """Wall-time ratios: ccdproc / ours and ours / I/O floor, per worker count.
+    """Wall-time ratios: ccdproc / ours, ours / I/O floor, and worker speed-ups.
 
     Parameters
     ----------
@@ -469,8 +526,10 @@ def compute_ratios(runs: Sequence[Measurement]) -> dict[str, float | None]:
     Returns
     -------
     dict
-        ``ccdproc_over_<ours run>`` and ``<ours run>_over_io_floor``; None where a run
-        is missing or did not succeed.
+        ``ccdproc_over_<ours run>``, ``<ours run>_over_io_floor`` and, for each ours run
+        with more workers than the fewest, ``speedup_<fewest>_to_<run>`` (wall of the
+        fewest-worker run / wall of this run); None where a run is missing or did not
+        succeed.
     """
     by_name = {m.name: m for m in runs}
     ccd, floor = by_name.get("ccdproc"), by_name.get("io_floor")
@@ -480,6 +539,10 @@ def compute_ratios(runs: Sequence[Measurement]) -> dict[str, float | None]:
             if ccd is not None:
                 ratios[f"ccdproc_over_{m.name}"] = _ratio(ccd, m)
             ratios[f"{m.name}_over_io_floor"] = _ratio(m, floor)
+    ours = sorted((m for m in runs if m.name.startswith("ours")),
+                  key=lambda m: m.details.get("workers", 0))
+    for m in ours[1:]:
+        ratios[f"speedup_{ours[0].name}_to_{m.name}"] = _ratio(ours[0], m)
     return ratios
 
 
@@ -506,6 +569,34 @@ def format_table(runs: Sequence[Measurement]) -> str:
     return "\n".join(lines)
 
 
+def format_steps(runs: Sequence[Measurement]) -> str:
+    """A table of our per-frame step times (median and sum over frames) per run.
+
+    Parameters
+    ----------
+    runs : sequence of Measurement
+        Runs whose ``details["manifest"]`` holds a :func:`manifest_summary`.
+
+    Returns
+    -------
+    str
+        One line per run; ``manifest wall`` is the pipeline's own wall time (masters,
+        frames and manifest, without interpreter and cluster start-up).
+    """
+    header = f"{'run':<22s} {'manifest wall':>13s} " + " ".join(
+        f"{k:>15s}" for k in STEP_KEYS)
+    lines = [header, "-" * len(header)]
+    for m in runs:
+        info = m.details["manifest"]
+        cells = []
+        for key in STEP_KEYS:
+            step = info.get("steps", {}).get(key)
+            cells.append(f"{step['median']:6.2f}; {step['sum']:6.1f}" if step else "-")
+        lines.append(f"{m.name:<22s} {_fmt(info.get('wall_seconds')):>13s} "
+                     + " ".join(f"{c:>15s}" for c in cells))
+    return "\n".join(lines)
+
+
 def format_report(report: dict[str, Any], runs: Sequence[Measurement],
                   scaling: Sequence[Measurement]) -> str:
     """Human-readable summary: the table, recipe step times, ratios, memory scaling."""
@@ -521,6 +612,10 @@ def format_report(report: dict[str, Any], runs: Sequence[Measurement],
     if steps:
         parts += ["", "ccdproc recipe steps (s): " + ", ".join(
             f"{k} {v:.2f}" for k, v in steps.items())]
+    split = format_steps([m for m in [*runs, *scaling] if m.details.get("manifest")])
+    if split:
+        parts += ["", "ours, per-frame step times from manifest.json (s, median per frame; "
+                  "sum over frames):", split]
     parts += ["", "wall-time ratios:"]
     for key, value in report["ratios"].items():
         parts.append(f"  {key:<36s} {_fmt(value, '.2f')}")
@@ -583,6 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-ccdproc", action="store_true", help="do not run the ccdproc recipe")
     p.add_argument("--workers", type=_int_list, default=[1, 2],
                    help="comma-separated worker counts for our pipeline")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads per worker of our pipeline (default: its own default)")
     p.add_argument("--frames-scaling", type=_int_list, default=[],
                    help="comma-separated science-frame counts: run ours (with the largest "
                    "worker count) on a night of each size and report peak memory")
@@ -641,7 +738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         peaks.sort()
         peak_ratio = peaks[-1][1] / peaks[0][1]
     report: dict[str, Any] = {
-        "config": {**asdict(spec), "workers": args.workers,
+        "config": {**asdict(spec), "workers": args.workers, "threads": args.threads,
                    "frames_scaling": args.frames_scaling, "night": str(night),
                    "sample_interval_s": SAMPLE_INTERVAL_S, "subreaper": subreaper},
         "machine": machine_info(),
