@@ -22,6 +22,7 @@ from .mask import MASK_DTYPE, Bit, flag, robust_sigma
 
 # Pixels that astroscrappy must not see as data: filled from their neighbours first.
 UNUSABLE = flag(Bit.BAD, Bit.NO_DATA, Bit.SAT)
+MIN_FLAT = 1e-3  # flat response below which a pixel holds no usable data
 EDGE_PAD = 8  # pixels mirrored around a frame before cosmic-ray detection
 
 
@@ -168,7 +169,7 @@ def calibrate_frame(
     electrons = (adu - masters.dark) * g
     flat = masters.flat
     with np.errstate(invalid="ignore", divide="ignore"):
-        no_data = ~np.isfinite(flat) | (flat <= 0) | ~np.isfinite(electrons)
+        no_data = ~np.isfinite(flat) | (flat <= MIN_FLAT) | ~np.isfinite(electrons)
         safe_flat = np.where(no_data, np.float32(1), flat)
         sci = electrons / safe_flat
         # Poisson of photo-electrons and dark current, read noise, master noise; then the flat.
@@ -179,6 +180,7 @@ def calibrate_frame(
             + masters.dark_var * g * g
         )
         var = var_e / safe_flat**2 + sci**2 * masters.flat_var / safe_flat**2
+        no_data |= ~np.isfinite(sci) | ~np.isfinite(var)  # overflow: nothing to trust
     mask = masters.mask.astype(MASK_DTYPE, copy=True)
     mask[saturated] |= flag(Bit.SAT)
     mask[no_data] |= flag(Bit.NO_DATA)

@@ -136,8 +136,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     night = args.night
     inv = scan_night(night)  # raises a one-line ArchiveError before any work
-    if args.out is not None:
+    try:
         check_writable(output_dir(night, args.out))
+    except RunError as exc:
+        print(f"astep-dask: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     start = [time.perf_counter()]
     with connect(settings.cluster, log=lambda m: print(m, file=sys.stderr)) as client:
         try:

@@ -82,6 +82,12 @@ def clip_combine(
         there is one, else the sample variance of the kept values over n (× π/2 for the
         median).
     """
+    with warnings.catch_warnings():  # pixels with no frame left are NaN, by design
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _clip_combine(cube, method, sigma_low, sigma_high, iterations, noise)
+
+
+def _clip_combine(cube, method, sigma_low, sigma_high, iterations, noise) -> np.ndarray:
     data = np.array(cube, dtype=np.float32, copy=True)
     n = data.shape[0]
     has_nan = bool(np.isnan(data).any())
@@ -98,31 +104,29 @@ def clip_combine(
     if method != "sigclip":
         raise ValueError(f"unknown combine method {method!r}")
     model_var = None
-    with warnings.catch_warnings():  # pixels with no frame left are NaN, by design
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for _ in range(iterations):
-            centre = med(data, axis=0)
-            if noise is None:
-                scale = MAD_TO_SIGMA * med(np.abs(data - centre), axis=0)
-            else:
-                model_var = noise.variance(centre, n)
-                scale = np.sqrt(model_var)
-            with np.errstate(invalid="ignore"):
-                reject = (data < centre - sigma_low * scale) | (data > centre + sigma_high * scale)
-            if not reject.any():
-                break
-            data[reject] = np.nan
-            has_nan = True
-            med = np.nanmedian
-        kept = np.isfinite(data)
-        count = kept.sum(axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.nanmean(data, axis=0) if has_nan else data.mean(axis=0)
-            if model_var is not None:
-                var = np.where(kept, model_var, 0).sum(axis=0) / count.astype(np.float32) ** 2
-            else:
-                var = np.nanvar(data, axis=0, ddof=1) / count
-                var = np.where(count > 1, var, np.nan)
+    for _ in range(iterations):
+        centre = med(data, axis=0)
+        if noise is None:
+            scale = MAD_TO_SIGMA * med(np.abs(data - centre), axis=0)
+        else:
+            model_var = noise.variance(centre, n)
+            scale = np.sqrt(model_var)
+        with np.errstate(invalid="ignore"):
+            reject = (data < centre - sigma_low * scale) | (data > centre + sigma_high * scale)
+        if not reject.any():
+            break
+        data[reject] = np.nan
+        has_nan = True
+        med = np.nanmedian
+    kept = np.isfinite(data)
+    count = kept.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.nanmean(data, axis=0) if has_nan else data.mean(axis=0)
+        if model_var is not None:
+            var = np.where(kept, model_var, 0).sum(axis=0) / count.astype(np.float32) ** 2
+        else:
+            var = np.nanvar(data, axis=0, ddof=1) / count
+            var = np.where(count > 1, var, np.nan)
     return np.stack([mean, var, count]).astype(np.float32)
 
 

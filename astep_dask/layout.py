@@ -408,6 +408,24 @@ def _flag_odd_shapes(frames: list[FrameRecord]) -> list[FrameRecord]:
     ]
 
 
+def _flag_duplicates(frames: list[FrameRecord]) -> list[FrameRecord]:
+    """Mark later copies of one exposure (same type, start time, exposure, filter, shape,
+    file size) as unusable, naming the file they duplicate."""
+    first: dict[tuple, Path] = {}
+    out = []
+    for f in frames:
+        if not f.usable or not f.date_obs:
+            out.append(f)
+            continue
+        key = (f.kind, f.date_obs, f.exptime, f.filter, f.shape, f.path.stat().st_size)
+        if key in first:
+            out.append(replace(f, problem=f"duplicate of {first[key].name}"))
+        else:
+            first[key] = f.path
+            out.append(f)
+    return out
+
+
 def night_folders(night_dir: Path) -> list[tuple[str, Path]]:
     """``(folder kind, path)`` of the raw folders of a night that exist."""
     name = night_dir.name
@@ -444,7 +462,8 @@ def scan_night(night_dir: str | Path) -> Inventory:
     frames = []
     for kind, sub in folders:
         frames += [read_record(p, night=night_dir.name, folder=kind) for p in iter_fits(sub)]
-    return Inventory(night=night_dir.name, root=night_dir, frames=_flag_odd_shapes(frames))
+    frames = _flag_duplicates(_flag_odd_shapes(frames))
+    return Inventory(night=night_dir.name, root=night_dir, frames=frames)
 
 
 def find_nights(path: str | Path) -> list[Path]:

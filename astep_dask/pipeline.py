@@ -137,6 +137,8 @@ def process_frame(job: FrameJob) -> dict:
     try:
         fm, cards = frame_masters(job.masters, rec.exptime, rec.filter)
         raw = read_section(rec.path, rec.hdu, slice(None), slice(None))
+        if problem := raw_problem(raw):
+            return {**row, "status": "failed", "reason": problem}
         with fits.open(rec.path, memmap=False, lazy_load_hdus=True) as hdul:
             raw_header = hdul[0].header.copy()
             if rec.hdu:
@@ -182,6 +184,17 @@ def process_frame(job: FrameJob) -> dict:
     t3 = time.perf_counter()
     return {**row, "status": "done", **summary, "t_read": t1 - t0, "t_write": t3 - t2,
             "t_total": t3 - t0, "worker": f"{socket.gethostname()}:{os.getpid()}"}
+
+
+def raw_problem(raw: np.ndarray) -> str | None:
+    """Why a raw frame's pixels make no sense (all NaN, constant), else None."""
+    finite = np.isfinite(raw)
+    if not finite.any():
+        return "no finite pixel (all NaN)"
+    values = raw[finite]
+    if values.min() == values.max():
+        return f"every pixel has the same value ({values.min():g}): no signal"
+    return None
 
 
 @dataclass
@@ -296,54 +309,57 @@ def calibrate_night(
                      frame_provenance(rec, masters_digest, settings), settings, force)
             for rec in science
         ]
-        result.frames = run_frames(client, jobs, settings, progress)
+        try:
+            run_frames(client, jobs, settings, progress, sink=result.frames)
+        except OSError as exc:  # a write failed (disk full, permissions): stop cleanly
+            result.error = str(exc)
+            remove_stale_temps(out_dir)
         result.finished = time.time()
-        write_manifest(result, inv, settings, masters)
+        try:
+            write_manifest(result, inv, settings, masters)
+        except OSError as exc:
+            result.error = f"{result.error or ''}; manifest not written: {exc}".lstrip("; ")
     return result
 
 
 def run_frames(client: Client, jobs: list[FrameJob], settings: Settings,
-               progress: Progress | None = None) -> list[dict]:
+               progress: Progress | None = None, sink: list[dict] | None = None) -> list[dict]:
     """Map :func:`process_frame` over the jobs on the cluster, a bounded number at once.
 
-    Rows come back in job order. A write error stops the night: queued frames are
-    cancelled and the error propagates.
+    Rows are appended to ``sink`` (and returned) as frames finish. A write error stops
+    the night: queued frames are cancelled and the error propagates, ``sink`` keeping
+    the rows of the frames that finished.
     """
+    rows = [] if sink is None else sink
     if not jobs:
-        return []
+        return rows
     window = settings.cluster.frames_in_flight or 2 * worker_threads(client)
-    pending = iter(enumerate(jobs))
-    rows: list[dict | None] = [None] * len(jobs)
+    pending = iter(jobs)
     seq = as_completed()
-    index_of = {}
 
     def submit_next() -> None:
-        item = next(pending, None)
-        if item is None:
-            return
-        i, job = item
-        fut = client.submit(process_frame, job, pure=False, retries=settings.cluster.retries,
-                            key=f"calibrate-{job.output.stem}-{job.provenance}-{time.time_ns()}")
-        index_of[fut.key] = i
-        seq.add(fut)
+        job = next(pending, None)
+        if job is not None:
+            seq.add(client.submit(
+                process_frame, job, pure=False, retries=settings.cluster.retries,
+                key=f"calibrate-{job.output.stem}-{job.provenance}-{time.time_ns()}",
+            ))
 
     for _ in range(window):
         submit_next()
-    done = 0
     try:
         for fut in seq:
-            i = index_of.pop(fut.key)
             row = fut.result()
-            rows[i] = row
-            done += 1
+            rows.append(row)
             if progress:
-                progress(done, len(jobs), row)
+                progress(len(rows), len(jobs), row)
             submit_next()
     except BaseException:
         for f in list(seq.futures):
             f.cancel()
         raise
-    return [r for r in rows if r is not None]
+    rows.sort(key=lambda r: (r["mjd"], r["file"]))
+    return rows
 
 
 def write_manifest(result: NightResult, inv: Inventory, settings: Settings,

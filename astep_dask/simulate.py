@@ -403,28 +403,66 @@ def simulate_night(root: str | Path, cfg: SimConfig | None = None) -> Path:
     return night
 
 
-BAD_FILES = {
+BAD_FILES = {  # unusable from their headers: listed by the inventory
     "bad_empty_SCIENCE.fits": "empty file",
     "bad_truncated_SCIENCE.fits": "truncated",
     "bad_noexptime_SCIENCE.fits": "no EXPTIME",
     "bad_shape_SCIENCE.fits": "differs from the night's majority",
     "bad_notfits_SCIENCE.fits": "not a readable FITS image",
+    "bad_nodate_SCIENCE.fits": "no DATE-OBS or MJD-OBS",
+    "bad_unknown.fits": "unknown frame type",
+    "bad_duplicate_SCIENCE.fits": "duplicate of ASTEP_",
 }
+BAD_FRAMES = {  # unusable from their pixels or the night's masters: fail at calibration
+    "bad_allzero_SCIENCE.fits": "same value",
+    "bad_nan_SCIENCE.fits": "all NaN",
+    "bad_filter_SCIENCE.fits": "no master flat for filter 'V'",
+}
+BAD_FLATS = {"bad_saturated_SKYFLAT.fits": "near saturation"}  # rejected from the master flat
 
 
 def write_bad_files(cam: _Camera, rng: np.random.Generator, mjd: float) -> None:
-    """Add one unusable file of each kind in :data:`BAD_FILES` to the science folder."""
+    """Add one broken file of each kind in :data:`BAD_FILES`, :data:`BAD_FRAMES` and
+    :data:`BAD_FLATS`, and store two good science frames compressed (gzip and fpack),
+    which must calibrate exactly like the plain files."""
     cfg, folder = cam.cfg, cam.cams
+    t = cfg.science_exptime
     (folder / "bad_empty_SCIENCE.fits").write_bytes(b"")
-    adu, _ = cam.expose(rng, np.full((cfg.size, cfg.size), cfg.sky), cfg.science_exptime)
-    good = cam.write(folder, "bad_truncated_SCIENCE.fits", "SCIENCE", cfg.science_exptime, mjd,
-                     adu, None)
+    adu, _ = cam.expose(rng, np.full((cfg.size, cfg.size), cfg.sky), t)
+    good = cam.write(folder, "bad_truncated_SCIENCE.fits", "SCIENCE", t, mjd - 0.01, adu, None)
     data = good.read_bytes()
     good.write_bytes(data[: len(data) // 2])
-    path = cam.write(folder, "bad_noexptime_SCIENCE.fits", "SCIENCE", cfg.science_exptime, mjd,
-                     adu, None)
-    with fits.open(path, mode="update") as hdul:
-        del hdul[0].header["EXPTIME"]
+    for name, key in (("bad_noexptime_SCIENCE.fits", "EXPTIME"),
+                      ("bad_nodate_SCIENCE.fits", "DATE-OBS"),
+                      ("bad_unknown.fits", "ACQTYPE")):
+        path = cam.write(folder, name, "SCIENCE", t, mjd - 0.02, adu, None)
+        with fits.open(path, mode="update") as hdul:
+            del hdul[0].header[key]
+            if key == "DATE-OBS":
+                del hdul[0].header["MJD-OBS"]
+            if key == "ACQTYPE":
+                del hdul[0].header["IMAGETYP"]
     small = adu[: cfg.size // 2, : cfg.size // 2]
-    cam.write(folder, "bad_shape_SCIENCE.fits", "SCIENCE", cfg.science_exptime, mjd, small, None)
+    cam.write(folder, "bad_shape_SCIENCE.fits", "SCIENCE", t, mjd - 0.03, small, None)
     (folder / "bad_notfits_SCIENCE.fits").write_text("this is not a FITS file\n" * 200)
+    science = sorted(folder.glob("ASTEP_*_SCIENCE.fits"))
+    (folder / "bad_duplicate_SCIENCE.fits").write_bytes(science[0].read_bytes())
+    cam.write(folder, "bad_allzero_SCIENCE.fits", "SCIENCE", t, mjd - 0.04,
+              np.zeros_like(adu), None)
+    nan = fits.PrimaryHDU(np.full(adu.shape, np.nan, np.float32),
+                          header=_header(cfg, "SCIENCE", t, mjd - 0.05, {}))
+    atomic_write(fits.HDUList([nan]), folder / "bad_nan_SCIENCE.fits")
+    cam.write(folder, "bad_filter_SCIENCE.fits", "SCIENCE", t, mjd - 0.06, adu, None,
+              extra={"FILTER": "V"})
+    sat = np.full(adu.shape, 65535, np.uint16)
+    cam.write(cam.flats, "bad_saturated_SKYFLAT.fits", "SKYFLAT", cfg.flat_exptime,
+              mjd - 0.07, sat, None)
+    # Two good frames stored compressed, as archives sometimes hold them.
+    gz, fz = science[-2], science[-1]
+    with fits.open(gz) as hdul:
+        hdul.writeto(gz.with_name(gz.name + ".gz"))
+    with fits.open(fz) as hdul:
+        comp = fits.CompImageHDU(hdul[0].data, header=hdul[0].header, compression_type="RICE_1")
+        fits.HDUList([fits.PrimaryHDU(), comp]).writeto(fz.with_name(fz.name[:-5] + ".fits.fz"))
+    gz.unlink()
+    fz.unlink()

@@ -19,7 +19,7 @@ from astep_dask.layout import (
     read_record,
     scan_night,
 )
-from astep_dask.simulate import BAD_FILES
+from astep_dask.simulate import BAD_FILES, BAD_FLATS, BAD_FRAMES
 
 
 def _write(path: Path, **header) -> Path:
@@ -95,7 +95,10 @@ def test_inventory_of_bad_night_names_every_bad_file(bad_night):
     for name, reason in BAD_FILES.items():
         assert reason in problems[name], (name, problems[name])
     good = [f for f in inv.frames if f.usable]
-    assert all(not f.path.name.startswith("bad_") for f in good)
+    assert {f.path.name for f in good if f.path.name.startswith("bad_")} == (
+        set(BAD_FRAMES) | set(BAD_FLATS)
+    )
+    assert sum(f.path.name.endswith((".fits.gz", ".fits.fz")) for f in good) == 2
     kinds = {(f.folder, f.kind, f.exptime) for f in good}
     assert kinds == {
         ("CAMS", FrameType.SCIENCE, 90.0),
@@ -103,15 +106,15 @@ def test_inventory_of_bad_night_names_every_bad_file(bad_night):
         ("CAMS_SKYFLAT", FrameType.FLAT, 10.0),
         ("CAMS_SKYFLAT", FrameType.DARK, 10.0),
     }
-    assert len(inv.select(FrameType.SCIENCE)) == 6
-    assert len(inv.select(FrameType.FLAT)) == 7
+    assert len(inv.select(FrameType.SCIENCE)) == 6 + len(BAD_FRAMES)
+    assert len(inv.select(FrameType.FLAT)) == 7 + len(BAD_FLATS)
     assert len(inv.select(FrameType.DARK, exptime=10.0)) == 5
 
 
 def test_scan_never_modifies_files(bad_night):
-    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in bad_night.rglob("*.fits")}
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in bad_night.rglob("*.fits*")}
     scan_night(bad_night)
-    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in bad_night.rglob("*.fits")}
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in bad_night.rglob("*.fits*")}
     assert before == after
 
 
@@ -127,13 +130,13 @@ def test_find_nights(small_night, tmp_path):
 def test_inspect_cli(bad_night, capsys):
     assert main(["inspect", str(bad_night)]) == EXIT_OK
     out = capsys.readouterr().out
-    assert "unusable files (5)" in out
+    assert f"unusable files ({len(BAD_FILES)})" in out
     for name in BAD_FILES:
         assert name in out
     assert main(["inspect", "--json", str(bad_night)]) == EXIT_OK
     data = json.loads(capsys.readouterr().out)
-    assert data[0]["n_usable"] == 6 + 5 + 5 + 7
-    assert len(data[0]["problems"]) == 5
+    assert data[0]["n_usable"] == 6 + 5 + 5 + 7 + len(BAD_FRAMES) + len(BAD_FLATS)
+    assert len(data[0]["problems"]) == len(BAD_FILES)
 
 
 def test_inspect_cli_errors(tmp_path, capsys):
