@@ -282,7 +282,6 @@ def psf_sigma(
     # Unsaturated and clean: no unusable pixel in the stamp.
     bad_near = ndimage.maximum_filter(~usable, 2 * half + 1)
     peaks &= ~bad_near
-    ny, nx = sci.shape
     peaks[:half], peaks[-half:], peaks[:, :half], peaks[:, -half:] = False, False, False, False
     ys, xs = np.nonzero(peaks)
     if ys.size < 3:
@@ -357,7 +356,7 @@ def unflag_stars(
     if not out.any():
         return out
     sigma = psf_sigma if psf_sigma is not None else _measure_psf_sigma(sci, var, usable)
-    labels, n = ndimage.label(out, EIGHT)
+    labels, _ = ndimage.label(out, EIGHT)
     boxes = ndimage.find_objects(labels)
     y0 = np.array([b[0].start for b in boxes])
     y1 = np.array([b[0].stop for b in boxes])
