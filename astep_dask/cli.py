@@ -93,6 +93,12 @@ def _settings(args: argparse.Namespace):
     if args.dashboard_address:
         cluster["dashboard_address"] = args.dashboard_address
     groups: dict = {"cluster": cluster}
+    masters = {}
+    if getattr(args, "reuse_foreign_masters", False):
+        masters["reuse_foreign"] = True
+    if args.fallback_masters:
+        masters["fallback"] = True
+    groups["masters"] = masters
     if args.no_cosmics:
         groups["cosmics"] = {"enabled": False}
     return settings.replace(**groups)
@@ -145,14 +151,49 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     with connect(settings.cluster, log=lambda m: print(m, file=sys.stderr)) as client:
         try:
             result = calibrate_night(
-                night, client, settings, out=args.out, force=args.force,
-                reuse_foreign=args.reuse_foreign_masters, inventory=inv,
+                night, client, settings, out=args.out, force=args.force, inventory=inv,
                 progress=lambda d, t, r: print_progress(d, t, r, start),
             )
         except RunError as exc:
             print(f"astep-dask: error: {exc}", file=sys.stderr)
             return EXIT_FAILED
     print(_summary(result))
+    return {"complete": EXIT_OK, "partial": EXIT_PARTIAL}.get(result.status, EXIT_FAILED)
+
+
+def _cmd_season(args: argparse.Namespace) -> int:
+    from .cluster import connect
+    from .season import calibrate_season, dry_run, select_nights, write_season_report
+
+    settings = _settings(args)
+    nights = select_nights(args.root, args.start, args.end)
+    if not nights:
+        print(f"astep-dask: error: {args.root}: no night between {args.start or 'the first'} "
+              f"and {args.end or 'the last'}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.dry_run:
+        plan = dry_run(nights, settings, args.out)
+        columns = ["night", "action", "science", "darks", "flats", "unusable", "output"]
+        print(format_table(plan, columns))
+        return EXIT_OK
+    report_dir = args.out if args.out is not None else args.root
+    from .pipeline import RunError, check_writable
+
+    try:
+        check_writable(report_dir)
+    except RunError as exc:
+        print(f"astep-dask: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    with connect(settings.cluster, log=lambda m: print(m, file=sys.stderr)) as client:
+        result = calibrate_season(nights, client, settings, out=args.out, in_flight=args.nights)
+    path = write_season_report(result, report_dir)
+    rows = [{"night": n.night, "status": n.status, "frames": n.done, "failed": n.failed,
+             "s": f"{n.seconds:.1f}", "reason": n.reason[:80]} for n in result.nights]
+    print(format_table(rows, ["night", "status", "frames", "failed", "s", "reason"]))
+    d = result.to_dict()
+    print(f"season {result.status}: {d['counts']}, {d['frames_calibrated']} frames in "
+          f"{d['wall_seconds']:.1f} s (nights summed: {d['sum_night_seconds']:.1f} s); "
+          f"report: {path}")
     return {"complete": EXIT_OK, "partial": EXIT_PARTIAL}.get(result.status, EXIT_FAILED)
 
 
@@ -233,8 +274,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse-foreign-masters", action="store_true",
                    help="reuse master files written by other tools (no astep-dask provenance)")
     p.add_argument("--no-cosmics", action="store_true", help="skip cosmic-ray detection")
+    p.add_argument("--fallback-masters", action="store_true",
+                   help="take a master the night cannot make from the nearest night's output "
+                   "(named in the headers as FALLBACK)")
     _cluster_options(p)
     p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser(
+        "season",
+        help="calibrate every night under a season root through one dask cluster",
+        description="Calibrate every night ROOT/YYYY-MM-DD/ (optionally between --from and "
+        "--to) through one dask cluster, several nights in flight at once, so that one "
+        "night's masters are reduced while another night's frames are calibrated. Nights "
+        "already complete for the same raw files and settings are skipped; a night that "
+        "fails is reported with its reason and the season goes on. Writes season.json to "
+        "OUT (or ROOT) and each night's products as `calibrate` does.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("root", type=Path, help="season root holding YYYY-MM-DD/ nights")
+    p.add_argument("--from", dest="start", metavar="DATE", help="first night (YYYY-MM-DD)")
+    p.add_argument("--to", dest="end", metavar="DATE", help="last night (YYYY-MM-DD)")
+    p.add_argument("--nights", type=int, default=2, help="nights in flight at once (default 2)")
+    p.add_argument("--dry-run", action="store_true", help="list what would run, do nothing")
+    p.add_argument("--out", type=Path, help="output root (default: beside each raw night)")
+    p.add_argument("--config", type=Path, help="settings file (TOML)")
+    p.add_argument("--no-cosmics", action="store_true", help="skip cosmic-ray detection")
+    p.add_argument("--fallback-masters", action="store_true",
+                   help="nights that cannot make a master take it from the nearest night; "
+                   "such nights are retried after the others have finished")
+    _cluster_options(p)
+    p.set_defaults(func=_cmd_season)
     return parser
 
 

@@ -35,6 +35,14 @@ class CombineSettings:
 
 
 @dataclass(frozen=True)
+class MasterSettings:
+    """Where masters may come from besides the night's own frames."""
+
+    fallback: bool = False  # take a missing master from the nearest night's output
+    reuse_foreign: bool = False  # reuse master files written by other tools
+
+
+@dataclass(frozen=True)
 class FlatSettings:
     """Sky-flat screening and normalisation."""
 
@@ -97,6 +105,7 @@ class Settings:
     """Every setting of a run. Immutable; derive variants with :meth:`replace`."""
 
     combine: CombineSettings = field(default_factory=CombineSettings)
+    masters: MasterSettings = field(default_factory=MasterSettings)
     flat: FlatSettings = field(default_factory=FlatSettings)
     mask: MaskSettings = field(default_factory=MaskSettings)
     cosmics: CosmicSettings = field(default_factory=CosmicSettings)

@@ -2,17 +2,17 @@
 
 astroscrappy (LA Cosmic) flags the cores of some well-sampled, bright stars as cosmic rays:
 a core a few pixels wide is sharp enough for its fine-structure test. This module keeps
-astroscrappy as the detector and checks each connected group of its detections against a
-point source: a pixel-integrated Gaussian of the frame's PSF width (free amplitude,
-centre and constant background) is fitted to a stamp around the group, with the variance
-plane as weights, excluding unusable pixels and, iteratively, pixels far above the fit
-(cosmic rays on the star). A flagged pixel that the fitted star explains, within ``k``
-standard deviations, and to which the star contributes significantly, is unflagged;
-pixels well above the star (a cosmic ray on a star) and groups with no significant star
-under them keep their flag.
+astroscrappy as the detector and checks each connected group of its detections against
+point sources: pixel-integrated Gaussians of the frame's PSF width (free amplitudes and
+centres, a constant background) are fitted to a stamp around the group, weighted by the
+variance plane, without unusable pixels and, iteratively, without pixels far above the
+fit (cosmic rays on a star). A second or third source is added when the residuals of the
+unclipped pixels still show a significant point source (blends). A flagged pixel that the
+fitted stars explain, within ``k`` standard deviations, and to which they contribute
+significantly, is unflagged; pixels well above the stars (a cosmic ray on a star) and
+groups with no star detectable outside them keep their flag.
 
-Everything is batched over stamps with numpy: the cost is a few percent of
-astroscrappy's.
+Everything is batched over stamps with numpy; the cost is small next to astroscrappy's.
 """
 
 from __future__ import annotations
@@ -27,118 +27,183 @@ SQRT2 = np.sqrt(2.0)
 SQRT2PI = np.sqrt(2.0 * np.pi)
 DEFAULT_SIGMA = 1.3  # px, used when a frame has too few stars to measure its PSF
 EIGHT = np.ones((3, 3), bool)  # 8-connectivity
+EDGE_SLACK = 4.0  # PSF sigmas a star's centre may lie outside the frame
 
 
 @dataclass
 class StampFit:
-    """Result of fitting ``amp * PSF(x, y, sigma) + bg`` to a batch of stamps.
+    """``bg + Σ_m amp_m · PSF(x_m, y_m, sigma)`` fitted to a batch of ``n`` stamps.
 
-    All attributes are arrays over the stamps; ``star`` is the fitted source (without
-    background) on the stamp grid and ``active`` the pixels the final fit used.
+    Attributes
+    ----------
+    bg, sigma : ndarray, shape (n,)
+        Background and Gaussian width.
+    amp, x, y, amp_err : ndarray, shape (n, m)
+        Total flux, centre (stamp pixel coordinates) and flux error of each source.
+    stars : ndarray, shape (n, m, s, s)
+        Image of each fitted source (without background).
+    active : ndarray of bool, shape (n, s, s)
+        The pixels the final fit used (usable and not clipped).
     """
 
-    amp: np.ndarray
     bg: np.ndarray
+    sigma: np.ndarray
+    amp: np.ndarray
     x: np.ndarray
     y: np.ndarray
-    sigma: np.ndarray
     amp_err: np.ndarray
-    chi2: np.ndarray  # reduced chi-square over the active pixels
-    star: np.ndarray
+    stars: np.ndarray
     active: np.ndarray
+
+    @property
+    def model(self) -> np.ndarray:
+        """Fitted image of each stamp, background included."""
+        return self.stars.sum(axis=1) + self.bg[:, None, None]
+
+    def params(self) -> np.ndarray:
+        """Packed parameters ``bg, amp_1..m, x_1..m, y_1..m, sigma`` (see _unpack)."""
+        return np.column_stack([self.bg, self.amp, self.x, self.y, self.sigma])
+
+
+def _unpack(params: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``bg, amp, x, y, sigma`` views of packed parameters (``amp, x, y`` are (n, m))."""
+    m = (params.shape[1] - 2) // 3
+    return (params[:, 0], params[:, 1:1 + m], params[:, 1 + m:1 + 2 * m],
+            params[:, 1 + 2 * m:1 + 3 * m], params[:, -1])
 
 
 def _profile(
     centre: np.ndarray, sigma: np.ndarray, size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """1-D pixel-integrated unit Gaussian on pixels ``0..size-1`` and its derivatives.
+    """1-D pixel-integrated unit Gaussians on pixels ``0..size-1`` and their derivatives.
 
-    Returns ``(p, dp/dcentre, dp/dsigma)``, each of shape ``(n, size)``.
+    ``centre`` is (n, m), ``sigma`` (n,). Returns ``p, dp/dcentre, dp/dsigma``, each of
+    shape (n, m, size).
     """
-    c = centre[:, None]
-    s = sigma[:, None]
-    lo = np.arange(size, dtype=np.float64)[None, :] - 0.5 - c
+    c = centre[:, :, None]
+    s = sigma[:, None, None]
+    lo = np.arange(size, dtype=np.float64) - 0.5 - c
     hi = lo + 1.0
     p = 0.5 * (erf(hi / (SQRT2 * s)) - erf(lo / (SQRT2 * s)))
     g_hi = np.exp(-0.5 * (hi / s) ** 2) / (SQRT2PI * s)
     g_lo = np.exp(-0.5 * (lo / s) ** 2) / (SQRT2PI * s)
-    dp_dc = g_lo - g_hi
-    dp_ds = (lo * g_lo - hi * g_hi) / s
-    return p, dp_dc, dp_ds
+    return p, g_lo - g_hi, (lo * g_lo - hi * g_hi) / s
+
+
+def _images(x: np.ndarray, y: np.ndarray, sigma: np.ndarray, size: int) -> np.ndarray:
+    """Unit sources at ``(x, y)`` (each (n, m)) on ``size``² stamps: (n, m, s, s)."""
+    px = _profile(x, sigma, size)[0]
+    py = _profile(y, sigma, size)[0]
+    return py[:, :, :, None] * px[:, :, None, :]
+
+
+def _solve(normal: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Batched, diagonally scaled solve of ``normal @ step = rhs`` (singular → zeros)."""
+    scale = np.sqrt(np.maximum(np.einsum("nii->ni", normal), 1e-300))
+    a = normal / scale[:, :, None] / scale[:, None, :] + 1e-9 * np.eye(normal.shape[1])
+    try:
+        step = np.linalg.solve(a, (rhs / scale)[:, :, None])[:, :, 0]
+    except np.linalg.LinAlgError:
+        step = np.stack([np.linalg.lstsq(ai, bi, rcond=None)[0]
+                         for ai, bi in zip(a, rhs / scale, strict=True)])
+    step = step / scale
+    return np.where(np.isfinite(step), step, 0.0)
 
 
 def _gauss_newton(
-    data: np.ndarray, weight: np.ndarray, params: np.ndarray, fit_sigma: bool, n_iter: int
+    data: np.ndarray,
+    weight: np.ndarray,
+    params: np.ndarray,
+    bounds: np.ndarray,
+    fit_sigma: bool,
+    n_iter: int,
 ) -> np.ndarray:
-    """Weighted Gauss-Newton steps for ``amp, bg, x, y[, sigma]`` of each stamp.
+    """Weighted Gauss-Newton iterations on packed parameters (see :meth:`StampFit.params`).
 
-    ``params`` has columns ``amp, bg, x, y, sigma``; steps in position are limited to one
-    pixel, in sigma to 30 %, and the position is kept inside the stamp.
+    Position steps are limited to one pixel and sigma steps to 30 %; centres are kept in
+    ``bounds`` (n, 4: x_lo, x_hi, y_lo, y_hi, stamp coordinates).
     """
     n, size, _ = data.shape
     params = params.copy()
-    npar = 5 if fit_sigma else 4
-    ridge = 1e-9 * np.eye(npar)
+    m = (params.shape[1] - 2) // 3
+    npar = params.shape[1] if fit_sigma else params.shape[1] - 1
+    w = weight.reshape(n, -1)
     for _ in range(n_iter):
-        amp, bg, x, y, sig = params.T
+        bg, amp, x, y, sig = _unpack(params)
         px, dpx, dsx = _profile(x, sig, size)
         py, dpy, dsy = _profile(y, sig, size)
-        shape = py[:, :, None] * px[:, None, :]
-        cols = [
-            shape,
-            np.ones_like(shape),
-            amp[:, None, None] * py[:, :, None] * dpx[:, None, :],
-            amp[:, None, None] * dpy[:, :, None] * px[:, None, :],
-        ]
+        a = amp[:, :, None, None]
+        unit = py[:, :, :, None] * px[:, :, None, :]
+        cols = [np.ones((n, 1, size, size)), unit,
+                a * py[:, :, :, None] * dpx[:, :, None, :],
+                a * dpy[:, :, :, None] * px[:, :, None, :]]
         if fit_sigma:
-            cols.append(
-                amp[:, None, None] * (dsy[:, :, None] * px[:, None, :]
-                                      + py[:, :, None] * dsx[:, None, :])
-            )
-        jac = np.stack([c.reshape(n, -1) for c in cols], axis=2)  # (n, pix, npar)
-        resid = (data - amp[:, None, None] * shape - bg[:, None, None]).reshape(n, -1)
-        w = weight.reshape(n, -1)
-        jw = jac * w[:, :, None]
-        normal = np.einsum("npi,npj->nij", jw, jac)
-        scale = np.sqrt(np.maximum(np.einsum("nii->ni", normal), 1e-300))
-        normal = normal / scale[:, :, None] / scale[:, None, :] + ridge
-        rhs = np.einsum("npi,np->ni", jw, resid) / scale
-        try:
-            step = np.linalg.solve(normal, rhs[:, :, None])[:, :, 0] / scale
-        except np.linalg.LinAlgError:
-            step = np.stack([np.linalg.lstsq(a, b, rcond=None)[0]
-                             for a, b in zip(normal, rhs, strict=True)]) / scale
-        step = np.where(np.isfinite(step), step, 0.0)
-        step[:, 2:4] = np.clip(step[:, 2:4], -1.0, 1.0)
+            d_sig = a * (dsy[:, :, :, None] * px[:, :, None, :]
+                         + py[:, :, :, None] * dsx[:, :, None, :])
+            cols.append(d_sig.sum(axis=1, keepdims=True))
+        jac = np.concatenate(cols, axis=1).reshape(n, npar, -1)  # (n, npar, pix)
+        resid = (data - (a * unit).sum(axis=1) - bg[:, None, None]).reshape(n, -1)
+        jw = jac * w[:, None, :]
+        normal = np.einsum("nip,njp->nij", jw, jac)
+        step = _solve(normal, np.einsum("nip,np->ni", jw, resid))
+        step[:, 1 + m:1 + 3 * m] = np.clip(step[:, 1 + m:1 + 3 * m], -1.0, 1.0)
         if fit_sigma:
-            step[:, 4] = np.clip(step[:, 4], -0.3 * sig, 0.3 * sig)
+            step[:, -1] = np.clip(step[:, -1], -0.3 * sig, 0.3 * sig)
         params[:, :npar] += step
-        params[:, 2:4] = np.clip(params[:, 2:4], 0.0, size - 1.0)
-        params[:, 4] = np.clip(params[:, 4], 0.3, size / 2.0)
+        _, _, x, y, sig = _unpack(params)
+        np.clip(x, bounds[:, 0:1], bounds[:, 1:2], out=x)
+        np.clip(y, bounds[:, 2:3], bounds[:, 3:4], out=y)
+        np.clip(sig, 0.3, size / 2.0, out=sig)
     return params
 
 
-def _initial_params(data: np.ndarray, weight: np.ndarray, sigma: np.ndarray) -> np.ndarray:
-    """Starting ``amp, bg, x, y, sigma``: border median, peak of the 3×3-smoothed stamp."""
+def _linear_fluxes(
+    data: np.ndarray, weight: np.ndarray, unit: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted linear fit of a background and the fluxes of sources of fixed shape.
+
+    ``unit`` (n, m, s, s) holds the unit source images. Returns the fluxes and their
+    errors, each (n, m); both are 0 and inf where the system is singular.
+    """
+    n, m = unit.shape[:2]
+    design = np.concatenate([np.ones((n, 1, *unit.shape[2:])), unit], axis=1).reshape(
+        n, m + 1, -1)
+    dw = design * weight.reshape(n, 1, -1)
+    normal = np.einsum("nip,njp->nij", dw, design)
+    rhs = np.einsum("nip,np->ni", dw, data.reshape(n, -1))
+    diag = np.einsum("nii->ni", normal)
+    scale = np.sqrt(np.maximum(diag, 1e-300))
+    normal_s = normal / scale[:, :, None] / scale[:, None, :]
+    ok = np.all(diag > 0, axis=1) & (np.abs(np.linalg.det(normal_s)) > 1e-10)
+    flux = np.zeros((n, m))
+    err = np.full((n, m), np.inf)
+    if ok.any():
+        cov = np.linalg.inv(normal_s[ok]) / scale[ok, :, None] / scale[ok, None, :]
+        flux[ok] = np.einsum("nij,nj->ni", cov, rhs[ok])[:, 1:]
+        err[ok] = np.sqrt(np.maximum(np.einsum("nii->ni", cov)[:, 1:], 0.0))
+    return flux, err
+
+
+def _first_guess(data: np.ndarray, good: np.ndarray, sigma: np.ndarray,
+                 bounds: np.ndarray) -> np.ndarray:
+    """Packed one-source start: border median, peak of the 3×3-smoothed stamp."""
     n, size, _ = data.shape
-    good = weight > 0
     border = np.zeros((size, size), bool)
     border[[0, -1], :] = True
     border[:, [0, -1]] = True
-    edge = np.where(good & border, data, np.nan)
     with np.errstate(all="ignore"):
-        bg = np.nanmedian(edge.reshape(n, -1), axis=1)
-    if np.isnan(bg).any():
-        fallback = np.nanmin(np.where(good, data, np.nan).reshape(n, -1), axis=1)
-        bg = np.where(np.isnan(bg), fallback, bg)
-    bg = np.nan_to_num(bg)
+        bg = np.nanmedian(np.where(good & border, data, np.nan).reshape(n, -1), axis=1)
+        low = np.nanmin(np.where(good, data, np.nan).reshape(n, -1), axis=1)
+    bg = np.nan_to_num(np.where(np.isnan(bg), low, bg))
     smooth = ndimage.uniform_filter(np.where(good, data, bg[:, None, None]), size=(1, 3, 3),
                                     mode="nearest")
     peak = np.argmax(smooth.reshape(n, -1), axis=1)
     y, x = np.divmod(peak, size)
-    p0 = 1.0 / (2.0 * np.pi * sigma**2)  # approximate peak fraction of a unit source
-    amp = np.maximum(smooth.reshape(n, -1)[np.arange(n), peak] - bg, 0.0) / np.minimum(p0, 1)
-    return np.column_stack([amp, bg, x.astype(float), y.astype(float), sigma])
+    x = np.clip(x, bounds[:, 0], bounds[:, 1])
+    y = np.clip(y, bounds[:, 2], bounds[:, 3])
+    frac = np.minimum(1.0 / (2.0 * np.pi * sigma**2), 1.0)  # peak pixel of a unit source
+    amp = np.maximum(smooth.reshape(n, -1)[np.arange(n), peak] - bg, 0.0) / frac
+    return np.column_stack([bg, amp, x, y, sigma])
 
 
 def fit_stamps(
@@ -146,12 +211,14 @@ def fit_stamps(
     var: np.ndarray,
     usable: np.ndarray,
     sigma: float | np.ndarray,
+    start: np.ndarray | None = None,
+    bounds: np.ndarray | None = None,
     fit_sigma: bool = False,
     k: float = 5.0,
     n_clip: int = 6,
     n_iter: int = 4,
 ) -> StampFit:
-    """Fit one pixel-integrated Gaussian plus a constant to each stamp, clipping outliers.
+    """Fit point sources plus a constant to each stamp, clipping positive outliers.
 
     Parameters
     ----------
@@ -159,12 +226,17 @@ def fit_stamps(
         Stamps of the science image, of its variance and of the usable-pixel mask.
     sigma : float or ndarray
         Gaussian width (px), fixed unless ``fit_sigma``, then the starting value.
+    start : ndarray, optional
+        Packed starting parameters (see :meth:`StampFit.params`); the number of sources
+        is taken from it. One source at the brightest spot when None.
+    bounds : ndarray, shape (n, 4), optional
+        ``x_lo, x_hi, y_lo, y_hi`` limits of the source centres (default: the stamp).
     fit_sigma : bool
-        Also fit the width.
+        Also fit the (common) width.
     k : float
         After each fit, usable pixels more than ``k`` standard deviations above the fit
         (and above half the largest such excess of their stamp) are excluded and the fit
-        is repeated, at most ``n_clip`` times: cosmic rays on a star do not pull the fit.
+        is repeated, at most ``n_clip`` times: cosmic rays on a star do not pull it.
     n_clip, n_iter : int
         Clipping rounds; Gauss-Newton iterations per round.
 
@@ -173,55 +245,47 @@ def fit_stamps(
     StampFit
     """
     n, size, _ = data.shape
-    data = np.where(usable, data, 0.0).astype(np.float64)
     with np.errstate(invalid="ignore"):
         ok = usable & np.isfinite(data) & np.isfinite(var) & (var > 0)
+    data = np.where(ok, data, 0.0).astype(np.float64)
     inv = np.where(ok, 1.0 / np.where(ok, var, 1.0), 0.0)
-    sig = np.broadcast_to(np.asarray(sigma, np.float64), (n,)).copy()
+    std_inv = np.sqrt(inv)
+    if bounds is None:
+        bounds = np.tile([0.0, size - 1.0, 0.0, size - 1.0], (n, 1))
+    if start is None:
+        sig = np.broadcast_to(np.asarray(sigma, np.float64), (n,)).astype(np.float64)
+        start = _first_guess(data, ok, sig, bounds)
     active = ok.copy()
-    params = _initial_params(data, inv * active, sig)
-    params = _gauss_newton(data, inv * active, params, fit_sigma, n_iter + 2)
+    params = _gauss_newton(data, inv, start, bounds, fit_sigma, n_iter + 2)
+    todo = np.ones(n, bool)
     for _ in range(n_clip):
-        amp, bg, x, y, s = params.T
-        model = amp[:, None, None] * _outer(x, y, s, size) + bg[:, None, None]
-        excess = np.where(active, (data - model) * np.sqrt(inv), 0.0)
-        worst = excess.reshape(n, -1).max(axis=1)
-        cut = np.maximum(k, 0.5 * worst)
-        drop = active & (excess > cut[:, None, None])
-        if not drop.any():
-            break
+        bg, amp, x, y, s = _unpack(params[todo])
+        model = (amp[:, :, None, None] * _images(x, y, s, size)).sum(axis=1)
+        excess = np.where(active[todo], (data[todo] - model - bg[:, None, None])
+                          * std_inv[todo], 0.0)
+        cut = np.maximum(k, 0.5 * excess.reshape(excess.shape[0], -1).max(axis=1))
+        drop = active[todo] & (excess > cut[:, None, None])
         changed = drop.any(axis=(1, 2))
-        active &= ~drop
-        params[changed] = _gauss_newton(data[changed], (inv * active)[changed],
-                                        params[changed], fit_sigma, n_iter)
-    amp, bg, x, y, s = params.T
-    shape = _outer(x, y, s, size)
-    w = inv * active
-    # Amplitude error from the linear (amp, bg) part of the normal matrix.
-    saa = np.einsum("nij,nij->n", w, shape * shape)
-    sab = np.einsum("nij,nij->n", w, shape)
-    sbb = w.sum(axis=(1, 2))
-    det = saa * sbb - sab**2
-    with np.errstate(all="ignore"):
-        amp_err = np.where(det > 0, np.sqrt(sbb / det), np.inf)
-        resid = (data - amp[:, None, None] * shape - bg[:, None, None]) ** 2 * w
-        dof = np.maximum(active.sum(axis=(1, 2)) - (5 if fit_sigma else 4), 1)
-        chi2 = resid.sum(axis=(1, 2)) / dof
-    return StampFit(amp=amp, bg=bg, x=x, y=y, sigma=s, amp_err=amp_err, chi2=chi2,
-                    star=amp[:, None, None] * shape, active=active)
-
-
-def _outer(x: np.ndarray, y: np.ndarray, sigma: np.ndarray, size: int) -> np.ndarray:
-    """Unit pixel-integrated Gaussians at ``(x, y)`` on ``size``² stamps."""
-    px = _profile(x, sigma, size)[0]
-    py = _profile(y, sigma, size)[0]
-    return py[:, :, None] * px[:, None, :]
+        if not changed.any():
+            break
+        active[todo] &= ~drop
+        todo[todo] = changed
+        params[todo] = _gauss_newton(data[todo], (inv * active)[todo], params[todo],
+                                     bounds[todo], fit_sigma, n_iter)
+    bg, amp, x, y, s = _unpack(params)
+    unit = _images(x, y, s, size)
+    return StampFit(bg=bg.copy(), sigma=s.copy(), amp=amp.copy(), x=x.copy(), y=y.copy(),
+                    amp_err=_linear_fluxes(data, inv * active, unit)[1],
+                    stars=amp[:, :, None, None] * unit, active=active)
 
 
 def _stamps(
     arrays: tuple[np.ndarray, ...], fill: tuple, ys: np.ndarray, xs: np.ndarray, half: int
-) -> list[np.ndarray]:
-    """Cut ``(2·half+1)``² stamps centred on ``(ys, xs)``; outside the frame gets ``fill``."""
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Cut ``(2·half+1)``² stamps centred on ``(ys, xs)``; outside the frame gets ``fill``.
+
+    Also returns the ``x_lo, x_hi, y_lo, y_hi`` bounds of the in-frame part of each stamp.
+    """
     ny, nx = arrays[0].shape
     off = np.arange(-half, half + 1)
     rows = ys[:, None] + off[None, :]
@@ -229,7 +293,11 @@ def _stamps(
     inside = ((rows >= 0) & (rows < ny))[:, :, None] & ((cols >= 0) & (cols < nx))[:, None, :]
     r = np.clip(rows, 0, ny - 1)[:, :, None]
     c = np.clip(cols, 0, nx - 1)[:, None, :]
-    return [np.where(inside, a[r, c], f) for a, f in zip(arrays, fill, strict=True)]
+    bounds = np.column_stack([
+        np.maximum(half - xs, 0), np.minimum(half + nx - 1 - xs, 2 * half),
+        np.maximum(half - ys, 0), np.minimum(half + ny - 1 - ys, 2 * half),
+    ]).astype(np.float64)
+    return [np.where(inside, a[r, c], f) for a, f in zip(arrays, fill, strict=True)], bounds
 
 
 def _sky(sci: np.ndarray, usable: np.ndarray) -> tuple[float, float]:
@@ -255,9 +323,9 @@ def psf_sigma(
     """Gaussian sigma (px) of the PSF, from bright isolated unsaturated stars.
 
     Local maxima of the 3×3-smoothed image that stand ``snr`` sky sigmas above the sky,
-    with no brighter peak nearby and no unusable pixel in their stamp, are fitted with a
-    pixel-integrated Gaussian of free width (cosmic rays on them clipped); the median
-    width of the good fits is returned, ``default`` when fewer than 3 stars qualify.
+    the brightest within 6 px and with no unusable pixel in their 13×13 stamp, are fitted
+    with a pixel-integrated Gaussian of free width (cosmic rays on them clipped); the
+    median width of the good fits is returned, ``default`` when fewer than 3 qualify.
 
     Parameters
     ----------
@@ -276,24 +344,26 @@ def psf_sigma(
     sky, noise = _sky(sci, usable)
     data = np.where(usable & np.isfinite(sci), sci, sky).astype(np.float32)
     smooth = ndimage.uniform_filter(data, 3)
-    peaks = (smooth == ndimage.maximum_filter(smooth, 2 * half + 1)) & (
-        smooth - sky > snr * noise / 3.0
-    )
-    # Unsaturated and clean: no unusable pixel in the stamp.
-    bad_near = ndimage.maximum_filter(~usable, 2 * half + 1)
-    peaks &= ~bad_near
+    peaks = (smooth - sky > snr * noise / 3.0)
     peaks[:half], peaks[-half:], peaks[:, :half], peaks[:, -half:] = False, False, False, False
     ys, xs = np.nonzero(peaks)
     if ys.size < 3:
         return float(default)
+    # Local maxima over 13×13 with no unusable pixel there, checked on candidates only.
+    (box, ok), _ = _stamps((smooth, usable), (-np.inf, False), ys, xs, half)
+    keep = (smooth[ys, xs] >= box.reshape(ys.size, -1).max(axis=1)) & ok.all(axis=(1, 2))
+    ys, xs = ys[keep], xs[keep]
+    if ys.size < 3:
+        return float(default)
     order = np.argsort(smooth[ys, xs])[::-1][:max_stars]
     ys, xs = ys[order], xs[order]
-    d, v, u = _stamps((sci, var, usable), (sky, 1.0, False), ys, xs, half)
-    fit = fit_stamps(d, v, u, default, fit_sigma=True, n_iter=8)
-    central = (np.abs(fit.x - half) < 1.5) & (np.abs(fit.y - half) < 1.5)
+    (d, v, u), bounds = _stamps((sci, var, usable), (sky, 1.0, False), ys, xs, half)
+    fit = fit_stamps(d, v, u, default, bounds=bounds, fit_sigma=True, n_iter=8)
+    x, y = fit.x[:, 0], fit.y[:, 0]
     good = (
-        central
-        & (fit.amp > snr * fit.amp_err)
+        (np.abs(x - half) < 1.5)
+        & (np.abs(y - half) < 1.5)
+        & (fit.amp[:, 0] > snr * fit.amp_err[:, 0])
         & (fit.sigma > 0.3)
         & (fit.sigma < half / 2.0)
         & np.isfinite(fit.sigma)
@@ -306,6 +376,87 @@ def psf_sigma(
 _measure_psf_sigma = psf_sigma  # reachable where a parameter named psf_sigma shadows it
 
 
+def _matched_filter(resid: np.ndarray, weight: np.ndarray, sigma: float,
+                    bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Best position, flux and significance of one more point source in residual stamps.
+
+    Returns ``x, y, flux, snr`` per stamp (position restricted to ``bounds``).
+    """
+    n, size, _ = resid.shape
+    half = max(int(np.ceil(3 * sigma)), 1)
+    kern = _images(np.array([[half]], float), np.array([[half]], float),
+                   np.array([sigma]), 2 * half + 1)[0, 0]
+    num = ndimage.correlate(resid * weight, kern[None], mode="constant")
+    den = ndimage.correlate(weight, (kern**2)[None], mode="constant")
+    with np.errstate(all="ignore"):
+        snr = np.where(den > 0, num / np.sqrt(den), -np.inf)
+        flux = np.where(den > 0, num / den, 0.0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    inside = ((xx[None] >= bounds[:, 0, None, None]) & (xx[None] <= bounds[:, 1, None, None])
+              & (yy[None] >= bounds[:, 2, None, None]) & (yy[None] <= bounds[:, 3, None, None]))
+    snr = np.where(inside, snr, -np.inf)
+    best = np.argmax(snr.reshape(n, -1), axis=1)
+    y, x = np.divmod(best, size)
+    rows = np.arange(n)
+    return (x.astype(float), y.astype(float), flux.reshape(n, -1)[rows, best],
+            snr.reshape(n, -1)[rows, best])
+
+
+def _fit_groups(
+    d: np.ndarray, v: np.ndarray, u: np.ndarray, group: np.ndarray, bounds: np.ndarray,
+    sigma: float, k: float, snr: float, snr_out: float, max_sources: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fit stars to the stamps of some groups; return their star images and residuals.
+
+    Sources are added one at a time while the group still has pixels more than ``k``
+    sigmas above the fit and the unclipped residuals show a point source of significance
+    above ``snr``. Only sources detected in the pixels outside the group (their fluxes
+    refitted there alone, centres fixed, above ``snr_out`` times their errors) count as
+    stars, and none does in a stamp where the fit leaves a usable pixel more than ``k``
+    sigmas below the data (no cosmic ray explains that: the model is wrong).
+    Returns the star image (n, s, s) and the residual in sigmas (n, s, s).
+    """
+    n = d.shape[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        std = np.sqrt(np.where(u, v, np.inf))
+        inv = np.where(u & np.isfinite(v) & (v > 0), 1.0 / np.where(u, v, 1.0), 0.0)
+    fit = fit_stamps(d, v, u, sigma, bounds=bounds, k=k)
+    stars = np.zeros_like(d, dtype=np.float64)
+    resid = np.zeros_like(stars)
+    todo = np.arange(n)
+    for m in range(1, max_sources + 1):
+        # A star must show in the pixels outside the group: its flux fitted there alone.
+        outside = inv[todo] * fit.active * ~group[todo]
+        unit = _images(fit.x, fit.y, fit.sigma, d.shape[1])
+        flux_out, err_out = _linear_fluxes(d[todo], outside, unit)
+        resid[todo] = (d[todo] - fit.model) / std[todo]
+        sound = ~(resid[todo] < -k).any(axis=(1, 2))
+        real = (flux_out > snr_out * err_out) & (fit.amp > 0) & sound[:, None]
+        stars[todo] = (fit.stars * real[:, :, None, None]).sum(axis=1)
+        if m == max_sources:
+            break
+        # Another source: where the group keeps unexplained pixels and the unclipped
+        # residuals show a point source.
+        left = (group[todo] & (resid[todo] > k)).any(axis=(1, 2)) & real.any(axis=1)
+        if not left.any():
+            break
+        sub = np.nonzero(left)[0]
+        w = (inv[todo] * fit.active)[sub]
+        x, y, flux, sig = _matched_filter(d[todo][sub] - fit.model[sub], w, sigma,
+                                          bounds[todo][sub])
+        more = sig > snr
+        if not more.any():
+            break
+        sub = sub[more]
+        p = fit.params()[sub]
+        bg, amp, px, py, s = _unpack(p)
+        start = np.column_stack([bg, amp, flux[more], px, x[more], py, y[more], s])
+        idx = todo[sub]
+        new = fit_stamps(d[idx], v[idx], u[idx], sigma, start=start, bounds=bounds[idx], k=k)
+        todo, fit = idx, new
+    return stars, resid
+
+
 def unflag_stars(
     crmask: np.ndarray,
     sci: np.ndarray,
@@ -314,18 +465,23 @@ def unflag_stars(
     psf_sigma: float | None = None,
     k: float = 5.0,
     snr: float = 5.0,
+    snr_out: float = 3.0,
     star_sigma: float = 2.0,
+    max_sources: int = 3,
     max_half: int = 30,
 ) -> np.ndarray:
-    """Remove from a cosmic-ray mask the pixels that are explained by a star.
+    """Remove from a cosmic-ray mask the pixels that are explained by stars.
 
-    Each 8-connected group of flagged pixels gets a stamp covering it and a margin of
-    about 3 PSF sigmas, to which a pixel-integrated Gaussian of width ``psf_sigma`` (free
-    amplitude, centre and background) is fitted with :func:`fit_stamps` (unusable pixels
-    excluded, pixels ``k`` sigmas above the fit clipped iteratively). A flagged pixel is
-    unflagged when the fitted star is significant (amplitude above ``snr`` times its
-    error), contributes more than ``star_sigma`` standard deviations to that pixel, and
-    the data there lie less than ``k`` standard deviations above the fit.
+    Each 8-connected group of flagged pixels gets a stamp covering it with a margin of
+    about 3 PSF sigmas. Pixel-integrated Gaussians of width ``psf_sigma`` (free fluxes and
+    centres, centres inside the frame) plus a constant are fitted to it with
+    :func:`fit_stamps` (unusable pixels excluded, pixels ``k`` sigmas above the fit
+    clipped iteratively); a source is added, up to ``max_sources``, while flagged pixels
+    stay unexplained and the unclipped residuals show another point source. A source is
+    a star when its flux is significant (``snr_out``) from the pixels outside the group
+    alone, and the fit leaves no pixel ``k`` sigmas below the data. A flagged pixel is
+    unflagged when the stars contribute more than ``star_sigma`` standard deviations to
+    it and it lies less than ``k`` standard deviations above the fit.
 
     Parameters
     ----------
@@ -340,10 +496,14 @@ def unflag_stars(
     k : float
         Residual threshold, in standard deviations (from ``var``).
     snr : float
-        Minimum significance of the fitted star's amplitude.
+        Minimum significance of an added source (from the unclipped residuals).
+    snr_out : float
+        Minimum significance of a star's flux measured outside the group alone.
     star_sigma : float
-        Minimum contribution of the star to a pixel, in its standard deviations, for the
+        Minimum contribution of the stars to a pixel, in its standard deviations, for the
         pixel to be unflagged.
+    max_sources : int
+        Most point sources fitted to one stamp.
     max_half : int
         Groups needing a stamp larger than ``2·max_half+1`` pixels are left as they are.
 
@@ -365,29 +525,23 @@ def unflag_stars(
     cy, cx = (y0 + y1 - 1) // 2, (x0 + x1 - 1) // 2
     margin = max(int(np.ceil(3.0 * sigma)), 3)
     extent = np.maximum(y1 - y0, x1 - x0)
-    halves = np.maximum((extent + 1) // 2 + margin, 2 * margin - 1)
-    halves = np.where(halves % 2, halves, halves + 1)  # fewer distinct stamp sizes
+    halves = np.maximum(extent // 2 + margin, 2 * margin - 1)
+    halves = halves + (halves % 2 == 0)  # odd: fewer distinct stamp sizes
     sky = _sky(sci, usable)[0]
     for half in np.unique(halves):
         if half > max_half:
             continue
         idx = np.nonzero(halves == half)[0]
-        d, v, u, lab = _stamps((sci, var, usable, labels), (sky, 1.0, False, 0),
-                               cy[idx], cx[idx], int(half))
-        fit = fit_stamps(d, v, u, sigma, k=k)
+        (d, v, u, lab), bounds = _stamps((sci, var, usable, labels), (sky, 1.0, False, 0),
+                                         cy[idx], cx[idx], int(half))
+        # Stars centred a little outside the frame still have their core on it.
+        slack = EDGE_SLACK * sigma
+        bounds = np.clip(bounds + np.array([-slack, slack, -slack, slack]), 0.0, 2.0 * half)
+        group = lab == (idx + 1)[:, None, None]
+        stars, resid = _fit_groups(d, v, u, group, bounds, sigma, k, snr, snr_out,
+                                   max_sources)
         with np.errstate(invalid="ignore", divide="ignore"):
-            std = np.sqrt(np.where(u, v, np.inf))
-            resid = (d - fit.star - fit.bg[:, None, None]) / std
-            starry = np.isfinite(fit.amp_err) & (fit.amp > snr * fit.amp_err)
-            keep_star = (
-                starry[:, None, None]
-                & (fit.star / std > star_sigma)
-                & (resid < k)
-                & (lab == (idx + 1)[:, None, None])
-            )
-        if not keep_star.any():
-            continue
-        g, r, c = np.nonzero(keep_star)
-        off = int(half)
-        out[cy[idx][g] + r - off, cx[idx][g] + c - off] = False
+            clear = group & (stars / np.sqrt(np.where(u, v, np.inf)) > star_sigma) & (resid < k)
+        g, r, c = np.nonzero(clear)
+        out[cy[idx][g] + r - half, cx[idx][g] + c - half] = False
     return out

@@ -618,6 +618,9 @@ class MasterBuilder:
         self.out.mkdir(parents=True, exist_ok=True)
         bias = self.bias()
         darks = self.darks(bias)
+        if not darks and bias is None:
+            why = "; ".join(self.report.notes) or "none in the night"
+            raise CalibrationError(f"no usable dark frames and no bias frames ({why})")
         flats = self.flats(bias, darks)
         mask = self.mask(bias, darks, flats)
         for m in [*darks.values(), *flats.values()]:

@@ -130,7 +130,7 @@ def process_frame(job: FrameJob) -> dict:
     """
     rec = job.record
     row: dict = {"file": rec.path.name, "output": job.output.name, "mjd": rec.mjd,
-                 "exptime": rec.exptime, "filter": rec.filter}
+                 "exptime": rec.exptime, "filter": rec.filter, "started": time.time()}
     if not job.force and read_provenance(job.output) == job.provenance:
         return {**row, "status": "skipped"}
     t0 = time.perf_counter()
@@ -183,7 +183,8 @@ def process_frame(job: FrameJob) -> dict:
         raise OSError(exc.errno, f"cannot write {job.output}: {exc.strerror}") from exc
     t3 = time.perf_counter()
     return {**row, "status": "done", **summary, "t_read": t1 - t0, "t_write": t3 - t2,
-            "t_total": t3 - t0, "worker": f"{socket.gethostname()}:{os.getpid()}"}
+            "t_total": t3 - t0, "finished": time.time(),
+            "worker": f"{socket.gethostname()}:{os.getpid()}"}
 
 
 def raw_problem(raw: np.ndarray) -> str | None:
@@ -262,7 +263,6 @@ def calibrate_night(
     settings: Settings | None = None,
     out: Path | None = None,
     force: bool = False,
-    reuse_foreign: bool = False,
     progress: Progress | None = None,
     inventory: Inventory | None = None,
 ) -> NightResult:
@@ -284,8 +284,10 @@ def calibrate_night(
     with night_lock(out_dir):
         remove_stale_temps(out_dir)
         try:
-            builder = MasterBuilder(inv, out_dir, settings, reuse_foreign=reuse_foreign,
-                                    fallbacks=sibling_outputs(night_dir, out))
+            fallbacks = sibling_outputs(night_dir, out) if settings.masters.fallback else []
+            builder = MasterBuilder(inv, out_dir, settings,
+                                    reuse_foreign=settings.masters.reuse_foreign,
+                                    fallbacks=fallbacks)
             masters = builder.build()
         except CalibrationError as exc:
             result.error = f"masters: {exc}"
@@ -372,6 +374,7 @@ def write_manifest(result: NightResult, inv: Inventory, settings: Settings,
     data = {
         "night": result.night,
         "status": result.status,
+        "provenance": night_provenance(inv.root, settings),
         "error": result.error,
         "counts": result.counts,
         "started": _iso(result.started),
@@ -396,6 +399,32 @@ def write_manifest(result: NightResult, inv: Inventory, settings: Settings,
     tmp.write_text(json.dumps(data, indent=1, default=_json_default))
     os.replace(tmp, path)
     return path
+
+
+def night_provenance(night_dir: Path, settings: Settings) -> str:
+    """Cheap identity of a night's raw files (names, sizes, modification times) and of the
+    settings: a season re-run skips a night whose complete manifest records the same."""
+    from .layout import iter_fits, night_folders
+
+    files = [
+        (kind, p.name, st.st_size, st.st_mtime_ns)
+        for kind, folder in night_folders(night_dir)
+        for p in iter_fits(folder)
+        for st in [p.stat()]
+    ]
+    return digest_of(files, settings.digest("combine", "flat", "mask", "cosmics", "detector"),
+                     __version__)
+
+
+def night_is_current(night_dir: Path, out: Path | None, settings: Settings) -> bool:
+    """True when the night's manifest says complete for the same raw files and settings."""
+    path = output_dir(night_dir, out) / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return (data.get("status") == "complete"
+            and data.get("provenance") == night_provenance(night_dir, settings))
 
 
 def _iso(t: float) -> str:
