@@ -24,6 +24,7 @@ from .mask import MASK_DTYPE, Bit, flag, robust_sigma
 UNUSABLE = flag(Bit.BAD, Bit.NO_DATA, Bit.SAT)
 MIN_FLAT = 1e-3  # flat response below which a pixel holds no usable data
 EDGE_PAD = 8  # pixels mirrored around a frame before cosmic-ray detection
+TILE_MARGIN = 16  # context around a tile: covers astroscrappy's filter footprints
 
 
 def overscan_level(region: np.ndarray) -> float:
@@ -122,25 +123,63 @@ def find_cosmics(
     # Mirror a margin around the frame: astroscrappy's median filters otherwise miss most
     # cosmic rays within a few pixels of the edges.
     pad = EDGE_PAD if min(sci.shape) > 2 * EDGE_PAD else 0
-    data = np.pad(data, pad, mode="reflect")
-    variance = np.pad(variance, pad, mode="reflect")
-    crmask, clean = astroscrappy.detect_cosmics(
-        data.astype(np.float32),
-        invar=np.maximum(variance, 1e-6).astype(np.float32),
-        sigclip=settings.sigclip,
-        sigfrac=settings.sigfrac,
-        objlim=settings.objlim,
-        gain=1.0,
-        readnoise=read_noise,
-        satlevel=satlevel,
-        niter=settings.niter,
-        sepmed=True,
-        cleantype="meanmask",
-        fsmode="median",
-    )
+    data = np.pad(data, pad, mode="reflect").astype(np.float32)
+    variance = np.pad(np.maximum(variance, 1e-6), pad, mode="reflect").astype(np.float32)
+
+    def detect(window: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
+        return astroscrappy.detect_cosmics(
+            data[window], invar=variance[window], sigclip=settings.sigclip,
+            sigfrac=settings.sigfrac, objlim=settings.objlim, gain=1.0, readnoise=read_noise,
+            satlevel=satlevel, niter=settings.niter, sepmed=True, cleantype="meanmask",
+            fsmode="median",
+        )
+
+    if settings.tile <= 0:
+        crmask, clean = detect((slice(None), slice(None)))
+    else:
+        crmask = np.zeros(data.shape, bool)
+        clean = data.copy()
+        for core in candidate_tiles(data, variance, settings):
+            window = tuple(
+                slice(max(c.start - TILE_MARGIN, 0), min(c.stop + TILE_MARGIN, n))
+                for c, n in zip(core, data.shape, strict=True)
+            )
+            cr, cl = detect(window)
+            inner = tuple(slice(c.start - w.start, c.stop - w.start)
+                          for c, w in zip(core, window, strict=True))
+            crmask[core] = cr[inner]
+            clean[core] = cl[inner]
     if pad:
         crmask, clean = crmask[pad:-pad, pad:-pad], clean[pad:-pad, pad:-pad]
     return crmask & ~unusable, clean
+
+
+def candidate_tiles(
+    data: np.ndarray, variance: np.ndarray, settings: CosmicSettings
+) -> list[tuple[slice, slice]]:
+    """Tiles of the frame that may hold a cosmic ray: those with a pixel that stands
+    ``candidate_sigma`` noise sigmas above the mean of its 8 neighbours *and* is sharper
+    than a star (its excess over the neighbours is more than ``candidate_sharpness`` of
+    its excess over the sky; a Gaussian star of FWHM 3 px gives about 0.3, a cosmic ray
+    close to 1). Clean sky and stars need no cosmic-ray search, and skipping them is
+    where the time goes: astroscrappy's median filters cost the same on every pixel.
+    """
+    padded = np.pad(data, 1, mode="edge")
+    ny, nx = data.shape
+    neighbours = sum(
+        padded[1 + dy : 1 + dy + ny, 1 + dx : 1 + dx + nx]
+        for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx
+    ) / np.float32(8)
+    excess = data - neighbours
+    above_sky = data - np.float32(np.median(data))
+    cand = (excess > settings.candidate_sigma * np.sqrt(variance)) & (
+        excess > settings.candidate_sharpness * above_sky
+    )
+    ys, xs = np.nonzero(cand)
+    t = settings.tile
+    keys = np.unique(np.stack([ys // t, xs // t], axis=1), axis=0) if ys.size else []
+    return [(slice(ty * t, min((ty + 1) * t, ny)), slice(tx * t, min((tx + 1) * t, nx)))
+            for ty, tx in keys]
 
 
 def calibrate_frame(

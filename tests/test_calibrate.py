@@ -271,3 +271,21 @@ def test_outputs_pass_fitsverify(calibrated):
     verdicts = [ln for ln in out.stdout.splitlines() if "Verification found" in ln]
     assert len(verdicts) == len(files), out.stdout
     assert all("0 warning(s) and 0 error(s)" in v for v in verdicts), out.stdout
+
+
+def test_tiled_cosmics_match_full_frame(calibrated):
+    """Searching only candidate tiles finds the same cosmic rays as the whole frame."""
+    from astep_dask.calibrate import find_cosmics
+
+    _, folder = calibrated
+    full_px = tiled_px = common = 0
+    for _, header, sci, var, mask in _frames(folder):
+        base = mask & ~np.int32(1 << Bit.CR)
+        sci, var = sci.astype(np.float32), var.astype(np.float32)
+        full, _ = find_cosmics(sci, var, base, CosmicSettings(tile=0), header["RDNOISE"])
+        tiled, _ = find_cosmics(sci, var, base, CosmicSettings(tile=32), header["RDNOISE"])
+        full_px += full.sum()
+        tiled_px += tiled.sum()
+        common += (full & tiled).sum()
+    assert full_px > 100
+    assert common / max(full_px, tiled_px) >= 0.99
