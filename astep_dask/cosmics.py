@@ -28,6 +28,7 @@ SQRT2PI = np.sqrt(2.0 * np.pi)
 DEFAULT_SIGMA = 1.3  # px, used when a frame has too few stars to measure its PSF
 EIGHT = np.ones((3, 3), bool)  # 8-connectivity
 EDGE_SLACK = 4.0  # PSF sigmas a star's centre may lie outside the frame
+RING_SNR = 5.0  # groups with less light around them are not fitted (no star there)
 
 
 @dataclass
@@ -117,43 +118,53 @@ def _gauss_newton(
     bounds: np.ndarray,
     fit_sigma: bool,
     n_iter: int,
+    tol: float = 1e-3,
 ) -> np.ndarray:
     """Weighted Gauss-Newton iterations on packed parameters (see :meth:`StampFit.params`).
 
     Position steps are limited to one pixel and sigma steps to 30 %; centres are kept in
-    ``bounds`` (n, 4: x_lo, x_hi, y_lo, y_hi, stamp coordinates).
+    ``bounds`` (n, 4: x_lo, x_hi, y_lo, y_hi, stamp coordinates). A stamp stops when its
+    centres and width move less than ``tol`` pixels, all after ``n_iter`` iterations.
     """
     n, size, _ = data.shape
     params = params.copy()
     m = (params.shape[1] - 2) // 3
     npar = params.shape[1] if fit_sigma else params.shape[1] - 1
-    w = weight.reshape(n, -1)
+    moving = slice(1 + m, npar)  # centres (and sigma)
+    todo = np.arange(n)
     for _ in range(n_iter):
-        bg, amp, x, y, sig = _unpack(params)
+        p = params[todo]
+        before = p[:, moving].copy()
+        bg, amp, x, y, sig = _unpack(p)
+        k = todo.size
         px, dpx, dsx = _profile(x, sig, size)
         py, dpy, dsy = _profile(y, sig, size)
         a = amp[:, :, None, None]
         unit = py[:, :, :, None] * px[:, :, None, :]
-        cols = [np.ones((n, 1, size, size)), unit,
+        cols = [np.ones((k, 1, size, size)), unit,
                 a * py[:, :, :, None] * dpx[:, :, None, :],
                 a * dpy[:, :, :, None] * px[:, :, None, :]]
         if fit_sigma:
             d_sig = a * (dsy[:, :, :, None] * px[:, :, None, :]
                          + py[:, :, :, None] * dsx[:, :, None, :])
             cols.append(d_sig.sum(axis=1, keepdims=True))
-        jac = np.concatenate(cols, axis=1).reshape(n, npar, -1)  # (n, npar, pix)
-        resid = (data - (a * unit).sum(axis=1) - bg[:, None, None]).reshape(n, -1)
-        jw = jac * w[:, None, :]
+        jac = np.concatenate(cols, axis=1).reshape(k, npar, -1)  # (k, npar, pix)
+        resid = (data[todo] - (a * unit).sum(axis=1) - bg[:, None, None]).reshape(k, -1)
+        jw = jac * weight[todo].reshape(k, 1, -1)
         normal = np.einsum("nip,njp->nij", jw, jac)
         step = _solve(normal, np.einsum("nip,np->ni", jw, resid))
         step[:, 1 + m:1 + 3 * m] = np.clip(step[:, 1 + m:1 + 3 * m], -1.0, 1.0)
         if fit_sigma:
             step[:, -1] = np.clip(step[:, -1], -0.3 * sig, 0.3 * sig)
-        params[:, :npar] += step
-        _, _, x, y, sig = _unpack(params)
-        np.clip(x, bounds[:, 0:1], bounds[:, 1:2], out=x)
-        np.clip(y, bounds[:, 2:3], bounds[:, 3:4], out=y)
+        p[:, :npar] += step
+        _, _, x, y, sig = _unpack(p)
+        np.clip(x, bounds[todo, 0:1], bounds[todo, 1:2], out=x)
+        np.clip(y, bounds[todo, 2:3], bounds[todo, 3:4], out=y)
         np.clip(sig, 0.3, size / 2.0, out=sig)
+        params[todo] = p
+        todo = todo[np.abs(p[:, moving] - before).max(axis=1) > tol]
+        if todo.size == 0:
+            break
     return params
 
 
@@ -185,8 +196,9 @@ def _linear_fluxes(
 
 
 def _first_guess(data: np.ndarray, good: np.ndarray, sigma: np.ndarray,
-                 bounds: np.ndarray) -> np.ndarray:
-    """Packed one-source start: border median, peak of the 3×3-smoothed stamp."""
+                 bounds: np.ndarray, focus: np.ndarray | None) -> np.ndarray:
+    """Packed one-source start: border median, peak of the 3×3-smoothed stamp (within
+    ``focus`` where given)."""
     n, size, _ = data.shape
     border = np.zeros((size, size), bool)
     border[[0, -1], :] = True
@@ -197,7 +209,8 @@ def _first_guess(data: np.ndarray, good: np.ndarray, sigma: np.ndarray,
     bg = np.nan_to_num(np.where(np.isnan(bg), low, bg))
     smooth = ndimage.uniform_filter(np.where(good, data, bg[:, None, None]), size=(1, 3, 3),
                                     mode="nearest")
-    peak = np.argmax(smooth.reshape(n, -1), axis=1)
+    where = smooth if focus is None else np.where(focus, smooth, -np.inf)
+    peak = np.argmax(where.reshape(n, -1), axis=1)
     y, x = np.divmod(peak, size)
     x = np.clip(x, bounds[:, 0], bounds[:, 1])
     y = np.clip(y, bounds[:, 2], bounds[:, 3])
@@ -213,10 +226,11 @@ def fit_stamps(
     sigma: float | np.ndarray,
     start: np.ndarray | None = None,
     bounds: np.ndarray | None = None,
+    focus: np.ndarray | None = None,
     fit_sigma: bool = False,
     k: float = 5.0,
     n_clip: int = 6,
-    n_iter: int = 4,
+    n_iter: int = 20,
 ) -> StampFit:
     """Fit point sources plus a constant to each stamp, clipping positive outliers.
 
@@ -231,6 +245,8 @@ def fit_stamps(
         is taken from it. One source at the brightest spot when None.
     bounds : ndarray, shape (n, 4), optional
         ``x_lo, x_hi, y_lo, y_hi`` limits of the source centres (default: the stamp).
+    focus : ndarray of bool, shape (n, s, s), optional
+        Where to look for the starting position of the source when ``start`` is None.
     fit_sigma : bool
         Also fit the (common) width.
     k : float
@@ -238,7 +254,8 @@ def fit_stamps(
         (and above half the largest such excess of their stamp) are excluded and the fit
         is repeated, at most ``n_clip`` times: cosmic rays on a star do not pull it.
     n_clip, n_iter : int
-        Clipping rounds; Gauss-Newton iterations per round.
+        Most clipping rounds; most Gauss-Newton iterations per round (stamps stop when
+        converged).
 
     Returns
     -------
@@ -254,9 +271,9 @@ def fit_stamps(
         bounds = np.tile([0.0, size - 1.0, 0.0, size - 1.0], (n, 1))
     if start is None:
         sig = np.broadcast_to(np.asarray(sigma, np.float64), (n,)).astype(np.float64)
-        start = _first_guess(data, ok, sig, bounds)
+        start = _first_guess(data, ok, sig, bounds, focus)
     active = ok.copy()
-    params = _gauss_newton(data, inv, start, bounds, fit_sigma, n_iter + 2)
+    params = _gauss_newton(data, inv, start, bounds, fit_sigma, n_iter)
     todo = np.ones(n, bool)
     for _ in range(n_clip):
         bg, amp, x, y, s = _unpack(params[todo])
@@ -358,7 +375,7 @@ def psf_sigma(
     order = np.argsort(smooth[ys, xs])[::-1][:max_stars]
     ys, xs = ys[order], xs[order]
     (d, v, u), bounds = _stamps((sci, var, usable), (sky, 1.0, False), ys, xs, half)
-    fit = fit_stamps(d, v, u, default, bounds=bounds, fit_sigma=True, n_iter=8)
+    fit = fit_stamps(d, v, u, default, bounds=bounds, fit_sigma=True)
     x, y = fit.x[:, 0], fit.y[:, 0]
     good = (
         (np.abs(x - half) < 1.5)
@@ -420,7 +437,8 @@ def _fit_groups(
     with np.errstate(invalid="ignore", divide="ignore"):
         std = np.sqrt(np.where(u, v, np.inf))
         inv = np.where(u & np.isfinite(v) & (v > 0), 1.0 / np.where(u, v, 1.0), 0.0)
-    fit = fit_stamps(d, v, u, sigma, bounds=bounds, k=k)
+    focus = ndimage.binary_dilation(group, EIGHT[None])
+    fit = fit_stamps(d, v, u, sigma, bounds=bounds, focus=focus, k=k)
     stars = np.zeros_like(d, dtype=np.float64)
     resid = np.zeros_like(stars)
     todo = np.arange(n)
@@ -455,6 +473,20 @@ def _fit_groups(
         new = fit_stamps(d[idx], v[idx], u[idx], sigma, start=start, bounds=bounds[idx], k=k)
         todo, fit = idx, new
     return stars, resid
+
+
+def _near_light(d: np.ndarray, v: np.ndarray, u: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """Significance of the light around each group: the summed excess, over the median of
+    the stamp's border, of the usable pixels within 2 px of the group (not in it)."""
+    ring = ndimage.binary_dilation(group, EIGHT[None], iterations=2) & ~group & u
+    border = np.ones(d.shape[1:], bool)
+    border[1:-1, 1:-1] = False
+    with np.errstate(all="ignore"):
+        level = np.nanmedian(np.where(u & border, d, np.nan).reshape(d.shape[0], -1), axis=1)
+        level = np.where(np.isfinite(level), level, -np.inf)  # no border: always fit
+        excess = np.where(ring, d - level[:, None, None], 0.0).sum(axis=(1, 2))
+        noise = np.sqrt(np.where(ring, v, 0.0).sum(axis=(1, 2)))
+        return np.where(noise > 0, excess / noise, 0.0)
 
 
 def unflag_stars(
@@ -536,8 +568,13 @@ def unflag_stars(
                                          cy[idx], cx[idx], int(half))
         # Stars centred a little outside the frame still have their core on it.
         slack = EDGE_SLACK * sigma
-        bounds = np.clip(bounds + np.array([-slack, slack, -slack, slack]), 0.0, 2.0 * half)
+        bounds = bounds + np.array([-slack, slack, -slack, slack])
         group = lab == (idx + 1)[:, None, None]
+        near = _near_light(d, v, u, group) > RING_SNR
+        if not near.any():
+            continue
+        d, v, u, group, bounds = (a[near] for a in (d, v, u, group, bounds))
+        idx = idx[near]
         stars, resid = _fit_groups(d, v, u, group, bounds, sigma, k, snr, snr_out,
                                    max_sources)
         with np.errstate(invalid="ignore", divide="ignore"):

@@ -8,7 +8,8 @@ import pytest
 
 from astep_dask.simulate import SimConfig, simulate_night
 
-SMALL = SimConfig(size=128, n_science=6, n_darks=5, n_flats=7, seed=3)
+# A high cosmic-ray rate (about 15x the realistic default) gives the CR tests statistics.
+SMALL = SimConfig(size=128, n_science=6, n_darks=5, n_flats=7, cr_per_mpix=400.0, seed=3)
 
 
 @pytest.fixture(scope="session")
