@@ -147,3 +147,13 @@ def test_inspect_cli_errors(tmp_path, capsys):
     night.mkdir(parents=True)
     assert main(["inspect", str(night.parent)]) == EXIT_FAILED
     assert "no usable FITS frame" in capsys.readouterr().err
+
+
+def test_unreadable_file_is_named(tmp_path, monkeypatch):
+    p = _write(tmp_path / "f_DARK.fits", EXPTIME=1.0)
+    import os
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(p)
+                        else real(path, mode))
+    assert read_record(p).problem == "not readable (permissions)"
