@@ -101,6 +101,8 @@ def _settings(args: argparse.Namespace):
     groups["masters"] = masters
     if args.no_cosmics:
         groups["cosmics"] = {"enabled": False}
+    if getattr(args, "compress", False):
+        groups["output"] = {"compress": True}
     return settings.replace(**groups)
 
 
@@ -277,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fallback-masters", action="store_true",
                    help="take a master the night cannot make from the nearest night's output "
                    "(named in the headers as FALLBACK)")
+    p.add_argument("--compress", action="store_true",
+                   help="tile-compress the outputs: MASK lossless, SCI/VAR quantised to "
+                   "noise/16 (about 3x smaller)")
     _cluster_options(p)
     p.set_defaults(func=_cmd_calibrate)
 

@@ -88,6 +88,14 @@ class DetectorSettings:
 
 
 @dataclass(frozen=True)
+class OutputSettings:
+    """How products are written."""
+
+    compress: bool = False  # tile-compress SCI/VAR (quantised) and MASK (lossless)
+    quantize_level: float = 16.0  # float quantisation step = pixel noise / this
+
+
+@dataclass(frozen=True)
 class ClusterSettings:
     """Where the work runs."""
 
@@ -113,6 +121,7 @@ class Settings:
     mask: MaskSettings = field(default_factory=MaskSettings)
     cosmics: CosmicSettings = field(default_factory=CosmicSettings)
     detector: DetectorSettings = field(default_factory=DetectorSettings)
+    output: OutputSettings = field(default_factory=OutputSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     def replace(self, **groups: Any) -> Settings:

@@ -98,17 +98,22 @@ def _images(x: np.ndarray, y: np.ndarray, sigma: np.ndarray, size: int) -> np.nd
     return py[:, :, :, None] * px[:, :, None, :]
 
 
-def _solve(normal: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """Batched, diagonally scaled solve of ``normal @ step = rhs`` (singular → zeros)."""
+def _solve(normal: np.ndarray, rhs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Batched, diagonally scaled solve of ``normal @ step = rhs``.
+
+    Returns the step and the diagonal of ``normal``'s inverse (parameter variances);
+    singular systems give a zero step and infinite variances.
+    """
     scale = np.sqrt(np.maximum(np.einsum("nii->ni", normal), 1e-300))
     a = normal / scale[:, :, None] / scale[:, None, :] + 1e-9 * np.eye(normal.shape[1])
     try:
-        step = np.linalg.solve(a, (rhs / scale)[:, :, None])[:, :, 0]
+        inv = np.linalg.inv(a)
     except np.linalg.LinAlgError:
-        step = np.stack([np.linalg.lstsq(ai, bi, rcond=None)[0]
-                         for ai, bi in zip(a, rhs / scale, strict=True)])
-    step = step / scale
-    return np.where(np.isfinite(step), step, 0.0)
+        inv = np.linalg.pinv(a)
+    step = np.einsum("nij,nj->ni", inv, rhs / scale) / scale
+    var = np.einsum("nii->ni", inv) / scale**2
+    bad = ~np.isfinite(step)
+    return np.where(bad, 0.0, step), np.where(bad | ~np.isfinite(var), np.inf, var)
 
 
 def _gauss_newton(
@@ -152,7 +157,7 @@ def _gauss_newton(
         resid = (data[todo] - (a * unit).sum(axis=1) - bg[:, None, None]).reshape(k, -1)
         jw = jac * weight[todo].reshape(k, 1, -1)
         normal = np.einsum("nip,njp->nij", jw, jac)
-        step = _solve(normal, np.einsum("nip,np->ni", jw, resid))
+        step, var = _solve(normal, np.einsum("nip,np->ni", jw, resid))
         step[:, 1 + m:1 + 3 * m] = np.clip(step[:, 1 + m:1 + 3 * m], -1.0, 1.0)
         if fit_sigma:
             step[:, -1] = np.clip(step[:, -1], -0.3 * sig, 0.3 * sig)
@@ -162,7 +167,14 @@ def _gauss_newton(
         np.clip(y, bounds[todo, 2:3], bounds[todo, 3:4], out=y)
         np.clip(sig, 0.3, size / 2.0, out=sig)
         params[todo] = p
-        todo = todo[np.abs(p[:, moving] - before).max(axis=1) > tol]
+        # Converged: every source either stopped moving or is not significant (then its
+        # position does not matter and may wander for ever).
+        change = np.abs(p[:, moving] - before)
+        moved = np.maximum(change[:, :m], change[:, m:2 * m])
+        if fit_sigma:
+            moved = np.maximum(moved, change[:, -1:])
+        faint = p[:, 1:1 + m] ** 2 < 4.0 * var[:, 1:1 + m]
+        todo = todo[((moved > tol) & ~faint).any(axis=1)]
         if todo.size == 0:
             break
     return params

@@ -106,14 +106,33 @@ def stamp(header: fits.Header, **cards: object) -> fits.Header:
     return header
 
 
+def image_hdu(data: np.ndarray, name: str, quantize: float | None = None):
+    """An image extension; tile-compressed (Rice) when ``quantize`` is given.
+
+    Integer data compress losslessly. Float data are quantised to steps of
+    ``noise / quantize`` (astropy's ``quantize_level``) with subtractive dithering that
+    keeps exact zeros: at 16 the added noise is ~0.1 % of the pixel noise in quadrature.
+    """
+    if quantize is None:
+        return fits.ImageHDU(data, name=name)
+    return fits.CompImageHDU(
+        data, name=name, compression_type="RICE_1", quantize_level=quantize,
+        quantize_method=2,  # SUBTRACTIVE_DITHER_2: dithered, zeros preserved
+    )
+
+
 def calibrated_hdul(
     raw_header: fits.Header,
     sci: np.ndarray,
     var: np.ndarray,
     mask: np.ndarray,
     cards: dict[str, tuple],
+    quantize: float | None = None,
 ) -> fits.HDUList:
-    """The calibrated-frame file: PRIMARY (raw header + provenance), SCI, VAR, MASK."""
+    """The calibrated-frame file: PRIMARY (raw header + provenance), SCI, VAR, MASK.
+
+    With ``quantize`` the three planes are tile-compressed (MASK losslessly).
+    """
     from .mask import header_cards
 
     primary = fits.PrimaryHDU(header=copy_header(raw_header))
@@ -123,11 +142,11 @@ def calibrated_hdul(
         h[key] = value
     header_cards(h)
     stamp(h)
-    sci_hdu = fits.ImageHDU(sci.astype(np.float32, copy=False), name="SCI")
+    sci_hdu = image_hdu(sci.astype(np.float32, copy=False), "SCI", quantize)
     sci_hdu.header["BUNIT"] = ("electron", "calibrated signal")
-    var_hdu = fits.ImageHDU(var.astype(np.float32, copy=False), name="VAR")
+    var_hdu = image_hdu(var.astype(np.float32, copy=False), "VAR", quantize)
     var_hdu.header["BUNIT"] = ("electron2", "variance of SCI")
-    mask_hdu = fits.ImageHDU(mask.astype(np.int32, copy=False), name="MASK")
+    mask_hdu = image_hdu(mask.astype(np.int32, copy=False), "MASK", quantize)
     header_cards(mask_hdu.header)
     return fits.HDUList([primary, sci_hdu, var_hdu, mask_hdu])
 

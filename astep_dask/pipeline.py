@@ -118,7 +118,8 @@ def frame_provenance(record: FrameRecord, masters_digest: str, settings: Setting
     """Hash of a frame's input, its masters and the settings that shape its output."""
     identity = f"{record.path.name}|{record.path.stat().st_size}|{record.date_obs}"
     return digest_of(identity, masters_digest,
-                     settings.digest("cosmics", "detector", "combine", "flat", "mask"),
+                     settings.digest("cosmics", "detector", "combine", "flat", "mask",
+                                     "output"),
                      __version__)
 
 
@@ -178,7 +179,9 @@ def process_frame(job: FrameJob) -> dict:
         cards["TRIMSEC"] = (trim.to_fits(), "raw section kept")
     t2 = time.perf_counter()
     try:
-        atomic_write(calibrated_hdul(raw_header, sci, var, mask, cards), job.output)
+        out_s = job.settings.output
+        quantize = out_s.quantize_level if out_s.compress else None
+        atomic_write(calibrated_hdul(raw_header, sci, var, mask, cards, quantize), job.output)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot write {job.output}: {exc.strerror}") from exc
     t3 = time.perf_counter()
@@ -412,7 +415,8 @@ def night_provenance(night_dir: Path, settings: Settings) -> str:
         for p in iter_fits(folder)
         for st in [p.stat()]
     ]
-    return digest_of(files, settings.digest("combine", "flat", "mask", "cosmics", "detector"),
+    return digest_of(files, settings.digest("combine", "flat", "mask", "cosmics", "detector",
+                                            "output"),
                      __version__)
 
 

@@ -289,3 +289,25 @@ def test_tiled_cosmics_match_full_frame(calibrated):
         common += (full & tiled).sum()
     assert full_px > 100
     assert common / max(full_px, tiled_px) >= 0.99
+
+
+def test_compressed_output(calibrated, small_night, client, tmp_path):
+    """--compress: MASK identical, SCI/VAR within the quantisation step, files smaller."""
+    settings = SETTINGS.replace(output={"compress": True}, cosmics={"enabled": True})
+    result = calibrate_night(small_night, client, settings, out=tmp_path)
+    assert result.status == "complete"
+    _, plain_folder = calibrated
+    packed_folder = output_dir(small_night, tmp_path)
+    for (p1, _, s1, v1, m1), (p2, _, s2, v2, m2) in zip(
+        _frames(plain_folder), _frames(packed_folder), strict=True
+    ):
+        assert p2.stat().st_size < 0.6 * p1.stat().st_size
+        np.testing.assert_array_equal(m1, m2)
+        good = m1 == 0
+        noise = np.sqrt(v1[good])
+        assert np.max(np.abs(s2[good] - s1[good]) / noise) < 0.1
+        assert np.max(np.abs(v2[good] - v1[good]) / v1[good]) < 0.05
+    if shutil.which("fitsverify"):
+        out = subprocess.run(["fitsverify", *map(str, packed_folder.glob("*_CAL.fits"))],
+                             capture_output=True, text=True)
+        assert out.stdout.count("0 warning(s) and 0 error(s)") == 6, out.stdout
