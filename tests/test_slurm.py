@@ -1,0 +1,286 @@
+"""The HPC path on a real batch system: dask-jobqueue workers started through SLURM.
+
+Needs ``sbatch`` on PATH and a SLURM controller that answers. When none answers and we are
+root, ``deploy/ci/start-slurm.sh`` starts a single-node SLURM on localhost (what
+``.ci/run`` does); when that cannot be done the SLURM tests are skipped with the reason.
+The cluster is configured from ``deploy/jobqueue.yaml`` itself, only sized down (1 core and
+1 GiB per job, short walltime and lifetime), so the deployed configuration is what runs.
+
+The job-script tests need only dask-jobqueue and run everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+JOBQUEUE_YAML = DEPLOY / "jobqueue.yaml"
+START_SLURM = DEPLOY / "ci" / "start-slurm.sh"
+SLURM_DIR = Path(os.environ.get("ASTEP_SLURM_DIR", "/tmp/astep-slurm"))
+
+dask_jobqueue = pytest.importorskip("dask_jobqueue", reason="dask-jobqueue not installed")
+
+needs_sbatch = pytest.mark.skipif(
+    shutil.which("sbatch") is None, reason="no sbatch on PATH (SLURM client not installed)"
+)
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+def deployed(kind: str) -> dict:
+    """The ``jobqueue.<kind>`` section of deploy/jobqueue.yaml."""
+    return yaml.safe_load(JOBQUEUE_YAML.read_text())["jobqueue"][kind]
+
+
+def small(kind: str, name: str, log_dir: Path) -> dict:
+    """deploy/jobqueue.yaml sized for this 2-core machine: 1 worker of 1 core per job."""
+    cfg = deployed(kind)
+    args = list(cfg["worker-extra-args"])
+    args[args.index("--lifetime") + 1] = "8m"  # walltime 10 min: retire before it
+    args[args.index("--lifetime-stagger") + 1] = "30s"
+    cfg.update(
+        {
+            "name": name,
+            "cores": 1,
+            "processes": 1,
+            "memory": "1 GiB",
+            "walltime": "00:10:00",
+            "python": sys.executable,
+            "interface": "lo",  # scheduler and workers on the loopback only
+            "log-directory": str(log_dir),
+            "worker-extra-args": args,
+            "scheduler-options": {**cfg["scheduler-options"], "dashboard_address": ":0"},
+        }
+    )
+    return cfg
+
+
+def dask_settings(kind: str, cfg: dict) -> dict:
+    """Flat keys for dask.config.set: setting a whole section would drop the defaults."""
+    return {f"jobqueue.{kind}.{key}": value for key, value in cfg.items()}
+
+
+def test_deployed_config_is_complete():
+    """Both sections carry the settings the deployment relies on."""
+    for kind in ("slurm", "pbs"):
+        cfg = deployed(kind)
+        for key in ("cores", "processes", "memory", "walltime", "local-directory",
+                    "job-script-prologue", "worker-extra-args", "log-directory"):
+            assert cfg.get(key) is not None, f"jobqueue.{kind}.{key} missing"
+        args = cfg["worker-extra-args"]
+        assert "--lifetime" in args and "--lifetime-stagger" in args
+        assert "--lifetime-restart" not in args
+        assert any("ASTEP_DASK_ENV" in line for line in cfg["job-script-prologue"])
+
+
+@pytest.mark.parametrize("kind", ["slurm", "pbs"])
+def test_job_scripts_from_deployed_config(kind, monkeypatch, tmp_path):
+    """The job script built from deploy/jobqueue.yaml: resources, prologue, lifetime."""
+    import dask
+
+    monkeypatch.chdir(tmp_path)  # log-directory is created relative to the cwd
+    cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[kind]
+    cfg = deployed(kind)
+    overrides = {"interface": "lo", "scheduler-options": {"dashboard_address": ":0"}}
+    with dask.config.set(dask_settings(kind, {**cfg, **overrides})):
+        cluster = cls()
+        try:
+            script = cluster.job_script()
+        finally:
+            cluster.close()
+    if kind == "slurm":
+        assert "#SBATCH --cpus-per-task=8" in script
+        assert "#SBATCH --mem=32G" in script
+        assert "#SBATCH -t 02:00:00" in script
+    else:
+        assert "#PBS -l select=1:ncpus=8:mem=32GB" in script
+        assert "#PBS -l walltime=02:00:00" in script
+        assert "#PBS -V" in script
+    assert "--nworkers 8" in script and "--nthreads 1" in script
+    assert "--memory-limit 4.00GiB" in script
+    assert "--lifetime 105m --lifetime-stagger 5m" in script
+    assert "--local-directory $ASTEP_SCRATCH" in script
+    prologue = script.index('. "$ASTEP_DASK_ENV/bin/activate"')
+    assert prologue < script.index("distributed.cli.dask_worker")
+    assert f"{sys.executable} -m distributed.cli.dask_worker" in script
+
+
+# --- the localhost SLURM ---------------------------------------------------------------------
+
+
+def _controller_up() -> bool:
+    try:
+        out = subprocess.run(
+            ["scontrol", "ping"], capture_output=True, text=True, timeout=15
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "UP" in out
+
+
+def _squeue(name: str) -> dict[str, str]:
+    """job id -> state of our jobs (by job name)."""
+    out = subprocess.run(
+        ["squeue", "-h", "-n", name, "-o", "%i %T"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout
+    return dict(line.split() for line in out.splitlines() if line.strip())
+
+
+def _wait_gone(name: str, timeout: float = 60.0) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    left = _squeue(name)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = _squeue(name)
+    return left
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A SLURM controller that answers, started on localhost when needed and possible."""
+    with pytest.MonkeyPatch.context() as mp:
+        why = ""
+        if not _controller_up() and (SLURM_DIR / "slurm.conf").exists():
+            mp.setenv("SLURM_CONF", str(SLURM_DIR / "slurm.conf"))
+        if not _controller_up():
+            if os.geteuid() != 0:
+                why = "not root, cannot start a localhost SLURM"
+            else:
+                run = subprocess.run(
+                    ["bash", str(START_SLURM)], capture_output=True, text=True, timeout=180
+                )
+                why = run.stderr.strip()[-600:]
+                if run.returncode == 0 and (SLURM_DIR / "slurm.conf").exists():
+                    mp.setenv("SLURM_CONF", str(SLURM_DIR / "slurm.conf"))
+        if not _controller_up():
+            pytest.skip(f"no SLURM controller answers: {why or 'scontrol ping failed'}")
+        idle = subprocess.run(
+            ["sinfo", "-h", "-o", "%C"], capture_output=True, text=True, timeout=30
+        ).stdout.split()
+        free = sum(int(line.split("/")[1]) for line in idle) if idle else 0
+        if free < 2:
+            pytest.skip(f"SLURM has {free} idle CPUs, the test needs 2 (sinfo %C: {idle})")
+        yield
+
+
+@needs_sbatch
+def test_slurm_cluster_runs_dask_work(slurm, tmp_path, monkeypatch):
+    """SLURMCluster from deploy/jobqueue.yaml: 2 jobs start, compute, and leave squeue."""
+    import dask
+    import dask.array as da
+    from distributed import Client
+
+    monkeypatch.setenv("ASTEP_DASK_ENV", sys.prefix)  # what the prologue activates
+    name = f"astep-test-{uuid.uuid4().hex[:6]}"
+    cfg = small("slurm", name, tmp_path / "logs")
+    with dask.config.set(dask_settings("slurm", cfg)):
+        cluster = dask_jobqueue.SLURMCluster()
+        try:
+            script = cluster.job_script()
+            assert f"{sys.executable} -m distributed.cli.dask_worker" in script
+            assert "--lifetime 8m --lifetime-stagger 30s" in script
+            cluster.scale(jobs=2)
+            with Client(cluster) as client:
+                client.wait_for_workers(2, timeout=120)
+                jobs = _squeue(name)
+                assert len(jobs) == 2, jobs
+                assert set(jobs.values()) == {"RUNNING"}, jobs
+                assert set(jobs) == {job.job_id for job in cluster.workers.values()}
+
+                assert client.submit(lambda x: x + 1, 1).result() == 2
+                total = da.ones((200, 200), chunks=50).sum().compute(scheduler=client)
+                assert total == 40_000
+
+                # the workers live in those SLURM jobs, in the activated environment
+                env = client.run(
+                    lambda: {
+                        k: os.environ.get(k)
+                        for k in ("SLURM_JOB_ID", "VIRTUAL_ENV", "OMP_NUM_THREADS")
+                    }
+                )
+                assert {e["SLURM_JOB_ID"] for e in env.values()} == set(jobs)
+                assert {e["OMP_NUM_THREADS"] for e in env.values()} == {"1"}
+                if (Path(sys.prefix) / "bin" / "activate").exists():
+                    assert {e["VIRTUAL_ENV"] for e in env.values()} == {sys.prefix}
+        finally:
+            cluster.close()
+    left = _wait_gone(name)
+    assert not left, f"jobs still queued after close: {left}"
+
+
+FAKE_DRIVER = '''
+"""Stands in for `astep-dask season ROOT --cluster slurm` until that command exists: builds
+the cluster as astep_dask.cluster does (SLURMCluster() from dask config, adaptive)."""
+import signal, sys
+from pathlib import Path
+
+signal.signal(signal.SIGTERM, signal.default_int_handler)
+from dask_jobqueue import SLURMCluster
+from distributed import Client
+
+assert sys.argv[1:3] == ["season", "ROOT"] and "--cluster" in sys.argv, sys.argv
+cluster = SLURMCluster()
+cluster.adapt(minimum_jobs=1, maximum_jobs=1)
+try:
+    with Client(cluster) as client:
+        client.wait_for_workers(1, timeout=120)
+        Path("result.txt").write_text(str(client.submit(lambda x: x + 1, 1).result()))
+finally:
+    cluster.close()
+'''
+
+
+@needs_sbatch
+def test_season_batch_script_runs_driver_and_workers(slurm, tmp_path):
+    """deploy/season.sbatch as a job: the driver (scheduler inside the allocation) submits
+    its worker job from there, computes, and leaves nothing in the queue."""
+    name = f"astep-test-{uuid.uuid4().hex[:6]}"
+    driver = tmp_path / "driver.py"
+    driver.write_text(FAKE_DRIVER)
+    env = {
+        **os.environ,
+        "ASTEP_DASK_ENV": sys.prefix,
+        "ASTEP_DASK_CMD": f"{sys.executable} {driver}",
+        # deploy/jobqueue.yaml, found beside the script, sized down by dask's env overrides
+        "DASK_JOBQUEUE__SLURM__NAME": name,
+        "DASK_JOBQUEUE__SLURM__CORES": "1",
+        "DASK_JOBQUEUE__SLURM__PROCESSES": "1",
+        "DASK_JOBQUEUE__SLURM__MEMORY": "1GiB",
+        "DASK_JOBQUEUE__SLURM__WALLTIME": "00:10:00",
+        "DASK_JOBQUEUE__SLURM__INTERFACE": "lo",
+        "DASK_JOBQUEUE__SLURM__PYTHON": sys.executable,
+        "DASK_JOBQUEUE__SLURM__SCHEDULER_OPTIONS": "{'dashboard_address': ':0'}",
+    }
+    env.pop("DASK_CONFIG", None)
+    submit = subprocess.run(
+        ["sbatch", "--parsable", f"--job-name={name}-driver", "--cpus-per-task=1",
+         "--mem=1G", "--time=00:10:00", "--output=season-%j.out",
+         str(DEPLOY / "season.sbatch"), "ROOT", "--nights", "2"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+    log = tmp_path / f"season-{job}.out"
+    left = _wait_gone(f"{name}-driver", timeout=150)
+    text = log.read_text() if log.exists() else "(no log)"
+    if left:
+        subprocess.run(["scancel", "-n", f"{name}-driver"], timeout=30)
+        subprocess.run(["scancel", "-n", name], timeout=30)
+    assert not left, f"driver job still queued: {left}\n{text}"
+    assert (tmp_path / "result.txt").read_text() == "2", text
+    assert f"config {JOBQUEUE_YAML}" in text, text
+    assert "driver exited with status 0" in text, text
+    assert list((tmp_path / "dask-worker-logs").glob(f"{name}-*.err")), "no worker job ran"
+    assert not _wait_gone(name, timeout=30)
