@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -94,14 +95,14 @@ def _settings(args: argparse.Namespace):
         cluster["dashboard_address"] = args.dashboard_address
     groups: dict = {"cluster": cluster}
     masters = {}
-    if getattr(args, "reuse_foreign_masters", False):
+    if args.reuse_foreign_masters:
         masters["reuse_foreign"] = True
     if args.fallback_masters:
         masters["fallback"] = True
     groups["masters"] = masters
     if args.no_cosmics:
         groups["cosmics"] = {"enabled": False}
-    if getattr(args, "compress", False):
+    if args.compress:
         groups["output"] = {"compress": True}
     return settings.replace(**groups)
 
@@ -212,6 +213,30 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dashboard-address", help="dashboard address of a local cluster (:8787)")
 
 
+def _subcommand(sub, name: str, help: str, description: str, func) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=textwrap.fill(description, 88),
+                       epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=func)
+    return p
+
+
+def _calibration_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by the commands that calibrate (calibrate, season)."""
+    p.add_argument("--out", type=Path, help="output root (default: beside each raw night)")
+    p.add_argument("--config", type=Path, help="settings file (TOML), see astep_dask/config.py")
+    p.add_argument("--no-cosmics", action="store_true", help="skip cosmic-ray detection")
+    p.add_argument("--fallback-masters", action="store_true",
+                   help="a night that cannot make a master takes it from the nearest night's "
+                   "output (named in the headers as FALLBACK)")
+    p.add_argument("--reuse-foreign-masters", action="store_true",
+                   help="reuse master files written by other tools (no astep-dask provenance)")
+    p.add_argument("--compress", action="store_true",
+                   help="tile-compress the outputs: MASK lossless, SCI/VAR quantised to "
+                   "noise/16 (about 3x smaller)")
+    _cluster_options(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -224,13 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"astep-dask {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser(
-        "simulate",
+    p = _subcommand(
+        sub, "simulate",
         help="write a synthetic night with known truth in the archive layout",
         description="Write a synthetic ASTEP night (uint16 FITS, archive layout) under ROOT, "
         "with the truth that made it in ROOT/DATE/truth/.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        func=_cmd_simulate,
     )
     p.add_argument("root", type=Path, help="archive root; the night goes to ROOT/DATE/")
     p.add_argument("--date", default="2026-06-15", help="night date YYYY-MM-DD")
@@ -242,23 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overscan", type=int, default=0, help="overscan columns (ASTEP: 0)")
     p.add_argument("--bad-files", action="store_true", help="add unusable files of each kind")
     p.add_argument("--seed", type=int, default=1, help="random seed")
-    p.set_defaults(func=_cmd_simulate)
 
-    p = sub.add_parser(
-        "inspect",
+    p = _subcommand(
+        sub, "inspect",
         help="list a night's (or season's) frames by folder, type, exposure and filter",
         description="Read every FITS header of a night folder ROOT/YYYY-MM-DD/ or of every "
         "night under a season root, and print counts per folder x type x exposure x filter, "
         "the time span, and each unusable file with its reason. Reads headers only.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        func=_cmd_inspect,
     )
     p.add_argument("path", type=Path, help="a night folder or a season root")
     p.add_argument("--json", action="store_true", help="print the full inventory as JSON")
-    p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser(
-        "calibrate",
+    p = _subcommand(
+        sub, "calibrate",
         help="build a night's masters and calibrate every science frame on a dask cluster",
         description="Calibrate one night: master darks/flats/bias and bad-pixel mask (reused "
         "when they exist with the same inputs and settings), then every science frame as one "
@@ -266,27 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
         "rays. Writes <raw stem>_CAL.fits (SCI e-, VAR e-^2, MASK bits) and manifest.json "
         "to NIGHT/NIGHT-CAMS_CAL/ or OUT/NIGHT/. Re-running resumes: frames already "
         "calibrated with the same provenance are skipped.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        func=_cmd_calibrate,
     )
     p.add_argument("night", type=Path, help="night folder ROOT/YYYY-MM-DD/")
-    p.add_argument("--out", type=Path, help="output root (default: beside the raw night)")
-    p.add_argument("--config", type=Path, help="settings file (TOML), see astep_dask/config.py")
     p.add_argument("--force", action="store_true", help="recalibrate frames already done")
-    p.add_argument("--reuse-foreign-masters", action="store_true",
-                   help="reuse master files written by other tools (no astep-dask provenance)")
-    p.add_argument("--no-cosmics", action="store_true", help="skip cosmic-ray detection")
-    p.add_argument("--fallback-masters", action="store_true",
-                   help="take a master the night cannot make from the nearest night's output "
-                   "(named in the headers as FALLBACK)")
-    p.add_argument("--compress", action="store_true",
-                   help="tile-compress the outputs: MASK lossless, SCI/VAR quantised to "
-                   "noise/16 (about 3x smaller)")
-    _cluster_options(p)
-    p.set_defaults(func=_cmd_calibrate)
+    _calibration_options(p)
 
-    p = sub.add_parser(
-        "season",
+    p = _subcommand(
+        sub, "season",
         help="calibrate every night under a season root through one dask cluster",
         description="Calibrate every night ROOT/YYYY-MM-DD/ (optionally between --from and "
         "--to) through one dask cluster, several nights in flight at once, so that one "
@@ -294,22 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
         "already complete for the same raw files and settings are skipped; a night that "
         "fails is reported with its reason and the season goes on. Writes season.json to "
         "OUT (or ROOT) and each night's products as `calibrate` does.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        func=_cmd_season,
     )
     p.add_argument("root", type=Path, help="season root holding YYYY-MM-DD/ nights")
     p.add_argument("--from", dest="start", metavar="DATE", help="first night (YYYY-MM-DD)")
     p.add_argument("--to", dest="end", metavar="DATE", help="last night (YYYY-MM-DD)")
     p.add_argument("--nights", type=int, default=2, help="nights in flight at once (default 2)")
     p.add_argument("--dry-run", action="store_true", help="list what would run, do nothing")
-    p.add_argument("--out", type=Path, help="output root (default: beside each raw night)")
-    p.add_argument("--config", type=Path, help="settings file (TOML)")
-    p.add_argument("--no-cosmics", action="store_true", help="skip cosmic-ray detection")
-    p.add_argument("--fallback-masters", action="store_true",
-                   help="nights that cannot make a master take it from the nearest night; "
-                   "such nights are retried after the others have finished")
-    _cluster_options(p)
-    p.set_defaults(func=_cmd_season)
+    _calibration_options(p)
     return parser
 
 

@@ -28,7 +28,7 @@ SQRT2PI = np.sqrt(2.0 * np.pi)
 DEFAULT_SIGMA = 1.3  # px, used when a frame has too few stars to measure its PSF
 EIGHT = np.ones((3, 3), bool)  # 8-connectivity
 EDGE_SLACK = 4.0  # PSF sigmas a star's centre may lie outside the frame
-RING_SNR = 5.0  # groups with less light around them are not fitted (no star there)
+RING_SNR = -np.inf  # groups with less light around them are not fitted (no star there)
 
 
 @dataclass
@@ -98,22 +98,17 @@ def _images(x: np.ndarray, y: np.ndarray, sigma: np.ndarray, size: int) -> np.nd
     return py[:, :, :, None] * px[:, :, None, :]
 
 
-def _solve(normal: np.ndarray, rhs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Batched, diagonally scaled solve of ``normal @ step = rhs``.
-
-    Returns the step and the diagonal of ``normal``'s inverse (parameter variances);
-    singular systems give a zero step and infinite variances.
-    """
+def _solve(normal: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Batched, diagonally scaled solve of ``normal @ step = rhs`` (singular → zeros)."""
     scale = np.sqrt(np.maximum(np.einsum("nii->ni", normal), 1e-300))
     a = normal / scale[:, :, None] / scale[:, None, :] + 1e-9 * np.eye(normal.shape[1])
     try:
-        inv = np.linalg.inv(a)
+        step = np.linalg.solve(a, (rhs / scale)[:, :, None])[:, :, 0]
     except np.linalg.LinAlgError:
-        inv = np.linalg.pinv(a)
-    step = np.einsum("nij,nj->ni", inv, rhs / scale) / scale
-    var = np.einsum("nii->ni", inv) / scale**2
-    bad = ~np.isfinite(step)
-    return np.where(bad, 0.0, step), np.where(bad | ~np.isfinite(var), np.inf, var)
+        step = np.stack([np.linalg.lstsq(ai, bi, rcond=None)[0]
+                         for ai, bi in zip(a, rhs / scale, strict=True)])
+    step = step / scale
+    return np.where(np.isfinite(step), step, 0.0)
 
 
 def _gauss_newton(
@@ -137,7 +132,7 @@ def _gauss_newton(
     npar = params.shape[1] if fit_sigma else params.shape[1] - 1
     moving = slice(1 + m, npar)  # centres (and sigma)
     todo = np.arange(n)
-    for _ in range(n_iter):
+    for it in range(n_iter):
         p = params[todo]
         before = p[:, moving].copy()
         bg, amp, x, y, sig = _unpack(p)
@@ -157,7 +152,7 @@ def _gauss_newton(
         resid = (data[todo] - (a * unit).sum(axis=1) - bg[:, None, None]).reshape(k, -1)
         jw = jac * weight[todo].reshape(k, 1, -1)
         normal = np.einsum("nip,njp->nij", jw, jac)
-        step, var = _solve(normal, np.einsum("nip,np->ni", jw, resid))
+        step = _solve(normal, np.einsum("nip,np->ni", jw, resid))
         step[:, 1 + m:1 + 3 * m] = np.clip(step[:, 1 + m:1 + 3 * m], -1.0, 1.0)
         if fit_sigma:
             step[:, -1] = np.clip(step[:, -1], -0.3 * sig, 0.3 * sig)
@@ -173,7 +168,9 @@ def _gauss_newton(
         moved = np.maximum(change[:, :m], change[:, m:2 * m])
         if fit_sigma:
             moved = np.maximum(moved, change[:, -1:])
-        faint = p[:, 1:1 + m] ** 2 < 4.0 * var[:, 1:1 + m]
+        # (flux below twice its error at fixed position, i.e. 1 / its normal-matrix term)
+        info = np.einsum("nii->ni", normal)[:, 1:1 + m]
+        faint = (p[:, 1:1 + m] ** 2 * info < 4.0) & (it >= 3)
         todo = todo[((moved > tol) & ~faint).any(axis=1)]
         if todo.size == 0:
             break
