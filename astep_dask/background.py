@@ -12,7 +12,9 @@ The recipe is the classic mesh one (as in SExtractor, Bertin & Arnouts 1996, A&A
    the mesh grid is median-filtered (``filter_size``) to remove meshes spoiled by a bright
    star or a satellite trail;
 4. the grid is interpolated to full resolution by a bicubic spline through the mesh
-   centres (extrapolated linearly by half a mesh at the frame edges).
+   centres, extended half a mesh beyond the frame with the slope of a plane fitted to
+   the grid (a gradient is followed to the edges without amplifying the noise of the
+   outer meshes).
 
 Sources are found on the residual after a first pass (smoothed by a Gaussian of about the
 PSF size, thresholded at ``source_sigma`` times the noise of the smoothed image, grown by
@@ -200,15 +202,17 @@ def fill_missing(grid: np.ndarray) -> np.ndarray:
 def evaluate_mesh(grid: np.ndarray, edges_y: np.ndarray, edges_x: np.ndarray) -> np.ndarray:
     """Bicubic spline through the mesh centres, evaluated at every pixel (float32).
 
-    The grid is extended by one cell on each side by linear extrapolation, so the spline
-    covers the outer half-meshes without flattening a gradient there; fewer than four
+    The grid is extended by one cell on each side, half a mesh beyond the frame, with
+    the slope of a plane fitted to the whole grid: the outer half-meshes follow a
+    large-scale gradient without the noise of a two-cell extrapolation. Fewer than four
     cells along an axis lower the spline degree on that axis.
     """
     cy = (edges_y[:-1] + edges_y[1:] - 1) / 2.0
     cx = (edges_x[:-1] + edges_x[1:] - 1) / 2.0
     g = np.asarray(grid, np.float64)
-    cy, g = _extend(cy, g, axis=0)
-    cx, g = _extend(cx, g, axis=1)
+    slope_y, slope_x = plane_slopes(g, cy, cx)
+    cy, g = _extend(cy, g, slope_y, axis=0)
+    cx, g = _extend(cx, g, slope_x, axis=1)
     ky, kx = min(3, cy.size - 1), min(3, cx.size - 1)
     spline = RectBivariateSpline(cy, cx, g, kx=kx, ky=ky, s=0)
     ys = np.arange(edges_y[-1], dtype=np.float64)
@@ -216,20 +220,29 @@ def evaluate_mesh(grid: np.ndarray, edges_y: np.ndarray, edges_x: np.ndarray) ->
     return spline(ys, xs).astype(np.float32)
 
 
-def _extend(centres: np.ndarray, grid: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Add a cell before and after along ``axis``: positions half a mesh beyond the frame,
-    values extrapolated linearly (constant when there is a single cell)."""
+def plane_slopes(grid: np.ndarray, cy: np.ndarray, cx: np.ndarray) -> tuple[float, float]:
+    """Slopes (per pixel, along y and x) of the least-squares plane through a mesh grid."""
+    yy, xx = np.meshgrid(cy, cx, indexing="ij")
+    cols = [np.ones(grid.size)]
+    if cy.size > 1:
+        cols.append(yy.ravel() - cy.mean())
+    if cx.size > 1:
+        cols.append(xx.ravel() - cx.mean())
+    coef = np.linalg.lstsq(np.column_stack(cols), grid.ravel(), rcond=None)[0]
+    slope_y = float(coef[1]) if cy.size > 1 else 0.0
+    slope_x = float(coef[-1]) if cx.size > 1 else 0.0
+    return slope_y, slope_x
+
+
+def _extend(centres: np.ndarray, grid: np.ndarray, slope: float, axis: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Add a cell half a mesh beyond each end of ``axis``, following ``slope``."""
     n = centres.size
-    step = (centres[1] - centres[0]) if n > 1 else max(2 * centres[0] + 1, 1.0)
-    first = np.take(grid, [0], axis=axis)
-    last = np.take(grid, [n - 1], axis=axis)
-    if n > 1:
-        before = 2 * first - np.take(grid, [1], axis=axis)
-        after = 2 * last - np.take(grid, [n - 2], axis=axis)
-        step_last = centres[-1] - centres[-2]
-    else:
-        before, after, step_last = first, last, step
-    pos = np.concatenate([[centres[0] - step], centres, [centres[-1] + step_last]])
+    step_first = (centres[1] - centres[0]) if n > 1 else centres[0] + 0.5
+    step_last = (centres[-1] - centres[-2]) if n > 1 else centres[0] + 0.5
+    before = np.take(grid, [0], axis=axis) - slope * step_first
+    after = np.take(grid, [n - 1], axis=axis) + slope * step_last
+    pos = np.concatenate([[centres[0] - step_first], centres, [centres[-1] + step_last]])
     return pos, np.concatenate([before, grid, after], axis=axis)
 
 

@@ -41,7 +41,7 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -518,7 +518,7 @@ def export_task(job: ExportJob) -> dict:
         "sky": bkg.median_level, "sky_rms": bkg.median_rms,
         "psf_sigma": sigma, "psf_fwhm": FWHM_PER_SIGMA * sigma, "psf_sigma_cal": sigma0,
         "reg_rms": info["reg_rms"], "reg_n": info["reg_n"],
-        "var_pixel_factor": info["var_pixel_factor"],
+        "var_pixel_factor": info["var_pixel_factor"], "n_stars": int(stars.size),
     }
     cards = frame_cards(f, job, offset, bkg, info, figures, ks)
     t2 = time.perf_counter()
@@ -579,8 +579,7 @@ def frame_cards(f: CalFrame, job: ExportJob, offset: Offset, bkg: Background, in
         "PSFSIGMA": (_f(figures["psf_sigma"], 4), "[px] Gaussian PSF sigma of SCI (KBMOD psf)"),
         "PSFFWHM": (_f(figures["psf_fwhm"], 4), "[px] PSF FWHM of SCI"),
         "PSFSIG0": (_f(figures["psf_sigma_cal"], 4), "[px] PSF sigma before resampling"),
-        "NSTARS": (int(job.measure.stars.size) if job.measure else -1,
-                   "stars measured on the frame (-1: not kept)"),
+        "NSTARS": (int(figures["n_stars"]), "stars measured on the frame"),
     }
     return cards
 
@@ -992,8 +991,3 @@ def _json_default(obj: object) -> object:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(type(obj))
-
-
-def iter_kbmod_files(kdir: Path) -> Iterable[Path]:
-    """The per-frame KBMOD files of a folder, by name."""
-    return sorted(kdir.glob(f"*{SUFFIX}"))

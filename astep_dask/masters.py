@@ -37,7 +37,7 @@ from .combine import Combined, NoiseModel, combine
 from .config import Settings
 from .fitsio import atomic_write, stamp
 from .layout import FrameRecord, FrameType, Inventory
-from .mask import MASK_DTYPE, bad_pixel_mask, header_cards, robust_sigma
+from .mask import MASK_DTYPE, Bit, bad_pixel_mask, header_cards, robust_sigma
 from .stack import frame_section, open_strips, read_section
 
 
@@ -576,23 +576,23 @@ class MasterBuilder:
         if existing is not None:
             mask = existing
         else:
-            flat_union = None
-            masks = []
-            for f in flats.values():
-                norm = f.data / np.float32(np.nanmedian(f.data))
-                masks.append(bad_pixel_mask(norm, hot_source, self.settings.mask))
+            masks = [
+                bad_pixel_mask(f.data / np.float32(np.nanmedian(f.data)), hot_source,
+                               self.settings.mask)
+                for f in flats.values()
+            ]
             if not masks:
                 if hot_source is None:
                     raise CalibrationError("neither darks nor flats: no bad-pixel mask")
-                masks.append(bad_pixel_mask(flat_union, hot_source, self.settings.mask))
+                masks.append(bad_pixel_mask(None, hot_source, self.settings.mask))
             data = np.bitwise_or.reduce(masks)
             ms = self.settings.mask
             cards = {
                 "HOTSIG": (ms.hot_sigma, "hot: dark excess above this many sigma"),
                 "DEADSIG": (ms.dead_sigma, "dead: flat deficit above this many sigma"),
                 "DEADFLR": (ms.dead_floor, "dead: minimum fractional deficit"),
-                "NHOT": (int(((data >> 16) & 1).sum()), "hot pixels"),
-                "NDEAD": (int(((data >> 17) & 1).sum()), "dead pixels (incl. columns)"),
+                "NHOT": (int(((data >> Bit.HOT) & 1).sum()), "hot pixels"),
+                "NDEAD": (int(((data >> Bit.DEAD) & 1).sum()), "dead pixels (incl. columns)"),
             }
             if hot_source is not None:
                 cards["HOTNOISE"] = (robust_sigma(hot_source), "[adu] robust sigma of dark")
