@@ -3,9 +3,9 @@ Detection, github.com/dirac-institute/kbmod): sky-subtracted frames registered o
 reference grid, one FITS file per frame, plus a night stack file and an offsets table.
 
 KBMOD's per-image FITS loader is ``load_deccam_layered_image`` in
-``src/kbmod/util_functions.py`` (read in dirac-institute/kbmod, at commit 091aca06 and in
-a later version that builds a ``LayeredImagePy``; both agree, function at about lines
-68-115 of the later one). It
+``src/kbmod/util_functions.py`` of dirac-institute/kbmod (read at commit 091aca06, where it
+starts at about line 67 and builds a C++ ``LayeredImage``, and in a later version, about
+line 68, that builds a ``LayeredImagePy``; both read the file the same way). It
 
 - refuses a file with fewer than 4 HDUs;
 - takes the time from the first of the keys ``MJD``, ``DATE-AVG``, ``MJD-OBS`` found in
@@ -13,8 +13,9 @@ a later version that builds a ``LayeredImagePy``; both agree, function at about 
   integer-valued card would be skipped), a string is parsed by ``astropy.time.Time`` with
   the scale of ``TIMESYS`` (UTC when absent);
 - builds the image from ``hdul[1]`` (science), ``hdul[3]`` (variance) and ``hdul[2]``
-  (mask), each cast to float32 (its prose documentation lists science, variance, mask as
-  extensions 1, 2, 3: the code is what counts).
+  (mask), each cast to float32. (Its prose documentation,
+  ``docs/source/user_manual/input_files.rst``, lists science, variance, mask as
+  extensions 1, 2, 3: the code is what counts.)
 
 KBMOD's image stack (``src/kbmod/core/image_stack_py.py``, ``ImageStackPy``) masks a
 pixel when its mask value is ``> 0`` (science and variance become NaN), and its search
@@ -130,9 +131,12 @@ class KbmodSettings:
                              max_shift=self.max_shift or None, min_matches=self.min_matches)
 
     def digest(self) -> str:
-        """Short stable hash of every setting except the output folder name."""
+        """Short stable hash of the settings that shape a frame's output (not the folder,
+        nor what the stack file holds, nor the reference request, which is checked on
+        its own)."""
         data = dataclasses.asdict(self)
-        data.pop("folder")
+        for key in ("folder", "stack_images", "reference"):
+            data.pop(key)
         return digest_of(sorted(data.items()))
 
 
@@ -545,7 +549,8 @@ def frame_cards(f: CalFrame, job: ExportJob, offset: Offset, bkg: Background, in
     """Primary-header cards of a KBMOD file."""
     cards: dict[str, tuple] = {
         "MJD": (float(f.mjd), "[d] mid-exposure MJD (UTC): KBMOD obstime"),
-        "MJD-AVG": (float(f.mjd), "[d] mid-exposure MJD (UTC)"),
+        "MJD-AVG": (float(Time(f.date_avg, scale=f.timesys.lower()).mjd),
+                    f"[d] mid-exposure MJD ({f.timesys})"),
         "DATE-AVG": (f.date_avg, f"mid-exposure date ({f.timesys})"),
         "TIMESYS": (f.timesys, "time scale of DATE-* keywords"),
         "OBSERVAT": (OBSERVATORY, "Concordia Station, Antarctica"),
