@@ -46,8 +46,10 @@ from astep_dask.simulate import SimConfig, add_sources, load_frame_truth, load_t
 
 SETTINGS = Settings().replace(cluster={"dashboard_address": ":0"})
 # 8 frames of 256², drifting 1.35 px and -0.8 px per frame (about 10 px over the night, so
-# offsets have an integer part of several pixels), three movers of which one is slow.
-SIM = SimConfig(size=256, n_science=8, n_darks=5, n_flats=7, seed=5, drift=(1.35, -0.8))
+# offsets have an integer part of several pixels), three movers of which one is slow, and
+# a high cosmic-ray rate so that every frame has some to mask.
+SIM = SimConfig(size=256, n_science=8, n_darks=5, n_flats=7, seed=5, drift=(1.35, -0.8),
+                cr_per_mpix=400.0)
 MUST_MASK = flag(Bit.BAD, Bit.SAT, Bit.CR, Bit.NO_DATA)
 
 
