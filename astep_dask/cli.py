@@ -160,8 +160,56 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         except RunError as exc:
             print(f"astep-dask: error: {exc}", file=sys.stderr)
             return EXIT_FAILED
-    print(_summary(result))
-    return {"complete": EXIT_OK, "partial": EXIT_PARTIAL}.get(result.status, EXIT_FAILED)
+        print(_summary(result))
+        status = result.status
+        if args.kbmod and status != "failed":
+            status = _worst(status, _kbmod(night, client, settings, args, start))
+    return _exit(status)
+
+
+def _exit(status: str) -> int:
+    return {"complete": EXIT_OK, "partial": EXIT_PARTIAL}.get(status, EXIT_FAILED)
+
+
+def _worst(a: str, b: str) -> str:
+    order = ["complete", "partial", "failed"]
+    return max(a, b, key=order.index)
+
+
+def _kbmod(night: Path, client, settings, args: argparse.Namespace, start: list[float]) -> str:
+    """Run the KBMOD export of a calibrated night, print its summary, return its status."""
+    import time
+
+    from .kbmod import export_night
+    from .pipeline import RunError, print_progress
+
+    start[0] = time.perf_counter()
+    try:
+        res = export_night(night, client, settings, out=args.out, force=args.force,
+                           progress=lambda d, t, r: print_progress(d, t, r, start))
+    except RunError as exc:
+        print(f"astep-dask: error: {exc}", file=sys.stderr)
+        return "failed"
+    counts = ", ".join(f"{v} {k}" for k, v in res.get("counts", {}).items())
+    print(f"kbmod {res['night']}: {res['status']}  ({counts})  -> {res.get('kbmod_dir')}")
+    if res.get("error"):
+        print(f"  error: {res['error']}")
+    for row in res.get("frames", []):
+        if row.get("status") == "failed":
+            print(f"  failed: {row.get('file')}: {row.get('reason')}")
+    return res["status"]
+
+
+def _cmd_kbmod(args: argparse.Namespace) -> int:
+    import time
+
+    from .cluster import connect
+    from .layout import find_nights
+
+    settings = _settings(args)
+    night = find_nights(args.night)[0]
+    with connect(settings.cluster, log=lambda m: print(m, file=sys.stderr)) as client:
+        return _exit(_kbmod(night, client, settings, args, [time.perf_counter()]))
 
 
 def _cmd_season(args: argparse.Namespace) -> int:
@@ -197,7 +245,7 @@ def _cmd_season(args: argparse.Namespace) -> int:
     print(f"season {result.status}: {d['counts']}, {d['frames_calibrated']} frames in "
           f"{d['wall_seconds']:.1f} s (nights summed: {d['sum_night_seconds']:.1f} s); "
           f"report: {path}")
-    return {"complete": EXIT_OK, "partial": EXIT_PARTIAL}.get(result.status, EXIT_FAILED)
+    return _exit(result.status)
 
 
 def _cluster_options(p: argparse.ArgumentParser) -> None:
@@ -291,6 +339,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("night", type=Path, help="night folder ROOT/YYYY-MM-DD/")
     p.add_argument("--force", action="store_true", help="recalibrate frames already done")
+    p.add_argument("--kbmod", action="store_true",
+                   help="then write the KBMOD-ready export (as the kbmod command)")
+    _calibration_options(p)
+
+    p = _subcommand(
+        sub, "kbmod",
+        help="write a calibrated night in KBMOD's input layout (sky-subtracted, registered)",
+        description="Read a night's calibrated frames (from `calibrate`), subtract a smooth "
+        "sky background, measure each frame's sub-pixel offset to a reference frame from its "
+        "stars, resample onto the reference grid and write, in OUTPUT/kbmod/, one "
+        "<stem>_KBMOD.fits per frame in the layout KBMOD's loader reads (HDU1 science, "
+        "HDU2 mask, HDU3 variance; MJD at mid-exposure in the primary header), a night "
+        "stack file, an offsets table and kbmod.json. One task per frame on the cluster; "
+        "re-running skips frames already exported with the same provenance.",
+        func=_cmd_kbmod,
+    )
+    p.add_argument("night", type=Path, help="night folder ROOT/YYYY-MM-DD/ (calibrated)")
+    p.add_argument("--force", action="store_true", help="redo frames already exported")
     _calibration_options(p)
 
     p = _subcommand(

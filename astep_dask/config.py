@@ -96,6 +96,59 @@ class OutputSettings:
 
 
 @dataclass(frozen=True)
+class KbmodSettings:
+    """The KBMOD export: background, stars, registration, products."""
+
+    mesh: int = 64  # background mesh (px)
+    bkg_sigma: float = 3.0  # clipping within a mesh
+    bkg_iterations: int = 5
+    bkg_filter: int = 3  # median filter of the mesh grid
+    source_sigma: float = 4.0  # source exclusion threshold for the background
+    source_grow: int = 4  # px by which excluded sources are grown
+    psf_sigma_guess: float = 1.5  # px: detection filter and centroid window
+    detect_sigma: float = 5.0  # star detection threshold
+    max_stars: int = 400  # brightest stars kept per frame
+    match_radius: float = 1.5  # px, star matching after the voted integer offset
+    max_shift: float = 0.0  # px, largest offset searched; 0: any
+    min_matches: int = 5  # fewer matched stars: the frame fails
+    variance: str = "area"  # "area" (for matched filters, default) or "pixel"
+    reference: str = ""  # stem of the reference frame; "": chosen automatically
+    stack_images: bool = True  # the night stack file holds image cubes (else table only)
+    folder: str = "kbmod"  # sub-folder of the night's output folder
+
+    def background(self):
+        """The background estimator's settings (:class:`background.BackgroundSettings`)."""
+        from .background import BackgroundSettings
+
+        return BackgroundSettings(mesh=self.mesh, sigma=self.bkg_sigma,
+                                  iterations=self.bkg_iterations, filter_size=self.bkg_filter,
+                                  source_sigma=self.source_sigma, source_grow=self.source_grow)
+
+    def stars(self):
+        """The star finder's settings (:class:`register.StarSettings`)."""
+        from .register import StarSettings
+
+        return StarSettings(psf_sigma=self.psf_sigma_guess, nsigma=self.detect_sigma,
+                            max_stars=self.max_stars)
+
+    def match(self):
+        """The offset fit's settings (:class:`register.MatchSettings`)."""
+        from .register import MatchSettings
+
+        return MatchSettings(match_radius=self.match_radius,
+                             max_shift=self.max_shift or None, min_matches=self.min_matches)
+
+    def digest(self) -> str:
+        """Short stable hash of the settings that shape a frame's output (not the folder,
+        nor what the stack file holds, nor the reference request, checked on its own)."""
+        data = dataclasses.asdict(self)
+        for key in ("folder", "stack_images", "reference"):
+            data.pop(key)
+        text = json.dumps(sorted(data.items()))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
 class ClusterSettings:
     """Where the work runs."""
 
@@ -122,6 +175,7 @@ class Settings:
     cosmics: CosmicSettings = field(default_factory=CosmicSettings)
     detector: DetectorSettings = field(default_factory=DetectorSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
+    kbmod: KbmodSettings = field(default_factory=KbmodSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     def replace(self, **groups: Any) -> Settings:

@@ -52,18 +52,16 @@ from astropy.table import Table
 from astropy.time import Time, TimeDelta
 
 from . import __version__
-from .background import Background, BackgroundSettings, estimate_background
-from .config import Settings
+from .background import Background, estimate_background
+from .config import KbmodSettings, Settings
 from .fitsio import TMP_PREFIX, atomic_write, copy_header, remove_stale_temps, stamp
 from .mask import MASK_DTYPE, Bit, flag, header_cards
 from .masters import digest_of
 from .register import (
     FWHM_PER_SIGMA,
     STAR_DTYPE,
-    MatchSettings,
     Offset,
     RegistrationError,
-    StarSettings,
     find_stars,
     measure_offset,
     psf_sigma,
@@ -91,53 +89,6 @@ UNUSABLE = flag(Bit.NO_DATA)
 WCS_PREFIXES = ("CTYPE", "CRPIX", "CRVAL", "CDELT", "CUNIT", "CD1_", "CD2_", "PC1_", "PC2_",
                 "PV1_", "PV2_", "A_", "B_", "AP_", "BP_", "CROTA")
 WCS_KEYS = {"WCSAXES", "LONPOLE", "LATPOLE", "RADESYS", "EQUINOX", "EPOCH", "WCSNAME"}
-
-
-@dataclass(frozen=True)
-class KbmodSettings:
-    """Settings of the KBMOD export (flat, so a ``[kbmod]`` TOML table can override them)."""
-
-    mesh: int = 64  # background mesh (px)
-    bkg_sigma: float = 3.0  # clipping within a mesh
-    bkg_iterations: int = 5
-    bkg_filter: int = 3  # median filter of the mesh grid
-    source_sigma: float = 4.0  # source exclusion threshold for the background
-    source_grow: int = 4  # px by which excluded sources are grown
-    psf_sigma_guess: float = 1.5  # px: detection filter and centroid window
-    detect_sigma: float = 5.0  # star detection threshold
-    max_stars: int = 400  # brightest stars kept per frame
-    match_radius: float = 1.5  # px, star matching after the voted integer offset
-    max_shift: float = 0.0  # px, largest offset searched; 0: any
-    min_matches: int = 5  # fewer matched stars: the frame fails
-    variance: str = "area"  # "area" (for matched filters, default) or "pixel"
-    reference: str = ""  # stem of the reference frame; "": chosen automatically
-    stack_images: bool = True  # the night stack file holds image cubes (else table only)
-    folder: str = FOLDER  # sub-folder of the night's output folder
-
-    def background(self) -> BackgroundSettings:
-        """The background estimator's settings."""
-        return BackgroundSettings(mesh=self.mesh, sigma=self.bkg_sigma,
-                                  iterations=self.bkg_iterations, filter_size=self.bkg_filter,
-                                  source_sigma=self.source_sigma, source_grow=self.source_grow)
-
-    def stars(self) -> StarSettings:
-        """The star finder's settings."""
-        return StarSettings(psf_sigma=self.psf_sigma_guess, nsigma=self.detect_sigma,
-                            max_stars=self.max_stars)
-
-    def match(self) -> MatchSettings:
-        """The offset fit's settings."""
-        return MatchSettings(match_radius=self.match_radius,
-                             max_shift=self.max_shift or None, min_matches=self.min_matches)
-
-    def digest(self) -> str:
-        """Short stable hash of the settings that shape a frame's output (not the folder,
-        nor what the stack file holds, nor the reference request, which is checked on
-        its own)."""
-        data = dataclasses.asdict(self)
-        for key in ("folder", "stack_images", "reference"):
-            data.pop(key)
-        return digest_of(sorted(data.items()))
 
 
 # --------------------------------------------------------------------------- pure core
@@ -844,7 +795,7 @@ def export_night(
 
     started = time.time()
     settings = settings or Settings()
-    ks = kbmod_settings or KbmodSettings()
+    ks = kbmod_settings or settings.kbmod
     if ks.variance not in ("area", "pixel"):
         raise RunError(f"kbmod variance must be 'area' or 'pixel', not {ks.variance!r}")
     night_dir = Path(night_dir)
