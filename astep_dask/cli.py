@@ -5,13 +5,16 @@ Exit codes (the same for every subcommand):
   0  complete: everything asked for was done
   1  nothing done: bad arguments, a missing or unreadable night, an unwritable output
   3  partial: some frames or nights could not be used (each is named, with the reason)
+  130 interrupted (SIGINT/SIGTERM): finished frames are kept; re-run to resume
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import textwrap
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,11 +24,13 @@ from .layout import ArchiveError, format_table, scan
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_PARTIAL = 3
+EXIT_INTERRUPTED = 130
 
 EPILOG = """exit codes:
   0  complete
   1  nothing done (the one-line error says why)
   3  partial: some frames or nights were unusable; each is named with its reason
+  130 interrupted (Ctrl-C, SIGTERM from scancel or a walltime); re-run to resume
 """
 
 
@@ -379,15 +384,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """First SIGTERM/SIGINT: stop (the cluster is closed on the way out); later ones are
+    ignored so that they cannot cut that cleanup short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``astep-dask`` command; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # scancel and batch walltimes send SIGTERM: treat it as Ctrl-C.
+        previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
+    else:  # pragma: no cover - called from a thread (signals only work in the main one)
+        previous = {}
     try:
         return args.func(args)
     except (ArchiveError, FileNotFoundError, PermissionError, ValueError) as exc:
         print(f"astep-dask: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("astep-dask: interrupted; finished frames are kept, re-run to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

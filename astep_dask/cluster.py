@@ -74,3 +74,18 @@ def worker_threads(client: Client) -> int:
     """Total threads of the workers currently connected."""
     info = client.scheduler_info()
     return sum(w.get("nthreads", 1) for w in info.get("workers", {}).values()) or 1
+
+
+def capacity(client: Client, settings: ClusterSettings) -> int:
+    """Threads the cluster can have: those connected or, for an adaptive batch cluster that
+    may still be scaling up, ``max_jobs`` x the cores of one job (whichever is larger).
+
+    Queueing work for this many threads is what lets adaptive scaling ask for jobs.
+    """
+    threads = worker_threads(client)
+    if settings.kind in ("slurm", "pbs") and not settings.scheduler:
+        import dask
+
+        cores = int(dask.config.get(f"jobqueue.{settings.kind}.cores", default=1) or 1)
+        threads = max(threads, settings.max_jobs * cores)
+    return threads

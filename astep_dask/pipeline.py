@@ -27,7 +27,7 @@ from distributed import Client, as_completed
 
 from . import __version__
 from .calibrate import Detector, calibrate_frame
-from .cluster import worker_threads
+from .cluster import capacity
 from .config import Settings
 from .fitsio import atomic_write, calibrated_hdul, read_provenance, remove_stale_temps
 from .layout import OUTPUT_FOLDER, FrameRecord, FrameType, Inventory, scan_night, stem
@@ -338,7 +338,9 @@ def run_frames(client: Client, jobs: list[FrameJob], settings: Settings,
     rows = [] if sink is None else sink
     if not jobs:
         return rows
-    window = settings.cluster.frames_in_flight or 2 * worker_threads(client)
+    def window() -> int:  # recomputed as workers come and go (adaptive clusters)
+        return settings.cluster.frames_in_flight or 2 * capacity(client, settings.cluster)
+
     pending = iter(jobs)
     seq = as_completed()
 
@@ -350,7 +352,7 @@ def run_frames(client: Client, jobs: list[FrameJob], settings: Settings,
                 key=f"calibrate-{job.output.stem}-{job.provenance}-{time.time_ns()}",
             ))
 
-    for _ in range(window):
+    for _ in range(window()):
         submit_next()
     try:
         for fut in seq:
@@ -358,7 +360,8 @@ def run_frames(client: Client, jobs: list[FrameJob], settings: Settings,
             rows.append(row)
             if progress:
                 progress(len(rows), len(jobs), row)
-            submit_next()
+            for _ in range(max(1, window() - seq.count())):
+                submit_next()
     except BaseException:
         for f in list(seq.futures):
             f.cancel()

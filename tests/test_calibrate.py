@@ -311,3 +311,25 @@ def test_compressed_output(calibrated, small_night, client, tmp_path):
         out = subprocess.run(["fitsverify", *map(str, packed_folder.glob("*_CAL.fits"))],
                              capture_output=True, text=True)
         assert out.stdout.count("0 warning(s) and 0 error(s)") == 6, out.stdout
+
+
+def test_sigterm_stops_cleanly_with_exit_130(small_night, tmp_path):
+    import signal
+
+    exe = str(Path(sys.executable).parent / "astep-dask")
+    cmd = [exe, "calibrate", str(small_night), "--out", str(tmp_path), "--workers", "1",
+           "--dashboard-address", ":0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    folder = output_dir(small_night, tmp_path)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(folder.glob("*_CAL.fits")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert not list(folder.glob(".tmp-*"))
+    assert not (folder / LOCK).exists()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(list(folder.glob("*_CAL.fits"))) == 6

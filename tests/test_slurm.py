@@ -284,3 +284,44 @@ def test_season_batch_script_runs_driver_and_workers(slurm, tmp_path):
     assert "driver exited with status 0" in text, text
     assert list((tmp_path / "dask-worker-logs").glob(f"{name}-*.err")), "no worker job ran"
     assert not _wait_gone(name, timeout=30)
+
+
+@needs_sbatch
+def test_season_through_slurm(slurm, tmp_path, monkeypatch, capsys):
+    """`astep-dask season --cluster slurm`: workers are SLURM jobs; the two good nights
+    complete, the night without darks is reported, the exit code says partial."""
+    import dataclasses
+    import json
+
+    import dask
+
+    from astep_dask.cli import EXIT_PARTIAL, main
+    from astep_dask.simulate import SimConfig, simulate_night
+
+    root = tmp_path / "season"
+    for i, date in enumerate(("2026-07-01", "2026-07-02", "2026-07-03")):
+        cfg = dataclasses.replace(SimConfig(), date=date, size=96, n_science=3, n_darks=3,
+                                  n_flats=3, seed=40 + i)
+        night = simulate_night(root, cfg)
+        if date == "2026-07-02":
+            for p in night.rglob("*_DARK.fits"):
+                p.unlink()
+    settings_file = tmp_path / "settings.toml"
+    settings_file.write_text("[cluster]\nmin_jobs = 1\nmax_jobs = 2\n")
+    monkeypatch.setenv("ASTEP_DASK_ENV", sys.prefix)
+    name = f"astep-season-{uuid.uuid4().hex[:6]}"
+    cfg = small("slurm", name, tmp_path / "logs")
+    out = tmp_path / "out"
+    with dask.config.set(dask_settings("slurm", cfg)):
+        code = main(["season", str(root), "--cluster", "slurm", "--out", str(out),
+                     "--config", str(settings_file), "--no-cosmics"])
+    text = capsys.readouterr().out
+    assert code == EXIT_PARTIAL, text
+    report = json.loads((out / "season.json").read_text())
+    status = {n["night"]: n["status"] for n in report["nights"]}
+    assert status == {"2026-07-01": "complete", "2026-07-02": "failed",
+                      "2026-07-03": "complete"}
+    workers = {r["worker"] for d in ("2026-07-01", "2026-07-03")
+               for r in json.loads((out / d / "manifest.json").read_text())["frames"]}
+    assert workers  # frames were calibrated by the SLURM job workers
+    assert not _wait_gone(name), "jobs still queued after the season"
