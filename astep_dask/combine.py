@@ -87,11 +87,23 @@ def clip_combine(
         return _clip_combine(cube, method, sigma_low, sigma_high, iterations, noise)
 
 
+def masked_median(data: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Median along ``axis`` ignoring NaN, like ``np.nanmedian`` but by one sort: several
+    times faster on the short axes of frame stacks, where numpy's nanmedian falls back to
+    a slow path. NaN where every value is NaN."""
+    s = np.sort(data, axis=axis)  # NaN sorts last
+    k = np.sum(~np.isnan(data), axis=axis, keepdims=True)
+    lo = np.take_along_axis(s, np.maximum((k - 1) // 2, 0), axis=axis)
+    hi = np.take_along_axis(s, np.maximum(k // 2, 0), axis=axis)
+    out = np.where(k > 0, (lo + hi) * np.float32(0.5), np.nan)
+    return np.squeeze(out, axis=axis).astype(data.dtype, copy=False)
+
+
 def _clip_combine(cube, method, sigma_low, sigma_high, iterations, noise) -> np.ndarray:
     data = np.array(cube, dtype=np.float32, copy=True)
     n = data.shape[0]
     has_nan = bool(np.isnan(data).any())
-    med = np.nanmedian if has_nan else np.median
+    med = masked_median if has_nan else np.median
     if method == "median":
         centre = med(data, axis=0)
         count = np.sum(np.isfinite(data), axis=0)
@@ -117,7 +129,7 @@ def _clip_combine(cube, method, sigma_low, sigma_high, iterations, noise) -> np.
             break
         data[reject] = np.nan
         has_nan = True
-        med = np.nanmedian
+        med = masked_median
     kept = np.isfinite(data)
     count = kept.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):

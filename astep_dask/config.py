@@ -29,7 +29,8 @@ class CombineSettings:
     sigma_low: float = 3.0
     sigma_high: float = 3.0
     iterations: int = 3
-    memory_budget_mb: float = 256.0  # bytes of one row strip holding every frame
+    memory_budget_mb: float = 256.0  # MB for one strip of every frame and its working copies,
+    # per worker thread
     min_frames: int = 3
     noise_clip: bool = True  # clip with the frames' Poisson + read noise (GAIN, RDNOISE)
 

@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -23,6 +24,9 @@ from .layout import FrameRecord, Section
 
 FLOAT = np.float32
 _BYTES = np.dtype(FLOAT).itemsize
+# Working copies of a strip that the robust combination holds at its peak, measured with
+# tracemalloc on clip_combine (about 8x the strip; benchmarks/masters_memory.py).
+STRIP_COPIES = 8
 
 
 def read_section(path: Path, hdu: int, rows: slice, cols: slice) -> np.ndarray:
@@ -98,46 +102,18 @@ def frame_section(record: FrameRecord, trim: bool = True) -> Section:
     return Section(0, record.shape[0], 0, record.shape[1])
 
 
-def open_stack(
-    records: Sequence[FrameRecord], rows: int | None = None, trim: bool = True
-) -> xr.DataArray:
-    """Open frames lazily as a ``(frame, y, x)`` float32 DataArray.
-
-    Parameters
-    ----------
-    records
-        Inventory records of the frames, in the order wanted along ``frame``.
-    rows
-        Rows per chunk. ``None`` gives one chunk per frame; a number gives row-strip
-        chunks (see :func:`open_strips`).
-    trim
-        Expose only each frame's data section (TRIMSEC/DATASEC) when it has one.
-
-    Returns
-    -------
-    xarray.DataArray
-        Dask-backed; coordinates on ``frame``: time, mjd, exptime, filter, path, kind.
-        Nothing is read until the array is computed.
-    """
+def _common_shape(records: Sequence[FrameRecord], trim: bool) -> list[Section]:
     if not records:
-        raise ValueError("open_stack needs at least one frame")
+        raise ValueError("a stack needs at least one frame")
     sections = [frame_section(r, trim) for r in records]
-    shapes = {s.shape for s in sections}
+    shapes = {sec.shape for sec in sections}
     if len(shapes) != 1:
         raise ValueError(f"frames differ in shape: {sorted(shapes)}")
-    ny, nx = shapes.pop()
-    chunk_rows = ny if rows is None else max(1, min(rows, ny))
-    arrays = [
-        da.from_array(
-            FitsImage(r.path, r.hdu, s),
-            chunks=(chunk_rows, nx),
-            name=f"raw-{r.path.name}-{chunk_rows}-" + da.core.tokenize(FitsImage(r.path, r.hdu, s)),
-            asarray=False,
-            meta=np.empty((0, 0), FLOAT),
-        )
-        for r, s in zip(records, sections, strict=True)
-    ]
-    data = da.stack(arrays, axis=0)
+    return sections
+
+
+def _as_stack(data: da.Array, records: Sequence[FrameRecord]) -> xr.DataArray:
+    """Wrap a ``(frame, y, x)`` dask array with the per-frame coordinates."""
     mjd = np.array([r.mjd for r in records], dtype=float)
     time = (
         np.datetime64("1858-11-17T00:00:00", "ns")
@@ -161,11 +137,59 @@ def open_stack(
     )
 
 
-def strip_rows(n_frames: int, shape: tuple[int, int], budget_mb: float, copies: int = 4) -> int:
+def open_stack(
+    records: Sequence[FrameRecord], rows: int | None = None, trim: bool = True
+) -> xr.DataArray:
+    """Open frames lazily as a ``(frame, y, x)`` float32 DataArray.
+
+    Parameters
+    ----------
+    records
+        Inventory records of the frames, in the order wanted along ``frame``.
+    rows
+        Rows per chunk. ``None`` gives one chunk per frame and row range.
+    trim
+        Expose only each frame's data section (TRIMSEC/DATASEC) when it has one.
+
+    Returns
+    -------
+    xarray.DataArray
+        Dask-backed; coordinates on ``frame``: time, mjd, exptime, filter, path, kind.
+        Nothing is read until the array is computed.
+    """
+    sections = _common_shape(records, trim)
+    ny, nx = sections[0].shape
+    chunk_rows = ny if rows is None else max(1, min(rows, ny))
+    arrays = [
+        da.from_array(
+            FitsImage(r.path, r.hdu, sec),
+            chunks=(chunk_rows, nx),
+            name=f"raw-{r.path.name}-{chunk_rows}-" + da.core.tokenize(FitsImage(r.path, r.hdu,
+                                                                                 sec)),
+            asarray=False,
+            meta=np.empty((0, 0), FLOAT),
+        )
+        for r, sec in zip(records, sections, strict=True)
+    ]
+    return _as_stack(da.stack(arrays, axis=0), records)
+
+
+def strip_rows(n_frames: int, shape: tuple[int, int], budget_mb: float,
+               copies: int = STRIP_COPIES) -> int:
     """Rows per strip so that one strip of every frame, and ``copies`` working copies of
     it, fit within ``budget_mb`` megabytes (at least one row)."""
     per_row = n_frames * shape[1] * _BYTES * copies
     return int(max(1, min(shape[0], math.floor(budget_mb * 1e6 / per_row))))
+
+
+def read_strip(frames: tuple[tuple[Path, int, Section], ...], y0: int, y1: int) -> np.ndarray:
+    """Rows ``y0:y1`` (of each frame's section) of every frame, as one ``(frame, rows, x)``
+    float32 block: one task reads a whole strip, so no piece of it crosses the network."""
+    nx = frames[0][2].shape[1]
+    out = np.empty((len(frames), y1 - y0, nx), FLOAT)
+    for i, (path, hdu, sec) in enumerate(frames):
+        out[i] = read_section(path, hdu, slice(sec.y0 + y0, sec.y0 + y1), slice(sec.x0, sec.x1))
+    return out
 
 
 def open_strips(
@@ -174,9 +198,21 @@ def open_strips(
     """Open frames as row strips ``(-1, band, x)``: every chunk holds all frames.
 
     This is the layout reductions over ``frame`` need. The band is chosen from the memory
-    budget, so memory is bounded by the budget, not by the number of frames, and each
-    byte of each file is read once (one small read per file per strip).
+    budget (per worker thread), so memory is bounded by the budget, not by the number of
+    frames, and each byte of each file is read once. Each strip is read by one task.
     """
-    shape = frame_section(records[0], trim).shape
-    band = strip_rows(len(records), shape, budget_mb)
-    return open_stack(records, rows=band, trim=trim).chunk({"frame": -1})
+    sections = _common_shape(records, trim)
+    ny, nx = sections[0].shape
+    band = strip_rows(len(records), (ny, nx), budget_mb)
+    frames = tuple((r.path, r.hdu, sec) for r, sec in zip(records, sections, strict=True))
+    token = da.core.tokenize([FitsImage(*f) for f in frames], band)
+    blocks = [
+        da.from_delayed(
+            dask.delayed(read_strip, pure=True)(frames, y0, min(y0 + band, ny),
+                                                dask_key_name=f"strip-{token}-{y0}"),
+            shape=(len(frames), min(y0 + band, ny) - y0, nx), dtype=FLOAT,
+            meta=np.empty((0, 0, 0), FLOAT),
+        )
+        for y0 in range(0, ny, band)
+    ]
+    return _as_stack(da.concatenate(blocks, axis=1), records)
