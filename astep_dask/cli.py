@@ -253,6 +253,35 @@ def _cmd_season(args: argparse.Namespace) -> int:
     return _exit(result.status)
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .cluster import connect
+    from .layout import find_nights
+    from .qa import load_report, night_report, report_summary
+
+    settings = _settings(args)
+    night = find_nights(args.night)[0]
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if args.no_cluster:
+        folder = night_report(night, args.out, None, settings=settings.qa, log=log)
+    else:
+        with connect(settings.cluster, log=log) as client:
+            folder = night_report(night, args.out, client, settings=settings.qa, log=log)
+    print(report_summary(load_report(folder), folder))
+    return EXIT_OK
+
+
+def _cmd_graph(args: argparse.Namespace) -> int:
+    from .graph import flow_chart
+    from .layout import find_nights
+
+    settings = _settings(args)
+    night = find_nights(args.night)[0]
+    path = flow_chart(night, args.output, out=args.out, settings=settings, engine=args.engine,
+                      report=not args.no_report)
+    print(f"flow chart written to {path}")
+    return EXIT_OK
+
+
 def _cluster_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster (default: a LocalCluster sized to this machine)")
     g.add_argument("--scheduler", metavar="ADDRESS",
@@ -381,6 +410,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nights", type=int, default=2, help="nights in flight at once (default 2)")
     p.add_argument("--dry-run", action="store_true", help="list what would run, do nothing")
     _calibration_options(p)
+
+    p = _subcommand(
+        sub, "report",
+        help="write (or rewrite) a calibrated night's QA report: qa.json, plots, index.html",
+        description="Measure every calibrated frame of a night (sky, noise, star FWHM, masked, "
+        "saturated and cosmic-ray fractions, background gradient) and the masters, flag "
+        "outlier frames (cloud, sky jump, trail, defocus; flagged, never deleted) and write "
+        "OUTPUT/report/ with qa.json, PNG plots and index.html. Flags are not failures.",
+        func=_cmd_report,
+    )
+    p.add_argument("night", type=Path, help="night folder ROOT/YYYY-MM-DD/ (calibrated)")
+    p.add_argument("--no-cluster", action="store_true", help="measure in this process")
+    _calibration_options(p)
+
+    p = _subcommand(
+        sub, "graph",
+        help="draw the pipeline's flow for a night from its real task graph",
+        description="Build the night's dask graph (master reductions, one task per frame, "
+        "outputs) without computing it, fold it to one node per stage with task counts, and "
+        "draw it to an .svg, .png, .pdf or .dot file (Graphviz dot when installed, else "
+        "matplotlib).",
+        func=_cmd_graph,
+    )
+    p.add_argument("night", type=Path, help="night folder ROOT/YYYY-MM-DD/")
+    p.add_argument("-o", "--output", type=Path, required=True, help="flow.svg|png|pdf|dot")
+    p.add_argument("--engine", choices=["auto", "dot", "matplotlib"], default="auto")
+    p.add_argument("--no-report", action="store_true", help="leave the QA stage out")
+    _calibration_options(p)
     return parser
 
 
@@ -403,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous = {}
     try:
         return args.func(args)
-    except (ArchiveError, FileNotFoundError, PermissionError, ValueError) as exc:
+    except (ArchiveError, FileNotFoundError, PermissionError, ValueError, RuntimeError) as exc:
         print(f"astep-dask: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

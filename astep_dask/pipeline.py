@@ -278,7 +278,8 @@ def calibrate_night(
         locked by another run.
     """
     settings = settings or Settings()
-    night_dir = Path(night_dir)
+    night_dir = Path(night_dir).absolute()  # the manifest names files wherever it is read
+    out = out.absolute() if out is not None else None
     inv = inventory or scan_night(night_dir)
     out_dir = output_dir(night_dir, out)
     check_writable(out_dir)

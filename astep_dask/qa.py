@@ -47,7 +47,6 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,13 +55,12 @@ from astropy.time import Time
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .background import BackgroundSettings, estimate_background, plane_slopes
+from .background import estimate_background, plane_slopes
+from .config import QaSettings
 from .mask import Bit, flag, robust_sigma
 from .register import (
     FWHM_PER_SIGMA,
-    MatchSettings,
     RegistrationError,
-    StarSettings,
     find_stars,
     gaussian_kernel_norm,
     measure_offset,
@@ -76,43 +74,6 @@ CAL_SUFFIX = "_CAL.fits"
 REASONS = ("cloud", "sky", "trail", "defocus")
 _BAD_BITS = flag(Bit.BAD, Bit.HOT, Bit.DEAD)
 KEEP_STARS = 150  # stars a measuring task returns (brightest first)
-
-
-@dataclass(frozen=True)
-class QaSettings:
-    """Measures and outlier thresholds of the per-night QA report."""
-
-    mesh: int = 64  # px, sky background mesh
-    psf_sigma_guess: float = 1.5  # px, star detection filter and centroid window
-    detect_sigma: float = 5.0  # star detection threshold
-    max_stars: int = 400  # brightest stars kept per frame
-    min_snr: float = 20.0  # stars that give the PSF width and the flux ratios
-    match_radius: float = 1.5  # px, star matching to the reference frame
-    min_matches: int = 5  # fewer matched stars: no flux ratio for the frame
-    cloud_drop: float = 0.3  # star flux below (1 - this) x the night's median: cloud
-    sky_jump: float = 1.5  # sky off its neighbours' median by this factor: sky jump
-    sky_window: int = 3  # neighbours on each side for the sky jump
-    defocus_jump: float = 1.3  # FWHM at or above this x the night's median: defocus
-    outlier_sigma: float = 5.0  # ... and above the median by this many robust sigmas
-    trail_sigma: float = 3.0  # streak pixels: smoothed residual above this (sigma)
-    trail_coverage: float = 0.5  # fraction of its path across the frame a streak covers
-    trail_min_length: float = 0.25  # shortest streak, as a fraction of the frame's side
-    trail_elongation: float = 2.5  # pieces of a streak: length / width at least this
-    trail_scale: int = 512  # the streak search works on a frame binned to this side
-    thumbnail: int = 800  # px, largest side of an image drawn in a figure
-
-    def background(self) -> BackgroundSettings:
-        """Settings of the sky background estimate."""
-        return BackgroundSettings(mesh=self.mesh)
-
-    def stars(self) -> StarSettings:
-        """Settings of the star finder."""
-        return StarSettings(psf_sigma=self.psf_sigma_guess, nsigma=self.detect_sigma,
-                            max_stars=self.max_stars)
-
-    def match(self) -> MatchSettings:
-        """Settings of the match to the reference frame."""
-        return MatchSettings(match_radius=self.match_radius, min_matches=self.min_matches)
 
 
 # --------------------------------------------------------------------------- pure core
