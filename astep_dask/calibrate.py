@@ -17,6 +17,7 @@ import astroscrappy
 import numpy as np
 
 from .config import CosmicSettings
+from .cosmics import unflag_stars
 from .layout import Section
 from .mask import MASK_DTYPE, Bit, flag, robust_sigma
 
@@ -151,7 +152,11 @@ def find_cosmics(
             clean[core] = cl[inner]
     if pad:
         crmask, clean = crmask[pad:-pad, pad:-pad], clean[pad:-pad, pad:-pad]
-    return crmask & ~unusable, clean
+    crmask &= ~unusable
+    if settings.protect_stars:
+        # LA Cosmic flags cores of sharp stars (FWHM ~3 px): unflag what a PSF fit explains.
+        crmask = unflag_stars(crmask, sci, var, ~unusable)
+    return crmask, clean
 
 
 def candidate_tiles(

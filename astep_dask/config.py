@@ -73,6 +73,7 @@ class CosmicSettings:
     objlim: float = 5.0
     niter: int = 4
     replace: bool = False  # keep astroscrappy's cleaned values in SCI
+    protect_stars: bool = True  # unflag CR pixels that a PSF fit explains as star light
     tile: int = 64  # run astroscrappy only on tiles with candidates (0: whole frame)
     candidate_sigma: float = 4.5  # candidate: excess over its 8 neighbours, in noise sigmas
     candidate_sharpness: float = 0.5  # ... and that excess over its excess above the sky

@@ -1,22 +1,28 @@
 """Cosmic-ray post-filter: give back to the stars the pixels LA Cosmic took from them.
 
-astroscrappy (LA Cosmic) flags the cores of some well-sampled, bright stars as cosmic rays:
-a core a few pixels wide is sharp enough for its fine-structure test. This module keeps
-astroscrappy as the detector and checks each connected group of its detections against
-point sources: pixel-integrated Gaussians of the frame's PSF width (free amplitudes and
-centres, a constant background) are fitted to a stamp around the group, weighted by the
-variance plane, without unusable pixels and, iteratively, without pixels far above the
-fit (cosmic rays on a star). A second or third source is added when the residuals of the
-unclipped pixels still show a significant point source (blends). A flagged pixel that the
-fitted stars explain, within ``k`` standard deviations, and to which they contribute
-significantly, is unflagged; pixels well above the stars (a cosmic ray on a star) and
-groups with no star detectable outside them keep their flag.
+astroscrappy (LA Cosmic) flags the cores of some bright, well-sampled stars as cosmic rays:
+a core a few pixels wide passes its fine-structure test. This module keeps astroscrappy as
+the detector and checks each connected group of its detections against point sources.
 
-Everything is batched over stamps with numpy; the cost is small next to astroscrappy's.
+Around each group a stamp is cut, and pixel-integrated Gaussians (the PSF width measured on
+the frame's stars by :func:`psf_sigma`, refitted per stamp within a narrow range; free
+fluxes and centres; a constant background) are fitted by weighted least squares (the
+variance plane), without unusable pixels and, iteratively, without pixels far above the
+fit (cosmic rays on a star). More sources are added while the residuals outside the flagged
+pixels show one (blends). A source counts as a star only when the unflagged pixels around
+the group detect it on their own and its peak is well above the noise: a fit given nothing
+but a cosmic ray makes a faint, unsupported "star" of it. A flagged pixel is unflagged when
+those stars contribute significantly to it and it lies less than ``k`` standard deviations
+above the fit; cosmic rays on stars stand out from the fit and keep their flags, and so do
+groups with no star, or whose fit leaves pixels far below the data (a model it cannot
+trust).
+
+Everything is batched over stamps with numpy; see :func:`unflag_stars`.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +34,10 @@ SQRT2PI = np.sqrt(2.0 * np.pi)
 DEFAULT_SIGMA = 1.3  # px, used when a frame has too few stars to measure its PSF
 EIGHT = np.ones((3, 3), bool)  # 8-connectivity
 EDGE_SLACK = 4.0  # PSF sigmas a star's centre may lie outside the frame
-RING_SNR = -np.inf  # groups with less light around them are not fitted (no star there)
+CLIP_FRAC = 0.5  # a clipping round drops pixels above this fraction of the worst excess
+FIRST_ITER = 5  # iterations of the first, rough fit (before any clipping)
+BRIGHT = 5.0  # stars this many times min_peak need no support from outside their group
+SCREEN_SNR = 2.0  # groups with no point source this significant just outside them: no fit
 
 
 @dataclass
@@ -66,11 +75,33 @@ class StampFit:
         return np.column_stack([self.bg, self.amp, self.x, self.y, self.sigma])
 
 
+@dataclass(frozen=True)
+class _Rules:
+    """The tunables of :func:`unflag_stars` that the fits use (see its parameters)."""
+
+    k: float
+    snr: float
+    snr_out: float
+    min_peak: float
+    max_sources: int
+    width: tuple[float, float] | None
+    model_error: float
+
+
 def _unpack(params: np.ndarray) -> tuple[np.ndarray, ...]:
     """``bg, amp, x, y, sigma`` views of packed parameters (``amp, x, y`` are (n, m))."""
     m = (params.shape[1] - 2) // 3
     return (params[:, 0], params[:, 1:1 + m], params[:, 1 + m:1 + 2 * m],
             params[:, 1 + 2 * m:1 + 3 * m], params[:, -1])
+
+
+def _stamp_stat(func, values: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """``func`` (np.nanmedian, np.nanmin...) of each stamp's ``values`` where ``where``;
+    NaN for a stamp with no such pixel."""
+    n = values.shape[0]
+    with warnings.catch_warnings():  # stamps without any such pixel are expected
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return func(np.where(where, values, np.nan).reshape(n, -1), axis=1)
 
 
 def _profile(
@@ -119,62 +150,87 @@ def _gauss_newton(
     fit_sigma: bool,
     n_iter: int,
     tol: float = 1e-3,
+    sigma_range: tuple[float, float] = (0.3, np.inf),
 ) -> np.ndarray:
-    """Weighted Gauss-Newton iterations on packed parameters (see :meth:`StampFit.params`).
+    """Weighted Gauss-Newton fit of packed parameters (see :meth:`StampFit.params`).
 
-    Position steps are limited to one pixel and sigma steps to 30 %; centres are kept in
-    ``bounds`` (n, 4: x_lo, x_hi, y_lo, y_hi, stamp coordinates). A stamp stops when its
-    centres and width move less than ``tol`` pixels, all after ``n_iter`` iterations.
+    Fluxes are kept positive, position steps limited to one pixel and sigma steps to 30 %;
+    centres are kept in ``bounds`` (n, 4: x_lo, x_hi, y_lo, y_hi, stamp coordinates) and
+    the width in ``sigma_range``.
+    A step that raises a stamp's chi-square is halved (backtracking), so fits do not
+    oscillate. A stamp stops when its centres and width move less than ``tol`` pixels or
+    its sources are not significant; all stop after ``n_iter`` iterations. Returns the
+    best parameters met.
     """
     n, size, _ = data.shape
     params = params.copy()
+    best = params.copy()
+    best_chi2 = np.full(n, np.inf)
     m = (params.shape[1] - 2) // 3
     npar = params.shape[1] if fit_sigma else params.shape[1] - 1
     moving = slice(1 + m, npar)  # centres (and sigma)
     todo = np.arange(n)
     for it in range(n_iter):
         p = params[todo]
-        before = p[:, moving].copy()
         bg, amp, x, y, sig = _unpack(p)
         k = todo.size
         px, dpx, dsx = _profile(x, sig, size)
         py, dpy, dsy = _profile(y, sig, size)
         a = amp[:, :, None, None]
         unit = py[:, :, :, None] * px[:, :, None, :]
-        cols = [np.ones((k, 1, size, size)), unit,
-                a * py[:, :, :, None] * dpx[:, :, None, :],
-                a * dpy[:, :, :, None] * px[:, :, None, :]]
-        if fit_sigma:
-            d_sig = a * (dsy[:, :, :, None] * px[:, :, None, :]
-                         + py[:, :, :, None] * dsx[:, :, None, :])
-            cols.append(d_sig.sum(axis=1, keepdims=True))
-        jac = np.concatenate(cols, axis=1).reshape(k, npar, -1)  # (k, npar, pix)
         resid = (data[todo] - (a * unit).sum(axis=1) - bg[:, None, None]).reshape(k, -1)
-        jw = jac * weight[todo].reshape(k, 1, -1)
-        normal = np.einsum("nip,njp->nij", jw, jac)
-        step = _solve(normal, np.einsum("nip,np->ni", jw, resid))
-        step[:, 1 + m:1 + 3 * m] = np.clip(step[:, 1 + m:1 + 3 * m], -1.0, 1.0)
-        if fit_sigma:
-            step[:, -1] = np.clip(step[:, -1], -0.3 * sig, 0.3 * sig)
-        p[:, :npar] += step
-        _, _, x, y, sig = _unpack(p)
-        np.clip(x, bounds[todo, 0:1], bounds[todo, 1:2], out=x)
-        np.clip(y, bounds[todo, 2:3], bounds[todo, 3:4], out=y)
-        np.clip(sig, 0.3, size / 2.0, out=sig)
-        params[todo] = p
-        # Converged: every source either stopped moving or is not significant (then its
-        # position does not matter and may wander for ever).
-        change = np.abs(p[:, moving] - before)
+        w = weight[todo].reshape(k, -1)
+        chi2 = np.einsum("np,np->n", resid * resid, w)
+        worse = chi2 > best_chi2[todo] * (1 + 1e-12)
+        good = ~worse
+        best[todo[good]] = p[good]
+        best_chi2[todo[good]] = chi2[good]
+        change = np.zeros((k, npar - 1 - m))
+        # Worse: go back half way towards the best point.
+        back = 0.5 * (p[worse] - best[todo[worse]])
+        params[todo[worse]] = best[todo[worse]] + back
+        change[worse] = np.abs(back[:, moving])
+        # Better: a Gauss-Newton step from here.
+        faint = np.zeros((k, m), bool)
+        if good.any():
+            g = np.nonzero(good)[0]
+            ag = a[g]
+            # Jacobian rows scaled by sqrt(weight): (g, npar, pix).
+            jac = np.empty((g.size, npar, size, size))
+            jac[:, 0] = 1.0
+            jac[:, 1:1 + m] = unit[g]
+            jac[:, 1 + m:1 + 2 * m] = ag * py[g][:, :, :, None] * dpx[g][:, :, None, :]
+            jac[:, 1 + 2 * m:1 + 3 * m] = ag * dpy[g][:, :, :, None] * px[g][:, :, None, :]
+            if fit_sigma:
+                jac[:, -1] = (ag * (dsy[g][:, :, :, None] * px[g][:, :, None, :]
+                                    + py[g][:, :, :, None] * dsx[g][:, :, None, :])).sum(axis=1)
+            sw = np.sqrt(w[g])
+            jac = jac.reshape(g.size, npar, -1) * sw[:, None, :]
+            normal = np.matmul(jac, jac.transpose(0, 2, 1))
+            step = _solve(normal, np.matmul(jac, (resid[g] * sw)[:, :, None])[:, :, 0])
+            step[:, 1 + m:1 + 3 * m] = np.clip(step[:, 1 + m:1 + 3 * m], -1.0, 1.0)
+            if fit_sigma:
+                step[:, -1] = np.clip(step[:, -1], -0.3 * sig[g], 0.3 * sig[g])
+            q = p[g]
+            q[:, :npar] += step
+            _, qamp, qx, qy, qsig = _unpack(q)
+            np.maximum(qamp, 0.0, out=qamp)  # stars are not holes
+            np.clip(qx, bounds[todo[g], 0:1], bounds[todo[g], 1:2], out=qx)
+            np.clip(qy, bounds[todo[g], 2:3], bounds[todo[g], 3:4], out=qy)
+            np.clip(qsig, sigma_range[0], min(sigma_range[1], size / 2.0), out=qsig)
+            params[todo[g]] = q
+            change[g] = np.abs(q[:, moving] - p[g][:, moving])
+            # Not significant: flux below twice its error at fixed position (1 / its
+            # normal-matrix term); its position does not matter and may wander for ever.
+            info = np.einsum("nii->ni", normal)[:, 1:1 + m]
+            faint[g] = (q[:, 1:1 + m] ** 2 * info < 4.0) & (it >= 3)
         moved = np.maximum(change[:, :m], change[:, m:2 * m])
         if fit_sigma:
             moved = np.maximum(moved, change[:, -1:])
-        # (flux below twice its error at fixed position, i.e. 1 / its normal-matrix term)
-        info = np.einsum("nii->ni", normal)[:, 1:1 + m]
-        faint = (p[:, 1:1 + m] ** 2 * info < 4.0) & (it >= 3)
         todo = todo[((moved > tol) & ~faint).any(axis=1)]
         if todo.size == 0:
             break
-    return params
+    return best
 
 
 def _linear_fluxes(
@@ -206,18 +262,18 @@ def _linear_fluxes(
 
 def _first_guess(data: np.ndarray, good: np.ndarray, sigma: np.ndarray,
                  bounds: np.ndarray, focus: np.ndarray | None) -> np.ndarray:
-    """Packed one-source start: border median, peak of the 3×3-smoothed stamp (within
-    ``focus`` where given)."""
+    """Packed one-source start: border median, peak of the 3×3-median-filtered stamp
+    (within ``focus`` where given)."""
     n, size, _ = data.shape
     border = np.zeros((size, size), bool)
     border[[0, -1], :] = True
     border[:, [0, -1]] = True
-    with np.errstate(all="ignore"):
-        bg = np.nanmedian(np.where(good & border, data, np.nan).reshape(n, -1), axis=1)
-        low = np.nanmin(np.where(good, data, np.nan).reshape(n, -1), axis=1)
+    bg = _stamp_stat(np.nanmedian, data, good & border)
+    low = _stamp_stat(np.nanmin, data, good)
     bg = np.nan_to_num(np.where(np.isnan(bg), low, bg))
-    smooth = ndimage.uniform_filter(np.where(good, data, bg[:, None, None]), size=(1, 3, 3),
-                                    mode="nearest")
+    # A 3×3 median: cosmic-ray tracks, one pixel wide, do not survive it; star cores do.
+    smooth = ndimage.median_filter(np.where(good, data, bg[:, None, None]), size=(1, 3, 3),
+                                   mode="nearest")
     where = smooth if focus is None else np.where(focus, smooth, -np.inf)
     peak = np.argmax(where.reshape(n, -1), axis=1)
     y, x = np.divmod(peak, size)
@@ -237,7 +293,9 @@ def fit_stamps(
     bounds: np.ndarray | None = None,
     focus: np.ndarray | None = None,
     fit_sigma: bool = False,
+    sigma_range: tuple[float, float] = (0.3, np.inf),
     k: float = 5.0,
+    model_error: float = 0.0,
     n_clip: int = 6,
     n_iter: int = 20,
 ) -> StampFit:
@@ -257,11 +315,16 @@ def fit_stamps(
     focus : ndarray of bool, shape (n, s, s), optional
         Where to look for the starting position of the source when ``start`` is None.
     fit_sigma : bool
-        Also fit the (common) width.
+        Also fit the (common) width, within ``sigma_range``.
+    sigma_range : tuple of float
+        Limits of the fitted width (px).
     k : float
         After each fit, usable pixels more than ``k`` standard deviations above the fit
         (and above half the largest such excess of their stamp) are excluded and the fit
         is repeated, at most ``n_clip`` times: cosmic rays on a star do not pull it.
+    model_error : float
+        Fractional error of the source model (PSF mismatch) added in quadrature to the
+        standard deviation of each pixel for that test.
     n_clip, n_iter : int
         Most clipping rounds; most Gauss-Newton iterations per round (stamps stop when
         converged).
@@ -275,29 +338,32 @@ def fit_stamps(
         ok = usable & np.isfinite(data) & np.isfinite(var) & (var > 0)
     data = np.where(ok, data, 0.0).astype(np.float64)
     inv = np.where(ok, 1.0 / np.where(ok, var, 1.0), 0.0)
-    std_inv = np.sqrt(inv)
     if bounds is None:
         bounds = np.tile([0.0, size - 1.0, 0.0, size - 1.0], (n, 1))
     if start is None:
         sig = np.broadcast_to(np.asarray(sigma, np.float64), (n,)).astype(np.float64)
         start = _first_guess(data, ok, sig, bounds, focus)
     active = ok.copy()
-    params = _gauss_newton(data, inv, start, bounds, fit_sigma, n_iter)
+    # A rough first fit is enough: cosmic rays, not yet clipped, may keep it from settling.
+    params = _gauss_newton(data, inv, start, bounds, fit_sigma, min(n_iter, FIRST_ITER),
+                           sigma_range=sigma_range)
     todo = np.ones(n, bool)
-    for _ in range(n_clip):
+    for rnd in range(n_clip):
         bg, amp, x, y, s = _unpack(params[todo])
         model = (amp[:, :, None, None] * _images(x, y, s, size)).sum(axis=1)
-        excess = np.where(active[todo], (data[todo] - model - bg[:, None, None])
-                          * std_inv[todo], 0.0)
-        cut = np.maximum(k, 0.5 * excess.reshape(excess.shape[0], -1).max(axis=1))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            std = np.sqrt(var[todo] + (model_error * model) ** 2)
+            excess = np.where(active[todo], (data[todo] - model - bg[:, None, None]) / std, 0.0)
+        cut = np.maximum(k, CLIP_FRAC * excess.reshape(excess.shape[0], -1).max(axis=1))
         drop = active[todo] & (excess > cut[:, None, None])
         changed = drop.any(axis=(1, 2))
-        if not changed.any():
+        if rnd and not changed.any():
             break
         active[todo] &= ~drop
-        todo[todo] = changed
+        if rnd:  # the first round refits all stamps: the first fit was rough
+            todo[todo] = changed
         params[todo] = _gauss_newton(data[todo], (inv * active)[todo], params[todo],
-                                     bounds[todo], fit_sigma, n_iter)
+                                     bounds[todo], fit_sigma, n_iter, sigma_range=sigma_range)
     bg, amp, x, y, s = _unpack(params)
     unit = _images(x, y, s, size)
     return StampFit(bg=bg.copy(), sigma=s.copy(), amp=amp.copy(), x=x.copy(), y=y.copy(),
@@ -327,10 +393,10 @@ def _stamps(
 
 
 def _sky(sci: np.ndarray, usable: np.ndarray) -> tuple[float, float]:
-    """Median and robust sigma of the usable pixels (a subsample on big frames)."""
-    values = sci[usable & np.isfinite(sci)]
-    if values.size > 1_000_000:
-        values = values[:: values.size // 1_000_000]
+    """Median and robust sigma of the usable pixels (of a subsample on big frames)."""
+    stride = max(sci.size // 250_000, 1)
+    values = sci.ravel()[::stride]
+    values = values[usable.ravel()[::stride] & np.isfinite(values)]
     if values.size == 0:
         return 0.0, 1.0
     med = float(np.median(values))
@@ -343,7 +409,7 @@ def psf_sigma(
     var: np.ndarray,
     usable: np.ndarray,
     snr: float = 50.0,
-    max_stars: int = 300,
+    max_stars: int = 100,
     default: float = DEFAULT_SIGMA,
 ) -> float:
     """Gaussian sigma (px) of the PSF, from bright isolated unsaturated stars.
@@ -373,16 +439,24 @@ def psf_sigma(
     peaks = (smooth - sky > snr * noise / 3.0)
     peaks[:half], peaks[-half:], peaks[:, :half], peaks[:, -half:] = False, False, False, False
     ys, xs = np.nonzero(peaks)
+    # 3×3 local maxima, then the brightest few of them checked over 13×13: the brightest
+    # there, and no unusable pixel.
+    level = smooth[ys, xs]
+    top = np.ones(ys.size, bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                top &= level >= smooth[ys + dy, xs + dx]
+    ys, xs, level = ys[top], xs[top], level[top]
+    order = np.argsort(level)[::-1][:3 * max_stars]
+    ys, xs = ys[order], xs[order]
     if ys.size < 3:
         return float(default)
-    # Local maxima over 13×13 with no unusable pixel there, checked on candidates only.
     (box, ok), _ = _stamps((smooth, usable), (-np.inf, False), ys, xs, half)
     keep = (smooth[ys, xs] >= box.reshape(ys.size, -1).max(axis=1)) & ok.all(axis=(1, 2))
-    ys, xs = ys[keep], xs[keep]
+    ys, xs = ys[keep][:max_stars], xs[keep][:max_stars]
     if ys.size < 3:
         return float(default)
-    order = np.argsort(smooth[ys, xs])[::-1][:max_stars]
-    ys, xs = ys[order], xs[order]
     (d, v, u), bounds = _stamps((sci, var, usable), (sky, 1.0, False), ys, xs, half)
     fit = fit_stamps(d, v, u, default, bounds=bounds, fit_sigma=True)
     x, y = fit.x[:, 0], fit.y[:, 0]
@@ -402,11 +476,14 @@ def psf_sigma(
 _measure_psf_sigma = psf_sigma  # reachable where a parameter named psf_sigma shadows it
 
 
-def _matched_filter(resid: np.ndarray, weight: np.ndarray, sigma: float,
-                    bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _matched_filter(
+    resid: np.ndarray, weight: np.ndarray, sigma: float, bounds: np.ndarray,
+    where: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Best position, flux and significance of one more point source in residual stamps.
 
-    Returns ``x, y, flux, snr`` per stamp (position restricted to ``bounds``).
+    Returns ``x, y, flux, snr`` per stamp (position restricted to ``bounds`` and to the
+    pixels of ``where``).
     """
     n, size, _ = resid.shape
     half = max(int(np.ceil(3 * sigma)), 1)
@@ -420,7 +497,7 @@ def _matched_filter(resid: np.ndarray, weight: np.ndarray, sigma: float,
     yy, xx = np.mgrid[0:size, 0:size]
     inside = ((xx[None] >= bounds[:, 0, None, None]) & (xx[None] <= bounds[:, 1, None, None])
               & (yy[None] >= bounds[:, 2, None, None]) & (yy[None] <= bounds[:, 3, None, None]))
-    snr = np.where(inside, snr, -np.inf)
+    snr = np.where(inside & where, snr, -np.inf)
     best = np.argmax(snr.reshape(n, -1), axis=1)
     y, x = np.divmod(best, size)
     rows = np.arange(n)
@@ -429,73 +506,93 @@ def _matched_filter(resid: np.ndarray, weight: np.ndarray, sigma: float,
 
 
 def _fit_groups(
-    d: np.ndarray, v: np.ndarray, u: np.ndarray, group: np.ndarray, bounds: np.ndarray,
-    sigma: float, k: float, snr: float, snr_out: float, max_sources: int,
+    d: np.ndarray, v: np.ndarray, u: np.ndarray, group: np.ndarray, flagged: np.ndarray,
+    frame: np.ndarray, sigma: float, rules: _Rules,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fit stars to the stamps of some groups; return their star images and residuals.
 
-    Sources are added one at a time while the group still has pixels more than ``k``
-    sigmas above the fit and the unclipped residuals show a point source of significance
-    above ``snr``. Only sources detected in the pixels outside the group (their fluxes
-    refitted there alone, centres fixed, above ``snr_out`` times their errors) count as
-    stars, and none does in a stamp where the fit leaves a usable pixel more than ``k``
-    sigmas below the data (no cosmic ray explains that: the model is wrong).
-    Returns the star image (n, s, s) and the residual in sigmas (n, s, s).
+    ``d, v, u`` are the stamps of data, variance and usable pixels, ``group`` the pixels
+    of each stamp's group, ``flagged`` all flagged pixels of the stamps, ``frame`` the
+    bounds of the stamps' part in the frame (see :func:`_stamps`). Stamps whose
+    pixels outside the flagged ones show no point source near the group are not fitted.
+    Sources are added one at a time while a star leaves pixels of the group more than
+    ``k`` sigmas above the fit, or the fit is unsound (below), and the residuals outside
+    the flagged pixels show a point source of significance ``snr`` near the group. A
+    source counts as a star when its peak stands ``min_peak`` sigmas above the background
+    and it is detected in the usable pixels outside the group (its flux refitted there
+    alone, centres fixed, above ``snr_out`` times its error) or, centred in the frame and
+    ``BRIGHT`` times brighter, the fit keeps most of the group's pixels. None does in a
+    stamp where the fit leaves a pixel near the group more than ``k`` sigmas below the data
+    (no cosmic ray explains that: the model is wrong). Returns the stars' image (n, s, s)
+    and the residual in sigmas (n, s, s), both zero for the stamps not fitted.
     """
-    n = d.shape[0]
+    n, size, _ = d.shape
+    # Stars centred a little outside the frame still have their core on it.
+    slack = EDGE_SLACK * sigma
+    bounds = frame + np.array([-slack, slack, -slack, slack])
     with np.errstate(invalid="ignore", divide="ignore"):
         std = np.sqrt(np.where(u, v, np.inf))
         inv = np.where(u & np.isfinite(v) & (v > 0), 1.0 / np.where(u, v, 1.0), 0.0)
+        sky_std = np.sqrt(_stamp_stat(np.nanmedian, v, u))
+    level = _stamp_stat(np.nanmedian, d, u & ~group)
     focus = ndimage.binary_dilation(group, EIGHT[None])
-    fit = fit_stamps(d, v, u, sigma, bounds=bounds, focus=focus, k=k)
-    stars = np.zeros_like(d, dtype=np.float64)
-    resid = np.zeros_like(stars)
-    todo = np.arange(n)
-    for m in range(1, max_sources + 1):
+    close = ndimage.binary_dilation(group, EIGHT[None], iterations=2)
+    # Added sources are sought near the group: only they matter for its pixels.
+    near = ndimage.binary_dilation(group, EIGHT[None], iterations=int(np.ceil(2 * sigma)) + 1)
+    stars = np.zeros((n, size, size))
+    resid = np.zeros((n, size, size))
+    # Cheap screen: no point source next to the group in the unflagged pixels, no star.
+    screen = _matched_filter(d - np.nan_to_num(level)[:, None, None], inv * ~flagged, sigma,
+                             bounds, close)[3]
+    todo = np.nonzero(screen > SCREEN_SNR)[0]
+    if todo.size == 0:
+        return stars, resid
+    opts: dict = {"k": rules.k, "model_error": rules.model_error}
+    if rules.width is not None:
+        opts.update(fit_sigma=True, sigma_range=(rules.width[0] * sigma, rules.width[1] * sigma))
+    fit = fit_stamps(d[todo], v[todo], u[todo], sigma, bounds=bounds[todo], focus=focus[todo],
+                     **opts)
+    for m in range(1, rules.max_sources + 1):
         # A star must show in the pixels outside the group: its flux fitted there alone.
         outside = inv[todo] * fit.active * ~group[todo]
-        unit = _images(fit.x, fit.y, fit.sigma, d.shape[1])
+        unit = _images(fit.x, fit.y, fit.sigma, size)
         flux_out, err_out = _linear_fluxes(d[todo], outside, unit)
-        resid[todo] = (d[todo] - fit.model) / std[todo]
-        sound = ~(resid[todo] < -k).any(axis=(1, 2))
-        real = (flux_out > snr_out * err_out) & (fit.amp > 0) & sound[:, None]
+        with np.errstate(invalid="ignore"):
+            resid[todo] = (d[todo] - fit.model) / np.sqrt(
+                std[todo] ** 2 + (rules.model_error * fit.stars.sum(axis=1)) ** 2)
+        sound = ~((resid[todo] < -rules.k) & near[todo]).any(axis=(1, 2))
+        peak_frac = erf(0.5 / (SQRT2 * fit.sigma)) ** 2  # of a source centred on a pixel
+        peak = fit.amp * peak_frac[:, None] / sky_std[todo, None]
+        # Or, for a bright star, the group itself: a Gaussian not much sharper than the PSF
+        # fits no cosmic ray, whose pixels are clipped, so most of the group kept says star.
+        # (Not a star centred off the frame: its tail may pass for anything on the edge.)
+        kept = (fit.active & group[todo]).sum(axis=(1, 2)) / group[todo].sum(axis=(1, 2))
+        fb = frame[todo]
+        on_frame = ((fit.x >= fb[:, 0:1]) & (fit.x <= fb[:, 1:2])
+                    & (fit.y >= fb[:, 2:3]) & (fit.y <= fb[:, 3:4]))
+        supported = (flux_out > rules.snr_out * err_out) | (
+            (peak > BRIGHT * rules.min_peak) & on_frame & (kept >= 0.5)[:, None])
+        real = supported & (peak > rules.min_peak) & sound[:, None]
         stars[todo] = (fit.stars * real[:, :, None, None]).sum(axis=1)
-        if m == max_sources:
+        if m == rules.max_sources:
             break
-        # Another source: where the group keeps unexplained pixels and the unclipped
-        # residuals show a point source.
-        left = (group[todo] & (resid[todo] > k)).any(axis=(1, 2)) & real.any(axis=1)
-        if not left.any():
+        unexplained = (group[todo] & (resid[todo] > rules.k)).any(axis=(1, 2))
+        sub = np.nonzero((unexplained & real.any(axis=1)) | ~sound)[0]
+        if sub.size == 0:
             break
-        sub = np.nonzero(left)[0]
-        w = (inv[todo] * fit.active)[sub]
-        x, y, flux, sig = _matched_filter(d[todo][sub] - fit.model[sub], w, sigma,
-                                          bounds[todo][sub])
-        more = sig > snr
+        x, y, flux, sig = _matched_filter(d[todo][sub] - fit.model[sub],
+                                          (inv * ~flagged)[todo][sub], sigma,
+                                          bounds[todo][sub], near[todo][sub])
+        more = sig > rules.snr
         if not more.any():
             break
         sub = sub[more]
-        p = fit.params()[sub]
-        bg, amp, px, py, s = _unpack(p)
+        bg, amp, px, py, s = _unpack(fit.params()[sub])
         start = np.column_stack([bg, amp, flux[more], px, x[more], py, y[more], s])
-        idx = todo[sub]
-        new = fit_stamps(d[idx], v[idx], u[idx], sigma, start=start, bounds=bounds[idx], k=k)
-        todo, fit = idx, new
+        todo = todo[sub]
+        fit = fit_stamps(d[todo], v[todo], u[todo], sigma, start=start, bounds=bounds[todo],
+                         **opts)
     return stars, resid
-
-
-def _near_light(d: np.ndarray, v: np.ndarray, u: np.ndarray, group: np.ndarray) -> np.ndarray:
-    """Significance of the light around each group: the summed excess, over the median of
-    the stamp's border, of the usable pixels within 2 px of the group (not in it)."""
-    ring = ndimage.binary_dilation(group, EIGHT[None], iterations=2) & ~group & u
-    border = np.ones(d.shape[1:], bool)
-    border[1:-1, 1:-1] = False
-    with np.errstate(all="ignore"):
-        level = np.nanmedian(np.where(u & border, d, np.nan).reshape(d.shape[0], -1), axis=1)
-        level = np.where(np.isfinite(level), level, -np.inf)  # no border: always fit
-        excess = np.where(ring, d - level[:, None, None], 0.0).sum(axis=(1, 2))
-        noise = np.sqrt(np.where(ring, v, 0.0).sum(axis=(1, 2)))
-        return np.where(noise > 0, excess / noise, 0.0)
 
 
 def unflag_stars(
@@ -507,22 +604,28 @@ def unflag_stars(
     k: float = 5.0,
     snr: float = 5.0,
     snr_out: float = 3.0,
+    min_peak: float = 10.0,
     star_sigma: float = 2.0,
     max_sources: int = 3,
+    width: tuple[float, float] | None = (0.85, 1.5),
+    model_error: float = 0.0,
     max_half: int = 30,
 ) -> np.ndarray:
     """Remove from a cosmic-ray mask the pixels that are explained by stars.
 
     Each 8-connected group of flagged pixels gets a stamp covering it with a margin of
-    about 3 PSF sigmas. Pixel-integrated Gaussians of width ``psf_sigma`` (free fluxes and
-    centres, centres inside the frame) plus a constant are fitted to it with
-    :func:`fit_stamps` (unusable pixels excluded, pixels ``k`` sigmas above the fit
-    clipped iteratively); a source is added, up to ``max_sources``, while flagged pixels
-    stay unexplained and the unclipped residuals show another point source. A source is
-    a star when its flux is significant (``snr_out``) from the pixels outside the group
-    alone, and the fit leaves no pixel ``k`` sigmas below the data. A flagged pixel is
-    unflagged when the stars contribute more than ``star_sigma`` standard deviations to
-    it and it lies less than ``k`` standard deviations above the fit.
+    about 3 PSF sigmas. Groups with no point source in the unflagged pixels next to them
+    are left alone at once. For the others, pixel-integrated Gaussians (width fitted
+    within ``width`` × ``psf_sigma``, free fluxes and centres, centres in the frame or
+    just outside it) plus a constant are fitted with :func:`fit_stamps`: unusable pixels
+    excluded, pixels ``k`` sigmas above the fit clipped iteratively. A source is added, up
+    to ``max_sources``, while a star leaves flagged pixels unexplained (or pixels far below
+    the fit) and the unflagged residuals show another point source near the group. A
+    source is a star when the usable pixels outside the group detect it on their own
+    (``snr_out``), its peak stands ``min_peak`` sigmas above the noise, and the fit leaves
+    no pixel near the group ``k`` sigmas below the data. A flagged pixel is unflagged when
+    the stars contribute more than ``star_sigma`` standard deviations to it and its excess
+    over the fit is less than both ``k`` standard deviations and the stars' contribution.
 
     Parameters
     ----------
@@ -537,14 +640,29 @@ def unflag_stars(
     k : float
         Residual threshold, in standard deviations (from ``var``).
     snr : float
-        Minimum significance of an added source (from the unclipped residuals).
+        Minimum significance of an added source (matched filter on the residuals of the
+        unflagged pixels).
     snr_out : float
         Minimum significance of a star's flux measured outside the group alone.
+    min_peak : float
+        Minimum height of a star's peak, in sigmas of the stamp's typical pixel: LA
+        Cosmic leaves faint stars alone, and faint "stars" are what a fit makes of the
+        cosmic rays it is given.
     star_sigma : float
         Minimum contribution of the stars to a pixel, in its standard deviations, for the
         pixel to be unflagged.
     max_sources : int
         Most point sources fitted to one stamp.
+    width : tuple of float, optional
+        The width of the sources of a stamp is fitted too, between these multiples of
+        ``psf_sigma``: the PSF varies across a field and with focus. Fits may not go much
+        sharper than the PSF: a narrow Gaussian would pass cosmic rays for stars. Fixed at
+        ``psf_sigma`` when None.
+    model_error : float
+        Fractional error of the fitted stars (the PSF is not exactly Gaussian), added in
+        quadrature to each pixel's standard deviation in the residual tests: real stars
+        then keep their cores flagged less often, cosmic rays fainter than that fraction
+        of a star are unflagged with it.
     max_half : int
         Groups needing a stamp larger than ``2·max_half+1`` pixels are left as they are.
 
@@ -557,6 +675,7 @@ def unflag_stars(
     if not out.any():
         return out
     sigma = psf_sigma if psf_sigma is not None else _measure_psf_sigma(sci, var, usable)
+    rules = _Rules(k, snr, snr_out, min_peak, max_sources, width, model_error)
     labels, _ = ndimage.label(out, EIGHT)
     boxes = ndimage.find_objects(labels)
     y0 = np.array([b[0].start for b in boxes])
@@ -566,28 +685,21 @@ def unflag_stars(
     cy, cx = (y0 + y1 - 1) // 2, (x0 + x1 - 1) // 2
     margin = max(int(np.ceil(3.0 * sigma)), 3)
     extent = np.maximum(y1 - y0, x1 - x0)
-    halves = np.maximum(extent // 2 + margin, 2 * margin - 1)
+    halves = np.maximum(extent // 2 + margin, margin + 2)
     halves = halves + (halves % 2 == 0)  # odd: fewer distinct stamp sizes
-    sky = _sky(sci, usable)[0]
     for half in np.unique(halves):
         if half > max_half:
             continue
         idx = np.nonzero(halves == half)[0]
-        (d, v, u, lab), bounds = _stamps((sci, var, usable, labels), (sky, 1.0, False, 0),
-                                         cy[idx], cx[idx], int(half))
-        # Stars centred a little outside the frame still have their core on it.
-        slack = EDGE_SLACK * sigma
-        bounds = bounds + np.array([-slack, slack, -slack, slack])
+        (d, v, u, lab), frame = _stamps((sci, var, usable, labels), (0.0, 1.0, False, 0),
+                                        cy[idx], cx[idx], int(half))
         group = lab == (idx + 1)[:, None, None]
-        near = _near_light(d, v, u, group) > RING_SNR
-        if not near.any():
-            continue
-        d, v, u, group, bounds = (a[near] for a in (d, v, u, group, bounds))
-        idx = idx[near]
-        stars, resid = _fit_groups(d, v, u, group, bounds, sigma, k, snr, snr_out,
-                                   max_sources)
+        stars, resid = _fit_groups(d, v, u, group, lab > 0, frame, sigma, rules)
         with np.errstate(invalid="ignore", divide="ignore"):
-            clear = group & (stars / np.sqrt(np.where(u, v, np.inf)) > star_sigma) & (resid < k)
+            star = stars / np.sqrt(np.where(u, v, np.inf))  # in sigmas, like resid
+        # Explained by the stars: they contribute significantly, and the excess over the
+        # fit is below k sigmas and below their own contribution.
+        clear = group & (star > star_sigma) & (resid < np.minimum(k, star))
         g, r, c = np.nonzero(clear)
         out[cy[idx][g] + r - half, cx[idx][g] + c - half] = False
     return out
