@@ -28,14 +28,14 @@ def test_psf_sigma_recovered(sigma):
 
 
 def test_star_flags_removed_cosmic_rays_kept():
-    sci, var, xs, ys, model = _field(1.3, seed=1)
+    sci, var, xs, ys, _ = _field(1.3, seed=1)
     crmask = np.zeros(sci.shape, bool)
     # Flag the cores of three stars, as LA Cosmic does, and add three real cosmic rays:
     # two on empty sky, one on top of a star.
     for x, y in zip(xs[:3], ys[:3], strict=True):
-        iy, ix = int(round(y)), int(round(x))
+        iy, ix = int(np.rint(y)), int(np.rint(x))
         crmask[iy - 1 : iy + 2, ix - 1 : ix + 2] = True
-    hits = [(20, 20), (140, 30), (int(round(ys[5])), int(round(xs[5])) + 1)]
+    hits = [(20, 20), (140, 30), (int(np.rint(ys[5])), int(np.rint(xs[5])) + 1)]
     for y, x in hits:
         sci[y, x] += 3000.0
         crmask[y, x] = True
@@ -43,6 +43,6 @@ def test_star_flags_removed_cosmic_rays_kept():
     for y, x in hits:
         assert cleaned[y, x], (y, x)
     for x, y in zip(xs[:3], ys[:3], strict=True):
-        iy, ix = int(round(y)), int(round(x))
+        iy, ix = int(np.rint(y)), int(np.rint(x))
         assert not cleaned[iy - 1 : iy + 2, ix - 1 : ix + 2].any()
     assert not (cleaned & ~crmask).any()  # it only ever removes flags
