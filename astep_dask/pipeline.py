@@ -319,6 +319,9 @@ def calibrate_night(
             run_frames(client, jobs, settings, progress, sink=result.frames)
         except OSError as exc:  # a write failed (disk full, permissions): stop cleanly
             result.error = str(exc)
+        finally:
+            # A worker killed while writing leaves its temporary file; every task of this
+            # run is over now and the lock keeps other runs out, so none of them is live.
             remove_stale_temps(out_dir)
         result.finished = time.time()
         try:
