@@ -28,6 +28,12 @@ PSF keywords; HDU 1 ``SCI`` float32 electrons (sky-subtracted, registered); HDU 
 int32 bits (DESIGN.md: BAD=0, SAT=1, INTRP=2, CR=3, EDGE=4, SUSPECT=7, NO_DATA=8);
 HDU 3 ``VAR`` float32 electrons². Variance is finite and positive wherever the mask is 0.
 
+By default (issue 11) the KBMOD files are *difference* frames: the registered frames are
+written to ``kbmod/registered/<stem>_REG.fits`` (same layout), a static-sky template is
+combined from them (or from neighbouring nights of the field) and each KBMOD file holds
+frame − template, PSF-matched (``KBPLANE = 'difference'``); see :mod:`astep_dask.template`.
+With the template disabled the KBMOD files are the registered frames, as before.
+
 The work runs like calibration: one task per frame on the dask cluster (measure:
 background, stars, PSF; then export: offset to the reference, sky subtraction,
 resampling, write), atomic writes, and a re-run skips every frame whose file exists with
@@ -45,6 +51,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from astropy.io import fits
@@ -69,6 +76,9 @@ from .register import (
     sigma_from_moment,
     windowed_centroids,
 )
+
+if TYPE_CHECKING:
+    from .template import TemplateSettings
 
 # Concordia Station, Dome C (Antarctica), where ASTEP observes: 75°05'59" S, 123°19'56" E,
 # 3233 m above sea level (Wikipedia, "Concordia Station", infobox: 75.099780 S,
@@ -146,11 +156,10 @@ def sky_subtract(frame: Layers, background: Background) -> Layers:
 
 
 def science_plane(frame: Layers, template: Layers | None = None) -> Layers:
-    """The planes written to a KBMOD file from a registered, sky-subtracted frame.
-
-    Today the frame itself. Given a static-sky template on the same grid (issue 11), the
-    difference frame − template, variance frame + template, mask frame OR template: the
-    one place to change when the export writes difference images.
+    """The planes written to a KBMOD file from a registered, sky-subtracted frame: the
+    frame itself or, given a static-sky template on the same grid (issue 11, see
+    :func:`astep_dask.template.difference`), frame − template, variance frame + template,
+    mask frame OR template.
     """
     if template is None:
         return frame
@@ -751,13 +760,18 @@ def export_night(
     out: Path | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    template: TemplateSettings | None = None,
 ) -> dict:
     """Export a calibrated night for KBMOD on the given dask client.
 
     Reads ``*_CAL.fits`` from the night's output folder (``pipeline.output_dir``), chooses
     (or re-uses) a reference frame, then runs one task per frame: background, stars and
-    PSF; offset to the reference; sky subtraction; resampling onto the reference grid;
-    the KBMOD file. Then writes the stack file, the offsets table and ``kbmod.json``.
+    PSF; offset to the reference; sky subtraction; resampling onto the reference grid.
+    With a template (the default, issue 11) the registered frames go to ``registered/``,
+    the static-sky template is combined (strip tasks) and each KBMOD file is a difference
+    frame (one task per frame; see :mod:`astep_dask.template`); without, the KBMOD file is
+    the registered frame itself. Then writes the stack file, the offsets table and
+    ``kbmod.json``.
 
     Parameters
     ----------
@@ -775,7 +789,11 @@ def export_night(
         Redo every frame and choose the reference again.
     progress
         Called as ``progress(done, total, row)`` after every frame of each stage (rows
-        have ``file``, ``status`` and ``stage``: ``measure`` or ``export``).
+        have ``file``, ``status`` and ``stage``: ``measure``, ``export``, ``template
+        frame``, ``template`` or ``difference``).
+    template
+        Template and difference options; None: from ``kbmod_settings``
+        (:func:`astep_dask.template.template_settings`, difference frames by default).
 
     Returns
     -------
@@ -783,7 +801,8 @@ def export_night(
         ``night``, ``status`` (complete, partial, failed), ``error``, ``kbmod_dir``,
         ``reference``, ``counts`` (done, skipped, failed), ``frames`` (rows in time
         order), ``stack``, ``offsets``, ``reference_file``, ``manifest``,
-        ``wall_seconds``.
+        ``wall_seconds``, ``template`` (summary of the template stage, or None) and
+        ``registered_dir`` (None when the KBMOD files are the registered frames).
 
     Raises
     ------
@@ -792,10 +811,12 @@ def export_night(
     """
     from .cluster import worker_threads
     from .pipeline import RunError, check_writable, night_lock, output_dir
+    from .template import REG_SUFFIX, REGISTERED_FOLDER, run_template_stage, template_settings
 
     started = time.time()
     settings = settings or Settings()
     ks = kbmod_settings or settings.kbmod
+    ts = template or template_settings(ks)
     if ks.variance not in ("area", "pixel"):
         raise RunError(f"kbmod variance must be 'area' or 'pixel', not {ks.variance!r}")
     night_dir = Path(night_dir)
@@ -809,11 +830,16 @@ def export_night(
     check_writable(kdir)
     window = settings.cluster.frames_in_flight or 2 * worker_threads(client)
     retries = settings.cluster.retries
+    reg_dir = kdir / REGISTERED_FOLDER if ts.enabled else kdir
+    reg_suffix = REG_SUFFIX if ts.enabled else SUFFIX
     result: dict = {"night": night, "kbmod_dir": kdir, "error": None, "reference": None,
-                    "stack": None, "offsets": None, "reference_file": None, "manifest": None}
+                    "stack": None, "offsets": None, "reference_file": None, "manifest": None,
+                    "template": None, "registered_dir": reg_dir if ts.enabled else None}
+    result["template_settings"] = dataclasses.asdict(ts)
     failed: list[dict] = list(problems)
     with night_lock(kdir):
-        remove_stale_temps(kdir)
+        for folder in (kdir, reg_dir, kdir / "template_frames"):
+            remove_stale_temps(folder)
         ref_file = reference_path(kdir, night)
         reference = None if force else read_reference(ref_file, frames, ks)
         measures: dict[str, FrameMeasure] = {}
@@ -857,7 +883,7 @@ def export_night(
         result["reference_file"] = ref_file
         failed_stems = {r.get("stem") for r in failed}
         jobs = [
-            ExportJob(frame=f, output=kdir / f"{f.stem}{SUFFIX}",
+            ExportJob(frame=f, output=reg_dir / f"{f.stem}{reg_suffix}",
                       provenance=frame_provenance(f, reference, ks), reference=reference,
                       settings=ks, measure=measures.get(f.stem), force=force)
             for f in frames if f.stem not in failed_stems
@@ -876,6 +902,24 @@ def export_night(
             result["error"] = str(exc)
             remove_stale_temps(kdir)
         rows_out.sort(key=lambda r: (r["mjd"], r["file"]))
+        if ts.enabled and result["error"] is None:
+            ref_frame = next(f for f in frames if f.stem == reference.stem)
+            field = str(fits.getheader(ref_frame.path, 0).get("OBJECT", "") or "").strip()
+            try:
+                diff_rows, info = run_template_stage(
+                    client, night_dir=night_dir, out=Path(out) if out is not None else None,
+                    kdir=kdir, night=night, reference=reference, field=field,
+                    filt=ref_frame.filter, rows=rows_out, ks=ks, ts=ts, force=force,
+                    window=window, retries=retries, progress=progress)
+            except OSError as exc:
+                diff_rows, info = [], {"error": str(exc)}
+                remove_stale_temps(kdir)
+                remove_stale_temps(reg_dir)
+            result["template"] = info
+            result["error"] = info.get("error")
+            by_stem = {r["stem"]: r for r in diff_rows}
+            rows_out = [by_stem.get(r["stem"], r) if r["status"] != "failed" else r
+                        for r in rows_out] if diff_rows else rows_out
         return _finish(result, rows_out, failed, ks, started, reference)
 
 
