@@ -153,6 +153,7 @@ def run_search(args: argparse.Namespace, root: Path) -> None:
             csv = search_night(night, client, settings, out=root / "out", search_settings=ss)
             times.append(time.perf_counter() - t)
     res = judge(csv, tracks(night, exp))
+    cpu_ms = cpu_per_velocity(exp["kbmod_dir"], ss)
     s = res["summary"]
     n_v = s["grid"]["n_searched"]
     print(f"search: {min(times):.1f} s wall (runs: {', '.join(f'{t:.1f}' for t in times)}) on "
@@ -161,7 +162,43 @@ def run_search(args: argparse.Namespace, root: Path) -> None:
           f"{1e3 * s['task_seconds'] / n_v:.1f} ms per velocity for {args.frames} frames of "
           f"{args.size}²; {s['tasks']} tasks; PHI computed for {s['tested']} (pixel, velocity) "
           f"pairs of {n_v * args.size**2:.2e}")
+    n_cores = args.workers * args.threads
+    print(f"CPU time in one process (not the wall time of a shared machine): {cpu_ms:.1f} ms "
+          f"per velocity, so {n_v * cpu_ms / 1e3 / n_cores:.1f} s of stacking on {n_cores} "
+          f"core(s) for {n_v} velocities")
     report("candidates", res, tracks(night, exp))
+
+
+def cpu_per_velocity(kdir: Path, ss: SearchSettings, n: int = 100) -> float:
+    """CPU milliseconds per velocity of one stacking task (``time.process_time`` in this
+    process, on the first tile, ``n`` velocities of the grid's middle)."""
+    from astep_dask.search import (
+        BlockJob,
+        block_task,
+        margin_for,
+        night_frames,
+        tile_task,
+        tiles_for,
+        velocity_blocks,
+        velocity_grid,
+    )
+
+    frames = night_frames(kdir)
+    mjd = np.array([f.mjd for f in frames])
+    dt = mjd - mjd[0]
+    sigma = float(np.median([f.sigma for f in frames]))
+    vx, vy, step = velocity_grid(ss, sigma, float(dt[-1]))
+    margin = margin_for(vx, vy, float(dt[-1]))
+    tile = tiles_for(frames[0].shape, ss.tile, margin)[0]
+    planes = [tile_task(f, tile) for f in frames]
+    blocks = velocity_blocks(vx, vy, n, 0.0)
+    block = blocks[len(blocks) // 2]
+    job = BlockJob(tile=tile, velocities=block, dt=dt, settings=ss,
+                   min_frames=(len(frames) + 1) // 2, radius=2 * 2.3548 * sigma,
+                   span=float(dt[-1]), step=step)
+    t = time.process_time()
+    block_task(job, planes)
+    return 1e3 * (time.process_time() - t) / len(block)
 
 
 def run_self_subtraction(args: argparse.Namespace, root: Path) -> None:
