@@ -112,6 +112,7 @@ KBMOD_FIELDS = {
     "template_max_frames": "max_frames", "template_sigma": "sigma",
     "template_iterations": "iterations", "template_min_frames": "min_frames",
     "psf_match": "psf_match", "residual_floor": "residual_floor",
+    "template_grow": "grow", "saturation_halo": "saturation_halo",
     "template_memory_mb": "memory_mb",
 }
 
