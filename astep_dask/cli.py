@@ -11,6 +11,7 @@ Exit codes (the same for every subcommand):
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import textwrap
@@ -100,15 +101,21 @@ def _settings(args: argparse.Namespace):
         cluster["dashboard_address"] = args.dashboard_address
     groups: dict = {"cluster": cluster}
     masters = {}
-    if args.reuse_foreign_masters:
+    if getattr(args, "reuse_foreign_masters", False):
         masters["reuse_foreign"] = True
-    if args.fallback_masters:
+    if getattr(args, "fallback_masters", False):
         masters["fallback"] = True
     groups["masters"] = masters
-    if args.no_cosmics:
+    if getattr(args, "no_cosmics", False):
         groups["cosmics"] = {"enabled": False}
-    if args.compress:
+    if getattr(args, "compress", False):
         groups["output"] = {"compress": True}
+    template = {}
+    if getattr(args, "template_nights", None) is not None:
+        template["nights"] = args.template_nights
+    if getattr(args, "sky_only", False):
+        template["enabled"] = False
+    groups["template"] = template
     return settings.replace(**groups)
 
 
@@ -197,6 +204,18 @@ def _kbmod(night: Path, client, settings, args: argparse.Namespace, start: list[
         return "failed"
     counts = ", ".join(f"{v} {k}" for k, v in res.get("counts", {}).items())
     print(f"kbmod {res['night']}: {res['status']}  ({counts})  -> {res.get('kbmod_dir')}")
+    tpl = res.get("template")
+    if tpl:
+        nights = f", nights {', '.join(tpl['nights'])}" if tpl.get("nights") else ""
+        print(f"  template: {tpl.get('file')} ({tpl.get('mode')}: {tpl.get('frames')} frames"
+              f"{nights}); KBMOD files are difference frames, registered frames in "
+              f"{res.get('registered_dir')}")
+        for skipped in tpl.get("skipped_nights", []):
+            print(f"  template: night left out: {skipped}")
+        if tpl.get("error"):
+            print(f"  template error: {tpl['error']}")
+    elif res.get("registered_dir") is None and res.get("status") != "failed":
+        print("  sky-only: KBMOD files are the registered, sky-subtracted frames (no template)")
     if res.get("error"):
         print(f"  error: {res['error']}")
     for row in res.get("frames", []):
@@ -215,6 +234,50 @@ def _cmd_kbmod(args: argparse.Namespace) -> int:
     night = find_nights(args.night)[0]
     with connect(settings.cluster, log=lambda m: print(m, file=sys.stderr)) as client:
         return _exit(_kbmod(night, client, settings, args, [time.perf_counter()]))
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import time
+
+    from .cluster import connect
+    from .layout import find_nights
+    from .pipeline import RunError, print_progress
+    from .search import read_candidates, search_night
+
+    settings = _settings(args)
+    search = {}
+    if args.threshold is not None:
+        search["threshold"] = args.threshold
+    if args.vmax is not None:
+        search.update(vx_min=-args.vmax, vx_max=args.vmax, vy_min=-args.vmax, vy_max=args.vmax)
+    if args.v_step is not None:
+        search["v_step"] = args.v_step
+    settings = settings.replace(search=search)
+    night = find_nights(args.night)[0]
+    start = [time.perf_counter()]
+    with connect(settings.cluster, log=lambda m: print(m, file=sys.stderr)) as client:
+        try:
+            csv = search_night(night, client, settings, out=args.out,
+                               progress=lambda d, t, r: print_progress(d, t, r, start))
+        except RunError as exc:
+            print(f"astep-dask: error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    summary = json.loads((csv.parent / "search.json").read_text())
+    rows = read_candidates(csv)
+    g = summary["grid"]
+    print(f"search {summary['night']}: {len(rows)} candidate(s) at SNR >= "
+          f"{summary['settings']['threshold']:g} over {g['n_searched']} velocities "
+          f"(step {g['step']:.1f} px/day), {summary['n_frames']} frames, "
+          f"{summary['wall_seconds']:.1f} s  -> {csv}")
+    for note in summary.get("notes", []):
+        print(f"  note: {note}")
+    if rows:
+        shown = [{"rank": i + 1, "x": f"{r['x']:.1f}", "y": f"{r['y']:.1f}",
+                  "vx px/d": f"{r['vx']:.0f}", "vy px/d": f"{r['vy']:.0f}",
+                  "flux e-": f"{r['flux']:.0f}", "SNR": f"{r['snr']:.1f}",
+                  "frames": r["n_frames"]} for i, r in enumerate(rows[:args.show])]
+        print(format_table(shown, list(shown[0])))
+    return EXIT_OK
 
 
 def _cmd_season(args: argparse.Namespace) -> int:
@@ -303,10 +366,28 @@ def _subcommand(sub, name: str, help: str, description: str, func) -> argparse.A
     return p
 
 
-def _calibration_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by the commands that calibrate (calibrate, season)."""
+def _template_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("KBMOD export: static-sky template (default: this night's frames)")
+    g.add_argument("--template-nights", type=int, metavar="N",
+                   help="build the template from the N nearest other nights of the same "
+                   "field instead (slow movers then do not subtract themselves)")
+    g.add_argument("--sky-only", action="store_true",
+                   help="no template: the KBMOD files carry the registered, sky-subtracted "
+                   "frames (for users who bring their own templates)")
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    """Options of every command that reads or writes a night's products: where, settings,
+    cluster."""
     p.add_argument("--out", type=Path, help="output root (default: beside each raw night)")
     p.add_argument("--config", type=Path, help="settings file (TOML), see astep_dask/config.py")
+    _cluster_options(p)
+
+
+def _calibration_options(p: argparse.ArgumentParser) -> None:
+    """Options of the commands that calibrate (calibrate, season, graph) on top of
+    :func:`_run_options`."""
+    _run_options(p)
     p.add_argument("--no-cosmics", action="store_true", help="skip cosmic-ray detection")
     p.add_argument("--fallback-masters", action="store_true",
                    help="a night that cannot make a master takes it from the nearest night's "
@@ -316,7 +397,6 @@ def _calibration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compress", action="store_true",
                    help="tile-compress the outputs: MASK lossless, SCI/VAR quantised to "
                    "noise/16 (about 3x smaller)")
-    _cluster_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -375,23 +455,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recalibrate frames already done")
     p.add_argument("--kbmod", action="store_true",
                    help="then write the KBMOD-ready export (as the kbmod command)")
+    _template_options(p)
     _calibration_options(p)
 
     p = _subcommand(
         sub, "kbmod",
-        help="write a calibrated night in KBMOD's input layout (sky-subtracted, registered)",
+        help="write a calibrated night in KBMOD's input layout (registered difference frames)",
         description="Read a night's calibrated frames (from `calibrate`), subtract a smooth "
         "sky background, measure each frame's sub-pixel offset to a reference frame from its "
-        "stars, resample onto the reference grid and write, in OUTPUT/kbmod/, one "
-        "<stem>_KBMOD.fits per frame in the layout KBMOD's loader reads (HDU1 science, "
-        "HDU2 mask, HDU3 variance; MJD at mid-exposure in the primary header), a night "
-        "stack file, an offsets table and kbmod.json. One task per frame on the cluster; "
-        "re-running skips frames already exported with the same provenance.",
+        "stars and resample onto the reference grid (OUTPUT/kbmod/registered/); combine a "
+        "static-sky template (this night's frames, each frame differenced against the "
+        "template without itself, or --template-nights N other nights) and write, in "
+        "OUTPUT/kbmod/, one <stem>_KBMOD.fits difference frame per frame in the layout "
+        "KBMOD's loader reads (HDU1 science, HDU2 mask, HDU3 variance; MJD at mid-exposure "
+        "in the primary header), DATE_TEMPLATE.fits, a night stack file, an offsets table "
+        "and kbmod.json. One task per frame on the cluster; re-running skips frames already "
+        "exported with the same provenance.",
         func=_cmd_kbmod,
     )
     p.add_argument("night", type=Path, help="night folder ROOT/YYYY-MM-DD/ (calibrated)")
     p.add_argument("--force", action="store_true", help="redo frames already exported")
-    _calibration_options(p)
+    _template_options(p)
+    _run_options(p)
+
+    p = _subcommand(
+        sub, "search",
+        help="first-look shift-and-stack search for moving objects in a night's KBMOD export",
+        description="Search the difference frames written by `kbmod` for point sources "
+        "moving in straight lines: KBMOD's psi/phi matched-filter likelihood summed along "
+        "every trajectory of a velocity grid (px/day; step from the PSF and the night's time "
+        "span unless given), velocity blocks as tasks on the cluster, single-frame outliers "
+        "rejected, results clustered. Writes OUTPUT/kbmod/search/DATE_CANDIDATES.csv (x, y "
+        "at the first frame's time, vx, vy, flux, SNR, frames), PNG postage stamps of the "
+        "best candidates and search.json. Settings: the [search] table of --config.",
+        func=_cmd_search,
+    )
+    p.add_argument("night", type=Path, help="night folder ROOT/YYYY-MM-DD/ (exported)")
+    p.add_argument("--threshold", type=float, help="detection threshold, SNR (default 7)")
+    p.add_argument("--vmax", type=float, metavar="PX_PER_DAY",
+                   help="search |vx|, |vy| up to this (default 1200 px/day)")
+    p.add_argument("--v-step", type=float, metavar="PX_PER_DAY",
+                   help="velocity grid step (default: PSF sigma / night's time span)")
+    p.add_argument("--show", type=int, default=10, help="candidates printed (default 10)")
+    _run_options(p)
 
     p = _subcommand(
         sub, "season",
@@ -422,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("night", type=Path, help="night folder ROOT/YYYY-MM-DD/ (calibrated)")
     p.add_argument("--no-cluster", action="store_true", help="measure in this process")
-    _calibration_options(p)
+    _run_options(p)
 
     p = _subcommand(
         sub, "graph",

@@ -151,6 +151,56 @@ class KbmodSettings:
 
 
 @dataclass(frozen=True)
+class TemplateSettings:
+    """How the static-sky template and the difference frames are made."""
+
+    enabled: bool = True  # False: the KBMOD files carry the sky-only science plane
+    nights: int = 0  # 0: this night's frames (leave-one-out); N: the N nearest other nights
+    max_frames: int = 200  # frames combined, evenly spread in time (0: all)
+    sigma: float = 3.0  # clipping threshold, in each frame's own noise
+    iterations: int = 3
+    min_frames: int = 2  # fewer kept frames at a pixel: NO_DATA in the template
+    grow: float = 1.5  # a pixel above the centre rejects its frame within this × PSF σ
+    saturation_halo: float = 2.0  # SUSPECT within this × PSF FWHM of a saturated pixel
+    psf_match: bool = True  # bring every frame to the set's largest PSF variance
+    residual_floor: float = 0.05  # model error of a static source, fraction of |template|
+    memory_mb: float = 256.0  # pixels of all frames in one combination task
+
+    def digest(self) -> str:
+        """Short stable hash of everything that shapes the template and the differences."""
+        data = dataclasses.asdict(self)
+        data.pop("memory_mb")
+        return hashlib.sha256(json.dumps(sorted(data.items())).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """The first-look search: velocity grid, detection and products."""
+
+    vx_min: float = -1200.0  # px/day on the reference grid
+    vx_max: float = 1200.0
+    vy_min: float = -1200.0
+    vy_max: float = 1200.0
+    v_step: float = 0.0  # px/day; 0: step_psf × PSF σ / time span of the night
+    step_psf: float = 1.0
+    min_speed: float = 0.0  # px/day: slower grid velocities are not searched
+    threshold: float = 7.0  # SNR
+    min_frames: int = 0  # frames left after outlier rejection; 0: half the night's frames
+    outlier_sigma: float = 4.0  # per-frame flux rejection, in its own error
+    outlier_fraction: float = 0.2  # relative flux variation allowed on top of the noise
+    cluster_radius: float = 0.0  # px; 0: two PSF FWHM
+    tile: int = 1024  # px, side of a tile of start positions
+    memory_mb: float = 2000.0  # psi and phi of one tile (all frames, with margins) at most
+    frame_start: int = 0  # search the frames from this one (time order) ...
+    frame_count: int = 0  # ... this many of them (0: to the end): a part of a long night
+    velocities_per_task: int = 0  # 0: about four tasks per worker thread and tile
+    max_candidates: int = 1000  # rows of the CSV, highest SNR first
+    stamps: int = 20  # PNG postage stamps of the best candidates
+    stamp_size: int = 21  # px
+    folder: str = "search"  # sub-folder of the export folder
+
+
+@dataclass(frozen=True)
 class QaSettings:
     """Measures and outlier thresholds of the per-night QA report."""
 
@@ -221,6 +271,8 @@ class Settings:
     detector: DetectorSettings = field(default_factory=DetectorSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
     kbmod: KbmodSettings = field(default_factory=KbmodSettings)
+    template: TemplateSettings = field(default_factory=TemplateSettings)
+    search: SearchSettings = field(default_factory=SearchSettings)
     qa: QaSettings = field(default_factory=QaSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
 

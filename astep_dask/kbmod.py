@@ -51,7 +51,6 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from astropy.io import fits
@@ -60,7 +59,7 @@ from astropy.time import Time, TimeDelta
 
 from . import __version__
 from .background import Background, estimate_background
-from .config import KbmodSettings, Settings
+from .config import KbmodSettings, Settings, TemplateSettings
 from .fitsio import TMP_PREFIX, atomic_write, copy_header, remove_stale_temps, stamp
 from .mask import MASK_DTYPE, Bit, flag, header_cards
 from .masters import digest_of
@@ -76,9 +75,6 @@ from .register import (
     sigma_from_moment,
     windowed_centroids,
 )
-
-if TYPE_CHECKING:
-    from .template import TemplateSettings
 
 # Concordia Station, Dome C (Antarctica), where ASTEP observes: 75°05'59" S, 123°19'56" E,
 # 3233 m above sea level (Wikipedia, "Concordia Station", infobox: 75.099780 S,
@@ -792,8 +788,8 @@ def export_night(
         have ``file``, ``status`` and ``stage``: ``measure``, ``export``, ``template
         frame``, ``template`` or ``difference``).
     template
-        Template and difference options; None: from ``kbmod_settings``
-        (:func:`astep_dask.template.template_settings`, difference frames by default).
+        Template and difference options; None: ``settings.template`` (difference frames
+        by default).
 
     Returns
     -------
@@ -811,12 +807,12 @@ def export_night(
     """
     from .cluster import worker_threads
     from .pipeline import RunError, check_writable, night_lock, output_dir
-    from .template import REG_SUFFIX, REGISTERED_FOLDER, run_template_stage, template_settings
+    from .template import REG_SUFFIX, REGISTERED_FOLDER, run_template_stage
 
     started = time.time()
     settings = settings or Settings()
     ks = kbmod_settings or settings.kbmod
-    ts = template or template_settings(ks)
+    ts = template or settings.template
     if ks.variance not in ("area", "pixel"):
         raise RunError(f"kbmod variance must be 'area' or 'pixel', not {ks.variance!r}")
     night_dir = Path(night_dir)

@@ -58,6 +58,7 @@ from scipy import ndimage
 from scipy.special import erf
 
 from . import __version__
+from .config import SearchSettings
 from .fitsio import TMP_PREFIX
 
 CANDIDATE_DTYPE = np.dtype([
@@ -66,33 +67,6 @@ CANDIDATE_DTYPE = np.dtype([
 ])
 CSV_COLUMNS = ("x", "y", "vx", "vy", "flux", "snr", "n_frames", "flux_err", "x_end", "y_end",
                "stamp")
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    """The first-look search: velocity grid, detection and products."""
-
-    vx_min: float = -1200.0  # px/day on the reference grid
-    vx_max: float = 1200.0
-    vy_min: float = -1200.0
-    vy_max: float = 1200.0
-    v_step: float = 0.0  # px/day; 0: step_psf × PSF σ / time span of the night
-    step_psf: float = 1.0
-    min_speed: float = 0.0  # px/day: slower grid velocities are not searched
-    threshold: float = 7.0  # SNR
-    min_frames: int = 0  # frames left after outlier rejection; 0: half the night's frames
-    outlier_sigma: float = 4.0  # per-frame flux rejection, in its own error
-    outlier_fraction: float = 0.2  # relative flux variation allowed on top of the noise
-    cluster_radius: float = 0.0  # px; 0: two PSF FWHM
-    tile: int = 1024  # px, side of a tile of start positions
-    memory_mb: float = 2000.0  # psi and phi of one tile (all frames, with margins) at most
-    frame_start: int = 0  # search the frames from this one (time order) ...
-    frame_count: int = 0  # ... this many of them (0: to the end): a part of a long night
-    velocities_per_task: int = 0  # 0: about four tasks per worker thread and tile
-    max_candidates: int = 1000  # rows of the CSV, highest SNR first
-    stamps: int = 20  # PNG postage stamps of the best candidates
-    stamp_size: int = 21  # px
-    folder: str = "search"  # sub-folder of the export folder
 
 
 # --------------------------------------------------------------------------- pure core
@@ -590,12 +564,11 @@ def search_night(night_dir: str | Path, client, settings=None, out: Path | None 
     client
         A ``distributed.Client``.
     settings
-        The run's :class:`~astep_dask.config.Settings` (export folder; its ``search``
-        group when it has one).
+        The run's :class:`~astep_dask.config.Settings` (export folder, ``search`` group).
     out
         The ``--out`` of the calibration (None: beside the raw night).
     search_settings
-        Overrides ``settings.search``; defaults when neither is given.
+        Overrides ``settings.search``.
     progress
         Called as ``progress(done, total, row)`` after every stacking task.
 
@@ -615,7 +588,7 @@ def search_night(night_dir: str | Path, client, settings=None, out: Path | None 
 
     started = time.perf_counter()
     settings = settings or Settings()
-    ss = search_settings or getattr(settings, "search", None) or SearchSettings()
+    ss = search_settings or settings.search
     night_dir = Path(night_dir)
     night = night_dir.name
     kdir = output_dir(night_dir, Path(out) if out is not None else None) / settings.kbmod.folder

@@ -52,9 +52,7 @@ this night's grid in ``template_frames/``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
-import json
 import time
 import warnings
 from dataclasses import dataclass
@@ -66,6 +64,7 @@ from scipy import ndimage
 from scipy.optimize import brentq
 
 from . import __version__
+from .config import TemplateSettings
 from .fitsio import atomic_write, stamp
 from .kbmod import OBS_ELEV, OBS_LAT, OBS_LONG, OBSERVATORY, Layers
 from .mask import MASK_DTYPE, Bit, flag, header_cards
@@ -80,49 +79,6 @@ OFF = flag(Bit.NO_DATA, Bit.EDGE)  # beyond the frame (padding of the PSF-matchi
 NO_TEMPLATE = flag(Bit.NO_DATA)  # too few template frames at a pixel
 BRIGHT_HALO = flag(Bit.SUSPECT)  # near a pixel saturated in a template frame
 SATURATED = flag(Bit.SAT)
-
-
-@dataclass(frozen=True)
-class TemplateSettings:
-    """How the static-sky template and the difference frames are made."""
-
-    enabled: bool = True  # False: the KBMOD files carry the sky-only science plane
-    nights: int = 0  # 0: this night's frames (leave-one-out); N: the N nearest other nights
-    max_frames: int = 200  # frames combined, evenly spread in time (0: all)
-    sigma: float = 3.0  # clipping threshold, in each frame's own noise
-    iterations: int = 3
-    min_frames: int = 2  # fewer kept frames at a pixel: NO_DATA in the template
-    grow: float = 1.5  # a pixel above the centre rejects its frame within this × PSF σ
-    saturation_halo: float = 2.0  # SUSPECT within this × PSF FWHM of a saturated pixel
-    psf_match: bool = True  # bring every frame to the set's largest PSF variance
-    residual_floor: float = 0.05  # model error of a static source, fraction of |template|
-    memory_mb: float = 256.0  # pixels of all frames in one combination task
-
-    def digest(self) -> str:
-        """Short stable hash of everything that shapes the template and the differences."""
-        data = dataclasses.asdict(self)
-        data.pop("memory_mb")
-        return hashlib.sha256(json.dumps(sorted(data.items())).encode()).hexdigest()[:16]
-
-
-# Names the export settings (config.KbmodSettings) may give these options; until they exist
-# there, the defaults above apply.
-KBMOD_FIELDS = {
-    "difference": "enabled", "template_nights": "nights",
-    "template_max_frames": "max_frames", "template_sigma": "sigma",
-    "template_iterations": "iterations", "template_min_frames": "min_frames",
-    "psf_match": "psf_match", "residual_floor": "residual_floor",
-    "template_grow": "grow", "saturation_halo": "saturation_halo",
-    "template_memory_mb": "memory_mb",
-}
-
-
-def template_settings(ks: object) -> TemplateSettings:
-    """The template options of the export settings (``KbmodSettings``), field by field
-    where it has them (see :data:`KBMOD_FIELDS`), defaults otherwise."""
-    values = {ours: getattr(ks, theirs) for theirs, ours in KBMOD_FIELDS.items()
-              if hasattr(ks, theirs)}
-    return TemplateSettings(**values)
 
 
 # --------------------------------------------------------------------------- PSF matching

@@ -18,7 +18,7 @@ from scipy import ndimage
 from scipy.special import erf
 
 from astep_dask.background import BackgroundSettings, estimate_background, mesh_edges
-from astep_dask.config import Settings
+from astep_dask.config import Settings, load_settings
 from astep_dask.kbmod import (
     OBS_LAT,
     KbmodSettings,
@@ -58,7 +58,6 @@ from astep_dask.template import (
     leave_one_out,
     read_template,
     strip_task,
-    template_settings,
 )
 
 SETTINGS = Settings().replace(cluster={"dashboard_address": ":0"})
@@ -826,14 +825,16 @@ def test_template_rejects_a_mover_and_leaves_each_frame_out():
     assert isinstance(tpl, Template)
 
 
-def test_template_options_come_from_the_export_settings():
-    class Future:  # KbmodSettings once it has the template fields
-        template_nights = 2
-        difference = False
-        residual_floor = 0.1
-
-    ts = template_settings(Future())
-    assert ts.nights == 2 and not ts.enabled and ts.residual_floor == 0.1
-    assert template_settings(KbmodSettings()) == TemplateSettings()
+def test_template_and_search_options_come_from_the_settings_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[template]\nnights = 2\nenabled = false\nresidual_floor = 0.1\n"
+                    "[search]\nthreshold = 6.5\n")
+    s = load_settings(path)
+    assert s.template.nights == 2 and not s.template.enabled
+    assert s.template.residual_floor == 0.1 and s.search.threshold == 6.5
+    assert s.kbmod == KbmodSettings() and load_settings(None).template == TemplateSettings()
+    path.write_text("[template]\nnight = 2\n")
+    with pytest.raises(ValueError, match="night"):
+        load_settings(path)
     assert TemplateSettings(memory_mb=1.0).digest() == TemplateSettings().digest()
     assert TemplateSettings(grow=1.0).digest() != TemplateSettings().digest()

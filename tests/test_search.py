@@ -377,3 +377,30 @@ def test_velocity_grid_and_clustering():
     out = cluster(c, span=0.05, radius=3.0)
     # 0 and 1 start 1 px apart; 2 is met by 0 (at 15, 10 when t = 0.05); 3 is elsewhere
     assert list(out["snr"]) == [20, 8]
+
+
+def test_the_command_line_exports_with_other_nights_and_searches(archive, other_nights,
+                                                                 tmp_path, capsys):
+    from astep_dask.cli import EXIT_OK, main
+
+    night, out = archive
+    config = tmp_path / "run.toml"
+    config.write_text('[kbmod]\nfolder = "kbmod_cli"\n[search]\nstamps = 2\n')
+    common = ["--out", str(out), "--config", str(config), "--workers", "1",
+              "--dashboard-address", ":0"]
+    assert main(["kbmod", str(night), "--template-nights", "2", *common]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert "template:" in text and "2026-06-14" in text and "difference frames" in text
+    assert main(["search", str(night), "--threshold", "7", *common]) == EXIT_OK
+    text = capsys.readouterr().out
+    csv = output_dir(night, out) / "kbmod_cli" / "search" / f"{SIM.date}_CANDIDATES.csv"
+    assert str(csv) in text and "SNR" in text
+    rows, expected = read_candidates(csv), read_candidates(other_nights["csv"])
+    # The same export and search as the library calls, through the command line.
+    assert [(round(r["x"], 3), round(r["y"], 3), r["vx"]) for r in rows] == [
+        (round(r["x"], 3), round(r["y"], 3), r["vx"]) for r in expected]
+    assert sum(bool(r["stamp"]) for r in rows) == min(2, len(rows))
+    # Without an export the command says so in one line and does nothing.
+    config.write_text('[kbmod]\nfolder = "nowhere"\n')
+    assert main(["search", str(night), *common]) == 1
+    assert "astep-dask kbmod first" in capsys.readouterr().err
