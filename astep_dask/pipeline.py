@@ -11,6 +11,7 @@ re-run resumes where a killed run stopped.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -123,6 +124,23 @@ def frame_provenance(record: FrameRecord, masters_digest: str, settings: Setting
                      __version__)
 
 
+@functools.lru_cache(maxsize=4)
+def _frame_masters(paths: MasterPaths, exptime: float, filter: str, stamps: tuple
+                   ) -> tuple:
+    return frame_masters(paths, exptime, filter)
+
+
+def cached_frame_masters(paths: MasterPaths, exptime: float, filter: str) -> tuple:
+    """:func:`masters.frame_masters`, made once per worker process for each exposure time
+    and filter (and again if a master file changes): the dark solution costs as much as
+    the rest of a frame's arithmetic. The arrays are shared between frames, read only."""
+    files = [paths.bias, *(p for _, p in paths.darks), *(p for _, p in paths.flats),
+             paths.mask]
+    stamps = tuple(p.stat().st_mtime_ns for p in files if p is not None)
+    fm, cards = _frame_masters(paths, exptime, filter, stamps)
+    return fm, dict(cards)
+
+
 def process_frame(job: FrameJob) -> dict:
     """Calibrate one frame and write its file (runs on a worker). Returns a summary row.
 
@@ -136,7 +154,7 @@ def process_frame(job: FrameJob) -> dict:
         return {**row, "status": "skipped"}
     t0 = time.perf_counter()
     try:
-        fm, cards = frame_masters(job.masters, rec.exptime, rec.filter)
+        fm, cards = cached_frame_masters(job.masters, rec.exptime, rec.filter)
         raw = read_section(rec.path, rec.hdu, slice(None), slice(None))
         if problem := raw_problem(raw):
             return {**row, "status": "failed", "reason": problem}

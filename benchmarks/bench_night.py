@@ -88,7 +88,12 @@ class Measurement:
         Sum over every process seen while sampling of its last user + sys time (a lower
         bound: misses the last interval and very short-lived processes).
     peak_rss_mb : float
-        Largest sum of RSS over the process tree seen in one sample, in MiB.
+        Largest sum of RSS over the process tree seen in one sample, in MiB. Pages shared
+        between processes (libraries, memory-mapped files) count once per process.
+    peak_pss_mb : float
+        Largest sum of PSS (proportional set size: shared pages divided among the
+        processes that share them) over the tree in one sample, in MiB: the physical
+        memory the run holds. 0 where the kernel does not report it.
     samples : int
         Number of samples taken.
     outputs : int or None
@@ -113,6 +118,7 @@ class Measurement:
     cpu_sampled_s: float
     peak_rss_mb: float
     samples: int
+    peak_pss_mb: float = 0.0
     outputs: int | None = None
     expected_outputs: int | None = None
     stdout: str = ""
@@ -151,18 +157,20 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _sample_tree(me: psutil.Process, cpu_seen: dict[tuple[int, float], float]) -> int:
-    """Sum the RSS of all descendants of ``me``; record each one's CPU time."""
-    rss = 0
+def _sample_tree(me: psutil.Process, cpu_seen: dict[tuple[int, float], float]
+                 ) -> tuple[int, int]:
+    """Sum the RSS and the PSS of all descendants of ``me``; record each one's CPU time."""
+    rss = pss = 0
     for proc in me.children(recursive=True):
         try:
             with proc.oneshot():
                 rss += proc.memory_info().rss
                 times = proc.cpu_times()
                 cpu_seen[(proc.pid, proc.create_time())] = times.user + times.system
+            pss += getattr(proc.memory_full_info(), "pss", 0)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return rss
+    return rss, pss
 
 
 def _live_descendants(me: psutil.Process) -> list[psutil.Process]:
@@ -223,13 +231,14 @@ def run_measured(
     _reap_children(me)  # earlier orphans must not leak into this run's CPU time
     cpu_before = _children_cpu_s()
     cpu_seen: dict[tuple[int, float], float] = {}
-    peak = samples = 0
+    peak = peak_pss = samples = 0
     timed_out = False
     with out_path.open("wb") as out, err_path.open("wb") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(list(command), stdout=out, stderr=err, cwd=REPO)
         while True:
-            peak = max(peak, _sample_tree(me, cpu_seen))
+            rss, pss = _sample_tree(me, cpu_seen)
+            peak, peak_pss = max(peak, rss), max(peak_pss, pss)
             samples += 1
             try:
                 proc.wait(timeout=SAMPLE_INTERVAL_S)
@@ -247,7 +256,8 @@ def run_measured(
         if time.perf_counter() > grace_end:
             _kill(leftovers)
             break
-        peak = max(peak, _sample_tree(me, cpu_seen))
+        rss, pss = _sample_tree(me, cpu_seen)
+        peak, peak_pss = max(peak, rss), max(peak_pss, pss)
         samples += 1
         time.sleep(SAMPLE_INTERVAL_S)
     _reap_children(me)
@@ -275,7 +285,8 @@ def run_measured(
         cpu_s=max(cpu_rusage, cpu_sampled),
         cpu_rusage_s=cpu_rusage,
         cpu_sampled_s=cpu_sampled,
-        peak_rss_mb=peak / MB,
+        peak_rss_mb=float(peak) / MB,
+        peak_pss_mb=float(peak_pss) / MB,
         samples=samples,
         stdout=str(out_path),
         stderr=str(err_path),
@@ -462,7 +473,8 @@ def measure_run(
         m.details["manifest"] = manifest_summary(manifest)
     if not keep_outputs:
         shutil.rmtree(out_dir, ignore_errors=True)
-    print(f"  -> {m.status}, {m.wall_s:.1f} s wall, {m.peak_rss_mb:.0f} MiB peak", flush=True)
+    print(f"  -> {m.status}, {m.wall_s:.1f} s wall, {m.peak_rss_mb:.0f} MiB peak RSS, "
+          f"{m.peak_pss_mb:.0f} MiB peak PSS", flush=True)
     return m
 
 
@@ -551,9 +563,10 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
 
 
 def format_table(runs: Sequence[Measurement]) -> str:
-    """A fixed-width table of runs: status, wall, CPU, CPU/wall, peak RSS, outputs."""
+    """A fixed-width table of runs: status, wall, CPU, CPU/wall, peak RSS and PSS of the
+    process tree, outputs."""
     header = (f"{'run':<22s} {'status':<10s} {'wall s':>8s} {'CPU s':>8s} {'CPU/wall':>8s} "
-              f"{'peak RSS MiB':>12s} {'outputs':>9s}")
+              f"{'peak RSS MiB':>12s} {'peak PSS MiB':>12s} {'outputs':>9s}")
     lines = [header, "-" * len(header)]
     for m in runs:
         ran = m.samples > 0
@@ -562,7 +575,9 @@ def format_table(runs: Sequence[Measurement]) -> str:
         lines.append(
             f"{m.name:<22s} {m.status:<10s} {_fmt(m.wall_s if ran else None):>8s} "
             f"{_fmt(m.cpu_s if ran else None):>8s} {_fmt(load, '.2f'):>8s} "
-            f"{_fmt(m.peak_rss_mb if ran else None, '.0f'):>12s} {outputs:>9s}"
+            f"{_fmt(m.peak_rss_mb if ran else None, '.0f'):>12s} "
+            f"{_fmt(m.peak_pss_mb if ran and m.peak_pss_mb else None, '.0f'):>12s} "
+            f"{outputs:>9s}"
         )
         if m.error:
             lines.append(f"{'':<22s} error: {m.error[:200]}")
@@ -623,6 +638,8 @@ def format_report(report: dict[str, Any], runs: Sequence[Measurement],
         parts += ["", "peak memory against night size (ours):", format_table(scaling)]
         flat = report.get("frames_scaling_peak_ratio")
         parts.append(f"  peak RSS, largest night / smallest night: {_fmt(flat, '.2f')}")
+        pss = report.get("frames_scaling_pss_ratio")
+        parts.append(f"  peak PSS, largest night / smallest night: {_fmt(pss, '.2f')}")
     return "\n".join(parts)
 
 
@@ -732,11 +749,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         scaling.append(run_ours(night_n, spec_n, max(args.workers), args,
                                 name=f"ours_w{max(args.workers)}_s{n}"))
 
-    peaks = [(m.details["frames"], m.peak_rss_mb) for m in scaling if m.succeeded]
-    peak_ratio = None
+    peaks = sorted((m.details["frames"], m.peak_rss_mb, m.peak_pss_mb)
+                   for m in scaling if m.succeeded)
+    peak_ratio = pss_ratio = None
     if len(peaks) >= 2:
-        peaks.sort()
         peak_ratio = peaks[-1][1] / peaks[0][1]
+        pss_ratio = peaks[-1][2] / peaks[0][2] if peaks[0][2] else None
     report: dict[str, Any] = {
         "config": {**asdict(spec), "workers": args.workers, "threads": args.threads,
                    "frames_scaling": args.frames_scaling, "night": str(night),
@@ -747,6 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratios": compute_ratios(runs),
         "frames_scaling": [asdict(m) for m in scaling],
         "frames_scaling_peak_ratio": peak_ratio,
+        "frames_scaling_pss_ratio": pss_ratio,
     }
     out = args.workdir / "bench.json"
     out.write_text(json.dumps(report, indent=2))
