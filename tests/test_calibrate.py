@@ -333,3 +333,21 @@ def test_sigterm_stops_cleanly_with_exit_130(small_night, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert len(list(folder.glob("*_CAL.fits"))) == 6
+
+
+def test_sky_and_noise_of_a_subsample_match_the_whole_frame():
+    from astep_dask.calibrate import sky_and_noise
+    from astep_dask.mask import robust_sigma
+
+    rng = np.random.default_rng(3)
+    sci = rng.normal(600.0, 25.0, (1024, 1024)).astype(np.float32)
+    good = rng.random(sci.shape) > 0.1
+    sci[~good] = 1e6  # masked pixels must not count
+    sky, noise = sky_and_noise(sci, good)
+    # The median of 2^18 of the values is within a few 1e-3 sigma of the full median.
+    assert abs(sky - np.median(sci[good])) < 0.01 * 25.0
+    assert noise == pytest.approx(robust_sigma(sci[good]), rel=0.01)
+    small = np.zeros((4, 4), bool)
+    small[3, 3] = True
+    assert sky_and_noise(np.arange(16, dtype=np.float32).reshape(4, 4), small)[0] == 15.0
+    assert np.isnan(sky_and_noise(sci, np.zeros(sci.shape, bool))[0])
