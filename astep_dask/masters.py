@@ -21,6 +21,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from astropy.table import Table
 
 from . import __version__
 from .calibrate import FrameMasters, overscan_level
-from .combine import Combined, NoiseModel, combine
+from .combine import Combined, NoiseModel, combine_lazy, median
 from .config import Settings
 from .fitsio import atomic_write, stamp
 from .layout import FrameRecord, FrameType, Inventory
@@ -168,6 +169,26 @@ def prepared_stack(records: Sequence[FrameRecord], settings: Settings) -> xr.Dat
     return stack if levels is None else stack - levels
 
 
+def _strip_chunked(image: np.ndarray | xr.DataArray, stack: xr.DataArray) -> xr.DataArray:
+    """An in-memory image (``(y, x)`` or ``(frame, y, x)``) as a dask array in the row
+    strips of ``stack``: each strip task then gets its own slice, instead of the whole
+    image being one object of the graph that every task depends on."""
+    arr = image if isinstance(image, xr.DataArray) else xr.DataArray(image, dims=("y", "x"))
+    rows = stack.data.chunks[1]
+    chunks = tuple(rows if d == "y" else -1 for d in arr.dims)
+    return arr.copy(data=da.from_array(np.asarray(arr.data), chunks=chunks))
+
+
+def compute_combined(*lazy: xr.Dataset) -> list[Combined]:
+    """Compute several lazy combinations (:func:`astep_dask.combine.combine_lazy`) in one
+    graph: their strips share the workers, instead of each master waiting for the
+    stragglers of the one before."""
+    arrays = [ds[v].data for ds in lazy for v in ("data", "var", "count")]
+    values = da.compute(*arrays)
+    return [Combined(data=values[i], var=values[i + 1], count=values[i + 2].astype(np.int32))
+            for i in range(0, len(values), 3)]
+
+
 def _combine_cards(settings: Settings, n: int, result: Combined) -> dict[str, tuple]:
     c = settings.combine
     return {
@@ -241,7 +262,7 @@ def dark_for_exptime(t: float, bias: Master | None, darks: dict[float, Master]) 
         if fit is not None:
             current = d.data - fit[0]
         else:
-            current = np.maximum(d.data - np.median(d.data), 0)
+            current = np.maximum(d.data - np.float32(median(d.data)), 0)
         return DarkSolution(d.data, _var(d), current, f"dark {t:g}s (carries the bias)",
                             (match,), False)
     fit = _dark_fit(darks)
@@ -334,6 +355,22 @@ def frame_masters(
     return fm, cards
 
 
+def flat_level(rec: FrameRecord, box: tuple[slice, slice], dark_box: np.ndarray,
+               overscan: bool) -> float:
+    """Median of a flat's central ``box`` (rows, columns of its data section), overscan-
+    (when ``overscan`` and the frame has one) and dark-subtracted; ``dark_box`` is the
+    dark's same box, so only it, not the whole dark, goes to the worker."""
+    rows, cols = box
+    sec = frame_section(rec)
+    raw = read_section(rec.path, rec.hdu, slice(sec.y0 + rows.start, sec.y0 + rows.stop),
+                       slice(sec.x0 + cols.start, sec.x0 + cols.stop))
+    if rec.overscan is not None and overscan:
+        region = read_section(rec.path, rec.hdu, *rec.overscan.slices)
+        raw = raw - np.float32(overscan_level(region))
+    raw -= dark_box
+    return float(np.nanmedian(raw))
+
+
 @dataclass
 class MasterReport:
     """What was built, reused or could not be made, for the manifest."""
@@ -359,6 +396,18 @@ class MasterBuilder:
         flat = inventory.exptimes(FrameType.FLAT)
         self.science_exptime = sci[0] if sci else None
         self.flat_exptime = flat[0] if flat else None
+        self._writer: ThreadPoolExecutor | None = None  # set while build() runs
+        self._writes: list[Future] = []
+
+    def _write(self, master: Master, path: Path) -> None:
+        """Write a master: at once, or (inside :meth:`build`) on a background thread, so
+        the FITS encoding and fsync overlap the next master's computation. The master's
+        ``path`` is set either way; :meth:`build` waits for every write before returning."""
+        if self._writer is None:
+            write_master(master, path)
+            return
+        master.path = Path(path)
+        self._writes.append(self._writer.submit(write_master, master, path))
 
     # -- helpers ---------------------------------------------------------------------
     def _name(self, role: str, exptime: float | None = None, filter: str = "") -> str:
@@ -412,9 +461,14 @@ class MasterBuilder:
         return False
 
     def _combine(self, records: Sequence[FrameRecord], subtract=None, levels=None) -> Combined:
+        return compute_combined(self._combine_lazy(records, subtract, levels))[0]
+
+    def _combine_lazy(self, records: Sequence[FrameRecord], subtract=None,
+                      levels=None) -> xr.Dataset:
+        """The lazy robust combination of ``records`` (see :func:`compute_combined`)."""
         stack = prepared_stack(records, self.settings)
         if subtract is not None:
-            stack = stack - subtract
+            stack = stack - _strip_chunked(subtract, stack)
         if levels is not None:
             stack = stack / xr.DataArray(np.asarray(levels, np.float32), dims="frame")
         noise = None
@@ -426,7 +480,7 @@ class MasterBuilder:
                 levels=tuple(float(v) for v in levels) if levels is not None else (),
                 pedestal=0.0 if (levels is not None or subtract is not None) else None,
             )
-        return combine(stack, self.settings.combine, noise)
+        return combine_lazy(stack, self.settings.combine, noise)
 
     def _settings_digest(self) -> str:
         return self.settings.digest("combine", "flat", "mask", "detector")
@@ -444,13 +498,14 @@ class MasterBuilder:
         res = self._combine(recs)
         m = Master("bias", res.data, res.var, res.count, digest,
                    _combine_cards(self.settings, len(recs), res), _inputs_table(recs))
-        write_master(m, path)
+        self._write(m, path)
         self.report.built.append(path.name)
         return m
 
     def darks(self, bias: Master | None) -> dict[float, Master]:
         """Master dark per exposure time (bias-subtracted when there is a bias)."""
         out: dict[float, Master] = {}
+        todo = []  # darks to build, all in one graph
         for et in self.inv.exptimes(FrameType.DARK):
             recs = self.inv.select(FrameType.DARK, exptime=et)
             name = self._name("dark", et)
@@ -463,16 +518,22 @@ class MasterBuilder:
                                self._settings_digest(), __version__)
             path = self.out / name
             if (m := self._existing(path, digest)) is None:
-                res = self._combine(recs, subtract=bias.data if bias is not None else None)
-                cards = _combine_cards(self.settings, len(recs), res)
-                cards["EXPTIME"] = (float(et), "[s] exposure time of the darks")
-                cards["DARKBIAS"] = (bias is not None,
-                                     "bias subtracted (F: the dark carries the bias)")
-                m = Master("dark", res.data, res.var, res.count, digest, cards,
-                           _inputs_table(recs))
-                write_master(m, path)
-                self.report.built.append(path.name)
+                todo.append((et, recs, digest, path))
+            else:
+                out[et] = m
+        lazy = [self._combine_lazy(recs, subtract=bias.data if bias is not None else None)
+                for _, recs, _, _ in todo]
+        for (et, recs, digest, path), res in zip(todo, compute_combined(*lazy), strict=True):
+            cards = _combine_cards(self.settings, len(recs), res)
+            cards["EXPTIME"] = (float(et), "[s] exposure time of the darks")
+            cards["DARKBIAS"] = (bias is not None,
+                                 "bias subtracted (F: the dark carries the bias)")
+            m = Master("dark", res.data, res.var, res.count, digest, cards,
+                       _inputs_table(recs))
+            self._write(m, path)
+            self.report.built.append(path.name)
             out[et] = m
+        out = dict(sorted(out.items()))
         if not out and self.science_exptime is not None:
             fb = self._fallback(self._name("dark", self.science_exptime).split("_", 1)[1],
                                 "dark", "no usable darks")
@@ -480,19 +541,13 @@ class MasterBuilder:
                 out[self.science_exptime] = fb
         return out
 
-    def _flat_level(self, rec: FrameRecord, dark: np.ndarray) -> float:
+    def _central_box(self, rec: FrameRecord) -> tuple[slice, slice]:
+        """Rows and columns (of the data section) where a flat's level is measured."""
         f = self.settings.flat.central_fraction
         ny, nx = frame_section(rec).shape
         hy, hx = int(ny * f / 2), int(nx * f / 2)
         cy, cx = ny // 2, nx // 2
-        rows, cols = slice(cy - hy, cy + hy), slice(cx - hx, cx + hx)
-        sec = frame_section(rec)
-        raw = read_section(rec.path, rec.hdu, slice(sec.y0 + rows.start, sec.y0 + rows.stop),
-                           slice(sec.x0 + cols.start, sec.x0 + cols.stop))
-        if rec.overscan is not None and self.settings.detector.overscan == "auto":
-            region = read_section(rec.path, rec.hdu, *rec.overscan.slices)
-            raw = raw - np.float32(overscan_level(region))
-        return float(np.nanmedian(raw - dark[rows, cols]))
+        return slice(cy - hy, cy + hy), slice(cx - hx, cx + hx)
 
     def flats(self, bias: Master | None, darks: dict[float, Master]) -> dict[str, Master]:
         """Master flat per filter: dark-subtracted, level-scaled, clipped, median 1."""
@@ -520,12 +575,18 @@ class MasterBuilder:
             if (m := self._existing(path, digest)) is not None:
                 out[filt] = m
                 continue
+            box = self._central_box(recs[0])
+            dark_boxes = {et: dask.delayed(np.ascontiguousarray(d.total[box]))
+                          for et, d in dark_info.items()}
+            overscan = self.settings.detector.overscan == "auto"
             levels = dask.compute(*[
-                dask.delayed(self._flat_level)(r, dark_info[r.exptime].total) for r in recs
+                dask.delayed(flat_level)(r, box, dark_boxes[r.exptime], overscan)
+                for r in recs
             ])
             keep, kept_levels = [], []
+            dark_levels = {et: median(d.total) for et, d in dark_info.items()}
             for r, level in zip(recs, levels, strict=True):
-                dark_level = float(np.median(dark_info[r.exptime].total))
+                dark_level = dark_levels[r.exptime]
                 sat = r.saturation or self.settings.detector.saturation_adu
                 if not np.isfinite(level):
                     reason = "no finite pixels in the central region"
@@ -577,7 +638,7 @@ class MasterBuilder:
             mask = existing
         else:
             masks = [
-                bad_pixel_mask(f.data / np.float32(np.nanmedian(f.data)), hot_source,
+                bad_pixel_mask(f.data / np.float32(median(f.data, skip_nan=True)), hot_source,
                                self.settings.mask)
                 for f in flats.values()
             ]
@@ -597,24 +658,35 @@ class MasterBuilder:
             if hot_source is not None:
                 cards["HOTNOISE"] = (robust_sigma(hot_source), "[adu] robust sigma of dark")
             mask = Master("mask", data.astype(MASK_DTYPE), None, None, digest, cards)
-            write_master(mask, path)
+            self._write(mask, path)
             self.report.built.append(path.name)
         for filt, f in flats.items():
             if f.path is not None:
                 continue  # reused or fallback: already normalised
             good = (mask.data == 0) & np.isfinite(f.data)
-            norm = np.float32(np.median(f.data[good]))
+            norm = np.float32(median(f.data[good]))
             f.data = f.data / norm
             if f.var is not None:
                 f.var = f.var / (norm * norm)
             f.cards["FLATNORM"] = (float(norm), "divided by the median of good pixels")
             f.cards["NORMMETH"] = ("median of unmasked pixels", "flat normalisation")
-            write_master(f, self.out / self._name("flat", filter=filt))
+            self._write(f, self.out / self._name("flat", filter=filt))
             self.report.built.append(f.path.name)
         return mask
 
     def build(self) -> MasterPaths:
-        """Build or reuse every master; return their paths."""
+        """Build or reuse every master; return their paths (once all are written)."""
+        with ThreadPoolExecutor(1, thread_name_prefix="master-writer") as writer:
+            self._writer, self._writes = writer, []
+            try:
+                paths = self._build()
+            finally:
+                self._writer = None
+        for w in self._writes:
+            w.result()  # re-raise a failed write
+        return paths
+
+    def _build(self) -> MasterPaths:
         self.out.mkdir(parents=True, exist_ok=True)
         bias = self.bias()
         darks = self.darks(bias)
@@ -629,7 +701,7 @@ class MasterBuilder:
                 role = m.role
                 name = self._name(role, m.exptime if role == "dark" else None,
                                   str(m.cards.get("FILTER", ("",))[0]) if role == "flat" else "")
-                write_master(m, self.out / name)
+                self._write(m, self.out / name)
         return MasterPaths(
             bias=bias.path if bias else None,
             darks=tuple(sorted((et, m.path) for et, m in darks.items())),

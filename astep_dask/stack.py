@@ -24,9 +24,14 @@ from .layout import FrameRecord, Section
 
 FLOAT = np.float32
 _BYTES = np.dtype(FLOAT).itemsize
-# Working copies of a strip that the robust combination holds at its peak, measured with
-# tracemalloc on clip_combine (about 8x the strip; benchmarks/masters_memory.py).
-STRIP_COPIES = 8
+# Copies of a strip alive at the peak of a master's strip task: the strip read, up to two
+# results of the subtraction and scaling before the combination, and the combination's
+# own working set (at most 2.5x the strip, measured with tracemalloc on clip_combine;
+# benchmarks/masters_memory.py measures the whole build).
+STRIP_COPIES = 5
+# At least this many strips per stack, when the budget would allow fewer: a master is
+# then shared evenly by a few workers instead of waiting for one last large strip.
+MIN_STRIPS = 8
 
 
 def read_section(path: Path, hdu: int, rows: slice, cols: slice) -> np.ndarray:
@@ -175,11 +180,13 @@ def open_stack(
 
 
 def strip_rows(n_frames: int, shape: tuple[int, int], budget_mb: float,
-               copies: int = STRIP_COPIES) -> int:
+               copies: int = STRIP_COPIES, min_strips: int = MIN_STRIPS) -> int:
     """Rows per strip so that one strip of every frame, and ``copies`` working copies of
-    it, fit within ``budget_mb`` megabytes (at least one row)."""
+    it, fit within ``budget_mb`` megabytes (at least one row), and the frame is cut into
+    at least ``min_strips`` strips."""
     per_row = n_frames * shape[1] * _BYTES * copies
-    return int(max(1, min(shape[0], math.floor(budget_mb * 1e6 / per_row))))
+    rows = min(shape[0], math.floor(budget_mb * 1e6 / per_row), -(-shape[0] // min_strips))
+    return int(max(1, rows))
 
 
 def read_strip(frames: tuple[tuple[Path, int, Section], ...], y0: int, y1: int) -> np.ndarray:
