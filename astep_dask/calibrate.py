@@ -10,14 +10,14 @@ astroscrappy. Nothing here does I/O.
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass
 
 import astroscrappy
 import numpy as np
+from scipy import ndimage
 
 from .config import CosmicSettings
-from .cosmics import unflag_stars
+from .cosmics import nonzero2d, psf_sigma, sky_level, unflag_stars
 from .layout import Section
 from .mask import MASK_DTYPE, Bit, flag, robust_sigma
 
@@ -25,7 +25,7 @@ from .mask import MASK_DTYPE, Bit, flag, robust_sigma
 UNUSABLE = flag(Bit.BAD, Bit.NO_DATA, Bit.SAT)
 MIN_FLAT = 1e-3  # flat response below which a pixel holds no usable data
 EDGE_PAD = 8  # pixels mirrored around a frame before cosmic-ray detection
-TILE_MARGIN = 16  # context around a tile: covers astroscrappy's filter footprints
+BRIGHT = np.float32(1e30)  # stands for saturated pixels when looking for candidates
 
 
 def overscan_level(region: np.ndarray) -> float:
@@ -83,22 +83,31 @@ class Detector:
 
 def fill_masked(image: np.ndarray, bad: np.ndarray, half: int = 2) -> np.ndarray:
     """Copy of ``image`` with ``bad`` pixels replaced by the median of their good
-    neighbours in a (2·half+1)² box (the global median where a box has none)."""
+    neighbours in a (2·half+1)² box (the global median where a box has none).
+
+    Non-finite pixels do not count as good neighbours. The boxes are sorted with the
+    pixels that do not count pushed to their end, and each median is read off the sorted
+    box from its own count of good pixels: the same values as ``np.nanmedian``, without
+    its slow path for many small rows.
+    """
     out = image.copy()
-    ys, xs = np.nonzero(bad)
+    ys, xs = nonzero2d(bad)
     if ys.size == 0:
         return out
     ny, nx = image.shape
     offsets = np.arange(-half, half + 1)
     yy = np.clip(ys[:, None, None] + offsets[None, :, None], 0, ny - 1)
     xx = np.clip(xs[:, None, None] + offsets[None, None, :], 0, nx - 1)
-    values = np.where(bad[yy, xx], np.nan, image[yy, xx]).reshape(ys.size, -1)
-    with warnings.catch_warnings():  # all-NaN boxes are expected; handled below
-        warnings.simplefilter("ignore", RuntimeWarning)
-        fill = np.nanmedian(values, axis=1)
-    good = ~bad & np.isfinite(image)
-    fallback = np.median(image[good]) if good.any() else 0.0
-    out[ys, xs] = np.where(np.isfinite(fill), fill, fallback)
+    values = image[yy, xx].reshape(ys.size, -1)
+    good = ~bad[yy, xx].reshape(ys.size, -1) & np.isfinite(values)
+    values = np.sort(np.where(good, values, np.inf), axis=1)
+    n = good.sum(axis=1)
+    rows = np.arange(ys.size)
+    fill = (values[rows, np.maximum((n - 1) // 2, 0)] + values[rows, n // 2]) / 2
+    if (n == 0).any():  # a box without any good pixel
+        usable = ~bad & np.isfinite(image)
+        fill[n == 0] = np.median(image[usable]) if usable.any() else 0.0
+    out[ys, xs] = fill
     return out
 
 
@@ -108,83 +117,208 @@ def find_cosmics(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cosmic-ray pixels of a calibrated frame (electrons, sky included) with astroscrappy.
 
-    Unusable pixels are filled from their neighbours rather than passed as ``inmask``
-    (astroscrappy grows an input mask and then misses cosmic rays touching it).
-    Saturated pixels are set above a ``satlevel`` that no real pixel reaches, so that
-    astroscrappy protects saturated stars as it is designed to. Returns the CR mask and
-    astroscrappy's cleaned image.
+    With ``settings.tile > 0`` astroscrappy runs only on small windows around groups of
+    candidate pixels (see :func:`candidate_pixels` and :func:`search_windows`): its median
+    filters cost the same on every pixel, and most of a frame is clean sky and stars.
+    With ``tile = 0`` it runs on the whole frame. Either way each window is prepared alike
+    (:func:`_detect`): unusable pixels are filled from their neighbours rather than passed
+    as ``inmask`` (astroscrappy grows an input mask and then misses cosmic rays touching
+    it), saturated pixels are set above a ``satlevel`` that no other pixel of the window
+    reaches (astroscrappy then protects saturated stars as it is designed to), and frame
+    edges are mirrored over ``EDGE_PAD`` pixels (its median filters otherwise miss most
+    cosmic rays within a few pixels of the edges).
+
+    Returns the CR mask and a copy of ``sci`` in which the flagged pixels hold
+    astroscrappy's cleaned values.
     """
-    unusable = (mask & UNUSABLE) != 0
-    data = fill_masked(sci, unusable)
-    variance = fill_masked(var, unusable)
-    sat = (mask & flag(Bit.SAT)) != 0
-    top = float(np.max(data[~sat])) if (~sat).any() else 1.0
-    satlevel = 2.0 * abs(top) + 1.0
-    data[sat] = 2.0 * satlevel
-    # Mirror a margin around the frame: astroscrappy's median filters otherwise miss most
-    # cosmic rays within a few pixels of the edges.
+    ny, nx = sci.shape
     pad = EDGE_PAD if min(sci.shape) > 2 * EDGE_PAD else 0
-    data = np.pad(data, pad, mode="reflect").astype(np.float32)
-    variance = np.pad(np.maximum(variance, 1e-6), pad, mode="reflect").astype(np.float32)
-
-    def detect(window: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
-        return astroscrappy.detect_cosmics(
-            data[window], invar=variance[window], sigclip=settings.sigclip,
-            sigfrac=settings.sigfrac, objlim=settings.objlim, gain=1.0, readnoise=read_noise,
-            satlevel=satlevel, niter=settings.niter, sepmed=True, cleantype="meanmask",
-            fsmode="median",
-        )
-
+    usable = (mask & UNUSABLE) == 0
+    sigma = None
     if settings.tile <= 0:
-        crmask, clean = detect((slice(None), slice(None)))
+        boxes = [((0, ny, 0, nx), (-pad, ny + pad, -pad, nx + pad))]
     else:
-        crmask = np.zeros(data.shape, bool)
-        clean = data.copy()
-        for core in candidate_tiles(data, variance, settings):
-            window = tuple(
-                slice(max(c.start - TILE_MARGIN, 0), min(c.stop + TILE_MARGIN, n))
-                for c, n in zip(core, data.shape, strict=True)
-            )
-            cr, cl = detect(window)
-            inner = tuple(slice(c.start - w.start, c.stop - w.start)
-                          for c, w in zip(core, window, strict=True))
-            crmask[core] = cr[inner]
-            clean[core] = cl[inner]
-    if pad:
-        crmask, clean = crmask[pad:-pad, pad:-pad], clean[pad:-pad, pad:-pad]
-    crmask &= ~unusable
-    if settings.protect_stars:
+        sigma = psf_sigma(sci, var, usable)
+        ys, xs = candidate_pixels(sci, var, mask, settings, sigma, usable)
+        boxes = search_windows(ys, xs, sci.shape, settings, pad)
+    found, values = [], []
+    for core, window in boxes:
+        cr, cl = _detect(sci, var, mask, window, settings, read_noise)
+        # Keep the core: its pixels have all the context astroscrappy's filters need.
+        inner = (slice(core[0] - window[0], core[1] - window[0]),
+                 slice(core[2] - window[2], core[3] - window[2]))
+        cr = cr[inner] & ((mask[core[0]:core[1], core[2]:core[3]] & UNUSABLE) == 0)
+        r, c = nonzero2d(cr)
+        found.append((r + core[0]) * nx + c + core[2])
+        values.append(cl[inner][r, c])
+    index = np.concatenate(found) if found else np.zeros(0, int)
+    cleaned = np.concatenate(values) if values else np.zeros(0, np.float32)
+    crmask = np.zeros(sci.shape, bool)
+    crmask.flat[index] = True  # cores may overlap: a pixel can be found twice, alike
+    if settings.protect_stars and index.size:
         # LA Cosmic flags cores of sharp stars (FWHM ~3 px): unflag what a PSF fit explains.
-        crmask = unflag_stars(crmask, sci, var, ~unusable)
+        crmask = unflag_stars(crmask, sci, var, usable, psf_sigma=sigma)
+    clean = sci.copy()
+    kept = crmask.flat[index]
+    clean.flat[index[kept]] = cleaned[kept]
     return crmask, clean
 
 
-def candidate_tiles(
-    data: np.ndarray, variance: np.ndarray, settings: CosmicSettings
-) -> list[tuple[slice, slice]]:
-    """Tiles of the frame that may hold a cosmic ray: those with a pixel that stands
-    ``candidate_sigma`` noise sigmas above the mean of its 8 neighbours *and* is sharper
-    than a star (its excess over the neighbours is more than ``candidate_sharpness`` of
-    its excess over the sky; a Gaussian star of FWHM 3 px gives about 0.3, a cosmic ray
-    close to 1). Clean sky and stars need no cosmic-ray search, and skipping them is
-    where the time goes: astroscrappy's median filters cost the same on every pixel.
+def _detect(
+    sci: np.ndarray, var: np.ndarray, mask: np.ndarray, window: tuple[int, int, int, int],
+    settings: CosmicSettings, read_noise: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """astroscrappy on one window ``(y0, y1, x0, x1)`` of the frame.
+
+    The window may reach past the frame's edges by up to ``EDGE_PAD`` pixels; that part
+    is the frame mirrored. Returns astroscrappy's CR mask and cleaned image of the window.
     """
-    padded = np.pad(data, 1, mode="edge")
-    ny, nx = data.shape
-    neighbours = sum(
-        padded[1 + dy : 1 + dy + ny, 1 + dx : 1 + dx + nx]
-        for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx
-    ) / np.float32(8)
-    excess = data - neighbours
-    above_sky = data - np.float32(np.median(data))
-    cand = (excess > settings.candidate_sigma * np.sqrt(variance)) & (
-        excess > settings.candidate_sharpness * above_sky
+    ny, nx = sci.shape
+    y0, y1, x0, x1 = window
+    inside = (slice(max(y0, 0), min(y1, ny)), slice(max(x0, 0), min(x1, nx)))
+    bits = mask[inside]
+    bad = (bits & UNUSABLE) != 0
+    data = sci[inside]
+    variance = var[inside]
+    if bad.any():
+        data = fill_masked(data, bad)
+        variance = fill_masked(variance, bad)
+    else:
+        data = data.copy()
+    hot = (bits & flag(Bit.SAT)) != 0
+    top = float(np.max(data, where=~hot, initial=-np.inf))
+    satlevel = 2.0 * abs(top) + 1.0 if np.isfinite(top) else 1.0
+    data[hot] = 2.0 * satlevel
+    widths = ((max(-y0, 0), max(y1 - ny, 0)), (max(-x0, 0), max(x1 - nx, 0)))
+    if any(w for pair in widths for w in pair):
+        data = np.pad(data, widths, mode="reflect")
+        variance = np.pad(variance, widths, mode="reflect")
+    return astroscrappy.detect_cosmics(
+        data.astype(np.float32, copy=False),
+        invar=np.maximum(variance, 1e-6).astype(np.float32, copy=False),
+        sigclip=settings.sigclip, sigfrac=settings.sigfrac, objlim=settings.objlim,
+        gain=1.0, readnoise=read_noise, satlevel=satlevel, niter=settings.niter,
+        sepmed=True, cleantype="meanmask", fsmode="median",
     )
-    ys, xs = np.nonzero(cand)
+
+
+def star_sharpness(sigma: float) -> float:
+    """The most a star's light lifts a pixel above the mean of its 8 neighbours, as a
+    fraction of its height above the sky, for a Gaussian PSF of ``sigma`` px.
+
+    For a Gaussian the ratio of the mean of the neighbours to the pixel is at least
+    ``exp(-mean(d²) / 2σ²)`` wherever the pixel is (Jensen's inequality; the mean of the
+    squared offsets ``d`` of the 8 neighbours is 1.5 px²), with pixel integration adding
+    1/12 px² to σ². About 0.34 for σ = 1.3 px (FWHM 3 px), 0.5 for σ = 1 px.
+    """
+    return float(1.0 - np.exp(-0.75 / (sigma**2 + 1.0 / 12.0)))
+
+
+def candidate_pixels(
+    sci: np.ndarray, var: np.ndarray, mask: np.ndarray, settings: CosmicSettings,
+    psf_sigma: float | None = None, usable: np.ndarray | None = None, block: int = 64,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels that may be part of a cosmic ray, as row and column indices.
+
+    A candidate stands ``candidate_sigma`` noise sigmas above the mean of its 8
+    neighbours *and* is sharper than a star: its excess over the neighbours is more than
+    ``candidate_sharpness`` of its excess over the sky (a Gaussian star of FWHM 3 px gives
+    at most 0.34, a cosmic ray close to 1). On a star that test fails for a cosmic ray
+    lower than the star; given the PSF width (``psf_sigma``, px), a pixel whose excess
+    over its neighbours is ``candidate_sigma`` sigmas more than a star can give it (see
+    :func:`star_sharpness`) is a candidate too. Unusable pixels (``usable`` when given,
+    else from ``mask``) are never candidates; as neighbours they count as sky, except
+    saturated ones, which count as infinitely bright, so that the rim of a saturated star
+    (protected by astroscrappy anyway) does not look like a peak.
+
+    The frame is processed in blocks of ``block`` rows, which keeps the temporaries in
+    the CPU cache, and the sharpness tests are made only on the few pixels that pass the
+    first one.
+    """
+    ny, nx = sci.shape
+    if usable is None:
+        usable = (mask & UNUSABLE) == 0
+    stride = max(sci.size // 250_000, 1)  # the sky from a subsample, as sky_level does
+    sky = np.float32(sky_level(sci.ravel()[::stride], usable.ravel()[::stride])[0])
+    cut = np.float32(settings.candidate_sigma)
+    star = np.inf if psf_sigma is None else star_sharpness(psf_sigma)
+    sat = flag(Bit.SAT)
+    part = np.empty((block + 2, nx + 2), np.float32)  # a block and its neighbours
+    ys, xs = [], []
+    for y0 in range(0, ny, block):
+        y1 = min(y0 + block, ny)
+        n = y1 - y0
+        lo, hi = max(y0 - 1, 0), min(y1 + 1, ny)
+        inner = part[lo - y0 + 1:hi - y0 + 1, 1:-1]
+        np.copyto(inner, sci[lo:hi])
+        br, bc = nonzero2d(~usable[lo:hi])
+        inner[br, bc] = np.where((mask[lo:hi][br, bc] & sat) != 0, BRIGHT, sky)
+        if lo == y0:  # the frame's edges: repeat the edge pixels
+            part[0, 1:-1] = part[1, 1:-1]
+        if hi == y1:
+            part[n + 1, 1:-1] = part[n, 1:-1]
+        view = part[:n + 2]
+        view[:, 0] = view[:, 1]
+        view[:, -1] = view[:, -2]
+        rows = view[:-2] + view[1:-1]
+        rows += view[2:]
+        excess = rows[:, :-2] + rows[:, 1:-1]
+        excess += rows[:, 2:]  # 3x3 sums
+        data = view[1:-1, 1:-1]
+        excess -= data
+        excess *= np.float32(-1.0 / 8.0)
+        excess += data  # data - mean of the 8 neighbours
+        noise = np.sqrt(var[y0:y1])
+        noise *= cut
+        r, c = nonzero2d(excess > noise)
+        e, above, lim = excess[r, c], data[r, c] - sky, noise[r, c]
+        keep = ((e > settings.candidate_sharpness * above) | (e > star * above + lim))
+        keep &= usable[y0:y1][r, c]
+        ys.append(r[keep] + y0)
+        xs.append(c[keep])
+    return np.concatenate(ys), np.concatenate(xs)
+
+
+def search_windows(
+    ys: np.ndarray, xs: np.ndarray, shape: tuple[int, int], settings: CosmicSettings,
+    pad: int = EDGE_PAD,
+) -> list[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]]:
+    """The windows astroscrappy searches, around groups of candidate pixels.
+
+    Candidates are grouped on a grid of ``tile``-pixel cells: 8-connected cells that hold
+    candidates form a group. A group's *core* is the bounding box of its candidates grown
+    by ``reach`` pixels (a cosmic ray's pixels that are not candidates themselves, and
+    astroscrappy's growth of its detections); its *window* is the core grown by
+    ``margin`` pixels, the context that astroscrappy's filter footprints need for the
+    result in the core to be the one on the whole frame. Past the frame's edges a window
+    extends by at most ``pad`` pixels (mirrored, see :func:`_detect`).
+
+    Returns
+    -------
+    list of (core, window)
+        Each as ``(y0, y1, x0, x1)`` (end exclusive); cores are within the frame.
+    """
+    if ys.size == 0:
+        return []
+    ny, nx = shape
     t = settings.tile
-    keys = np.unique(np.stack([ys // t, xs // t], axis=1), axis=0) if ys.size else []
-    return [(slice(ty * t, min((ty + 1) * t, ny)), slice(tx * t, min((tx + 1) * t, nx)))
-            for ty, tx in keys]
+    cells = np.zeros((-(-ny // t), -(-nx // t)), bool)
+    cells[ys // t, xs // t] = True
+    labels, n = ndimage.label(cells, structure=np.ones((3, 3), bool))
+    group = labels[ys // t, xs // t] - 1
+    boxes = np.full((n, 4), [ny, 0, nx, 0])
+    np.minimum.at(boxes[:, 0], group, ys)
+    np.maximum.at(boxes[:, 1], group, ys + 1)
+    np.minimum.at(boxes[:, 2], group, xs)
+    np.maximum.at(boxes[:, 3], group, xs + 1)
+    r, m = settings.reach, settings.margin
+    out = []
+    for y0, y1, x0, x1 in boxes.tolist():
+        core = (max(y0 - r, 0), min(y1 + r, ny), max(x0 - r, 0), min(x1 + r, nx))
+        window = (max(core[0] - m, -pad), min(core[1] + m, ny + pad),
+                  max(core[2] - m, -pad), min(core[3] + m, nx + pad))
+        out.append((core, window))
+    return out
 
 
 def calibrate_frame(
@@ -210,30 +344,42 @@ def calibrate_frame(
         saturated = saturated[trim.slices]
     adu = overscan_trim(raw, overscan, trim)
     g = np.float32(detector.gain)
-    electrons = (adu - masters.dark) * g
+    # In-place float32 arithmetic: a 2048² plane is 16 MB, and every temporary counts
+    # against a worker's memory.
+    electrons = np.subtract(adu, masters.dark, dtype=np.float32)
+    electrons *= g
     flat = masters.flat
     with np.errstate(invalid="ignore", divide="ignore"):
         no_data = ~np.isfinite(flat) | (flat <= MIN_FLAT) | ~np.isfinite(electrons)
-        safe_flat = np.where(no_data, np.float32(1), flat)
-        sci = electrons / safe_flat
-        # Poisson of photo-electrons and dark current, read noise, master noise; then the flat.
-        var_e = (
-            np.maximum(electrons, 0)
-            + np.maximum(masters.dark_current, 0) * g
-            + np.float32(detector.read_noise**2)
-            + masters.dark_var * g * g
-        )
-        var = var_e / safe_flat**2 + sci**2 * masters.flat_var / safe_flat**2
+        inv_flat = np.where(no_data, np.float32(1), flat).astype(np.float32, copy=False)
+        np.reciprocal(inv_flat, out=inv_flat)
+        sci = electrons * inv_flat
+        # Poisson of photo-electrons and dark current, read noise, master noise; then the
+        # flat: var = var_e / flat² + sci² var(flat) / flat².
+        var = np.maximum(electrons, np.float32(0), out=electrons)
+        term = np.maximum(masters.dark_current, np.float32(0))
+        term *= g
+        var += term
+        var += np.float32(detector.read_noise**2)
+        np.multiply(masters.dark_var, g * g, out=term)
+        var += term
+        np.square(sci, out=term)
+        term *= masters.flat_var
+        var += term
+        np.square(inv_flat, out=term)
+        var *= term
+        del term
         no_data |= ~np.isfinite(sci) | ~np.isfinite(var)  # overflow: nothing to trust
     mask = masters.mask.astype(MASK_DTYPE, copy=True)
     mask[saturated] |= flag(Bit.SAT)
     mask[no_data] |= flag(Bit.NO_DATA)
-    sci = sci.astype(np.float32)
-    var = var.astype(np.float32)
+    sci = sci.astype(np.float32, copy=False)
+    var = var.astype(np.float32, copy=False)
     t1 = time.perf_counter()
     n_cr = 0
     if cosmics.enabled:
-        read_noise_e = detector.read_noise / float(np.median(safe_flat))
+        step = max(inv_flat.size // STAT_SAMPLE, 1)
+        read_noise_e = detector.read_noise * float(np.median(inv_flat.ravel()[::step]))
         crmask, clean = find_cosmics(sci, var, mask, cosmics, read_noise_e)
         mask[crmask] |= flag(Bit.CR)
         n_cr = int(crmask.sum())

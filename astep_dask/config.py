@@ -74,7 +74,11 @@ class CosmicSettings:
     niter: int = 4
     replace: bool = False  # keep astroscrappy's cleaned values in SCI
     protect_stars: bool = True  # unflag CR pixels that a PSF fit explains as star light
-    tile: int = 64  # run astroscrappy only on tiles with candidates (0: whole frame)
+    # astroscrappy runs only on windows around groups of candidate pixels (0: whole frame);
+    # candidates in 8-connected cells of this size (px) form one group.
+    tile: int = 8
+    reach: int = 4  # px around a group's candidates whose flags are kept (its core)
+    margin: int = 10  # px of context around a core: covers astroscrappy's filter footprints
     candidate_sigma: float = 4.5  # candidate: excess over its 8 neighbours, in noise sigmas
     candidate_sharpness: float = 0.5  # ... and that excess over its excess above the sky
 

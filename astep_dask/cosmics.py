@@ -26,7 +26,8 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, sparse
+from scipy.sparse import csgraph
 from scipy.special import erf
 
 SQRT2 = np.sqrt(2.0)
@@ -93,6 +94,16 @@ def _unpack(params: np.ndarray) -> tuple[np.ndarray, ...]:
     m = (params.shape[1] - 2) // 3
     return (params[:, 0], params[:, 1:1 + m], params[:, 1 + m:1 + 2 * m],
             params[:, 1 + 2 * m:1 + 3 * m], params[:, -1])
+
+
+def nonzero2d(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column indices of the true pixels of a 2-D array, as ``np.nonzero``.
+
+    Through the flat indices: ``np.nonzero`` on a 2-D array is many times slower than on
+    its flattened view, which matters on the blocks of a frame and the many small windows.
+    """
+    flat = np.flatnonzero(image)
+    return np.divmod(flat, image.shape[1])
 
 
 def _stamp_stat(func, values: np.ndarray, where: np.ndarray) -> np.ndarray:
@@ -392,7 +403,7 @@ def _stamps(
     return [np.where(inside, a[r, c], f) for a, f in zip(arrays, fill, strict=True)], bounds
 
 
-def _sky(sci: np.ndarray, usable: np.ndarray) -> tuple[float, float]:
+def sky_level(sci: np.ndarray, usable: np.ndarray) -> tuple[float, float]:
     """Median and robust sigma of the usable pixels (of a subsample on big frames)."""
     stride = max(sci.size // 250_000, 1)
     values = sci.ravel()[::stride]
@@ -404,6 +415,39 @@ def _sky(sci: np.ndarray, usable: np.ndarray) -> tuple[float, float]:
     return med, max(1.482602218505602 * mad, 1e-6)
 
 
+def _smooth3(
+    sci: np.ndarray, usable: np.ndarray, fill: float, threshold: float,
+    strips: list[tuple[int, int]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """3×3 mean of ``sci`` (float32) on some strips of rows, and the pixels of those
+    strips where it exceeds ``threshold``.
+
+    ``strips`` are ``(y0, y1)`` row ranges; the mean is ``-inf`` outside them. Pixels that
+    are not usable or not finite count as ``fill``; edge pixels are repeated past the
+    frame's edges, as ``ndimage.uniform_filter(data, 3)`` does. Short strips keep the
+    temporaries in the CPU cache: a few times faster than the filter on a whole frame.
+    """
+    ny = sci.shape[0]
+    smooth = np.full(sci.shape, -np.inf, np.float32)
+    ys, xs = [], []
+    for y0, y1 in strips:
+        lo, hi = max(y0 - 1, 0), min(y1 + 1, ny)
+        with np.errstate(invalid="ignore"):
+            part = np.where(usable[lo:hi] & np.isfinite(sci[lo:hi]), sci[lo:hi],
+                            np.float32(fill)).astype(np.float32, copy=False)
+        part = np.pad(part, ((lo - y0 + 1, y1 + 1 - hi), (1, 1)), mode="edge")
+        rows = part[:-2] + part[1:-1]
+        rows += part[2:]
+        out = smooth[y0:y1]
+        np.add(rows[:, :-2], rows[:, 1:-1], out=out)
+        out += rows[:, 2:]
+        out *= np.float32(1.0 / 9.0)
+        r, c = nonzero2d(out > threshold)
+        ys.append(r + y0)
+        xs.append(c)
+    return smooth, np.concatenate(ys), np.concatenate(xs)
+
+
 def psf_sigma(
     sci: np.ndarray,
     var: np.ndarray,
@@ -411,6 +455,7 @@ def psf_sigma(
     snr: float = 50.0,
     max_stars: int = 100,
     default: float = DEFAULT_SIGMA,
+    max_pixels: int = 1_000_000,
 ) -> float:
     """Gaussian sigma (px) of the PSF, from bright isolated unsaturated stars.
 
@@ -418,6 +463,10 @@ def psf_sigma(
     the brightest within 6 px and with no unusable pixel in their 13×13 stamp, are fitted
     with a pixel-integrated Gaussian of free width (cosmic rays on them clipped); the
     median width of the good fits is returned, ``default`` when fewer than 3 qualify.
+    On frames larger than ``max_pixels`` the stars are sought in evenly spaced strips of
+    rows that add up to about that many pixels: the brightest hundred stars of a quarter
+    of a 2048² frame measure its PSF as well, over the whole field, for a quarter of the
+    cost of smoothing it all.
 
     Parameters
     ----------
@@ -431,14 +480,27 @@ def psf_sigma(
         At most this many of the brightest candidates are fitted.
     default : float
         Returned when the frame has too few suitable stars.
+    max_pixels : int
+        Frames larger than this are sampled in strips of rows.
     """
     half = 6
-    sky, noise = _sky(sci, usable)
-    data = np.where(usable & np.isfinite(sci), sci, sky).astype(np.float32)
-    smooth = ndimage.uniform_filter(data, 3)
-    peaks = (smooth - sky > snr * noise / 3.0)
-    peaks[:half], peaks[-half:], peaks[:, :half], peaks[:, -half:] = False, False, False, False
-    ys, xs = np.nonzero(peaks)
+    ny, nx = sci.shape
+    sky, noise = sky_level(sci, usable)
+    height = 64
+    step = max(int(np.ceil(sci.size / max_pixels)), 1) * height
+    strips = [(y0, min(y0 + height, ny)) for y0 in range(0, ny, height)]
+    if step > height:  # evenly spaced strips, away from the frame's edges
+        strips = [(y0, y0 + height) for y0 in range((ny % step) // 2, ny - height + 1, step)]
+    smooth, ys, xs = _smooth3(sci, usable, sky, sky + snr * noise / 3.0, strips)
+    # Peaks whose 13×13 box lies in the frame and in the smoothed rows.
+    done = np.zeros(ny + 1, int)
+    for y0, y1 in strips:
+        done[y0 + 1:y1 + 1] = 1
+    done = np.cumsum(done)  # smoothed rows before each row
+    lo, hi = ys - half, ys + half + 1
+    inside = (lo >= 0) & (hi <= ny) & (xs >= half) & (xs < nx - half)
+    inside[inside] &= done[hi[inside]] - done[lo[inside]] == 2 * half + 1
+    ys, xs = ys[inside], xs[inside]
     # 3×3 local maxima, then the brightest few of them checked over 13×13: the brightest
     # there, and no unusable pixel.
     level = smooth[ys, xs]
@@ -595,6 +657,53 @@ def _fit_groups(
     return stars, resid
 
 
+def label_sparse(image: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """8-connected groups of a sparse boolean image: labels and bounding boxes.
+
+    The same labels as ``ndimage.label(image, EIGHT)`` (1, 2, ... in the order of each
+    group's first pixel in raster order), found from the set pixels alone: on a frame of
+    a few million pixels with a few hundred set, labelling and ``find_objects`` cost more
+    than everything else done with the groups.
+
+    Returns
+    -------
+    labels : ndarray of int32
+        0 outside the groups.
+    y0, y1, x0, x1 : ndarray of int
+        Bounding box of each group (end exclusive), in label order.
+    """
+    ny, nx = image.shape
+    flat = np.flatnonzero(image)
+    n = flat.size
+    ys, xs = np.divmod(flat, nx)
+    heads, tails = [], []
+    for dy, dx in ((0, 1), (1, -1), (1, 0), (1, 1)):  # the other four are their mirrors
+        ok = (ys + dy < ny) & (xs + dx >= 0) & (xs + dx < nx)
+        target = flat + dy * nx + dx
+        pos = np.minimum(np.searchsorted(flat, target), max(n - 1, 0))
+        ok &= flat[pos] == target if n else ok
+        heads.append(np.nonzero(ok)[0])
+        tails.append(pos[ok])
+    head, tail = np.concatenate(heads), np.concatenate(tails)
+    graph = sparse.coo_matrix((np.ones(head.size, bool), (head, tail)), shape=(n, n))
+    _, group = csgraph.connected_components(graph, directed=False)
+    # Number the groups by their first pixel (``flat`` is in raster order).
+    _, first = np.unique(group, return_index=True)
+    rank = np.empty(first.size, np.int64)
+    rank[np.argsort(first)] = np.arange(first.size)
+    number = rank[group]
+    labels = np.zeros(image.shape, np.int32)
+    labels.flat[flat] = number + 1
+    m = first.size
+    y0, x0 = np.full(m, ny), np.full(m, nx)
+    y1, x1 = np.zeros(m, int), np.zeros(m, int)
+    np.minimum.at(y0, number, ys)
+    np.maximum.at(y1, number, ys + 1)
+    np.minimum.at(x0, number, xs)
+    np.maximum.at(x1, number, xs + 1)
+    return labels, (y0, y1, x0, x1)
+
+
 def unflag_stars(
     crmask: np.ndarray,
     sci: np.ndarray,
@@ -676,12 +785,7 @@ def unflag_stars(
         return out
     sigma = psf_sigma if psf_sigma is not None else _measure_psf_sigma(sci, var, usable)
     rules = _Rules(k, snr, snr_out, min_peak, max_sources, width, model_error)
-    labels, _ = ndimage.label(out, EIGHT)
-    boxes = ndimage.find_objects(labels)
-    y0 = np.array([b[0].start for b in boxes])
-    y1 = np.array([b[0].stop for b in boxes])
-    x0 = np.array([b[1].start for b in boxes])
-    x1 = np.array([b[1].stop for b in boxes])
+    labels, (y0, y1, x0, x1) = label_sparse(out)
     cy, cx = (y0 + y1 - 1) // 2, (x0 + x1 - 1) // 2
     margin = max(int(np.ceil(3.0 * sigma)), 3)
     extent = np.maximum(y1 - y0, x1 - x0)
