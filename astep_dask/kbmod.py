@@ -72,9 +72,11 @@ from .register import (
     measure_offset,
     psf_sigma,
     resample,
+    shift_weights,
     sigma_from_moment,
     windowed_centroids,
 )
+from .search import filter_variance_factor
 
 # Concordia Station, Dome C (Antarctica), where ASTEP observes: 75°05'59" S, 123°19'56" E,
 # 3233 m above sea level (Wikipedia, "Concordia Station", infobox: 75.099780 S,
@@ -541,8 +543,29 @@ def frame_cards(f: CalFrame, job: ExportJob, offset: Offset, bkg: Background, in
         "PSFFWHM": (_f(figures["psf_fwhm"], 4), "[px] PSF FWHM of SCI"),
         "PSFSIG0": (_f(figures["psf_sigma_cal"], 4), "[px] PSF sigma before resampling"),
         "NSTARS": (int(figures["n_stars"]), "stars measured on the frame"),
+        "FILTVARF": (_f(filter_factor(offset.dx, offset.dy, (0.0, 0.0), figures["psf_sigma"],
+                                      info["var_pixel_factor"], ks.variance), 5),
+                     "Var(psi)/phi of PSFSIGMA filter: use VAR x this"),
     }
     return cards
+
+
+def filter_factor(dx: float, dy: float, kernel_var: tuple[float, float], sigma: float,
+                  var_pixel_factor: float = 1.0, variance: str = "area") -> float:
+    """FILTVARF of a frame registered with offset ``(dx, dy)`` then PSF-matched with
+    kernels of variance ``kernel_var``: what its VAR is multiplied by for the variance of a
+    matched filter of σ ``sigma`` (:func:`search.filter_variance_factor`; with the "pixel"
+    convention, VAR is ``var_pixel_factor`` times the area one, so that is divided out).
+    1 when σ is not known."""
+    from .template import kernel_1d
+
+    if not (np.isfinite(sigma) and sigma > 0):
+        return 1.0
+    _, fx, fy = shift_weights(dx, dy)
+    kx = [np.array([1 - fx, fx]), kernel_1d(kernel_var[0])]
+    ky = [np.array([1 - fy, fy]), kernel_1d(kernel_var[1])]
+    c = filter_variance_factor(kx, ky, sigma)
+    return c / var_pixel_factor if variance == "pixel" and var_pixel_factor > 0 else c
 
 
 # --------------------------------------------------------------------------- reference file

@@ -132,30 +132,55 @@ def load_frame_truth(night_dir: str | Path, stem: str) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z}
 
 
-def _psf_stamp(x: float, y: float, sigma: float, half: int) -> tuple[np.ndarray, int, int]:
-    """Pixel-integrated Gaussian around (x, y): stamp (sums to ~1) and its corner."""
+def psf_stamp(x: float, y: float, sigma: float, shape: tuple[int, int] | None = None,
+              half: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel-integrated circular Gaussian of σ ``sigma`` centred at ``(x, y)`` (pixel
+    centres at integers): the fraction of a point source's flux that falls in each pixel.
+
+    Parameters
+    ----------
+    x, y
+        Centre, px (x the column, y the row).
+    sigma
+        Gaussian σ, px, of the PSF *before* pixel integration.
+    shape
+        ``(ny, nx)`` of the image the stamp is for: rows and columns outside it are
+        dropped. None: no clipping.
+    half
+        Half-width of the stamp, px, around the pixel nearest to the centre; None:
+        ``ceil(5σ)``, which holds all but ~1e-6 of the flux.
+
+    Returns
+    -------
+    (stamp, ys, xs)
+        ``stamp[j, i]`` is the flux fraction in pixel ``(ys[j], xs[i])``: it sums to ~1
+        before clipping. Add a source with ``image[np.ix_(ys, xs)] += flux * stamp``.
+    """
+    half = int(np.ceil(5 * sigma)) if half is None else int(half)
     ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
-    edges_x = np.arange(ix - half, ix + half + 2) - 0.5
-    edges_y = np.arange(iy - half, iy + half + 2) - 0.5
+    xs = np.arange(ix - half, ix + half + 1)
+    ys = np.arange(iy - half, iy + half + 1)
     s = sigma * np.sqrt(2.0)
-    px = np.diff(0.5 * erf((edges_x - x) / s))
-    py = np.diff(0.5 * erf((edges_y - y) / s))
-    return np.outer(py, px), iy - half, ix - half
+    px = np.diff(0.5 * erf((np.append(xs - 0.5, xs[-1] + 0.5) - x) / s))
+    py = np.diff(0.5 * erf((np.append(ys - 0.5, ys[-1] + 0.5) - y) / s))
+    if shape is not None:
+        okx, oky = (xs >= 0) & (xs < shape[1]), (ys >= 0) & (ys < shape[0])
+        px, xs, py, ys = px[okx], xs[okx], py[oky], ys[oky]
+    return np.outer(py, px), ys, xs
 
 
 def add_sources(image: np.ndarray, xs, ys, fluxes, sigma: float) -> None:
-    """Add pixel-integrated Gaussian sources to ``image`` in place (clipped at edges)."""
+    """Add pixel-integrated Gaussian sources (:func:`psf_stamp`) to ``image`` in place
+    (clipped at edges)."""
     half = int(np.ceil(5 * sigma))
     ny, nx = image.shape
     for x, y, f in zip(xs, ys, fluxes, strict=True):
         if not (-half <= x < nx + half and -half <= y < ny + half):
             continue
-        stamp, y0, x0 = _psf_stamp(x, y, sigma, half)
-        sy0, sx0 = max(y0, 0), max(x0, 0)
-        sy1, sx1 = min(y0 + stamp.shape[0], ny), min(x0 + stamp.shape[1], nx)
-        if sy1 <= sy0 or sx1 <= sx0:
+        stamp, rows, cols = psf_stamp(x, y, sigma, (ny, nx), half)
+        if rows.size == 0 or cols.size == 0:
             continue
-        image[sy0:sy1, sx0:sx1] += f * stamp[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0]
+        image[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1] += f * stamp
 
 
 def _power_law(rng: np.random.Generator, n: int, lo: float, hi: float, slope: float = -1.5):

@@ -542,7 +542,7 @@ def difference_task(job: DifferenceJob) -> dict:
     Returns a summary row (``status`` done, skipped or failed with a ``reason``); write
     errors raise, naming the output.
     """
-    from .kbmod import PROV_KEY, existing_row, kbmod_hdul, read_calibrated
+    from .kbmod import PROV_KEY, existing_row, filter_factor, kbmod_hdul, read_calibrated
 
     row: dict = {"stem": job.stem, "output": job.output.name, "stage": "difference",
                  "provenance": job.provenance}
@@ -580,10 +580,20 @@ def difference_task(job: DifferenceJob) -> dict:
         "PSFKVARY": (float(job.kernel_var[1]), "[px2] y variance of the matching kernel"),
         "PSFSIGRG": (header.get("PSFSIGMA", -1.0), "[px] PSF sigma of the registered frame"),
     }
+    sigma = float(header.get("PSFSIGMA", -1.0))
     if ts.psf_match:
+        sigma = job.target_sigma
         cards["PSFSIGMA"] = (round(job.target_sigma, 4),
                              "[px] Gaussian PSF sigma of SCI (KBMOD psf)")
         cards["PSFFWHM"] = (round(2.354820045 * job.target_sigma, 4), "[px] PSF FWHM of SCI")
+    # The frame's noise went through its registration and matching kernels; the
+    # template's, through its own frames' kernels, alike to within a few per cent, and it
+    # is a small part of VAR: the frame's factor is used for the whole of VAR.
+    cards["FILTVARF"] = (round(filter_factor(
+        float(header.get("REGDX", 0.0)), float(header.get("REGDY", 0.0)),
+        job.kernel_var if ts.psf_match else (0.0, 0.0), sigma,
+        float(header.get("VARPIXF", 1.0)), str(header.get("VARMODE", "area"))), 5),
+        "Var(psi)/phi of PSFSIGMA filter: use VAR x this")
     hdul = kbmod_hdul(header, out, cards, job.wcs)
     hdul[1].header["BUNIT"] = ("electron", "registered frame minus static-sky template")
     try:

@@ -13,8 +13,16 @@ template from the night itself and from the other nights; prints, for every move
 flux kept and the SNR along its true path in the difference frames (KBMOD's psi/phi at the
 true positions), and what the search finds.
 
+``night-length``: the same field and movers on nights of ``--lengths`` frames (default 12,
+24, 48; the drift per frame scaled so the whole night drifts as a 12-frame one), each
+exported with a template from the night itself (leave-one-out; ``--grow`` overrides the
+template's grow) and searched over ±``--vmax`` px/day: per fast mover, the SNR the search
+finds and the SNR along its true path against the ideal, and the star residuals (share of
+unmasked difference pixels beyond 5 σ).
+
     python benchmarks/search_bench.py search --size 1024 --frames 12 --grid 60 --workers 2
     python benchmarks/search_bench.py self-subtraction --size 256 --nights 2
+    python benchmarks/search_bench.py night-length --size 256 --lengths 12,24,48 --vmax 800
 """
 
 from __future__ import annotations
@@ -29,25 +37,19 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 from distributed import Client, LocalCluster
-from scipy.special import erf
 
 from astep_dask.config import Settings
 from astep_dask.kbmod import export_night
 from astep_dask.pipeline import calibrate_night
 from astep_dask.search import SearchSettings, psi_phi, read_candidates, search_night
-from astep_dask.simulate import SimConfig, load_frame_truth, load_truth, simulate_night
+from astep_dask.simulate import (
+    SimConfig,
+    load_frame_truth,
+    load_truth,
+    psf_stamp,
+    simulate_night,
+)
 from astep_dask.template import TemplateSettings
-
-
-def _psf(x: float, y: float, sigma: float, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    half = int(np.ceil(5 * sigma))
-    xs = np.arange(round(x) - half, round(x) + half + 1)
-    ys = np.arange(round(y) - half, round(y) + half + 1)
-    s = sigma * np.sqrt(2)
-    px = np.diff(0.5 * erf((np.append(xs - 0.5, xs[-1] + 0.5) - x) / s))
-    py = np.diff(0.5 * erf((np.append(ys - 0.5, ys[-1] + 0.5) - y) / s))
-    okx, oky = (xs >= 0) & (xs < shape[1]), (ys >= 0) & (ys < shape[0])
-    return np.outer(py, px)[np.ix_(oky, okx)], ys[oky], xs[okx]
 
 
 def tracks(night: Path, export: dict) -> list[dict]:
@@ -70,7 +72,7 @@ def tracks(night: Path, export: dict) -> list[dict]:
             pos.append((mx - shift[0], my - shift[1]))
             model = load_frame_truth(night, stem)["model"]
             var = (flat * model + dark + cfg.read_noise**2) / flat**2
-            p, ys, xs = _psf(mx, my, cfg.psf_sigma, model.shape)
+            p, ys, xs = psf_stamp(mx, my, cfg.psf_sigma, model.shape)
             ideal2 += np.sum((flux * p) ** 2 / var[np.ix_(ys, xs)])
         out.append({"k": k, "start": np.array(pos[0]), "positions": np.array(pos),
                     "v": np.array([vx, vy]) * 86400.0 / cfg.cadence_s,
@@ -80,12 +82,14 @@ def tracks(night: Path, export: dict) -> list[dict]:
 
 
 def along_path(export: dict, track: dict) -> tuple[float, float]:
-    """(flux kept / true flux, SNR) of KBMOD's psi/phi summed at the true positions."""
+    """(flux kept / true flux, SNR) of KBMOD's psi/phi summed at the true positions (VAR
+    times FILTVARF, as the search takes it)."""
     psi = phi = 0.0
     for r, (x, y) in zip(export["frames"], track["positions"], strict=True):
         with fits.open(export["kbmod_dir"] / r["output"]) as hdul:
-            a, b = psi_phi(hdul[1].data.astype(np.float32), hdul[3].data.astype(np.float32),
-                           hdul[2].data, hdul[0].header["PSFSIGMA"])
+            var = hdul[3].data.astype(np.float32) * hdul[0].header.get("FILTVARF", 1.0)
+            a, b = psi_phi(hdul[1].data.astype(np.float32), var, hdul[2].data,
+                           hdul[0].header["PSFSIGMA"])
         psi += a[round(y), round(x)]
         phi += b[round(y), round(x)]
     return psi / phi / track["flux"], psi / np.sqrt(phi)
@@ -236,14 +240,69 @@ def run_self_subtraction(args: argparse.Namespace, root: Path) -> None:
         report("  search", judge(csv, trs), trs)
 
 
+def beyond_5_sigma(export: dict) -> float:
+    """Share of the unmasked pixels of the difference frames beyond 5 σ (either sign)."""
+    n = bad = 0
+    for r in export["frames"]:
+        with fits.open(export["kbmod_dir"] / r["output"]) as hdul:
+            sci, mask, var = hdul[1].data, hdul[2].data, hdul[3].data
+        ok = (mask == 0) & np.isfinite(sci) & (var > 0)
+        n += int(ok.sum())
+        bad += int(np.sum(np.abs(sci[ok]) > 5 * np.sqrt(var[ok])))
+    return bad / max(n, 1)
+
+
+def run_night_length(args: argparse.Namespace, root: Path) -> None:
+    settings = Settings().replace(cluster={"dashboard_address": ":0"})
+    ts = TemplateSettings() if args.grow is None else TemplateSettings(grow=args.grow)
+    ss = SearchSettings(vx_min=-args.vmax, vx_max=args.vmax, vy_min=-args.vmax,
+                        vy_max=args.vmax, stamps=0)
+    lines = []
+    with LocalCluster(n_workers=args.workers, threads_per_worker=args.threads,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        for n in (int(v) for v in args.lengths.split(",")):
+            scale = 11 / max(n - 1, 1)
+            cfg = SimConfig(size=args.size, n_science=n, seed=args.seed,
+                            drift=(1.35 * scale, -0.8 * scale))
+            night = simulate_night(root / f"n{n}", cfg)
+            out = root / f"n{n}" / "out"
+            calibrate_night(night, client, settings, out=out)
+            exp = export_night(night, client, settings, out=out, template=ts)
+            t = time.perf_counter()
+            csv = search_night(night, client, settings, out=out, search_settings=ss)
+            t = time.perf_counter() - t
+            trs = tracks(night, exp)
+            res = judge(csv, trs)
+            resid = beyond_5_sigma(exp)
+            for tr in trs:
+                if tr["per_frame"] <= 0.3:
+                    continue
+                kept, snr = along_path(exp, tr)
+                r = res["found"].get(tr["k"])
+                found = (f"search SNR/ideal {r['snr'] / tr['ideal']:.3f}, flux "
+                         f"{r['flux'] / tr['flux']:.3f}" if r else "not found")
+                lines.append(f"{n:4d} frames, mover {tr['k']} ({tr['per_frame']:.2f} px/frame): "
+                             f"{found}; along its path SNR/ideal {snr / tr['ideal']:.3f}, "
+                             f"flux {kept:.3f} (ideal SNR {tr['ideal']:.1f})")
+            lines.append(f"{n:4d} frames: {len(res['false'])} false above 7 sigma, "
+                         f"{resid:.2e} of unmasked difference pixels beyond 5 sigma; search "
+                         f"{t:.0f} s ({res['summary']['grid']['n_searched']} velocities)")
+            print(lines[-1], flush=True)
+    print(f"template from the night itself, grow {ts.grow} x PSF sigma:")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["search", "self-subtraction"])
+    ap.add_argument("what", choices=["search", "self-subtraction", "night-length"])
     ap.add_argument("--size", type=int, default=None, help="1024 (search), 256 (self-sub.)")
     ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--grid", type=int, default=60, help="velocities per axis (search)")
     ap.add_argument("--vmax", type=float, default=1200.0, help="px/day, grid half-width")
     ap.add_argument("--nights", type=int, default=2, help="other nights (self-subtraction)")
+    ap.add_argument("--lengths", default="12,24,48", help="frames per night (night-length)")
+    ap.add_argument("--grow", type=float, default=None,
+                    help="template grow, x PSF sigma (night-length; default: the setting's)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=2, help="search runs (the fastest counts)")
@@ -253,7 +312,9 @@ def main() -> None:
     args.size = args.size or (1024 if args.what == "search" else 256)
     root = args.root or Path(tempfile.mkdtemp(prefix="search_bench_"))
     try:
-        (run_search if args.what == "search" else run_self_subtraction)(args, root)
+        run = {"search": run_search, "self-subtraction": run_self_subtraction,
+               "night-length": run_night_length}[args.what]
+        run(args, root)
     finally:
         if args.root is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -15,7 +15,6 @@ from astropy.io import fits
 from astropy.time import Time
 from distributed import Client, LocalCluster
 from scipy import ndimage
-from scipy.special import erf
 
 from astep_dask.background import BackgroundSettings, estimate_background, mesh_edges
 from astep_dask.config import Settings, load_settings
@@ -25,6 +24,7 @@ from astep_dask.kbmod import (
     Layers,
     choose_reference,
     export_night,
+    filter_factor,
     kbmod_hdul,
     mid_exposure,
     reference_wcs,
@@ -43,7 +43,14 @@ from astep_dask.register import (
     shifted,
     windowed_centroids,
 )
-from astep_dask.simulate import SimConfig, add_sources, load_frame_truth, load_truth, simulate_night
+from astep_dask.simulate import (
+    SimConfig,
+    add_sources,
+    load_frame_truth,
+    load_truth,
+    psf_stamp,
+    simulate_night,
+)
 from astep_dask.template import (
     BRIGHT_HALO,
     NO_TEMPLATE,
@@ -139,18 +146,6 @@ def _stem(frame: dict) -> str:
     return frame["header"]["CALFILE"].removesuffix("_CAL.fits")
 
 
-def _psf(x: float, y: float, sigma: float, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pixel-integrated Gaussian (sum 1 before clipping to the frame) and its rows, cols."""
-    half = int(np.ceil(5 * sigma))
-    xs = np.arange(round(x) - half, round(x) + half + 1)
-    ys = np.arange(round(y) - half, round(y) + half + 1)
-    s = sigma * np.sqrt(2)
-    px = np.diff(0.5 * erf((np.append(xs - 0.5, xs[-1] + 0.5) - x) / s))
-    py = np.diff(0.5 * erf((np.append(ys - 0.5, ys[-1] + 0.5) - y) / s))
-    okx, oky = (xs >= 0) & (xs < shape[1]), (ys >= 0) & (ys < shape[0])
-    return np.outer(py, px)[np.ix_(oky, okx)], ys[oky], xs[okx]
-
-
 def _static_sky(truth, frame_truth: dict, header, with_movers: bool = False) -> np.ndarray:
     """The truth's star light of a frame (no sky), resampled like the frame was."""
     off = frame_truth["offset"]
@@ -168,7 +163,7 @@ def _static_sky(truth, frame_truth: dict, header, with_movers: bool = False) -> 
 
 def _matched_snr(sci, var, mask, x, y, sigma) -> tuple[float, float]:
     """KBMOD-style psi and phi of a PSF at (x, y), over unmasked pixels."""
-    p, ys, xs = _psf(x, y, sigma, sci.shape)
+    p, ys, xs = psf_stamp(x, y, sigma, sci.shape)
     s, v = sci[np.ix_(ys, xs)], var[np.ix_(ys, xs)]
     good = mask[np.ix_(ys, xs)] == 0
     psi = float(np.sum(p[good] * s[good] / v[good]))
@@ -325,7 +320,7 @@ def _mover_snrs(exported, night, subtract_stars: bool) -> list[tuple[float, floa
             model = load_frame_truth(night, _stem(f))["model"]
             mx, my, fl = ft_["movers"][k]
             var_true = (flat * model + dark + cfg.read_noise**2) / flat**2
-            p, ys, xs = _psf(mx, my, cfg.psf_sigma, model.shape)
+            p, ys, xs = psf_stamp(mx, my, cfg.psf_sigma, model.shape)
             ideal2 += np.sum((fl * p) ** 2 / var_true[np.ix_(ys, xs)])
             sci = np.nan_to_num(f["raw_sci"])
             static = _static_sky(truth, ft_, f["header"])
@@ -370,7 +365,7 @@ def test_variance_is_honest_for_matched_filters(exported, night):
         sci = np.nan_to_num(f["raw_sci"]) - _static_sky(truth, tf[_stem(f)], h, True)
         for _ in range(300):
             x, y = rng.uniform(10, SIM.size - 10, 2)
-            _, ys, xs = _psf(x, y, h["PSFSIGMA"], sci.shape)
+            _, ys, xs = psf_stamp(x, y, h["PSFSIGMA"], sci.shape)
             if (f["mask"][np.ix_(ys, xs)] != 0).any():
                 continue
             psi, phi = _matched_snr(sci, f["raw_var"], f["mask"], x, y, h["PSFSIGMA"])
@@ -662,6 +657,10 @@ def test_difference_is_frame_minus_its_template(exported):
     assert np.all((out["mask"].astype(np.int32) & frame.mask) == frame.mask)
     assert np.all(out["mask"][(tpl.mask & BRIGHT_HALO) != 0] != 0)
     assert h["PSFSIGMA"] == pytest.approx(np.sqrt(th["PSFVAR"]), abs=1e-3)
+    # the matched filter's variance factor of its registration and matching kernels
+    assert 0.8 < h["FILTVARF"] < 1
+    assert h["FILTVARF"] == pytest.approx(filter_factor(
+        h["REGDX"], h["REGDY"], (h["PSFKVARX"], h["PSFKVARY"]), h["PSFSIGMA"]), abs=1e-4)
 
 
 def test_template_file_and_its_frames(exported):
@@ -717,7 +716,7 @@ def test_difference_variance_is_honest(exported, night):
         near = _near_movers(tf[_stem(f)], h, ref, f["mask"].shape, 10.0)
         for _ in range(300):
             x, y = rng.uniform(10, SIM.size - 10, 2)
-            _, ys, xs = _psf(x, y, h["PSFSIGMA"], f["mask"].shape)
+            _, ys, xs = psf_stamp(x, y, h["PSFSIGMA"], f["mask"].shape)
             if (f["mask"][np.ix_(ys, xs)] != 0).any() or near[np.ix_(ys, xs)].any():
                 continue
             psi, phi = _matched_snr(f["raw_sci"], f["raw_var"], f["mask"], x, y, h["PSFSIGMA"])
@@ -739,7 +738,11 @@ def test_sky_only_switch_writes_the_registered_frames(exported, night, client):
     assert not list(res["kbmod_dir"].glob("*_TEMPLATE.fits"))
     assert res["reference"] == exported["reference"]
     for mine, theirs in zip(_frames(res), _registered(exported), strict=True):
-        assert "KBPLANE" not in mine["header"]
+        h = mine["header"]
+        assert "KBPLANE" not in h
+        # registration alone correlates the noise: its factor for the frame's own PSF
+        assert h["FILTVARF"] == pytest.approx(filter_factor(
+            h["REGDX"], h["REGDY"], (0.0, 0.0), h["PSFSIGMA"]), abs=1e-4)
         np.testing.assert_array_equal(mine["raw_sci"], theirs["raw_sci"])
         np.testing.assert_array_equal(mine["mask"], theirs["mask"])
 

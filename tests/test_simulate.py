@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from astropy.stats import mad_std
 
 from astep_dask.layout import FrameType, scan_night
-from astep_dask.simulate import load_frame_truth, load_truth
+from astep_dask.simulate import add_sources, load_frame_truth, load_truth, psf_stamp
 from astep_dask.stack import read_frame
 
 
@@ -67,3 +68,26 @@ def test_science_model_and_cosmics(small_night):
     offsets = np.array([f["offset"] for f in truth.frames])
     assert np.allclose(offsets[0], 0)
     assert np.allclose(np.diff(offsets, axis=0).mean(axis=0), cfg.drift, atol=0.05)
+
+
+def test_psf_stamp_is_a_pixel_integrated_gaussian():
+    sigma = 1.3
+    stamp, ys, xs = psf_stamp(20.3, 11.8, sigma)
+    assert stamp.shape == (ys.size, xs.size) == (15, 15)  # ±ceil(5σ) around (20, 12)
+    assert xs[7] == 20 and ys[7] == 12
+    assert stamp.sum() == pytest.approx(1.0, abs=1e-6)
+    # centroid at the centre; second moment σ² plus a pixel's 1/12 px² per axis
+    cx, cy = np.sum(stamp.sum(axis=0) * xs), np.sum(stamp.sum(axis=1) * ys)
+    assert cx == pytest.approx(20.3, abs=1e-6) and cy == pytest.approx(11.8, abs=1e-6)
+    vx = np.sum(stamp.sum(axis=0) * (xs - cx) ** 2)
+    assert vx == pytest.approx(sigma**2 + 1 / 12, rel=1e-4)
+    # clipped to an image: the rows and columns inside it, same values
+    part, ys2, xs2 = psf_stamp(1.2, 30.6, sigma, shape=(32, 40))
+    full, ys3, xs3 = psf_stamp(1.2, 30.6, sigma)
+    assert xs2.min() == 0 and ys2.max() == 31
+    assert np.array_equal(part, full[np.ix_(np.isin(ys3, ys2), np.isin(xs3, xs2))])
+    # add_sources adds exactly flux × stamp
+    img = np.zeros((32, 40))
+    add_sources(img, [1.2], [30.6], [500.0], sigma)
+    assert np.array_equal(img[np.ix_(ys2, xs2)], 500.0 * part)
+    assert img.sum() == pytest.approx(500.0 * part.sum())
