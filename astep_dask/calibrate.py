@@ -25,6 +25,7 @@ from .mask import MASK_DTYPE, Bit, flag, robust_sigma
 UNUSABLE = flag(Bit.BAD, Bit.NO_DATA, Bit.SAT)
 MIN_FLAT = 1e-3  # flat response below which a pixel holds no usable data
 EDGE_PAD = 8  # pixels mirrored around a frame before cosmic-ray detection
+MIN_WINDOW = 16  # px: smaller arrays given to astroscrappy are mirrored to this size
 BRIGHT = np.float32(1e30)  # stands for saturated pixels when looking for candidates
 
 
@@ -193,13 +194,20 @@ def _detect(
     if any(w for pair in widths for w in pair):
         data = np.pad(data, widths, mode="reflect")
         variance = np.pad(variance, widths, mode="reflect")
-    return astroscrappy.detect_cosmics(
+    # astroscrappy corrupts memory on arrays narrower than 3 px: mirror tiny ones wider.
+    shape = data.shape
+    extra = tuple((0, max(MIN_WINDOW - n, 0)) for n in shape)
+    if any(e for _, e in extra):
+        data = np.pad(data, extra, mode="symmetric")
+        variance = np.pad(variance, extra, mode="symmetric")
+    crmask, clean = astroscrappy.detect_cosmics(
         data.astype(np.float32, copy=False),
         invar=np.maximum(variance, 1e-6).astype(np.float32, copy=False),
         sigclip=settings.sigclip, sigfrac=settings.sigfrac, objlim=settings.objlim,
         gain=1.0, readnoise=read_noise, satlevel=satlevel, niter=settings.niter,
         sepmed=True, cleantype="meanmask", fsmode="median",
     )
+    return crmask[:shape[0], :shape[1]], clean[:shape[0], :shape[1]]
 
 
 def star_sharpness(sigma: float) -> float:
