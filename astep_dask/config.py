@@ -81,6 +81,7 @@ class CosmicSettings:
     margin: int = 10  # px of context around a core: covers astroscrappy's filter footprints
     candidate_sigma: float = 4.5  # candidate: excess over its 8 neighbours, in noise sigmas
     candidate_sharpness: float = 0.5  # ... and that excess over its excess above the sky
+    openmp_threads: int = 1  # astroscrappy's OpenMP threads per calling thread (0: its own)
 
 
 @dataclass(frozen=True)

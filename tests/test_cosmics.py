@@ -210,3 +210,17 @@ def test_tiny_frames(shape):
                                       CosmicSettings(tile=tile), 10.0)
         assert flagged.shape == clean.shape == shape
         assert flagged[y, x] or min(shape) < 5  # too narrow for LA Cosmic's filters
+
+
+def test_openmp_threads_do_not_change_the_result():
+    """One OpenMP thread for astroscrappy (the default) or two: the same flags, and a
+    recall of the true cosmic rays that does not depend on it."""
+    from astep_dask.calibrate import find_cosmics
+    from astep_dask.config import CosmicSettings
+
+    sci, var, mask, cr, model = _sky_with_cosmics(2)
+    two, _ = find_cosmics(sci, var, mask, CosmicSettings(openmp_threads=2), 10.0)
+    one, _ = find_cosmics(sci, var, mask, CosmicSettings(openmp_threads=1), 10.0)
+    assert np.array_equal(one, two)
+    found, n_must, *_ = _score(one, sci, var, mask, cr, model)
+    assert found / n_must >= 0.97
