@@ -54,9 +54,9 @@ def median(values: np.ndarray, skip_nan: bool = False) -> float:
     if n < 1 << 16:
         return float(np.median(v)) if n else float("nan")
     k1, k2 = (n - 1) // 2, n // 2
-    sample = np.sort(v[:: n // 4096])
+    sample = np.sort(v[:: n // 16384])
     m = sample.size
-    margin = 4 * int(np.sqrt(m)) + 8  # ranks: about 8 sigma of the sample's binomial scatter
+    margin = 3 * int(np.sqrt(m)) + 8  # ranks: 6 sigma of the sample median's rank scatter
     lo, hi = sample[max(m // 2 - margin, 0)], sample[min(m // 2 + margin, m - 1)]
     below = int(np.count_nonzero(v < lo))
     inside = v[(v >= lo) & (v <= hi)]
@@ -88,21 +88,33 @@ class NoiseModel:
         present = centre[~np.isnan(centre)]
         return float(np.median(present)) if present.size else float("nan")
 
-    def frame_variance(self, centre: np.ndarray, zero: float, n_frames: int) -> np.ndarray:
+    def frame_variance(self, centre: np.ndarray, zero: float, n_frames: int,
+                       out: np.ndarray | None = None) -> np.ndarray:
         """Variance of each frame's value at ``centre`` (shape ``(frame, ...)``), float32.
 
         Without ``levels`` every frame has the same variance, and the first axis has length
         1 (it broadcasts against the stack): ``n_frames`` times less memory and arithmetic.
+        ``out``, of that shape, receives the result (no temporary the size of ``centre``).
         """
-        read_var = np.float32((self.read_noise / self.gain) ** 2)
-        signal = np.maximum(centre - np.float32(zero), np.float32(0)) / np.float32(self.gain)
-        if not self.levels:
-            return (signal + read_var)[None]
-        if len(self.levels) != n_frames:
+        rows = len(self.levels) if self.levels else 1
+        if self.levels and rows != n_frames:
             raise ValueError(f"{len(self.levels)} levels for {n_frames} frames")
-        lv = np.asarray(self.levels, np.float32).reshape((-1,) + (1,) * centre.ndim)
-        # (signal · lv / gain + read²) / lv², written so as to need one (frame, ...) array
-        return signal[None] / lv + read_var / (lv * lv)
+        if out is None:
+            out = np.empty((rows, *np.shape(centre)), np.float32)
+        read_var = np.float32((self.read_noise / self.gain) ** 2)
+        signal = out[0]
+        np.subtract(centre, np.float32(zero), out=signal)
+        np.maximum(signal, np.float32(0), out=signal)
+        np.divide(signal, np.float32(self.gain), out=signal)
+        if not self.levels:
+            np.add(signal, read_var, out=signal)
+            return out
+        lv = np.asarray(self.levels, np.float32).reshape((-1,) + (1,) * (out.ndim - 1))
+        # (signal · lv / gain + read²) / lv², written so as to need one (frame, ...) array;
+        # numpy buffers ``signal`` (a row of ``out``) before overwriting it
+        np.divide(signal[None], lv, out=out)
+        np.add(out, read_var / (lv * lv), out=out)
+        return out
 
     def variance(self, centre: np.ndarray, n_frames: int) -> np.ndarray:
         """Per-frame variance at the given centre values, shape ``(frame, ...)``."""
@@ -145,9 +157,10 @@ NETWORK_MAX = 64
 # Elements of a frame stack handled at once by the network: small enough that the block of
 # every frame stays in a core's cache (about 1 MB).
 NETWORK_BLOCK_BYTES = 1 << 20
-# Bytes of a frame stack that one step of the sigma clipping works on: a few working
-# copies of it stay in a core's cache (measured fastest around 256 KB).
-CLIP_BLOCK_BYTES = 1 << 18
+# Bytes of a frame stack that one step of the sigma clipping works on: its working copies
+# stay in cache, and numpy's per-call overhead is spread over enough values (measured
+# fastest from 256 KB to 1 MB, with and without dask workers' malloc settings).
+CLIP_BLOCK_BYTES = 1 << 20
 
 
 @functools.lru_cache(maxsize=64)
@@ -279,7 +292,7 @@ def _clip_combine(cube, method, sigma_low, sigma_high, iterations, noise) -> np.
     touched |= odd
     # Statistics of every pixel as if all its values were kept (a plain sum over frames),
     # then those of the few pixels that lost values, or had odd ones, redone.
-    out = _clipped_stats(data, model_var, all_kept=True)
+    out = _all_kept_stats(data, model_var)
     redo = np.flatnonzero(touched)
     if redo.size:
         out[:, redo] = _clipped_stats(data[:, redo],
@@ -287,46 +300,65 @@ def _clip_combine(cube, method, sigma_low, sigma_high, iterations, noise) -> np.
     return out.reshape(3, *shape)
 
 
-def _clipped_stats(data: np.ndarray, model_var: np.ndarray | None,
-                   all_kept: bool = False) -> np.ndarray:
+def _clipped_stats(data: np.ndarray, model_var: np.ndarray | None) -> np.ndarray:
     """Mean, variance of the mean and count of the values left (not NaN) along axis 0.
 
     ±inf counts as present in the mean (as in ``np.nanmean``) but not in the count.
-    ``all_kept`` asserts every value is finite and kept: the same sums, without masks.
     """
-    if all_kept:
-        present = kept = None
-        count = np.full(data.shape[1], data.shape[0], np.intp)
-    else:
-        present = ~np.isnan(data)
-        kept = np.isfinite(data)
-        count = kept.sum(axis=0)
+    present = ~np.isnan(data)
+    kept = np.isfinite(data)
+    count = kept.sum(axis=0)
     nk = count.astype(np.float32)
     with np.errstate(invalid="ignore", divide="ignore"):
-        total = _frame_sum(data, None if all_kept else present)
-        n_present = count if all_kept else present.sum(axis=0)
+        total = _frame_sum(data, present)
+        n_present = present.sum(axis=0)
         mean = total / n_present.astype(np.float32)
         if model_var is not None:
             if model_var.shape[0] == 1:  # same variance for every frame: Σσ² = nσ²
                 var = model_var[0] * nk / (nk * nk)
             else:
-                var = _frame_sum(model_var, None if all_kept else kept)
+                var = _frame_sum(model_var, kept)
                 var = var / (nk * nk)
         else:
-            dev = data - mean if all_kept else np.where(present, data - mean, np.float32(0))
+            dev = np.where(present, data - mean, np.float32(0))
             var = _frame_sum(dev * dev) / (n_present - 1) / count
             var = np.where(count > 1, var, np.nan)
     return np.stack([mean, var, nk])
 
 
-def _frame_sum(data: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
+def _all_kept_stats(data: np.ndarray, model_var: np.ndarray | None) -> np.ndarray:
+    """:func:`_clipped_stats` of a block whose values are all finite and kept: the same
+    arithmetic with the count a constant, written straight into the result rows."""
+    n = data.shape[0]
+    nk = np.float32(n)
+    out = np.empty((3, data.shape[1]), np.float32)
+    mean, var = out[0], out[1]
+    _frame_sum(data, out=mean)
+    np.divide(mean, nk, out=mean)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if model_var is not None:
+            if model_var.shape[0] == 1:  # same variance for every frame: Σσ² = nσ²
+                np.multiply(model_var[0], nk, out=var)
+            else:
+                _frame_sum(model_var, out=var)
+            np.divide(var, nk * nk, out=var)
+        else:  # float64 division, as by an integer count array
+            dev = data - mean
+            var[:] = _frame_sum(dev * dev) / np.float64(n - 1) / np.float64(n) if n > 1 else np.nan
+    out[2] = nk
+    return out
+
+
+def _frame_sum(data: np.ndarray, where: np.ndarray | None = None,
+               out: np.ndarray | None = None) -> np.ndarray:
     """Sum over axis 0 (of the values ``where`` true), adding frame after frame.
 
     The order is fixed on purpose: numpy may sum a short axis pairwise or row by row
     depending on the array's shape, and the float32 result would then depend on which
     pixels are summed together.
     """
-    total = np.zeros(data.shape[1:], np.float32)
+    total = np.zeros(data.shape[1:], np.float32) if out is None else out
+    total[...] = 0
     for i in range(data.shape[0]):
         if where is None:
             total += data[i]
@@ -388,11 +420,15 @@ def _sigma_clip(data, sigma_low, sigma_high, iterations, noise,
     pixels: np.ndarray | None = None  # pixels whose values changed (None: all)
     zero = None
     two_step = noise is not None and noise.pedestal is None  # the zero needs every centre
+    todo = _blocks(data.shape, None, whole=True)
+    scratch = _Scratch(n, max(_size(sel) for sel in todo), 1 if model_var is None else
+                       model_var.shape[0])
     for _ in range(iterations):
         todo = _blocks(data.shape, pixels, whole=pixels is None)
         if two_step:
             for sel in todo:
-                centre[sel] = masked_median(data[:, sel])
+                scratch.median(data[:, sel], centre[sel] if isinstance(sel, slice) else None,
+                               no_nan=pixels is None and not has_nan, into=centre, sel=sel)
             new_zero = tracker.update(centre)  # = noise.zero(centre), often without a sort
             if pixels is not None and not _same(new_zero, zero):
                 todo = _blocks(data.shape, None, whole=True)  # a new zero moves every cut
@@ -402,19 +438,19 @@ def _sigma_clip(data, sigma_low, sigma_high, iterations, noise,
         hits = []
         for sel in todo:
             sub = data[:, sel]
+            whole = isinstance(sel, slice)
             if not two_step:
-                centre[sel] = masked_median(sub)
+                scratch.median(sub, centre[sel] if whole else None,
+                               no_nan=pixels is None and not has_nan, into=centre, sel=sel)
             c = centre[sel]
             if noise is None:
                 scale = MAD_TO_SIGMA * _mad(sub, c, ignore_nan=pixels is not None or has_nan)
             else:
-                var = noise.frame_variance(c, zero, n)
+                var = noise.frame_variance(c, zero, n, out=scratch.var[:, : c.size])
                 model_var[:, sel] = var
-                scale = np.sqrt(var)
-            with np.errstate(invalid="ignore"):
-                reject = sub < c - np.float32(sigma_low) * scale
-                reject |= sub > c + np.float32(sigma_high) * scale
-            hit = reject.any(axis=0)
+                scale = np.sqrt(var, out=scratch.scale[: var.shape[0], : c.size])
+            reject = scratch.reject(sub, c, scale, sigma_low, sigma_high)
+            hit = np.logical_or.reduce(reject, axis=0)
             if not hit.any():
                 continue
             sub[reject] = np.nan
@@ -461,6 +497,67 @@ class _MedianTracker:
         self.size, self.middle = size, (part[ranks[0]], part[ranks[1]])
         self.value = float(np.mean(part[ranks[0] : ranks[1] + 1]))
         return self.value
+
+
+def _size(sel: slice | np.ndarray) -> int:
+    return sel.stop - sel.start if isinstance(sel, slice) else sel.size
+
+
+class _Scratch:
+    """Work arrays for one block of ``(frame, pixel)`` values, reused block after block.
+
+    Allocating a dozen block-sized temporaries per block costs page faults whenever the
+    allocator hands memory back to the system between blocks, as dask workers set it to
+    (``MALLOC_TRIM_THRESHOLD_``): up to half the CPU time of a strip in a worker.
+    """
+
+    def __init__(self, n: int, size: int, var_rows: int):
+        self.rows = np.empty((n + 1, size), np.float32)  # the sorting network's rows + 1
+        self.var = np.empty((var_rows, size), np.float32)
+        self.scale = np.empty((var_rows, size), np.float32)
+        self.lo = np.empty((var_rows, size), np.float32)
+        self.hi = np.empty((var_rows, size), np.float32)
+        self.rej = np.empty((n, size), bool)
+        self.rej_hi = np.empty((n, size), bool)
+
+    def median(self, block: np.ndarray, out: np.ndarray | None, no_nan: bool,
+               into: np.ndarray, sel: slice | np.ndarray) -> None:
+        """``into[sel] = masked_median(block)``; by the sorting network in the work rows
+        when ``block`` has no NaN (``out``, a view of ``into[sel]``, is then written)."""
+        n, m = block.shape
+        if not no_nan or n > NETWORK_MAX or out is None:
+            into[sel] = masked_median(block)
+            return
+        mid = ((n - 1) // 2, n // 2)
+        rows = [self.rows[i, :m] for i in range(n)]
+        for i in range(n):
+            np.copyto(rows[i], block[i])
+        tmp = self.rows[n, :m]
+        for a, b in _pruned_network(n, mid):
+            np.minimum(rows[a], rows[b], out=tmp)
+            np.maximum(rows[a], rows[b], out=rows[b])
+            rows[a], tmp = tmp, rows[a]
+        if mid[0] == mid[1]:
+            np.copyto(out, rows[mid[0]])
+        else:  # as np.median: the mean of the two middle values, in float32
+            np.add(rows[mid[0]], rows[mid[1]], out=out)
+            np.multiply(out, np.float32(0.5), out=out)
+
+    def reject(self, block: np.ndarray, centre: np.ndarray, scale: np.ndarray,
+               sigma_low: float, sigma_high: float) -> np.ndarray:
+        """Values below ``centre - sigma_low·scale`` or above ``centre + sigma_high·scale``."""
+        m = block.shape[1]
+        rows = scale.shape[0]
+        lo, hi = self.lo[:rows, :m], self.hi[:rows, :m]
+        rej, rej_hi = self.rej[:, :m], self.rej_hi[:, :m]
+        with np.errstate(invalid="ignore"):
+            np.multiply(scale, np.float32(sigma_low), out=lo)
+            np.subtract(centre, lo, out=lo)
+            np.multiply(scale, np.float32(sigma_high), out=hi)
+            np.add(centre, hi, out=hi)
+            np.less(block, lo, out=rej)
+            np.greater(block, hi, out=rej_hi)
+        return np.logical_or(rej, rej_hi, out=rej)
 
 
 def _same(a: float | None, b: float | None) -> bool:

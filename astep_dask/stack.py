@@ -34,29 +34,40 @@ STRIP_COPIES = 5
 MIN_STRIPS = 8
 
 
-def read_section(path: Path, hdu: int, rows: slice, cols: slice) -> np.ndarray:
+def read_section(path: Path, hdu: int, rows: slice, cols: slice,
+                 out: np.ndarray | None = None) -> np.ndarray:
     """Read ``data[rows, cols]`` of one image HDU as float32, exactly.
 
-    Unsigned 16-bit data (BITPIX=16, BZERO=32768, BSCALE=1) is converted bit-wise, with
-    no float64 temporary: the result equals the physical integer value exactly. Other
-    encodings go through astropy's own scaling.
+    Unsigned 16-bit data (BITPIX=16, BZERO=32768, BSCALE=1) is converted in one pass, the
+    stored int16 plus 32768 in float32 (exact: every value fits the 24-bit mantissa), with
+    no temporary. Other encodings go through astropy's own scaling. ``out``, a float32
+    array of the section's shape, receives the values (and is returned): a strip reader
+    fills its block in place instead of copying each frame's piece into it.
     """
     if path.name.lower().endswith((".gz", ".fz")):
-        return _read_compressed(path, hdu, rows, cols)
+        return _into(_read_compressed(path, hdu, rows, cols), out)
     with fits.open(path, memmap=True, do_not_scale_image_data=True, mode="readonly") as hdul:
         h = hdul[hdu]
         if isinstance(h, fits.CompImageHDU):
-            return _read_compressed(path, hdu, rows, cols)
+            return _into(_read_compressed(path, hdu, rows, cols), out)
         header = h.header
         raw = h.data[rows, cols]
         bzero = header.get("BZERO", 0)
         bscale = header.get("BSCALE", 1)
         if header["BITPIX"] == 16 and bzero == 32768 and bscale == 1:
-            unsigned = raw.view(raw.dtype.str.replace("i", "u"))
-            return (unsigned ^ np.uint16(0x8000)).astype(FLOAT)
+            if out is None:
+                out = np.empty(raw.shape, FLOAT)
+            return np.add(raw, FLOAT(32768), out=out)
         if bzero == 0 and bscale == 1:
-            return np.asarray(raw, dtype=FLOAT)
-        return (np.asarray(raw, dtype=np.float64) * bscale + bzero).astype(FLOAT)
+            return _into(np.asarray(raw, dtype=FLOAT), out)
+        return _into((np.asarray(raw, dtype=np.float64) * bscale + bzero).astype(FLOAT), out)
+
+
+def _into(values: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    if out is None:
+        return values
+    out[...] = values
+    return out
 
 
 def _read_compressed(path: Path, hdu: int, rows: slice, cols: slice) -> np.ndarray:
@@ -195,7 +206,8 @@ def read_strip(frames: tuple[tuple[Path, int, Section], ...], y0: int, y1: int) 
     nx = frames[0][2].shape[1]
     out = np.empty((len(frames), y1 - y0, nx), FLOAT)
     for i, (path, hdu, sec) in enumerate(frames):
-        out[i] = read_section(path, hdu, slice(sec.y0 + y0, sec.y0 + y1), slice(sec.x0, sec.x1))
+        read_section(path, hdu, slice(sec.y0 + y0, sec.y0 + y1), slice(sec.x0, sec.x1),
+                     out=out[i])
     return out
 
 

@@ -65,7 +65,8 @@ class ReadCounter:
         self._lock = threading.Lock()
 
     def wrap(self, func: Callable[..., Any]) -> Callable[..., Any]:
-        """A ``read_section(path, hdu, rows, cols)`` that counts what ``func`` returns.
+        """A ``read_section(path, hdu, rows, cols, out=None)`` that counts what ``func``
+        returns.
 
         Parameters
         ----------
@@ -78,8 +79,8 @@ class ReadCounter:
             Same signature and result as ``func``.
         """
 
-        def counted(path: Path, hdu: int, rows: slice, cols: slice) -> Any:
-            out = func(path, hdu, rows, cols)
+        def counted(path: Path, hdu: int, rows: slice, cols: slice, out: Any = None) -> Any:
+            out = func(path, hdu, rows, cols, out=out)
             with self._lock:
                 self.pixels[str(path)] += int(out.size)
                 self.calls[str(path)] += 1

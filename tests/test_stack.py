@@ -58,8 +58,8 @@ def _count_reads(monkeypatch) -> Counter:
     calls: Counter = Counter()
     real = stack_mod.read_section
 
-    def counting(path, hdu, rows, cols):
-        out = real(path, hdu, rows, cols)
+    def counting(path, hdu, rows, cols, out=None):
+        out = real(path, hdu, rows, cols, out=out)
         calls[str(path)] += out.shape[0] * out.shape[1]
         return out
 
