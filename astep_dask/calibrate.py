@@ -160,7 +160,9 @@ def find_cosmics(
     With ``settings.tile > 0`` astroscrappy runs only on small windows around groups of
     candidate pixels (see :func:`candidate_pixels` and :func:`search_windows`): its median
     filters cost the same on every pixel, and most of a frame is clean sky and stars.
-    With ``tile = 0`` it runs on the whole frame. Either way each window is prepared alike
+    The frame's PSF width, measured once (:func:`astep_dask.cosmics.psf_sigma`), serves
+    the candidates and :func:`astep_dask.cosmics.unflag_stars`. With ``tile = 0``
+    astroscrappy runs on the whole frame. Either way each window is prepared alike
     (:func:`_detect`): unusable pixels are filled from their neighbours rather than passed
     as ``inmask`` (astroscrappy grows an input mask and then misses cosmic rays touching
     it), saturated pixels are set above a ``satlevel`` that no other pixel of the window
