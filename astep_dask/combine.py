@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -565,18 +566,19 @@ def _same(a: float | None, b: float | None) -> bool:
     return a == b or (a is not None and b is not None and np.isnan(a) and np.isnan(b))
 
 
-def combine_lazy(
+def combine_blocks(
     stack: xr.DataArray, settings: CombineSettings, noise: NoiseModel | None = None
-) -> xr.Dataset:
-    """Lazy robust combination over ``frame`` of a strip-chunked stack.
+) -> da.Array:
+    """Lazy robust combination over ``frame`` of a strip-chunked stack, as one dask array
+    ``(3, y, x)`` (combined value, its variance, count) chunked in the stack's strips.
 
     The stack must hold every frame in each chunk (see :func:`astep_dask.stack.open_strips`);
-    it is rechunked if not. Returns a Dataset with ``data``, ``var`` and ``count``.
+    it is rechunked if not.
     """
     arr = stack.data
     if len(arr.chunks[0]) != 1:
         arr = arr.rechunk({0: -1})
-    out = da.map_blocks(
+    return da.map_blocks(
         clip_combine,
         arr,
         method=settings.method,
@@ -588,6 +590,14 @@ def combine_lazy(
         dtype=np.float32,
         meta=np.empty((0, 0, 0), np.float32),
     )
+
+
+def combine_lazy(
+    stack: xr.DataArray, settings: CombineSettings, noise: NoiseModel | None = None
+) -> xr.Dataset:
+    """Lazy robust combination over ``frame`` of a strip-chunked stack
+    (:func:`combine_blocks`), as a Dataset with ``data``, ``var`` and ``count``."""
+    out = combine_blocks(stack, settings, noise)
     dims = stack.dims[1:]
     return xr.Dataset(
         {"data": (dims, out[0]), "var": (dims, out[1]), "count": (dims, out[2])},
@@ -595,10 +605,25 @@ def combine_lazy(
     )
 
 
+def compute_blocks(*lazy: da.Array) -> list[Combined]:
+    """Compute several :func:`combine_blocks` results in one graph.
+
+    Each strip's result comes straight to the caller, which joins them: no task first
+    gathers a whole master on one worker (one network copy less, and no worker holding
+    the whole image).
+    """
+    parts = [arr.to_delayed().ravel().tolist() for arr in lazy]
+    values = dask.compute(*[d for p in parts for d in p])
+    out, i = [], 0
+    for p in parts:
+        planes = np.concatenate(values[i : i + len(p)], axis=1)
+        i += len(p)
+        out.append(Combined(data=planes[0], var=planes[1], count=planes[2].astype(np.int32)))
+    return out
+
+
 def combine(
     stack: xr.DataArray, settings: CombineSettings, noise: NoiseModel | None = None
 ) -> Combined:
     """Compute the robust combination of a stack (on the active dask scheduler)."""
-    ds = combine_lazy(stack, settings, noise)
-    data, var, count = da.compute(ds["data"].data, ds["var"].data, ds["count"].data)
-    return Combined(data=data, var=var, count=count.astype(np.int32))
+    return compute_blocks(combine_blocks(stack, settings, noise))[0]

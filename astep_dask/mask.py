@@ -103,7 +103,13 @@ def smooth_flat(flat: np.ndarray, box: int) -> np.ndarray:
     wy = _linear_weights(ny, box, by)
     wx = _linear_weights(nx, box, bx)
     rows = med.astype(np.float64)[wy[0]] * wy[2][:, None] + med[wy[1]] * wy[3][:, None]
-    return (rows[:, wx[0]] * wx[2] + rows[:, wx[1]] * wx[3]).astype(np.float32)
+    rows = rows.astype(np.float32)  # the full-size step in float32: half the memory traffic
+    out = rows[:, wx[0]]
+    out *= wx[2].astype(np.float32)
+    right = rows[:, wx[1]]
+    right *= wx[3].astype(np.float32)
+    out += right
+    return out
 
 
 def _linear_weights(n: int, box: int, nb: int) -> tuple[np.ndarray, ...]:

@@ -34,7 +34,7 @@ from astropy.table import Table
 
 from . import __version__
 from .calibrate import FrameMasters, overscan_level
-from .combine import Combined, NoiseModel, combine_lazy, median
+from .combine import Combined, NoiseModel, combine_blocks, compute_blocks, median
 from .config import Settings
 from .fitsio import atomic_write, stamp
 from .layout import FrameRecord, FrameType, Inventory
@@ -179,14 +179,11 @@ def _strip_chunked(image: np.ndarray | xr.DataArray, stack: xr.DataArray) -> xr.
     return arr.copy(data=da.from_array(np.asarray(arr.data), chunks=chunks))
 
 
-def compute_combined(*lazy: xr.Dataset) -> list[Combined]:
-    """Compute several lazy combinations (:func:`astep_dask.combine.combine_lazy`) in one
+def compute_combined(*lazy: da.Array) -> list[Combined]:
+    """Compute several lazy combinations (:func:`astep_dask.combine.combine_blocks`) in one
     graph: their strips share the workers, instead of each master waiting for the
     stragglers of the one before."""
-    arrays = [ds[v].data for ds in lazy for v in ("data", "var", "count")]
-    values = da.compute(*arrays)
-    return [Combined(data=values[i], var=values[i + 1], count=values[i + 2].astype(np.int32))
-            for i in range(0, len(values), 3)]
+    return compute_blocks(*lazy)
 
 
 def _combine_cards(settings: Settings, n: int, result: Combined) -> dict[str, tuple]:
@@ -464,7 +461,7 @@ class MasterBuilder:
         return compute_combined(self._combine_lazy(records, subtract, levels))[0]
 
     def _combine_lazy(self, records: Sequence[FrameRecord], subtract=None,
-                      levels=None) -> xr.Dataset:
+                      levels=None) -> da.Array:
         """The lazy robust combination of ``records`` (see :func:`compute_combined`)."""
         stack = prepared_stack(records, self.settings)
         if subtract is not None:
@@ -480,7 +477,7 @@ class MasterBuilder:
                 levels=tuple(float(v) for v in levels) if levels is not None else (),
                 pedestal=0.0 if (levels is not None or subtract is not None) else None,
             )
-        return combine_lazy(stack, self.settings.combine, noise)
+        return combine_blocks(stack, self.settings.combine, noise)
 
     def _settings_digest(self) -> str:
         return self.settings.digest("combine", "flat", "mask", "detector")
