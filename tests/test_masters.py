@@ -271,3 +271,31 @@ def test_memory_is_bounded_by_strips(small_night):
     assert band * len(recs) * 50 * SMALL.size * 4 * 4 <= 2e6
     assert band < SMALL.size
     assert read_frame(recs[0]).shape == (SMALL.size, SMALL.size)
+
+
+def test_sorting_network_sorts_every_binary_input():
+    """0-1 principle: a comparator network that sorts every 0/1 input sorts any input."""
+    import itertools
+
+    from astep_dask.combine import sort_frames
+
+    for n in range(1, 11):
+        cube = np.array(list(itertools.product([0, 1], repeat=n)), np.float32).T
+        np.testing.assert_array_equal(np.stack(sort_frames(cube)), np.sort(cube, axis=0))
+
+
+def test_fast_medians_equal_numpy():
+    from astep_dask.combine import masked_median, median
+
+    rng = np.random.default_rng(2)
+    for shape, axis in [((9, 40, 30), 0), ((8, 50), 0), ((70, 20), 0), ((300, 225), 1)]:
+        a = rng.normal(size=shape).astype(np.float32)
+        np.testing.assert_array_equal(masked_median(a, axis), np.median(a, axis))
+        a[rng.random(shape) < 0.2] = np.nan
+        np.testing.assert_array_equal(masked_median(a, axis), np.nanmedian(a, axis))
+    for values in (rng.normal(size=300_001), rng.integers(0, 5, 200_000),
+                   np.sort(rng.exponential(size=100_000))):
+        v = values.astype(np.float32)
+        assert median(v) == float(np.median(v))
+        v[::7] = np.nan
+        assert median(v, skip_nan=True) == float(np.nanmedian(v))
