@@ -95,6 +95,8 @@ def _settings(args: argparse.Namespace):
         cluster["n_workers"] = args.workers
     if args.threads:
         cluster["threads_per_worker"] = args.threads
+    if args.processes:
+        cluster["processes"] = True
     if args.retries is not None:
         cluster["retries"] = args.retries
     if args.dashboard_address:
@@ -351,8 +353,14 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
                    help="join a running dask scheduler, e.g. tcp://host:8786")
     g.add_argument("--cluster", choices=["local", "slurm", "pbs"],
                    help="start a cluster of this kind (slurm/pbs: dask-jobqueue, see deploy/)")
-    g.add_argument("--workers", type=int, help="local worker processes (default: one per core)")
-    g.add_argument("--threads", type=int, help="threads per local worker (default 1)")
+    g.add_argument("--workers", type=int,
+                   help="local workers (default: 1, or one per core with --processes)")
+    g.add_argument("--threads", type=int,
+                   help="threads per local worker (default: the cores shared among workers)")
+    g.add_argument("--processes", action="store_true",
+                   help="local workers as separate processes, not threads of this one: a "
+                   "crashed worker is restarted and its frames retried (more memory and "
+                   "start-up time)")
     g.add_argument("--retries", type=int,
                    help="extra attempts of a frame whose worker died (default 2)")
     g.add_argument("--dashboard-address", help="dashboard address of a local cluster (:8787)")

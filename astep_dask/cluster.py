@@ -14,12 +14,24 @@ from distributed import Client, LocalCluster
 from .config import ClusterSettings
 
 
-def local_workers(settings: ClusterSettings) -> int:
-    """Worker processes for a LocalCluster: as configured, else cores / threads."""
-    if settings.n_workers:
-        return settings.n_workers
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(1, settings.threads_per_worker))
+def machine_cores() -> int:
+    """Cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(len(os.sched_getaffinity(0)), 1)
+    return os.cpu_count() or 1
+
+
+def local_layout(settings: ClusterSettings) -> tuple[int, int]:
+    """Workers and threads per worker of a LocalCluster.
+
+    As configured where set; otherwise one in-process worker with a thread per core, or
+    (``processes``) one single-threaded process per core.
+    """
+    cores = machine_cores()
+    workers = settings.n_workers or (
+        max(1, cores // max(1, settings.threads_per_worker)) if settings.processes else 1)
+    threads = settings.threads_per_worker or max(1, cores // workers)
+    return workers, threads
 
 
 def _jobqueue_cluster(settings: ClusterSettings):
@@ -40,7 +52,8 @@ def connect(settings: ClusterSettings, log: Callable[[str], None] = print) -> It
     """A client for the configured cluster, closed (with any cluster it started) on exit.
 
     ``scheduler`` set: join that running scheduler. ``kind`` ``local``: start a
-    LocalCluster of worker processes sized to the machine. ``slurm``/``pbs``: start a
+    LocalCluster sized to the machine (:func:`local_layout`), its workers threads of this
+    process unless ``processes``. ``slurm``/``pbs``: start a
     dask-jobqueue cluster from dask configuration, scaling adaptively.
     """
     cluster = None
@@ -48,10 +61,11 @@ def connect(settings: ClusterSettings, log: Callable[[str], None] = print) -> It
         client = Client(settings.scheduler)
         log(f"joined scheduler {settings.scheduler}")
     elif settings.kind == "local":
+        workers, threads = local_layout(settings)
         cluster = LocalCluster(
-            n_workers=local_workers(settings),
-            threads_per_worker=settings.threads_per_worker,
-            processes=True,
+            n_workers=workers,
+            threads_per_worker=threads,
+            processes=settings.processes,
             memory_limit=settings.memory_limit,
             dashboard_address=settings.dashboard_address,
         )

@@ -254,8 +254,13 @@ class ClusterSettings:
 
     kind: str = "local"  # local, slurm, pbs
     scheduler: str | None = None
-    n_workers: int | None = None  # None: sized to the machine
-    threads_per_worker: int = 1
+    # Local workers: threads of the command's own process (default: no start-up, masters
+    # held once, nothing pickled; numpy and astroscrappy release the GIL) or, with
+    # processes = true, separate processes (a crash or a leak stays in one worker, which
+    # its nanny restarts and whose frames are retried). See README, "Worker layout".
+    processes: bool = False
+    n_workers: int | None = None  # None: 1 in-process worker, or one process per core
+    threads_per_worker: int = 0  # 0: the cores shared among the workers
     memory_limit: str = "auto"
     frames_in_flight: int = 0  # 0: two per worker thread
     retries: int = 2  # extra attempts of a frame whose worker died

@@ -4,8 +4,11 @@ Simulates a night with ``astep-dask simulate`` and runs, each as a subprocess on
 night, in the same invocation:
 
 - ``ccdproc``: the serial survey recipe (``benchmarks/ccdproc_recipe.py``);
-- ``ours``: ``astep-dask calibrate NIGHT --out OUT --workers W --dashboard-address :0``
-  for each ``--workers`` (``--threads T`` too when given), on a fresh output folder so
+- ``ours``: ``astep-dask calibrate NIGHT --out OUT --workers W --threads T
+  --dashboard-address :0`` for each ``--workers`` (T = ``--threads``, default 1; the
+  default layout: workers are threads of the command's process), then for each of
+  ``--layouts`` (e.g. ``p2x1``: two worker processes, ``--processes``), on a fresh output
+  folder so
   every master and frame is computed (nothing is resumed); the per-frame step times
   (``t_read``, ``t_calibrate``, ``t_cosmics``, ``t_write``, ``t_total``) are taken from
   its ``OUT/DATE/manifest.json``;
@@ -27,7 +30,8 @@ memory-mapped files) once per process, so it is an upper bound for multi-process
 
 Results are printed as a table and written to ``WORKDIR/bench.json``::
 
-    python benchmarks/bench_night.py --size 1024 --science 12 --workers 1,2 \\
+    python benchmarks/bench_night.py --size 2048 --science 12 --workers 1,2 --layouts p1x1,p2x1
+    python benchmarks/bench_night.py --size 1024 --science 12 --workers 2 --skip-ccdproc \\
         --frames-scaling 12,50,200
 """
 
@@ -489,23 +493,36 @@ def run_ccdproc(night: Path, spec: NightSpec, args: argparse.Namespace) -> Measu
 
 
 def run_ours(night: Path, spec: NightSpec, workers: int, args: argparse.Namespace,
-             name: str | None = None) -> Measurement:
-    """Measure ``astep-dask calibrate`` with ``workers`` workers on ``night``."""
+             name: str | None = None, threads: int | None = None,
+             processes: bool = False) -> Measurement:
+    """Measure ``astep-dask calibrate`` with ``workers`` workers of ``threads`` threads
+    (default ``--threads``, else 1) on ``night``: threads of the command's own process (the
+    default layout) or, with ``processes``, worker processes (``--processes``)."""
+    threads = threads or args.threads or 1
     name = name or f"ours_w{workers}"
     out = args.workdir / "runs" / f"{name}_{spec.label}"
     try:
         command = [bin_path("astep-dask"), "calibrate", str(night), "--out", str(out),
-                   "--workers", str(workers), "--dashboard-address", ":0"]
+                   "--workers", str(workers), "--threads", str(threads),
+                   "--dashboard-address", ":0"]
     except FileNotFoundError as exc:
         return Measurement(name, [], "failed", None, 0.0, 0.0, 0.0, 0.0, 0.0, 0,
                            error=str(exc), details={"workers": workers})
-    if args.threads:
-        command += ["--threads", str(args.threads)]
+    if processes:
+        command.append("--processes")
     m = measure_run(name, command, out, "*_CAL.fits", spec.science, args.workdir,
                     args.timeout, args.keep_outputs, manifest=out / night.name / "manifest.json")
-    m.details.update(workers=workers, threads=args.threads or 1, frames=spec.science,
-                     size=spec.size)
+    m.details.update(workers=workers, threads=threads, frames=spec.science,
+                     size=spec.size, processes=processes)
     return m
+
+
+def parse_layout(text: str) -> tuple[int, int, bool]:
+    """``pPxT`` (P worker processes of T threads) or ``PxT`` (P in-process workers of T
+    threads) as (workers, threads, processes)."""
+    processes = text.startswith("p")
+    p, t = text.removeprefix("p").split("x")
+    return int(p), int(t), processes
 
 
 def run_io_floor(night: Path, spec: NightSpec, args: argparse.Namespace) -> Measurement:
@@ -696,7 +713,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_int_list, default=[1, 2],
                    help="comma-separated worker counts for our pipeline")
     p.add_argument("--threads", type=int, default=None,
-                   help="threads per worker of our pipeline (default: its own default)")
+                   help="threads per worker of the --workers runs (default 1)")
+    p.add_argument("--layouts", type=lambda s: [x for x in s.split(",") if x], default=[],
+                   help="extra runs of ours with other worker layouts, comma-separated: "
+                   "PxT (P in-process workers of T threads) or pPxT (P worker processes "
+                   "of T threads, --processes)")
     p.add_argument("--frames-scaling", type=_int_list, default=[],
                    help="comma-separated science-frame counts: run ours (with the largest "
                    "worker count) on a night of each size and report peak memory")
@@ -735,6 +756,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.skip_ccdproc:
         runs.append(run_ccdproc(night, spec, args))
     runs += [run_ours(night, spec, w, args) for w in args.workers]
+    for layout in args.layouts:
+        w, t, processes = parse_layout(layout)
+        runs.append(run_ours(night, spec, w, args, name=f"ours_{layout}", threads=t,
+                             processes=processes))
     runs.append(run_io_floor(night, spec, args))
 
     scaling: list[Measurement] = []
