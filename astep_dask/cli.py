@@ -362,7 +362,8 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
                    "crashed worker is restarted and its frames retried (more memory and "
                    "start-up time)")
     g.add_argument("--retries", type=int,
-                   help="extra attempts of a frame whose worker died (default 2)")
+                   help="extra attempts of a frame whose worker process died (with "
+                   "--processes or a scheduler; default 2)")
     g.add_argument("--dashboard-address", help="dashboard address of a local cluster (:8787)")
 
 

@@ -200,7 +200,7 @@ def test_a_one_night_template_finds_them_at_a_lower_snr(one_night, archive):
     # SNR (measured here; the neighbouring-nights template is the cure). A longer night
     # closes the gap: SNR/ideal 0.75 and 0.86 at 12 frames, 0.88 and 0.93 at 24, 0.92 and
     # 0.94 at 48 (benchmarks/search_bench.py night-length).
-    _check_found(one_night, archive[0], 0.5, "template from this night (12 frames)")
+    _check_found(one_night, archive[0], 0.65, "template from this night (12 frames)")
 
 
 @pytest.mark.parametrize("run", ["one_night", "other_nights"])
