@@ -25,22 +25,11 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-
-def _timed(func: Callable[..., Any], store: dict[str, float], name: str) -> Callable[..., Any]:
-    """``func`` that adds its wall time to ``store[name]``."""
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return func(*args, **kwargs)
-        finally:
-            store[name] = store.get(name, 0.0) + time.perf_counter() - t0
-
-    return run
+from masters_memory import timed  # this folder: the scripts share the timing wrapper
 
 
 def _cpu_seconds() -> float:
@@ -78,7 +67,7 @@ def build_once(night: Path, out_dir: Path, client: Any | None,
     builder = MasterBuilder(inventory, out_dir, Settings())
     steps: dict[str, float] = {}
     for name in ("bias", "darks", "flats", "mask"):
-        setattr(builder, name, _timed(getattr(builder, name), steps, name))
+        setattr(builder, name, timed(getattr(builder, name), steps, name))
     workers0 = client.run(_cpu_seconds) if client is not None else {}
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
     prof = cProfile.Profile() if profile else None

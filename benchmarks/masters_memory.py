@@ -143,7 +143,9 @@ def read_summary(counter: ReadCounter, inventory: Any) -> dict[str, Any]:
     }
 
 
-def _timed(func: Callable[..., Any], store: dict[str, float], name: str) -> Callable[..., Any]:
+def timed(func: Callable[..., Any], store: dict[str, float], name: str) -> Callable[..., Any]:
+    """``func`` that adds its wall time to ``store[name]`` (also used by masters_bench.py)."""
+
     def run(*args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
         try:
@@ -209,7 +211,7 @@ def child(night: Path, out_dir: Path, scheduler: str, result_path: Path,
     steps: dict[str, float] = {}
     builder = MasterBuilder(inventory, out_dir, settings)
     for name in ("bias", "darks", "flats", "mask"):
-        setattr(builder, name, _timed(getattr(builder, name), steps, name))
+        setattr(builder, name, timed(getattr(builder, name), steps, name))
 
     cluster_s = 0.0
     if scheduler == "threads":
