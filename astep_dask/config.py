@@ -48,6 +48,7 @@ class FlatSettings:
     """Sky-flat screening and normalisation."""
 
     central_fraction: float = 0.5  # side of the central box used for each flat's level
+    level_row_step: int = 8  # ... of which every n-th row (a 2048² flat: 65k pixels)
     min_level_adu: float = 3000.0  # below this a flat has too little signal
     max_level_fraction: float = 0.8  # above this fraction of saturation it is rejected
 

@@ -359,7 +359,8 @@ def flat_level(rec: FrameRecord, box: tuple[slice, slice], dark_box: np.ndarray,
     dark's same box, so only it, not the whole dark, goes to the worker."""
     rows, cols = box
     sec = frame_section(rec)
-    raw = read_section(rec.path, rec.hdu, slice(sec.y0 + rows.start, sec.y0 + rows.stop),
+    raw = read_section(rec.path, rec.hdu,
+                       slice(sec.y0 + rows.start, sec.y0 + rows.stop, rows.step),
                        slice(sec.x0 + cols.start, sec.x0 + cols.stop))
     if rec.overscan is not None and overscan:
         region = read_section(rec.path, rec.hdu, *rec.overscan.slices)
@@ -539,12 +540,15 @@ class MasterBuilder:
         return out
 
     def _central_box(self, rec: FrameRecord) -> tuple[slice, slice]:
-        """Rows and columns (of the data section) where a flat's level is measured."""
-        f = self.settings.flat.central_fraction
+        """Rows and columns (of the data section) where a flat's level is measured: every
+        ``level_row_step``-th row of the central box, so that measuring the levels reads
+        a small fraction of each flat before the combination reads it whole."""
+        fs = self.settings.flat
         ny, nx = frame_section(rec).shape
-        hy, hx = int(ny * f / 2), int(nx * f / 2)
+        hy, hx = int(ny * fs.central_fraction / 2), int(nx * fs.central_fraction / 2)
         cy, cx = ny // 2, nx // 2
-        return slice(cy - hy, cy + hy), slice(cx - hx, cx + hx)
+        step = max(1, min(fs.level_row_step, hy))
+        return slice(cy - hy, cy + hy, step), slice(cx - hx, cx + hx)
 
     def flats(self, bias: Master | None, darks: dict[float, Master]) -> dict[str, Master]:
         """Master flat per filter: dark-subtracted, level-scaled, clipped, median 1."""
