@@ -54,7 +54,9 @@ def test_compressed_inputs_decode_exactly(tmp_path, suffix):
     np.testing.assert_array_equal(open_stack([rec], rows=10).values[0], data)
 
 
-def _count_reads(monkeypatch) -> Counter:
+def _count_reads(monkeypatch, *modules) -> Counter:
+    """Pixels read per file through ``read_section`` of the stack module (and of the
+    other ``modules`` that imported it by name)."""
     calls: Counter = Counter()
     real = stack_mod.read_section
 
@@ -63,7 +65,8 @@ def _count_reads(monkeypatch) -> Counter:
         calls[str(path)] += out.shape[0] * out.shape[1]
         return out
 
-    monkeypatch.setattr(stack_mod, "read_section", counting)
+    for module in (stack_mod, *modules):
+        monkeypatch.setattr(module, "read_section", counting)
     return calls
 
 
@@ -104,3 +107,20 @@ def test_open_stack_rejects_mixed_shapes(small_night, tmp_path):
     other = read_record(_uint16_file(tmp_path / "o.fits", np.zeros((5, 5), np.uint16)))
     with pytest.raises(ValueError, match="differ in shape"):
         open_stack([rec, other])
+
+
+def test_masters_read_each_input_about_once(small_night, tmp_path, monkeypatch):
+    from astep_dask import masters as masters_mod
+    from astep_dask.config import Settings
+
+    inv = scan_night(small_night)
+    calls = _count_reads(monkeypatch, masters_mod)
+    masters_mod.MasterBuilder(inv, tmp_path, Settings()).build()
+    pixels = 128 * 128
+    darks = inv.select(FrameType.DARK)
+    flats = inv.select(FrameType.FLAT)
+    assert darks and flats
+    for rec in darks:  # read by the strips only
+        assert calls[str(rec.path)] == pixels
+    for rec in flats:  # the strips, and every 8th row of the central box for the level
+        assert pixels < calls[str(rec.path)] <= 1.05 * pixels
