@@ -98,6 +98,18 @@ def digest_of(*parts: object) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _big_endian(a: np.ndarray, dtype: type | None = None) -> np.ndarray:
+    """A big-endian copy of ``a`` (as ``dtype``), FITS's byte order.
+
+    astropy writes a native (little-endian) array by swapping its bytes in place and back
+    afterwards; a master is written on a background thread while other threads read it
+    (the dark, while the flats are combined), and they saw the swapped bytes now and then.
+    Writing a copy leaves the master untouched.
+    """
+    dt = np.dtype(dtype or a.dtype)
+    return np.asarray(a).astype(dt.newbyteorder(">"))
+
+
 def write_master(master: Master, path: Path) -> Path:
     """Write a master FITS file atomically: data in PRIMARY, then VAR, COUNT, INPUTS."""
     header = fits.Header()
@@ -108,11 +120,12 @@ def write_master(master: Master, path: Path) -> Path:
     if master.role == "mask":
         header_cards(header)
     stamp(header)
-    hdus: list[fits.hdu.base.ExtensionHDU] = [fits.PrimaryHDU(master.data, header=header)]
+    hdus: list[fits.hdu.base.ExtensionHDU] = [
+        fits.PrimaryHDU(_big_endian(master.data), header=header)]
     if master.var is not None:
-        hdus.append(fits.ImageHDU(master.var.astype(np.float32), name="VAR"))
+        hdus.append(fits.ImageHDU(_big_endian(master.var, np.float32), name="VAR"))
     if master.count is not None:
-        hdus.append(fits.ImageHDU(master.count.astype(np.int16), name="COUNT"))
+        hdus.append(fits.ImageHDU(_big_endian(master.count, np.int16), name="COUNT"))
     if master.inputs:
         hdus.append(fits.BinTableHDU(Table(rows=master.inputs), name="INPUTS"))
     master.path = atomic_write(fits.HDUList(hdus), path)

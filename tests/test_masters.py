@@ -299,3 +299,39 @@ def test_fast_medians_equal_numpy():
         assert median(v) == float(np.median(v))
         v[::7] = np.nan
         assert median(v, skip_nan=True) == float(np.nanmedian(v))
+
+
+def test_writing_a_master_never_touches_its_arrays(tmp_path, monkeypatch):
+    # Masters are written on a background thread while other threads read them (the dark
+    # while the flats are combined); astropy swaps a native array's bytes in place while
+    # writing it, so the writer must hand astropy copies. (It did not, and one flat build
+    # in ten came out different.)
+    from astep_dask import masters as masters_mod
+
+    rng = np.random.default_rng(2)
+    m = masters_mod.Master(role="dark", data=rng.normal(100, 5, (32, 32)).astype(np.float32),
+                           var=np.full((32, 32), 2.0, np.float32),
+                           count=np.full((32, 32), 7, np.int16), cards={"EXPTIME": (90.0, "")})
+    given = []
+    real_primary, real_image = fits.PrimaryHDU, fits.ImageHDU
+
+    def primary(data=None, *args, **kwargs):
+        given.append(data)
+        return real_primary(data, *args, **kwargs)
+
+    def image(data=None, *args, **kwargs):
+        given.append(data)
+        return real_image(data, *args, **kwargs)
+
+    monkeypatch.setattr(masters_mod.fits, "PrimaryHDU", primary)
+    monkeypatch.setattr(masters_mod.fits, "ImageHDU", image)
+    before = [m.data.copy(), m.var.copy(), m.count.copy()]
+    path = masters_mod.write_master(m, tmp_path / "dark.fits")
+    assert len(given) == 3
+    for arr in given:
+        assert not any(np.shares_memory(arr, a) for a in (m.data, m.var, m.count))
+    for a, b in zip(before, (m.data, m.var, m.count), strict=True):
+        np.testing.assert_array_equal(a, b)
+    back = read_master(path)
+    np.testing.assert_array_equal(back.data, m.data)
+    np.testing.assert_array_equal(back.var, m.var)
