@@ -169,6 +169,42 @@ def psf_stamp(x: float, y: float, sigma: float, shape: tuple[int, int] | None = 
     return np.outer(py, px), ys, xs
 
 
+def mover_tracks(night_dir: str | Path, stems: list[str], reference: str) -> list[dict]:
+    """The simulated movers as a registered export sees them.
+
+    ``stems`` are the raw stems of the frames, in time order, and ``reference`` the raw
+    stem of the frame whose grid they were registered onto. Per mover: ``k``, ``start``
+    (x, y on that grid in the first frame), ``positions`` (in every frame), ``v`` (px/day)
+    and ``per_frame`` (px per frame) of its sky motion, ``flux`` (e-) and ``ideal``: the
+    matched-filter SNR of a perfect search, from the noiseless model, the true noise of
+    the original pixels and the true PSF.
+    """
+    truth = load_truth(night_dir)
+    cfg = truth.config
+    frames = {fr["file"].removesuffix(".fits"): fr for fr in truth.frames}
+    ref = np.array(frames[reference]["offset"])
+    flat = truth.flat.astype(np.float64)
+    dark = truth.dark_rate * cfg.science_exptime
+    n = len(cfg.movers)
+    pos: list[list[tuple[float, float]]] = [[] for _ in range(n)]
+    ideal2 = np.zeros(n)
+    for stem in stems:  # each frame's model read once
+        model = load_frame_truth(night_dir, stem)["model"]
+        var = (flat * model + dark + cfg.read_noise**2) / flat**2
+        shift = np.array(frames[stem]["offset"]) - ref
+        for k, (mx, my, _) in enumerate(frames[stem]["movers"]):
+            pos[k].append((mx - shift[0], my - shift[1]))
+            p, ys, xs = psf_stamp(mx, my, cfg.psf_sigma, model.shape)
+            ideal2[k] += np.sum((cfg.movers[k][2] * p) ** 2 / var[np.ix_(ys, xs)])
+    tracks = []
+    for k, (vx, vy, flux) in enumerate(cfg.movers):
+        tracks.append({"k": k, "start": np.array(pos[k][0]), "positions": np.array(pos[k]),
+                       "v": np.array([vx, vy]) * 86400.0 / cfg.cadence_s,
+                       "per_frame": float(np.hypot(vx, vy)), "flux": flux,
+                       "ideal": float(np.sqrt(ideal2[k]))})
+    return tracks
+
+
 def add_sources(image: np.ndarray, xs, ys, fluxes, sigma: float) -> None:
     """Add pixel-integrated Gaussian sources (:func:`psf_stamp`) to ``image`` in place
     (clipped at edges)."""

@@ -44,41 +44,18 @@ from astep_dask.pipeline import calibrate_night
 from astep_dask.search import SearchSettings, psi_phi, read_candidates, search_night
 from astep_dask.simulate import (
     SimConfig,
-    load_frame_truth,
-    load_truth,
-    psf_stamp,
+    mover_tracks,
     simulate_night,
 )
 from astep_dask.template import TemplateSettings
 
 
 def tracks(night: Path, export: dict) -> list[dict]:
-    """Each mover on the export's reference grid: start, velocity (px/day), positions,
-    flux and the ideal matched-filter SNR (noiseless model, true noise and PSF)."""
-    truth = load_truth(night)
-    cfg = truth.config
-    tf = {fr["file"].removesuffix(".fits"): fr for fr in truth.frames}
+    """Each mover on the export's reference grid (:func:`simulate.mover_tracks`): start,
+    velocity (px/day), positions, flux and the ideal matched-filter SNR."""
     headers = [fits.getheader(export["kbmod_dir"] / r["output"]) for r in export["frames"]]
-    ref = np.array(tf[headers[0]["REFFRAME"]]["offset"])
-    flat = truth.flat.astype(np.float64)
-    dark = truth.dark_rate * cfg.science_exptime
-    out = []
-    for k, (vx, vy, flux) in enumerate(cfg.movers):
-        pos, ideal2 = [], 0.0
-        for h in headers:
-            stem = h["CALFILE"].removesuffix("_CAL.fits")
-            mx, my, _ = tf[stem]["movers"][k]
-            shift = np.array(tf[stem]["offset"]) - ref
-            pos.append((mx - shift[0], my - shift[1]))
-            model = load_frame_truth(night, stem)["model"]
-            var = (flat * model + dark + cfg.read_noise**2) / flat**2
-            p, ys, xs = psf_stamp(mx, my, cfg.psf_sigma, model.shape)
-            ideal2 += np.sum((flux * p) ** 2 / var[np.ix_(ys, xs)])
-        out.append({"k": k, "start": np.array(pos[0]), "positions": np.array(pos),
-                    "v": np.array([vx, vy]) * 86400.0 / cfg.cadence_s,
-                    "per_frame": float(np.hypot(vx, vy)), "flux": flux,
-                    "ideal": float(np.sqrt(ideal2))})
-    return out
+    stems = [h["CALFILE"].removesuffix("_CAL.fits") for h in headers]
+    return mover_tracks(night, stems, headers[0]["REFFRAME"])
 
 
 def along_path(export: dict, track: dict) -> tuple[float, float]:

@@ -34,8 +34,7 @@ from astep_dask.search import (
 )
 from astep_dask.simulate import (
     SimConfig,
-    load_frame_truth,
-    load_truth,
+    mover_tracks,
     psf_stamp,
     simulate_night,
 )
@@ -109,34 +108,10 @@ def _kbmod_frames(export: dict) -> list[tuple[fits.Header, np.ndarray, np.ndarra
 
 
 def _truth_tracks(night: Path, export: dict) -> list[dict]:
-    """Per mover: start (x, y) on the reference grid at the first frame's time, velocity in
-    px/day and px/frame, flux, positions in every frame, ideal matched-filter SNR (noiseless
-    model and true noise on the original pixels, true PSF)."""
-    truth = load_truth(night)
-    cfg = truth.config
-    tf = {fr["file"].removesuffix(".fits"): fr for fr in truth.frames}
+    """The simulated movers on the export's reference grid (:func:`mover_tracks`)."""
     headers = [h for h, *_ in _kbmod_frames(export)]
-    ref = np.array(tf[headers[0]["REFFRAME"]]["offset"])
-    flat = truth.flat.astype(np.float64)
-    dark = truth.dark_rate * cfg.science_exptime
-    tracks = []
-    for k, (vx, vy, flux) in enumerate(cfg.movers):
-        pos, ideal2 = [], 0.0
-        for h in headers:
-            stem = h["CALFILE"].removesuffix("_CAL.fits")
-            fr = tf[stem]
-            mx, my, _ = fr["movers"][k]
-            shift = np.array(fr["offset"]) - ref
-            pos.append((mx - shift[0], my - shift[1]))
-            model = load_frame_truth(night, stem)["model"]
-            var = (flat * model + dark + cfg.read_noise**2) / flat**2
-            p, ys, xs = psf_stamp(mx, my, cfg.psf_sigma, model.shape)
-            ideal2 += np.sum((flux * p) ** 2 / var[np.ix_(ys, xs)])
-        per_day = 86400.0 / cfg.cadence_s
-        tracks.append({"start": np.array(pos[0]), "v": np.array([vx, vy]) * per_day,
-                       "per_frame": float(np.hypot(vx, vy)), "flux": flux,
-                       "positions": np.array(pos), "ideal": float(np.sqrt(ideal2))})
-    return tracks
+    stems = [h["CALFILE"].removesuffix("_CAL.fits") for h in headers]
+    return mover_tracks(night, stems, headers[0]["REFFRAME"])
 
 
 def _summary(csv: Path) -> dict:
