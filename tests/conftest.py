@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from distributed import Client, LocalCluster
 
 from astep_dask.simulate import SimConfig, simulate_night
 
@@ -23,3 +24,11 @@ def bad_night(tmp_path_factory) -> Path:
     """The same night plus one unusable file of each kind."""
     cfg = SimConfig(**{**SMALL.__dict__, "bad_files": True})
     return simulate_night(tmp_path_factory.mktemp("archive_bad"), cfg)
+
+
+@pytest.fixture(scope="module")
+def client():
+    """Two single-threaded worker processes, one cluster per test module."""
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as c:
+        yield c

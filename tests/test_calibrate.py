@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.stats import mad_std
-from distributed import Client, LocalCluster
+from distributed import Client
 from scipy import ndimage
 
 from astep_dask.calibrate import Detector, FrameMasters, calibrate_frame
@@ -32,13 +32,6 @@ from astep_dask.simulate import load_frame_truth, load_truth
 from astep_dask.stack import read_frame
 
 SETTINGS = Settings().replace(cluster={"dashboard_address": ":0"})
-
-
-@pytest.fixture(scope="module")
-def client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

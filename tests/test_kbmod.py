@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.time import Time
-from distributed import Client, LocalCluster
 from scipy import ndimage
 
 from astep_dask.background import BackgroundSettings, estimate_background, mesh_edges
@@ -82,13 +81,6 @@ MUST_MASK = flag(Bit.BAD, Bit.SAT, Bit.CR, Bit.NO_DATA)
 @pytest.fixture(scope="module")
 def night(tmp_path_factory) -> Path:
     return simulate_night(tmp_path_factory.mktemp("kb_archive"), SIM)
-
-
-@pytest.fixture(scope="module")
-def client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

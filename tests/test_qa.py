@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
-from distributed import Client, LocalCluster
 from scipy import ndimage
 
 from astep_dask import qa
@@ -88,13 +87,6 @@ def inject_bad_frames(night: Path, dest: Path, seed: int = 7) -> tuple[Path, dic
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
-from distributed import Client, LocalCluster
 
 from astep_dask.config import Settings
 from astep_dask.kbmod import export_night
@@ -51,13 +50,6 @@ FAST = 0.3  # px/frame: the issue's bound for movers the search must find
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster_, Client(cluster_) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
