@@ -19,13 +19,21 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
-from .layout import ArchiveError, format_table, scan
+from astep_dask.errors import ArchiveError
+from astep_dask.io.layout import format_table, scan
+from astep_dask.version import __version__
 
 EXIT_OK = 0
+
+
 EXIT_FAILED = 1
+
+
 EXIT_PARTIAL = 3
+
+
 EXIT_INTERRUPTED = 130
+
 
 EPILOG = """exit codes:
   0  complete
@@ -36,7 +44,7 @@ EPILOG = """exit codes:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from .simulate import SimConfig, simulate_night
+    from astep_dask.testing.simulate import SimConfig, simulate_night
 
     cfg = SimConfig(
         date=args.date,
@@ -83,7 +91,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace):
-    from .config import load_settings
+    from astep_dask.config import load_settings
 
     settings = load_settings(args.config)
     cluster = {}
@@ -152,9 +160,11 @@ def _summary(result) -> str:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     import time
 
-    from .cluster import connect
-    from .layout import scan_night
-    from .pipeline import RunError, calibrate_night, check_writable, output_dir, print_progress
+    from astep_dask.errors import RunError
+    from astep_dask.io.layout import scan_night
+    from astep_dask.io.products import check_writable, output_dir
+    from astep_dask.run.cluster import connect
+    from astep_dask.run.night import calibrate_night, print_progress
 
     settings = _settings(args)
     night = args.night
@@ -194,8 +204,9 @@ def _kbmod(night: Path, client, settings, args: argparse.Namespace, start: list[
     """Run the KBMOD export of a calibrated night, print its summary, return its status."""
     import time
 
-    from .kbmod import export_night
-    from .pipeline import RunError, print_progress
+    from astep_dask.errors import RunError
+    from astep_dask.kbmod.stage import export_night
+    from astep_dask.run.night import print_progress
 
     start[0] = time.perf_counter()
     try:
@@ -229,8 +240,8 @@ def _kbmod(night: Path, client, settings, args: argparse.Namespace, start: list[
 def _cmd_kbmod(args: argparse.Namespace) -> int:
     import time
 
-    from .cluster import connect
-    from .layout import find_nights
+    from astep_dask.io.layout import find_nights
+    from astep_dask.run.cluster import connect
 
     settings = _settings(args)
     night = find_nights(args.night)[0]
@@ -241,10 +252,12 @@ def _cmd_kbmod(args: argparse.Namespace) -> int:
 def _cmd_search(args: argparse.Namespace) -> int:
     import time
 
-    from .cluster import connect
-    from .layout import find_nights
-    from .pipeline import RunError, print_progress
-    from .search import read_candidates, search_night
+    from astep_dask.errors import RunError
+    from astep_dask.io.layout import find_nights
+    from astep_dask.kbmod.candidates import read_candidates
+    from astep_dask.kbmod.search import search_night
+    from astep_dask.run.cluster import connect
+    from astep_dask.run.night import print_progress
 
     settings = _settings(args)
     search = {}
@@ -283,8 +296,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_season(args: argparse.Namespace) -> int:
-    from .cluster import connect
-    from .season import calibrate_season, dry_run, select_nights, write_season_report
+    from astep_dask.run.cluster import connect
+    from astep_dask.run.season import calibrate_season, dry_run, select_nights, write_season_report
 
     settings = _settings(args)
     nights = select_nights(args.root, args.start, args.end)
@@ -298,7 +311,8 @@ def _cmd_season(args: argparse.Namespace) -> int:
         print(format_table(plan, columns))
         return EXIT_OK
     report_dir = args.out if args.out is not None else args.root
-    from .pipeline import RunError, check_writable
+    from astep_dask.errors import RunError
+    from astep_dask.io.products import check_writable
 
     try:
         check_writable(report_dir)
@@ -319,9 +333,9 @@ def _cmd_season(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .cluster import connect
-    from .layout import find_nights
-    from .qa import load_report, night_report, report_summary
+    from astep_dask.io.layout import find_nights
+    from astep_dask.report.night import load_report, night_report, report_summary
+    from astep_dask.run.cluster import connect
 
     settings = _settings(args)
     night = find_nights(args.night)[0]
@@ -336,8 +350,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_graph(args: argparse.Namespace) -> int:
-    from .graph import flow_chart
-    from .layout import find_nights
+    from astep_dask.io.layout import find_nights
+    from astep_dask.report.graph import flow_chart
 
     settings = _settings(args)
     night = find_nights(args.night)[0]

@@ -22,6 +22,30 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class StarSettings:
+    """How stars are found and measured."""
+
+    psf_sigma: float = 1.5  # px, first guess: detection filter and centroid window
+    nsigma: float = 5.0  # detection threshold on the PSF-smoothed frame
+    max_stars: int = 400  # brightest kept
+    box: int = 0  # half-size of the measuring box; 0: ceil(3.5 σ_w)
+    min_width_ratio: float = 0.5  # narrower than this × the median width: not a star
+    max_width_ratio: float = 1.5  # wider: a blend or a galaxy
+
+
+@dataclass(frozen=True)
+class MatchSettings:
+    """How a frame's stars are matched to the reference's and a translation fitted."""
+
+    n_bright: int = 60  # stars of each list that vote for the integer offset
+    max_shift: float | None = None  # px; None: any offset
+    match_radius: float = 1.5  # px, after applying the voted offset
+    clip: float = 4.0  # rejection threshold (normalised residuals)
+    floor: float = 0.01  # px, added in quadrature to every position error
+    min_matches: int = 5
+
+
+@dataclass(frozen=True)
 class CombineSettings:
     """Robust combination of frames into a master."""
 
@@ -126,7 +150,7 @@ class KbmodSettings:
 
     def background(self):
         """The background estimator's settings (:class:`background.BackgroundSettings`)."""
-        from .background import BackgroundSettings
+        pass
 
         return BackgroundSettings(mesh=self.mesh, sigma=self.bkg_sigma,
                                   iterations=self.bkg_iterations, filter_size=self.bkg_filter,
@@ -134,14 +158,14 @@ class KbmodSettings:
 
     def stars(self):
         """The star finder's settings (:class:`register.StarSettings`)."""
-        from .register import StarSettings
+        pass
 
         return StarSettings(psf_sigma=self.psf_sigma_guess, nsigma=self.detect_sigma,
                             max_stars=self.max_stars)
 
     def match(self):
         """The offset fit's settings (:class:`register.MatchSettings`)."""
-        from .register import MatchSettings
+        pass
 
         return MatchSettings(match_radius=self.match_radius,
                              max_shift=self.max_shift or None, min_matches=self.min_matches)
@@ -231,20 +255,20 @@ class QaSettings:
 
     def background(self):
         """Settings of the sky background estimate (:class:`background.BackgroundSettings`)."""
-        from .background import BackgroundSettings
+        pass
 
         return BackgroundSettings(mesh=self.mesh)
 
     def stars(self):
         """Settings of the star finder (:class:`register.StarSettings`)."""
-        from .register import StarSettings
+        pass
 
         return StarSettings(psf_sigma=self.psf_sigma_guess, nsigma=self.detect_sigma,
                             max_stars=self.max_stars)
 
     def match(self):
         """Settings of the match to the reference frame (:class:`register.MatchSettings`)."""
-        from .register import MatchSettings
+        pass
 
         return MatchSettings(match_radius=self.match_radius, min_matches=self.min_matches)
 
@@ -333,3 +357,18 @@ def load_settings(path: str | Path | None = None) -> Settings:
             raise ValueError(f"{path}: unknown key(s) in [{table}]: {', '.join(sorted(unknown))}")
         groups[table] = values
     return settings.replace(**groups)
+
+
+@dataclass(frozen=True)
+class BackgroundSettings:
+    """How the background is estimated (defaults suit ASTEP frames)."""
+
+    mesh: int = 64  # pixels on a side of a mesh (the frame is split evenly)
+    sigma: float = 3.0  # clipping threshold within a mesh (robust sigmas)
+    iterations: int = 5  # clipping iterations
+    filter_size: int = 3  # median filter of the mesh grid (1: none)
+    min_valid: float = 0.25  # fraction of a mesh's pixels that must be usable
+    source_sigma: float = 4.0  # detection threshold for source exclusion (smoothed image)
+    source_smooth: float = 1.5  # Gaussian sigma (px) of the detection smoothing
+    source_grow: int = 4  # radius (px) by which detected sources are grown
+    source_passes: int = 1  # number of source-exclusion passes after the first estimate

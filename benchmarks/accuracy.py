@@ -23,10 +23,10 @@ from distributed import Client, LocalCluster
 from scipy import ndimage
 
 from astep_dask.config import Settings
-from astep_dask.mask import Bit
-from astep_dask.masters import read_master
-from astep_dask.pipeline import calibrate_night
-from astep_dask.simulate import SimConfig, load_frame_truth, load_truth, simulate_night
+from astep_dask.core.bits import Bit
+from astep_dask.masters.store import read_master
+from astep_dask.run.night import calibrate_night
+from astep_dask.testing.simulate import SimConfig, load_frame_truth, load_truth, simulate_night
 
 
 def master_figures(night: Path, paths: dict) -> dict:

@@ -41,10 +41,10 @@ import numpy as np
 from astropy.io import fits
 from scipy import ndimage
 
-from astep_dask.calibrate import find_cosmics
 from astep_dask.config import CosmicSettings, Settings
-from astep_dask.mask import Bit
-from astep_dask.simulate import SimConfig, load_frame_truth, load_truth, simulate_night
+from astep_dask.core.bits import Bit
+from astep_dask.core.cosmics import find_cosmics
+from astep_dask.testing.simulate import SimConfig, load_frame_truth, load_truth, simulate_night
 
 CR = np.int32(1 << Bit.CR)
 
@@ -65,7 +65,8 @@ def calibrate_without_cosmics(night: Path, out: Path) -> Path:
     """Calibrate ``night`` with cosmic-ray detection off; return the folder of frames."""
     from distributed import Client, LocalCluster
 
-    from astep_dask.pipeline import calibrate_night, output_dir
+    from astep_dask.io.products import output_dir
+    from astep_dask.run.night import calibrate_night
 
     settings = Settings().replace(cluster={"dashboard_address": ":0"},
                                   cosmics={"enabled": False})

@@ -59,8 +59,8 @@ def build_once(night: Path, out_dir: Path, client: Any | None,
         ``wall_s``, ``cpu_main_s``, ``cpu_workers_s`` (per worker), ``steps_s``.
     """
     from astep_dask.config import Settings
-    from astep_dask.layout import scan_night
-    from astep_dask.masters import MasterBuilder
+    from astep_dask.io.layout import scan_night
+    from astep_dask.masters.builder import MasterBuilder
 
     shutil.rmtree(out_dir, ignore_errors=True)
     inventory = scan_night(night)

@@ -1,7 +1,7 @@
 """Peak memory and wall time of building a night's masters, against the number of darks.
 
 Masters are dask reductions over a stack opened in row strips whose height comes from
-``CombineSettings.memory_budget_mb`` (:func:`astep_dask.stack.open_strips`), so the memory
+``CombineSettings.memory_budget_mb`` (:func:`astep_dask.io.stack.open_strips`), so the memory
 of a build should be bounded by that budget and not grow with the number of frames. This
 benchmark checks it: for each ``N`` in ``--frames`` it simulates a night of ``N`` darks per
 exposure time (science darks of 90 s *and* flat darks of 10 s, so ``2 N`` dark files),
@@ -12,7 +12,7 @@ three sky flats and one science frame, then builds every master with::
 in a fresh subprocess per build (so the peak RSS belongs to that ``N`` alone), on
 
 - ``threads``: dask's default threaded scheduler, no distributed client; here
-  ``astep_dask.stack.read_section`` (and the name ``astep_dask.masters`` imported from it)
+  ``astep_dask.io.stack.read_section`` (and the names ``astep_dask.masters`` imported from it)
   is wrapped by a counter, giving the pixels read from each file divided by the pixels of
   a frame: 1.0 for a dark means every pixel read exactly once; flats read a central box
   once more to measure their level;
@@ -90,21 +90,23 @@ class ReadCounter:
 
 
 def install_counter() -> ReadCounter:
-    """Wrap ``read_section`` in :mod:`astep_dask.stack` and wherever it was imported by name.
+    """Wrap ``read_section`` in :mod:`astep_dask.io.stack` and wherever it was imported by name.
 
     Returns
     -------
     ReadCounter
         The tally the wrapped functions feed.
     """
-    from astep_dask import masters, stack
+    from astep_dask.io import stack
+    from astep_dask.masters import builder, reduce
 
     counter = ReadCounter()
     original = stack.read_section
     wrapped = counter.wrap(original)
     stack.read_section = wrapped
-    if masters.read_section is original:
-        masters.read_section = wrapped
+    for module in (builder, reduce):
+        if getattr(module, "read_section", None) is original:
+            module.read_section = wrapped
     return counter
 
 
@@ -189,9 +191,9 @@ def child(night: Path, out_dir: Path, scheduler: str, result_path: Path,
     import psutil
 
     from astep_dask.config import Settings
-    from astep_dask.layout import FrameType, scan_night
-    from astep_dask.masters import MasterBuilder
-    from astep_dask.stack import strip_rows
+    from astep_dask.io.layout import FrameType, scan_night
+    from astep_dask.io.stack import strip_rows
+    from astep_dask.masters.builder import MasterBuilder
 
     settings = Settings()
     if budget_mb is not None:
@@ -278,7 +280,7 @@ def simulate(workdir: Path, size: int, n_darks: int, seed: int) -> Path:
     Path
         The night folder ``ROOT/DATE``.
     """
-    from astep_dask.simulate import SimConfig, simulate_night
+    from astep_dask.testing.simulate import SimConfig, simulate_night
 
     cfg = SimConfig(date=DATE, size=size, n_science=1, n_darks=n_darks, n_flats=N_FLATS,
                     seed=seed)

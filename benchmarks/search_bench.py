@@ -38,16 +38,12 @@ import numpy as np
 from astropy.io import fits
 from distributed import Client, LocalCluster
 
-from astep_dask.config import Settings
-from astep_dask.kbmod import export_night
-from astep_dask.pipeline import calibrate_night
-from astep_dask.search import SearchSettings, psi_phi, read_candidates, search_night
-from astep_dask.simulate import (
-    SimConfig,
-    mover_tracks,
-    simulate_night,
-)
-from astep_dask.template import TemplateSettings
+from astep_dask.config import SearchSettings, Settings, TemplateSettings
+from astep_dask.kbmod.candidates import read_candidates
+from astep_dask.kbmod.search import psi_phi, search_night
+from astep_dask.kbmod.stage import export_night
+from astep_dask.run.night import calibrate_night
+from astep_dask.testing.simulate import SimConfig, mover_tracks, simulate_night
 
 
 def tracks(night: Path, export: dict) -> list[dict]:
@@ -153,7 +149,7 @@ def run_search(args: argparse.Namespace, root: Path) -> None:
 def cpu_per_velocity(kdir: Path, ss: SearchSettings, n: int = 100) -> float:
     """CPU milliseconds per velocity of one stacking task (``time.process_time`` in this
     process, on the first tile, ``n`` velocities of the grid's middle)."""
-    from astep_dask.search import (
+    from astep_dask.kbmod.search import (
         BlockJob,
         block_task,
         margin_for,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from distributed import Client, LocalCluster
 
-from astep_dask.simulate import SimConfig, simulate_night
+from astep_dask.testing.simulate import SimConfig, simulate_night
 
 # A high cosmic-ray rate (about 15x the realistic default) gives the CR tests statistics.
 SMALL = SimConfig(size=128, n_science=6, n_darks=5, n_flats=7, cr_per_mpix=400.0, seed=3)

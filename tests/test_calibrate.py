@@ -15,21 +15,16 @@ from astropy.stats import mad_std
 from distributed import Client
 from scipy import ndimage
 
-from astep_dask.calibrate import Detector, FrameMasters, calibrate_frame
 from astep_dask.config import CosmicSettings, Settings
-from astep_dask.layout import FrameType, scan_night
-from astep_dask.mask import Bit
-from astep_dask.masters import frame_masters
-from astep_dask.pipeline import (
-    LOCK,
-    MANIFEST,
-    RunError,
-    calibrate_night,
-    night_lock,
-    output_dir,
-)
-from astep_dask.simulate import load_frame_truth, load_truth
-from astep_dask.stack import read_frame
+from astep_dask.core.bits import Bit
+from astep_dask.core.calibrate import Detector, FrameMasters, calibrate_frame
+from astep_dask.errors import RunError
+from astep_dask.io.layout import FrameType, scan_night
+from astep_dask.io.products import LOCK, MANIFEST, night_lock, output_dir
+from astep_dask.io.stack import read_frame
+from astep_dask.masters.store import frame_masters
+from astep_dask.run.night import calibrate_night
+from astep_dask.testing.simulate import load_frame_truth, load_truth
 
 SETTINGS = Settings().replace(cluster={"dashboard_address": ":0"})
 
@@ -122,7 +117,7 @@ def test_chain_matches_ccdproc_the_slow_way(small_night, calibrated):
     result, _folder = calibrated
     inv = scan_night(small_night)
     rec = inv.select(FrameType.SCIENCE)[1]
-    from astep_dask.masters import MasterPaths
+    from astep_dask.masters.store import MasterPaths
 
     paths = result.masters["paths"]
     mp = MasterPaths(None, tuple((float(k), Path(v)) for k, v in paths["darks"].items()),
@@ -269,7 +264,7 @@ def test_outputs_pass_fitsverify(calibrated):
 def test_windowed_cosmics_match_full_frame(calibrated, small_night):
     """astroscrappy on windows around candidate pixels finds the true cosmic rays that
     the whole frame finds, with no more false flags."""
-    from astep_dask.calibrate import find_cosmics
+    from astep_dask.core.cosmics import find_cosmics
 
     _, folder = calibrated
     found = {"windows": 0, "full": 0}
@@ -340,8 +335,8 @@ def test_sigterm_stops_cleanly_with_exit_130(small_night, tmp_path):
 
 
 def test_sky_and_noise_of_a_subsample_match_the_whole_frame():
-    from astep_dask.calibrate import sky_and_noise
-    from astep_dask.mask import robust_sigma
+    from astep_dask.core.calibrate import sky_and_noise
+    from astep_dask.core.stats import robust_sigma
 
     rng = np.random.default_rng(3)
     sci = rng.normal(600.0, 25.0, (1024, 1024)).astype(np.float32)

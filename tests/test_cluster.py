@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from astep_dask.cluster import connect, local_layout, machine_cores
 from astep_dask.config import ClusterSettings
+from astep_dask.run.cluster import connect, local_layout, machine_cores
 
 
 def test_local_layout_defaults_and_overrides():

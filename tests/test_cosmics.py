@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from astep_dask.cosmics import psf_sigma, unflag_stars
-from astep_dask.simulate import add_sources
+from astep_dask.core.cosmics import unflag_stars
+from astep_dask.core.psf import psf_sigma
+from astep_dask.testing.simulate import add_sources
 
 
 def _field(sigma: float, seed: int = 0):
@@ -52,8 +53,8 @@ def _sky_with_cosmics(seed: int, n: int = 256, n_stars: int = 60, n_cr: int = 40
                       sigma: float = 1.3):
     """A calibrated-like frame: sky, stars (one saturated), bad pixels, cosmic rays, some
     of them on stars and at the edges. Returns sci, var, mask, true CR image, model."""
-    from astep_dask.mask import Bit
-    from astep_dask.simulate import cosmic_rays
+    from astep_dask.core.bits import Bit
+    from astep_dask.testing.simulate import cosmic_rays
 
     rng = np.random.default_rng(seed)
     model = np.full((n, n), 600.0)
@@ -101,8 +102,8 @@ def test_windows_find_what_the_whole_frame_finds(seed):
     """astroscrappy on windows around candidates: the whole frame's recall of the true
     cosmic rays (including those on star wings and frame edges), no star-core flags, no
     more false flags than the whole frame."""
-    from astep_dask.calibrate import find_cosmics
     from astep_dask.config import CosmicSettings
+    from astep_dask.core.cosmics import find_cosmics
 
     sci, var, mask, cr, model = _sky_with_cosmics(seed)
     windows, clean = find_cosmics(sci, var, mask, CosmicSettings(), 10.0)
@@ -128,7 +129,7 @@ def test_windows_find_what_the_whole_frame_finds(seed):
 def test_star_sharpness_bounds_stars(sigma):
     """No pixel of a star stands above its 8 neighbours' mean by more than
     star_sharpness(sigma) of its own height, wherever the star is centred."""
-    from astep_dask.calibrate import star_sharpness
+    from astep_dask.core.cosmics import star_sharpness
 
     rng = np.random.default_rng(2)
     worst = 0.0
@@ -146,7 +147,7 @@ def test_star_sharpness_bounds_stars(sigma):
 
 
 def test_fill_masked_is_the_median_of_good_neighbours():
-    from astep_dask.calibrate import fill_masked
+    from astep_dask.core.cosmics import fill_masked
 
     rng = np.random.default_rng(3)
     image = rng.normal(size=(40, 30)).astype(np.float32)
@@ -167,7 +168,7 @@ def test_fill_masked_is_the_median_of_good_neighbours():
 def test_label_sparse_matches_ndimage():
     from scipy import ndimage
 
-    from astep_dask.cosmics import EIGHT, label_sparse
+    from astep_dask.core.cosmics import EIGHT, label_sparse
 
     rng = np.random.default_rng(4)
     for _ in range(50):
@@ -197,8 +198,8 @@ def test_psf_sigma_from_strips_of_a_large_frame():
 def test_tiny_frames(shape):
     """Frames (and windows) narrower than astroscrappy copes with are mirrored wider:
     nothing crashes, and a cosmic ray in a small frame is found."""
-    from astep_dask.calibrate import find_cosmics
     from astep_dask.config import CosmicSettings
+    from astep_dask.core.cosmics import find_cosmics
 
     rng = np.random.default_rng(6)
     var = np.full(shape, 700.0, np.float32)
@@ -215,8 +216,8 @@ def test_tiny_frames(shape):
 def test_openmp_threads_do_not_change_the_result():
     """One OpenMP thread for astroscrappy (the default) or two: the same flags, and a
     recall of the true cosmic rays that does not depend on it."""
-    from astep_dask.calibrate import find_cosmics
     from astep_dask.config import CosmicSettings
+    from astep_dask.core.cosmics import find_cosmics
 
     sci, var, mask, cr, model = _sky_with_cosmics(2)
     two, _ = find_cosmics(sci, var, mask, CosmicSettings(openmp_threads=2), 10.0)

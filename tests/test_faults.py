@@ -17,8 +17,9 @@ from distributed import Client, LocalCluster
 
 from astep_dask.cli import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, main
 from astep_dask.config import Settings
-from astep_dask.pipeline import calibrate_night, output_dir
-from astep_dask.simulate import BAD_FILES, BAD_FLATS, BAD_FRAMES
+from astep_dask.io.products import output_dir
+from astep_dask.run.night import calibrate_night
+from astep_dask.testing.simulate import BAD_FILES, BAD_FLATS, BAD_FRAMES
 
 SETTINGS = Settings().replace(cluster={"dashboard_address": ":0"})
 

@@ -15,26 +15,18 @@ from astropy.io import fits
 from astropy.time import Time
 from scipy import ndimage
 
-from astep_dask.background import BackgroundSettings, estimate_background, mesh_edges
-from astep_dask.config import Settings, load_settings
-from astep_dask.kbmod import (
-    OBS_LAT,
+from astep_dask.config import (
+    BackgroundSettings,
     KbmodSettings,
-    Layers,
-    choose_reference,
-    export_night,
-    filter_factor,
-    kbmod_hdul,
-    mid_exposure,
-    reference_wcs,
-    science_plane,
-    strip_wcs,
-)
-from astep_dask.mask import Bit, flag
-from astep_dask.pipeline import LOCK, RunError, calibrate_night, output_dir
-from astep_dask.register import (
-    STAR_DTYPE,
     MatchSettings,
+    Settings,
+    TemplateSettings,
+    load_settings,
+)
+from astep_dask.core.background import estimate_background, mesh_edges
+from astep_dask.core.bits import Bit, flag
+from astep_dask.core.register import (
+    STAR_DTYPE,
     RegistrationError,
     measure_offset,
     resample,
@@ -42,28 +34,40 @@ from astep_dask.register import (
     shifted,
     windowed_centroids,
 )
-from astep_dask.simulate import (
+from astep_dask.errors import RunError
+from astep_dask.io.products import LOCK, output_dir
+from astep_dask.kbmod.difference import difference, leave_one_out
+from astep_dask.kbmod.export import choose_reference
+from astep_dask.kbmod.kernels import filter_factor, kernel_1d
+from astep_dask.kbmod.products import (
+    OBS_LAT,
+    Layers,
+    kbmod_hdul,
+    mid_exposure,
+    reference_wcs,
+    science_plane,
+    strip_wcs,
+)
+from astep_dask.kbmod.stage import export_night
+from astep_dask.kbmod.template import (
+    BRIGHT_HALO,
+    NO_TEMPLATE,
+    StripJob,
+    Template,
+    TemplateFrame,
+    combine_frames,
+    homogenise,
+    read_template,
+    strip_task,
+)
+from astep_dask.run.night import calibrate_night
+from astep_dask.testing.simulate import (
     SimConfig,
     add_sources,
     load_frame_truth,
     load_truth,
     psf_stamp,
     simulate_night,
-)
-from astep_dask.template import (
-    BRIGHT_HALO,
-    NO_TEMPLATE,
-    StripJob,
-    Template,
-    TemplateFrame,
-    TemplateSettings,
-    combine_frames,
-    difference,
-    homogenise,
-    kernel_1d,
-    leave_one_out,
-    read_template,
-    strip_task,
 )
 
 SETTINGS = Settings().replace(cluster={"dashboard_address": ":0"})
@@ -797,7 +801,7 @@ def test_template_rejects_a_mover_and_leaves_each_frame_out():
     i = 4
     frame = Layers(sci[i], var[i], np.zeros((size, size), np.int32))
     loo = leave_one_out(tpl, frame, weights[i], ts, grow=2)
-    from astep_dask.template import kept
+    from astep_dask.kbmod.template import kept
 
     keep = kept(sci, var, usable, tpl.centre, ts.sigma, 2, ts.residual_floor)
     keep[i] = False

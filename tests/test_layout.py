@@ -10,16 +10,10 @@ import pytest
 from astropy.io import fits
 
 from astep_dask.cli import EXIT_FAILED, EXIT_OK, main
-from astep_dask.layout import (
-    ArchiveError,
-    FrameType,
-    Section,
-    classify,
-    find_nights,
-    read_record,
-    scan_night,
-)
-from astep_dask.simulate import BAD_FILES, BAD_FLATS, BAD_FRAMES
+from astep_dask.core.calibrate import Section
+from astep_dask.errors import ArchiveError
+from astep_dask.io.layout import FrameType, classify, find_nights, read_record, scan_night
+from astep_dask.testing.simulate import BAD_FILES, BAD_FLATS, BAD_FRAMES
 
 
 def _write(path: Path, **header) -> Path:

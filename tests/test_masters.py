@@ -10,18 +10,17 @@ import pytest
 from astropy.io import fits
 from astropy.stats import mad_std
 
-from astep_dask.combine import clip_combine, combine
 from astep_dask.config import CombineSettings, Settings
-from astep_dask.layout import FrameType, scan_night
-from astep_dask.mask import Bit
-from astep_dask.masters import (
-    CalibrationError,
-    MasterBuilder,
-    dark_for_exptime,
-    read_master,
-)
-from astep_dask.simulate import load_truth, simulate_night
-from astep_dask.stack import open_strips, read_frame
+from astep_dask.core.bits import Bit
+from astep_dask.core.combine import clip_combine
+from astep_dask.core.darks import dark_for_exptime
+from astep_dask.errors import CalibrationError
+from astep_dask.io.layout import FrameType, scan_night
+from astep_dask.io.stack import open_strips, read_frame
+from astep_dask.masters.builder import MasterBuilder
+from astep_dask.masters.reduce import combine
+from astep_dask.masters.store import read_master
+from astep_dask.testing.simulate import load_truth, simulate_night
 
 from .conftest import SMALL
 
@@ -277,7 +276,7 @@ def test_sorting_network_sorts_every_binary_input():
     """0-1 principle: a comparator network that sorts every 0/1 input sorts any input."""
     import itertools
 
-    from astep_dask.combine import sort_frames
+    from astep_dask.core.combine import sort_frames
 
     for n in range(1, 11):
         cube = np.array(list(itertools.product([0, 1], repeat=n)), np.float32).T
@@ -285,7 +284,8 @@ def test_sorting_network_sorts_every_binary_input():
 
 
 def test_fast_medians_equal_numpy():
-    from astep_dask.combine import masked_median, median
+    from astep_dask.core.combine import masked_median
+    from astep_dask.core.stats import median
 
     rng = np.random.default_rng(2)
     for shape, axis in [((9, 40, 30), 0), ((8, 50), 0), ((70, 20), 0), ((300, 225), 1)]:
@@ -306,7 +306,7 @@ def test_writing_a_master_never_touches_its_arrays(tmp_path, monkeypatch):
     # while the flats are combined); astropy swaps a native array's bytes in place while
     # writing it, so the writer must hand astropy copies. (It did not, and one flat build
     # in ten came out different.)
-    from astep_dask import masters as masters_mod
+    from astep_dask.masters import store as masters_mod
 
     rng = np.random.default_rng(2)
     m = masters_mod.Master(role="dark", data=rng.normal(100, 5, (32, 32)).astype(np.float32),

@@ -14,14 +14,15 @@ import pytest
 from astropy.io import fits
 from scipy import ndimage
 
-from astep_dask import qa
-from astep_dask.config import Settings
-from astep_dask.graph import collapse, flow_chart, flow_graph, layers, night_graph, to_dot
-from astep_dask.layout import FrameType, scan_night
-from astep_dask.mask import Bit, flag
-from astep_dask.pipeline import calibrate_night, output_dir
-from astep_dask.register import STAR_DTYPE
-from astep_dask.simulate import SimConfig, load_frame_truth, load_truth, simulate_night
+from astep_dask import report as qa
+from astep_dask.config import QaSettings, Settings
+from astep_dask.core.bits import Bit, flag
+from astep_dask.core.register import STAR_DTYPE
+from astep_dask.io.layout import FrameType, scan_night
+from astep_dask.io.products import QA_JSON, REPORT_INDEX, output_dir
+from astep_dask.report.graph import collapse, flow_chart, flow_graph, layers, night_graph, to_dot
+from astep_dask.run.night import calibrate_night
+from astep_dask.testing.simulate import SimConfig, load_frame_truth, load_truth, simulate_night
 
 SETTINGS = Settings().replace(cluster={"dashboard_address": ":0"})
 # 12 frames of 256², a realistic cosmic-ray rate.
@@ -102,7 +103,7 @@ def reported(injected, client, tmp_path_factory):
     cal = calibrate_night(night, client, SETTINGS, out=out)
     assert cal.status == "complete", cal.counts
     folder = qa.night_report(night, out, client)
-    return night, out, folder, chosen, json.loads((folder / qa.QA_JSON).read_text())
+    return night, out, folder, chosen, json.loads((folder / QA_JSON).read_text())
 
 
 # --------------------------------------------------------------------------- acceptance
@@ -173,7 +174,7 @@ def test_report_files_and_page(reported):
     plots = report["plots"]
     for name in ("timeseries", "frame", "flagged", "mask", "dark 90s", "dark 10s", "flat RC"):
         assert name in plots, name
-    page = (folder / qa.INDEX).read_text()
+    page = (folder / REPORT_INDEX).read_text()
     for png in plots.values():
         path = folder / png
         assert path.stat().st_size > 10_000, png
@@ -183,15 +184,15 @@ def test_report_files_and_page(reported):
     assert "cloud" in page and "trail" in page and "defocus" in page
     text = qa.report_summary(report, folder)
     assert "3 flagged (cloud 1, trail 1, defocus 1)" in text
-    assert text.count("  flagged: ") == 3 and str(folder / qa.INDEX) in text
+    assert text.count("  flagged: ") == 3 and str(folder / REPORT_INDEX) in text
     # JSON: no NaN (not valid JSON), numbers or null only
-    text = (folder / qa.QA_JSON).read_text()
+    text = (folder / QA_JSON).read_text()
     assert "NaN" not in text and "Infinity" not in text
 
 
 def test_report_regenerates_without_a_cluster(reported):
     night, out, folder, _, report = reported
-    (folder / qa.QA_JSON).unlink()
+    (folder / QA_JSON).unlink()
     again = qa.load_report(qa.night_report(night, out))
     flags = {f["raw"]: [x["reason"] for x in f["flags"]] for f in again["frames"]}
     assert flags == {f["raw"]: [x["reason"] for x in f["flags"]] for f in report["frames"]}
@@ -212,7 +213,7 @@ def _noise_image(n: int = 256, seed: int = 0) -> np.ndarray:
 
 
 def test_find_streak_finds_a_faint_line_and_not_noise():
-    s = qa.QaSettings()
+    s = QaSettings()
     img = _noise_image()
     usable = np.ones(img.shape, bool)
     none = qa.find_streak(img, 10.0, usable, s)

@@ -15,29 +15,23 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from astep_dask.config import Settings
-from astep_dask.kbmod import export_night
-from astep_dask.pipeline import RunError, calibrate_night, output_dir
-from astep_dask.search import (
+from astep_dask.config import SearchSettings, Settings, TemplateSettings
+from astep_dask.errors import RunError
+from astep_dask.io.products import output_dir
+from astep_dask.kbmod.candidates import CSV_COLUMNS, read_candidates
+from astep_dask.kbmod.search import (
     CANDIDATE_DTYPE,
-    CSV_COLUMNS,
-    SearchSettings,
     cluster,
     psi_phi,
-    read_candidates,
     robust_sums,
     search_block,
     search_night,
     trajectory_values,
     velocity_grid,
 )
-from astep_dask.simulate import (
-    SimConfig,
-    mover_tracks,
-    psf_stamp,
-    simulate_night,
-)
-from astep_dask.template import TemplateSettings
+from astep_dask.kbmod.stage import export_night
+from astep_dask.run.night import calibrate_night
+from astep_dask.testing.simulate import SimConfig, mover_tracks, psf_stamp, simulate_night
 
 SETTINGS = Settings().replace(cluster={"dashboard_address": ":0"})
 NIGHTS_FOLDER = "kbmod_nights"
@@ -373,9 +367,10 @@ def test_the_filter_variance_factor_makes_the_snr_of_noise_unit():
     # White noise on the camera's pixels, resampled by a 2 × 2 overlap kernel and
     # PSF-matched (VAR carried in the area convention, as the export does): psi / √phi at
     # fixed positions has a standard deviation below 1 by √FILTVARF, and 1 with it.
-    from astep_dask.kbmod import Layers, filter_factor
-    from astep_dask.register import resample
-    from astep_dask.template import homogenise
+    from astep_dask.core.register import resample
+    from astep_dask.kbmod.kernels import filter_factor
+    from astep_dask.kbmod.products import Layers
+    from astep_dask.kbmod.template import homogenise
 
     rng = np.random.default_rng(11)
     n, v, sigma = 400, 25.0, 1.3

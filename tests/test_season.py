@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from astep_dask.cli import EXIT_OK, EXIT_PARTIAL, main
-from astep_dask.simulate import simulate_night
+from astep_dask.testing.simulate import simulate_night
 
 from .conftest import SMALL
 

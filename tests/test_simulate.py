@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from astropy.stats import mad_std
 
-from astep_dask.layout import FrameType, scan_night
-from astep_dask.simulate import add_sources, load_frame_truth, load_truth, psf_stamp
-from astep_dask.stack import read_frame
+from astep_dask.io.layout import FrameType, scan_night
+from astep_dask.io.stack import read_frame
+from astep_dask.testing.simulate import add_sources, load_frame_truth, load_truth, psf_stamp
 
 
 def test_dark_level_matches_truth(small_night):

@@ -296,7 +296,7 @@ def test_season_through_slurm(slurm, tmp_path, monkeypatch, capsys):
     import dask
 
     from astep_dask.cli import EXIT_PARTIAL, main
-    from astep_dask.simulate import SimConfig, simulate_night
+    from astep_dask.testing.simulate import SimConfig, simulate_night
 
     root = tmp_path / "season"
     for i, date in enumerate(("2026-07-01", "2026-07-02", "2026-07-03")):

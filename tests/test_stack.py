@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from astep_dask import stack as stack_mod
-from astep_dask.layout import FrameType, read_record, scan_night
-from astep_dask.stack import open_stack, open_strips, read_frame, strip_rows
+from astep_dask.io import stack as stack_mod
+from astep_dask.io.layout import FrameType, read_record, scan_night
+from astep_dask.io.stack import open_stack, open_strips, read_frame, strip_rows
 
 EDGE_VALUES = np.array([0, 1, 32767, 32768, 32769, 65534, 65535], np.uint16)
 
@@ -110,12 +110,12 @@ def test_open_stack_rejects_mixed_shapes(small_night, tmp_path):
 
 
 def test_masters_read_each_input_about_once(small_night, tmp_path, monkeypatch):
-    from astep_dask import masters as masters_mod
     from astep_dask.config import Settings
+    from astep_dask.masters import builder, reduce
 
     inv = scan_night(small_night)
-    calls = _count_reads(monkeypatch, masters_mod)
-    masters_mod.MasterBuilder(inv, tmp_path, Settings()).build()
+    calls = _count_reads(monkeypatch, reduce)
+    builder.MasterBuilder(inv, tmp_path, Settings()).build()
     pixels = 128 * 128
     darks = inv.select(FrameType.DARK)
     flats = inv.select(FrameType.FLAT)

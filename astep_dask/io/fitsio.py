@@ -1,0 +1,143 @@
+"""FITS output: atomic writes, provenance keywords, and reading our own products back.
+
+Every file we write goes to a hidden temporary name in the destination folder and is
+renamed into place only once complete and flushed to disk, so a killed run never leaves
+a half-written file under a real name, and a re-run finds either a whole file or none.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.io.fits.verify import VerifyWarning
+
+from astep_dask.core.bits import Bit
+from astep_dask.io.provenance import stamp
+
+
+def header_cards(header: fits.Header) -> fits.Header:
+    """Write the ``MP_<NAME> = bit`` keywords that name the mask bits."""
+    for b in Bit:
+        key = f"MP_{b.name}"
+        key = key if len(key) <= 8 else f"HIERARCH {key}"  # LSST writes these as HIERARCH
+        header[key] = (int(b), f"mask bit: value 1<<{int(b)}")
+    return header
+
+
+TMP_PREFIX = ".tmp-"
+
+
+# Structural keywords of a raw primary header that must not be copied onto other HDUs.
+STRUCTURAL = {
+    "SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "EXTEND", "BZERO", "BSCALE",
+    "XTENSION", "PCOUNT", "GCOUNT", "CHECKSUM", "DATASUM", "EXTNAME", "END",
+    "ZIMAGE", "ZBITPIX", "ZNAXIS", "ZNAXIS1", "ZNAXIS2", "ZTILE1", "ZTILE2", "ZCMPTYPE",
+    "ZQUANTIZ", "ZDITHER0", "ZSIMPLE", "ZEXTEND", "ZBLANK", "ZTENSION",
+}
+
+
+def atomic_write(hdul: fits.HDUList, path: str | Path, checksum: bool = True) -> Path:
+    """Write an HDUList to ``path`` atomically (temporary file, fsync, rename).
+
+    Raises
+    ------
+    OSError
+        On any write error (disk full, permissions); the temporary file is removed and
+        nothing appears at ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", VerifyWarning)
+                hdul.writeto(fh, checksum=checksum, output_verify="fix")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete temporary files left in ``folder`` by a killed run; return what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.glob(TMP_PREFIX + "*"):
+        try:
+            p.unlink()
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def copy_header(source: fits.Header, skip: Iterable[str] = ()) -> fits.Header:
+    """A copy of ``source`` without structural keywords (nor ``skip``), for a new HDU."""
+    drop = STRUCTURAL | set(skip)
+    out = fits.Header()
+    for card in source.cards:
+        if card.keyword in drop or card.keyword.startswith(("NAXIS", "TFORM", "TTYPE")):
+            continue
+        out.append(card, end=True)
+    return out
+
+
+def image_hdu(data: np.ndarray, name: str, quantize: float | None = None):
+    """An image extension; tile-compressed (Rice) when ``quantize`` is given.
+
+    Integer data compress losslessly. Float data are quantised to steps of
+    ``noise / quantize`` (astropy's ``quantize_level``) with subtractive dithering that
+    keeps exact zeros: at 16 the added noise is ~0.1 % of the pixel noise in quadrature.
+    """
+    if quantize is None:
+        return fits.ImageHDU(data, name=name)
+    return fits.CompImageHDU(
+        data, name=name, compression_type="RICE_1", quantize_level=quantize,
+        quantize_method=2,  # SUBTRACTIVE_DITHER_2: dithered, zeros preserved
+    )
+
+
+def calibrated_hdul(
+    raw_header: fits.Header,
+    sci: np.ndarray,
+    var: np.ndarray,
+    mask: np.ndarray,
+    cards: dict[str, tuple],
+    quantize: float | None = None,
+) -> fits.HDUList:
+    """The calibrated-frame file: PRIMARY (raw header + provenance), SCI, VAR, MASK.
+
+    With ``quantize`` the three planes are tile-compressed (MASK losslessly).
+    """
+    pass
+
+    primary = fits.PrimaryHDU(header=copy_header(raw_header))
+    h = primary.header
+    h["BUNIT"] = ("electron", "unit of the SCI extension")
+    for key, value in cards.items():
+        h[key] = value
+    header_cards(h)
+    stamp(h)
+    sci_hdu = image_hdu(sci.astype(np.float32, copy=False), "SCI", quantize)
+    sci_hdu.header["BUNIT"] = ("electron", "calibrated signal")
+    var_hdu = image_hdu(var.astype(np.float32, copy=False), "VAR", quantize)
+    var_hdu.header["BUNIT"] = ("electron2", "variance of SCI")
+    mask_hdu = image_hdu(mask.astype(np.int32, copy=False), "MASK", quantize)
+    header_cards(mask_hdu.header)
+    return fits.HDUList([primary, sci_hdu, var_hdu, mask_hdu])

@@ -1,0 +1,480 @@
+"""The ASTEP archive layout: finding nights and classifying their frames from headers.
+
+An archive night is ``ROOT/YYYY-MM-DD/`` holding ``YYYY-MM-DD-CAMS/`` (science frames and
+their darks) and ``YYYY-MM-DD-CAMS_SKYFLAT/`` (twilight flats and their darks). Every FITS
+file found there becomes one :class:`FrameRecord`, built from its header alone: pixel data
+is never read here. A file that cannot be used is kept in the inventory with the reason,
+so that no frame silently disappears.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import re
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.time import Time
+from astropy.utils.exceptions import AstropyUserWarning
+
+from astep_dask.core.calibrate import Section
+from astep_dask.errors import ArchiveError
+
+NIGHT_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fits.fz", ".fz")
+
+
+SCIENCE_FOLDER = "CAMS"
+
+
+FLAT_FOLDER = "CAMS_SKYFLAT"
+
+
+class FrameType(enum.StrEnum):
+    """What a raw frame is, as calibration needs to know it."""
+
+    SCIENCE = "science"
+    DARK = "dark"
+    FLAT = "flat"
+    BIAS = "bias"
+    UNKNOWN = "unknown"
+
+
+# Header values (upper-cased) that name each frame type; checked as substrings.
+_TYPE_WORDS: tuple[tuple[FrameType, tuple[str, ...]], ...] = (
+    (FrameType.BIAS, ("BIAS", "ZERO", "OFFSET")),
+    (FrameType.DARK, ("DARK",)),
+    (FrameType.FLAT, ("FLAT",)),
+    (FrameType.SCIENCE, ("SCIENCE", "LIGHT", "OBJECT")),
+)
+
+
+TYPE_KEYWORDS = ("ACQTYPE", "IMAGETYP", "OBSTYPE")
+
+
+@dataclass(frozen=True)
+class FrameRecord:
+    """One raw file as the inventory sees it (header facts only).
+
+    ``problem`` is ``None`` for a usable frame, else a short reason it cannot be used.
+    ``shape`` is the full raw shape; ``trim`` and ``overscan`` are the data and overscan
+    sections when the header declares them.
+    """
+
+    path: Path
+    night: str
+    folder: str
+    kind: FrameType = FrameType.UNKNOWN
+    exptime: float = float("nan")
+    filter: str = ""
+    date_obs: str = ""
+    mjd: float = float("nan")
+    shape: tuple[int, int] = (0, 0)
+    bitpix: int = 0
+    hdu: int = 0
+    gain: float | None = None
+    read_noise: float | None = None
+    saturation: float | None = None
+    trim: Section | None = None
+    overscan: Section | None = None
+    note: str = ""
+    problem: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        """True when the frame can enter calibration."""
+        return self.problem is None
+
+    @property
+    def data_shape(self) -> tuple[int, int]:
+        """Shape after trimming (the shape of every calibrated product)."""
+        return self.trim.shape if self.trim else self.shape
+
+    @property
+    def mjd_mid(self) -> float:
+        """MJD (UTC) at mid-exposure."""
+        return self.mjd + self.exptime / 2.0 / 86400.0
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        d = asdict(self)
+        d["path"] = str(self.path)
+        d["kind"] = str(self.kind)
+        d["trim"] = self.trim.to_fits() if self.trim else None
+        d["overscan"] = self.overscan.to_fits() if self.overscan else None
+        for key in ("exptime", "mjd"):
+            if isinstance(d[key], float) and not np.isfinite(d[key]):
+                d[key] = None
+        return d
+
+
+@dataclass
+class Inventory:
+    """Every file of one night, usable or not."""
+
+    night: str
+    root: Path
+    frames: list[FrameRecord] = field(default_factory=list)
+
+    def select(
+        self,
+        kind: FrameType | None = None,
+        exptime: float | None = None,
+        filter: str | None = None,
+        usable: bool = True,
+    ) -> list[FrameRecord]:
+        """Frames matching every given criterion, in time order then by path."""
+        out = [
+            f
+            for f in self.frames
+            if (not usable or f.usable)
+            and (kind is None or f.kind == kind)
+            and (exptime is None or np.isclose(f.exptime, exptime))
+            and (filter is None or f.filter == filter)
+        ]
+        return sorted(out, key=lambda f: (np.nan_to_num(f.mjd, nan=np.inf), str(f.path)))
+
+    @property
+    def problems(self) -> list[FrameRecord]:
+        """Frames that cannot be used, with their reasons."""
+        return [f for f in self.frames if not f.usable]
+
+    def exptimes(self, kind: FrameType) -> list[float]:
+        """Distinct exposure times of usable frames of a type, sorted."""
+        return sorted({round(f.exptime, 3) for f in self.select(kind)})
+
+    def filters(self, kind: FrameType) -> list[str]:
+        """Distinct filters of usable frames of a type, sorted."""
+        return sorted({f.filter for f in self.select(kind)})
+
+    def groups(self) -> list[dict]:
+        """Counts of usable frames per folder × type × exposure × filter."""
+        counts = Counter(
+            (f.folder, str(f.kind), round(f.exptime, 3), f.filter) for f in self.frames if f.usable
+        )
+        return [
+            {"folder": k[0], "type": k[1], "exptime": k[2], "filter": k[3], "count": n}
+            for k, n in sorted(counts.items())
+        ]
+
+    def time_span(self) -> tuple[str, str] | None:
+        """First and last DATE-OBS (UTC, ISO) of usable frames, if any have one."""
+        mjds = [f.mjd for f in self.frames if f.usable and np.isfinite(f.mjd)]
+        if not mjds:
+            return None
+        t = Time([min(mjds), max(mjds)], format="mjd", scale="utc")
+        return t[0].isot, t[1].isot
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary with every frame."""
+        span = self.time_span()
+        return {
+            "night": self.night,
+            "root": str(self.root),
+            "n_files": len(self.frames),
+            "n_usable": sum(f.usable for f in self.frames),
+            "time_span": list(span) if span else None,
+            "groups": self.groups(),
+            "problems": [{"path": str(f.path), "reason": f.problem} for f in self.problems],
+            "frames": [f.to_dict() for f in self.frames],
+        }
+
+    def to_json(self) -> str:
+        """The inventory as JSON text."""
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def is_fits_name(name: str) -> bool:
+    """True for file names with a FITS suffix (plain, gzip or fpack)."""
+    low = name.lower()
+    return low.endswith(FITS_SUFFIXES)
+
+
+def stem(path: Path) -> str:
+    """File name without any FITS suffix (``a.fits.gz`` → ``a``)."""
+    name = path.name
+    low = name.lower()
+    for suf in sorted(FITS_SUFFIXES, key=len, reverse=True):
+        if low.endswith(suf):
+            return name[: -len(suf)]
+    return path.stem
+
+
+def type_from_text(text: str) -> FrameType:
+    """Frame type named by a header value or file-name part, else UNKNOWN."""
+    up = text.upper()
+    for kind, words in _TYPE_WORDS:
+        if any(w in up for w in words):
+            return kind
+    return FrameType.UNKNOWN
+
+
+def type_from_name(path: Path) -> FrameType:
+    """Frame type from the file-name suffix (``..._DARK.fits``), else UNKNOWN."""
+    last = stem(path).rsplit("_", 1)[-1]
+    return type_from_text(last) if last != stem(path) else FrameType.UNKNOWN
+
+
+def classify(header: fits.Header, path: Path) -> tuple[FrameType, str]:
+    """Frame type from the header, falling back to the file name.
+
+    Returns the type and a note (empty unless header and name disagree or the
+    name had to be used).
+    """
+    from_name = type_from_name(path)
+    for key in TYPE_KEYWORDS:
+        value = header.get(key)
+        if isinstance(value, str) and value.strip():
+            kind = type_from_text(value)
+            if kind is not FrameType.UNKNOWN:
+                note = ""
+                if from_name not in (FrameType.UNKNOWN, kind):
+                    note = f"header {key}={value.strip()!r} overrides file name ({from_name})"
+                return kind, note
+    if from_name is not FrameType.UNKNOWN:
+        return from_name, "type from file name (no frame-type keyword)"
+    return FrameType.UNKNOWN, ""
+
+
+def _float(header: fits.Header, *keys: str) -> float | None:
+    for key in keys:
+        value = header.get(key)
+        if value is None or isinstance(value, bool):
+            continue
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            continue
+        if np.isfinite(out):
+            return out
+    return None
+
+
+def _section(header: fits.Header, *keys: str) -> Section | None:
+    for key in keys:
+        value = header.get(key)
+        if isinstance(value, str) and value.strip():
+            return Section.from_fits(value)
+    return None
+
+
+def _image_hdu(hdul: fits.HDUList) -> int:
+    """Index of the first HDU that holds a 2-D image."""
+    for i, hdu in enumerate(hdul):
+        if isinstance(hdu, fits.CompImageHDU | fits.ImageHDU | fits.PrimaryHDU):
+            if hdu.header.get("ZNAXIS", hdu.header.get("NAXIS", 0)) == 2:
+                return i
+    raise ValueError("no 2-D image HDU")
+
+
+def read_record(path: Path, night: str = "", folder: str = "") -> FrameRecord:
+    """Build the inventory record of one file from its header (no pixel data read)."""
+    rec = FrameRecord(path=path, night=night, folder=folder)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return replace(rec, problem=f"cannot stat: {exc.strerror}")
+    if size == 0:
+        return replace(rec, problem="empty file")
+    if not os.access(path, os.R_OK):
+        return replace(rec, problem="not readable (permissions)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyUserWarning)
+            hdul = fits.open(path, memmap=True, lazy_load_hdus=True, mode="readonly")
+        with hdul:
+            index = _image_hdu(hdul)
+            hdu = hdul[index]
+            header = hdu.header
+            compressed = isinstance(hdu, fits.CompImageHDU)
+            if not compressed and not path.name.lower().endswith(".gz"):
+                info = hdul.fileinfo(index)
+                if info["datLoc"] + info["datSpan"] > size:
+                    return replace(
+                        rec,
+                        problem=(
+                            f"truncated: {size} bytes, header needs "
+                            f"{info['datLoc'] + info['datSpan']}"
+                        ),
+                    )
+            if compressed:
+                shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
+                bitpix = int(header.get("BITPIX", 0))
+            else:
+                shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
+                bitpix = int(header["BITPIX"])
+            primary = hdul[0].header if index else header
+            merged = fits.Header(primary)
+            if index:
+                merged.update(
+                    (k, v) for k, v in header.items() if k not in ("XTENSION", "PCOUNT", "GCOUNT")
+                )
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        reason = str(exc).split(". ")[0].split("\n")[0]
+        return replace(rec, problem=f"not a readable FITS image: {reason}")
+
+    kind, note = classify(merged, path)
+    exptime = _float(merged, "EXPTIME", "EXPOSURE", "ITIME")
+    date_obs = merged.get("DATE-OBS")
+    mjd = _float(merged, "MJD-OBS")
+    if mjd is None and isinstance(date_obs, str) and date_obs.strip():
+        try:
+            mjd = float(Time(date_obs.strip(), scale="utc").mjd)
+        except ValueError:
+            mjd = None
+    filt = merged.get("FILTER", "")
+    rec = replace(
+        rec,
+        kind=kind,
+        exptime=exptime if exptime is not None else float("nan"),
+        filter=str(filt).strip() if filt is not None else "",
+        date_obs=str(date_obs).strip() if date_obs else "",
+        mjd=mjd if mjd is not None else float("nan"),
+        shape=shape,
+        bitpix=bitpix,
+        hdu=index,
+        gain=_float(merged, "GAIN", "EGAIN"),
+        read_noise=_float(merged, "RDNOISE", "READNOIS", "RON"),
+        saturation=_float(merged, "SATURATE", "SATLEVEL"),
+        note=note,
+    )
+    try:
+        rec = replace(
+            rec,
+            trim=_section(merged, "TRIMSEC", "DATASEC"),
+            overscan=_section(merged, "BIASSEC"),
+        )
+    except ValueError as exc:
+        return replace(rec, problem=f"bad section keyword: {exc}")
+    if exptime is None:
+        return replace(rec, problem="no EXPTIME")
+    if exptime < 0:
+        return replace(rec, problem=f"negative EXPTIME {exptime}")
+    if kind is FrameType.UNKNOWN:
+        return replace(rec, problem="unknown frame type (no ACQTYPE/IMAGETYP, no name suffix)")
+    if kind is FrameType.SCIENCE and mjd is None:
+        return replace(rec, problem="no DATE-OBS or MJD-OBS")
+    if min(shape) <= 0:
+        return replace(rec, problem=f"empty image shape {shape}")
+    return rec
+
+
+def _flag_odd_shapes(frames: list[FrameRecord]) -> list[FrameRecord]:
+    shapes = Counter(f.shape for f in frames if f.usable)
+    if not shapes:
+        return frames
+    majority = shapes.most_common(1)[0][0]
+    return [
+        f
+        if not f.usable or f.shape == majority
+        else replace(f, problem=f"shape {f.shape} differs from the night's majority {majority}")
+        for f in frames
+    ]
+
+
+def _flag_duplicates(frames: list[FrameRecord]) -> list[FrameRecord]:
+    """Mark later copies of one exposure (same type, start time, exposure, filter, shape,
+    file size) as unusable, naming the file they duplicate."""
+    first: dict[tuple, Path] = {}
+    out = []
+    for f in frames:
+        if not f.usable or not f.date_obs:
+            out.append(f)
+            continue
+        key = (f.kind, f.date_obs, f.exptime, f.filter, f.shape, f.path.stat().st_size)
+        if key in first:
+            out.append(replace(f, problem=f"duplicate of {first[key].name}"))
+        else:
+            first[key] = f.path
+            out.append(f)
+    return out
+
+
+def night_folders(night_dir: Path) -> list[tuple[str, Path]]:
+    """``(folder kind, path)`` of the raw folders of a night that exist."""
+    name = night_dir.name
+    out = []
+    for kind in (SCIENCE_FOLDER, FLAT_FOLDER):
+        sub = night_dir / f"{name}-{kind}"
+        if sub.is_dir():
+            out.append((kind, sub))
+    return out
+
+
+def is_night(path: Path) -> bool:
+    """True when ``path`` is a night folder holding at least one raw folder."""
+    return path.is_dir() and bool(night_folders(path))
+
+
+def scan_night(night_dir: str | Path) -> Inventory:
+    """Inventory of one night folder ``ROOT/YYYY-MM-DD/`` (headers only).
+
+    Raises
+    ------
+    ArchiveError
+        When the folder does not exist or holds no raw folder.
+    """
+    night_dir = Path(night_dir)
+    if not night_dir.is_dir():
+        raise ArchiveError(f"{night_dir}: no such night folder")
+    folders = night_folders(night_dir)
+    if not folders:
+        raise ArchiveError(
+            f"{night_dir}: not an archive night (expected {night_dir.name}-{SCIENCE_FOLDER}/ "
+            f"or {night_dir.name}-{FLAT_FOLDER}/ inside)"
+        )
+    frames = []
+    for kind, sub in folders:
+        frames += [read_record(p, night=night_dir.name, folder=kind) for p in iter_fits(sub)]
+    frames = _flag_duplicates(_flag_odd_shapes(frames))
+    return Inventory(night=night_dir.name, root=night_dir, frames=frames)
+
+
+def find_nights(path: str | Path) -> list[Path]:
+    """Night folders at ``path``: the path itself if it is a night, else its child nights.
+
+    Raises
+    ------
+    ArchiveError
+        When the path does not exist or holds no night.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ArchiveError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        raise ArchiveError(f"{path}: not a folder (expected a night or a season root)")
+    if is_night(path):
+        return [path]
+    nights = sorted(p for p in path.iterdir() if NIGHT_RE.match(p.name) and is_night(p))
+    if not nights:
+        raise ArchiveError(f"{path}: no archive night found (YYYY-MM-DD/YYYY-MM-DD-CAMS/)")
+    return nights
+
+
+def scan(path: str | Path) -> list[Inventory]:
+    """Inventories of every night at ``path`` (a night folder or a season root)."""
+    return [scan_night(n) for n in find_nights(path)]
+
+
+def iter_fits(folder: Path) -> Iterator[Path]:
+    """FITS files directly inside a folder, sorted."""
+    yield from sorted(p for p in folder.iterdir() if p.is_file() and is_fits_name(p.name))
+
+
+def format_table(rows: Iterable[dict], columns: list[str]) -> str:
+    """Plain aligned text table of dict rows."""
+    rows = list(rows)
+    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines.append("  ".join("-" * widths[c] for c in columns))
+    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)

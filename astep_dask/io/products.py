@@ -1,0 +1,174 @@
+"""Every file and folder name of our products, and the output folder of a night.
+
+A night's products live in one output folder (:func:`output_dir`): beside the raw night
+in ``ROOT/DATE/DATE-CAMS_CAL/`` by default, or ``OUT/DATE/``. This module names what is
+in it (masters, calibrated frames, manifest, lock, the KBMOD and report sub-folders),
+checks that it can be written, locks it against a second run, and reads the manifest
+and the list of masters back for the products built on a calibrated night.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from astep_dask.errors import RunError
+
+
+def master_name(night: str, role: str, exptime: float | None = None, filter: str = "",
+                science_exptime: float | None = None, flat_exptime: float | None = None) -> str:
+    """File name of a master, as DESIGN.md names them."""
+    if role == "bias":
+        return f"{night}_MASTERBIAS.fits"
+    if role == "dark":
+        if science_exptime is not None and np.isclose(exptime, science_exptime):
+            return f"{night}_MASTERDARK.fits"
+        if flat_exptime is not None and np.isclose(exptime, flat_exptime):
+            return f"{night}_MASTERDARK_FLAT.fits"
+        return f"{night}_MASTERDARK_{exptime:g}S.fits"
+    if role == "flat":
+        return f"{night}_MASTERFLAT_{filter}.fits" if filter else f"{night}_MASTERFLAT.fits"
+    if role == "mask":
+        return f"{night}_MASK.fits"
+    raise ValueError(role)
+
+
+OUTPUT_FOLDER = "CAMS_CAL"
+
+
+REPORT_FOLDER = "report"
+
+
+QA_JSON = "qa.json"
+
+
+REPORT_INDEX = "index.html"
+
+
+MANIFEST = "manifest.json"
+
+
+LOCK = ".astep-dask.lock"
+
+
+def output_dir(night_dir: Path, out: Path | None) -> Path:
+    """Where a night's products go: ``OUT/DATE/`` or, by default, ``ROOT/DATE/DATE-CAMS_CAL/``."""
+    night = night_dir.name
+    return (out / night) if out is not None else night_dir / f"{night}-{OUTPUT_FOLDER}"
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and prove a file can be written there, or raise RunError."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise RunError(f"{folder}: output location not writable ({exc.strerror})") from exc
+
+
+@contextmanager
+def night_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on an output folder; a second run on it fails at once."""
+    path = folder / LOCK
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            if _stale_lock(path):
+                path.unlink(missing_ok=True)
+                continue
+            raise RunError(
+                f"{folder}: another astep-dask run holds the lock ({path}: "
+                f"{path.read_text().strip()}); wait for it or remove the lock if it is dead"
+            ) from None
+    else:  # pragma: no cover - lost a race twice
+        raise RunError(f"{folder}: could not take the lock {path}")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{socket.gethostname()} {os.getpid()}\n")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _stale_lock(path: Path) -> bool:
+    """True when the lock was left by a dead process on this host."""
+    try:
+        host, pid = path.read_text().split()
+    except (OSError, ValueError):
+        return True
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def sibling_outputs(night_dir: Path, out: Path | None) -> list[Path]:
+    """Output folders of the other nights of the same season (for master fallbacks)."""
+    root = night_dir.parent
+    folders = []
+    for other in sorted(root.iterdir()):
+        if other == night_dir or not other.is_dir():
+            continue
+        folder = output_dir(other, out)
+        if folder.is_dir():
+            folders.append(folder)
+    return folders
+
+
+def read_manifest(out_dir: Path) -> dict:
+    """The night's ``manifest.json`` (an empty dict when missing or unreadable)."""
+    try:
+        return json.loads((out_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _local(path: str | None, out_dir: Path) -> Path | None:
+    """A product path from a manifest: the file of that name in ``out_dir`` when there
+    (manifests may hold paths relative to another working directory), else as given."""
+    if not path:
+        return None
+    here = out_dir / Path(path).name
+    return here if here.exists() else Path(path)
+
+
+def master_files(out_dir: Path, manifest: dict | None = None) -> dict[str, Path]:
+    """Master files of a night's output by label (``dark 90s``, ``flat RC``, ``mask``...),
+    from the manifest, or from the file names when there is none."""
+    paths = (manifest or {}).get("masters", {}).get("paths") or {}
+    out: dict[str, Path] = {}
+    if paths:
+        if (p := _local(paths.get("bias"), out_dir)) is not None:
+            out["bias"] = p
+        for et, p in sorted((paths.get("darks") or {}).items(), key=lambda kv: float(kv[0])):
+            out[f"dark {et}s"] = _local(p, out_dir)
+        for f, p in sorted((paths.get("flats") or {}).items()):
+            out[f"flat {f}"] = _local(p, out_dir)
+        if (p := _local(paths.get("mask"), out_dir)) is not None:
+            out["mask"] = p
+        return {k: v for k, v in out.items() if v is not None and v.exists()}
+    for p in sorted(out_dir.glob("*_MASTER*.fits")) + sorted(out_dir.glob("*_MASK.fits")):
+        role = str(fits.getval(p, "MASTTYPE", default="")).lower()
+        if role == "dark":
+            out[f"dark {fits.getval(p, 'EXPTIME', default=0):g}s"] = p
+        elif role == "flat":
+            out[f"flat {fits.getval(p, 'FILTER', default='')}".strip()] = p
+        elif role in ("bias", "mask"):
+            out[role] = p
+    return out

@@ -1,0 +1,85 @@
+"""io.provenance: TODO docstring."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from astep_dask.config import Settings
+from astep_dask.io.layout import FrameRecord, iter_fits, night_folders
+from astep_dask.version import __version__
+
+
+def input_identity(records: Sequence[FrameRecord]) -> list[str]:
+    """Stable identities of input files: name, size, start time and exposure."""
+    out = []
+    for r in records:
+        size = r.path.stat().st_size
+        out.append(f"{r.path.name}|{size}|{r.date_obs}|{r.exptime:g}")
+    return sorted(out)
+
+
+def digest_of(*parts: object) -> str:
+    """Short hash of JSON-able parts."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes (first 16 hex digits): names a master unambiguously."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def stamp(header: fits.Header, **cards: object) -> fits.Header:
+    """Add the package version and the given provenance cards (``KEY=(value, comment)``)."""
+    header["PIPENAME"] = ("astep-dask", "software that made this file")
+    header["PIPEVERS"] = (__version__, "astep-dask version")
+    header["DATE"] = (np.datetime64("now", "s").astype(str), "UTC date this file was written")
+    for key, value in cards.items():
+        header[key.replace("_", "-")] = value
+    return header
+
+
+def read_provenance(path: str | Path, key: str = "ADPROV") -> str | None:
+    """The provenance hash recorded in a product's primary header, or None when the file
+    is missing, unreadable, incomplete or has none (then it must be remade)."""
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            if len(hdul) < 4:
+                return None
+            value = hdul[0].header.get(key)
+            return str(value) if value is not None else None
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def frame_provenance(record: FrameRecord, masters_digest: str, settings: Settings) -> str:
+    """Hash of a frame's input, its masters and the settings that shape its output."""
+    identity = f"{record.path.name}|{record.path.stat().st_size}|{record.date_obs}"
+    return digest_of(identity, masters_digest,
+                     settings.digest("cosmics", "detector", "combine", "flat", "mask",
+                                     "output"),
+                     __version__)
+
+
+def night_provenance(night_dir: Path, settings: Settings) -> str:
+    """Cheap identity of a night's raw files (names, sizes, modification times) and of the
+    settings: a season re-run skips a night whose complete manifest records the same."""
+    files = [
+        (kind, p.name, st.st_size, st.st_mtime_ns)
+        for kind, folder in night_folders(night_dir)
+        for p in iter_fits(folder)
+        for st in [p.stat()]
+    ]
+    return digest_of(files, settings.digest("combine", "flat", "mask", "cosmics", "detector",
+                                            "output"),
+                     __version__)

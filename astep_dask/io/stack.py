@@ -1,0 +1,244 @@
+"""Lazy image stacks: raw FITS frames as a chunked, dask-backed ``xarray.DataArray``.
+
+Each frame is wrapped in a :class:`FitsImage`, a small array-like object that reads only
+the rows it is asked for (through a memory map for plain FITS files), converting unsigned
+16-bit data straight to float32. ``dask.array.from_array`` turns it into chunks, so opening
+a stack of thousands of frames reads no pixel data, and a stack opened in row strips reads
+every byte of every file exactly once when it is reduced over ``frame``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+from astropy.io import fits
+
+from astep_dask.core.calibrate import Section
+from astep_dask.io.layout import FrameRecord
+
+FLOAT = np.float32
+
+
+_BYTES = np.dtype(FLOAT).itemsize
+
+
+# Copies of a strip alive at the peak of a master's strip task: the strip read, up to two
+# results of the subtraction and scaling before the combination, and the combination's
+# own working set (at most 2.5x the strip, measured with tracemalloc on clip_combine;
+# benchmarks/masters_memory.py measures the whole build).
+STRIP_COPIES = 5
+
+
+# At least this many strips per stack, when the budget would allow fewer: a master is
+# then shared evenly by a few workers instead of waiting for one last large strip.
+MIN_STRIPS = 8
+
+
+def read_section(path: Path, hdu: int, rows: slice, cols: slice,
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """Read ``data[rows, cols]`` of one image HDU as float32, exactly.
+
+    Unsigned 16-bit data (BITPIX=16, BZERO=32768, BSCALE=1) is converted in one pass, the
+    stored int16 plus 32768 in float32 (exact: every value fits the 24-bit mantissa), with
+    no temporary. Other encodings go through astropy's own scaling. ``out``, a float32
+    array of the section's shape, receives the values (and is returned): a strip reader
+    fills its block in place instead of copying each frame's piece into it.
+    """
+    if path.name.lower().endswith((".gz", ".fz")):
+        return _into(_read_compressed(path, hdu, rows, cols), out)
+    with fits.open(path, memmap=True, do_not_scale_image_data=True, mode="readonly") as hdul:
+        h = hdul[hdu]
+        if isinstance(h, fits.CompImageHDU):
+            return _into(_read_compressed(path, hdu, rows, cols), out)
+        header = h.header
+        raw = h.data[rows, cols]
+        bzero = header.get("BZERO", 0)
+        bscale = header.get("BSCALE", 1)
+        if header["BITPIX"] == 16 and bzero == 32768 and bscale == 1:
+            if out is None:
+                out = np.empty(raw.shape, FLOAT)
+            return np.add(raw, FLOAT(32768), out=out)
+        if bzero == 0 and bscale == 1:
+            return _into(np.asarray(raw, dtype=FLOAT), out)
+        return _into((np.asarray(raw, dtype=np.float64) * bscale + bzero).astype(FLOAT), out)
+
+
+def _into(values: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    if out is None:
+        return values
+    out[...] = values
+    return out
+
+
+def _read_compressed(path: Path, hdu: int, rows: slice, cols: slice) -> np.ndarray:
+    """Gzip or tile-compressed files: astropy decompresses (only the tiles needed)."""
+    with fits.open(path, mode="readonly") as hdul:
+        return np.asarray(hdul[hdu].section[rows, cols], dtype=FLOAT)
+
+
+def read_frame(record: FrameRecord, trim: bool = True) -> np.ndarray:
+    """The whole frame (its data section only when ``trim``) as float32."""
+    return read_section(record.path, record.hdu, *frame_section(record, trim).slices)
+
+
+class FitsImage:
+    """Array-like view of one FITS image (optionally a section of it), read on demand.
+
+    Supports the subset of the numpy interface that ``dask.array.from_array`` needs:
+    ``shape``, ``dtype``, ``ndim`` and basic slicing.
+    """
+
+    def __init__(self, path: Path, hdu: int, section: Section):
+        self.path = Path(path)
+        self.hdu = hdu
+        self.section = section
+        self.shape = section.shape
+        self.dtype = np.dtype(FLOAT)
+        self.ndim = 2
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        rows, cols = (*key, slice(None), slice(None))[:2]
+        y0, y1, _ = rows.indices(self.shape[0])
+        x0, x1, _ = cols.indices(self.shape[1])
+        s = self.section
+        return read_section(
+            self.path, self.hdu, slice(s.y0 + y0, s.y0 + y1), slice(s.x0 + x0, s.x0 + x1)
+        )
+
+    def __dask_tokenize__(self) -> tuple:
+        st = os.stat(self.path)
+        return (str(self.path), st.st_size, st.st_mtime_ns, self.hdu, self.section)
+
+
+def frame_section(record: FrameRecord, trim: bool = True) -> Section:
+    """The section of a raw frame that a stack exposes."""
+    if trim and record.trim is not None:
+        return record.trim
+    return Section(0, record.shape[0], 0, record.shape[1])
+
+
+def _common_shape(records: Sequence[FrameRecord], trim: bool) -> list[Section]:
+    if not records:
+        raise ValueError("a stack needs at least one frame")
+    sections = [frame_section(r, trim) for r in records]
+    shapes = {sec.shape for sec in sections}
+    if len(shapes) != 1:
+        raise ValueError(f"frames differ in shape: {sorted(shapes)}")
+    return sections
+
+
+def _as_stack(data: da.Array, records: Sequence[FrameRecord]) -> xr.DataArray:
+    """Wrap a ``(frame, y, x)`` dask array with the per-frame coordinates."""
+    mjd = np.array([r.mjd for r in records], dtype=float)
+    time = (
+        np.datetime64("1858-11-17T00:00:00", "ns")
+        + np.round(np.nan_to_num(mjd, nan=0.0) * 86400e9).astype("timedelta64[ns]")
+    )
+    time = np.where(np.isfinite(mjd), time, np.datetime64("NaT"))
+    return xr.DataArray(
+        data,
+        dims=("frame", "y", "x"),
+        coords={
+            "frame": np.arange(len(records)),
+            "time": ("frame", time),
+            "mjd": ("frame", mjd),
+            "exptime": ("frame", np.array([r.exptime for r in records], dtype=float)),
+            "filter": ("frame", np.array([r.filter for r in records], dtype=object)),
+            "path": ("frame", np.array([str(r.path) for r in records], dtype=object)),
+            "kind": ("frame", np.array([str(r.kind) for r in records], dtype=object)),
+        },
+        name="raw",
+        attrs={"units": "adu"},
+    )
+
+
+def open_stack(
+    records: Sequence[FrameRecord], rows: int | None = None, trim: bool = True
+) -> xr.DataArray:
+    """Open frames lazily as a ``(frame, y, x)`` float32 DataArray.
+
+    Parameters
+    ----------
+    records
+        Inventory records of the frames, in the order wanted along ``frame``.
+    rows
+        Rows per chunk. ``None`` gives one chunk per frame and row range.
+    trim
+        Expose only each frame's data section (TRIMSEC/DATASEC) when it has one.
+
+    Returns
+    -------
+    xarray.DataArray
+        Dask-backed; coordinates on ``frame``: time, mjd, exptime, filter, path, kind.
+        Nothing is read until the array is computed.
+    """
+    sections = _common_shape(records, trim)
+    ny, nx = sections[0].shape
+    chunk_rows = ny if rows is None else max(1, min(rows, ny))
+    arrays = [
+        da.from_array(
+            FitsImage(r.path, r.hdu, sec),
+            chunks=(chunk_rows, nx),
+            name=f"raw-{r.path.name}-{chunk_rows}-" + da.core.tokenize(FitsImage(r.path, r.hdu,
+                                                                                 sec)),
+            asarray=False,
+            meta=np.empty((0, 0), FLOAT),
+        )
+        for r, sec in zip(records, sections, strict=True)
+    ]
+    return _as_stack(da.stack(arrays, axis=0), records)
+
+
+def strip_rows(n_frames: int, shape: tuple[int, int], budget_mb: float,
+               copies: int = STRIP_COPIES, min_strips: int = MIN_STRIPS) -> int:
+    """Rows per strip so that one strip of every frame, and ``copies`` working copies of
+    it, fit within ``budget_mb`` megabytes (at least one row), and the frame is cut into
+    at least ``min_strips`` strips."""
+    per_row = n_frames * shape[1] * _BYTES * copies
+    rows = min(shape[0], math.floor(budget_mb * 1e6 / per_row), -(-shape[0] // min_strips))
+    return int(max(1, rows))
+
+
+def read_strip(frames: tuple[tuple[Path, int, Section], ...], y0: int, y1: int) -> np.ndarray:
+    """Rows ``y0:y1`` (of each frame's section) of every frame, as one ``(frame, rows, x)``
+    float32 block: one task reads a whole strip, so no piece of it crosses the network."""
+    nx = frames[0][2].shape[1]
+    out = np.empty((len(frames), y1 - y0, nx), FLOAT)
+    for i, (path, hdu, sec) in enumerate(frames):
+        read_section(path, hdu, slice(sec.y0 + y0, sec.y0 + y1), slice(sec.x0, sec.x1),
+                     out=out[i])
+    return out
+
+
+def open_strips(
+    records: Sequence[FrameRecord], budget_mb: float, trim: bool = True
+) -> xr.DataArray:
+    """Open frames as row strips ``(-1, band, x)``: every chunk holds all frames.
+
+    This is the layout reductions over ``frame`` need. The band is chosen from the memory
+    budget (per worker thread), so memory is bounded by the budget, not by the number of
+    frames, and each byte of each file is read once. Each strip is read by one task.
+    """
+    sections = _common_shape(records, trim)
+    ny, nx = sections[0].shape
+    band = strip_rows(len(records), (ny, nx), budget_mb)
+    frames = tuple((r.path, r.hdu, sec) for r, sec in zip(records, sections, strict=True))
+    token = da.core.tokenize([FitsImage(*f) for f in frames], band)
+    blocks = [
+        da.from_delayed(
+            dask.delayed(read_strip, pure=True)(frames, y0, min(y0 + band, ny),
+                                                dask_key_name=f"strip-{token}-{y0}"),
+            shape=(len(frames), min(y0 + band, ny) - y0, nx), dtype=FLOAT,
+            meta=np.empty((0, 0, 0), FLOAT),
+        )
+        for y0 in range(0, ny, band)
+    ]
+    return _as_stack(da.concatenate(blocks, axis=1), records)

@@ -1,0 +1,103 @@
+"""kbmod.candidates: TODO docstring."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from astep_dask.io.fitsio import TMP_PREFIX
+
+# --------------------------------------------------------------------------- products
+
+
+def stamp_mosaic(stamps: np.ndarray, n_show: int = 12) -> tuple[np.ndarray, list[int]]:
+    """One image of a candidate's stamps ``(frame, sci/var/mask, y, x)`` in units of each
+    one's noise: the inverse-variance weighted coadd along the trajectory, twice the size,
+    on the left, then up to ``n_show`` single frames (evenly spread) in two rows; NaN where
+    masked and between panels. Returns the mosaic and the frames shown."""
+    sci, var, mask = stamps[:, 0], stamps[:, 1], stamps[:, 2]
+    usable = (mask == 0) & np.isfinite(sci) & np.isfinite(var) & (var > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        w = np.where(usable, 1.0 / np.where(usable, var, 1.0), 0.0)
+        wsum = w.sum(axis=0)
+        # the weighted mean in units of its own noise: Σ w·sci / √Σ w
+        coadd = np.where(wsum > 0, (np.where(usable, sci, 0) * w).sum(axis=0)
+                         / np.sqrt(np.where(wsum > 0, wsum, 1.0)), np.nan)
+        z = np.where(usable, sci / np.sqrt(np.where(usable, var, 1.0)), np.nan)
+    show = list(np.unique(np.round(np.linspace(0, len(stamps) - 1,
+                                               min(len(stamps), n_show))).astype(int)))
+    size = stamps.shape[-1]
+    cols = (len(show) + 1) // 2
+    gap = 1
+    height = 2 * size + gap
+    width = 2 * size + gap + cols * (size + gap)
+    out = np.full((height, width), np.nan, np.float32)
+    out[: 2 * size, : 2 * size] = np.kron(coadd, np.ones((2, 2)))
+    for j, i in enumerate(show):
+        r = 0 if j % 2 == 0 else size + gap
+        c = 2 * size + gap + (j // 2) * (size + gap)
+        out[r: r + size, c: c + size] = z[i]
+    return out, show
+
+
+def stamp_png(path: Path, stamps: np.ndarray, row: dict, dt: np.ndarray) -> Path:
+    """PNG of one candidate (:func:`stamp_mosaic`, in σ, grey from −3 to +8, masked pixels
+    dark red), titled with its SNR, flux and velocity."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    mosaic, show = stamp_mosaic(stamps)
+    h, w = mosaic.shape
+    fig = Figure(figsize=(max(w / 18, 3.0), h / 18 + 0.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0, 0, 1, h / 18 / (h / 18 + 0.5)))
+    import matplotlib as mpl
+
+    cmap = mpl.colormaps["gray"].with_extremes(bad="#5a1010")
+    ax.imshow(np.ma.masked_invalid(mosaic), origin="lower", cmap=cmap, vmin=-3, vmax=8,
+              interpolation="nearest")
+    ax.set_axis_off()
+    hours = ", ".join(f"{dt[i] * 24:.2f}" for i in (show[0], show[-1]))
+    fig.suptitle(f"#{row['rank']}  x {row['x']:.1f} y {row['y']:.1f}  v ({row['vx']:.0f}, "
+                 f"{row['vy']:.0f}) px/d  SNR {row['snr']:.1f}  flux {row['flux']:.0f} e-  "
+                 f"[coadd | frames {hours} h]", fontsize=6, y=0.99, va="top")
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+    return path
+
+
+def write_candidates(path: Path, rows: list[dict]) -> Path:
+    """The candidates table as CSV (header line, one row per candidate), atomically."""
+    lines = [",".join(CSV_COLUMNS)]
+    for r in rows:
+        lines.append(",".join(
+            f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in CSV_COLUMNS))
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_candidates(path: Path) -> list[dict]:
+    """Rows of a candidates CSV (numbers as int or float)."""
+    lines = Path(path).read_text().splitlines()
+    names = lines[0].split(",")
+    rows = []
+    for line in lines[1:]:
+        row: dict = {}
+        for name, value in zip(names, line.split(","), strict=True):
+            if name in ("rank", "n_frames"):
+                row[name] = int(value)
+            elif name == "stamp":
+                row[name] = value
+            else:
+                row[name] = float(value)
+        rows.append(row)
+    return rows
+
+
+CSV_COLUMNS = ("x", "y", "vx", "vy", "flux", "snr", "n_frames", "flux_err", "x_end", "y_end",
+               "stamp")

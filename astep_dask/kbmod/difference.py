@@ -1,0 +1,161 @@
+"""kbmod.difference: TODO docstring."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from astep_dask.config import TemplateSettings
+from astep_dask.core.bits import MASK_DTYPE
+from astep_dask.io.fitsio import atomic_write
+from astep_dask.kbmod.kernels import filter_factor
+from astep_dask.kbmod.products import (
+    PROV_KEY,
+    Layers,
+    existing_row,
+    kbmod_hdul,
+    read_calibrated,
+    science_plane,
+)
+from astep_dask.kbmod.template import (
+    NO_TEMPLATE,
+    REGISTERED_FOLDER,
+    Template,
+    homogenise,
+    kept,
+    read_template,
+)
+
+
+def leave_one_out(template: Template, frame: Layers, weight: float, ts: TemplateSettings,
+                  grow: int = 0) -> Layers:
+    """The template without one of its own frames (``frame`` homogenised as it was when the
+    template was combined, ``weight`` its weight there)."""
+    usable = (frame.mask == 0) & np.isfinite(frame.sci) & np.isfinite(frame.var) & (
+        frame.var > 0)
+    mine = kept(frame.sci, frame.var, usable, template.centre, ts.sigma, grow,
+                ts.residual_floor)
+    w = float(weight)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        wsum = template.wsum.astype(np.float64)
+        rest = np.where(mine, wsum - w, wsum)
+        good = rest > 1e-6 * max(w, 1e-30)
+        safe = np.where(good, rest, 1.0)
+        f = np.where(mine, frame.sci, 0.0).astype(np.float64)
+        v = np.where(mine, frame.var, 0.0).astype(np.float64)
+        tsci = (template.sci * wsum - w * f) / safe
+        tvar = (template.var * wsum**2 - w * w * v) / safe**2
+    n = template.nkeep.astype(np.int32) - mine
+    bad = ~good | (n < max(ts.min_frames, 1)) | ~np.isfinite(tsci) | ~(tvar > 0)
+    mask = np.where(bad, NO_TEMPLATE, 0).astype(MASK_DTYPE) | (template.mask & ~NO_TEMPLATE)
+    return Layers(np.where(bad, np.nan, tsci).astype(np.float32),
+                  np.where(bad, np.nan, np.maximum(tvar, 0)).astype(np.float32), mask)
+
+
+def difference(frame: Layers, template: Layers, residual_floor: float = 0.0) -> Layers:
+    """``frame − template``, variance ``frame + template (+ (floor·template)²)``, mask OR;
+    pixels without a value get NO_DATA."""
+    out = science_plane(frame, template)
+    var = out.var
+    if residual_floor > 0:
+        var = var + (residual_floor * np.abs(template.sci)) ** 2
+    mask = out.mask.copy()
+    with np.errstate(invalid="ignore"):
+        broken = ~np.isfinite(out.sci) | ~np.isfinite(var) | ~(var > 0)
+    mask[broken & (mask == 0)] |= NO_TEMPLATE
+    return Layers(out.sci.astype(np.float32), var.astype(np.float32), mask)
+
+
+# --------------------------------------------------------------------------- difference task
+
+
+@dataclass(frozen=True)
+class DifferenceJob:
+    """One frame of the night to difference against the template."""
+
+    stem: str
+    registered: Path
+    output: Path
+    template: Path
+    kernel_var: tuple[float, float]
+    weight: float | None  # the frame's weight in its own template; None: not in it
+    provenance: str
+    template_provenance: str
+    target_sigma: float
+    settings: TemplateSettings
+    wcs: fits.Header | None
+    mode: str
+    force: bool = False
+    grow: int = 0
+
+
+def difference_task(job: DifferenceJob) -> dict:
+    """Worker task: the KBMOD file of one frame, ``registered − template``.
+
+    Returns a summary row (``status`` done, skipped or failed with a ``reason``); write
+    errors raise, naming the output.
+    """
+    row: dict = {"stem": job.stem, "output": job.output.name, "stage": "difference",
+                 "provenance": job.provenance}
+    if not job.force and (old := existing_row(job.output, job.provenance)) is not None:
+        return {**row, **old, "status": "skipped"}
+    t0 = time.perf_counter()
+    try:
+        header, frame = read_calibrated(job.registered)
+        _, tpl, _ = read_template(job.template)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return {**row, "status": "failed", "reason": f"cannot read inputs: {exc}"}
+    if frame.sci.shape != tpl.sci.shape:
+        return {**row, "status": "failed",
+                "reason": f"shape {frame.sci.shape} differs from the template's"}
+    ts = job.settings
+    if ts.psf_match:
+        frame = homogenise(frame, job.kernel_var)
+    if job.weight is not None:
+        used = leave_one_out(tpl, frame, job.weight, ts, job.grow)
+    else:
+        used = Layers(tpl.sci, tpl.var, tpl.mask)
+    out = difference(frame, used, ts.residual_floor)
+    cards = {
+        PROV_KEY: (job.provenance, "hash of registered frame, template and settings"),
+        "KBPLANE": ("difference", "SCI = registered frame - static-sky template"),
+        "TEMPLATE": (job.template.name, "static-sky template subtracted"),
+        "TPLPROV": (job.template_provenance, "provenance hash of the template"),
+        "TPLMODE": (job.mode, "template: this night (leave-one-out) or other nights"),
+        "TPLLOO": (job.weight is not None, "T: this frame left out of its template"),
+        "TPLFLOOR": (ts.residual_floor, "fraction of |template| added to VAR (quadr.)"),
+        "REGFILE": (f"{REGISTERED_FOLDER}/{job.registered.name}",
+                    "registered sky-subtracted frame"),
+        "PSFMATCH": (ts.psf_match, "T: PSF matched to the template's (Gaussian var)"),
+        "PSFKVARX": (float(job.kernel_var[0]), "[px2] x variance of the matching kernel"),
+        "PSFKVARY": (float(job.kernel_var[1]), "[px2] y variance of the matching kernel"),
+        "PSFSIGRG": (header.get("PSFSIGMA", -1.0), "[px] PSF sigma of the registered frame"),
+    }
+    sigma = float(header.get("PSFSIGMA", -1.0))
+    if ts.psf_match:
+        sigma = job.target_sigma
+        cards["PSFSIGMA"] = (round(job.target_sigma, 4),
+                             "[px] Gaussian PSF sigma of SCI (KBMOD psf)")
+        cards["PSFFWHM"] = (round(2.354820045 * job.target_sigma, 4), "[px] PSF FWHM of SCI")
+    # The frame's noise went through its registration and matching kernels; the
+    # template's, through its own frames' kernels, alike to within a few per cent, and it
+    # is a small part of VAR: the frame's factor is used for the whole of VAR.
+    cards["FILTVARF"] = (round(filter_factor(
+        float(header.get("REGDX", 0.0)), float(header.get("REGDY", 0.0)),
+        job.kernel_var if ts.psf_match else (0.0, 0.0), sigma,
+        float(header.get("VARPIXF", 1.0)), str(header.get("VARMODE", "area"))), 5),
+        "Var(psi)/phi of PSFSIGMA filter: use VAR x this")
+    hdul = kbmod_hdul(header, out, cards, job.wcs)
+    hdul[1].header["BUNIT"] = ("electron", "registered frame minus static-sky template")
+    try:
+        atomic_write(hdul, job.output)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write {job.output}: {exc.strerror}") from exc
+    usable = out.mask == 0
+    return {**row, "status": "done", "n_masked": int((~usable).sum()),
+            "psf_sigma": job.target_sigma if ts.psf_match else header.get("PSFSIGMA"),
+            "t_difference": time.perf_counter() - t0}

@@ -1,0 +1,486 @@
+"""kbmod.products: TODO docstring."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+from astropy.time import Time, TimeDelta
+
+from astep_dask.config import KbmodSettings
+from astep_dask.core.background import Background
+from astep_dask.core.bits import MASK_DTYPE, Bit, flag
+from astep_dask.core.register import (
+    STAR_DTYPE,
+)
+from astep_dask.io.fitsio import (
+    TMP_PREFIX,
+    atomic_write,
+    copy_header,
+    header_cards,
+)
+from astep_dask.io.provenance import digest_of, stamp
+from astep_dask.version import __version__
+
+# Concordia Station, Dome C (Antarctica), where ASTEP observes: 75°05'59" S, 123°19'56" E,
+# 3233 m above sea level (Wikipedia, "Concordia Station", infobox: 75.099780 S,
+# 123.332196 E, 3,233 m; the Italian programme PNRA gives 75°06' S, 123°20' E, 3,233 m at
+# www.polarnet.cnr.it). Longitude east-positive, latitude north-positive.
+OBSERVATORY = "Concordia, Dome C"
+
+
+OBS_LAT = -75.099780  # deg
+
+
+OBS_LONG = 123.332196  # deg, east
+
+
+OBS_ELEV = 3233.0  # m
+
+
+FOLDER = "kbmod"
+
+
+SUFFIX = "_KBMOD.fits"
+
+
+CAL_SUFFIX = "_CAL.fits"
+
+
+MANIFEST = "kbmod.json"
+
+
+PROV_KEY = "KBPROV"
+
+
+UNUSABLE = flag(Bit.NO_DATA)
+
+
+# Keywords that describe a frame's own pixel grid: stale once it is resampled.
+WCS_PREFIXES = ("CTYPE", "CRPIX", "CRVAL", "CDELT", "CUNIT", "CD1_", "CD2_", "PC1_", "PC2_",
+                "PV1_", "PV2_", "A_", "B_", "AP_", "BP_", "CROTA")
+
+
+WCS_KEYS = {"WCSAXES", "LONPOLE", "LATPOLE", "RADESYS", "EQUINOX", "EPOCH", "WCSNAME"}
+
+
+# --------------------------------------------------------------------------- pure core
+
+
+@dataclass(frozen=True)
+class Layers:
+    """Science, variance and mask planes of one frame on one grid."""
+
+    sci: np.ndarray
+    var: np.ndarray
+    mask: np.ndarray
+
+
+def mid_exposure(header: fits.Header) -> tuple[float, str, str]:
+    """Mid-exposure time of a frame: (MJD in UTC, ISO date in the header's time scale,
+    that scale), from ``DATE-OBS`` (else ``MJD-OBS``) + ``EXPTIME`` / 2.
+
+    Raises
+    ------
+    ValueError
+        When the header has neither ``DATE-OBS`` nor ``MJD-OBS``.
+    """
+    scale = str(header.get("TIMESYS", "UTC")).strip().lower()
+    if scale not in Time.SCALES:
+        scale = "utc"
+    if header.get("DATE-OBS"):
+        start = Time(str(header["DATE-OBS"]).strip(), scale=scale)
+    elif header.get("MJD-OBS") is not None:
+        start = Time(float(header["MJD-OBS"]), format="mjd", scale=scale)
+    else:
+        raise ValueError("no DATE-OBS or MJD-OBS: the frame has no time")
+    mid = start + TimeDelta(float(header.get("EXPTIME", 0.0)) / 2.0, format="sec")
+    mid.precision = 3
+    return float(mid.utc.mjd), str(mid.isot), scale.upper()
+
+
+def clean_layers(sci: np.ndarray, var: np.ndarray, mask: np.ndarray) -> Layers:
+    """Flag NO_DATA on any pixel whose science or variance cannot be used (non-finite, or
+    variance not positive), so that an unmasked pixel is always usable."""
+    mask = np.asarray(mask, MASK_DTYPE).copy()
+    with np.errstate(invalid="ignore"):
+        broken = ~np.isfinite(sci) | ~np.isfinite(var) | ~(var > 0)
+    mask[broken & (mask == 0)] |= UNUSABLE
+    return Layers(np.asarray(sci, np.float32), np.asarray(var, np.float32), mask)
+
+
+def sky_subtract(frame: Layers, background: Background) -> Layers:
+    """Subtract the background model; its uncertainty is added to the variance."""
+    return Layers(
+        sci=(frame.sci - background.level()).astype(np.float32),
+        var=(frame.var + background.error() ** 2).astype(np.float32),
+        mask=frame.mask,
+    )
+
+
+def science_plane(frame: Layers, template: Layers | None = None) -> Layers:
+    """The planes written to a KBMOD file from a registered, sky-subtracted frame: the
+    frame itself or, given a static-sky template on the same grid (issue 11, see
+    :func:`astep_dask.template.difference`), frame − template, variance frame + template,
+    mask frame OR template.
+    """
+    if template is None:
+        return frame
+    return Layers(sci=(frame.sci - template.sci).astype(np.float32),
+                  var=(frame.var + template.var).astype(np.float32),
+                  mask=frame.mask | template.mask)
+
+
+def reference_wcs(header: fits.Header) -> fits.Header | None:
+    """The celestial WCS of a frame's header, as cards to copy onto the common grid, or
+    None when the header has none."""
+    if not any(k.startswith("CTYPE") for k in header):
+        return None
+    from astropy.wcs import WCS, FITSFixedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        try:
+            wcs = WCS(header, relax=True)
+        except Exception:  # a malformed WCS is no WCS for the export
+            return None
+        if not wcs.has_celestial:
+            return None
+        return wcs.celestial.to_header(relax=True)
+
+
+def strip_wcs(header: fits.Header) -> fits.Header:
+    """A copy without the keywords of the frame's own pixel grid (stale after resampling)."""
+    out = header.copy()
+    for key in list(out.keys()):
+        if key in WCS_KEYS or key.startswith(WCS_PREFIXES):
+            del out[key]
+    return out
+
+
+def kbmod_hdul(cal_header: fits.Header, layers: Layers, cards: dict[str, tuple],
+               wcs: fits.Header | None) -> fits.HDUList:
+    """The KBMOD file: PRIMARY (header only), SCI (HDU 1), MASK (HDU 2), VAR (HDU 3)."""
+    primary = fits.PrimaryHDU(header=copy_header(strip_wcs(cal_header)))
+    h = primary.header
+    for key, value in cards.items():
+        h[key] = value
+    header_cards(h)
+    stamp(h)
+    planes = [
+        fits.ImageHDU(layers.sci.astype(np.float32, copy=False), name="SCI"),
+        fits.ImageHDU(layers.mask.astype(MASK_DTYPE, copy=False), name="MASK"),
+        fits.ImageHDU(layers.var.astype(np.float32, copy=False), name="VAR"),
+    ]
+    planes[0].header["BUNIT"] = ("electron", "sky-subtracted, registered signal")
+    planes[1].header["BUNIT"] = ("", "mask bits, value 1<<bit, see MP_* keywords")
+    header_cards(planes[1].header)
+    planes[2].header["BUNIT"] = ("electron2", "variance of SCI")
+    for hdu in planes:
+        if wcs is not None:
+            hdu.header.update(wcs)
+    return fits.HDUList([primary, *planes])
+
+
+# --------------------------------------------------------------------------- I/O edges
+
+
+def read_calibrated(path: Path) -> tuple[fits.Header, Layers]:
+    """Primary header and planes of a calibrated frame (``*_CAL.fits``)."""
+    with fits.open(path, memmap=False) as hdul:
+        header = hdul[0].header.copy()
+        sci = np.asarray(hdul["SCI"].data, np.float32)
+        var = np.asarray(hdul["VAR"].data, np.float32)
+        mask = np.asarray(hdul["MASK"].data, MASK_DTYPE)
+    return header, clean_layers(sci, var, mask)
+
+
+@dataclass(frozen=True)
+class CalFrame:
+    """A calibrated frame of the night, from its primary header only."""
+
+    path: Path
+    stem: str
+    mjd: float  # mid-exposure, UTC
+    date_avg: str
+    timesys: str
+    exptime: float
+    filter: str
+    raw: str
+    adprov: str
+
+
+def calibrated_frames(cal_dir: Path) -> tuple[list[CalFrame], list[dict]]:
+    """The calibrated frames of a night's output folder in time order, and rows for files
+    that cannot be used (unreadable header, no time)."""
+    frames, problems = [], []
+    for path in sorted(cal_dir.glob(f"*{CAL_SUFFIX}")):
+        try:
+            header = fits.getheader(path, 0)
+            mjd, date_avg, timesys = mid_exposure(header)
+        except (OSError, ValueError, TypeError) as exc:
+            problems.append({"file": path.name, "status": "failed", "stage": "list",
+                             "reason": f"cannot read calibrated frame: {exc}"})
+            continue
+        adprov = str(header.get("ADPROV") or "")
+        frames.append(CalFrame(
+            path=path, stem=path.name.removesuffix(CAL_SUFFIX), mjd=mjd, date_avg=date_avg,
+            timesys=timesys, exptime=float(header.get("EXPTIME", 0.0)),
+            filter=str(header.get("FILTER", "")), raw=str(header.get("RAWFILE", "")),
+            adprov=adprov or f"size{path.stat().st_size}-mtime{path.stat().st_mtime_ns}",
+        ))
+    frames.sort(key=lambda f: (f.mjd, f.stem))
+    return frames, problems
+
+
+# Header keywords of a KBMOD file that make up a row of the night's table.
+ROW_CARDS = {
+    "mjd": "MJD", "date_avg": "DATE-AVG", "dx": "REGDX", "dy": "REGDY",
+    "dx_err": "REGDXERR", "dy_err": "REGDYERR", "n_match": "REGNMAT", "match_rms": "REGMRMS",
+    "sky": "BKGLEVEL", "sky_rms": "BKGRMS", "psf_sigma": "PSFSIGMA", "psf_fwhm": "PSFFWHM",
+    "psf_sigma_cal": "PSFSIG0", "reg_rms": "REGRMS", "reg_n": "REGNSTAR",
+    "var_pixel_factor": "VARPIXF", "exptime": "EXPTIME", "filter": "FILTER",
+}
+
+
+def _header_value(path: Path, key: str, ext: int = 0) -> str | None:
+    try:
+        with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
+            value = hdul[ext].header.get(key)
+            return None if value is None else str(value)
+    except (OSError, ValueError, TypeError, IndexError):
+        return None
+
+
+def existing_row(path: Path, provenance: str) -> dict | None:
+    """The table row of an existing KBMOD file whose provenance matches, else None (also
+    when the file is incomplete or unreadable: it is then remade)."""
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            if len(hdul) < 4 or hdul[0].header.get(PROV_KEY) != provenance:
+                return None
+            h = hdul[0].header
+            return {k: h.get(card) for k, card in ROW_CARDS.items()}
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _f(value: float, digits: int = 6) -> float:
+    """A finite float for a header card (NaN is not allowed in FITS headers)."""
+    value = float(value)
+    return round(value, digits) if np.isfinite(value) else -1.0
+
+
+# --------------------------------------------------------------------------- reference file
+
+
+def reference_path(kdir: Path, night: str) -> Path:
+    """Where the reference frame and its star list are recorded."""
+    return kdir / f"{night}_REFERENCE.fits"
+
+
+def write_reference(path: Path, ref: Reference, ks: KbmodSettings) -> Path:
+    """Record the reference frame (header) and its star list (table) atomically."""
+    primary = fits.PrimaryHDU()
+    h = primary.header
+    h["REFFRAME"] = (ref.stem, "reference frame of the KBMOD export")
+    h["REFADPRV"] = (ref.adprov, "ADPROV of the reference frame")
+    h["KBSETHSH"] = (ks.digest(), "hash of the export settings")
+    h["REFNY"], h["REFNX"] = ref.shape
+    h["MJD"] = (float(ref.mjd), "[d] mid-exposure MJD (UTC) of the reference")
+    h["PSFSIGMA"] = (_f(ref.psf_sigma, 4), "[px] PSF sigma of the reference")
+    stamp(h)
+    table = fits.BinTableHDU(Table(ref.stars), name="STARS")
+    hdus = [primary, table]
+    if ref.wcs is not None:
+        hdus.append(fits.ImageHDU(header=ref.wcs, name="WCS"))
+    return atomic_write(fits.HDUList(hdus), path)
+
+
+def read_reference(path: Path, frames: list[CalFrame], ks: KbmodSettings
+                   ) -> Reference | None:
+    """The recorded reference when it is still valid (same frame and calibration, same
+    settings, frame still in the night), else None."""
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            h = hdul[0].header
+            stars = np.asarray(hdul["STARS"].data)
+            wcs = hdul["WCS"].header.copy() if "WCS" in hdul else None
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+    by_stem = {f.stem: f for f in frames}
+    frame = by_stem.get(str(h.get("REFFRAME")))
+    if frame is None or h.get("REFADPRV") != frame.adprov or h.get("KBSETHSH") != ks.digest():
+        return None
+    if ks.reference and ks.reference not in (frame.stem, frame.raw, frame.path.name):
+        return None
+    if wcs is not None:
+        wcs = fits.Header([c for c in wcs.cards if c.keyword not in
+                           ("XTENSION", "BITPIX", "NAXIS", "PCOUNT", "GCOUNT", "EXTNAME")])
+    converted = np.zeros(stars.size, dtype=STAR_DTYPE)
+    for name in converted.dtype.names:
+        converted[name] = stars[name]
+    return Reference(stem=frame.stem, adprov=frame.adprov,
+                     shape=(int(h["REFNY"]), int(h["REFNX"])), stars=converted,
+                     psf_sigma=float(h.get("PSFSIGMA", float("nan"))), mjd=frame.mjd, wcs=wcs)
+
+
+# --------------------------------------------------------------------------- night products
+
+
+def write_offsets(path: Path, rows: list[dict]) -> Path:
+    """The night's offsets table as CSV (one row per frame, time order), atomically."""
+    cols = ["stem", "mjd", "status", "dx", "dy", "dx_err", "dy_err", "n_match", "match_rms",
+            "reg_rms", "sky", "sky_rms", "psf_sigma", "psf_fwhm", "reason"]
+    table = Table(rows=[[_cell(r.get(c)) for c in cols] for r in rows], names=cols)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    table.write(tmp, format="ascii.csv", overwrite=True)
+    os.replace(tmp, path)
+    return path
+
+
+def _cell(value: object) -> object:
+    if value is None:
+        return ""
+    if isinstance(value, float) and not np.isfinite(value):
+        return ""
+    return value
+
+
+def frames_table(rows: list[dict]) -> fits.BinTableHDU:
+    """BinTable ``FRAMES`` of the stack file: one row per plane of the cubes."""
+    cols = [
+        fits.Column("FILE", "40A", array=[r["raw"] or r["stem"] for r in rows]),
+        fits.Column("KBMOD", "48A", array=[r["output"] for r in rows]),
+        fits.Column("MJD", "D", unit="d", array=[r["mjd"] for r in rows]),
+        fits.Column("DX", "D", unit="pix", array=[r["dx"] for r in rows]),
+        fits.Column("DY", "D", unit="pix", array=[r["dy"] for r in rows]),
+        fits.Column("DX_ERR", "E", unit="pix", array=[r["dx_err"] for r in rows]),
+        fits.Column("DY_ERR", "E", unit="pix", array=[r["dy_err"] for r in rows]),
+        fits.Column("N_MATCH", "J", array=[r["n_match"] for r in rows]),
+        fits.Column("REG_RMS", "E", unit="pix", array=[r["reg_rms"] for r in rows]),
+        fits.Column("BACKGROUND", "E", unit="electron", array=[r["sky"] for r in rows]),
+        fits.Column("BKG_RMS", "E", unit="electron", array=[r["sky_rms"] for r in rows]),
+        fits.Column("PSF_SIGMA", "E", unit="pix", array=[r["psf_sigma"] for r in rows]),
+        fits.Column("PSF_FWHM", "E", unit="pix", array=[r["psf_fwhm"] for r in rows]),
+        fits.Column("EXPTIME", "E", unit="s", array=[r["exptime"] for r in rows]),
+    ]
+    return fits.BinTableHDU.from_columns(cols, name="FRAMES")
+
+
+def stack_provenance(rows: list[dict], ks: KbmodSettings) -> str:
+    """Hash of the frames (their provenance, in order) and of what the stack holds."""
+    return digest_of([r["provenance"] for r in rows], ks.stack_images, __version__)
+
+
+def write_stack(path: Path, rows: list[dict], kdir: Path, reference: Reference,
+                ks: KbmodSettings, provenance: str) -> Path:
+    """The night stack file, streamed frame by frame (memory: one frame).
+
+    PRIMARY (night, reference, observatory, provenance), then when ``stack_images``:
+    cubes ``SCI`` (float32), ``MASK`` (int32), ``VAR`` (float32) of shape
+    (frames, y, x) in time order, as the per-frame files hold them; then ``FRAMES``
+    (file, MJD, offsets, background, PSF σ and FWHM per plane).
+    """
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    ny, nx = reference.shape
+    primary = fits.PrimaryHDU()
+    h = primary.header
+    h["NFRAMES"] = (len(rows), "frames (planes of each cube), time order")
+    h["REFFRAME"] = (reference.stem, "reference frame: grid of every plane")
+    h["MJD"] = (float(rows[0]["mjd"]) if rows else 0.0, "[d] mid-exposure MJD of plane 0")
+    h["MJD-BEG"] = (float(rows[0]["mjd"]) if rows else 0.0, "[d] first mid-exposure MJD")
+    h["MJD-END"] = (float(rows[-1]["mjd"]) if rows else 0.0, "[d] last mid-exposure MJD")
+    h["OBSERVAT"] = (OBSERVATORY, "Concordia Station, Antarctica")
+    h["OBS-LAT"] = (OBS_LAT, "[deg] observatory latitude (north +)")
+    h["OBS-LONG"] = (OBS_LONG, "[deg] observatory longitude (east +)")
+    h["OBS-ELEV"] = (OBS_ELEV, "[m] observatory elevation")
+    h["STKPROV"] = (provenance, "hash of the frames' provenance")
+    h["KBSETHSH"] = (ks.digest(), "hash of the export settings")
+    h["STKIMGS"] = (ks.stack_images, "T: SCI, MASK, VAR cubes present")
+    header_cards(h)
+    stamp(h)
+    try:
+        primary.writeto(tmp, overwrite=True)
+        if ks.stack_images and rows:
+            for name, ext, bitpix, dtype in (("SCI", 1, -32, ">f4"), ("MASK", 2, 32, ">i4"),
+                                             ("VAR", 3, -32, ">f4")):
+                eh = fits.Header()
+                eh["XTENSION"] = "IMAGE"
+                eh["BITPIX"] = bitpix
+                eh["NAXIS"] = 3
+                eh["NAXIS1"], eh["NAXIS2"], eh["NAXIS3"] = nx, ny, len(rows)
+                eh["PCOUNT"], eh["GCOUNT"] = 0, 1
+                eh["EXTNAME"] = name
+                if name == "MASK":
+                    header_cards(eh)
+                if reference.wcs is not None:
+                    eh.update(reference.wcs)
+                    eh["WCSAXES"] = 2
+                shdu = fits.StreamingHDU(str(tmp), eh)
+                for r in rows:
+                    with fits.open(kdir / r["output"], memmap=False) as hdul:
+                        shdu.write(np.ascontiguousarray(hdul[ext].data, dtype=dtype))
+                shdu.close()
+        table = frames_table(rows)
+        fits.append(tmp, table.data, table.header, checksum=True)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_manifest(path: Path, result: dict, ks: KbmodSettings) -> Path:
+    data = {
+        **{k: v for k, v in result.items() if k != "frames"},
+        "settings": dataclasses.asdict(ks),
+        "version": __version__,
+        "frames": result["frames"],
+    }
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(_finite(data), indent=1, default=_json_default))
+    os.replace(tmp, path)
+    return path
+
+
+def _finite(obj: object) -> object:
+    """A copy of nested dicts and lists with NaN and infinities as None (valid JSON)."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float | np.floating) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def _json_default(obj: object) -> object:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(type(obj))
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The night's reference frame: its grid is the common grid of the export."""
+
+    stem: str
+    adprov: str
+    shape: tuple[int, int]
+    stars: np.ndarray
+    psf_sigma: float
+    mjd: float
+    wcs: fits.Header | None

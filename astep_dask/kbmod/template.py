@@ -1,0 +1,513 @@
+"""Static-sky templates and difference frames for the KBMOD export (issue 11).
+
+KBMOD searches difference images: on registered, sky-subtracted frames the stars fill
+every result slot. This module builds, per night, a **template** of the static sky on the
+night's reference grid and turns each registered frame into ``frame − template``.
+
+**PSF matching.** Registration resamples every frame with a 2 × 2 overlap kernel whose
+variance, ``fx(1−fx)`` and ``fy(1−fy)`` px² per axis (``register.shift_weights``), depends on
+the frame's fractional offset: up to 0.25 px² added to a PSF of about 1.7 px² (σ ≈ 1.3 px),
+enough to leave a bright star's residual far above the noise. Each frame's effective PSF
+variance per axis is its measured Gaussian σ² before resampling plus that kernel's
+variance; every frame (of the night and of the template) is convolved with a small
+separable kernel that brings both axes to the largest effective variance of the set (a
+3-tap ``[a/2, 1−a, a/2]`` kernel of variance ``a`` below 0.5 px², a sampled Gaussian of the
+same variance above). Second moments then agree exactly; what is left is a difference of
+higher moments, about 1 % of a star's peak. Flagged pixels take no part (normalised
+convolution; a pixel with too much of its kernel flagged is flagged); variance goes
+through the weights (``Σ w·var / Σ w``, the "area" convention of the export, right for
+PSF-matched sums).
+
+**Combination.** Per pixel, over the frames that are usable there: a centre (the median,
+then the weighted mean of the kept values), the frames within ``sigma`` of their own noise
+(√var: "ccdclip", so a handful of frames clip as well as many) kept, ``iterations`` times;
+the template is the mean of the kept values with per-frame weights ``1 / sky variance``
+(one number per frame, so the weighting does not bias a pixel towards its low draws), its
+variance ``Σ w² var / (Σ w)²``. The last centre, the sum of weights and the number of kept
+frames are stored beside the template, which makes the combination reproducible for any
+one frame.
+
+**Leave one out.** A frame that is part of its own template would subtract ``1/N`` of
+itself (its noise and any mover on it) and its difference would not have the variance
+``frame + template``. So a frame of the night is differenced against the template
+*without it*: where the frame was kept, ``T' = (W·T − w·f) / (W − w)`` and
+``V' = (W²·V − w²·var) / (W − w)²`` (exact for the clipped weighted mean); elsewhere
+``T`` itself. Then ``science = f − T'``, ``variance = var + V'`` exactly, ``mask = frame
+OR template``. Static sources cancel; a stationary trajectory summed over the night is
+identically zero, so a shift-and-stack never finds a static residual.
+
+**Neighbouring nights.** A slow mover (less than a PSF width over the night) is in every
+frame of its own template and subtracts itself. With ``nights = N`` the template is made
+instead from the frames of the N nearest other nights of the same field (``OBJECT``),
+registered onto this night's reference grid from their stars (offsets as in
+``register.py``: any pointing difference, integer part by a vote), where the mover is
+elsewhere.
+
+Products, in the export folder: ``DATE_TEMPLATE.fits`` (HDU 1 SCI, 2 MASK, 3 VAR: the
+template in KBMOD's layout; then CENTRE, WSUM, NKEEP and a FRAMES table), the registered
+sky-subtracted frames in ``registered/`` and, with neighbouring nights, their frames on
+this night's grid in ``template_frames/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from scipy import ndimage
+
+from astep_dask.config import TemplateSettings
+from astep_dask.core.bits import MASK_DTYPE, Bit, flag
+from astep_dask.io.fitsio import atomic_write, header_cards
+from astep_dask.io.products import output_dir
+from astep_dask.io.provenance import digest_of, stamp
+from astep_dask.kbmod.kernels import kernel_1d
+from astep_dask.kbmod.products import (
+    OBS_ELEV,
+    OBS_LAT,
+    OBS_LONG,
+    OBSERVATORY,
+    Layers,
+    calibrated_frames,
+)
+from astep_dask.version import __version__
+
+REGISTERED_FOLDER = "registered"
+
+
+NEIGHBOUR_FOLDER = "template_frames"
+
+
+REG_SUFFIX = "_REG.fits"
+
+
+TEMPLATE_SUFFIX = "_TEMPLATE.fits"
+
+
+OFF = flag(Bit.NO_DATA, Bit.EDGE)  # beyond the frame (padding of the PSF-matching kernel)
+
+
+NO_TEMPLATE = flag(Bit.NO_DATA)  # too few template frames at a pixel
+
+
+BRIGHT_HALO = flag(Bit.SUSPECT)  # near a pixel saturated in a template frame
+
+
+SATURATED = flag(Bit.SAT)
+
+
+def _grow(mask: np.ndarray, k: np.ndarray, axis: int) -> np.ndarray:
+    """OR of the mask over every tap of ``k`` along ``axis`` (mask already padded)."""
+    half = k.size // 2
+    if half == 0:
+        return mask
+    out = mask.copy()
+    n = mask.shape[axis]
+    for j in range(-half, half + 1):
+        if j == 0 or k[j + half] <= 0:
+            continue
+        dst = [slice(None)] * 2
+        src = [slice(None)] * 2
+        dst[axis] = slice(max(0, -j), n - max(0, j))
+        src[axis] = slice(max(0, j), n - max(0, -j))
+        out[tuple(dst)] |= mask[tuple(src)]
+    return out
+
+
+MAX_MASKED_WEIGHT = 0.25  # of a matching kernel, for its output pixel to stay usable
+
+
+def _smooth_axis(sci: np.ndarray, var: np.ndarray, mask: np.ndarray, k: np.ndarray,
+                 axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One axis of :func:`homogenise` (normalised convolution over usable pixels)."""
+    usable = mask == 0
+    s = ndimage.correlate1d(np.where(usable, sci, 0).astype(np.float32), k, axis=axis,
+                            mode="constant")
+    v = ndimage.correlate1d(np.where(usable, var, 0).astype(np.float32), k, axis=axis,
+                            mode="constant")
+    w = ndimage.correlate1d(usable.astype(np.float32), k, axis=axis, mode="constant")
+    # beyond the frame (and registration's NO_DATA bands) is never filled in: a one-sided
+    # kernel on a star's wing at an edge would bias it the same way in every frame
+    off = _grow(((mask & OFF) != 0).astype(MASK_DTYPE), k, axis) != 0
+    ok = usable & ~off & (w >= np.float32(1 - MAX_MASKED_WEIGHT - 1e-6))
+    safe = np.where(ok, w, np.float32(1))
+    return (np.where(ok, s / safe, 0).astype(np.float32),
+            np.where(ok, v / safe, 0).astype(np.float32),
+            np.where(ok, 0, _grow(mask, k, axis)).astype(MASK_DTYPE))
+
+
+def homogenise(frame: Layers, kernel_var: tuple[float, float]) -> Layers:
+    """Convolve a registered frame with its PSF-matching kernels (x then y).
+
+    A normalised convolution: flagged pixels take no part, and the weights of the others
+    are rescaled to 1, so that a cosmic ray does not flag its neighbours; an output pixel is
+    flagged (with the bits of the flagged pixels under the kernel) when its own input pixel
+    is, when more than :data:`MAX_MASKED_WEIGHT` of the kernel falls on flagged pixels, or
+    when any of it falls beyond the frame (NO_DATA | EDGE: filling in there would bias a
+    star's wing at the edge alike in every frame). Variance goes through the normalised weights
+    (``Σ w·var / Σ w``, the area convention). The arithmetic of a pixel depends only on
+    the rows and columns within the kernel's half-width, so a strip read with that many
+    extra rows gives the same values, bit for bit, as the whole frame.
+    """
+    kx, ky = kernel_1d(kernel_var[0]), kernel_1d(kernel_var[1])
+    hx, hy = kx.size // 2, ky.size // 2
+    if hx == 0 and hy == 0:
+        return frame
+    pad = ((hy, hy), (hx, hx))
+    sci = np.pad(np.nan_to_num(frame.sci).astype(np.float32), pad)
+    var = np.pad(np.nan_to_num(frame.var).astype(np.float32), pad)
+    mask = np.pad(frame.mask.astype(MASK_DTYPE), pad, constant_values=OFF)
+    if hx:
+        sci, var, mask = _smooth_axis(sci, var, mask, kx, 1)
+    if hy:
+        sci, var, mask = _smooth_axis(sci, var, mask, ky, 0)
+    ny, nx = frame.sci.shape
+    crop = (slice(hy, hy + ny), slice(hx, hx + nx))
+    mask = mask[crop]
+    bad = mask != 0
+    return Layers(np.where(bad, np.nan, sci[crop]).astype(np.float32),
+                  np.where(bad, np.nan, var[crop]).astype(np.float32), mask)
+
+
+# --------------------------------------------------------------------------- combination
+
+
+@dataclass(frozen=True)
+class Template:
+    """A template on the reference grid (or a strip of it)."""
+
+    sci: np.ndarray  # float32, clipped weighted mean
+    var: np.ndarray  # float32, its variance
+    mask: np.ndarray  # int32, NO_DATA where fewer than min_frames were kept
+    centre: np.ndarray  # float32, the centre the final clipping used
+    wsum: np.ndarray  # float32, Σ w of the kept frames
+    nkeep: np.ndarray  # int16, kept frames
+
+
+def disk(radius: int) -> np.ndarray:
+    """Boolean disk of ``radius`` px (a single pixel for 0)."""
+    r = max(int(radius), 0)
+    yy, xx = np.mgrid[-r: r + 1, -r: r + 1]
+    return (xx * xx + yy * yy) <= r * r + 1e-9
+
+
+def kept(sci: np.ndarray, var: np.ndarray, usable: np.ndarray, centre: np.ndarray,
+         sigma: float, grow: int = 0, floor: float = 0.0) -> np.ndarray:
+    """The clipping rule. A pixel of a frame is rejected when it is further than ``sigma``
+    times its noise from the centre, the noise being √(var + (floor·centre)²) (the model
+    error of a static source: a bright star's few per cent of registration and PSF
+    mismatch is not a reason to reject a frame); a pixel *above* the centre (a mover, a
+    cosmic ray) also rejects its frame within ``grow`` px. Works on one frame ``(y, x)`` or
+    a stack ``(frame, y, x)``; float64, so the template task and a frame's difference task
+    decide alike."""
+    c = centre.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        dev = sci.astype(np.float64) - c
+        limit = sigma * np.sqrt(var.astype(np.float64) + (floor * c) ** 2)
+        high = usable & ~(dev <= limit)
+        low = usable & ~(-dev <= limit)
+    if grow > 0 and high.any():
+        foot = disk(grow)
+        if high.ndim == 3:
+            foot = foot[None]
+        high = ndimage.binary_dilation(high, structure=foot)
+    return usable & ~high & ~low
+
+
+def combine_frames(sci: np.ndarray, var: np.ndarray, usable: np.ndarray, weights: np.ndarray,
+                   ts: TemplateSettings, grow: int = 0) -> Template:
+    """Clipped weighted mean of a stack ``(frame, y, x)`` (see the module doc); a frame's
+    rejection is grown by ``grow`` px (IRAF ``imcombine``'s ``grow``), so the wings of a
+    mover whose core is rejected go with it."""
+    sci = np.asarray(sci, np.float32)
+    var = np.asarray(var, np.float32)
+    usable = usable & np.isfinite(sci) & np.isfinite(var) & (var > 0)
+    w = np.asarray(weights, np.float64).reshape(-1, 1, 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            centre = np.nanmedian(np.where(usable, sci, np.nan), axis=0).astype(np.float32)
+        for it in range(max(ts.iterations, 1)):
+            keep = kept(sci, var, usable, centre, ts.sigma, grow, ts.residual_floor)
+            wk = np.where(keep, w, 0.0)
+            wsum = wk.sum(axis=0)
+            total = np.sum(wk * np.where(keep, sci, 0.0), axis=0)
+            mean = np.where(wsum > 0, total / np.where(wsum > 0, wsum, 1), np.nan)
+            if it < ts.iterations - 1:
+                centre = np.where(wsum > 0, mean, centre).astype(np.float32)
+        q = np.sum(wk * wk * np.where(keep, var, 0.0), axis=0)
+        tvar = np.where(wsum > 0, q / np.where(wsum > 0, wsum, 1) ** 2, np.nan)
+    nkeep = keep.sum(axis=0).astype(np.int16)
+    mask = np.where(nkeep < max(ts.min_frames, 1), NO_TEMPLATE, 0).astype(MASK_DTYPE)
+    return Template(sci=mean.astype(np.float32), var=tvar.astype(np.float32), mask=mask,
+                    centre=centre, wsum=wsum.astype(np.float32), nkeep=nkeep)
+
+
+def bright_halo(saturated: np.ndarray, radius: int) -> np.ndarray:
+    """Pixels within ``radius`` px of a pixel saturated in any template frame. A saturated
+    star's wings are too bright, and its saturated area changes too much from frame to
+    frame, to be subtracted to the noise: they are SUSPECT in the template."""
+    if radius <= 0 or not saturated.any():
+        return saturated
+    return ndimage.binary_dilation(saturated, structure=disk(radius))
+
+
+# --------------------------------------------------------------------------- I/O
+
+
+def template_path(kdir: Path, night: str) -> Path:
+    """Where a night's template is written."""
+    return kdir / f"{night}{TEMPLATE_SUFFIX}"
+
+
+def read_rows(path: Path, y0: int, y1: int) -> Layers:
+    """Rows ``[y0, y1)`` of a registered frame (KBMOD layout: 1 SCI, 2 MASK, 3 VAR)."""
+    with fits.open(path, memmap=True) as hdul:
+        sci = np.array(hdul[1].data[y0:y1], dtype=np.float32)
+        mask = np.array(hdul[2].data[y0:y1], dtype=MASK_DTYPE)
+        var = np.array(hdul[3].data[y0:y1], dtype=np.float32)
+    return Layers(sci, var, mask)
+
+
+@dataclass(frozen=True)
+class TemplateFrame:
+    """A frame going into a template (a row of the template's FRAMES table)."""
+
+    stem: str
+    night: str
+    path: Path  # registered frame on this night's grid
+    mjd: float
+    weight: float
+    kernel_var: tuple[float, float]
+    own: bool  # a frame of the night itself (left out of its own template)
+    provenance: str
+
+
+@dataclass(frozen=True)
+class StripJob:
+    """Rows ``[y0, y1)`` of a template: every frame is read with ``pad`` rows more."""
+
+    frames: tuple[TemplateFrame, ...]
+    y0: int
+    y1: int
+    ny: int
+    pad: int
+    settings: TemplateSettings
+    grow: int = 0
+    sat_halo: int = 0
+
+
+def strip_task(job: StripJob) -> tuple[int, int, Template, float]:
+    """Worker task: homogenise and combine one strip of every template frame."""
+    t0 = time.perf_counter()
+    a, b = max(job.y0 - job.pad, 0), min(job.y1 + job.pad, job.ny)
+    lo, n = job.y0 - a, job.y1 - job.y0
+    sci, var, usable = [], [], []
+    saturated = None
+    for fr in job.frames:
+        block = read_rows(fr.path, a, b)
+        if job.settings.psf_match:
+            # Beyond rows a and b the homogenisation pads as beyond the frame: at the frame's
+            # edges that is what the whole-frame computation does; inside, it only touches
+            # the ``pad`` extra rows, which are dropped.
+            block = homogenise(block, fr.kernel_var)
+        sci.append(block.sci)
+        var.append(block.var)
+        usable.append(block.mask == 0)
+        sat = (block.mask & SATURATED) != 0
+        saturated = sat if saturated is None else saturated | sat
+    weights = np.array([fr.weight for fr in job.frames])
+    # The clipping's grown rejections and the saturation halo reach across rows: combine
+    # the extra rows too, keep the strip's own.
+    full = combine_frames(np.array(sci), np.array(var), np.array(usable), weights,
+                          job.settings, job.grow)
+    full.mask[bright_halo(saturated, job.sat_halo)] |= BRIGHT_HALO
+    rows = slice(lo, lo + n)
+    tpl = Template(**{f.name: np.ascontiguousarray(getattr(full, f.name)[rows])
+                      for f in dataclasses.fields(Template)})
+    return job.y0, job.y1, tpl, time.perf_counter() - t0
+
+
+def write_template(path: Path, tpl: Template, frames: list[TemplateFrame], cards: dict,
+                   wcs: fits.Header | None) -> Path:
+    """The template file: PRIMARY, SCI, MASK, VAR (KBMOD's layout), CENTRE, WSUM, NKEEP,
+    FRAMES."""
+    primary = fits.PrimaryHDU()
+    h = primary.header
+    for key, value in cards.items():
+        h[key] = value
+    h["OBSERVAT"] = (OBSERVATORY, "Concordia Station, Antarctica")
+    h["OBS-LAT"] = (OBS_LAT, "[deg] observatory latitude (north +)")
+    h["OBS-LONG"] = (OBS_LONG, "[deg] observatory longitude (east +)")
+    h["OBS-ELEV"] = (OBS_ELEV, "[m] observatory elevation")
+    header_cards(h)
+    stamp(h)
+    planes = [
+        fits.ImageHDU(tpl.sci, name="SCI"), fits.ImageHDU(tpl.mask, name="MASK"),
+        fits.ImageHDU(tpl.var, name="VAR"), fits.ImageHDU(tpl.centre, name="CENTRE"),
+        fits.ImageHDU(tpl.wsum, name="WSUM"), fits.ImageHDU(tpl.nkeep, name="NKEEP"),
+    ]
+    planes[0].header["BUNIT"] = ("electron", "static sky, sky-subtracted, PSF-matched")
+    planes[1].header["BUNIT"] = ("", "mask bits, value 1<<bit, see MP_* keywords")
+    header_cards(planes[1].header)
+    planes[2].header["BUNIT"] = ("electron2", "variance of SCI")
+    planes[3].header["COMMENT"] = "centre of the final clipping (leave-one-out rebuilds)"
+    planes[4].header["COMMENT"] = "sum of the weights of the kept frames"
+    planes[5].header["COMMENT"] = "number of kept frames"
+    for hdu in planes:
+        if wcs is not None:
+            hdu.header.update(wcs)
+    cols = [
+        fits.Column("STEM", "48A", array=[f.stem for f in frames]),
+        fits.Column("NIGHT", "16A", array=[f.night for f in frames]),
+        fits.Column("FILE", "80A", array=[_relative(f.path, path.parent) for f in frames]),
+        fits.Column("MJD", "D", unit="d", array=[f.mjd for f in frames]),
+        fits.Column("WEIGHT", "D", array=[f.weight for f in frames]),
+        fits.Column("KVAR_X", "D", unit="pix2", array=[f.kernel_var[0] for f in frames]),
+        fits.Column("KVAR_Y", "D", unit="pix2", array=[f.kernel_var[1] for f in frames]),
+        fits.Column("OWN", "L", array=[f.own for f in frames]),
+    ]
+    table = fits.BinTableHDU.from_columns(cols, name="FRAMES")
+    return atomic_write(fits.HDUList([primary, *planes, table]), path)
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return str(path.relative_to(base))
+    except ValueError:
+        return str(path)
+
+
+def read_template(path: Path) -> tuple[fits.Header, Template, dict[str, float]]:
+    """Header, planes and the weights of the template's frames by stem."""
+    with fits.open(path, memmap=False) as hdul:
+        h = hdul[0].header.copy()
+        tpl = Template(
+            sci=np.asarray(hdul["SCI"].data, np.float32),
+            var=np.asarray(hdul["VAR"].data, np.float32),
+            mask=np.asarray(hdul["MASK"].data, MASK_DTYPE),
+            centre=np.asarray(hdul["CENTRE"].data, np.float32),
+            wsum=np.asarray(hdul["WSUM"].data, np.float32),
+            nkeep=np.asarray(hdul["NKEEP"].data, np.int16),
+        )
+        table = hdul["FRAMES"].data
+        weights = {str(s).strip(): float(w) for s, w in zip(table["STEM"], table["WEIGHT"],
+                                                             strict=True)}
+    return h, tpl, weights
+
+
+def template_provenance(frames: list[TemplateFrame], target: float, ts: TemplateSettings
+                        ) -> str:
+    """Hash of the template's frames (their provenance, weights, kernels) and settings."""
+    return digest_of([(f.stem, f.provenance, round(f.weight, 9),
+                       [round(v, 9) for v in f.kernel_var]) for f in frames],
+                     round(target, 9), ts.digest(), __version__)
+
+
+def spread(items: list, n: int) -> list:
+    """At most ``n`` items evenly spread through the list (all when ``n`` <= 0)."""
+    if n <= 0 or len(items) <= n:
+        return list(items)
+    idx = np.unique(np.round(np.linspace(0, len(items) - 1, n)).astype(int))
+    return [items[i] for i in idx]
+
+
+def strips(ny: int, nx: int, n_frames: int, memory_mb: float) -> list[tuple[int, int]]:
+    """Row ranges of the combination tasks: about ``memory_mb`` of pixels of all frames
+    (about 40 bytes a pixel a frame, reading and working copies) per task."""
+    rows = int(max(1, memory_mb * 1e6 // max(40 * nx * max(n_frames, 1), 1)))
+    rows = min(rows, ny)
+    n = int(np.ceil(ny / rows))
+    edges = np.linspace(0, ny, n + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in itertools.pairwise(edges) if b > a]
+
+
+def assemble(parts: list[tuple[int, int, Template]], ny: int, nx: int) -> Template:
+    """One template from its strips."""
+    out = {name: np.zeros((ny, nx), dtype) for name, dtype in (
+        ("sci", np.float32), ("var", np.float32), ("mask", MASK_DTYPE),
+        ("centre", np.float32), ("wsum", np.float32), ("nkeep", np.int16))}
+    for y0, y1, t in parts:
+        for name in out:
+            out[name][y0:y1] = getattr(t, name)
+    return Template(**out)
+
+
+def template_cards(night: str, mode: str, frames: list[TemplateFrame], target: float,
+                   provenance: str, reference: str, ts: TemplateSettings) -> dict:
+    """Primary-header cards of the template file."""
+    mjd = float(np.mean([f.mjd for f in frames])) if frames else 0.0
+    return {
+        "NIGHT": (night, "night of the export"),
+        "MJD": (mjd, "[d] mean mid-exposure MJD of the template frames"),
+        "REFFRAME": (reference, "reference frame: its grid is this grid"),
+        "TPLMODE": (mode, "this night (leave-one-out) or other nights"),
+        "TPLNFRM": (len(frames), "frames combined"),
+        "TPLNGHTS": (",".join(sorted({f.night for f in frames})), "nights of the frames"),
+        "TPLPROV": (provenance, "hash of the frames and settings"),
+        "TPLSIG": (ts.sigma, "clipping threshold (each frame's own noise)"),
+        "TPLITER": (ts.iterations, "clipping iterations"),
+        "TPLMINF": (ts.min_frames, "fewer kept frames: NO_DATA"),
+        "TPLGROW": (ts.grow, "rejections grown by this x PSF sigma"),
+        "TPLSATH": (ts.saturation_halo, "SUSPECT within this x FWHM of SAT pixels"),
+        "PSFMATCH": (ts.psf_match, "T: frames PSF-matched before combination"),
+        "PSFVAR": (round(target, 6), "[px2] PSF variance per axis after matching"),
+        "PSFSIGMA": (round(float(np.sqrt(target)), 4) if np.isfinite(target) else -1.0,
+                     "[px] Gaussian PSF sigma of SCI"),
+        "BUNIT": ("electron", "unit of SCI"),
+    }
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def _night_date(name: str):
+    import datetime
+
+    try:
+        return datetime.date.fromisoformat(name[:10])
+    except ValueError:
+        return None
+
+
+def neighbour_nights(night_dir: Path, out: Path | None, n: int, field: str, filt: str
+                     ) -> tuple[list[tuple[str, list]], list[dict]]:
+    """The ``n`` nights nearest in date to ``night_dir`` (other than it) with calibrated
+    frames of the same field (``OBJECT``, when both say) and filter: ``[(night, frames)]``
+    nearest first, and rows for the nights passed over (with the reason)."""
+    this = _night_date(night_dir.name)
+    names = {p.name for p in night_dir.parent.iterdir() if p.is_dir()}
+    if out is not None and Path(out).is_dir():
+        names |= {p.name for p in Path(out).iterdir() if p.is_dir()}
+    names.discard(night_dir.name)
+
+    def distance(name: str) -> tuple:
+        d = _night_date(name)
+        return (abs((d - this).days) if d and this else 10**6, name)
+
+    chosen, skipped = [], []
+    for name in sorted(names, key=distance):
+        if len(chosen) >= n:
+            break
+        cal = output_dir(night_dir.parent / name, Path(out) if out is not None else None)
+        if not cal.is_dir():
+            continue
+        frames, _ = calibrated_frames(cal)
+        if not frames:
+            continue
+        other = str(fits.getheader(frames[0].path, 0).get("OBJECT", "") or "").strip()
+        if field and other and other != field:
+            skipped.append({"night": name, "reason": f"field {other!r}, not {field!r}"})
+            continue
+        frames = [f for f in frames if not filt or not f.filter or f.filter == filt]
+        if not frames:
+            skipped.append({"night": name, "reason": f"no frame in filter {filt!r}"})
+            continue
+        chosen.append((name, frames))
+    return chosen, skipped

@@ -1,0 +1,494 @@
+"""The pipeline's flow for one night, drawn from its dask task graph.
+
+:func:`night_graph` builds, without computing anything, the task graph of a night as the
+pipeline runs it: each master's reduction is the very dask graph the master builder
+computes (:func:`astep_dask.masters.prepared_stack` →
+:func:`astep_dask.combine.combine_lazy`: one read task per raw file and strip, the stack,
+the rechunk into strips, the clipped combination); the flats also depend on the flat
+levels (one task per flat) and on the dark they subtract; the bad-pixel mask on the flats
+and the longest dark; every master is written once to a file; then one calibration task
+per science frame (:func:`astep_dask.pipeline.process_frame`), which reads the master files
+it needs and writes ``<stem>_CAL.fits``; the manifest after all of them; optionally the QA
+report (one measuring task per calibrated frame, then the report).
+
+:func:`collapse` folds that graph into one node per stage (every raw read of one master,
+its combination, a master file, all frame tasks...), with the number of tasks in each and
+of dependencies along each edge, so the chart stays readable for a night of 5,000 frames.
+:func:`to_dot` writes it in Graphviz's DOT language; :func:`render` draws it with
+Graphviz ``dot`` when installed, else with matplotlib (a layered layout of its own).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections import defaultdict
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+from dask.core import get_dependencies
+from dask.utils import key_split
+
+from astep_dask.config import Settings
+from astep_dask.io.layout import FrameRecord, FrameType, Inventory, scan_night, stem
+from astep_dask.io.products import master_name, output_dir
+from astep_dask.masters.reduce import combine_lazy, prepared_stack
+from astep_dask.report.metrics import measure_file
+from astep_dask.run.frames import process_frame
+
+READ_TASKS = {"raw", "original-raw", "strip"}  # key prefixes of the tasks that read raw files
+
+
+GROUP_STYLE = {  # node group: (DOT shape, fill colour)
+    "input": ("folder", "#eeeeee"),
+    "read": ("box", "#dbe9f6"),
+    "master": ("box", "#9ecae1"),
+    "file": ("note", "#fdd0a2"),
+    "frame": ("box", "#a1d99b"),
+    "report": ("box", "#dadaeb"),
+}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One node of the collapsed chart."""
+
+    name: str  # identifier
+    label: str  # what the chart shows (may hold newlines)
+    group: str  # input, read, master, file, frame, report (see GROUP_STYLE)
+    tasks: int = 0  # dask tasks folded into this node (0: a file or folder, no task)
+
+
+@dataclass
+class FlowGraph:
+    """Stages and the edges between them, with the number of task dependencies each
+    edge stands for."""
+
+    night: str
+    stages: dict[str, Stage] = field(default_factory=dict)
+    edges: dict[tuple[str, str], int] = field(default_factory=dict)
+    n_tasks: int = 0  # tasks in the underlying graph
+
+
+@dataclass
+class NightGraph:
+    """The uncollapsed task graph of a night: dependencies of every task, the stage each
+    task belongs to, stage descriptions, and extra edges from files and folders (which are
+    not tasks) to the stages that read them."""
+
+    night: str
+    dependencies: dict[Hashable, set]
+    stage_of: dict[Hashable, str]
+    stages: dict[str, Stage]
+    file_edges: list[tuple[str, str]]
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _write_stub(*_: object) -> None:  # pragma: no cover - never computed
+    """Stands for the atomic FITS write of a master in the graph."""
+
+
+def _gather_stub(*_: object) -> None:  # pragma: no cover - never computed
+    """Stands for gathering a master's strips into one image on the driver."""
+
+
+def _flat_level_stub(*_: object) -> None:  # pragma: no cover - never computed
+    """Stands for the central median of one flat (MasterBuilder._flat_level)."""
+
+
+def _manifest_stub(*_: object) -> None:  # pragma: no cover - never computed
+    """Stands for write_manifest."""
+
+
+def _report_stub(*_: object) -> None:  # pragma: no cover - never computed
+    """Stands for the QA report's assembly and plots."""
+
+
+def night_graph(inventory: Inventory, settings: Settings | None = None,
+                report: bool = True) -> NightGraph:
+    """The task graph of a night (nothing is computed; headers only are read).
+
+    Parameters
+    ----------
+    inventory
+        The night's inventory (:func:`astep_dask.layout.scan_night`).
+    settings
+        Settings (memory budget of the strips, combination).
+    report
+        Include the QA report's tasks after the calibration.
+    """
+    settings = settings or Settings()
+    night = inventory.night
+    stages: dict[str, Stage] = {}
+    stage_of: dict[Hashable, str] = {}
+    file_edges: list[tuple[str, str]] = []
+    collections: list = []
+
+    def assign(obj, read_stage: str, stage: str) -> None:
+        """Stage of each new task of ``obj``: those that read raw files (named so, or
+        with no dependency) go to ``read_stage``, the others to ``stage``."""
+        graph = dict(obj.__dask_graph__())
+        for key in graph:
+            if key in stage_of:
+                continue
+            reads = key_split(key) in READ_TASKS or not get_dependencies(graph, key)
+            stage_of[key] = read_stage if reads else stage
+        collections.append(obj)
+
+    def add(name: str, label: str, group: str) -> str:
+        stages[name] = Stage(name, label, group)
+        return name
+
+    sci_exptimes = inventory.exptimes(FrameType.SCIENCE)
+    flat_exptimes = inventory.exptimes(FrameType.FLAT)
+    sci_et = sci_exptimes[0] if sci_exptimes else None
+    flat_et = flat_exptimes[0] if flat_exptimes else None
+
+    def name_of(role: str, exptime: float | None = None, filt: str = "") -> str:
+        return master_name(night, role, exptime, filt, sci_et, flat_et)
+
+    def reduce(records: list[FrameRecord], what: str, folder: str, subtract=None,
+               levels=None):
+        stack = prepared_stack(records, settings)
+        if subtract is not None:
+            stack = stack - xr.DataArray(subtract, dims=("y", "x"))
+        if levels is not None:
+            stack = stack / xr.DataArray(levels, dims="frame")
+        data = combine_lazy(stack, settings.combine)["data"].data
+        read = add(f"read {what}", f"read raw {what}\n{_plural(len(records), 'file')}, "
+                   f"row strips", "read")
+        comb = add(f"combine {what}", f"master {what}\nsigma-clipped combination", "master")
+        file_edges.append((f"input {folder}", read))
+        assign(data, read, comb)
+        # The driver gathers the strips into one image, used whole from then on.
+        whole = dask.delayed(_gather_stub, pure=True)(data, dask_key_name=f"gather-{what}")
+        assign(whole, comb, comb)
+        return data, whole
+
+    def write(data, role: str, exptime: float | None = None, filt: str = ""):
+        fname = name_of(role, exptime, filt)
+        node = add(f"file {fname}", fname, "file")
+        task = dask.delayed(_write_stub, pure=True)(data, dask_key_name=f"write-{fname}")
+        assign(task, node, node)
+        return task
+
+    folders = defaultdict(list)
+    for rec in inventory.frames:
+        if rec.usable:
+            folders[rec.folder].append(rec)
+    for folder, recs in folders.items():
+        add(f"input {folder}", f"{folder}/\n{_plural(len(recs), 'raw file')}", "input")
+
+    bias = bias_whole = None
+    bias_recs = inventory.select(FrameType.BIAS)
+    if len(bias_recs) >= settings.combine.min_frames:
+        bias, bias_whole = reduce(bias_recs, "bias", bias_recs[0].folder)
+        write(bias_whole, "bias")
+
+    darks: dict[float, tuple] = {}
+    dark_files: dict[float, object] = {}
+    for et in inventory.exptimes(FrameType.DARK):
+        recs = inventory.select(FrameType.DARK, exptime=et)
+        if len(recs) < settings.combine.min_frames:
+            continue
+        darks[et] = reduce(recs, f"dark {et:g} s", recs[0].folder, subtract=bias)
+        dark_files[et] = write(darks[et][1], "dark", et)
+
+    def dark_for(et: float) -> list[float]:
+        match = [d for d in darks if np.isclose(d, et)]
+        return match or ([min(darks), max(darks)] if darks else [])
+
+    flats: dict[str, object] = {}
+    flat_files: dict[str, object] = {}
+    for filt in inventory.filters(FrameType.FLAT):
+        recs = inventory.select(FrameType.FLAT, filter=filt)
+        if len(recs) < settings.combine.min_frames or not darks:
+            continue
+        dark, dark_whole = darks[dark_for(recs[0].exptime)[0]]
+        lv = add(f"levels flat {filt}", f"flat levels {filt}\ncentral median per flat",
+                 "master")
+        file_edges.append((f"input {recs[0].folder}", lv))
+        level_tasks = [dask.delayed(_flat_level_stub, pure=True)(
+            str(r.path), dark_whole, dask_key_name=f"flat-level-{r.path.name}") for r in recs]
+        for t in level_tasks:
+            assign(t, lv, lv)
+        levels = da.stack([da.from_delayed(t, (), np.float32) for t in level_tasks])
+        flats[filt] = reduce(recs, f"flat {filt}", recs[0].folder, subtract=dark,
+                             levels=levels)[1]
+    mask_file = None
+    if flats or darks:
+        mask_stage = add("mask", "bad-pixel mask\nhot (dark), dead (flats)", "master")
+        hot = darks[max(darks)][1] if darks else None
+        task = dask.delayed(_write_stub, pure=True)(hot, *flats.values(),
+                                                    dask_key_name=f"mask-{night}")
+        assign(task, mask_stage, mask_stage)
+        mask_file = write(task, "mask")
+        # Flats are normalised over the mask's good pixels, then written.
+        for filt, data in flats.items():
+            stage = add(f"normalise flat {filt}",
+                        f"normalise flat {filt}\nmedian of good pixels = 1", "master")
+            norm = dask.delayed(_write_stub, pure=True)(data, task,
+                                                        dask_key_name=f"normalise-flat-{filt}")
+            assign(norm, stage, stage)
+            flat_files[filt] = write(norm, "flat", filt=filt)
+
+    science = inventory.select(FrameType.SCIENCE)
+    rows = []
+    if science and mask_file is not None:
+        frame_stage = add("calibrate", "calibrate frame (one task each)\n"
+                          "overscan, dark, flat, e-,\nvariance, mask, cosmic rays", "frame")
+        file_edges.append((f"input {science[0].folder}", frame_stage))
+        cal = add("file cal", f"<stem>_CAL.fits\none per frame (up to {len(science)})", "file")
+        for rec in science:
+            needs = [dark_files[et] for et in dark_for(rec.exptime)]
+            needs += [flat_files[rec.filter]] if rec.filter in flat_files else []
+            row = dask.delayed(process_frame, pure=True)(
+                str(rec.path), *needs, mask_file,
+                dask_key_name=f"calibrate-{stem(rec.path)}")
+            assign(row, frame_stage, frame_stage)
+            rows.append(row)
+        file_edges.append((frame_stage, cal))
+        manifest = add("file manifest", "manifest.json", "file")
+        done = dask.delayed(_manifest_stub, pure=True)(*rows, dask_key_name=f"manifest-{night}")
+        assign(done, manifest, manifest)
+        if report:
+            measure = add("qa measure", "QA measures (one task per frame)\n"
+                          "sky, FWHM, star flux, streaks", "report")
+            file_edges.append((cal, measure))
+            qa_rows = []
+            for rec in science:
+                t = dask.delayed(measure_file, pure=True)(
+                    f"{stem(rec.path)}_CAL.fits", dask_key_name=f"qa-measure-{stem(rec.path)}")
+                assign(t, measure, measure)
+                qa_rows.append(t)
+            rep = add("file report", "report/\nqa.json, PNG plots,\nindex.html", "file")
+            final = dask.delayed(_report_stub, pure=True)(done, *qa_rows,
+                                                          dask_key_name=f"report-{night}")
+            assign(final, rep, rep)
+    deps = _dependencies(collections)
+    counts: dict[str, int] = defaultdict(int)
+    for key in deps:
+        counts[stage_of[key]] += 1
+    for name, st in stages.items():
+        stages[name] = Stage(st.name, st.label, st.group,
+                             counts.get(name, 0) if st.group not in ("input", "file") else 0)
+    return NightGraph(night, deps, stage_of, stages, file_edges)
+
+
+def _dependencies(collections: Iterable) -> dict[Hashable, set]:
+    """Dependencies of every task of the given dask collections (one merged graph)."""
+    from dask.highlevelgraph import HighLevelGraph
+
+    dsk = dict(HighLevelGraph.merge(*[c.__dask_graph__() for c in collections]))
+    return {k: set(get_dependencies(dsk, k)) for k in dsk}
+
+
+def collapse(dependencies: Mapping[Hashable, Iterable], stage_of: Mapping[Hashable, str],
+             stages: Mapping[str, Stage], extra_edges: Iterable[tuple[str, str]] = (),
+             night: str = "") -> FlowGraph:
+    """Fold a task graph into stages: one node per stage, an edge wherever a task of one
+    stage depends on a task of another, weighted by the number of such dependencies.
+
+    Parameters
+    ----------
+    dependencies
+        Every task's dependencies (task keys).
+    stage_of
+        The stage of every task.
+    stages
+        Stage descriptions, by name.
+    extra_edges
+        Edges that are not task dependencies (a folder read by a stage, a file written).
+    """
+    edges: dict[tuple[str, str], int] = defaultdict(int)
+    for key, deps in dependencies.items():
+        b = stage_of[key]
+        for d in deps:
+            a = stage_of[d]
+            if a != b:
+                edges[(a, b)] += 1
+    for a, b in extra_edges:
+        edges[(a, b)] += 0
+    used = {n for e in edges for n in e} | {stage_of[k] for k in dependencies}
+    kept = {n: s for n, s in stages.items() if n in used}
+    return FlowGraph(night, kept, dict(edges), n_tasks=len(dependencies))
+
+
+def flow_graph(night_dir: str | Path, settings: Settings | None = None,
+               report: bool = True) -> FlowGraph:
+    """The collapsed flow of a night (reads its headers only)."""
+    inv = scan_night(night_dir)
+    g = night_graph(inv, settings, report)
+    return collapse(g.dependencies, g.stage_of, g.stages, g.file_edges, g.night)
+
+
+# --------------------------------------------------------------------------- drawing
+
+
+def _dot_text(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _node_label(st: Stage) -> str:
+    if st.tasks:
+        return f"{st.label}\n[{_plural(st.tasks, 'dask task')}]"
+    return st.label
+
+
+def to_dot(flow: FlowGraph, output_label: str = "") -> str:
+    """The flow in Graphviz's DOT language (top to bottom)."""
+    title = f"astep-dask: flow of night {flow.night} ({flow.n_tasks} dask tasks)"
+    if output_label:
+        title += f"\noutput: {output_label}"
+    lines = [
+        "digraph flow {",
+        '  graph [rankdir=TB, fontname="Helvetica", fontsize=14, labelloc=t, '
+        f'label="{_dot_text(title)}\\n ", nodesep=0.3, ranksep=0.35, pad=0.2];',
+        '  node [fontname="Helvetica", fontsize=10, style="filled,rounded", penwidth=0.8];',
+        '  edge [fontname="Helvetica", fontsize=8, color="#555555", arrowsize=0.7];',
+    ]
+    for st in flow.stages.values():
+        shape, fill = GROUP_STYLE[st.group]
+        style = "filled" if shape in ("note", "folder") else "filled,rounded"
+        lines.append(f'  "{_dot_text(st.name)}" [label="{_dot_text(_node_label(st))}", '
+                     f'shape={shape}, fillcolor="{fill}", style="{style}"];')
+    for (a, b), n in flow.edges.items():
+        label = f' [label="{n}", penwidth={1 + np.log10(n):.2f}]' if n > 1 else ""
+        lines.append(f'  "{_dot_text(a)}" -> "{_dot_text(b)}"{label};')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def layers(flow: FlowGraph) -> dict[str, int]:
+    """Column of each stage in a left-to-right layout: its longest path from a source."""
+    preds: dict[str, list[str]] = defaultdict(list)
+    for a, b in flow.edges:
+        preds[b].append(a)
+    depth: dict[str, int] = {}
+
+    def visit(n: str, seen: frozenset = frozenset()) -> int:
+        if n in depth:
+            return depth[n]
+        if n in seen:  # a cycle cannot come from a dask graph; guard anyway
+            return 0
+        d = max((visit(p, seen | {n}) + 1 for p in preds[n]), default=0)
+        depth[n] = d
+        return d
+
+    for n in flow.stages:
+        visit(n)
+    return depth
+
+
+def draw_matplotlib(flow: FlowGraph, path: Path, output_label: str = "") -> Path:
+    """Draw the flow with matplotlib alone (no Graphviz), top to bottom: stages in rows
+    by :func:`layers`, ordered in each row by the mean position of their predecessors."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    depth = layers(flow)
+    nrow = max(depth.values(), default=0) + 1
+    rows: dict[int, list[str]] = defaultdict(list)
+    for n in flow.stages:
+        rows[depth[n]].append(n)
+    preds: dict[str, list[str]] = defaultdict(list)
+    for a, b in flow.edges:
+        preds[b].append(a)
+    col: dict[str, float] = {}
+    for r in range(nrow):
+        names = sorted(rows[r], key=lambda n: (np.mean([col.get(p, 0.0) for p in preds[n]])
+                                               if preds[n] else 0.0, n))
+        for i, n in enumerate(names):
+            col[n] = i - (len(names) - 1) / 2
+    ncol = max((len(v) for v in rows.values()), default=1)
+    w, h, dx, dy = 2.5, 0.8, 2.8, 1.25
+    fig = Figure(figsize=(max(6.0, dx * ncol + 0.4), dy * nrow + 0.9), dpi=110)
+    ax = fig.add_axes((0, 0, 1, 1 - 0.8 / (dy * nrow + 0.9)))
+    ax.set_xlim(-dx * ncol / 2, dx * ncol / 2)
+    ax.set_ylim(-dy * (nrow - 1) - h, h)
+    ax.axis("off")
+    pos = {n: (col[n] * dx, -depth[n] * dy) for n in flow.stages}
+    for n, st in flow.stages.items():
+        x, y = pos[n]
+        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h,
+                                    boxstyle="round,pad=0.02,rounding_size=0.08",
+                                    fc=GROUP_STYLE[st.group][1], ec="#333333", lw=0.8))
+        ax.text(x, y, _node_label(st), ha="center", va="center", fontsize=7.5)
+    for (a, b), k in flow.edges.items():
+        (x0, y0), (x1, y1) = pos[a], pos[b]
+        ax.add_patch(FancyArrowPatch((x0, y0 - h / 2), (x1, y1 + h / 2), arrowstyle="-|>",
+                                     mutation_scale=9, lw=0.7 + 0.5 * np.log10(max(k, 1)),
+                                     color="#555555", shrinkA=1, shrinkB=1))
+        if k > 1:
+            ax.text(0.3 * x0 + 0.7 * x1 + 0.08, 0.3 * (y0 - h / 2) + 0.7 * (y1 + h / 2),
+                    str(k), fontsize=7, color="#333333")
+    title = f"astep-dask: flow of night {flow.night} ({flow.n_tasks} dask tasks)"
+    fig.suptitle(title + (f"\noutput: {output_label}" if output_label else ""), fontsize=10)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    fig.savefig(tmp, format=path.suffix.lstrip(".").lower())
+    os.replace(tmp, path)
+    return path
+
+
+def render(flow: FlowGraph, path: str | Path, engine: str = "auto",
+           output_label: str = "") -> Path:
+    """Draw the flow to ``path`` (.svg, .png or .pdf; .dot writes the DOT text).
+
+    ``engine``: ``dot`` (Graphviz, must be installed), ``matplotlib``, or ``auto`` (dot
+    when it is on the PATH).
+    """
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt not in ("svg", "png", "pdf", "dot"):
+        raise ValueError(f"{path}: the chart is written as .svg, .png, .pdf or .dot")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = to_dot(flow, output_label)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    if fmt == "dot":
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        return path
+    use_dot = engine == "dot" or (engine == "auto" and shutil.which("dot") is not None)
+    if not use_dot:
+        return draw_matplotlib(flow, path, output_label)
+    if shutil.which("dot") is None:
+        raise RuntimeError("Graphviz `dot` is not installed (Debian: apt-get install graphviz)")
+    extra = ["-Gdpi=110"] if fmt == "png" else []
+    subprocess.run(["dot", f"-T{fmt}", *extra, "-o", str(tmp)], input=text.encode(),
+                   check=True, capture_output=True, timeout=120)
+    os.replace(tmp, path)
+    return path
+
+
+def flow_chart(night_dir: str | Path, path: str | Path, out: str | Path | None = None,
+               settings: Settings | None = None, engine: str = "auto",
+               report: bool = True) -> Path:
+    """Draw the flow of a night (masters → frames → outputs) to ``path`` and return it.
+
+    Parameters
+    ----------
+    night_dir
+        The raw night ``ROOT/YYYY-MM-DD/`` (headers only are read; nothing is computed).
+    path
+        The chart: ``.svg``, ``.png``, ``.pdf`` or ``.dot``.
+    out
+        The ``--out`` root of the calibration, shown as where the products go.
+    settings
+        Settings that shape the graph (memory budget of the strips).
+    engine
+        ``auto`` (Graphviz when installed, else matplotlib), ``dot`` or ``matplotlib``.
+    report
+        Include the QA report's stage.
+    """
+    flow = flow_graph(night_dir, settings, report)
+    where = output_dir(Path(night_dir), Path(out) if out is not None else None)
+    return render(flow, path, engine, output_label=str(where))

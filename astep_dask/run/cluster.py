@@ -1,0 +1,105 @@
+"""Where the work runs: a LocalCluster by default, any scheduler address, or an HPC batch
+system through dask-jobqueue. Every path yields a ``distributed.Client``; the rest of the
+pipeline does not know which one it got.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from distributed import Client, LocalCluster
+
+from astep_dask.config import ClusterSettings
+
+
+def machine_cores() -> int:
+    """Cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(len(os.sched_getaffinity(0)), 1)
+    return os.cpu_count() or 1
+
+
+def local_layout(settings: ClusterSettings) -> tuple[int, int]:
+    """Workers and threads per worker of a LocalCluster.
+
+    As configured where set; otherwise one in-process worker with a thread per core, or
+    (``processes``) one single-threaded process per core.
+    """
+    cores = machine_cores()
+    workers = settings.n_workers or (
+        max(1, cores // max(1, settings.threads_per_worker)) if settings.processes else 1)
+    threads = settings.threads_per_worker or max(1, cores // workers)
+    return workers, threads
+
+
+def _jobqueue_cluster(settings: ClusterSettings):
+    try:
+        import dask_jobqueue
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise RuntimeError(
+            f"--cluster {settings.kind} needs dask-jobqueue: pip install dask-jobqueue"
+        ) from exc
+    cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[settings.kind]
+    cluster = cls()  # configured by dask config (jobqueue.yaml), see deploy/
+    cluster.adapt(minimum_jobs=settings.min_jobs, maximum_jobs=settings.max_jobs)
+    return cluster
+
+
+@contextmanager
+def connect(settings: ClusterSettings, log: Callable[[str], None] = print) -> Iterator[Client]:
+    """A client for the configured cluster, closed (with any cluster it started) on exit.
+
+    ``scheduler`` set: join that running scheduler. ``kind`` ``local``: start a
+    LocalCluster sized to the machine (:func:`local_layout`), its workers threads of this
+    process unless ``processes``. ``slurm``/``pbs``: start a
+    dask-jobqueue cluster from dask configuration, scaling adaptively.
+    """
+    cluster = None
+    if settings.scheduler:
+        client = Client(settings.scheduler)
+        log(f"joined scheduler {settings.scheduler}")
+    elif settings.kind == "local":
+        workers, threads = local_layout(settings)
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=threads,
+            processes=settings.processes,
+            memory_limit=settings.memory_limit,
+            dashboard_address=settings.dashboard_address,
+        )
+        client = Client(cluster)
+    elif settings.kind in ("slurm", "pbs"):
+        cluster = _jobqueue_cluster(settings)
+        client = Client(cluster)
+    else:
+        raise ValueError(f"unknown cluster kind {settings.kind!r} (local, slurm, pbs)")
+    try:
+        log(f"dask dashboard: {client.dashboard_link}")
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def worker_threads(client: Client) -> int:
+    """Total threads of the workers currently connected."""
+    info = client.scheduler_info()
+    return sum(w.get("nthreads", 1) for w in info.get("workers", {}).values()) or 1
+
+
+def capacity(client: Client, settings: ClusterSettings) -> int:
+    """Threads the cluster can have: those connected or, for an adaptive batch cluster that
+    may still be scaling up, ``max_jobs`` x the cores of one job (whichever is larger).
+
+    Queueing work for this many threads is what lets adaptive scaling ask for jobs.
+    """
+    threads = worker_threads(client)
+    if settings.kind in ("slurm", "pbs") and not settings.scheduler:
+        import dask
+
+        cores = int(dask.config.get(f"jobqueue.{settings.kind}.cores", default=1) or 1)
+        threads = max(threads, settings.max_jobs * cores)
+    return threads

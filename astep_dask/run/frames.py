@@ -1,0 +1,129 @@
+"""run.frames: TODO docstring."""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from astep_dask.config import Settings
+from astep_dask.core.calibrate import Detector, calibrate_frame
+from astep_dask.errors import CalibrationError
+from astep_dask.io.fitsio import atomic_write, calibrated_hdul
+from astep_dask.io.layout import FrameRecord
+from astep_dask.io.provenance import read_provenance
+from astep_dask.io.stack import read_section
+from astep_dask.masters.store import MasterPaths, frame_masters
+
+
+@dataclass(frozen=True)
+class FrameJob:
+    """Everything a worker needs to calibrate one frame (small, picklable)."""
+
+    record: FrameRecord
+    output: Path
+    masters: MasterPaths
+    provenance: str
+    settings: Settings
+    force: bool = False
+
+
+@functools.lru_cache(maxsize=4)
+def _frame_masters(paths: MasterPaths, exptime: float, filter: str, stamps: tuple
+                   ) -> tuple:
+    return frame_masters(paths, exptime, filter)
+
+
+def cached_frame_masters(paths: MasterPaths, exptime: float, filter: str) -> tuple:
+    """:func:`masters.frame_masters`, made once per worker process for each exposure time
+    and filter (and again if a master file changes): the dark solution costs as much as
+    the rest of a frame's arithmetic. The arrays are shared between frames, read only."""
+    files = [paths.bias, *(p for _, p in paths.darks), *(p for _, p in paths.flats),
+             paths.mask]
+    stamps = tuple(p.stat().st_mtime_ns for p in files if p is not None)
+    fm, cards = _frame_masters(paths, exptime, filter, stamps)
+    return fm, dict(cards)
+
+
+def process_frame(job: FrameJob) -> dict:
+    """Calibrate one frame and write its file (runs on a worker). Returns a summary row.
+
+    Calibration problems (no flat for the filter, no dark) give a ``failed`` row with the
+    reason; write errors (disk full, permissions) raise, naming the output.
+    """
+    rec = job.record
+    row: dict = {"file": rec.path.name, "output": job.output.name, "mjd": rec.mjd,
+                 "exptime": rec.exptime, "filter": rec.filter, "started": time.time()}
+    if not job.force and read_provenance(job.output) == job.provenance:
+        return {**row, "status": "skipped"}
+    t0 = time.perf_counter()
+    try:
+        fm, cards = cached_frame_masters(job.masters, rec.exptime, rec.filter)
+        raw = read_section(rec.path, rec.hdu, slice(None), slice(None))
+        if problem := raw_problem(raw):
+            return {**row, "status": "failed", "reason": problem}
+        with fits.open(rec.path, memmap=False, lazy_load_hdus=True) as hdul:
+            raw_header = hdul[0].header.copy()
+            if rec.hdu:
+                raw_header.update(hdul[rec.hdu].header)
+    except CalibrationError as exc:
+        return {**row, "status": "failed", "reason": str(exc)}
+    except (OSError, ValueError) as exc:
+        return {**row, "status": "failed", "reason": f"cannot read raw frame: {exc}"}
+    det_s = job.settings.detector
+    detector = Detector(
+        gain=rec.gain or det_s.gain,
+        read_noise=rec.read_noise or det_s.read_noise,
+        saturation=rec.saturation or det_s.saturation_adu,
+    )
+    overscan = rec.overscan if det_s.overscan == "auto" else None
+    trim = rec.trim if det_s.overscan == "auto" else None
+    t1 = time.perf_counter()
+    sci, var, mask, summary = calibrate_frame(raw, fm, detector, job.settings.cosmics,
+                                              overscan, trim)
+    cs = job.settings.cosmics
+    cards.update({
+        "ADPROV": (job.provenance, "hash of input, masters and settings"),
+        "RAWFILE": (rec.path.name, "raw frame"),
+        "GAIN": (detector.gain, "[e-/ADU] gain applied"),
+        "RDNOISE": (detector.read_noise, "[e-] read noise used for VAR"),
+        "SATURATE": (detector.saturation, "[adu] raw level flagged SAT"),
+        "OVERSCAN": (overscan.to_fits() if overscan else "none", "overscan subtracted"),
+        "FLATNORM": ("median of unmasked pixels = 1", "flat normalisation"),
+        "CRMETH": ("astroscrappy" if cs.enabled else "none", "cosmic-ray detection"),
+        "CRSIGCLP": (cs.sigclip, "astroscrappy sigclip"),
+        "CROBJLIM": (cs.objlim, "astroscrappy objlim"),
+        "CRCLEAN": (cs.replace, "T: CR pixels replaced in SCI"),
+        "NCRPIX": (summary["n_cr"], "pixels flagged CR"),
+        "SKYLEVEL": (summary["sky"], "[e-] median of unmasked SCI"),
+    })
+    if trim is not None:
+        cards["TRIMSEC"] = (trim.to_fits(), "raw section kept")
+    t2 = time.perf_counter()
+    try:
+        out_s = job.settings.output
+        quantize = out_s.quantize_level if out_s.compress else None
+        atomic_write(calibrated_hdul(raw_header, sci, var, mask, cards, quantize), job.output)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write {job.output}: {exc.strerror}") from exc
+    t3 = time.perf_counter()
+    return {**row, "status": "done", **summary, "t_read": t1 - t0, "t_write": t3 - t2,
+            "t_total": t3 - t0, "finished": time.time(),
+            "worker": f"{socket.gethostname()}:{os.getpid()}"}
+
+
+def raw_problem(raw: np.ndarray) -> str | None:
+    """Why a raw frame's pixels make no sense (all NaN, constant), else None."""
+    finite = np.isfinite(raw)
+    if not finite.any():
+        return "no finite pixel (all NaN)"
+    values = raw[finite]
+    if values.min() == values.max():
+        return f"every pixel has the same value ({values.min():g}): no signal"
+    return None

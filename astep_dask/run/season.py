@@ -1,0 +1,206 @@
+"""Season orchestration: many nights through one dask cluster, several in flight at once.
+
+Each night runs :func:`astep_dask.pipeline.calibrate_night` in its own driver thread, all
+threads sharing one ``distributed.Client``: while night A's science frames are being
+calibrated, night B's masters are being reduced on the same workers, so the cluster never
+idles between nights. A night whose manifest already says complete for the same raw files
+and settings is skipped without being opened; a night that fails is recorded with its reason
+and the season goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distributed import Client
+
+from astep_dask.config import Settings
+from astep_dask.errors import ArchiveError, RunError
+from astep_dask.io.layout import FrameType, find_nights, scan_night
+from astep_dask.io.products import output_dir
+from astep_dask.run.night import NightResult, calibrate_night, night_is_current
+
+SEASON_MANIFEST = "season.json"
+
+
+def select_nights(root: Path, start: str | None = None, end: str | None = None) -> list[Path]:
+    """Night folders under ``root`` whose date lies in ``[start, end]`` (ISO dates)."""
+    nights = find_nights(root)
+    return [n for n in nights if (start is None or n.name >= start)
+            and (end is None or n.name <= end)]
+
+
+@dataclass
+class NightOutcome:
+    """One night's line in the season report."""
+
+    night: str
+    status: str  # complete, partial, failed, skipped
+    frames: int = 0
+    done: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    reason: str = ""
+    output: str = ""
+    started: float | None = None  # epoch seconds: the night's driver started and finished
+    finished: float | None = None
+    first_task: float | None = None  # epoch seconds: first frame task started, last finished
+    last_task: float | None = None
+
+
+@dataclass
+class SeasonResult:
+    """The whole season: per-night outcomes and timing."""
+
+    root: Path
+    nights: list[NightOutcome] = field(default_factory=list)
+    started: float = 0.0
+    finished: float = 0.0
+
+    @property
+    def status(self) -> str:
+        """``complete`` when every night is complete or skipped, ``failed`` when none is,
+        else ``partial``."""
+        ok = [n for n in self.nights if n.status in ("complete", "skipped")]
+        if len(ok) == len(self.nights):
+            return "complete"
+        if not ok and not any(n.status == "partial" for n in self.nights):
+            return "failed"
+        return "partial"
+
+    def to_dict(self) -> dict:
+        """JSON-ready report."""
+        counts: dict[str, int] = {}
+        for n in self.nights:
+            counts[n.status] = counts.get(n.status, 0) + 1
+        return {
+            "root": str(self.root),
+            "status": self.status,
+            "counts": counts,
+            "frames_calibrated": sum(n.done for n in self.nights),
+            "wall_seconds": self.finished - self.started,
+            "sum_night_seconds": sum(n.seconds for n in self.nights),
+            "nights": [n.__dict__ for n in self.nights],
+        }
+
+
+def _outcome(result: NightResult) -> NightOutcome:
+    rows = result.frames
+    starts = [r["started"] for r in rows if "started" in r and r["status"] == "done"]
+    ends = [r["finished"] for r in rows if "finished" in r]
+    c = result.counts
+    reasons = [result.error] if result.error else []
+    reasons += [f"{r['file']}: {r['reason']}" for r in rows if r["status"] == "failed"][:3]
+    return NightOutcome(
+        night=result.night, status=result.status, frames=len(rows), done=c["done"],
+        failed=c["failed"], seconds=result.finished - result.started,
+        reason="; ".join(reasons), output=str(result.out_dir),
+        started=result.started, finished=result.finished,
+        first_task=min(starts) if starts else None, last_task=max(ends) if ends else None,
+    )
+
+
+def dry_run(nights: list[Path], settings: Settings, out: Path | None) -> list[dict]:
+    """What a season run would do, night by night, without doing it."""
+    plan = []
+    for night in nights:
+        if night_is_current(night, out, settings):
+            plan.append({"night": night.name, "action": "skip (complete)"})
+            continue
+        try:
+            inv = scan_night(night)
+        except ArchiveError as exc:
+            plan.append({"night": night.name, "action": f"fail: {exc}"})
+            continue
+        plan.append({
+            "night": night.name,
+            "action": "calibrate",
+            "science": len(inv.select(FrameType.SCIENCE)),
+            "darks": len(inv.select(FrameType.DARK)),
+            "flats": len(inv.select(FrameType.FLAT)),
+            "unusable": len(inv.problems),
+            "output": str(output_dir(night, out)),
+        })
+    return plan
+
+
+def calibrate_season(
+    nights: list[Path],
+    client: Client,
+    settings: Settings,
+    out: Path | None = None,
+    in_flight: int = 2,
+    log: Callable[[str], None] | None = None,
+) -> SeasonResult:
+    """Calibrate every night, ``in_flight`` nights at a time on one cluster.
+
+    Returns a :class:`SeasonResult`; never raises for a single night's failure.
+    """
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    result = SeasonResult(root=nights[0].parent if nights else Path("."), started=time.time())
+    lock = threading.Lock()
+    totals = {"frames": 0, "nights_done": 0}
+
+    def progress(night: str):
+        def report(done: int, total: int, row: dict) -> None:
+            with lock:
+                totals["frames"] += 1
+                if done == total or done % 10 == 0:
+                    log(f"  [{night}] {done}/{total} frames; season: {totals['frames']} frames, "
+                        f"{totals['nights_done']}/{len(nights)} nights")
+        return report
+
+    def one(night: Path) -> NightOutcome:
+        if night_is_current(night, out, settings):
+            return NightOutcome(night=night.name, status="skipped",
+                                output=str(output_dir(night, out)))
+        t0 = time.time()
+        log(f"[{night.name}] start")
+        try:
+            res = calibrate_night(night, client, settings, out=out, progress=progress(night.name))
+        except (RunError, ArchiveError, OSError) as exc:
+            return NightOutcome(night=night.name, status="failed", reason=str(exc),
+                                seconds=time.time() - t0)
+        except Exception as exc:  # one broken night must not stop the season
+            return NightOutcome(night=night.name, status="failed",
+                                reason=f"{type(exc).__name__}: {exc}", seconds=time.time() - t0)
+        return _outcome(res)
+
+    with ThreadPoolExecutor(max_workers=max(1, in_flight), thread_name_prefix="night") as pool:
+        futures = {pool.submit(one, n): n for n in nights}
+        for fut in as_completed(futures):
+            outcome = fut.result()
+            with lock:
+                totals["nights_done"] += 1
+            result.nights.append(outcome)
+            extra = f" ({outcome.reason})" if outcome.reason else ""
+            log(f"[{outcome.night}] {outcome.status}: {outcome.done} frames in "
+                f"{outcome.seconds:.1f} s{extra}")
+    if settings.masters.fallback:
+        # Nights that failed may have lacked a master their neighbours now provide.
+        retry = [n for n in result.nights if n.status == "failed"]
+        for outcome in retry:
+            night = next(p for p in nights if p.name == outcome.night)
+            log(f"[{night.name}] retry with the other nights' masters")
+            result.nights[result.nights.index(outcome)] = one(night)
+    result.nights.sort(key=lambda n: n.night)
+    result.finished = time.time()
+    return result
+
+
+def write_season_report(result: SeasonResult, folder: Path) -> Path:
+    """Write ``season.json`` atomically in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / SEASON_MANIFEST
+    tmp = path.with_name(f".tmp-{SEASON_MANIFEST}.{os.getpid()}")
+    tmp.write_text(json.dumps(result.to_dict(), indent=1))
+    os.replace(tmp, path)
+    return path

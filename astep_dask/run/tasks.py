@@ -1,0 +1,81 @@
+"""Bounded task submission: the one way our stages put many tasks on a cluster.
+
+A stage never submits all its tasks at once: a night of thousands of frames would put
+thousands of futures (and their arguments) in the scheduler's memory, and a failure would
+leave them all to cancel. :func:`map_bounded` keeps a window of tasks in flight, sized from
+what the cluster *can* have (:func:`cluster_window`: for an adaptive batch cluster that is
+still scaling up, ``max_jobs`` × cores, so that queued work makes it ask for jobs), and
+submits the next as each finishes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from distributed import Client, as_completed
+
+from astep_dask.config import ClusterSettings
+from astep_dask.run.cluster import capacity
+
+__all__ = ["cluster_window", "map_bounded"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def cluster_window(client: Client, settings: ClusterSettings) -> Callable[[], int]:
+    """How many tasks to keep in flight, re-read as workers come and go: the configured
+    ``frames_in_flight``, or two per thread the cluster can have (:func:`capacity`)."""
+    return lambda: settings.frames_in_flight or 2 * capacity(client, settings)
+
+
+def map_bounded(
+    client: Client,
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    on_result: Callable[[T, R], None],
+    *,
+    window: Callable[[], int],
+    retries: int = 0,
+    key: Callable[[int, T], str],
+) -> None:
+    """Run ``fn(item)`` on the cluster for every item, at most ``window()`` at once.
+
+    ``on_result(item, result)`` is called in this process as each task finishes (in the
+    order they finish); the window is re-read after each, so an adaptive cluster that
+    grows gets more work. ``key(i, item)`` names each task (a unique suffix is added), as
+    the dashboard shows it.
+
+    Raises
+    ------
+    BaseException
+        The first task error (after ``retries`` extra attempts), or an interrupt: the
+        tasks still queued are cancelled first.
+    """
+    if not items:
+        return
+    pending = enumerate(items)
+    seq = as_completed()
+    owner: dict[str, T] = {}
+
+    def submit_next() -> None:
+        i, item = next(pending, (None, None))
+        if i is not None:
+            fut = client.submit(fn, item, pure=False, retries=retries,
+                                key=f"{key(i, item)}-{time.time_ns()}")
+            owner[fut.key] = item
+            seq.add(fut)
+
+    for _ in range(max(window(), 1)):
+        submit_next()
+    try:
+        for fut in seq:
+            on_result(owner.pop(fut.key), fut.result())
+            for _ in range(max(1, window() - seq.count())):
+                submit_next()
+    except BaseException:
+        for f in list(seq.futures):
+            f.cancel()
+        raise
