@@ -271,7 +271,7 @@ def _unique_positions(x: np.ndarray, y: np.ndarray, ok: np.ndarray, radius: floa
     return keep
 
 
-def psf_sigma(stars: np.ndarray, min_snr: float = 20.0) -> float:
+def stars_psf_sigma(stars: np.ndarray, min_snr: float = 20.0) -> float:
     """The frame's PSF Gaussian σ (px): median width of its stars above ``min_snr``
     (all stars when fewer than 5 are); NaN without stars."""
     if stars.size == 0:

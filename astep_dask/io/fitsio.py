@@ -10,14 +10,17 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 from astropy.io import fits
 from astropy.io.fits.verify import VerifyWarning
+from astropy.time import Time, TimeDelta
 
-from astep_dask.core.bits import Bit
+from astep_dask.core.bits import MASK_DTYPE, Bit
 from astep_dask.io.provenance import stamp
 
 
@@ -42,8 +45,57 @@ STRUCTURAL = {
 }
 
 
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write a file to; renamed to ``path`` when done.
+
+    The one way this package writes a file: the caller writes the temporary file (by its
+    own means: astropy, matplotlib, a subprocess); when the block ends without error the
+    file is flushed to disk (fsync), made world-readable and renamed into place, atomically.
+    On any error it is removed, and nothing appears at ``path``.
+
+    Examples
+    --------
+    >>> with atomic_path(folder / "flow.svg") as tmp:  # doctest: +SKIP
+    ...     subprocess.run(["dot", "-Tsvg", "-o", str(tmp), dot_file], check=True)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
+    """Open a file to write ``path`` atomically (:func:`atomic_path`); ``mode`` and
+    ``kwargs`` as :func:`open` (``"w", encoding="utf-8"`` for text)."""
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as fh:
+        yield fh
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a text file (JSON, CSV, HTML) atomically, UTF-8; return its path."""
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    return Path(path)
+
+
 def atomic_write(hdul: fits.HDUList, path: str | Path, checksum: bool = True) -> Path:
-    """Write an HDUList to ``path`` atomically (temporary file, fsync, rename).
+    """Write an HDUList to ``path`` atomically (:func:`atomic_path`), with CHECKSUM and
+    DATASUM cards unless ``checksum`` is false.
 
     Raises
     ------
@@ -51,25 +103,10 @@ def atomic_write(hdul: fits.HDUList, path: str | Path, checksum: bool = True) ->
         On any write error (disk full, permissions); the temporary file is removed and
         nothing appears at ``path``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", VerifyWarning)
-                hdul.writeto(fh, checksum=checksum, output_verify="fix")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    with atomic_open(path) as fh, warnings.catch_warnings():
+        warnings.simplefilter("ignore", VerifyWarning)
+        hdul.writeto(fh, checksum=checksum, output_verify="fix")
+    return Path(path)
 
 
 def remove_stale_temps(folder: str | Path) -> list[Path]:
@@ -141,3 +178,37 @@ def calibrated_hdul(
     mask_hdu = image_hdu(mask.astype(np.int32, copy=False), "MASK", quantize)
     header_cards(mask_hdu.header)
     return fits.HDUList([primary, sci_hdu, var_hdu, mask_hdu])
+
+
+def read_calibrated(path: str | Path) -> tuple[fits.Header, np.ndarray, np.ndarray, np.ndarray]:
+    """The one reader of a calibrated frame (``*_CAL.fits``): its primary header and its
+    SCI (float32, e-), VAR (float32, e-²) and MASK (int32 bits) planes, read whole."""
+    with fits.open(path, memmap=False) as hdul:
+        header = hdul[0].header.copy()
+        sci = np.asarray(hdul["SCI"].data, np.float32)
+        var = np.asarray(hdul["VAR"].data, np.float32)
+        mask = np.asarray(hdul["MASK"].data, MASK_DTYPE)
+    return header, sci, var, mask
+
+
+def mid_exposure(header: fits.Header) -> tuple[float, str, str]:
+    """Mid-exposure time of a frame: (MJD in UTC, ISO date in the header's time scale,
+    that scale), from ``DATE-OBS`` (else ``MJD-OBS``) + ``EXPTIME`` / 2.
+
+    Raises
+    ------
+    ValueError
+        When the header has neither ``DATE-OBS`` nor ``MJD-OBS``, or an unreadable one.
+    """
+    scale = str(header.get("TIMESYS", "UTC")).strip().lower()
+    if scale not in Time.SCALES:
+        scale = "utc"
+    if header.get("DATE-OBS"):
+        start = Time(str(header["DATE-OBS"]).strip(), scale=scale)
+    elif header.get("MJD-OBS") is not None:
+        start = Time(float(header["MJD-OBS"]), format="mjd", scale=scale)
+    else:
+        raise ValueError("no DATE-OBS or MJD-OBS: the frame has no time")
+    mid = start + TimeDelta(float(header.get("EXPTIME", 0.0)) / 2.0, format="sec")
+    mid.precision = 3
+    return float(mid.utc.mjd), str(mid.isot), scale.upper()

@@ -60,9 +60,9 @@ from astep_dask.core.register import (
     RegistrationError,
     find_stars,
     measure_offset,
-    psf_sigma,
     resample,
     sigma_from_moment,
+    stars_psf_sigma,
     windowed_centroids,
 )
 from astep_dask.io.fitsio import (
@@ -117,7 +117,7 @@ def measure_layers(frame: Layers, ks: KbmodSettings) -> tuple[Background, np.nda
     """Background, star list (brightest first) and PSF σ of a calibrated frame."""
     bkg = estimate_background(frame.sci, frame.mask, ks.background())
     stars = find_stars(frame.sci - bkg.level(), frame.var, frame.mask, bkg.rms(), ks.stars())
-    return bkg, stars, psf_sigma(stars)
+    return bkg, stars, stars_psf_sigma(stars)
 
 
 def registration_check(frame: Layers, ref_stars: np.ndarray, ks: KbmodSettings,

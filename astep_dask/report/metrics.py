@@ -21,7 +21,7 @@ from astep_dask.core.register import (
     find_stars,
     gaussian_kernel_norm,
     measure_offset,
-    psf_sigma,
+    stars_psf_sigma,
 )
 from astep_dask.core.stats import robust_sigma
 
@@ -228,7 +228,7 @@ def measure_planes(sci: np.ndarray, var: np.ndarray, mask: np.ndarray,
     level = bkg.level()
     residual = sci - level
     stars = find_stars(residual, var, ~usable_pix, bkg.rms(), settings.stars())
-    sigma = psf_sigma(stars, settings.min_snr)
+    sigma = stars_psf_sigma(stars, settings.min_snr)
     sky, noise = bkg.median_level, bkg.median_rms
     ptp, angle = plane_gradient(bkg.mesh_level, bkg.edges_y, bkg.edges_x)
     # The streak search may use cosmic-ray pixels (a sharp streak can be taken for one).
