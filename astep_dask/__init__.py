@@ -1,5 +1,68 @@
-"""astep-dask: distributed calibration of ASTEP frames with dask, xarray and astropy."""
+"""astep-dask: distributed calibration of ASTEP frames with dask, xarray and astropy.
 
+The public API, in the order of a night's stages (:data:`STAGES`)::
+
+    import astep_dask as ad
+
+    night = ad.simulate_night("demo", ad.SimConfig(size=256))     # or a real night folder
+    inventory = ad.scan_night(night)                              # headers only
+    darks = ad.open_stack(inventory.select(ad.FrameType.DARK))    # lazy (frame, y, x)
+    settings = ad.load_settings()                                 # or a TOML file
+    with ad.connect(settings.cluster) as client:                  # LocalCluster by default
+        result = ad.calibrate_night(night, client, settings)      # masters + frames
+        ad.export_night(night, client, settings)                  # KBMOD input
+        ad.search_night(night, client, settings)                  # first-look search
+        ad.night_report(night, client=client)                     # QA report
+    header, sci, var, mask = ad.read_calibrated(result.frames[0]["output"])
+
+Subpackages, lowest layer first: :mod:`~astep_dask.core` (numpy in, numpy out),
+:mod:`~astep_dask.io` (archive, stacks, FITS), :mod:`~astep_dask.masters`,
+:mod:`~astep_dask.run` (cluster, night, season), the products :mod:`~astep_dask.kbmod` and
+:mod:`~astep_dask.report`, and :mod:`~astep_dask.testing` (synthetic nights).
+"""
+
+from astep_dask.config import Settings, load_settings
+from astep_dask.errors import ArchiveError, CalibrationError, RunError
+from astep_dask.io.fitsio import read_calibrated
+from astep_dask.io.layout import FrameType, Inventory, find_nights, scan_night
+from astep_dask.io.products import output_dir
+from astep_dask.io.stack import open_stack
+from astep_dask.kbmod.search import search_night
+from astep_dask.kbmod.stage import export_night
+from astep_dask.masters.builder import MasterBuilder
+from astep_dask.report.graph import flow_chart
+from astep_dask.report.night import night_report
+from astep_dask.run.cluster import connect
+from astep_dask.run.night import NightResult, calibrate_night
+from astep_dask.run.season import calibrate_season
+from astep_dask.run.stages import STAGES
+from astep_dask.testing.simulate import SimConfig, simulate_night
 from astep_dask.version import __version__
 
-__all__ = ["__version__"]
+__all__ = [
+    "STAGES",
+    "ArchiveError",
+    "CalibrationError",
+    "FrameType",
+    "Inventory",
+    "MasterBuilder",
+    "NightResult",
+    "RunError",
+    "Settings",
+    "SimConfig",
+    "__version__",
+    "calibrate_night",
+    "calibrate_season",
+    "connect",
+    "export_night",
+    "find_nights",
+    "flow_chart",
+    "load_settings",
+    "night_report",
+    "open_stack",
+    "output_dir",
+    "read_calibrated",
+    "scan_night",
+    "search_night",
+    "simulate_night",
+]

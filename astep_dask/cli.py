@@ -21,6 +21,7 @@ from pathlib import Path
 
 from astep_dask.errors import ArchiveError
 from astep_dask.io.layout import format_table, scan
+from astep_dask.run.stages import STAGES
 from astep_dask.version import __version__
 
 EXIT_OK = 0
@@ -427,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="astep-dask",
         description="Calibrate ASTEP nights with dask: inventory, masters, science frames, "
-        "KBMOD-ready output.",
+        "KBMOD-ready output.\n\nA night's stages, in order (the command that runs each):\n"
+        + "\n".join(f"  {s.name:<10} {s.command:<10} {s.summary}" for s in STAGES),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

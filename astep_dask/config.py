@@ -20,6 +20,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+__all__ = [
+    "BackgroundSettings",
+    "ClusterSettings",
+    "CombineSettings",
+    "CosmicSettings",
+    "DetectorSettings",
+    "FlatSettings",
+    "KbmodSettings",
+    "MaskSettings",
+    "MasterSettings",
+    "MatchSettings",
+    "OutputSettings",
+    "QaSettings",
+    "SearchSettings",
+    "Settings",
+    "StarSettings",
+    "TemplateSettings",
+    "load_settings",
+]
+
 
 @dataclass(frozen=True)
 class StarSettings:

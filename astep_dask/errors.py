@@ -1,6 +1,10 @@
-"""errors: TODO docstring."""
+"""The exceptions this package raises on purpose, each with a one-line message that names
+the file or night and the reason. Nothing else of ours is imported here: every layer may
+raise them, and the command line turns each into its exit code."""
 
 from __future__ import annotations
+
+__all__ = ["ArchiveError", "CalibrationError", "RunError"]
 
 
 class CalibrationError(Exception):

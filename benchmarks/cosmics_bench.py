@@ -5,7 +5,7 @@
 
 Simulates a night (or reuses ``--night``, a simulated night with its truth), calibrates
 its science frames once with cosmic-ray detection off (or reuses ``--calibrated``, a folder
-of such ``*_CAL.fits``), then runs :func:`astep_dask.calibrate.find_cosmics` on the same
+of such ``*_CAL.fits``), then runs :func:`astep_dask.core.cosmics.find_cosmics` on the same
 frames with each compared setting, in this one process, and reports per setting:
 
 - ``s/frame``: median wall time per frame, ``cpu/frame``: median CPU time (process time:

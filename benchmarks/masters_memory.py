@@ -122,7 +122,7 @@ def read_summary(counter: ReadCounter, inventory: Any) -> dict[str, Any]:
     ----------
     counter : ReadCounter
         The tally of the build.
-    inventory : astep_dask.layout.Inventory
+    inventory : astep_dask.io.layout.Inventory
         The night, for each file's kind, exposure time and raw shape.
 
     Returns

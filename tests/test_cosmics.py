@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from astep_dask.core.cosmics import unflag_stars
 from astep_dask.core.psf import psf_sigma
+from astep_dask.core.starfilter import unflag_stars
 from astep_dask.testing.simulate import add_sources
 
 
@@ -168,7 +168,7 @@ def test_fill_masked_is_the_median_of_good_neighbours():
 def test_label_sparse_matches_ndimage():
     from scipy import ndimage
 
-    from astep_dask.core.cosmics import EIGHT, label_sparse
+    from astep_dask.core.starfilter import EIGHT, label_sparse
 
     rng = np.random.default_rng(4)
     for _ in range(50):

@@ -36,6 +36,20 @@ from scipy.interpolate import RectBivariateSpline
 from astep_dask.config import BackgroundSettings
 from astep_dask.core.stats import IQR_TO_SIGMA, MEDIAN_ERROR
 
+__all__ = [
+    "Background",
+    "clip_factor",
+    "clipped_stats",
+    "estimate_background",
+    "evaluate_mesh",
+    "fill_missing",
+    "mesh_background",
+    "mesh_blocks",
+    "mesh_edges",
+    "plane_slopes",
+    "source_mask",
+]
+
 
 @dataclass(frozen=True)
 class Background:

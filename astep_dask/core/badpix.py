@@ -1,7 +1,6 @@
-"""Mask bits and the bad-pixel mask (hot pixels from darks, dead pixels from flats).
+"""The bad-pixel mask: hot pixels from the master dark, dead pixels from the master flat.
 
-Bits follow the LSST/KBMOD convention (value = 1 << bit). Hot and dead pixels are BAD;
-the extra bits HOT and DEAD (above 15, as DESIGN.md allows) say which, for diagnosis.
+Both are flagged BAD, with HOT or DEAD beside it (:mod:`astep_dask.core.bits`) to say which.
 """
 
 from __future__ import annotations
@@ -14,7 +13,9 @@ from scipy import ndimage
 from astep_dask.config import MaskSettings
 from astep_dask.core.bits import MASK_DTYPE, Bit, flag
 from astep_dask.core.combine import masked_median
-from astep_dask.core.stats import _mad_sigma, median, robust_sigma
+from astep_dask.core.stats import mad_sigma, median, robust_sigma
+
+__all__ = ["bad_pixel_mask", "dead_pixels", "hot_pixels", "smooth_flat"]
 
 
 def hot_pixels(dark: np.ndarray, settings: MaskSettings) -> np.ndarray:
@@ -27,7 +28,7 @@ def hot_pixels(dark: np.ndarray, settings: MaskSettings) -> np.ndarray:
     finite = np.isfinite(dark)
     values = dark[finite]
     level = np.float32(median(values))
-    sigma = _mad_sigma(values, level)  # robust_sigma(dark), sharing the level
+    sigma = mad_sigma(values, level)  # robust_sigma(dark), sharing the level
     with np.errstate(invalid="ignore"):
         return finite & (dark - level > settings.hot_sigma * sigma)
 

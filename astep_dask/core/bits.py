@@ -1,10 +1,17 @@
-"""core.bits: TODO docstring."""
+"""Mask bits: the meaning of every bit of a MASK plane, shared by all layers.
+
+Bits follow the LSST/KBMOD convention (value = 1 << bit). Hot and dead pixels are BAD;
+the extra bits HOT and DEAD (above 15, as DESIGN.md allows) say which, for diagnosis.
+:data:`UNUSABLE` is the set of bits that take a pixel out of every measurement.
+"""
 
 from __future__ import annotations
 
 import enum
 
 import numpy as np
+
+__all__ = ["MASK_DTYPE", "UNUSABLE", "Bit", "flag"]
 
 MASK_DTYPE = np.int32
 

@@ -18,7 +18,17 @@ import numpy as np
 from astep_dask.config import CosmicSettings
 from astep_dask.core.bits import MASK_DTYPE, Bit, flag
 from astep_dask.core.cosmics import find_cosmics
-from astep_dask.core.stats import robust_sigma
+from astep_dask.core.stats import MAD_TO_SIGMA, robust_sigma
+
+__all__ = [
+    "Detector",
+    "FrameMasters",
+    "Section",
+    "calibrate_frame",
+    "overscan_level",
+    "overscan_trim",
+    "sky_and_noise",
+]
 
 MIN_FLAT = 1e-3  # flat response below which a pixel holds no usable data
 
@@ -31,7 +41,7 @@ def overscan_level(region: np.ndarray) -> float:
     """
     values = np.asarray(region, np.float64).ravel()
     centre = np.median(values)
-    scale = 1.482602218505602 * np.median(np.abs(values - centre))
+    scale = MAD_TO_SIGMA * np.median(np.abs(values - centre))
     if scale > 0:
         values = values[np.abs(values - centre) < 3 * scale]
     return float(values.mean())

@@ -16,6 +16,15 @@ import numpy as np
 
 from astep_dask.core.stats import MAD_TO_SIGMA, median
 
+__all__ = [
+    "Combined",
+    "NoiseModel",
+    "clip_combine",
+    "masked_median",
+    "sort_frames",
+    "sorting_network",
+]
+
 
 @dataclass(frozen=True)
 class Combined:

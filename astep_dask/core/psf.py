@@ -1,4 +1,12 @@
-"""core.psf: TODO docstring."""
+"""Point sources on small stamps: pixel-integrated Gaussian fits and a frame's PSF width.
+
+The cosmic-ray post-filter (:mod:`astep_dask.core.cosmics`) asks, around each group of
+flagged pixels, whether stars explain them. This module holds the fitting it needs, batched
+over many stamps at once with numpy: stamps cut from a frame (:func:`fit_stamps`'s
+inputs), Gauss-Newton fits of several Gaussians of common width plus a constant, with
+iterative clipping of pixels far above the model; and :func:`psf_sigma`, the PSF width of a
+frame measured on its bright isolated stars, with :func:`sky_level` for the sky.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +17,22 @@ import numpy as np
 from scipy import ndimage
 from scipy.special import erf
 
-from astep_dask.core.stats import nonzero2d
+from astep_dask.core.stats import MAD_TO_SIGMA, nonzero2d
+
+__all__ = [
+    "EDGE_SLACK",
+    "SQRT2",
+    "StampFit",
+    "cut_stamps",
+    "fit_stamps",
+    "gaussian_images",
+    "linear_fluxes",
+    "psf_sigma",
+    "sky_level",
+    "stamp_stat",
+    "unpack_params",
+]
+
 
 SQRT2 = np.sqrt(2.0)
 
@@ -60,18 +83,18 @@ class StampFit:
         return self.stars.sum(axis=1) + self.bg[:, None, None]
 
     def params(self) -> np.ndarray:
-        """Packed parameters ``bg, amp_1..m, x_1..m, y_1..m, sigma`` (see _unpack)."""
+        """Packed parameters ``bg, amp_1..m, x_1..m, y_1..m, sigma`` (see unpack_params)."""
         return np.column_stack([self.bg, self.amp, self.x, self.y, self.sigma])
 
 
-def _unpack(params: np.ndarray) -> tuple[np.ndarray, ...]:
+def unpack_params(params: np.ndarray) -> tuple[np.ndarray, ...]:
     """``bg, amp, x, y, sigma`` views of packed parameters (``amp, x, y`` are (n, m))."""
     m = (params.shape[1] - 2) // 3
     return (params[:, 0], params[:, 1:1 + m], params[:, 1 + m:1 + 2 * m],
             params[:, 1 + 2 * m:1 + 3 * m], params[:, -1])
 
 
-def _stamp_stat(func, values: np.ndarray, where: np.ndarray) -> np.ndarray:
+def stamp_stat(func, values: np.ndarray, where: np.ndarray) -> np.ndarray:
     """``func`` (np.nanmedian, np.nanmin...) of each stamp's ``values`` where ``where``;
     NaN for a stamp with no such pixel."""
     n = values.shape[0]
@@ -98,7 +121,7 @@ def _profile(
     return p, g_lo - g_hi, (lo * g_lo - hi * g_hi) / s
 
 
-def _images(x: np.ndarray, y: np.ndarray, sigma: np.ndarray, size: int) -> np.ndarray:
+def gaussian_images(x: np.ndarray, y: np.ndarray, sigma: np.ndarray, size: int) -> np.ndarray:
     """Unit sources at ``(x, y)`` (each (n, m)) on ``size``² stamps: (n, m, s, s)."""
     px = _profile(x, sigma, size)[0]
     py = _profile(y, sigma, size)[0]
@@ -148,7 +171,7 @@ def _gauss_newton(
     todo = np.arange(n)
     for it in range(n_iter):
         p = params[todo]
-        bg, amp, x, y, sig = _unpack(p)
+        bg, amp, x, y, sig = unpack_params(p)
         k = todo.size
         px, dpx, dsx = _profile(x, sig, size)
         py, dpy, dsy = _profile(y, sig, size)
@@ -189,7 +212,7 @@ def _gauss_newton(
                 step[:, -1] = np.clip(step[:, -1], -0.3 * sig[g], 0.3 * sig[g])
             q = p[g]
             q[:, :npar] += step
-            _, qamp, qx, qy, qsig = _unpack(q)
+            _, qamp, qx, qy, qsig = unpack_params(q)
             np.maximum(qamp, 0.0, out=qamp)  # stars are not holes
             np.clip(qx, bounds[todo[g], 0:1], bounds[todo[g], 1:2], out=qx)
             np.clip(qy, bounds[todo[g], 2:3], bounds[todo[g], 3:4], out=qy)
@@ -209,7 +232,7 @@ def _gauss_newton(
     return best
 
 
-def _linear_fluxes(
+def linear_fluxes(
     data: np.ndarray, weight: np.ndarray, unit: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Weighted linear fit of a background and the fluxes of sources of fixed shape.
@@ -244,8 +267,8 @@ def _first_guess(data: np.ndarray, good: np.ndarray, sigma: np.ndarray,
     border = np.zeros((size, size), bool)
     border[[0, -1], :] = True
     border[:, [0, -1]] = True
-    bg = _stamp_stat(np.nanmedian, data, good & border)
-    low = _stamp_stat(np.nanmin, data, good)
+    bg = stamp_stat(np.nanmedian, data, good & border)
+    low = stamp_stat(np.nanmin, data, good)
     bg = np.nan_to_num(np.where(np.isnan(bg), low, bg))
     # A 3×3 median: cosmic-ray tracks, one pixel wide, do not survive it; star cores do.
     smooth = ndimage.median_filter(np.where(good, data, bg[:, None, None]), size=(1, 3, 3),
@@ -325,8 +348,8 @@ def fit_stamps(
                            sigma_range=sigma_range)
     todo = np.ones(n, bool)
     for rnd in range(n_clip):
-        bg, amp, x, y, s = _unpack(params[todo])
-        model = (amp[:, :, None, None] * _images(x, y, s, size)).sum(axis=1)
+        bg, amp, x, y, s = unpack_params(params[todo])
+        model = (amp[:, :, None, None] * gaussian_images(x, y, s, size)).sum(axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
             std = np.sqrt(var[todo] + (model_error * model) ** 2)
             excess = np.where(active[todo], (data[todo] - model - bg[:, None, None]) / std, 0.0)
@@ -340,14 +363,14 @@ def fit_stamps(
             todo[todo] = changed
         params[todo] = _gauss_newton(data[todo], (inv * active)[todo], params[todo],
                                      bounds[todo], fit_sigma, n_iter, sigma_range=sigma_range)
-    bg, amp, x, y, s = _unpack(params)
-    unit = _images(x, y, s, size)
+    bg, amp, x, y, s = unpack_params(params)
+    unit = gaussian_images(x, y, s, size)
     return StampFit(bg=bg.copy(), sigma=s.copy(), amp=amp.copy(), x=x.copy(), y=y.copy(),
-                    amp_err=_linear_fluxes(data, inv * active, unit)[1],
+                    amp_err=linear_fluxes(data, inv * active, unit)[1],
                     stars=amp[:, :, None, None] * unit, active=active)
 
 
-def _stamps(
+def cut_stamps(
     arrays: tuple[np.ndarray, ...], fill: tuple, ys: np.ndarray, xs: np.ndarray, half: int
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Cut ``(2·half+1)``² stamps centred on ``(ys, xs)``; outside the frame gets ``fill``.
@@ -377,7 +400,7 @@ def sky_level(sci: np.ndarray, usable: np.ndarray) -> tuple[float, float]:
         return 0.0, 1.0
     med = float(np.median(values))
     mad = float(np.median(np.abs(values - med)))
-    return med, max(1.482602218505602 * mad, 1e-6)
+    return med, max(MAD_TO_SIGMA * mad, 1e-6)
 
 
 def _smooth3(
@@ -479,12 +502,12 @@ def psf_sigma(
     ys, xs = ys[order], xs[order]
     if ys.size < 3:
         return float(default)
-    (box, ok), _ = _stamps((smooth, usable), (-np.inf, False), ys, xs, half)
+    (box, ok), _ = cut_stamps((smooth, usable), (-np.inf, False), ys, xs, half)
     keep = (smooth[ys, xs] >= box.reshape(ys.size, -1).max(axis=1)) & ok.all(axis=(1, 2))
     ys, xs = ys[keep][:max_stars], xs[keep][:max_stars]
     if ys.size < 3:
         return float(default)
-    (d, v, u), bounds = _stamps((sci, var, usable), (sky, 1.0, False), ys, xs, half)
+    (d, v, u), bounds = cut_stamps((sci, var, usable), (sky, 1.0, False), ys, xs, half)
     fit = fit_stamps(d, v, u, default, bounds=bounds, fit_sigma=True)
     x, y = fit.x[:, 0], fit.y[:, 0]
     good = (

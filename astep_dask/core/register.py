@@ -60,6 +60,24 @@ from scipy.spatial import cKDTree
 from astep_dask.config import MatchSettings, StarSettings
 from astep_dask.core.bits import MASK_DTYPE, Bit, flag
 
+__all__ = [
+    "FWHM_PER_SIGMA",
+    "STAR_DTYPE",
+    "Offset",
+    "RegistrationError",
+    "Resampled",
+    "find_stars",
+    "gaussian_kernel_norm",
+    "measure_offset",
+    "resample",
+    "shift_weights",
+    "shifted",
+    "sigma_from_moment",
+    "stars_psf_sigma",
+    "vote_offset",
+    "windowed_centroids",
+]
+
 STAR_DTYPE = np.dtype([
     ("x", "f8"), ("y", "f8"), ("flux", "f8"), ("snr", "f8"), ("err", "f8"), ("width", "f8"),
 ])

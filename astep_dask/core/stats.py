@@ -1,8 +1,24 @@
-"""core.stats: TODO docstring."""
+"""Robust statistics and array helpers shared by the core: numpy in, numpy out.
+
+The Gaussian conversion constants are defined once here (MAD and interquartile range to
+sigma, the standard error of a median), with :func:`robust_sigma` and a fast exact
+:func:`median`.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+
+__all__ = [
+    "IQR_TO_SIGMA",
+    "MAD_TO_SIGMA",
+    "MEDIAN_ERROR",
+    "mad_sigma",
+    "median",
+    "nonzero2d",
+    "robust_sigma",
+]
+
 
 
 def robust_sigma(values: np.ndarray) -> float:
@@ -10,10 +26,10 @@ def robust_sigma(values: np.ndarray) -> float:
     v = values[np.isfinite(values)]
     if v.size == 0:
         return float("nan")
-    return _mad_sigma(v, median(v))
+    return mad_sigma(v, median(v))
 
 
-def _mad_sigma(values: np.ndarray, level: float) -> float:
+def mad_sigma(values: np.ndarray, level: float) -> float:
     """1.4826 × median |values - level| (float32 arithmetic, as numpy's median gives)."""
     return float(MAD_TO_SIGMA * np.float32(median(np.abs(values - np.float32(level)))))
 

@@ -23,6 +23,21 @@ from astropy.time import Time, TimeDelta
 from astep_dask.core.bits import MASK_DTYPE, Bit
 from astep_dask.io.provenance import stamp
 
+__all__ = [
+    "TMP_PREFIX",
+    "atomic_open",
+    "atomic_path",
+    "atomic_write",
+    "atomic_write_text",
+    "calibrated_hdul",
+    "copy_header",
+    "header_cards",
+    "image_hdu",
+    "mid_exposure",
+    "read_calibrated",
+    "remove_stale_temps",
+]
+
 
 def header_cards(header: fits.Header) -> fits.Header:
     """Write the ``MP_<NAME> = bit`` keywords that name the mask bits."""

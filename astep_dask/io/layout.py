@@ -27,6 +27,27 @@ from astropy.utils.exceptions import AstropyUserWarning
 from astep_dask.core.calibrate import Section
 from astep_dask.errors import ArchiveError
 
+__all__ = [
+    "FLAT_FOLDER",
+    "SCIENCE_FOLDER",
+    "FrameRecord",
+    "FrameType",
+    "Inventory",
+    "classify",
+    "find_nights",
+    "format_table",
+    "is_fits_name",
+    "is_night",
+    "iter_fits",
+    "night_folders",
+    "read_record",
+    "scan",
+    "scan_night",
+    "stem",
+    "type_from_name",
+    "type_from_text",
+]
+
 NIGHT_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 

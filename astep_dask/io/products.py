@@ -21,6 +21,21 @@ from astropy.io import fits
 
 from astep_dask.errors import RunError
 
+__all__ = [
+    "LOCK",
+    "MANIFEST",
+    "QA_JSON",
+    "REPORT_FOLDER",
+    "REPORT_INDEX",
+    "check_writable",
+    "master_files",
+    "master_name",
+    "night_lock",
+    "output_dir",
+    "read_manifest",
+    "sibling_outputs",
+]
+
 
 def master_name(night: str, role: str, exptime: float | None = None, filter: str = "",
                 science_exptime: float | None = None, flat_exptime: float | None = None) -> str:

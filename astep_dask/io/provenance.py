@@ -1,4 +1,10 @@
-"""io.provenance: TODO docstring."""
+"""Provenance: the identities and hashes that say what a product was made from.
+
+A product's provenance hash (``ADPROV`` on a calibrated frame, ``ADHASH`` on a master)
+covers its inputs, the masters it used, the settings that shape it and the package
+version; a re-run redoes exactly the products whose hash changed. :func:`stamp` writes the
+package's name, version and the date into a header.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,16 @@ from astropy.io import fits
 from astep_dask.config import Settings
 from astep_dask.io.layout import FrameRecord, iter_fits, night_folders
 from astep_dask.version import __version__
+
+__all__ = [
+    "digest_of",
+    "file_digest",
+    "frame_provenance",
+    "input_identity",
+    "night_provenance",
+    "read_provenance",
+    "stamp",
+]
 
 
 def input_identity(records: Sequence[FrameRecord]) -> list[str]:

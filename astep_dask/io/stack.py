@@ -23,6 +23,17 @@ from astropy.io import fits
 from astep_dask.core.calibrate import Section
 from astep_dask.io.layout import FrameRecord
 
+__all__ = [
+    "FitsImage",
+    "frame_section",
+    "open_stack",
+    "open_strips",
+    "read_frame",
+    "read_section",
+    "read_strip",
+    "strip_rows",
+]
+
 FLOAT = np.float32
 
 

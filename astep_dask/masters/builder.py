@@ -1,18 +1,11 @@
 """Master bias, darks, flats and the bad-pixel mask of a night, built as dask reductions.
 
-Each master is a robust combination (:mod:`astep_dask.combine`) of a lazy row-strip stack,
-computed on whatever dask scheduler is active (the distributed cluster in a run). Masters
-are written once per night, atomically, with their provenance and a hash of their inputs
-and settings; a master whose file already holds the same hash is read back, not rebuilt.
-
-Dark handling, in order of preference, for an exposure time ``t``:
-
-1. a bias exists: bias + (bias-subtracted dark of time ``t``), or of the nearest time
-   scaled by exposure;
-2. no bias, a dark of time ``t``: subtract it whole (it carries the bias);
-3. no bias, darks of two other times: a per-pixel fit ``offset + rate · t`` through the
-   shortest and longest (offset = bias, rate = dark current), evaluated at ``t``;
-4. otherwise the frame cannot be calibrated, and says so.
+Each master is a robust combination (:mod:`astep_dask.core.combine`, through
+:mod:`astep_dask.masters.reduce`) of a lazy row-strip stack, computed on whatever dask
+scheduler is active (the distributed cluster in a run). Masters are written once per
+night, atomically, with their provenance and a hash of their inputs and settings; a master
+whose file already holds the same hash is read back, not rebuilt. How a frame's dark is
+made from the masters is :func:`astep_dask.core.darks.dark_for_exptime`.
 """
 
 from __future__ import annotations
@@ -39,16 +32,18 @@ from astep_dask.io.products import master_name
 from astep_dask.io.provenance import digest_of, input_identity
 from astep_dask.io.stack import frame_section
 from astep_dask.masters.reduce import (
-    _combine_cards,
-    _inputs_table,
-    _strip_chunked,
     combine_blocks,
+    combine_cards,
     compute_combined,
     flat_level,
+    inputs_table,
     prepared_stack,
+    strip_chunked,
 )
 from astep_dask.masters.store import Master, MasterPaths, read_master, write_master
 from astep_dask.version import __version__
+
+__all__ = ["MasterBuilder", "MasterReport"]
 
 
 @dataclass
@@ -148,7 +143,7 @@ class MasterBuilder:
         """The lazy robust combination of ``records`` (see :func:`compute_combined`)."""
         stack = prepared_stack(records, self.settings)
         if subtract is not None:
-            stack = stack - _strip_chunked(subtract, stack)
+            stack = stack - strip_chunked(subtract, stack)
         if levels is not None:
             stack = stack / xr.DataArray(np.asarray(levels, np.float32), dims="frame")
         noise = None
@@ -177,7 +172,7 @@ class MasterBuilder:
             return m
         res = self._combine(recs)
         m = Master("bias", res.data, res.var, res.count, digest,
-                   _combine_cards(self.settings, len(recs), res), _inputs_table(recs))
+                   combine_cards(self.settings, len(recs), res), inputs_table(recs))
         self._write(m, path)
         self.report.built.append(path.name)
         return m
@@ -204,12 +199,12 @@ class MasterBuilder:
         lazy = [self._combine_lazy(recs, subtract=bias.data if bias is not None else None)
                 for _, recs, _, _ in todo]
         for (et, recs, digest, path), res in zip(todo, compute_combined(*lazy), strict=True):
-            cards = _combine_cards(self.settings, len(recs), res)
+            cards = combine_cards(self.settings, len(recs), res)
             cards["EXPTIME"] = (float(et), "[s] exposure time of the darks")
             cards["DARKBIAS"] = (bias is not None,
                                  "bias subtracted (F: the dark carries the bias)")
             m = Master("dark", res.data, res.var, res.count, digest, cards,
-                       _inputs_table(recs))
+                       inputs_table(recs))
             self._write(m, path)
             self.report.built.append(path.name)
             out[et] = m
@@ -295,12 +290,12 @@ class MasterBuilder:
                 dims=("frame", "y", "x") if len(how) > 1 else ("y", "x"),
             )
             res = self._combine(keep, subtract=dark_stack, levels=kept_levels)
-            cards = _combine_cards(self.settings, len(keep), res)
+            cards = combine_cards(self.settings, len(keep), res)
             cards["FILTER"] = (filt, "filter")
             cards["DARKMODE"] = ("; ".join(sorted(how))[:68], "dark subtracted from the flats")
             cards["NREJECT"] = (len(recs) - len(keep), "flats rejected (see manifest)")
             m = Master("flat", res.data, res.var, res.count, digest, cards,
-                       _inputs_table(keep, kept_levels))
+                       inputs_table(keep, kept_levels))
             out[filt] = m
         return out
 

@@ -1,4 +1,12 @@
-"""masters.reduce: TODO docstring."""
+"""The dask reductions behind the masters: lazy stacks of prepared frames, robust
+combination strip by strip, and the level of each flat.
+
+A stack is opened in row strips that each hold every frame (:func:`prepared_stack`,
+memory bounded by ``CombineSettings.memory_budget_mb``); :func:`combine_blocks` maps
+:func:`astep_dask.core.combine.clip_combine` over the strips, and :func:`compute_blocks`
+computes several masters in one graph, each strip's result coming straight back to the
+caller.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +22,21 @@ from astep_dask.core.calibrate import overscan_level
 from astep_dask.core.combine import Combined, NoiseModel, clip_combine
 from astep_dask.io.layout import FrameRecord
 from astep_dask.io.stack import frame_section, open_strips, read_section
+
+__all__ = [
+    "combine",
+    "combine_blocks",
+    "combine_cards",
+    "combine_lazy",
+    "compute_blocks",
+    "compute_combined",
+    "flat_level",
+    "inputs_table",
+    "lazy_overscan_levels",
+    "prepared_stack",
+    "strip_chunked",
+]
+
 
 
 def lazy_overscan_levels(records: Sequence[FrameRecord]) -> xr.DataArray | None:
@@ -39,7 +62,7 @@ def prepared_stack(records: Sequence[FrameRecord], settings: Settings) -> xr.Dat
     return stack if levels is None else stack - levels
 
 
-def _strip_chunked(image: np.ndarray | xr.DataArray, stack: xr.DataArray) -> xr.DataArray:
+def strip_chunked(image: np.ndarray | xr.DataArray, stack: xr.DataArray) -> xr.DataArray:
     """An in-memory image (``(y, x)`` or ``(frame, y, x)``) as a dask array in the row
     strips of ``stack``: each strip task then gets its own slice, instead of the whole
     image being one object of the graph that every task depends on."""
@@ -50,13 +73,14 @@ def _strip_chunked(image: np.ndarray | xr.DataArray, stack: xr.DataArray) -> xr.
 
 
 def compute_combined(*lazy: da.Array) -> list[Combined]:
-    """Compute several lazy combinations (:func:`astep_dask.combine.combine_blocks`) in one
+    """Compute several lazy combinations (:func:`combine_blocks`) in one
     graph: their strips share the workers, instead of each master waiting for the
     stragglers of the one before."""
     return compute_blocks(*lazy)
 
 
-def _combine_cards(settings: Settings, n: int, result: Combined) -> dict[str, tuple]:
+def combine_cards(settings: Settings, n: int, result: Combined) -> dict[str, tuple]:
+    """Header cards that say how a master was combined: frames, method, clipping."""
     c = settings.combine
     return {
         "NCOMBINE": (n, "number of frames combined"),
@@ -68,7 +92,8 @@ def _combine_cards(settings: Settings, n: int, result: Combined) -> dict[str, tu
     }
 
 
-def _inputs_table(records: Sequence[FrameRecord], levels: Sequence[float] | None = None):
+def inputs_table(records: Sequence[FrameRecord], levels: Sequence[float] | None = None):
+    """The master's INPUTS table rows: file, exposure, start time (and level, for flats)."""
     rows = []
     for i, r in enumerate(records):
         row = {"FILE": r.path.name, "EXPTIME": float(r.exptime), "DATE_OBS": r.date_obs}
@@ -101,7 +126,7 @@ def combine_blocks(
     """Lazy robust combination over ``frame`` of a strip-chunked stack, as one dask array
     ``(3, y, x)`` (combined value, its variance, count) chunked in the stack's strips.
 
-    The stack must hold every frame in each chunk (see :func:`astep_dask.stack.open_strips`);
+    The stack must hold every frame in each chunk (see :func:`astep_dask.io.stack.open_strips`);
     it is rechunked if not.
     """
     arr = stack.data

@@ -1,4 +1,10 @@
-"""masters.store: TODO docstring."""
+"""The master files of a night: the :class:`Master` record, writing and reading it, and
+what a worker needs to calibrate one frame (:func:`frame_masters`).
+
+Workers read the masters from their files, once per process (:func:`load_cached`), rather
+than receiving the arrays with every task: a frame task carries only paths
+(:class:`MasterPaths`).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,15 @@ from astep_dask.core.darks import dark_for_exptime, variance_of
 from astep_dask.errors import CalibrationError
 from astep_dask.io.fitsio import atomic_write, header_cards
 from astep_dask.io.provenance import file_digest, stamp
+
+__all__ = [
+    "Master",
+    "MasterPaths",
+    "frame_masters",
+    "load_cached",
+    "read_master",
+    "write_master",
+]
 
 
 @dataclass

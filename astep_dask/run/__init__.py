@@ -1,1 +1,4 @@
-"""run."""
+"""Running the pipeline on a cluster: where it runs (:mod:`.cluster`), bounded task
+submission (:mod:`.tasks`), one frame as a task (:mod:`.frames`), a night
+(:mod:`.night`), a season (:mod:`.season`) and the ordered table of stages
+(:mod:`.stages`)."""

@@ -13,6 +13,8 @@ from distributed import Client, LocalCluster
 
 from astep_dask.config import ClusterSettings
 
+__all__ = ["capacity", "connect", "local_layout", "machine_cores", "worker_threads"]
+
 
 def machine_cores() -> int:
     """Cores this process may run on."""

@@ -1,4 +1,10 @@
-"""run.frames: TODO docstring."""
+"""One science frame, end to end, as one task on a worker: read the raw frame, calibrate
+it with the night's masters (:func:`astep_dask.core.calibrate.calibrate_frame`), write its
+calibrated file atomically, and return a small summary row (never the image).
+
+A :class:`FrameJob` carries only paths and settings; the masters are read once per worker
+process and exposure time.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ from astep_dask.io.layout import FrameRecord
 from astep_dask.io.provenance import read_provenance
 from astep_dask.io.stack import read_section
 from astep_dask.masters.store import MasterPaths, frame_masters
+
+__all__ = ["FrameJob", "cached_frame_masters", "process_frame", "raw_problem"]
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ re-run resumes where a killed run stopped.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from distributed import Client
 
 from astep_dask.config import Settings
 from astep_dask.errors import CalibrationError
-from astep_dask.io.fitsio import remove_stale_temps
+from astep_dask.io.fitsio import atomic_write_text, remove_stale_temps
 from astep_dask.io.layout import FrameType, Inventory, scan_night, stem
 from astep_dask.io.products import (
     MANIFEST,
@@ -39,6 +38,15 @@ from astep_dask.masters.store import MasterPaths
 from astep_dask.run.frames import FrameJob, process_frame
 from astep_dask.run.tasks import cluster_window, map_bounded
 from astep_dask.version import __version__
+
+__all__ = [
+    "NightResult",
+    "calibrate_night",
+    "night_is_current",
+    "print_progress",
+    "run_frames",
+    "write_manifest",
+]
 
 
 @dataclass
@@ -189,9 +197,7 @@ def write_manifest(result: NightResult, inv: Inventory, settings: Settings,
         "inventory": inv.groups(),
     }
     path = result.out_dir / MANIFEST
-    tmp = path.with_name(f".tmp-{MANIFEST}.{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1, default=_json_default))
     return path
 
 

@@ -1,6 +1,6 @@
 """Season orchestration: many nights through one dask cluster, several in flight at once.
 
-Each night runs :func:`astep_dask.pipeline.calibrate_night` in its own driver thread, all
+Each night runs :func:`astep_dask.run.night.calibrate_night` in its own driver thread, all
 threads sharing one ``distributed.Client``: while night A's science frames are being
 calibrated, night B's masters are being reduced on the same workers, so the cluster never
 idles between nights. A night whose manifest already says complete for the same raw files
@@ -11,7 +11,6 @@ and the season goes on.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import time
@@ -24,9 +23,19 @@ from distributed import Client
 
 from astep_dask.config import Settings
 from astep_dask.errors import ArchiveError, RunError
+from astep_dask.io.fitsio import atomic_write_text
 from astep_dask.io.layout import FrameType, find_nights, scan_night
 from astep_dask.io.products import output_dir
 from astep_dask.run.night import NightResult, calibrate_night, night_is_current
+
+__all__ = [
+    "NightOutcome",
+    "SeasonResult",
+    "calibrate_season",
+    "dry_run",
+    "select_nights",
+    "write_season_report",
+]
 
 SEASON_MANIFEST = "season.json"
 
@@ -200,7 +209,5 @@ def write_season_report(result: SeasonResult, folder: Path) -> Path:
     """Write ``season.json`` atomically in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / SEASON_MANIFEST
-    tmp = path.with_name(f".tmp-{SEASON_MANIFEST}.{os.getpid()}")
-    tmp.write_text(json.dumps(result.to_dict(), indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(result.to_dict(), indent=1))
     return path

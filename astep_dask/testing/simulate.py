@@ -29,6 +29,23 @@ from scipy.special import erf
 from astep_dask.io.fitsio import atomic_write
 from astep_dask.io.layout import FLAT_FOLDER, SCIENCE_FOLDER
 
+__all__ = [
+    "BAD_FILES",
+    "BAD_FLATS",
+    "BAD_FRAMES",
+    "SimConfig",
+    "Truth",
+    "add_sources",
+    "cosmic_rays",
+    "load_frame_truth",
+    "load_truth",
+    "make_static_truth",
+    "mover_tracks",
+    "psf_stamp",
+    "simulate_night",
+    "write_bad_files",
+]
+
 TRUTH_FOLDER = "truth"
 
 
@@ -320,7 +337,7 @@ def _header(cfg: SimConfig, kind: str, exptime: float, mjd: float, extra: dict) 
     h["RDNOISE"] = (cfg.read_noise, "[e-] read noise")
     h["SATURATE"] = (65535.0, "[ADU] saturation level")
     h["CCD-TEMP"] = (-60.0, "[C] detector temperature")
-    h["SIMULATD"] = (True, "frame made by astep_dask.simulate")
+    h["SIMULATD"] = (True, "frame made by astep_dask.testing")
     h["SIMSEED"] = (cfg.seed, "simulation seed")
     for key, value in extra.items():
         h[key] = value
