@@ -13,7 +13,7 @@ frames with each compared setting, in this one process, and reports per setting:
   within one run, not across runs;
 - ``recall``: fraction of the true cosmic-ray pixels that are flagged, or were unusable
   anyway (masked), or are too faint to matter (within 5 sigma of the noiseless model), as
-  ``tests/test_calibrate.py`` counts it; ``flagged`` is the plain flagged fraction;
+  ``tests/run/test_night.py`` counts it; ``flagged`` is the plain flagged fraction;
 - ``core``: star-core pixels (noiseless model 20 sky sigmas above the sky) flagged and not
   next to a true cosmic-ray pixel, as a fraction of all star-core pixels;
 - ``false``: flagged pixels not within one pixel of a true cosmic-ray pixel, per frame;

@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # whole nights end to end
+
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 JOBQUEUE_YAML = DEPLOY / "jobqueue.yaml"
 START_SLURM = DEPLOY / "ci" / "start-slurm.sh"

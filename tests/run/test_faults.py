@@ -59,6 +59,7 @@ def _arrays(folder: Path) -> dict[str, tuple]:
     return out
 
 
+@pytest.mark.slow
 def test_bad_night_partial_and_good_frames_identical(small_night, bad_night, tmp_path, capsys):
     before = _raw(bad_night)
     code = main(["calibrate", str(bad_night), "--out", str(tmp_path / "bad"), "--workers", "2",
@@ -109,6 +110,7 @@ def test_raw_tree_untouched_by_every_command(small_night, tmp_path, capsys):
     assert _raw(small_night) == before
 
 
+@pytest.mark.slow
 def test_disk_full_stops_cleanly(small_night, tmp_path, threads_client, monkeypatch):
     calls = {"n": 0}
     real_writeto = fits.HDUList.writeto
@@ -136,6 +138,7 @@ def test_disk_full_stops_cleanly(small_night, tmp_path, threads_client, monkeypa
     assert again.counts["done"] + again.counts["skipped"] == 6
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_night(small_night, tmp_path):
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=":0") as cluster, Client(cluster) as client:

@@ -10,8 +10,9 @@ import pytest
 
 from astep_dask.cli import EXIT_OK, EXIT_PARTIAL, main
 from astep_dask.testing.simulate import simulate_night
+from tests.conftest import SMALL
 
-from .conftest import SMALL
+pytestmark = pytest.mark.slow  # whole nights end to end
 
 DATES = ("2026-06-15", "2026-06-16", "2026-06-17")
 BROKEN = "2026-06-16"

@@ -21,8 +21,7 @@ from astep_dask.masters.builder import MasterBuilder
 from astep_dask.masters.reduce import combine
 from astep_dask.masters.store import read_master
 from astep_dask.testing.simulate import load_truth, simulate_night
-
-from .conftest import SMALL
+from tests.conftest import SMALL
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +262,7 @@ def test_dim_and_saturated_flats_are_rejected_and_named(tmp_path):
     assert all(Path(r["path"]).exists() for r in b.report.rejected)
 
 
+@pytest.mark.slow
 def test_memory_is_bounded_by_strips(small_night):
     recs = scan_night(small_night).select(FrameType.DARK)
     strips = open_strips(recs * 50, budget_mb=2.0)

@@ -189,6 +189,7 @@ def _start(cmd: list[str]) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_scheduler_address_gives_identical_output(calibrated, small_night, tmp_path):
     _, local_folder = calibrated
     bindir = Path(sys.executable).parent
@@ -221,6 +222,7 @@ def test_scheduler_address_gives_identical_output(calibrated, small_night, tmp_p
             p.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_cli_killed_midway_then_resumed(small_night, tmp_path):
     raw = tmp_path / "raw"
     shutil.copytree(small_night.parent, raw)
@@ -312,6 +314,7 @@ def test_compressed_output(calibrated, small_night, client, tmp_path):
         assert out.stdout.count("0 warning(s) and 0 error(s)") == 6, out.stdout
 
 
+@pytest.mark.slow
 def test_sigterm_stops_cleanly_with_exit_130(small_night, tmp_path):
     import signal
 
