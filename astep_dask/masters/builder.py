@@ -11,8 +11,6 @@ made from the masters is :func:`astep_dask.core.darks.dark_for_exptime`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import dask
@@ -24,13 +22,13 @@ from astep_dask.config import Settings
 from astep_dask.core.badpix import bad_pixel_mask
 from astep_dask.core.bits import MASK_DTYPE, Bit
 from astep_dask.core.combine import Combined, NoiseModel
-from astep_dask.core.darks import dark_for_exptime
+from astep_dask.core.darks import DarkSolution, dark_for_exptime
 from astep_dask.core.stats import median, robust_sigma
 from astep_dask.errors import CalibrationError
 from astep_dask.io.layout import FrameRecord, FrameType, Inventory
 from astep_dask.io.products import master_name
 from astep_dask.io.provenance import digest_of, input_identity
-from astep_dask.io.stack import frame_section
+from astep_dask.masters.flats import central_box, normalise_flat, screen_flats
 from astep_dask.masters.reduce import (
     combine_blocks,
     combine_cards,
@@ -40,93 +38,53 @@ from astep_dask.masters.reduce import (
     prepared_stack,
     strip_chunked,
 )
-from astep_dask.masters.store import Master, MasterPaths, read_master, write_master
+from astep_dask.masters.store import Master, MasterPaths, MasterStore
 from astep_dask.version import __version__
 
-__all__ = ["MasterBuilder", "MasterReport"]
-
-
-@dataclass
-class MasterReport:
-    """What was built, reused or could not be made, for the manifest."""
-
-    built: list[str] = field(default_factory=list)
-    reused: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    rejected: list[dict] = field(default_factory=list)
+__all__ = ["MasterBuilder"]
 
 
 class MasterBuilder:
-    """Builds (or reuses) every master of one night into ``out_dir``."""
+    """The master recipe of one night: bias → darks per exposure time → flat per filter →
+    bad-pixel mask (which also normalises the new flats), each built into ``out_dir`` or
+    reused from it (:class:`~astep_dask.masters.store.MasterStore`).
+
+    Parameters
+    ----------
+    inventory
+        The night's inventory.
+    out_dir
+        The night's output folder.
+    settings
+        Combination, flat, mask and detector settings (their hash is in every master's).
+    reuse_foreign, fallbacks
+        As :class:`~astep_dask.masters.store.MasterStore`.
+    """
 
     def __init__(self, inventory: Inventory, out_dir: Path, settings: Settings,
                  reuse_foreign: bool = False, fallbacks: Sequence[Path] = ()):
         self.inv = inventory
         self.out = Path(out_dir)
         self.settings = settings
-        self.reuse_foreign = reuse_foreign
-        self.fallbacks = list(fallbacks)
-        self.report = MasterReport()
+        self.store = MasterStore(self.out, reuse_foreign, fallbacks)
+        self.report = self.store.report
         sci = inventory.exptimes(FrameType.SCIENCE)
         flat = inventory.exptimes(FrameType.FLAT)
         self.science_exptime = sci[0] if sci else None
         self.flat_exptime = flat[0] if flat else None
-        self._writer: ThreadPoolExecutor | None = None  # set while build() runs
-        self._writes: list[Future] = []
-
-    def _write(self, master: Master, path: Path) -> None:
-        """Write a master: at once, or (inside :meth:`build`) on a background thread, so
-        the FITS encoding and fsync overlap the next master's computation. The master's
-        ``path`` is set either way; :meth:`build` waits for every write before returning."""
-        if self._writer is None:
-            write_master(master, path)
-            return
-        master.path = Path(path)
-        self._writes.append(self._writer.submit(write_master, master, path))
 
     # -- helpers ---------------------------------------------------------------------
     def _name(self, role: str, exptime: float | None = None, filter: str = "") -> str:
         return master_name(self.inv.night, role, exptime, filter, self.science_exptime,
                            self.flat_exptime)
 
-    def _existing(self, path: Path, digest: str) -> Master | None:
-        if not path.exists():
-            return None
-        try:
-            m = read_master(path)
-        except (OSError, ValueError) as exc:
-            self.report.notes.append(f"{path.name}: unreadable ({exc}); rebuilt")
-            return None
-        if m.digest == digest:
-            self.report.reused.append(path.name)
-            return m
-        if not m.digest and self.reuse_foreign:
-            self.report.reused.append(f"{path.name} (written by another tool)")
-            m.digest = digest
-            return m
-        return None
-
     def _fallback(self, name_suffix: str, role: str, why: str) -> Master | None:
-        """The same master from the nearest other night's output, if any."""
-        night = np.datetime64(self.inv.night)
-        candidates = []
-        for folder in self.fallbacks:
-            for p in folder.glob(f"*_{name_suffix}"):
-                date = p.name.split("_", 1)[0]
-                if date == self.inv.night:
-                    continue
-                try:
-                    gap = abs((np.datetime64(date) - night).astype(int))
-                except ValueError:
-                    continue
-                candidates.append((gap, p))
-        if not candidates:
-            return None
-        _, path = min(candidates)
-        m = read_master(path, role)
-        m.cards["FALLBACK"] = (path.name, "master taken from another night")
-        self.report.notes.append(f"{role} {name_suffix}: {why}; using {path}")
-        return m
+        return self.store.fallback(self.inv.night, name_suffix, role, why)
+
+    def _new(self, master: Master, path: Path) -> None:
+        """Write a newly built master and report it."""
+        self.store.write(master, path)
+        self.report.built.append(path.name)
 
     def _enough(self, records: Sequence[FrameRecord], what: str) -> bool:
         need = self.settings.combine.min_frames
@@ -168,13 +126,12 @@ class MasterBuilder:
             return None
         digest = digest_of("bias", input_identity(recs), self._settings_digest(), __version__)
         path = self.out / self._name("bias")
-        if (m := self._existing(path, digest)) is not None:
+        if (m := self.store.existing(path, digest)) is not None:
             return m
         res = self._combine(recs)
         m = Master("bias", res.data, res.var, res.count, digest,
                    combine_cards(self.settings, len(recs), res), inputs_table(recs))
-        self._write(m, path)
-        self.report.built.append(path.name)
+        self._new(m, path)
         return m
 
     def darks(self, bias: Master | None) -> dict[float, Master]:
@@ -192,7 +149,7 @@ class MasterBuilder:
             digest = digest_of("dark", et, input_identity(recs), bias.digest if bias else None,
                                self._settings_digest(), __version__)
             path = self.out / name
-            if (m := self._existing(path, digest)) is None:
+            if (m := self.store.existing(path, digest)) is None:
                 todo.append((et, recs, digest, path))
             else:
                 out[et] = m
@@ -205,8 +162,7 @@ class MasterBuilder:
                                  "bias subtracted (F: the dark carries the bias)")
             m = Master("dark", res.data, res.var, res.count, digest, cards,
                        inputs_table(recs))
-            self._write(m, path)
-            self.report.built.append(path.name)
+            self._new(m, path)
             out[et] = m
         out = dict(sorted(out.items()))
         if not out and self.science_exptime is not None:
@@ -216,152 +172,117 @@ class MasterBuilder:
                 out[self.science_exptime] = fb
         return out
 
-    def _central_box(self, rec: FrameRecord) -> tuple[slice, slice]:
-        """Rows and columns (of the data section) where a flat's level is measured: every
-        ``level_row_step``-th row of the central box, so that measuring the levels reads
-        a small fraction of each flat before the combination reads it whole."""
-        fs = self.settings.flat
-        ny, nx = frame_section(rec).shape
-        hy, hx = int(ny * fs.central_fraction / 2), int(nx * fs.central_fraction / 2)
-        cy, cx = ny // 2, nx // 2
-        step = max(1, min(fs.level_row_step, hy))
-        return slice(cy - hy, cy + hy, step), slice(cx - hx, cx + hx)
-
     def flats(self, bias: Master | None, darks: dict[float, Master]) -> dict[str, Master]:
-        """Master flat per filter: dark-subtracted, level-scaled, clipped, median 1."""
+        """Master flat per filter: dark-subtracted, level-scaled, clipped. New flats are
+        not yet normalised nor written: :meth:`mask` does both, once the mask is known."""
         out: dict[str, Master] = {}
-        fs = self.settings.flat
         for filt in self.inv.filters(FrameType.FLAT):
             recs = self.inv.select(FrameType.FLAT, filter=filt)
-            name = self._name("flat", filter=filt)
-            suffix = name.split("_", 1)[1]
-            exptimes = sorted({r.exptime for r in recs})
+            suffix = self._name("flat", filter=filt).split("_", 1)[1]
             try:
-                dark_info = {et: dark_for_exptime(et, bias, darks) for et in exptimes}
+                dark_info = {et: dark_for_exptime(et, bias, darks)
+                             for et in sorted({r.exptime for r in recs})}
             except CalibrationError as exc:
                 self.report.notes.append(f"flat {filt}: {exc}")
-                fb = self._fallback(suffix, "flat", str(exc))
-                if fb is not None:
-                    out[filt] = fb
-                continue
-            dark_digest = sorted(
-                [bias.digest if bias else ""] + [d.digest for d in darks.values()]
-            )
-            digest = digest_of("flat", filt, input_identity(recs), dark_digest,
-                               self._settings_digest(), __version__)
-            path = self.out / name
-            if (m := self._existing(path, digest)) is not None:
+                m = self._fallback(suffix, "flat", str(exc))
+            else:
+                m = self._flat(filt, recs, dark_info, bias, darks)
+            if m is not None:
                 out[filt] = m
-                continue
-            box = self._central_box(recs[0])
-            dark_boxes = {et: dask.delayed(np.ascontiguousarray(d.total[box]))
-                          for et, d in dark_info.items()}
-            overscan = self.settings.detector.overscan == "auto"
-            levels = dask.compute(*[
-                dask.delayed(flat_level)(r, box, dark_boxes[r.exptime], overscan)
-                for r in recs
-            ])
-            keep, kept_levels = [], []
-            dark_levels = {et: median(d.total) for et, d in dark_info.items()}
-            for r, level in zip(recs, levels, strict=True):
-                dark_level = dark_levels[r.exptime]
-                sat = r.saturation or self.settings.detector.saturation_adu
-                if not np.isfinite(level):
-                    reason = "no finite pixels in the central region"
-                elif level < fs.min_level_adu:
-                    reason = f"too little signal: level {level:.0f} ADU < {fs.min_level_adu:g}"
-                elif level + dark_level > fs.max_level_fraction * sat:
-                    reason = (f"near saturation: level {level + dark_level:.0f} ADU > "
-                              f"{fs.max_level_fraction:g} x {sat:g}")
-                else:
-                    keep.append(r)
-                    kept_levels.append(level)
-                    continue
-                self.report.rejected.append({"path": str(r.path), "reason": reason})
-            if not self._enough(keep, f"flat {filt}"):
-                fb = self._fallback(suffix, "flat", "too few usable flats")
-                if fb is not None:
-                    out[filt] = fb
-                continue
-            how = {dark_info[et].how for et in {r.exptime for r in keep}}
-            dark_stack = xr.DataArray(
-                np.stack([dark_info[r.exptime].total for r in keep]) if len(how) > 1
-                else dark_info[keep[0].exptime].total,
-                dims=("frame", "y", "x") if len(how) > 1 else ("y", "x"),
-            )
-            res = self._combine(keep, subtract=dark_stack, levels=kept_levels)
-            cards = combine_cards(self.settings, len(keep), res)
-            cards["FILTER"] = (filt, "filter")
-            cards["DARKMODE"] = ("; ".join(sorted(how))[:68], "dark subtracted from the flats")
-            cards["NREJECT"] = (len(recs) - len(keep), "flats rejected (see manifest)")
-            m = Master("flat", res.data, res.var, res.count, digest, cards,
-                       inputs_table(keep, kept_levels))
-            out[filt] = m
         return out
+
+    def _flat(self, filt: str, recs: list[FrameRecord], dark_info: dict[float, DarkSolution],
+              bias: Master | None, darks: dict[float, Master]) -> Master | None:
+        """The master flat of one filter: reused, built from its usable flats, or taken
+        from another night when too few are usable."""
+        dark_digest = sorted([bias.digest if bias else ""] + [d.digest for d in darks.values()])
+        digest = digest_of("flat", filt, input_identity(recs), dark_digest,
+                           self._settings_digest(), __version__)
+        name = self._name("flat", filter=filt)
+        if (m := self.store.existing(self.out / name, digest)) is not None:
+            return m
+        fs = self.settings.flat
+        box = central_box(recs[0], fs)
+        dark_boxes = {et: dask.delayed(np.ascontiguousarray(d.total[box]))
+                      for et, d in dark_info.items()}
+        overscan = self.settings.detector.overscan == "auto"
+        levels = dask.compute(*[
+            dask.delayed(flat_level)(r, box, dark_boxes[r.exptime], overscan) for r in recs
+        ])
+        dark_levels = {et: median(d.total) for et, d in dark_info.items()}
+        keep, kept_levels, rejected = screen_flats(recs, levels, dark_levels, fs,
+                                                   self.settings.detector)
+        self.report.rejected.extend(rejected)
+        if not self._enough(keep, f"flat {filt}"):
+            return self._fallback(name.split("_", 1)[1], "flat", "too few usable flats")
+        how = {dark_info[et].how for et in {r.exptime for r in keep}}
+        dark_stack = xr.DataArray(
+            np.stack([dark_info[r.exptime].total for r in keep]) if len(how) > 1
+            else dark_info[keep[0].exptime].total,
+            dims=("frame", "y", "x") if len(how) > 1 else ("y", "x"),
+        )
+        res = self._combine(keep, subtract=dark_stack, levels=kept_levels)
+        cards = combine_cards(self.settings, len(keep), res)
+        cards["FILTER"] = (filt, "filter")
+        cards["DARKMODE"] = ("; ".join(sorted(how))[:68], "dark subtracted from the flats")
+        cards["NREJECT"] = (len(recs) - len(keep), "flats rejected (see manifest)")
+        return Master("flat", res.data, res.var, res.count, digest, cards,
+                      inputs_table(keep, kept_levels))
 
     def mask(self, bias: Master | None, darks: dict[float, Master],
              flats: dict[str, Master]) -> Master:
-        """Bad-pixel mask; also renormalises new flats to median 1 over good pixels and
-        writes them."""
-        hot_source = None
-        if darks:
-            et = max(darks)
-            hot_source = darks[et].data
+        """Bad-pixel mask (hot pixels from the longest dark, dead ones from the flats);
+        then the new flats are normalised over its good pixels and written."""
+        hot_source = darks[max(darks)].data if darks else None
         digest = digest_of("mask", sorted(m.digest for m in flats.values()),
                            sorted(d.digest for d in darks.values()),
                            self._settings_digest(), __version__)
         path = self.out / self._name("mask")
-        existing = self._existing(path, digest)
-        if existing is not None:
-            mask = existing
-        else:
-            masks = [
-                bad_pixel_mask(f.data / np.float32(median(f.data, skip_nan=True)), hot_source,
-                               self.settings.mask)
-                for f in flats.values()
-            ]
-            if not masks:
-                if hot_source is None:
-                    raise CalibrationError("neither darks nor flats: no bad-pixel mask")
-                masks.append(bad_pixel_mask(None, hot_source, self.settings.mask))
-            data = np.bitwise_or.reduce(masks)
-            ms = self.settings.mask
-            cards = {
-                "HOTSIG": (ms.hot_sigma, "hot: dark excess above this many sigma"),
-                "DEADSIG": (ms.dead_sigma, "dead: flat deficit above this many sigma"),
-                "DEADFLR": (ms.dead_floor, "dead: minimum fractional deficit"),
-                "NHOT": (int(((data >> Bit.HOT) & 1).sum()), "hot pixels"),
-                "NDEAD": (int(((data >> Bit.DEAD) & 1).sum()), "dead pixels (incl. columns)"),
-            }
-            if hot_source is not None:
-                cards["HOTNOISE"] = (robust_sigma(hot_source), "[adu] robust sigma of dark")
-            mask = Master("mask", data.astype(MASK_DTYPE), None, None, digest, cards)
-            self._write(mask, path)
-            self.report.built.append(path.name)
+        mask = self.store.existing(path, digest)
+        if mask is None:
+            mask = self._bad_pixels(hot_source, flats, digest)
+            self._new(mask, path)
         for filt, f in flats.items():
-            if f.path is not None:
-                continue  # reused or fallback: already normalised
-            good = (mask.data == 0) & np.isfinite(f.data)
-            norm = np.float32(median(f.data[good]))
-            f.data = f.data / norm
-            if f.var is not None:
-                f.var = f.var / (norm * norm)
-            f.cards["FLATNORM"] = (float(norm), "divided by the median of good pixels")
-            f.cards["NORMMETH"] = ("median of unmasked pixels", "flat normalisation")
-            self._write(f, self.out / self._name("flat", filter=filt))
-            self.report.built.append(f.path.name)
+            if f.path is None:  # new; reused and fallback flats are already normalised
+                normalise_flat(f, mask.data)
+                self._new(f, self.out / self._name("flat", filter=filt))
         return mask
 
+    def _bad_pixels(self, hot_source: np.ndarray | None, flats: dict[str, Master],
+                    digest: str) -> Master:
+        """A new bad-pixel mask: hot pixels of ``hot_source``, dead pixels of each flat."""
+        ms = self.settings.mask
+        masks = [
+            bad_pixel_mask(f.data / np.float32(median(f.data, skip_nan=True)), hot_source, ms)
+            for f in flats.values()
+        ]
+        if not masks:
+            if hot_source is None:
+                raise CalibrationError("neither darks nor flats: no bad-pixel mask")
+            masks.append(bad_pixel_mask(None, hot_source, ms))
+        data = np.bitwise_or.reduce(masks)
+        cards = {
+            "HOTSIG": (ms.hot_sigma, "hot: dark excess above this many sigma"),
+            "DEADSIG": (ms.dead_sigma, "dead: flat deficit above this many sigma"),
+            "DEADFLR": (ms.dead_floor, "dead: minimum fractional deficit"),
+            "NHOT": (int(((data >> Bit.HOT) & 1).sum()), "hot pixels"),
+            "NDEAD": (int(((data >> Bit.DEAD) & 1).sum()), "dead pixels (incl. columns)"),
+        }
+        if hot_source is not None:
+            cards["HOTNOISE"] = (robust_sigma(hot_source), "[adu] robust sigma of dark")
+        return Master("mask", data.astype(MASK_DTYPE), None, None, digest, cards)
+
     def build(self) -> MasterPaths:
-        """Build or reuse every master; return their paths (once all are written)."""
-        with ThreadPoolExecutor(1, thread_name_prefix="master-writer") as writer:
-            self._writer, self._writes = writer, []
-            try:
-                paths = self._build()
-            finally:
-                self._writer = None
-        for w in self._writes:
-            w.result()  # re-raise a failed write
+        """Build or reuse every master; return their paths (once all are written).
+
+        Raises
+        ------
+        CalibrationError
+            When the night has neither darks nor bias frames (nor a fallback for them),
+            or no bad-pixel mask can be made.
+        """
+        with self.store.writing():
+            paths = self._build()
         return paths
 
     def _build(self) -> MasterPaths:
@@ -379,7 +300,7 @@ class MasterBuilder:
                 role = m.role
                 name = self._name(role, m.exptime if role == "dark" else None,
                                   str(m.cards.get("FILTER", ("",))[0]) if role == "flat" else "")
-                self._write(m, self.out / name)
+                self.store.write(m, self.out / name)
         return MasterPaths(
             bias=bias.path if bias else None,
             darks=tuple(sorted((et, m.path) for et, m in darks.items())),

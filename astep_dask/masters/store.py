@@ -9,6 +9,9 @@ than receiving the arrays with every task: a frame task carries only paths
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +29,8 @@ from astep_dask.io.provenance import file_digest, stamp
 __all__ = [
     "Master",
     "MasterPaths",
+    "MasterReport",
+    "MasterStore",
     "frame_masters",
     "load_cached",
     "read_master",
@@ -173,3 +178,103 @@ def frame_masters(
     fm = FrameMasters(dark=sol.total, dark_var=sol.var, dark_current=sol.current,
                       flat=flat.data, flat_var=variance_of(flat), mask=mask.data)
     return fm, cards
+
+
+@dataclass
+class MasterReport:
+    """What was built, reused or could not be made, for the manifest."""
+
+    built: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+
+
+class MasterStore:
+    """A night's master files: which can be reused, which other night can stand in for a
+    missing one, and writing new ones (on a background thread while :meth:`writing`).
+
+    Parameters
+    ----------
+    out_dir
+        The night's output folder.
+    reuse_foreign
+        Reuse master files written by other tools (no provenance hash of ours).
+    fallbacks
+        Output folders of other nights, searched (nearest date first) for a master this
+        night cannot make.
+    """
+
+    def __init__(self, out_dir: Path, reuse_foreign: bool = False,
+                 fallbacks: Sequence[Path] = ()):
+        self.out = Path(out_dir)
+        self.reuse_foreign = reuse_foreign
+        self.fallbacks = list(fallbacks)
+        self.report = MasterReport()
+        self._writer: ThreadPoolExecutor | None = None  # set while writing() is open
+        self._writes: list[Future] = []
+
+    def existing(self, path: Path, digest: str) -> Master | None:
+        """The master at ``path`` when its recorded hash is ``digest`` (or it was written
+        by another tool and those are reused); None when it must be built."""
+        if not path.exists():
+            return None
+        try:
+            m = read_master(path)
+        except (OSError, ValueError) as exc:
+            self.report.notes.append(f"{path.name}: unreadable ({exc}); rebuilt")
+            return None
+        if m.digest == digest:
+            self.report.reused.append(path.name)
+            return m
+        if not m.digest and self.reuse_foreign:
+            self.report.reused.append(f"{path.name} (written by another tool)")
+            m.digest = digest
+            return m
+        return None
+
+    def fallback(self, night: str, name_suffix: str, role: str, why: str) -> Master | None:
+        """The same master (file name ending ``name_suffix``) from the output of the
+        nearest other night than ``night``, marked FALLBACK; None when there is none."""
+        day = np.datetime64(night)
+        candidates = []
+        for folder in self.fallbacks:
+            for p in folder.glob(f"*_{name_suffix}"):
+                date = p.name.split("_", 1)[0]
+                if date == night:
+                    continue
+                try:
+                    gap = abs((np.datetime64(date) - day).astype(int))
+                except ValueError:
+                    continue
+                candidates.append((gap, p))
+        if not candidates:
+            return None
+        _, path = min(candidates)
+        m = read_master(path, role)
+        m.cards["FALLBACK"] = (path.name, "master taken from another night")
+        self.report.notes.append(f"{role} {name_suffix}: {why}; using {path}")
+        return m
+
+    def write(self, master: Master, path: Path) -> None:
+        """Write a master: at once, or (inside :meth:`writing`) on a background thread, so
+        the FITS encoding and fsync overlap the next master's computation. The master's
+        ``path`` is set either way."""
+        if self._writer is None:
+            write_master(master, path)
+            return
+        master.path = Path(path)
+        self._writes.append(self._writer.submit(write_master, master, path))
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Write masters on a background thread while the block runs; wait for every
+        write when it ends, and re-raise the first that failed."""
+        with ThreadPoolExecutor(1, thread_name_prefix="master-writer") as writer:
+            self._writer, self._writes = writer, []
+            try:
+                yield
+            finally:
+                self._writer = None
+        for w in self._writes:
+            w.result()
