@@ -6,6 +6,7 @@ data: each FITS HDU's name, dtype, shape and bytes (headers are left out: they h
 and the bytes of CSV files. Compare two runs with ``--compare``::
 
     python benchmarks/product_checksums.py --out /tmp/before.json
+    # or, for an older tree: PYTHONPATH=/path/to/old/tree python benchmarks/product_...
     # ... change the code ...
     python benchmarks/product_checksums.py --out /tmp/after.json --compare /tmp/before.json
 
@@ -72,10 +73,11 @@ def digests(folder: Path) -> dict[str, object]:
     return result
 
 
-def run(cmd: list[str]) -> None:
-    """Run an ``astep-dask`` command; exit codes 0 and 3 (partial) are accepted."""
+def run(cmd: list[str], cwd: Path) -> None:
+    """Run an ``astep-dask`` command in ``cwd`` (not the source tree, so that PYTHONPATH
+    can choose the code under test); exit codes 0 and 3 (partial) are accepted."""
     proc = subprocess.run([sys.executable, "-m", "astep_dask.cli", *cmd],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=cwd)
     if proc.returncode not in (0, 3):
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
 
@@ -94,15 +96,16 @@ def main(argv: list[str] | None = None) -> int:
         nights["big"] = ["--size", str(args.big_size), "--science", str(args.big_science),
                          "--seed", "5"]
     with tempfile.TemporaryDirectory() as tmp:
-        work = args.workdir or Path(tmp)
+        work = (args.workdir or Path(tmp)).resolve()
+        work.mkdir(parents=True, exist_ok=True)
         table: dict[str, object] = {}
         for name, sim in nights.items():
             root = work / name
-            run(["simulate", str(root), "--date", "2026-06-15", *sim])
+            run(["simulate", str(root), "--date", "2026-06-15", *sim], work)
             night = root / "2026-06-15"
-            run(["calibrate", str(night), "--kbmod", "--workers", "2"])
-            run(["search", str(night)])
-            run(["report", str(night), "--no-cluster"])
+            run(["calibrate", str(night), "--kbmod", "--workers", "2"], work)
+            run(["search", str(night)], work)
+            run(["report", str(night), "--no-cluster"], work)
             table[name] = digests(night / "2026-06-15-CAMS_CAL")
             print(f"{name}: {sum(1 for _ in table[name])} products", flush=True)
     args.out.write_text(json.dumps(table, indent=1, sort_keys=True))
