@@ -1,0 +1,53 @@
+"""The ``astep-dask`` command line.
+
+Exit codes (the same for every subcommand):
+
+  0  complete: everything asked for was done
+  1  nothing done: bad arguments, a missing or unreadable night, an unwritable output
+  3  partial: some frames or nights could not be used (each is named, with the reason)
+  130 interrupted (SIGINT/SIGTERM): finished frames are kept; re-run to resume
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from astep_dask.cli.commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
+from astep_dask.cli.parser import build_parser
+from astep_dask.errors import ArchiveError
+
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PARTIAL", "build_parser", "main"]
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """First SIGTERM/SIGINT: stop (the cluster is closed on the way out); later ones are
+    ignored so that they cannot cut that cleanup short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``astep-dask`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # scancel and batch walltimes send SIGTERM: treat it as Ctrl-C.
+        previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
+    else:  # pragma: no cover - called from a thread (signals only work in the main one)
+        previous = {}
+    try:
+        return args.func(args)
+    except (ArchiveError, FileNotFoundError, PermissionError, ValueError, RuntimeError) as exc:
+        print(f"astep-dask: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("astep-dask: interrupted; finished frames are kept, re-run to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

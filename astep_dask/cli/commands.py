@@ -1,0 +1,353 @@
+"""The ``astep-dask`` subcommands: each turns parsed arguments into a call of the public
+API, prints what a user needs and returns the exit code (see :mod:`astep_dask.cli`).
+
+Each command imports its stage's modules when it runs, so that ``astep-dask --help`` and
+``inspect`` stay quick.
+"""
+
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from astep_dask.io.layout import format_table, scan
+
+EXIT_OK = 0
+
+
+EXIT_FAILED = 1
+
+
+EXIT_PARTIAL = 3
+
+
+EXIT_INTERRUPTED = 130
+
+
+EPILOG = """exit codes:
+  0  complete
+  1  nothing done (the one-line error says why)
+  3  partial: some frames or nights were unusable; each is named with its reason
+  130 interrupted (Ctrl-C, SIGTERM from scancel or a walltime); re-run to resume
+"""
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from astep_dask.testing.simulate import SimConfig, simulate_night
+
+    cfg = SimConfig(
+        date=args.date,
+        size=args.size,
+        n_science=args.science,
+        n_darks=args.darks,
+        n_flats=args.flats,
+        n_bias=args.bias,
+        overscan=args.overscan,
+        bad_files=args.bad_files,
+        seed=args.seed,
+    )
+    night = simulate_night(args.root, cfg)
+    print(f"simulated night written to {night} (truth in {night / 'truth'})")
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    inventories = scan(args.path)
+    if args.json:
+        import json
+
+        print(json.dumps([inv.to_dict() for inv in inventories], indent=2))
+    else:
+        for inv in inventories:
+            span = inv.time_span()
+            usable = sum(f.usable for f in inv.frames)
+            print(f"night {inv.night}  ({inv.root})")
+            print(f"  {len(inv.frames)} files, {usable} usable"
+                  + (f", {span[0]} .. {span[1]} UTC" if span else ""))
+            print(format_table(inv.groups(), ["folder", "type", "exptime", "filter", "count"]))
+            notes = [f for f in inv.frames if f.note and f.usable]
+            for f in notes:
+                print(f"  note: {f.path.name}: {f.note}")
+            if inv.problems:
+                print(f"  unusable files ({len(inv.problems)}):")
+                for f in inv.problems:
+                    print(f"    {f.path}: {f.problem}")
+            print()
+    if not any(f.usable for inv in inventories for f in inv.frames):
+        print(f"astep-dask: error: {args.path}: no usable FITS frame found", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _settings(args: argparse.Namespace):
+    from astep_dask.config import load_settings
+
+    settings = load_settings(args.config)
+    cluster = {}
+    if args.scheduler:
+        cluster["scheduler"] = args.scheduler
+    if args.cluster:
+        cluster["kind"] = args.cluster
+    if args.workers:
+        cluster["n_workers"] = args.workers
+    if args.threads:
+        cluster["threads_per_worker"] = args.threads
+    if args.processes:
+        cluster["processes"] = True
+    if args.retries is not None:
+        cluster["retries"] = args.retries
+    if args.dashboard_address:
+        cluster["dashboard_address"] = args.dashboard_address
+    groups: dict = {"cluster": cluster}
+    masters = {}
+    if getattr(args, "reuse_foreign_masters", False):
+        masters["reuse_foreign"] = True
+    if getattr(args, "fallback_masters", False):
+        masters["fallback"] = True
+    groups["masters"] = masters
+    if getattr(args, "no_cosmics", False):
+        groups["cosmics"] = {"enabled": False}
+    if getattr(args, "compress", False):
+        groups["output"] = {"compress": True}
+    template = {}
+    if getattr(args, "template_nights", None) is not None:
+        template["nights"] = args.template_nights
+    if getattr(args, "sky_only", False):
+        template["enabled"] = False
+    groups["template"] = template
+    return settings.replace(**groups)
+
+
+def _summary(result) -> str:
+    c = result.counts
+    lines = [
+        f"night {result.night}: {result.status}  "
+        f"({c['done']} calibrated, {c['skipped']} already done, {c['failed']} failed, "
+        f"{c['unusable']} unusable files) in {result.finished - result.started:.1f} s",
+        f"  output: {result.out_dir}",
+    ]
+    done = [r for r in result.frames if r["status"] == "done"]
+    if done:
+        rows = [{"frame": r["output"], "sky e-": f"{r['sky']:.1f}", "noise e-": f"{r['noise']:.1f}",
+                 "masked": r["n_masked"], "CR px": r["n_cr"], "sat px": r["n_saturated"],
+                 "s": f"{r['t_total']:.2f}"} for r in done]
+        lines.append(format_table(rows, list(rows[0])))
+    for note in result.masters.get("notes", []):
+        lines.append(f"  note: {note}")
+    for r in result.masters.get("rejected", []):
+        lines.append(f"  rejected flat: {r['path']}: {r['reason']}")
+    for r in result.frames:
+        if r["status"] == "failed":
+            lines.append(f"  failed: {r['file']}: {r['reason']}")
+    for u in result.unusable:
+        lines.append(f"  unusable: {u['path']}: {u['reason']}")
+    if result.error:
+        lines.append(f"  error: {result.error}")
+    return "\n".join(lines)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import time
+
+    from astep_dask.errors import RunError
+    from astep_dask.io.layout import scan_night
+    from astep_dask.io.products import check_writable, output_dir
+    from astep_dask.run.cluster import connect
+    from astep_dask.run.night import calibrate_night, print_progress
+
+    settings = _settings(args)
+    night = args.night
+    inv = scan_night(night)  # raises a one-line ArchiveError before any work
+    try:
+        check_writable(output_dir(night, args.out))
+    except RunError as exc:
+        print(f"astep-dask: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    start = [time.perf_counter()]
+    with connect(settings.cluster, log=lambda m: print(m, file=sys.stderr)) as client:
+        try:
+            result = calibrate_night(
+                night, client, settings, out=args.out, force=args.force, inventory=inv,
+                progress=lambda d, t, r: print_progress(d, t, r, start),
+            )
+        except RunError as exc:
+            print(f"astep-dask: error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        print(_summary(result))
+        status = result.status
+        if args.kbmod and status != "failed":
+            status = _worst(status, _kbmod(night, client, settings, args, start))
+    return _exit(status)
+
+
+def _exit(status: str) -> int:
+    return {"complete": EXIT_OK, "partial": EXIT_PARTIAL}.get(status, EXIT_FAILED)
+
+
+def _worst(a: str, b: str) -> str:
+    order = ["complete", "partial", "failed"]
+    return max(a, b, key=order.index)
+
+
+def _kbmod(night: Path, client, settings, args: argparse.Namespace, start: list[float]) -> str:
+    """Run the KBMOD export of a calibrated night, print its summary, return its status."""
+    import time
+
+    from astep_dask.errors import RunError
+    from astep_dask.kbmod.stage import export_night
+    from astep_dask.run.night import print_progress
+
+    start[0] = time.perf_counter()
+    try:
+        res = export_night(night, client, settings, out=args.out, force=args.force,
+                           progress=lambda d, t, r: print_progress(d, t, r, start))
+    except RunError as exc:
+        print(f"astep-dask: error: {exc}", file=sys.stderr)
+        return "failed"
+    counts = ", ".join(f"{v} {k}" for k, v in res.get("counts", {}).items())
+    print(f"kbmod {res['night']}: {res['status']}  ({counts})  -> {res.get('kbmod_dir')}")
+    tpl = res.get("template")
+    if tpl:
+        nights = f", nights {', '.join(tpl['nights'])}" if tpl.get("nights") else ""
+        print(f"  template: {tpl.get('file')} ({tpl.get('mode')}: {tpl.get('frames')} frames"
+              f"{nights}); KBMOD files are difference frames, registered frames in "
+              f"{res.get('registered_dir')}")
+        for skipped in tpl.get("skipped_nights", []):
+            print(f"  template: night left out: {skipped}")
+        if tpl.get("error"):
+            print(f"  template error: {tpl['error']}")
+    elif res.get("registered_dir") is None and res.get("status") != "failed":
+        print("  sky-only: KBMOD files are the registered, sky-subtracted frames (no template)")
+    if res.get("error"):
+        print(f"  error: {res['error']}")
+    for row in res.get("frames", []):
+        if row.get("status") == "failed":
+            print(f"  failed: {row.get('file')}: {row.get('reason')}")
+    return res["status"]
+
+
+def cmd_kbmod(args: argparse.Namespace) -> int:
+    import time
+
+    from astep_dask.io.layout import find_nights
+    from astep_dask.run.cluster import connect
+
+    settings = _settings(args)
+    night = find_nights(args.night)[0]
+    with connect(settings.cluster, log=lambda m: print(m, file=sys.stderr)) as client:
+        return _exit(_kbmod(night, client, settings, args, [time.perf_counter()]))
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import time
+
+    from astep_dask.errors import RunError
+    from astep_dask.io.layout import find_nights
+    from astep_dask.kbmod.candidates import read_candidates
+    from astep_dask.kbmod.search import search_night
+    from astep_dask.run.cluster import connect
+    from astep_dask.run.night import print_progress
+
+    settings = _settings(args)
+    search = {}
+    if args.threshold is not None:
+        search["threshold"] = args.threshold
+    if args.vmax is not None:
+        search.update(vx_min=-args.vmax, vx_max=args.vmax, vy_min=-args.vmax, vy_max=args.vmax)
+    if args.v_step is not None:
+        search["v_step"] = args.v_step
+    settings = settings.replace(search=search)
+    night = find_nights(args.night)[0]
+    start = [time.perf_counter()]
+    with connect(settings.cluster, log=lambda m: print(m, file=sys.stderr)) as client:
+        try:
+            csv = search_night(night, client, settings, out=args.out,
+                               progress=lambda d, t, r: print_progress(d, t, r, start))
+        except RunError as exc:
+            print(f"astep-dask: error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    summary = json.loads((csv.parent / "search.json").read_text())
+    rows = read_candidates(csv)
+    g = summary["grid"]
+    print(f"search {summary['night']}: {len(rows)} candidate(s) at SNR >= "
+          f"{summary['settings']['threshold']:g} over {g['n_searched']} velocities "
+          f"(step {g['step']:.1f} px/day), {summary['n_frames']} frames, "
+          f"{summary['wall_seconds']:.1f} s  -> {csv}")
+    for note in summary.get("notes", []):
+        print(f"  note: {note}")
+    if rows:
+        shown = [{"rank": i + 1, "x": f"{r['x']:.1f}", "y": f"{r['y']:.1f}",
+                  "vx px/d": f"{r['vx']:.0f}", "vy px/d": f"{r['vy']:.0f}",
+                  "flux e-": f"{r['flux']:.0f}", "SNR": f"{r['snr']:.1f}",
+                  "frames": r["n_frames"]} for i, r in enumerate(rows[:args.show])]
+        print(format_table(shown, list(shown[0])))
+    return EXIT_OK
+
+
+def cmd_season(args: argparse.Namespace) -> int:
+    from astep_dask.run.cluster import connect
+    from astep_dask.run.season import calibrate_season, dry_run, select_nights, write_season_report
+
+    settings = _settings(args)
+    nights = select_nights(args.root, args.start, args.end)
+    if not nights:
+        print(f"astep-dask: error: {args.root}: no night between {args.start or 'the first'} "
+              f"and {args.end or 'the last'}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.dry_run:
+        plan = dry_run(nights, settings, args.out)
+        columns = ["night", "action", "science", "darks", "flats", "unusable", "output"]
+        print(format_table(plan, columns))
+        return EXIT_OK
+    report_dir = args.out if args.out is not None else args.root
+    from astep_dask.errors import RunError
+    from astep_dask.io.products import check_writable
+
+    try:
+        check_writable(report_dir)
+    except RunError as exc:
+        print(f"astep-dask: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    with connect(settings.cluster, log=lambda m: print(m, file=sys.stderr)) as client:
+        result = calibrate_season(nights, client, settings, out=args.out, in_flight=args.nights)
+    path = write_season_report(result, report_dir)
+    rows = [{"night": n.night, "status": n.status, "frames": n.done, "failed": n.failed,
+             "s": f"{n.seconds:.1f}", "reason": n.reason[:80]} for n in result.nights]
+    print(format_table(rows, ["night", "status", "frames", "failed", "s", "reason"]))
+    d = result.to_dict()
+    print(f"season {result.status}: {d['counts']}, {d['frames_calibrated']} frames in "
+          f"{d['wall_seconds']:.1f} s (nights summed: {d['sum_night_seconds']:.1f} s); "
+          f"report: {path}")
+    return _exit(result.status)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from astep_dask.io.layout import find_nights
+    from astep_dask.report.night import load_report, night_report, report_summary
+    from astep_dask.run.cluster import connect
+
+    settings = _settings(args)
+    night = find_nights(args.night)[0]
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if args.no_cluster:
+        folder = night_report(night, args.out, None, settings=settings.qa, log=log)
+    else:
+        with connect(settings.cluster, log=log) as client:
+            folder = night_report(night, args.out, client, settings=settings.qa, log=log)
+    print(report_summary(load_report(folder), folder))
+    return EXIT_OK
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from astep_dask.io.layout import find_nights
+    from astep_dask.report.graph import flow_chart
+
+    settings = _settings(args)
+    night = find_nights(args.night)[0]
+    path = flow_chart(night, args.output, out=args.out, settings=settings, engine=args.engine,
+                      report=not args.no_report)
+    print(f"flow chart written to {path}")
+    return EXIT_OK

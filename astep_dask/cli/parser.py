@@ -1,0 +1,263 @@
+"""The argument parser of ``astep-dask``: one function per subcommand, shared option
+groups, and the top-level help that lists the stages in order
+(:data:`~astep_dask.run.stages.STAGES`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+from pathlib import Path
+
+from astep_dask.cli.commands import (
+    EPILOG,
+    cmd_calibrate,
+    cmd_graph,
+    cmd_inspect,
+    cmd_kbmod,
+    cmd_report,
+    cmd_search,
+    cmd_season,
+    cmd_simulate,
+)
+from astep_dask.run.stages import STAGES
+from astep_dask.version import __version__
+
+__all__ = ["build_parser"]
+
+
+def _cluster_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster (default: a LocalCluster sized to this machine)")
+    g.add_argument("--scheduler", metavar="ADDRESS",
+                   help="join a running dask scheduler, e.g. tcp://host:8786")
+    g.add_argument("--cluster", choices=["local", "slurm", "pbs"],
+                   help="start a cluster of this kind (slurm/pbs: dask-jobqueue, see deploy/)")
+    g.add_argument("--workers", type=int,
+                   help="local workers (default: 1, or one per core with --processes)")
+    g.add_argument("--threads", type=int,
+                   help="threads per local worker (default: the cores shared among workers)")
+    g.add_argument("--processes", action="store_true",
+                   help="local workers as separate processes, not threads of this one: a "
+                   "crashed worker is restarted and its frames retried (more memory and "
+                   "start-up time)")
+    g.add_argument("--retries", type=int,
+                   help="extra attempts of a frame whose worker process died (with "
+                   "--processes or a scheduler; default 2)")
+    g.add_argument("--dashboard-address", help="dashboard address of a local cluster (:8787)")
+
+
+def _subcommand(sub, name: str, help: str, description: str, func) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=textwrap.fill(description, 88),
+                       epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=func)
+    return p
+
+
+def _template_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("KBMOD export: static-sky template (default: this night's frames)")
+    g.add_argument("--template-nights", type=int, metavar="N",
+                   help="build the template from the N nearest other nights of the same "
+                   "field instead (slow movers then do not subtract themselves)")
+    g.add_argument("--sky-only", action="store_true",
+                   help="no template: the KBMOD files carry the registered, sky-subtracted "
+                   "frames (for users who bring their own templates)")
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    """Options of every command that reads or writes a night's products: where, settings,
+    cluster."""
+    p.add_argument("--out", type=Path, help="output root (default: beside each raw night)")
+    p.add_argument("--config", type=Path, help="settings file (TOML), see astep_dask/config.py")
+    _cluster_options(p)
+
+
+def _calibration_options(p: argparse.ArgumentParser) -> None:
+    """Options of the commands that calibrate (calibrate, season, graph) on top of
+    :func:`_run_options`."""
+    _run_options(p)
+    p.add_argument("--no-cosmics", action="store_true", help="skip cosmic-ray detection")
+    p.add_argument("--fallback-masters", action="store_true",
+                   help="a night that cannot make a master takes it from the nearest night's "
+                   "output (named in the headers as FALLBACK)")
+    p.add_argument("--reuse-foreign-masters", action="store_true",
+                   help="reuse master files written by other tools (no astep-dask provenance)")
+    p.add_argument("--compress", action="store_true",
+                   help="tile-compress the outputs: MASK lossless, SCI/VAR quantised to "
+                   "noise/16 (about 3x smaller)")
+
+
+def _add_simulate(sub) -> None:
+    """The ``simulate`` subcommand."""
+    p = _subcommand(
+        sub, "simulate",
+        help="write a synthetic night with known truth in the archive layout",
+        description="Write a synthetic ASTEP night (uint16 FITS, archive layout) under ROOT, "
+        "with the truth that made it in ROOT/DATE/truth/.",
+        func=cmd_simulate,
+    )
+    p.add_argument("root", type=Path, help="archive root; the night goes to ROOT/DATE/")
+    p.add_argument("--date", default="2026-06-15", help="night date YYYY-MM-DD")
+    p.add_argument("--size", type=int, default=256, help="frame side in pixels")
+    p.add_argument("--science", type=int, default=12, help="number of science frames")
+    p.add_argument("--darks", type=int, default=8, help="darks per exposure time")
+    p.add_argument("--flats", type=int, default=9, help="number of sky flats")
+    p.add_argument("--bias", type=int, default=0, help="number of bias frames (ASTEP: 0)")
+    p.add_argument("--overscan", type=int, default=0, help="overscan columns (ASTEP: 0)")
+    p.add_argument("--bad-files", action="store_true", help="add unusable files of each kind")
+    p.add_argument("--seed", type=int, default=1, help="random seed")
+
+
+def _add_inspect(sub) -> None:
+    """The ``inspect`` subcommand."""
+    p = _subcommand(
+        sub, "inspect",
+        help="list a night's (or season's) frames by folder, type, exposure and filter",
+        description="Read every FITS header of a night folder ROOT/YYYY-MM-DD/ or of every "
+        "night under a season root, and print counts per folder x type x exposure x filter, "
+        "the time span, and each unusable file with its reason. Reads headers only.",
+        func=cmd_inspect,
+    )
+    p.add_argument("path", type=Path, help="a night folder or a season root")
+    p.add_argument("--json", action="store_true", help="print the full inventory as JSON")
+
+
+def _add_calibrate(sub) -> None:
+    """The ``calibrate`` subcommand."""
+    p = _subcommand(
+        sub, "calibrate",
+        help="build a night's masters and calibrate every science frame on a dask cluster",
+        description="Calibrate one night: master darks/flats/bias and bad-pixel mask (reused "
+        "when they exist with the same inputs and settings), then every science frame as one "
+        "task on the cluster: overscan/trim, bias, dark, flat, gain, variance, mask, cosmic "
+        "rays. Writes <raw stem>_CAL.fits (SCI e-, VAR e-^2, MASK bits) and manifest.json "
+        "to NIGHT/NIGHT-CAMS_CAL/ or OUT/NIGHT/. Re-running resumes: frames already "
+        "calibrated with the same provenance are skipped.",
+        func=cmd_calibrate,
+    )
+    p.add_argument("night", type=Path, help="night folder ROOT/YYYY-MM-DD/")
+    p.add_argument("--force", action="store_true", help="recalibrate frames already done")
+    p.add_argument("--kbmod", action="store_true",
+                   help="then write the KBMOD-ready export (as the kbmod command)")
+    _template_options(p)
+    _calibration_options(p)
+
+
+def _add_kbmod(sub) -> None:
+    """The ``kbmod`` subcommand."""
+    p = _subcommand(
+        sub, "kbmod",
+        help="write a calibrated night in KBMOD's input layout (registered difference frames)",
+        description="Read a night's calibrated frames (from `calibrate`), subtract a smooth "
+        "sky background, measure each frame's sub-pixel offset to a reference frame from its "
+        "stars and resample onto the reference grid (OUTPUT/kbmod/registered/); combine a "
+        "static-sky template (this night's frames, each frame differenced against the "
+        "template without itself, or --template-nights N other nights) and write, in "
+        "OUTPUT/kbmod/, one <stem>_KBMOD.fits difference frame per frame in the layout "
+        "KBMOD's loader reads (HDU1 science, HDU2 mask, HDU3 variance; MJD at mid-exposure "
+        "in the primary header), DATE_TEMPLATE.fits, a night stack file, an offsets table "
+        "and kbmod.json. One task per frame on the cluster; re-running skips frames already "
+        "exported with the same provenance.",
+        func=cmd_kbmod,
+    )
+    p.add_argument("night", type=Path, help="night folder ROOT/YYYY-MM-DD/ (calibrated)")
+    p.add_argument("--force", action="store_true", help="redo frames already exported")
+    _template_options(p)
+    _run_options(p)
+
+
+def _add_search(sub) -> None:
+    """The ``search`` subcommand."""
+    p = _subcommand(
+        sub, "search",
+        help="first-look shift-and-stack search for moving objects in a night's KBMOD export",
+        description="Search the difference frames written by `kbmod` for point sources "
+        "moving in straight lines: KBMOD's psi/phi matched-filter likelihood summed along "
+        "every trajectory of a velocity grid (px/day; step from the PSF and the night's time "
+        "span unless given), velocity blocks as tasks on the cluster, single-frame outliers "
+        "rejected, results clustered. Writes OUTPUT/kbmod/search/DATE_CANDIDATES.csv (x, y "
+        "at the first frame's time, vx, vy, flux, SNR, frames), PNG postage stamps of the "
+        "best candidates and search.json. Settings: the [search] table of --config.",
+        func=cmd_search,
+    )
+    p.add_argument("night", type=Path, help="night folder ROOT/YYYY-MM-DD/ (exported)")
+    p.add_argument("--threshold", type=float, help="detection threshold, SNR (default 7)")
+    p.add_argument("--vmax", type=float, metavar="PX_PER_DAY",
+                   help="search |vx|, |vy| up to this (default 1200 px/day)")
+    p.add_argument("--v-step", type=float, metavar="PX_PER_DAY",
+                   help="velocity grid step (default: PSF sigma / night's time span)")
+    p.add_argument("--show", type=int, default=10, help="candidates printed (default 10)")
+    _run_options(p)
+
+
+def _add_season(sub) -> None:
+    """The ``season`` subcommand."""
+    p = _subcommand(
+        sub, "season",
+        help="calibrate every night under a season root through one dask cluster",
+        description="Calibrate every night ROOT/YYYY-MM-DD/ (optionally between --from and "
+        "--to) through one dask cluster, several nights in flight at once, so that one "
+        "night's masters are reduced while another night's frames are calibrated. Nights "
+        "already complete for the same raw files and settings are skipped; a night that "
+        "fails is reported with its reason and the season goes on. Writes season.json to "
+        "OUT (or ROOT) and each night's products as `calibrate` does.",
+        func=cmd_season,
+    )
+    p.add_argument("root", type=Path, help="season root holding YYYY-MM-DD/ nights")
+    p.add_argument("--from", dest="start", metavar="DATE", help="first night (YYYY-MM-DD)")
+    p.add_argument("--to", dest="end", metavar="DATE", help="last night (YYYY-MM-DD)")
+    p.add_argument("--nights", type=int, default=2, help="nights in flight at once (default 2)")
+    p.add_argument("--dry-run", action="store_true", help="list what would run, do nothing")
+    _calibration_options(p)
+
+
+def _add_report(sub) -> None:
+    """The ``report`` subcommand."""
+    p = _subcommand(
+        sub, "report",
+        help="write (or rewrite) a calibrated night's QA report: qa.json, plots, index.html",
+        description="Measure every calibrated frame of a night (sky, noise, star FWHM, masked, "
+        "saturated and cosmic-ray fractions, background gradient) and the masters, flag "
+        "outlier frames (cloud, sky jump, trail, defocus; flagged, never deleted) and write "
+        "OUTPUT/report/ with qa.json, PNG plots and index.html. Flags are not failures.",
+        func=cmd_report,
+    )
+    p.add_argument("night", type=Path, help="night folder ROOT/YYYY-MM-DD/ (calibrated)")
+    p.add_argument("--no-cluster", action="store_true", help="measure in this process")
+    _run_options(p)
+
+
+def _add_graph(sub) -> None:
+    """The ``graph`` subcommand."""
+    p = _subcommand(
+        sub, "graph",
+        help="draw the pipeline's flow for a night from its real task graph",
+        description="Build the night's dask graph (master reductions, one task per frame, "
+        "outputs) without computing it, fold it to one node per stage with task counts, and "
+        "draw it to an .svg, .png, .pdf or .dot file (Graphviz dot when installed, else "
+        "matplotlib).",
+        func=cmd_graph,
+    )
+    p.add_argument("night", type=Path, help="night folder ROOT/YYYY-MM-DD/")
+    p.add_argument("-o", "--output", type=Path, required=True, help="flow.svg|png|pdf|dot")
+    p.add_argument("--engine", choices=["auto", "dot", "matplotlib"], default="auto")
+    p.add_argument("--no-report", action="store_true", help="leave the QA stage out")
+    _calibration_options(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="astep-dask",
+        description="Calibrate ASTEP nights with dask: inventory, masters, science frames, "
+        "KBMOD-ready output.\n\nA night's stages, in order (the command that runs each):\n"
+        + "\n".join(f"  {s.name:<10} {s.command:<10} {s.summary}" for s in STAGES),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"astep-dask {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_simulate, _add_inspect, _add_calibrate, _add_kbmod, _add_search,
+                _add_season, _add_report, _add_graph):
+        add(sub)
+    return parser
