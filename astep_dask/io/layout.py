@@ -297,17 +297,9 @@ def _image_hdu(hdul: fits.HDUList) -> int:
     raise ValueError("no 2-D image HDU")
 
 
-def read_record(path: Path, night: str = "", folder: str = "") -> FrameRecord:
-    """Build the inventory record of one file from its header (no pixel data read)."""
-    rec = FrameRecord(path=path, night=night, folder=folder)
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        return replace(rec, problem=f"cannot stat: {exc.strerror}")
-    if size == 0:
-        return replace(rec, problem="empty file")
-    if not os.access(path, os.R_OK):
-        return replace(rec, problem="not readable (permissions)")
+def _read_header(path: Path, size: int) -> tuple[fits.Header, tuple[int, int], int, int] | str:
+    """The image header of a file (the primary's cards merged under an extension's), its
+    shape, BITPIX and HDU index; or why the file cannot be used."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", AstropyUserWarning)
@@ -320,19 +312,10 @@ def read_record(path: Path, night: str = "", folder: str = "") -> FrameRecord:
             if not compressed and not path.name.lower().endswith(".gz"):
                 info = hdul.fileinfo(index)
                 if info["datLoc"] + info["datSpan"] > size:
-                    return replace(
-                        rec,
-                        problem=(
-                            f"truncated: {size} bytes, header needs "
-                            f"{info['datLoc'] + info['datSpan']}"
-                        ),
-                    )
-            if compressed:
-                shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
-                bitpix = int(header.get("BITPIX", 0))
-            else:
-                shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
-                bitpix = int(header["BITPIX"])
+                    return (f"truncated: {size} bytes, header needs "
+                            f"{info['datLoc'] + info['datSpan']}")
+            shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
+            bitpix = int(header.get("BITPIX", 0)) if compressed else int(header["BITPIX"])
             primary = hdul[0].header if index else header
             merged = fits.Header(primary)
             if index:
@@ -341,7 +324,45 @@ def read_record(path: Path, night: str = "", folder: str = "") -> FrameRecord:
                 )
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         reason = str(exc).split(". ")[0].split("\n")[0]
-        return replace(rec, problem=f"not a readable FITS image: {reason}")
+        return f"not a readable FITS image: {reason}"
+    return merged, shape, bitpix, index
+
+
+def _header_problem(rec: FrameRecord, exptime: float | None, mjd: float | None) -> str:
+    """Why a record read from a readable header cannot be used ("" when it can)."""
+    if exptime is None:
+        return "no EXPTIME"
+    if exptime < 0:
+        return f"negative EXPTIME {exptime}"
+    if rec.kind is FrameType.UNKNOWN:
+        return "unknown frame type (no ACQTYPE/IMAGETYP, no name suffix)"
+    if rec.kind is FrameType.SCIENCE and mjd is None:
+        return "no DATE-OBS or MJD-OBS"
+    if min(rec.shape) <= 0:
+        return f"empty image shape {rec.shape}"
+    return ""
+
+
+def read_record(path: Path, night: str = "", folder: str = "") -> FrameRecord:
+    """Build the inventory record of one file from its header (no pixel data read).
+
+    A file that cannot be used gets a record whose ``problem`` says why (empty,
+    unreadable, truncated, not a FITS image, no exposure time, unknown type, a science
+    frame without a time, a bad section keyword); nothing is raised.
+    """
+    rec = FrameRecord(path=path, night=night, folder=folder)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return replace(rec, problem=f"cannot stat: {exc.strerror}")
+    if size == 0:
+        return replace(rec, problem="empty file")
+    if not os.access(path, os.R_OK):
+        return replace(rec, problem="not readable (permissions)")
+    found = _read_header(path, size)
+    if isinstance(found, str):
+        return replace(rec, problem=found)
+    merged, shape, bitpix, index = found
 
     kind, note = classify(merged, path)
     exptime = _float(merged, "EXPTIME", "EXPOSURE", "ITIME")
@@ -376,17 +397,8 @@ def read_record(path: Path, night: str = "", folder: str = "") -> FrameRecord:
         )
     except ValueError as exc:
         return replace(rec, problem=f"bad section keyword: {exc}")
-    if exptime is None:
-        return replace(rec, problem="no EXPTIME")
-    if exptime < 0:
-        return replace(rec, problem=f"negative EXPTIME {exptime}")
-    if kind is FrameType.UNKNOWN:
-        return replace(rec, problem="unknown frame type (no ACQTYPE/IMAGETYP, no name suffix)")
-    if kind is FrameType.SCIENCE and mjd is None:
-        return replace(rec, problem="no DATE-OBS or MJD-OBS")
-    if min(shape) <= 0:
-        return replace(rec, problem=f"empty image shape {shape}")
-    return rec
+    problem = _header_problem(rec, exptime, mjd)
+    return replace(rec, problem=problem) if problem else rec
 
 
 def _flag_odd_shapes(frames: list[FrameRecord]) -> list[FrameRecord]:
