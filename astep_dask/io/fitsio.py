@@ -1,4 +1,5 @@
-"""FITS output: atomic writes, provenance keywords, and reading our own products back.
+"""Our files: the one atomic writer (FITS, JSON, text, figures), the header cards of a
+calibrated frame, and the one reader of a calibrated frame with its mid-exposure time.
 
 Every file we write goes to a hidden temporary name in the destination folder and is
 renamed into place only once complete and flushed to disk, so a killed run never leaves
@@ -7,6 +8,7 @@ a half-written file under a real name, and a re-run finds either a whole file or
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import warnings
@@ -36,6 +38,7 @@ __all__ = [
     "mid_exposure",
     "read_calibrated",
     "remove_stale_temps",
+    "write_json",
 ]
 
 
@@ -106,6 +109,34 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     with atomic_open(path, "w", encoding="utf-8") as fh:
         fh.write(text)
     return Path(path)
+
+
+def _plain(obj: object) -> object:
+    """JSON for numpy scalars and paths."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _finite(obj: object) -> object:
+    """A copy of nested dicts and lists with every non-finite float replaced by None."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float | np.floating) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path: str | Path, obj: object, finite: bool = False) -> Path:
+    """Write ``obj`` as indented JSON atomically (:func:`atomic_write_text`): numpy scalars
+    and paths as plain values and, with ``finite``, NaN and infinities as ``null`` (strict
+    JSON, which browsers and ``jq`` read)."""
+    return atomic_write_text(path, json.dumps(_finite(obj) if finite else obj, indent=1,
+                                              default=_plain))
 
 
 def atomic_write(hdul: fits.HDUList, path: str | Path, checksum: bool = True) -> Path:

@@ -23,7 +23,7 @@ from distributed import Client
 
 from astep_dask.config import Settings
 from astep_dask.errors import CalibrationError
-from astep_dask.io.fitsio import atomic_write_text, remove_stale_temps
+from astep_dask.io.fitsio import remove_stale_temps, write_json
 from astep_dask.io.layout import FrameType, Inventory, scan_night, stem
 from astep_dask.io.products import (
     MANIFEST,
@@ -197,7 +197,7 @@ def write_manifest(result: NightResult, inv: Inventory, settings: Settings,
         "inventory": inv.groups(),
     }
     path = result.out_dir / MANIFEST
-    atomic_write_text(path, json.dumps(data, indent=1, default=_json_default))
+    write_json(path, data)
     return path
 
 
@@ -220,14 +220,6 @@ def _version(name: str) -> str:
     from importlib.metadata import version
 
     return version(name)
-
-
-def _json_default(obj: object) -> object:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(type(obj))
 
 
 def run_frames(client: Client, jobs: list[FrameJob], settings: Settings,
