@@ -12,6 +12,7 @@ Dark handling, in order of preference, for an exposure time ``t``:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,7 +21,14 @@ import numpy as np
 from astep_dask.core.stats import median
 from astep_dask.errors import CalibrationError
 
-__all__ = ["DarkSolution", "MasterPlanes", "dark_for_exptime", "variance_of"]
+__all__ = [
+    "DarkSolution",
+    "MasterPlanes",
+    "dark_for_exptime",
+    "darks_needed",
+    "nearest_exptime",
+    "variance_of",
+]
 
 
 class MasterPlanes(Protocol):
@@ -52,6 +60,29 @@ def variance_of(m: MasterPlanes) -> np.ndarray:
     return m.var if m.var is not None else np.zeros_like(m.data)
 
 
+def nearest_exptime(t: float, exptimes: Iterable[float]) -> float:
+    """The exposure time nearest ``t`` in ratio (the longer one on a tie): the dark that is
+    scaled to ``t`` when a bias exists and no dark has exposure ``t``."""
+    return min(exptimes, key=lambda e: (abs(np.log(max(e, 1e-3) / max(t, 1e-3))), -e))
+
+
+def darks_needed(t: float, exptimes: Iterable[float], bias: bool) -> tuple[float, ...] | None:
+    """Exposure times of the master darks that :func:`dark_for_exptime` reads for a frame
+    of exposure ``t``, given the darks' exposure times and whether a bias exists; None
+    when it cannot make a dark for ``t``. The recipe and the flow chart ask this, so that
+    their dependencies are the calibration's own."""
+    ets = sorted(exptimes)
+    match = next((et for et in ets if np.isclose(et, t)), None)
+    if bias:
+        if match is not None:
+            return (match,)
+        return (nearest_exptime(t, ets),) if ets else ()
+    fit = (ets[0], ets[-1]) if len(ets) >= 2 else ()  # offset + rate through these two
+    if match is not None:
+        return tuple(sorted({match, *fit}))  # the fit's offset gives the dark current
+    return fit or None
+
+
 def dark_for_exptime(t: float, bias: MasterPlanes | None,
                      darks: dict[float, MasterPlanes]) -> DarkSolution:
     """The dark (+ bias) to subtract from a raw frame of exposure ``t``.
@@ -72,7 +103,7 @@ def dark_for_exptime(t: float, bias: MasterPlanes | None,
         if not darks:
             zero = np.zeros_like(bias.data)
             return DarkSolution(bias.data, variance_of(bias), zero, "bias only (no dark)", (), True)
-        et = min(darks, key=lambda e: (abs(np.log(max(e, 1e-3) / max(t, 1e-3))), -e))
+        et = nearest_exptime(t, darks)
         k = np.float32(t / et)
         d = darks[et]
         return DarkSolution(bias.data + k * d.data, variance_of(bias) + k * k * variance_of(d),

@@ -11,6 +11,7 @@ made from the masters is :func:`astep_dask.core.darks.dark_for_exptime`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import dask
@@ -22,7 +23,7 @@ from astep_dask.config import Settings
 from astep_dask.core.badpix import bad_pixel_mask
 from astep_dask.core.bits import MASK_DTYPE, Bit
 from astep_dask.core.combine import Combined, NoiseModel
-from astep_dask.core.darks import DarkSolution, dark_for_exptime
+from astep_dask.core.darks import DarkSolution, dark_for_exptime, darks_needed
 from astep_dask.core.stats import median, robust_sigma
 from astep_dask.errors import CalibrationError
 from astep_dask.io.layout import FrameRecord, FrameType, Inventory
@@ -41,7 +42,36 @@ from astep_dask.masters.reduce import (
 from astep_dask.masters.store import Master, MasterPaths, MasterStore
 from astep_dask.version import __version__
 
-__all__ = ["MasterBuilder"]
+__all__ = ["MasterBuilder", "MasterStep", "frame_needs"]
+
+
+@dataclass(frozen=True)
+class MasterStep:
+    """One master of a night's recipe: its role, file name, raw inputs and the masters
+    (by file name) it is made from."""
+
+    role: str  # bias, dark, flat, mask
+    name: str
+    records: tuple[FrameRecord, ...] = ()
+    needs: tuple[str, ...] = ()
+    exptime: float | None = None
+    filter: str = ""
+
+
+def frame_needs(steps: Sequence[MasterStep], exptime: float, filt: str) -> tuple[str, ...]:
+    """File names of the masters of ``steps`` that calibrate a science frame of this
+    exposure time and filter (as :func:`~astep_dask.masters.store.frame_masters` reads
+    them: the darks :func:`~astep_dask.core.darks.darks_needed` names, the flat, the
+    mask)."""
+    by_role: dict[str, list[MasterStep]] = {}
+    for s in steps:
+        by_role.setdefault(s.role, []).append(s)
+    darks = {s.exptime: s.name for s in by_role.get("dark", [])}
+    bias = [s.name for s in by_role.get("bias", [])]
+    used = darks_needed(exptime, darks, bool(bias)) or ()
+    return (*bias, *(darks[et] for et in used),
+            *(s.name for s in by_role.get("flat", []) if s.filter == filt),
+            *(s.name for s in by_role.get("mask", [])))
 
 
 class MasterBuilder:
@@ -72,6 +102,41 @@ class MasterBuilder:
         flat = inventory.exptimes(FrameType.FLAT)
         self.science_exptime = sci[0] if sci else None
         self.flat_exptime = flat[0] if flat else None
+
+    def plan(self) -> list[MasterStep]:
+        """The masters this night can make from its own frames, in the order :meth:`build`
+        makes them, each with the masters it needs, by the rules :meth:`build` follows
+        (``min_frames`` inputs; the darks :func:`~astep_dask.core.darks.darks_needed`
+        names). Which are reused, which flats are rejected and which masters come from
+        another night are decided while building; the flow chart draws this plan."""
+        need = self.settings.combine.min_frames
+        bias_recs = self.inv.select(FrameType.BIAS)
+        bias = (MasterStep("bias", self._name("bias"), tuple(bias_recs))
+                if bias_recs and len(bias_recs) >= need else None)
+        after_bias = (bias.name,) if bias else ()
+        darks: dict[float, MasterStep] = {}
+        for et in self.inv.exptimes(FrameType.DARK):
+            recs = self.inv.select(FrameType.DARK, exptime=et)
+            if len(recs) >= need:
+                darks[et] = MasterStep("dark", self._name("dark", et), tuple(recs), after_bias,
+                                       exptime=et)
+        flats = []
+        for filt in self.inv.filters(FrameType.FLAT):
+            recs = self.inv.select(FrameType.FLAT, filter=filt)
+            used = [darks_needed(et, darks, bias is not None)
+                    for et in sorted({r.exptime for r in recs})]
+            if len(recs) < need or any(u is None for u in used):
+                continue
+            ets = sorted({et for u in used for et in u})
+            flats.append(MasterStep("flat", self._name("flat", filter=filt), tuple(recs),
+                                    (*after_bias, *(darks[et].name for et in ets)),
+                                    filter=filt))
+        steps = [*([bias] if bias else []), *darks.values(), *flats]
+        if flats or darks:
+            hot = (darks[max(darks)].name,) if darks else ()
+            steps.append(MasterStep("mask", self._name("mask"), (),
+                                    (*hot, *(f.name for f in flats))))
+        return steps
 
     # -- helpers ---------------------------------------------------------------------
     def _name(self, role: str, exptime: float | None = None, filter: str = "") -> str:

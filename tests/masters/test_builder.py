@@ -335,3 +335,28 @@ def test_writing_a_master_never_touches_its_arrays(tmp_path, monkeypatch):
     back = read_master(path)
     np.testing.assert_array_equal(back.data, m.data)
     np.testing.assert_array_equal(back.var, m.var)
+
+
+def test_the_plan_is_what_build_makes(small_night, tmp_path):
+    """Every master of the plan is built under its name, from the frames it names, and
+    the plan's dependencies are the calibration's own (each dark a flat needs exists)."""
+    from astep_dask.masters.builder import frame_needs
+
+    inv = scan_night(small_night)
+    b = MasterBuilder(inv, tmp_path, Settings())
+    steps = b.plan()
+    assert [s.role for s in steps] == ["dark", "dark", "flat", "mask"]  # no bias: ASTEP
+    b.build()
+    names = {s.name for s in steps}
+    assert names == set(b.report.built)
+    for s in steps:
+        assert set(s.needs) <= names - {s.name}
+        if s.records:
+            inputs = set(fits.getdata(tmp_path / s.name, "INPUTS")["FILE"])
+            assert inputs <= {r.path.name for r in s.records}
+            assert len(inputs) >= Settings().combine.min_frames
+    flat = next(s for s in steps if s.role == "flat")
+    science = inv.select(FrameType.SCIENCE)[0]
+    needs = frame_needs(steps, science.exptime, science.filter)
+    assert flat.name in needs and any("DARK" in n and "FLAT" not in n for n in needs)
+    assert needs[-1].endswith("_MASK.fits")
