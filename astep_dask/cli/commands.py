@@ -16,17 +16,9 @@ from pathlib import Path
 from astep_dask.io.layout import format_table, scan
 
 EXIT_OK = 0
-
-
 EXIT_FAILED = 1
-
-
 EXIT_PARTIAL = 3
-
-
 EXIT_INTERRUPTED = 130
-
-
 EPILOG = """exit codes:
   0  complete
   1  nothing done (the one-line error says why)

@@ -39,11 +39,7 @@ __all__ = [
 
 
 EDGE_PAD = 8  # pixels mirrored around a frame before cosmic-ray detection
-
-
 MIN_WINDOW = 16  # px: smaller arrays given to astroscrappy are mirrored to this size
-
-
 BRIGHT_FILL = np.float32(1e30)  # stands for saturated pixels when looking for candidates
 
 

@@ -35,20 +35,10 @@ __all__ = [
 
 
 SQRT2 = np.sqrt(2.0)
-
-
 SQRT2PI = np.sqrt(2.0 * np.pi)
-
-
 DEFAULT_SIGMA = 1.3  # px, used when a frame has too few stars to measure its PSF
-
-
 EDGE_SLACK = 4.0  # PSF sigmas a star's centre may lie outside the frame
-
-
 CLIP_FRAC = 0.5  # a clipping round drops pixels above this fraction of the worst excess
-
-
 FIRST_ITER = 5  # iterations of the first, rough fit (before any clipping)
 
 

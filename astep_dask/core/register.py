@@ -84,11 +84,7 @@ STAR_DTYPE = np.dtype([
 
 
 OFF_FRAME = flag(Bit.NO_DATA, Bit.EDGE)  # output pixels fed by no input pixel
-
-
 FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
-
-
 PIXEL_VARIANCE = 1.0 / 12.0  # px², variance of a uniform pixel response
 
 

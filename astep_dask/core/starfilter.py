@@ -334,9 +334,5 @@ def unflag_stars(
 
 
 EIGHT = np.ones((3, 3), bool)  # 8-connectivity
-
-
 BRIGHT = 5.0  # stars this many times min_peak need no support from outside their group
-
-
 SCREEN_SNR = 2.0  # groups with no point source this significant just outside them: no fit

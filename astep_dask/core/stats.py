@@ -35,11 +35,7 @@ def mad_sigma(values: np.ndarray, level: float) -> float:
 
 
 IQR_TO_SIGMA = 1.3489795003921634  # interquartile range of a unit Gaussian
-
-
 MEDIAN_ERROR = 1.2533141373155  # sqrt(pi/2): standard error of a median / that of a mean
-
-
 MAD_TO_SIGMA = 1.482602218505602  # 1 / Phi^-1(3/4): MAD of a Gaussian → its sigma
 
 

@@ -49,14 +49,8 @@ __all__ = [
 ]
 
 NIGHT_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-
-
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fits.fz", ".fz")
-
-
 SCIENCE_FOLDER = "CAMS"
-
-
 FLAT_FOLDER = "CAMS_SKYFLAT"
 
 
