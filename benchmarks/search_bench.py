@@ -40,15 +40,24 @@ from distributed import Client, LocalCluster
 
 from astep_dask.config import SearchSettings, Settings, TemplateSettings
 from astep_dask.kbmod.candidates import read_candidates
-from astep_dask.kbmod.search import psi_phi, search_night
+from astep_dask.kbmod.search import (
+    BlockJob,
+    block_task,
+    night_frames,
+    search_night,
+    tile_task,
+    tiles_for,
+)
+from astep_dask.kbmod.shiftstack import margin_for, psi_phi, velocity_blocks, velocity_grid
 from astep_dask.kbmod.stage import export_night
 from astep_dask.run.night import calibrate_night
 from astep_dask.testing.simulate import SimConfig, mover_tracks, simulate_night
 
 
 def tracks(night: Path, export: dict) -> list[dict]:
-    """Each mover on the export's reference grid (:func:`simulate.mover_tracks`): start,
-    velocity (px/day), positions, flux and the ideal matched-filter SNR."""
+    """Each mover on the export's reference grid
+    (:func:`astep_dask.testing.simulate.mover_tracks`): start, velocity (px/day), positions,
+    flux and the ideal matched-filter SNR."""
     headers = [fits.getheader(export["kbmod_dir"] / r["output"]) for r in export["frames"]]
     stems = [h["CALFILE"].removesuffix("_CAL.fits") for h in headers]
     return mover_tracks(night, stems, headers[0]["REFFRAME"])
@@ -149,17 +158,6 @@ def run_search(args: argparse.Namespace, root: Path) -> None:
 def cpu_per_velocity(kdir: Path, ss: SearchSettings, n: int = 100) -> float:
     """CPU milliseconds per velocity of one stacking task (``time.process_time`` in this
     process, on the first tile, ``n`` velocities of the grid's middle)."""
-    from astep_dask.kbmod.search import (
-        BlockJob,
-        block_task,
-        margin_for,
-        night_frames,
-        tile_task,
-        tiles_for,
-        velocity_blocks,
-        velocity_grid,
-    )
-
     frames = night_frames(kdir)
     mjd = np.array([f.mjd for f in frames])
     dt = mjd - mjd[0]

@@ -35,6 +35,7 @@ from astep_dask.core.register import (
     windowed_centroids,
 )
 from astep_dask.errors import RunError
+from astep_dask.io.fitsio import mid_exposure
 from astep_dask.io.products import LOCK, output_dir
 from astep_dask.kbmod.difference import difference, leave_one_out
 from astep_dask.kbmod.export import choose_reference
@@ -43,7 +44,6 @@ from astep_dask.kbmod.products import (
     OBS_LAT,
     Layers,
     kbmod_hdul,
-    mid_exposure,
     reference_wcs,
     science_plane,
     strip_wcs,
@@ -57,6 +57,7 @@ from astep_dask.kbmod.template import (
     TemplateFrame,
     combine_frames,
     homogenise,
+    kept,
     read_template,
     strip_task,
 )
@@ -801,8 +802,6 @@ def test_template_rejects_a_mover_and_leaves_each_frame_out():
     i = 4
     frame = Layers(sci[i], var[i], np.zeros((size, size), np.int32))
     loo = leave_one_out(tpl, frame, weights[i], ts, grow=2)
-    from astep_dask.kbmod.template import kept
-
     keep = kept(sci, var, usable, tpl.centre, ts.sigma, 2, ts.residual_floor)
     keep[i] = False
     w = np.where(keep, weights[:, None, None], 0.0)

@@ -15,21 +15,26 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
+from astep_dask.cli import EXIT_OK, main
 from astep_dask.config import SearchSettings, Settings, TemplateSettings
+from astep_dask.core.register import resample
 from astep_dask.errors import RunError
 from astep_dask.io.products import output_dir
 from astep_dask.kbmod.candidates import CSV_COLUMNS, read_candidates
-from astep_dask.kbmod.search import (
+from astep_dask.kbmod.kernels import filter_factor
+from astep_dask.kbmod.products import Layers
+from astep_dask.kbmod.search import search_night
+from astep_dask.kbmod.shiftstack import (
     CANDIDATE_DTYPE,
     cluster,
     psi_phi,
     robust_sums,
     search_block,
-    search_night,
     trajectory_values,
     velocity_grid,
 )
 from astep_dask.kbmod.stage import export_night
+from astep_dask.kbmod.template import homogenise
 from astep_dask.run.night import calibrate_night
 from astep_dask.testing.simulate import SimConfig, mover_tracks, psf_stamp, simulate_night
 
@@ -338,8 +343,6 @@ def test_velocity_grid_and_clustering():
 
 def test_the_command_line_exports_with_other_nights_and_searches(archive, other_nights,
                                                                  tmp_path, capsys):
-    from astep_dask.cli import EXIT_OK, main
-
     night, out = archive
     config = tmp_path / "run.toml"
     config.write_text('[kbmod]\nfolder = "kbmod_cli"\n[search]\nstamps = 2\n')
@@ -367,11 +370,6 @@ def test_the_filter_variance_factor_makes_the_snr_of_noise_unit():
     # White noise on the camera's pixels, resampled by a 2 × 2 overlap kernel and
     # PSF-matched (VAR carried in the area convention, as the export does): psi / √phi at
     # fixed positions has a standard deviation below 1 by √FILTVARF, and 1 with it.
-    from astep_dask.core.register import resample
-    from astep_dask.kbmod.kernels import filter_factor
-    from astep_dask.kbmod.products import Layers
-    from astep_dask.kbmod.template import homogenise
-
     rng = np.random.default_rng(11)
     n, v, sigma = 400, 25.0, 1.3
     dx, dy, kvar = 0.4, 0.7, (0.05, 0.2)

@@ -56,20 +56,10 @@ def master_name(night: str, role: str, exptime: float | None = None, filter: str
 
 
 OUTPUT_FOLDER = "CAMS_CAL"
-
-
 REPORT_FOLDER = "report"
-
-
 QA_JSON = "qa.json"
-
-
 REPORT_INDEX = "index.html"
-
-
 MANIFEST = "manifest.json"
-
-
 LOCK = ".astep-dask.lock"
 
 
@@ -187,3 +177,29 @@ def master_files(out_dir: Path, manifest: dict | None = None) -> dict[str, Path]
         elif role in ("bias", "mask"):
             out[role] = p
     return out
+
+
+# --------------------------------------------------------------------------- KBMOD export
+# The calibrated frames the export reads, and the names in its folder (``[kbmod] folder``
+# of the settings, KBMOD_FOLDER by default, in the night's output folder).
+
+CAL_SUFFIX = "_CAL.fits"  # a calibrated frame: <raw stem>_CAL.fits
+KBMOD_FOLDER = "kbmod"  # the export's folder by default
+KBMOD_SUFFIX = "_KBMOD.fits"  # a KBMOD file: <stem>_KBMOD.fits
+KBMOD_MANIFEST = "kbmod.json"  # the export's summary (not the night's MANIFEST)
+KBMOD_REGISTERED_FOLDER = "registered"  # registered frames, when KBMOD files are differences
+KBMOD_REG_SUFFIX = "_REG.fits"  # a registered frame: <stem>_REG.fits
+KBMOD_TEMPLATE_SUFFIX = "_TEMPLATE.fits"  # the static-sky template: DATE_TEMPLATE.fits
+KBMOD_NEIGHBOUR_FOLDER = "template_frames"  # other nights' frames on this night's grid
+
+
+__all__ += [
+    "CAL_SUFFIX",
+    "KBMOD_FOLDER",
+    "KBMOD_MANIFEST",
+    "KBMOD_NEIGHBOUR_FOLDER",
+    "KBMOD_REGISTERED_FOLDER",
+    "KBMOD_REG_SUFFIX",
+    "KBMOD_SUFFIX",
+    "KBMOD_TEMPLATE_SUFFIX",
+]

@@ -1,15 +1,24 @@
-"""kbmod.candidates: TODO docstring."""
+"""The search's products: the candidates table and a postage stamp per candidate.
+
+:func:`~astep_dask.kbmod.search.search_night` writes ``DATE_CANDIDATES.csv`` (one row per
+candidate, :data:`CSV_COLUMNS`; :func:`write_candidates`, read back by
+:func:`read_candidates`) and, for the best candidates, a PNG of the stamps along the
+trajectory (:func:`stamp_mosaic`: the coadd and single frames in units of their noise;
+:func:`stamp_png`, run as a worker task). Both are written atomically.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from astep_dask.io.fitsio import TMP_PREFIX
+from astep_dask.io.fitsio import atomic_open, atomic_write_text
 
-# --------------------------------------------------------------------------- products
+__all__ = ["CSV_COLUMNS", "read_candidates", "stamp_mosaic", "stamp_png", "write_candidates"]
+
+CSV_COLUMNS = ("x", "y", "vx", "vy", "flux", "snr", "n_frames", "flux_err", "x_end", "y_end",
+               "stamp")
 
 
 def stamp_mosaic(stamps: np.ndarray, n_show: int = 12) -> tuple[np.ndarray, list[int]]:
@@ -45,6 +54,8 @@ def stamp_mosaic(stamps: np.ndarray, n_show: int = 12) -> tuple[np.ndarray, list
 def stamp_png(path: Path, stamps: np.ndarray, row: dict, dt: np.ndarray) -> Path:
     """PNG of one candidate (:func:`stamp_mosaic`, in σ, grey from −3 to +8, masked pixels
     dark red), titled with its SNR, flux and velocity."""
+    # matplotlib is slow to import: only when stamps are drawn (on the workers)
+    import matplotlib as mpl
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -53,8 +64,6 @@ def stamp_png(path: Path, stamps: np.ndarray, row: dict, dt: np.ndarray) -> Path
     fig = Figure(figsize=(max(w / 18, 3.0), h / 18 + 0.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_axes((0, 0, 1, h / 18 / (h / 18 + 0.5)))
-    import matplotlib as mpl
-
     cmap = mpl.colormaps["gray"].with_extremes(bad="#5a1010")
     ax.imshow(np.ma.masked_invalid(mosaic), origin="lower", cmap=cmap, vmin=-3, vmax=8,
               interpolation="nearest")
@@ -63,9 +72,8 @@ def stamp_png(path: Path, stamps: np.ndarray, row: dict, dt: np.ndarray) -> Path
     fig.suptitle(f"#{row['rank']}  x {row['x']:.1f} y {row['y']:.1f}  v ({row['vx']:.0f}, "
                  f"{row['vy']:.0f}) px/d  SNR {row['snr']:.1f}  flux {row['flux']:.0f} e-  "
                  f"[coadd | frames {hours} h]", fontsize=6, y=0.99, va="top")
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    with atomic_open(path) as fh:
+        fig.savefig(fh, format="png")
     return path
 
 
@@ -75,10 +83,7 @@ def write_candidates(path: Path, rows: list[dict]) -> Path:
     for r in rows:
         lines.append(",".join(
             f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in CSV_COLUMNS))
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def read_candidates(path: Path) -> list[dict]:
@@ -98,6 +103,3 @@ def read_candidates(path: Path) -> list[dict]:
         rows.append(row)
     return rows
 
-
-CSV_COLUMNS = ("x", "y", "vx", "vy", "flux", "snr", "n_frames", "flux_err", "x_end", "y_end",
-               "stamp")

@@ -1,4 +1,14 @@
-"""kbmod.difference: TODO docstring."""
+"""Difference frames of the KBMOD export (issue 11): a registered frame minus the
+static-sky template, as KBMOD files.
+
+The template is combined by :mod:`astep_dask.kbmod.template`; this module turns each
+registered frame of the night into its KBMOD file: PSF-matched as when the template was
+combined, differenced against the template *without it* (:func:`leave_one_out`: exact for
+the clipped weighted mean, so a frame never subtracts part of itself) or against the whole
+template when it is made from other nights, with variance ``frame + template`` and mask
+``frame OR template`` (:func:`difference`). One worker task per frame
+(:func:`difference_task`), skipped on a re-run when the file has the same provenance.
+"""
 
 from __future__ import annotations
 
@@ -12,23 +22,25 @@ from astropy.io import fits
 from astep_dask.config import TemplateSettings
 from astep_dask.core.bits import MASK_DTYPE
 from astep_dask.io.fitsio import atomic_write
+from astep_dask.io.products import KBMOD_REGISTERED_FOLDER
 from astep_dask.kbmod.kernels import filter_factor
 from astep_dask.kbmod.products import (
     PROV_KEY,
     Layers,
     existing_row,
     kbmod_hdul,
-    read_calibrated,
+    read_layers,
     science_plane,
 )
 from astep_dask.kbmod.template import (
     NO_TEMPLATE,
-    REGISTERED_FOLDER,
     Template,
     homogenise,
     kept,
     read_template,
 )
+
+__all__ = ["DifferenceJob", "difference", "difference_task", "leave_one_out"]
 
 
 def leave_one_out(template: Template, frame: Layers, weight: float, ts: TemplateSettings,
@@ -105,7 +117,7 @@ def difference_task(job: DifferenceJob) -> dict:
         return {**row, **old, "status": "skipped"}
     t0 = time.perf_counter()
     try:
-        header, frame = read_calibrated(job.registered)
+        header, frame = read_layers(job.registered)
         _, tpl, _ = read_template(job.template)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return {**row, "status": "failed", "reason": f"cannot read inputs: {exc}"}
@@ -128,7 +140,7 @@ def difference_task(job: DifferenceJob) -> dict:
         "TPLMODE": (job.mode, "template: this night (leave-one-out) or other nights"),
         "TPLLOO": (job.weight is not None, "T: this frame left out of its template"),
         "TPLFLOOR": (ts.residual_floor, "fraction of |template| added to VAR (quadr.)"),
-        "REGFILE": (f"{REGISTERED_FOLDER}/{job.registered.name}",
+        "REGFILE": (f"{KBMOD_REGISTERED_FOLDER}/{job.registered.name}",
                     "registered sky-subtracted frame"),
         "PSFMATCH": (ts.psf_match, "T: PSF matched to the template's (Gaussian var)"),
         "PSFKVARX": (float(job.kernel_var[0]), "[px2] x variance of the matching kernel"),

@@ -31,13 +31,17 @@ HDU 3 ``VAR`` float32 electrons². Variance is finite and positive wherever the 
 By default (issue 11) the KBMOD files are *difference* frames: the registered frames are
 written to ``kbmod/registered/<stem>_REG.fits`` (same layout), a static-sky template is
 combined from them (or from neighbouring nights of the field) and each KBMOD file holds
-frame − template, PSF-matched (``KBPLANE = 'difference'``); see :mod:`astep_dask.template`.
+frame − template, PSF-matched (``KBPLANE = 'difference'``); see
+:mod:`astep_dask.kbmod.template`.
 With the template disabled the KBMOD files are the registered frames, as before.
 
 The work runs like calibration: one task per frame on the dask cluster (measure:
 background, stars, PSF; then export: offset to the reference, sky subtraction,
 resampling, write), atomic writes, and a re-run skips every frame whose file exists with
 the same provenance hash.
+
+This module holds the choice of the reference frame and the two worker tasks (measure,
+export) with the pure steps they run; :mod:`astep_dask.kbmod.stage` submits them.
 """
 
 from __future__ import annotations
@@ -45,7 +49,6 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,9 +68,7 @@ from astep_dask.core.register import (
     stars_psf_sigma,
     windowed_centroids,
 )
-from astep_dask.io.fitsio import (
-    atomic_write,
-)
+from astep_dask.io.fitsio import atomic_write
 from astep_dask.io.provenance import digest_of
 from astep_dask.kbmod.kernels import filter_factor
 from astep_dask.kbmod.products import (
@@ -79,14 +80,28 @@ from astep_dask.kbmod.products import (
     CalFrame,
     Layers,
     Reference,
-    _f,
+    card_float,
     existing_row,
     kbmod_hdul,
-    read_calibrated,
+    read_layers,
     science_plane,
     sky_subtract,
 )
 from astep_dask.version import __version__
+
+__all__ = [
+    "ExportJob",
+    "FrameMeasure",
+    "MeasureJob",
+    "choose_reference",
+    "export_layers",
+    "export_provenance",
+    "export_task",
+    "frame_cards",
+    "measure_layers",
+    "measure_task",
+    "registration_check",
+]
 
 
 def choose_reference(rows: list[dict], requested: str = "") -> int:
@@ -188,7 +203,7 @@ def measure_task(job: MeasureJob) -> FrameMeasure | dict:
     frame, ks = job.frame, job.settings
     t0 = time.perf_counter()
     try:
-        _, layers = read_calibrated(frame.path)
+        _, layers = read_layers(frame.path)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return {"file": frame.path.name, "stem": frame.stem, "mjd": frame.mjd,
                 "status": "failed", "stage": "measure",
@@ -211,7 +226,7 @@ class ExportJob:
     force: bool = False
 
 
-def frame_provenance(frame: CalFrame, reference: Reference, ks: KbmodSettings) -> str:
+def export_provenance(frame: CalFrame, reference: Reference, ks: KbmodSettings) -> str:
     """Hash of a frame's calibrated input, the reference and the export settings."""
     return digest_of(frame.path.name, frame.adprov, reference.stem, reference.adprov,
                      ks.digest(), __version__)
@@ -231,7 +246,7 @@ def export_task(job: ExportJob) -> dict:
     t0 = time.perf_counter()
     ks = job.settings
     try:
-        cal_header, layers = read_calibrated(f.path)
+        cal_header, layers = read_layers(f.path)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return {**row, "status": "failed", "reason": f"cannot read calibrated frame: {exc}"}
     ref = job.reference
@@ -275,6 +290,8 @@ def export_task(job: ExportJob) -> dict:
 def frame_cards(f: CalFrame, job: ExportJob, offset: Offset, bkg: Background, info: dict,
                 figures: dict, ks: KbmodSettings) -> dict[str, tuple]:
     """Primary-header cards of a KBMOD file."""
+    filtvarf = filter_factor(offset.dx, offset.dy, (0.0, 0.0), figures["psf_sigma"],
+                             info["var_pixel_factor"], ks.variance)
     cards: dict[str, tuple] = {
         "MJD": (float(f.mjd), "[d] mid-exposure MJD (UTC): KBMOD obstime"),
         "MJD-AVG": (float(Time(f.date_avg, scale=f.timesys.lower()).mjd),
@@ -295,36 +312,25 @@ def frame_cards(f: CalFrame, job: ExportJob, offset: Offset, bkg: Background, in
         "REFADPRV": (job.reference.adprov, "ADPROV of the reference frame"),
         PROV_KEY: (job.provenance, "hash of input, reference and export settings"),
         "REGMETH": ("2x2 overlap (bilinear), flux-conserving", "resampling"),
-        "REGDX": (_f(offset.dx), "[px] x offset: ref (x,y) is (x+dx,y+dy) here"),
-        "REGDY": (_f(offset.dy), "[px] y offset to the reference frame"),
-        "REGDXERR": (_f(offset.err_x), "[px] uncertainty of REGDX"),
-        "REGDYERR": (_f(offset.err_y), "[px] uncertainty of REGDY"),
+        "REGDX": (card_float(offset.dx), "[px] x offset: ref (x,y) is (x+dx,y+dy) here"),
+        "REGDY": (card_float(offset.dy), "[px] y offset to the reference frame"),
+        "REGDXERR": (card_float(offset.err_x), "[px] uncertainty of REGDX"),
+        "REGDYERR": (card_float(offset.err_y), "[px] uncertainty of REGDY"),
         "REGNMAT": (offset.n_match, "stars matched to the reference"),
-        "REGMRMS": (_f(offset.rms), "[px] weighted rms of matched star residuals"),
-        "REGRMS": (_f(info["reg_rms"]), "[px] rms of ref star positions after resampling"),
+        "REGMRMS": (card_float(offset.rms), "[px] weighted rms of matched star residuals"),
+        "REGRMS": (card_float(info["reg_rms"]), "[px] rms of ref star positions after resampling"),
         "REGNSTAR": (info["reg_n"], "ref stars re-measured after resampling"),
         "VARMODE": (ks.variance, "VAR convention: area (sums, filters) or pixel"),
-        "VARPIXF": (_f(info["var_pixel_factor"]), "one-pixel variance / area variance"),
+        "VARPIXF": (card_float(info["var_pixel_factor"]), "one-pixel variance / area variance"),
         "BKGMETH": ("mesh sigma-clip, median filter, bicubic", "background subtracted"),
         "BKGMESH": (ks.mesh, "[px] background mesh size"),
-        "BKGLEVEL": (_f(bkg.median_level, 3), "[e-] median background subtracted"),
-        "BKGRMS": (_f(bkg.median_rms, 3), "[e-] median sky noise per pixel"),
-        "PSFSIGMA": (_f(figures["psf_sigma"], 4), "[px] Gaussian PSF sigma of SCI (KBMOD psf)"),
-        "PSFFWHM": (_f(figures["psf_fwhm"], 4), "[px] PSF FWHM of SCI"),
-        "PSFSIG0": (_f(figures["psf_sigma_cal"], 4), "[px] PSF sigma before resampling"),
+        "BKGLEVEL": (card_float(bkg.median_level, 3), "[e-] median background subtracted"),
+        "BKGRMS": (card_float(bkg.median_rms, 3), "[e-] median sky noise per pixel"),
+        "PSFSIGMA": (card_float(figures["psf_sigma"], 4),
+                     "[px] Gaussian PSF sigma of SCI (KBMOD psf)"),
+        "PSFFWHM": (card_float(figures["psf_fwhm"], 4), "[px] PSF FWHM of SCI"),
+        "PSFSIG0": (card_float(figures["psf_sigma_cal"], 4), "[px] PSF sigma before resampling"),
         "NSTARS": (int(figures["n_stars"]), "stars measured on the frame"),
-        "FILTVARF": (_f(filter_factor(offset.dx, offset.dy, (0.0, 0.0), figures["psf_sigma"],
-                                      info["var_pixel_factor"], ks.variance), 5),
-                     "Var(psi)/phi of PSFSIGMA filter: use VAR x this"),
+        "FILTVARF": (card_float(filtvarf, 5), "Var(psi)/phi of PSFSIGMA filter: use VAR x this"),
     }
     return cards
-
-
-# --------------------------------------------------------------------------- orchestration
-
-Progress = Callable[[int, int, dict], None]
-
-
-def _measure_row(frame: CalFrame, m: FrameMeasure) -> dict:
-    return {"stem": frame.stem, "file": frame.path.name, "raw": frame.raw, "mjd": frame.mjd,
-            "n_stars": int(m.stars.size), "psf_sigma": m.psf_sigma}

@@ -1,4 +1,14 @@
-"""kbmod.kernels: TODO docstring."""
+"""The small 1-D kernels of the KBMOD export and search, and what they do to the noise.
+
+Three things share them: the search's matched filter (:func:`psf_1d`, the pixel-integrated
+Gaussian PSF of σ ``PSFSIGMA``, as KBMOD takes it); the template's PSF matching
+(:func:`kernel_1d`, a kernel of a given variance, and :func:`effective_psf_variance`,
+:func:`matching_variances`, :func:`halo`, which choose those variances per frame); and the
+factor ``FILTVARF`` written in every KBMOD file (:func:`filter_factor`), by which VAR is
+multiplied so that the matched filter's SNR of pure noise has unit variance after the
+resampling and matching kernels have correlated the noise
+(:func:`filter_variance_factor`). Numpy and scipy only.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +16,19 @@ import numpy as np
 from scipy.optimize import brentq
 from scipy.special import erf
 
-from astep_dask.core.register import (
-    shift_weights,
-)
+from astep_dask.core.register import shift_weights
 
-# --------------------------------------------------------------------------- pure core
+__all__ = [
+    "effective_psf_variance",
+    "filter_factor",
+    "filter_variance_factor",
+    "halo",
+    "kernel_1d",
+    "matching_variances",
+    "psf_1d",
+]
+
+# --------------------------------------------------------------------------- matched filter
 
 
 def psf_1d(sigma: float) -> np.ndarray:
@@ -52,11 +70,9 @@ def filter_factor(dx: float, dy: float, kernel_var: tuple[float, float], sigma: 
                   var_pixel_factor: float = 1.0, variance: str = "area") -> float:
     """FILTVARF of a frame registered with offset ``(dx, dy)`` then PSF-matched with
     kernels of variance ``kernel_var``: what its VAR is multiplied by for the variance of a
-    matched filter of σ ``sigma`` (:func:`search.filter_variance_factor`; with the "pixel"
+    matched filter of σ ``sigma`` (:func:`filter_variance_factor`; with the "pixel"
     convention, VAR is ``var_pixel_factor`` times the area one, so that is divided out).
     1 when σ is not known."""
-    pass
-
     if not (np.isfinite(sigma) and sigma > 0):
         return 1.0
     _, fx, fy = shift_weights(dx, dy)
@@ -70,6 +86,7 @@ def filter_factor(dx: float, dy: float, kernel_var: tuple[float, float], sigma: 
 
 
 def _discrete_gaussian(s: float) -> np.ndarray:
+    """Sampled Gaussian of σ ``s`` (half-width ``ceil(4s)``), summing to 1."""
     half = int(np.ceil(4 * s))
     x = np.arange(-half, half + 1)
     k = np.exp(-0.5 * (x / s) ** 2)
@@ -77,6 +94,7 @@ def _discrete_gaussian(s: float) -> np.ndarray:
 
 
 def _variance(k: np.ndarray) -> float:
+    """Variance (px²) of a centred 1-D kernel summing to 1."""
     x = np.arange(k.size) - k.size // 2
     return float(np.sum(k * x * x))
 

@@ -1,10 +1,22 @@
-"""kbmod.products: TODO docstring."""
+"""The files of the KBMOD export and the small pure pieces they are made of.
+
+The export (:mod:`astep_dask.kbmod.export`, driven by :mod:`astep_dask.kbmod.stage`) reads
+calibrated frames and writes, in the night's ``kbmod/`` folder, one KBMOD file per frame,
+the reference frame's record, the night stack, the offsets table and ``kbmod.json``. This
+module holds what those files are: their names, the observatory keywords, the planes of a
+frame (:class:`Layers`) and how they are cleaned, sky-subtracted and differenced, the
+layout of a KBMOD file (:func:`kbmod_hdul`), the calibrated frames of a night as the export
+lists them (:class:`CalFrame`), the reference (:class:`Reference`, written and read back
+so that a re-run keeps the same grid), the night's products (offsets CSV, stack file,
+manifest) and the reading back of an existing KBMOD file's figures, which lets a re-run
+skip a frame whose file has the same provenance. Every file is written atomically
+(:mod:`astep_dask.io.fitsio`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,22 +24,59 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
-from astropy.time import Time, TimeDelta
+from astropy.wcs import WCS, FITSFixedWarning
 
 from astep_dask.config import KbmodSettings
 from astep_dask.core.background import Background
 from astep_dask.core.bits import MASK_DTYPE, Bit, flag
-from astep_dask.core.register import (
-    STAR_DTYPE,
-)
+from astep_dask.core.register import STAR_DTYPE
 from astep_dask.io.fitsio import (
-    TMP_PREFIX,
+    atomic_path,
     atomic_write,
+    atomic_write_text,
     copy_header,
     header_cards,
+    mid_exposure,
+    read_calibrated,
 )
+from astep_dask.io.products import CAL_SUFFIX
 from astep_dask.io.provenance import digest_of, stamp
 from astep_dask.version import __version__
+
+__all__ = [
+    "CAL_SUFFIX",  # defined in astep_dask.io.products, with the other file names
+    "OBSERVATORY",
+    "OBS_ELEV",
+    "OBS_LAT",
+    "OBS_LONG",
+    "PROV_KEY",
+    "ROW_CARDS",
+    "UNUSABLE",
+    "WCS_KEYS",
+    "WCS_PREFIXES",
+    "CalFrame",
+    "Layers",
+    "Reference",
+    "calibrated_frames",
+    "card_float",
+    "clean_layers",
+    "existing_row",
+    "frames_table",
+    "header_value",
+    "kbmod_hdul",
+    "read_layers",
+    "read_reference",
+    "reference_path",
+    "reference_wcs",
+    "science_plane",
+    "sky_subtract",
+    "stack_provenance",
+    "strip_wcs",
+    "write_manifest",
+    "write_offsets",
+    "write_reference",
+    "write_stack",
+]
 
 # Concordia Station, Dome C (Antarctica), where ASTEP observes: 75°05'59" S, 123°19'56" E,
 # 3233 m above sea level (Wikipedia, "Concordia Station", infobox: 75.099780 S,
@@ -45,19 +94,7 @@ OBS_LONG = 123.332196  # deg, east
 OBS_ELEV = 3233.0  # m
 
 
-FOLDER = "kbmod"
-
-
-SUFFIX = "_KBMOD.fits"
-
-
-CAL_SUFFIX = "_CAL.fits"
-
-
-MANIFEST = "kbmod.json"
-
-
-PROV_KEY = "KBPROV"
+PROV_KEY = "KBPROV"  # the provenance card of a KBMOD file
 
 
 UNUSABLE = flag(Bit.NO_DATA)
@@ -83,29 +120,6 @@ class Layers:
     mask: np.ndarray
 
 
-def mid_exposure(header: fits.Header) -> tuple[float, str, str]:
-    """Mid-exposure time of a frame: (MJD in UTC, ISO date in the header's time scale,
-    that scale), from ``DATE-OBS`` (else ``MJD-OBS``) + ``EXPTIME`` / 2.
-
-    Raises
-    ------
-    ValueError
-        When the header has neither ``DATE-OBS`` nor ``MJD-OBS``.
-    """
-    scale = str(header.get("TIMESYS", "UTC")).strip().lower()
-    if scale not in Time.SCALES:
-        scale = "utc"
-    if header.get("DATE-OBS"):
-        start = Time(str(header["DATE-OBS"]).strip(), scale=scale)
-    elif header.get("MJD-OBS") is not None:
-        start = Time(float(header["MJD-OBS"]), format="mjd", scale=scale)
-    else:
-        raise ValueError("no DATE-OBS or MJD-OBS: the frame has no time")
-    mid = start + TimeDelta(float(header.get("EXPTIME", 0.0)) / 2.0, format="sec")
-    mid.precision = 3
-    return float(mid.utc.mjd), str(mid.isot), scale.upper()
-
-
 def clean_layers(sci: np.ndarray, var: np.ndarray, mask: np.ndarray) -> Layers:
     """Flag NO_DATA on any pixel whose science or variance cannot be used (non-finite, or
     variance not positive), so that an unmasked pixel is always usable."""
@@ -128,7 +142,7 @@ def sky_subtract(frame: Layers, background: Background) -> Layers:
 def science_plane(frame: Layers, template: Layers | None = None) -> Layers:
     """The planes written to a KBMOD file from a registered, sky-subtracted frame: the
     frame itself or, given a static-sky template on the same grid (issue 11, see
-    :func:`astep_dask.template.difference`), frame − template, variance frame + template,
+    :func:`astep_dask.kbmod.difference.difference`), frame − template, variance frame + template,
     mask frame OR template.
     """
     if template is None:
@@ -143,8 +157,6 @@ def reference_wcs(header: fits.Header) -> fits.Header | None:
     None when the header has none."""
     if not any(k.startswith("CTYPE") for k in header):
         return None
-    from astropy.wcs import WCS, FITSFixedWarning
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FITSFixedWarning)
         try:
@@ -192,13 +204,11 @@ def kbmod_hdul(cal_header: fits.Header, layers: Layers, cards: dict[str, tuple],
 # --------------------------------------------------------------------------- I/O edges
 
 
-def read_calibrated(path: Path) -> tuple[fits.Header, Layers]:
-    """Primary header and planes of a calibrated frame (``*_CAL.fits``)."""
-    with fits.open(path, memmap=False) as hdul:
-        header = hdul[0].header.copy()
-        sci = np.asarray(hdul["SCI"].data, np.float32)
-        var = np.asarray(hdul["VAR"].data, np.float32)
-        mask = np.asarray(hdul["MASK"].data, MASK_DTYPE)
+def read_layers(path: Path) -> tuple[fits.Header, Layers]:
+    """Primary header and cleaned planes (:func:`clean_layers`) of a calibrated frame
+    (``*_CAL.fits``) or of a registered one (same planes), read by
+    :func:`astep_dask.io.fitsio.read_calibrated`."""
+    header, sci, var, mask = read_calibrated(path)
     return header, clean_layers(sci, var, mask)
 
 
@@ -250,7 +260,9 @@ ROW_CARDS = {
 }
 
 
-def _header_value(path: Path, key: str, ext: int = 0) -> str | None:
+def header_value(path: Path, key: str, ext: int = 0) -> str | None:
+    """A header card of a file as a string; None when the file or the card is missing or
+    the file cannot be read (so that a product is remade rather than trusted)."""
     try:
         with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
             value = hdul[ext].header.get(key)
@@ -272,13 +284,27 @@ def existing_row(path: Path, provenance: str) -> dict | None:
         return None
 
 
-def _f(value: float, digits: int = 6) -> float:
-    """A finite float for a header card (NaN is not allowed in FITS headers)."""
+def card_float(value: float, digits: int = 6) -> float:
+    """A float for a header card, rounded to ``digits``; -1 when not finite (NaN is not
+    allowed in FITS headers)."""
     value = float(value)
     return round(value, digits) if np.isfinite(value) else -1.0
 
 
 # --------------------------------------------------------------------------- reference file
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The night's reference frame: its grid is the common grid of the export."""
+
+    stem: str
+    adprov: str
+    shape: tuple[int, int]
+    stars: np.ndarray
+    psf_sigma: float
+    mjd: float
+    wcs: fits.Header | None
 
 
 def reference_path(kdir: Path, night: str) -> Path:
@@ -295,7 +321,7 @@ def write_reference(path: Path, ref: Reference, ks: KbmodSettings) -> Path:
     h["KBSETHSH"] = (ks.digest(), "hash of the export settings")
     h["REFNY"], h["REFNX"] = ref.shape
     h["MJD"] = (float(ref.mjd), "[d] mid-exposure MJD (UTC) of the reference")
-    h["PSFSIGMA"] = (_f(ref.psf_sigma, 4), "[px] PSF sigma of the reference")
+    h["PSFSIGMA"] = (card_float(ref.psf_sigma, 4), "[px] PSF sigma of the reference")
     stamp(h)
     table = fits.BinTableHDU(Table(ref.stars), name="STARS")
     hdus = [primary, table]
@@ -340,13 +366,13 @@ def write_offsets(path: Path, rows: list[dict]) -> Path:
     cols = ["stem", "mjd", "status", "dx", "dy", "dx_err", "dy_err", "n_match", "match_rms",
             "reg_rms", "sky", "sky_rms", "psf_sigma", "psf_fwhm", "reason"]
     table = Table(rows=[[_cell(r.get(c)) for c in cols] for r in rows], names=cols)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    table.write(tmp, format="ascii.csv", overwrite=True)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        table.write(tmp, format="ascii.csv", overwrite=True)
     return path
 
 
 def _cell(value: object) -> object:
+    """A CSV cell: empty for a missing or non-finite value."""
     if value is None:
         return ""
     if isinstance(value, float) and not np.isfinite(value):
@@ -389,8 +415,25 @@ def write_stack(path: Path, rows: list[dict], kdir: Path, reference: Reference,
     (frames, y, x) in time order, as the per-frame files hold them; then ``FRAMES``
     (file, MJD, offsets, background, PSF σ and FWHM per plane).
     """
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    ny, nx = reference.shape
+    with atomic_path(path) as tmp:
+        _stack_primary(rows, reference, ks, provenance).writeto(tmp, overwrite=True)
+        if ks.stack_images and rows:
+            for name, ext, bitpix, dtype in (("SCI", 1, -32, ">f4"), ("MASK", 2, 32, ">i4"),
+                                             ("VAR", 3, -32, ">f4")):
+                shdu = fits.StreamingHDU(str(tmp), _cube_header(name, bitpix, len(rows),
+                                                                reference))
+                for r in rows:
+                    with fits.open(kdir / r["output"], memmap=False) as hdul:
+                        shdu.write(np.ascontiguousarray(hdul[ext].data, dtype=dtype))
+                shdu.close()
+        table = frames_table(rows)
+        fits.append(tmp, table.data, table.header, checksum=True)
+    return path
+
+
+def _stack_primary(rows: list[dict], reference: Reference, ks: KbmodSettings,
+                   provenance: str) -> fits.PrimaryHDU:
+    """The primary HDU of the stack file (night, reference, observatory, provenance)."""
     primary = fits.PrimaryHDU()
     h = primary.header
     h["NFRAMES"] = (len(rows), "frames (planes of each cube), time order")
@@ -407,51 +450,37 @@ def write_stack(path: Path, rows: list[dict], kdir: Path, reference: Reference,
     h["STKIMGS"] = (ks.stack_images, "T: SCI, MASK, VAR cubes present")
     header_cards(h)
     stamp(h)
-    try:
-        primary.writeto(tmp, overwrite=True)
-        if ks.stack_images and rows:
-            for name, ext, bitpix, dtype in (("SCI", 1, -32, ">f4"), ("MASK", 2, 32, ">i4"),
-                                             ("VAR", 3, -32, ">f4")):
-                eh = fits.Header()
-                eh["XTENSION"] = "IMAGE"
-                eh["BITPIX"] = bitpix
-                eh["NAXIS"] = 3
-                eh["NAXIS1"], eh["NAXIS2"], eh["NAXIS3"] = nx, ny, len(rows)
-                eh["PCOUNT"], eh["GCOUNT"] = 0, 1
-                eh["EXTNAME"] = name
-                if name == "MASK":
-                    header_cards(eh)
-                if reference.wcs is not None:
-                    eh.update(reference.wcs)
-                    eh["WCSAXES"] = 2
-                shdu = fits.StreamingHDU(str(tmp), eh)
-                for r in rows:
-                    with fits.open(kdir / r["output"], memmap=False) as hdul:
-                        shdu.write(np.ascontiguousarray(hdul[ext].data, dtype=dtype))
-                shdu.close()
-        table = frames_table(rows)
-        fits.append(tmp, table.data, table.header, checksum=True)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return primary
 
 
-def _write_manifest(path: Path, result: dict, ks: KbmodSettings) -> Path:
+def _cube_header(name: str, bitpix: int, n_frames: int, reference: Reference) -> fits.Header:
+    """Header of one streamed cube (``n_frames`` planes on the reference grid)."""
+    ny, nx = reference.shape
+    eh = fits.Header()
+    eh["XTENSION"] = "IMAGE"
+    eh["BITPIX"] = bitpix
+    eh["NAXIS"] = 3
+    eh["NAXIS1"], eh["NAXIS2"], eh["NAXIS3"] = nx, ny, n_frames
+    eh["PCOUNT"], eh["GCOUNT"] = 0, 1
+    eh["EXTNAME"] = name
+    if name == "MASK":
+        header_cards(eh)
+    if reference.wcs is not None:
+        eh.update(reference.wcs)
+        eh["WCSAXES"] = 2
+    return eh
+
+
+def write_manifest(path: Path, result: dict, ks: KbmodSettings) -> Path:
+    """``kbmod.json``: the export's summary (:func:`~astep_dask.kbmod.stage.export_night`'s
+    result), its settings and version, then the rows of the frames; NaN written as null."""
     data = {
         **{k: v for k, v in result.items() if k != "frames"},
         "settings": dataclasses.asdict(ks),
         "version": __version__,
         "frames": result["frames"],
     }
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(_finite(data), indent=1, default=_json_default))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(_finite(data), indent=1, default=_json_default))
 
 
 def _finite(obj: object) -> object:
@@ -466,21 +495,9 @@ def _finite(obj: object) -> object:
 
 
 def _json_default(obj: object) -> object:
+    """JSON for numpy scalars and paths."""
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(type(obj))
-
-
-@dataclass(frozen=True)
-class Reference:
-    """The night's reference frame: its grid is the common grid of the export."""
-
-    stem: str
-    adprov: str
-    shape: tuple[int, int]
-    stars: np.ndarray
-    psf_sigma: float
-    mjd: float
-    wcs: fits.Header | None

@@ -1,13 +1,14 @@
-"""Static-sky templates and difference frames for the KBMOD export (issue 11).
+"""Static-sky templates for the difference frames of the KBMOD export (issue 11).
 
 KBMOD searches difference images: on registered, sky-subtracted frames the stars fill
 every result slot. This module builds, per night, a **template** of the static sky on the
 night's reference grid and turns each registered frame into ``frame − template``.
 
 **PSF matching.** Registration resamples every frame with a 2 × 2 overlap kernel whose
-variance, ``fx(1−fx)`` and ``fy(1−fy)`` px² per axis (``register.shift_weights``), depends on
-the frame's fractional offset: up to 0.25 px² added to a PSF of about 1.7 px² (σ ≈ 1.3 px),
-enough to leave a bright star's residual far above the noise. Each frame's effective PSF
+variance, ``fx(1−fx)`` and ``fy(1−fy)`` px² per axis
+(:func:`astep_dask.core.register.shift_weights`), depends on the frame's fractional
+offset: up to 0.25 px² added to a PSF of about 1.7 px² (σ ≈ 1.3 px), enough to leave a
+bright star's residual far above the noise. Each frame's effective PSF
 variance per axis is its measured Gaussian σ² before resampling plus that kernel's
 variance; every frame (of the night and of the template) is convolved with a small
 separable kernel that brings both axes to the largest effective variance of the set (a
@@ -40,18 +41,24 @@ identically zero, so a shift-and-stack never finds a static residual.
 frame of its own template and subtracts itself. With ``nights = N`` the template is made
 instead from the frames of the N nearest other nights of the same field (``OBJECT``),
 registered onto this night's reference grid from their stars (offsets as in
-``register.py``: any pointing difference, integer part by a vote), where the mover is
-elsewhere.
+:mod:`astep_dask.core.register`: any pointing difference, integer part by a vote), where
+the mover is elsewhere.
 
 Products, in the export folder: ``DATE_TEMPLATE.fits`` (HDU 1 SCI, 2 MASK, 3 VAR: the
 template in KBMOD's layout; then CENTRE, WSUM, NKEEP and a FRAMES table), the registered
 sky-subtracted frames in ``registered/`` and, with neighbouring nights, their frames on
 this night's grid in ``template_frames/``.
+
+This module holds the pure steps (PSF matching, combination), the strip task that combines
+rows of the template on a worker, the template file, and the choice of neighbouring
+nights; :mod:`astep_dask.kbmod.stage` runs them and :mod:`astep_dask.kbmod.difference`
+makes the difference frames.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import itertools
 import time
 import warnings
@@ -65,7 +72,7 @@ from scipy import ndimage
 from astep_dask.config import TemplateSettings
 from astep_dask.core.bits import MASK_DTYPE, Bit, flag
 from astep_dask.io.fitsio import atomic_write, header_cards
-from astep_dask.io.products import output_dir
+from astep_dask.io.products import KBMOD_TEMPLATE_SUFFIX, output_dir
 from astep_dask.io.provenance import digest_of, stamp
 from astep_dask.kbmod.kernels import kernel_1d
 from astep_dask.kbmod.products import (
@@ -78,17 +85,32 @@ from astep_dask.kbmod.products import (
 )
 from astep_dask.version import __version__
 
-REGISTERED_FOLDER = "registered"
-
-
-NEIGHBOUR_FOLDER = "template_frames"
-
-
-REG_SUFFIX = "_REG.fits"
-
-
-TEMPLATE_SUFFIX = "_TEMPLATE.fits"
-
+__all__ = [
+    "BRIGHT_HALO",
+    "MAX_MASKED_WEIGHT",
+    "NO_TEMPLATE",
+    "OFF",
+    "SATURATED",
+    "StripJob",
+    "Template",
+    "TemplateFrame",
+    "assemble",
+    "bright_halo",
+    "combine_frames",
+    "disk",
+    "homogenise",
+    "kept",
+    "neighbour_nights",
+    "read_rows",
+    "read_template",
+    "spread",
+    "strip_task",
+    "strips",
+    "template_cards",
+    "template_path",
+    "template_provenance",
+    "write_template",
+]
 
 OFF = flag(Bit.NO_DATA, Bit.EDGE)  # beyond the frame (padding of the PSF-matching kernel)
 
@@ -263,7 +285,7 @@ def bright_halo(saturated: np.ndarray, radius: int) -> np.ndarray:
 
 def template_path(kdir: Path, night: str) -> Path:
     """Where a night's template is written."""
-    return kdir / f"{night}{TEMPLATE_SUFFIX}"
+    return kdir / f"{night}{KBMOD_TEMPLATE_SUFFIX}"
 
 
 def read_rows(path: Path, y0: int, y1: int) -> Layers:
@@ -378,6 +400,7 @@ def write_template(path: Path, tpl: Template, frames: list[TemplateFrame], cards
 
 
 def _relative(path: Path, base: Path) -> str:
+    """``path`` relative to ``base`` when under it, else as it is."""
     try:
         return str(path.relative_to(base))
     except ValueError:
@@ -467,9 +490,8 @@ def template_cards(night: str, mode: str, frames: list[TemplateFrame], target: f
 # --------------------------------------------------------------------------- orchestration
 
 
-def _night_date(name: str):
-    import datetime
-
+def _night_date(name: str) -> datetime.date | None:
+    """The date of a night folder named ``YYYY-MM-DD...``; None for another name."""
     try:
         return datetime.date.fromisoformat(name[:10])
     except ValueError:
