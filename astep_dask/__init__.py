@@ -33,7 +33,8 @@ from astep_dask.masters.builder import MasterBuilder
 from astep_dask.report.graph import flow_chart
 from astep_dask.report.night import night_report
 from astep_dask.run.cluster import connect
-from astep_dask.run.night import NightResult, calibrate_night
+from astep_dask.run.night import calibrate_night
+from astep_dask.run.results import StageResult
 from astep_dask.run.season import calibrate_season
 from astep_dask.run.stages import STAGES
 from astep_dask.testing.simulate import SimConfig, simulate_night
@@ -46,10 +47,10 @@ __all__ = [
     "FrameType",
     "Inventory",
     "MasterBuilder",
-    "NightResult",
     "RunError",
     "Settings",
     "SimConfig",
+    "StageResult",
     "__version__",
     "calibrate_night",
     "calibrate_season",

@@ -112,7 +112,7 @@ def main() -> None:
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         result = calibrate_night(night, client, Settings(), out=work / "out")
-    figures = {**master_figures(night, result.masters["paths"]),
+    figures = {**master_figures(night, result.details["masters"]["paths"]),
                **frame_figures(night, result.out_dir)}
     print(json.dumps(figures, indent=1))
 

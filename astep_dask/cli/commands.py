@@ -127,9 +127,9 @@ def _summary(result) -> str:
                  "masked": r["n_masked"], "CR px": r["n_cr"], "sat px": r["n_saturated"],
                  "s": f"{r['t_total']:.2f}"} for r in done]
         lines.append(format_table(rows, list(rows[0])))
-    for note in result.masters.get("notes", []):
+    for note in result.details["masters"].get("notes", []):
         lines.append(f"  note: {note}")
-    for r in result.masters.get("rejected", []):
+    for r in result.details["masters"].get("rejected", []):
         lines.append(f"  rejected flat: {r['path']}: {r['reason']}")
     for r in result.frames:
         if r["status"] == "failed":

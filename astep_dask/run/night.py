@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ from astep_dask.errors import CalibrationError
 from astep_dask.io.fitsio import remove_stale_temps, write_json
 from astep_dask.io.layout import FrameType, Inventory, scan_night, stem
 from astep_dask.io.products import (
+    CAL_SUFFIX,
     MANIFEST,
     check_writable,
     night_lock,
@@ -36,11 +35,11 @@ from astep_dask.io.provenance import digest_of, frame_provenance, night_provenan
 from astep_dask.masters.builder import MasterBuilder
 from astep_dask.masters.store import MasterPaths
 from astep_dask.run.frames import FrameJob, process_frame
+from astep_dask.run.results import Progress, StageResult
 from astep_dask.run.tasks import cluster_window, map_bounded
 from astep_dask.version import __version__
 
 __all__ = [
-    "NightResult",
     "calibrate_night",
     "night_is_current",
     "print_progress",
@@ -49,41 +48,6 @@ __all__ = [
 ]
 
 
-@dataclass
-class NightResult:
-    """The outcome of one night: rows per frame, masters, problems; what goes in the
-    manifest."""
-
-    night: str
-    out_dir: Path
-    frames: list[dict] = field(default_factory=list)
-    masters: dict = field(default_factory=dict)
-    unusable: list[dict] = field(default_factory=list)
-    started: float = 0.0
-    finished: float = 0.0
-    error: str | None = None
-
-    @property
-    def counts(self) -> dict[str, int]:
-        """Frames per status (done, skipped, failed), plus unusable files."""
-        out: dict[str, int] = {"done": 0, "skipped": 0, "failed": 0}
-        for row in self.frames:
-            out[row["status"]] = out.get(row["status"], 0) + 1
-        out["unusable"] = len(self.unusable)
-        return out
-
-    @property
-    def status(self) -> str:
-        """``complete``, ``partial`` or ``failed``."""
-        c = self.counts
-        if self.error or (c["done"] + c["skipped"] == 0):
-            return "failed"
-        if c["failed"] or c["unusable"] or self.masters.get("rejected"):
-            return "partial"
-        return "complete"
-
-
-Progress = Callable[[int, int, dict], None]
 
 
 def print_progress(done: int, total: int, row: dict, start: list[float] | None = None) -> None:
@@ -103,8 +67,35 @@ def calibrate_night(
     force: bool = False,
     progress: Progress | None = None,
     inventory: Inventory | None = None,
-) -> NightResult:
+) -> StageResult:
     """Calibrate one night on the given dask client and write its manifest.
+
+    Builds (or reuses) the night's masters, then calibrates every science frame as one
+    task on the cluster (frames already done with the same provenance are skipped unless
+    ``force``), and writes ``manifest.json``.
+
+    Parameters
+    ----------
+    night_dir
+        The raw night ``ROOT/YYYY-MM-DD/``.
+    client
+        A ``distributed.Client``.
+    settings
+        The run's settings (defaults when None).
+    out
+        Output root (``OUT/YYYY-MM-DD/``); None: beside the raw night.
+    force
+        Recalibrate frames already done.
+    progress
+        ``progress(done, total, row)`` as each frame finishes.
+    inventory
+        The night's inventory, when the caller already has it.
+
+    Returns
+    -------
+    StageResult
+        Stage ``calibrate``: a row per science frame; ``details["masters"]`` the masters'
+        paths and what was built, reused, noted and rejected.
 
     Raises
     ------
@@ -118,7 +109,7 @@ def calibrate_night(
     inv = inventory or scan_night(night_dir)
     out_dir = output_dir(night_dir, out)
     check_writable(out_dir)
-    result = NightResult(night=inv.night, out_dir=out_dir, started=time.time())
+    result = StageResult("calibrate", inv.night, out_dir, started=time.time())
     result.unusable = [{"path": str(f.path), "reason": f.problem} for f in inv.problems]
     with night_lock(out_dir):
         remove_stale_temps(out_dir)
@@ -133,7 +124,7 @@ def calibrate_night(
             result.finished = time.time()
             write_manifest(result, inv, settings, None)
             return result
-        result.masters = {
+        result.details["masters"] = {
             "paths": {"bias": str(masters.bias) if masters.bias else None,
                       "darks": {f"{et:g}": str(p) for et, p in masters.darks},
                       "flats": {f: str(p) for f, p in masters.flats},
@@ -143,10 +134,11 @@ def calibrate_night(
             "notes": builder.report.notes,
             "rejected": builder.report.rejected,
         }
+        result.rejected = builder.report.rejected
         masters_digest = digest_of(sorted(masters.digests().items()))
         science = inv.select(FrameType.SCIENCE)
         jobs = [
-            FrameJob(rec, out_dir / f"{stem(rec.path)}_CAL.fits", masters,
+            FrameJob(rec, out_dir / f"{stem(rec.path)}{CAL_SUFFIX}", masters,
                      frame_provenance(rec, masters_digest, settings), settings, force)
             for rec in science
         ]
@@ -166,7 +158,7 @@ def calibrate_night(
     return result
 
 
-def write_manifest(result: NightResult, inv: Inventory, settings: Settings,
+def write_manifest(result: StageResult, inv: Inventory, settings: Settings,
                    masters: MasterPaths | None) -> Path:
     """Write ``manifest.json`` of a night atomically."""
     import dask
@@ -191,7 +183,7 @@ def write_manifest(result: NightResult, inv: Inventory, settings: Settings,
             "astroscrappy": _version("astroscrappy"), "python": sys.version.split()[0],
         },
         "settings": settings.to_dict(),
-        "masters": result.masters,
+        "masters": result.details.get("masters", {}),
         "unusable": result.unusable,
         "frames": result.frames,
         "inventory": inv.groups(),

@@ -26,7 +26,8 @@ from astep_dask.errors import ArchiveError, RunError
 from astep_dask.io.fitsio import atomic_write_text
 from astep_dask.io.layout import FrameType, find_nights, scan_night
 from astep_dask.io.products import output_dir
-from astep_dask.run.night import NightResult, calibrate_night, night_is_current
+from astep_dask.run.night import calibrate_night, night_is_current
+from astep_dask.run.results import StageResult
 
 __all__ = [
     "NightOutcome",
@@ -101,7 +102,7 @@ class SeasonResult:
         }
 
 
-def _outcome(result: NightResult) -> NightOutcome:
+def _outcome(result: StageResult) -> NightOutcome:
     rows = result.frames
     starts = [r["started"] for r in rows if "started" in r and r["status"] == "done"]
     ends = [r["finished"] for r in rows if "finished" in r]

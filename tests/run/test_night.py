@@ -119,7 +119,7 @@ def test_chain_matches_ccdproc_the_slow_way(small_night, calibrated):
     rec = inv.select(FrameType.SCIENCE)[1]
     from astep_dask.masters.store import MasterPaths
 
-    paths = result.masters["paths"]
+    paths = result.details["masters"]["paths"]
     mp = MasterPaths(None, tuple((float(k), Path(v)) for k, v in paths["darks"].items()),
                      tuple((k, Path(v)) for k, v in paths["flats"].items()), Path(paths["mask"]))
     fm, _ = frame_masters(mp, rec.exptime, rec.filter)
