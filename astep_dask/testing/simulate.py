@@ -395,26 +395,11 @@ def _name(date: str, mjd: float, kind: str) -> str:
     return f"ASTEP_{t}_{kind}.fits"
 
 
-def simulate_night(root: str | Path, cfg: SimConfig | None = None) -> Path:
-    """Write one synthetic night under ``root`` and return its night folder.
-
-    The truth is written to ``ROOT/DATE/truth/``; see :func:`load_truth`.
-    """
-    cfg = cfg or SimConfig()
-    night = Path(root) / cfg.date
-    seeds = np.random.SeedSequence(cfg.seed).spawn(8)
-    rng_static, rng_dark, rng_flat, rng_sci, rng_cr, rng_bias, rng_bad, rng_mov = (
-        np.random.default_rng(s) for s in seeds
-    )
-    truth = make_static_truth(cfg, rng_static)
-    cam = _Camera(cfg, truth, night)
+def _twilight(cfg: SimConfig, cam: _Camera, truth: Truth, rng_flat: np.random.Generator,
+              rng_dark: np.random.Generator, rng_bias: np.random.Generator, t: float) -> None:
+    """Write the twilight flats (sky fading through the series, each with its own
+    illumination gradient and a few stars), then the flats' darks and any bias frames."""
     n = cfg.size
-    start = Time(f"{cfg.date}T18:00:00", scale="utc").mjd
-    tfolder = night / TRUTH_FOLDER
-    tfolder.mkdir(parents=True, exist_ok=True)
-
-    # Twilight flats first (sky fading through the series), with their darks.
-    t = start
     illum_sum = np.zeros((n, n))
     flat_stars: list[list[float]] = []
     levels = np.geomspace(*cfg.flat_levels, max(cfg.n_flats, 1))
@@ -444,9 +429,13 @@ def simulate_night(root: str | Path, cfg: SimConfig | None = None) -> Path:
         cam.write(cam.cams, _name(cfg.date, t, "BIAS"), "BIAS", 0.0, t, adu, osc)
         t += 5 / 86400
 
-    # Science frames: a tracked field drifting slowly, movers, cosmic rays.
-    t = start + 1800 / 86400
-    science_start = t
+
+def _science(cfg: SimConfig, cam: _Camera, truth: Truth, rng_sci: np.random.Generator,
+             rng_cr: np.random.Generator, rng_mov: np.random.Generator, t: float,
+             tfolder: Path) -> float:
+    """Write the science frames (a tracked field drifting slowly, movers, cosmic rays) with
+    each frame's truth; return the time after the last one."""
+    n = cfg.size
     frames = []
     movers0 = rng_mov.uniform(0.2 * n, 0.8 * n, (len(cfg.movers), 2))
     for i in range(cfg.n_science):
@@ -473,6 +462,31 @@ def simulate_night(root: str | Path, cfg: SimConfig | None = None) -> Path:
         })
         t += cfg.cadence_s / 86400
     truth.frames = frames
+    return t
+
+
+def simulate_night(root: str | Path, cfg: SimConfig | None = None) -> Path:
+    """Write one synthetic night under ``root`` and return its night folder.
+
+    Twilight flats and their darks (and bias frames, when asked) at 18:00 UTC, science
+    frames from 18:30, then the science darks; each kind draws from its own random stream
+    of ``cfg.seed``, so a night is the same on every machine. The truth is written to
+    ``ROOT/DATE/truth/``; see :func:`load_truth`.
+    """
+    cfg = cfg or SimConfig()
+    night = Path(root) / cfg.date
+    seeds = np.random.SeedSequence(cfg.seed).spawn(8)
+    rng_static, rng_dark, rng_flat, rng_sci, rng_cr, rng_bias, rng_bad, rng_mov = (
+        np.random.default_rng(s) for s in seeds
+    )
+    truth = make_static_truth(cfg, rng_static)
+    cam = _Camera(cfg, truth, night)
+    start = Time(f"{cfg.date}T18:00:00", scale="utc").mjd
+    tfolder = night / TRUTH_FOLDER
+    tfolder.mkdir(parents=True, exist_ok=True)
+    _twilight(cfg, cam, truth, rng_flat, rng_dark, rng_bias, start)
+    science_start = start + 1800 / 86400
+    t = _science(cfg, cam, truth, rng_sci, rng_cr, rng_mov, science_start, tfolder)
     for exptime in (cfg.science_exptime, *cfg.extra_dark_exptimes):
         for _ in range(cfg.n_darks):
             adu, osc = cam.expose(rng_dark, None, exptime)
