@@ -168,25 +168,19 @@ class KbmodSettings:
     stack_images: bool = True  # the night stack file holds image cubes (else table only)
     folder: str = "kbmod"  # sub-folder of the night's output folder
 
-    def background(self):
-        """The background estimator's settings (:class:`background.BackgroundSettings`)."""
-        pass
-
+    def background(self) -> BackgroundSettings:
+        """The background estimator's settings (:class:`BackgroundSettings`)."""
         return BackgroundSettings(mesh=self.mesh, sigma=self.bkg_sigma,
                                   iterations=self.bkg_iterations, filter_size=self.bkg_filter,
                                   source_sigma=self.source_sigma, source_grow=self.source_grow)
 
-    def stars(self):
-        """The star finder's settings (:class:`register.StarSettings`)."""
-        pass
-
+    def stars(self) -> StarSettings:
+        """The star finder's settings (:class:`StarSettings`)."""
         return StarSettings(psf_sigma=self.psf_sigma_guess, nsigma=self.detect_sigma,
                             max_stars=self.max_stars)
 
-    def match(self):
-        """The offset fit's settings (:class:`register.MatchSettings`)."""
-        pass
-
+    def match(self) -> MatchSettings:
+        """The offset fit's settings (:class:`MatchSettings`)."""
         return MatchSettings(match_radius=self.match_radius,
                              max_shift=self.max_shift or None, min_matches=self.min_matches)
 
@@ -273,23 +267,17 @@ class QaSettings:
     trail_scale: int = 512  # the streak search works on a frame binned to this side
     thumbnail: int = 800  # px, largest side of an image drawn in a figure
 
-    def background(self):
-        """Settings of the sky background estimate (:class:`background.BackgroundSettings`)."""
-        pass
-
+    def background(self) -> BackgroundSettings:
+        """Settings of the sky background estimate (:class:`BackgroundSettings`)."""
         return BackgroundSettings(mesh=self.mesh)
 
-    def stars(self):
-        """Settings of the star finder (:class:`register.StarSettings`)."""
-        pass
-
+    def stars(self) -> StarSettings:
+        """Settings of the star finder (:class:`StarSettings`)."""
         return StarSettings(psf_sigma=self.psf_sigma_guess, nsigma=self.detect_sigma,
                             max_stars=self.max_stars)
 
-    def match(self):
-        """Settings of the match to the reference frame (:class:`register.MatchSettings`)."""
-        pass
-
+    def match(self) -> MatchSettings:
+        """Settings of the match to the reference frame (:class:`MatchSettings`)."""
         return MatchSettings(match_radius=self.match_radius, min_matches=self.min_matches)
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from astep_dask import report as qa
 from astep_dask.config import QaSettings, Settings
 from astep_dask.core.bits import Bit, flag
 from astep_dask.core.register import STAR_DTYPE
+from astep_dask.io.fitsio import atomic_write, calibrated_hdul
 from astep_dask.io.layout import FrameType, scan_night
 from astep_dask.io.products import QA_JSON, REPORT_INDEX, output_dir
 from astep_dask.report.graph import collapse, flow_chart, flow_graph, layers, night_graph, to_dot
@@ -198,6 +201,31 @@ def test_report_regenerates_without_a_cluster(reported):
     assert flags == {f["raw"]: [x["reason"] for x in f["flags"]] for f in report["frames"]}
 
 
+def test_report_folder_holds_no_temporary_file(reported):
+    _, _, folder, _, _ = reported
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize(("cards", "mjd", "time"), [
+    ({"DATE-OBS": "2026-06-15T18:30:00"}, 61206.7708912037, "2026-06-15T18:30:05.000"),
+    ({"MJD-OBS": 61206.770833333336}, 61206.7708912037, "2026-06-15T18:30:05.000"),
+    ({}, np.nan, ""),  # no time: still measured
+    ({"DATE-OBS": "not a date"}, np.nan, ""),
+])
+def test_measure_file_times(tmp_path, cards, mjd, time):
+    """A frame's time is its mid-exposure (io.fitsio.mid_exposure); a frame without a
+    readable time is measured all the same, with NaN and ""."""
+    sci = np.random.default_rng(5).normal(100.0, 10.0, (96, 96)).astype(np.float32)
+    header = fits.Header({"EXPTIME": 10.0, **cards})
+    hdul = calibrated_hdul(header, sci, np.full_like(sci, 100.0), np.zeros(sci.shape, np.int32),
+                           {})
+    row = qa.measure_file(atomic_write(hdul, tmp_path / "frame_CAL.fits"))
+    assert "error" not in row
+    assert row["time"] == time
+    np.testing.assert_allclose(row["mjd"], mjd, rtol=0, atol=1e-9)
+    assert row["sky"] == pytest.approx(100.0, abs=1.0)
+
+
 def test_report_needs_calibrated_frames(tmp_path):
     night = tmp_path / "2026-06-15"
     night.mkdir()
@@ -360,6 +388,7 @@ def test_flow_chart_files(injected, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     dot = flow_chart(night, tmp_path / "flow.dot")
     assert "calibrate frame" in dot.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flow.dot", "flow.png"]
     with pytest.raises(ValueError, match="svg"):
         flow_chart(night, tmp_path / "flow.jpg")
     if shutil.which("dot") is None:
@@ -369,3 +398,24 @@ def test_flow_chart_files(injected, tmp_path):
     assert "<svg" in text and "calibrate frame" in text
     assert str(output_dir(night, tmp_path / "out")) in html.unescape(text)
     assert flow_chart(night, tmp_path / "f.png", engine="dot").stat().st_size > 10_000
+
+
+def test_flow_chart_through_dot_is_atomic(injected, tmp_path, monkeypatch):
+    """The ``dot`` engine writes to a temporary file renamed into place; a failing ``dot``
+    leaves nothing behind. A stand-in ``dot`` (it copies the DOT text it is given) takes
+    Graphviz's place, so this runs without Graphviz."""
+    night, _ = injected
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "dot"
+    fake.write_text('#!/bin/sh\nwhile [ $# -gt 0 ]; do [ "$1" = -o ] && out="$2"; shift; done\n'
+                    'cat > "$out"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "charts"
+    svg = flow_chart(night, out / "flow.svg", engine="dot")
+    assert svg.read_text().startswith("digraph flow {")
+    fake.write_text("#!/bin/sh\nexit 3\n")
+    with pytest.raises(subprocess.CalledProcessError):
+        flow_chart(night, out / "broken.svg", engine="dot")
+    assert sorted(p.name for p in out.iterdir()) == ["flow.svg"]

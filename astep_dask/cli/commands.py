@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from astep_dask.io.layout import format_table, scan
@@ -49,8 +50,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     inventories = scan(args.path)
     if args.json:
-        import json
-
         print(json.dumps([inv.to_dict() for inv in inventories], indent=2))
     else:
         for inv in inventories:
@@ -142,8 +141,6 @@ def _summary(result) -> str:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    import time
-
     from astep_dask.errors import RunError
     from astep_dask.io.layout import scan_night
     from astep_dask.io.products import check_writable, output_dir
@@ -186,8 +183,6 @@ def _worst(a: str, b: str) -> str:
 
 def _kbmod(night: Path, client, settings, args: argparse.Namespace, start: list[float]) -> str:
     """Run the KBMOD export of a calibrated night, print its summary, return its status."""
-    import time
-
     from astep_dask.errors import RunError
     from astep_dask.kbmod.stage import export_night
     from astep_dask.run.night import print_progress
@@ -222,8 +217,6 @@ def _kbmod(night: Path, client, settings, args: argparse.Namespace, start: list[
 
 
 def cmd_kbmod(args: argparse.Namespace) -> int:
-    import time
-
     from astep_dask.io.layout import find_nights
     from astep_dask.run.cluster import connect
 
@@ -234,8 +227,6 @@ def cmd_kbmod(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    import time
-
     from astep_dask.errors import RunError
     from astep_dask.io.layout import find_nights
     from astep_dask.kbmod.candidates import read_candidates

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 from scipy.interpolate import RectBivariateSpline
+from scipy.special import erf
 
 from astep_dask.config import BackgroundSettings
 from astep_dask.core.stats import IQR_TO_SIGMA, MEDIAN_ERROR
@@ -179,8 +180,6 @@ def clipped_stats(values: np.ndarray, sigma: float = 3.0, iterations: int = 5
 
 def clip_factor(k: float) -> float:
     """Standard deviation of a unit Gaussian truncated at ±k (0.9866 for k = 3)."""
-    from scipy.special import erf
-
     inside = erf(k / np.sqrt(2.0))
     density = np.exp(-0.5 * k * k) / np.sqrt(2.0 * np.pi)
     return float(np.sqrt(1.0 - 2.0 * k * density / inside))

@@ -19,6 +19,9 @@ __all__ = [
     "robust_sigma",
 ]
 
+MAD_TO_SIGMA = 1.482602218505602  # 1 / Phi^-1(3/4): MAD of a Gaussian → its sigma
+IQR_TO_SIGMA = 1.3489795003921634  # interquartile range of a unit Gaussian
+MEDIAN_ERROR = 1.2533141373155  # sqrt(pi/2): standard error of a median / that of a mean
 
 
 def robust_sigma(values: np.ndarray) -> float:
@@ -32,11 +35,6 @@ def robust_sigma(values: np.ndarray) -> float:
 def mad_sigma(values: np.ndarray, level: float) -> float:
     """1.4826 × median |values - level| (float32 arithmetic, as numpy's median gives)."""
     return float(MAD_TO_SIGMA * np.float32(median(np.abs(values - np.float32(level)))))
-
-
-IQR_TO_SIGMA = 1.3489795003921634  # interquartile range of a unit Gaussian
-MEDIAN_ERROR = 1.2533141373155  # sqrt(pi/2): standard error of a median / that of a mean
-MAD_TO_SIGMA = 1.482602218505602  # 1 / Phi^-1(3/4): MAD of a Gaussian → its sigma
 
 
 def median(values: np.ndarray, skip_nan: bool = False) -> float:

@@ -208,8 +208,6 @@ def calibrated_hdul(
 
     With ``quantize`` the three planes are tile-compressed (MASK losslessly).
     """
-    pass
-
     primary = fits.PrimaryHDU(header=copy_header(raw_header))
     h = primary.header
     h["BUNIT"] = ("electron", "unit of the SCI extension")

@@ -1,8 +1,21 @@
-"""report.figures: TODO docstring."""
+"""The report's figures: the masters, the bad-pixel mask, per-frame time series, one
+calibrated frame with its mask overlays, thumbnails of the flagged frames.
+
+Each ``fig_*`` function returns a matplotlib :class:`~matplotlib.figure.Figure` (not
+pyplot's: nothing global, safe in threads and on a headless machine; a notebook shows it as
+is), drawn with a z-scale stretch and pixel axes; :func:`write_plots` draws the whole set
+of a night's report and writes each as PNG (:func:`save_figure`, atomically).
+:func:`master_figures` measures a master file (level, scatter, noise, hot and dead pixels,
+a flat's gradient) for ``qa.json``.
+
+Images larger than the figure are binned by whole blocks before drawing
+(:func:`shrink_for_display`), and matplotlib is imported only when a figure is drawn, so
+that importing the report (on a worker, in the command line) stays light.
+"""
 
 from __future__ import annotations
 
-import os
+import datetime as dt
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -13,9 +26,30 @@ from scipy import ndimage
 from astep_dask.config import QaSettings
 from astep_dask.core.bits import Bit, flag
 from astep_dask.core.stats import robust_sigma
+from astep_dask.io.fitsio import atomic_open, read_calibrated
 from astep_dask.io.stack import read_section
 from astep_dask.kbmod.products import CAL_SUFFIX
-from astep_dask.report.metrics import block_reduce, plane_gradient, read_planes
+from astep_dask.report.metrics import block_reduce, plane_gradient
+
+__all__ = [
+    "MASK_COLOURS",
+    "OVERLAYS",
+    "TIMESERIES",
+    "draw_image",
+    "fig_flagged",
+    "fig_frame",
+    "fig_mask",
+    "fig_master",
+    "fig_raw_vs_calibrated",
+    "fig_timeseries",
+    "master_figures",
+    "new_figure",
+    "overlay_rgba",
+    "save_figure",
+    "shrink_for_display",
+    "write_plots",
+    "zscale_limits",
+]
 
 
 def zscale_limits(image: np.ndarray, max_samples: int = 100_000) -> tuple[float, float]:
@@ -82,14 +116,18 @@ def master_figures(label: str, path: Path, mask: np.ndarray | None = None) -> di
 # --------------------------------------------------------------------------- figures
 
 
-def _figure(width: float, height: float, layout: str | None = "constrained"):
+def new_figure(width: float, height: float, layout: str | None = "constrained"):
+    """A matplotlib Figure of ``width`` x ``height`` inches at 100 dpi, not pyplot's (so
+    nothing global), with matplotlib's ``constrained`` layout unless told otherwise."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=100, layout=layout)
 
 
-def _display(image: np.ndarray, limit: int, func: Callable = np.nanmean) -> tuple[np.ndarray, int]:
-    """An image reduced by whole blocks to at most ``limit`` px a side, and the factor."""
+def shrink_for_display(image: np.ndarray, limit: int, func: Callable = np.nanmean
+                       ) -> tuple[np.ndarray, int]:
+    """An image reduced by whole blocks (``func`` over each, by :func:`block_reduce`) to
+    at most ``limit`` px a side, and the factor; the image itself when small enough."""
     b = max(1, int(np.ceil(max(image.shape) / max(limit, 1))))
     if b == 1:
         return image, 1
@@ -99,7 +137,7 @@ def _display(image: np.ndarray, limit: int, func: Callable = np.nanmean) -> tupl
 def draw_image(ax, image: np.ndarray, unit: str, title: str, limit: int = 800,
                cmap: str = "gray", colorbar: bool = True):
     """Draw an image with a z-scale stretch, pixel axes and a colour bar in ``unit``."""
-    shown, _ = _display(np.asarray(image, np.float32), limit)
+    shown, _ = shrink_for_display(np.asarray(image, np.float32), limit)
     lo, hi = zscale_limits(shown)
     ny, nx = image.shape
     im = ax.imshow(shown, origin="lower", cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest",
@@ -119,7 +157,7 @@ def fig_master(path: Path, label: str, settings: QaSettings | None = None):
     settings = settings or QaSettings()
     data = np.asarray(fits.getdata(path), np.float32)
     unit = "relative response (median 1)" if label.startswith("flat") else "ADU"
-    fig = _figure(6.4, 5.4)
+    fig = new_figure(6.4, 5.4)
     ax = fig.add_subplot()
     draw_image(ax, data, unit, f"{label}: {path.name}\nz-scale stretch", settings.thumbnail,
                cmap="viridis" if label.startswith("flat") else "gray")
@@ -130,6 +168,7 @@ MASK_COLOURS = {"hot": "#d62728", "dead": "#1f77b4", "bad (other)": "#ff7f0e"}
 
 
 def _mask_classes(mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Pixels of each class of :data:`MASK_COLOURS`: hot, dead, other bad."""
     m = np.asarray(mask, np.int64)
     hot = (m & flag(Bit.HOT)) != 0
     dead = (m & flag(Bit.DEAD)) != 0
@@ -142,7 +181,7 @@ def fig_mask(path: Path, settings: QaSettings | None = None):
     settings = settings or QaSettings()
     mask = np.asarray(fits.getdata(path))
     ny, nx = mask.shape
-    fig = _figure(6.4, 5.6)
+    fig = new_figure(6.4, 5.6)
     ax = fig.add_subplot()
     ax.set_facecolor("#f4f4f4")
     for name, where in _mask_classes(mask).items():
@@ -164,9 +203,9 @@ def fig_mask(path: Path, settings: QaSettings | None = None):
     return fig
 
 
-def _times(frames: Sequence[dict]):
-    import datetime as dt
-
+def _times(frames: Sequence[dict]) -> list[dt.datetime]:
+    """Each frame's mid-exposure as a datetime (UTC) from its MJD; the MJD epoch when it
+    has none."""
     base = dt.datetime(1858, 11, 17, tzinfo=dt.UTC)
     return [base + dt.timedelta(days=f["mjd"]) if f.get("mjd") is not None
             and np.isfinite(f["mjd"]) else base for f in frames]
@@ -184,6 +223,8 @@ TIMESERIES = (  # key, axis label, scale, the reasons this figure flags
 
 
 def _series(frames: Sequence[dict], key: str) -> np.ndarray:
+    """The frames' values of ``key`` (a streak's coverage for ``coverage``; NaN where
+    missing)."""
     if key == "coverage":
         return np.array([(f.get("streak") or {}).get("coverage", 0.0) for f in frames], float)
     return np.array([np.nan if f.get(key) is None else f[key] for f in frames], float)
@@ -196,7 +237,7 @@ def fig_timeseries(frames: Sequence[dict], settings: QaSettings | None = None):
 
     s = settings or QaSettings()
     times = _times(frames)
-    fig = _figure(9.0, 12.5, layout=None)  # fixed margins: much faster than constrained
+    fig = new_figure(9.0, 12.5, layout=None)  # fixed margins: much faster than constrained
     fig.subplots_adjust(left=0.11, right=0.82, top=0.93, bottom=0.05, hspace=0.12)
     axes = fig.subplots(len(TIMESERIES), 1, sharex=True)
     flagged = [i for i, f in enumerate(frames) if f.get("flags")]
@@ -278,13 +319,13 @@ def fig_frame(path: Path, settings: QaSettings | None = None, zoom: int = 96):
     from matplotlib.patches import Patch, Rectangle
 
     settings = settings or QaSettings()
-    _, sci, _, mask = read_planes(path)
+    _, sci, _, mask = read_calibrated(path)
     ny, nx = sci.shape
-    fig = _figure(12.0, 5.6)
+    fig = new_figure(12.0, 5.6)
     ax1, ax2 = fig.subplots(1, 2)
     draw_image(ax1, sci, "e-", f"{path.name}\nSCI, z-scale, mask overlays",
                settings.thumbnail, colorbar=False)
-    _, b = _display(sci, settings.thumbnail)
+    _, b = shrink_for_display(sci, settings.thumbnail)
     ax1.imshow(overlay_rgba(mask, b), origin="lower", interpolation="nearest",
                extent=(-0.5, nx - 0.5, -0.5, ny - 0.5))
     rows, cols = _busiest(mask, flag(Bit.CR), zoom)
@@ -319,11 +360,11 @@ def fig_flagged(frames: Sequence[dict], out_dir: Path, settings: QaSettings | No
         return None
     ncol = min(4, len(bad))
     nrow = int(np.ceil(len(bad) / ncol))
-    fig = _figure(3.6 * ncol + 0.8, 3.7 * nrow)
+    fig = new_figure(3.6 * ncol + 0.8, 3.7 * nrow)
     axes = np.atleast_1d(fig.subplots(nrow, ncol)).ravel()
     im = None
     for ax, f in zip(axes, bad, strict=False):
-        _, sci, _, _ = read_planes(out_dir / f["file"])
+        _, sci, _, _ = read_calibrated(out_dir / f["file"])
         ny, nx = sci.shape
         reasons = ", ".join(fl["reason"] for fl in f["flags"])
         im = draw_image(ax, sci, "e-", f"{f['file'].removesuffix(CAL_SUFFIX)}\n{reasons}",
@@ -347,19 +388,19 @@ def fig_raw_vs_calibrated(raw_path: Path, cal_path: Path, settings: QaSettings |
     settings = settings or QaSettings()
     raw = read_section(raw_path, 0 if not raw_path.name.endswith(".fz") else 1,
                        slice(None), slice(None))
-    _, sci, _, _ = read_planes(cal_path)
-    fig = _figure(12.0, 5.4)
+    _, sci, _, _ = read_calibrated(cal_path)
+    fig = new_figure(12.0, 5.4)
     ax1, ax2 = fig.subplots(1, 2)
     draw_image(ax1, raw, "ADU", f"raw: {raw_path.name}", settings.thumbnail)
     draw_image(ax2, sci, "e-", f"calibrated: {cal_path.name}", settings.thumbnail)
     return fig
 
 
-def save(fig, path: Path) -> Path:
-    """Write a figure as PNG (atomically) and return its path."""
-    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+def save_figure(fig, path: Path) -> Path:
+    """Write a figure as PNG at 100 dpi, atomically (:func:`astep_dask.io.fitsio.
+    atomic_open`), and return its path."""
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=100)
     return path
 
 
@@ -372,17 +413,18 @@ def write_plots(report: dict, out_dir: Path, folder: Path, settings: QaSettings)
             continue
         name = "mask.png" if label == "mask" else f"master_{label.replace(' ', '_')}.png"
         fig = fig_mask(path, settings) if label == "mask" else fig_master(path, label, settings)
-        plots[label] = save(fig, folder / name).name
+        plots[label] = save_figure(fig, folder / name).name
     frames = report["frames"]
     if frames:
-        plots["timeseries"] = save(fig_timeseries(frames, settings), folder / "timeseries.png").name
+        plots["timeseries"] = save_figure(fig_timeseries(frames, settings),
+                                          folder / "timeseries.png").name
         good = [f for f in frames if not f["flagged"]] or frames
         mids = np.array([f.get("mjd") or 0.0 for f in good])
         pick = good[int(np.argmin(np.abs(mids - np.median(mids))))]
-        plots["frame"] = save(fig_frame(out_dir / pick["file"], settings),
-                              folder / "frame.png").name
+        plots["frame"] = save_figure(fig_frame(out_dir / pick["file"], settings),
+                                     folder / "frame.png").name
         report["summary"]["frame_shown"] = pick["file"]
         fig = fig_flagged(frames, out_dir, settings)
         if fig is not None:
-            plots["flagged"] = save(fig, folder / "flagged.png").name
+            plots["flagged"] = save_figure(fig, folder / "flagged.png").name
     return plots

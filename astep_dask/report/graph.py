@@ -2,14 +2,14 @@
 
 :func:`night_graph` builds, without computing anything, the task graph of a night as the
 pipeline runs it: each master's reduction is the very dask graph the master builder
-computes (:func:`astep_dask.masters.prepared_stack` →
-:func:`astep_dask.combine.combine_lazy`: one read task per raw file and strip, the stack,
-the rechunk into strips, the clipped combination); the flats also depend on the flat
-levels (one task per flat) and on the dark they subtract; the bad-pixel mask on the flats
-and the longest dark; every master is written once to a file; then one calibration task
-per science frame (:func:`astep_dask.pipeline.process_frame`), which reads the master files
-it needs and writes ``<stem>_CAL.fits``; the manifest after all of them; optionally the QA
-report (one measuring task per calibrated frame, then the report).
+computes (:func:`astep_dask.masters.reduce.prepared_stack` →
+:func:`astep_dask.masters.reduce.combine_lazy`: one read task per raw file and strip, the
+stack, the rechunk into strips, the clipped combination); the flats also depend on the
+flat levels (one task per flat) and on the dark they subtract; the bad-pixel mask on the
+flats and the longest dark; every master is written once to a file; then one calibration
+task per science frame (:func:`astep_dask.run.frames.process_frame`), which reads the
+master files it needs and writes ``<stem>_CAL.fits``; the manifest after all of them;
+optionally the QA report (one measuring task per calibrated frame, then the report).
 
 :func:`collapse` folds that graph into one node per stage (every raw read of one master,
 its combination, a master file, all frame tasks...), with the number of tasks in each and
@@ -20,7 +20,6 @@ Graphviz ``dot`` when installed, else with matplotlib (a layered layout of its o
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from collections import defaultdict
@@ -33,14 +32,32 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 from dask.core import get_dependencies
+from dask.highlevelgraph import HighLevelGraph
 from dask.utils import key_split
 
 from astep_dask.config import Settings
+from astep_dask.io.fitsio import atomic_open, atomic_path, atomic_write_text
 from astep_dask.io.layout import FrameRecord, FrameType, Inventory, scan_night, stem
 from astep_dask.io.products import master_name, output_dir
 from astep_dask.masters.reduce import combine_lazy, prepared_stack
 from astep_dask.report.metrics import measure_file
 from astep_dask.run.frames import process_frame
+
+__all__ = [
+    "GROUP_STYLE",
+    "READ_TASKS",
+    "FlowGraph",
+    "NightGraph",
+    "Stage",
+    "collapse",
+    "draw_matplotlib",
+    "flow_chart",
+    "flow_graph",
+    "layers",
+    "night_graph",
+    "render",
+    "to_dot",
+]
 
 READ_TASKS = {"raw", "original-raw", "strip"}  # key prefixes of the tasks that read raw files
 
@@ -117,177 +134,237 @@ def night_graph(inventory: Inventory, settings: Settings | None = None,
                 report: bool = True) -> NightGraph:
     """The task graph of a night (nothing is computed; headers only are read).
 
+    The stages are built in the pipeline's order, one step each: the input folders, the
+    bias, the darks, the flats (with their levels), the mask and the normalised flats,
+    the calibration of each science frame and its manifest, then, with ``report``, the
+    QA measures and the report.
+
     Parameters
     ----------
     inventory
-        The night's inventory (:func:`astep_dask.layout.scan_night`).
+        The night's inventory (:func:`astep_dask.io.layout.scan_night`).
     settings
         Settings (memory budget of the strips, combination).
     report
         Include the QA report's tasks after the calibration.
     """
-    settings = settings or Settings()
-    night = inventory.night
-    stages: dict[str, Stage] = {}
-    stage_of: dict[Hashable, str] = {}
-    file_edges: list[tuple[str, str]] = []
-    collections: list = []
+    b = _GraphBuilder(inventory, settings or Settings())
+    b.add_inputs()
+    bias = b.add_bias()
+    b.add_darks(bias)
+    mask_file = b.add_mask_and_flats(b.add_flats())
+    science = inventory.select(FrameType.SCIENCE)
+    if science and mask_file is not None:
+        cal, done = b.add_calibration(science, mask_file)
+        if report:
+            b.add_report(science, cal, done)
+    return b.result()
 
-    def assign(obj, read_stage: str, stage: str) -> None:
+
+class _GraphBuilder:
+    """The state :func:`night_graph` builds, stage by stage: the stages, the stage of every
+    task, the edges from files and folders, and the dask collections made so far."""
+
+    def __init__(self, inventory: Inventory, settings: Settings) -> None:
+        self.inventory = inventory
+        self.settings = settings
+        self.night = inventory.night
+        self.stages: dict[str, Stage] = {}
+        self.stage_of: dict[Hashable, str] = {}
+        self.file_edges: list[tuple[str, str]] = []
+        self.collections: list = []
+        self.darks: dict[float, tuple] = {}  # exposure time: (strips, whole image)
+        self.dark_files: dict[float, object] = {}
+        self.flat_files: dict[str, object] = {}
+        sci_exptimes = inventory.exptimes(FrameType.SCIENCE)
+        flat_exptimes = inventory.exptimes(FrameType.FLAT)
+        self.sci_et = sci_exptimes[0] if sci_exptimes else None
+        self.flat_et = flat_exptimes[0] if flat_exptimes else None
+
+    # ----------------------------------------------------------------- building blocks
+
+    def assign(self, obj, read_stage: str, stage: str) -> None:
         """Stage of each new task of ``obj``: those that read raw files (named so, or
         with no dependency) go to ``read_stage``, the others to ``stage``."""
         graph = dict(obj.__dask_graph__())
         for key in graph:
-            if key in stage_of:
+            if key in self.stage_of:
                 continue
             reads = key_split(key) in READ_TASKS or not get_dependencies(graph, key)
-            stage_of[key] = read_stage if reads else stage
-        collections.append(obj)
+            self.stage_of[key] = read_stage if reads else stage
+        self.collections.append(obj)
 
-    def add(name: str, label: str, group: str) -> str:
-        stages[name] = Stage(name, label, group)
+    def add(self, name: str, label: str, group: str) -> str:
+        """A new stage (tasks counted at the end); returns its name."""
+        self.stages[name] = Stage(name, label, group)
         return name
 
-    sci_exptimes = inventory.exptimes(FrameType.SCIENCE)
-    flat_exptimes = inventory.exptimes(FrameType.FLAT)
-    sci_et = sci_exptimes[0] if sci_exptimes else None
-    flat_et = flat_exptimes[0] if flat_exptimes else None
-
-    def name_of(role: str, exptime: float | None = None, filt: str = "") -> str:
-        return master_name(night, role, exptime, filt, sci_et, flat_et)
-
-    def reduce(records: list[FrameRecord], what: str, folder: str, subtract=None,
-               levels=None):
-        stack = prepared_stack(records, settings)
+    def reduce(self, records: list[FrameRecord], what: str, folder: str, subtract=None,
+               levels=None) -> tuple:
+        """A master's reduction, the very graph the master builder computes: the strips
+        of its combination and the whole image gathered on the driver."""
+        stack = prepared_stack(records, self.settings)
         if subtract is not None:
             stack = stack - xr.DataArray(subtract, dims=("y", "x"))
         if levels is not None:
             stack = stack / xr.DataArray(levels, dims="frame")
-        data = combine_lazy(stack, settings.combine)["data"].data
-        read = add(f"read {what}", f"read raw {what}\n{_plural(len(records), 'file')}, "
-                   f"row strips", "read")
-        comb = add(f"combine {what}", f"master {what}\nsigma-clipped combination", "master")
-        file_edges.append((f"input {folder}", read))
-        assign(data, read, comb)
+        data = combine_lazy(stack, self.settings.combine)["data"].data
+        read = self.add(f"read {what}", f"read raw {what}\n{_plural(len(records), 'file')}, "
+                        f"row strips", "read")
+        comb = self.add(f"combine {what}", f"master {what}\nsigma-clipped combination",
+                        "master")
+        self.file_edges.append((f"input {folder}", read))
+        self.assign(data, read, comb)
         # The driver gathers the strips into one image, used whole from then on.
         whole = dask.delayed(_gather_stub, pure=True)(data, dask_key_name=f"gather-{what}")
-        assign(whole, comb, comb)
+        self.assign(whole, comb, comb)
         return data, whole
 
-    def write(data, role: str, exptime: float | None = None, filt: str = ""):
-        fname = name_of(role, exptime, filt)
-        node = add(f"file {fname}", fname, "file")
+    def write(self, data, role: str, exptime: float | None = None, filt: str = ""):
+        """The task writing a master file, in a stage of its own (the file)."""
+        fname = master_name(self.night, role, exptime, filt, self.sci_et, self.flat_et)
+        node = self.add(f"file {fname}", fname, "file")
         task = dask.delayed(_write_stub, pure=True)(data, dask_key_name=f"write-{fname}")
-        assign(task, node, node)
+        self.assign(task, node, node)
         return task
 
-    folders = defaultdict(list)
-    for rec in inventory.frames:
-        if rec.usable:
-            folders[rec.folder].append(rec)
-    for folder, recs in folders.items():
-        add(f"input {folder}", f"{folder}/\n{_plural(len(recs), 'raw file')}", "input")
+    def dark_for(self, et: float) -> list[float]:
+        """Exposure times of the darks a frame of ``et`` uses (the pipeline's rule: the
+        matching dark, else the shortest and longest, scaled)."""
+        match = [d for d in self.darks if np.isclose(d, et)]
+        return match or ([min(self.darks), max(self.darks)] if self.darks else [])
 
-    bias = bias_whole = None
-    bias_recs = inventory.select(FrameType.BIAS)
-    if len(bias_recs) >= settings.combine.min_frames:
-        bias, bias_whole = reduce(bias_recs, "bias", bias_recs[0].folder)
-        write(bias_whole, "bias")
+    # ----------------------------------------------------------------- the stages
 
-    darks: dict[float, tuple] = {}
-    dark_files: dict[float, object] = {}
-    for et in inventory.exptimes(FrameType.DARK):
-        recs = inventory.select(FrameType.DARK, exptime=et)
-        if len(recs) < settings.combine.min_frames:
-            continue
-        darks[et] = reduce(recs, f"dark {et:g} s", recs[0].folder, subtract=bias)
-        dark_files[et] = write(darks[et][1], "dark", et)
+    def add_inputs(self) -> None:
+        """One stage per folder of usable raw files."""
+        folders = defaultdict(list)
+        for rec in self.inventory.frames:
+            if rec.usable:
+                folders[rec.folder].append(rec)
+        for folder, recs in folders.items():
+            self.add(f"input {folder}", f"{folder}/\n{_plural(len(recs), 'raw file')}", "input")
 
-    def dark_for(et: float) -> list[float]:
-        match = [d for d in darks if np.isclose(d, et)]
-        return match or ([min(darks), max(darks)] if darks else [])
+    def add_bias(self):
+        """The master bias (its strips, for the darks to subtract), when there are enough
+        bias frames; else None."""
+        recs = self.inventory.select(FrameType.BIAS)
+        if len(recs) < self.settings.combine.min_frames:
+            return None
+        bias, bias_whole = self.reduce(recs, "bias", recs[0].folder)
+        self.write(bias_whole, "bias")
+        return bias
 
-    flats: dict[str, object] = {}
-    flat_files: dict[str, object] = {}
-    for filt in inventory.filters(FrameType.FLAT):
-        recs = inventory.select(FrameType.FLAT, filter=filt)
-        if len(recs) < settings.combine.min_frames or not darks:
-            continue
-        dark, dark_whole = darks[dark_for(recs[0].exptime)[0]]
-        lv = add(f"levels flat {filt}", f"flat levels {filt}\ncentral median per flat",
-                 "master")
-        file_edges.append((f"input {recs[0].folder}", lv))
-        level_tasks = [dask.delayed(_flat_level_stub, pure=True)(
-            str(r.path), dark_whole, dask_key_name=f"flat-level-{r.path.name}") for r in recs]
-        for t in level_tasks:
-            assign(t, lv, lv)
-        levels = da.stack([da.from_delayed(t, (), np.float32) for t in level_tasks])
-        flats[filt] = reduce(recs, f"flat {filt}", recs[0].folder, subtract=dark,
-                             levels=levels)[1]
-    mask_file = None
-    if flats or darks:
-        mask_stage = add("mask", "bad-pixel mask\nhot (dark), dead (flats)", "master")
-        hot = darks[max(darks)][1] if darks else None
+    def add_darks(self, bias) -> None:
+        """A master dark per exposure time with enough frames, and its file."""
+        for et in self.inventory.exptimes(FrameType.DARK):
+            recs = self.inventory.select(FrameType.DARK, exptime=et)
+            if len(recs) < self.settings.combine.min_frames:
+                continue
+            self.darks[et] = self.reduce(recs, f"dark {et:g} s", recs[0].folder, subtract=bias)
+            self.dark_files[et] = self.write(self.darks[et][1], "dark", et)
+
+    def add_flats(self) -> dict[str, object]:
+        """Per filter with enough flats (and a dark): the flat levels (one task per flat)
+        and the combined flat, not yet normalised. Returns ``{filter: whole image}``."""
+        flats: dict[str, object] = {}
+        for filt in self.inventory.filters(FrameType.FLAT):
+            recs = self.inventory.select(FrameType.FLAT, filter=filt)
+            if len(recs) < self.settings.combine.min_frames or not self.darks:
+                continue
+            dark, dark_whole = self.darks[self.dark_for(recs[0].exptime)[0]]
+            lv = self.add(f"levels flat {filt}", f"flat levels {filt}\ncentral median per flat",
+                          "master")
+            self.file_edges.append((f"input {recs[0].folder}", lv))
+            level_tasks = [dask.delayed(_flat_level_stub, pure=True)(
+                str(r.path), dark_whole, dask_key_name=f"flat-level-{r.path.name}")
+                for r in recs]
+            for t in level_tasks:
+                self.assign(t, lv, lv)
+            levels = da.stack([da.from_delayed(t, (), np.float32) for t in level_tasks])
+            flats[filt] = self.reduce(recs, f"flat {filt}", recs[0].folder, subtract=dark,
+                                      levels=levels)[1]
+        return flats
+
+    def add_mask_and_flats(self, flats: dict[str, object]):
+        """The bad-pixel mask (hot pixels from the longest dark, dead ones from the
+        flats) and its file, then each flat normalised over the mask's good pixels and
+        its file. Returns the mask file's task; None without darks nor flats."""
+        if not (flats or self.darks):
+            return None
+        mask_stage = self.add("mask", "bad-pixel mask\nhot (dark), dead (flats)", "master")
+        hot = self.darks[max(self.darks)][1] if self.darks else None
         task = dask.delayed(_write_stub, pure=True)(hot, *flats.values(),
-                                                    dask_key_name=f"mask-{night}")
-        assign(task, mask_stage, mask_stage)
-        mask_file = write(task, "mask")
-        # Flats are normalised over the mask's good pixels, then written.
+                                                    dask_key_name=f"mask-{self.night}")
+        self.assign(task, mask_stage, mask_stage)
+        mask_file = self.write(task, "mask")
         for filt, data in flats.items():
-            stage = add(f"normalise flat {filt}",
-                        f"normalise flat {filt}\nmedian of good pixels = 1", "master")
+            stage = self.add(f"normalise flat {filt}",
+                             f"normalise flat {filt}\nmedian of good pixels = 1", "master")
             norm = dask.delayed(_write_stub, pure=True)(data, task,
                                                         dask_key_name=f"normalise-flat-{filt}")
-            assign(norm, stage, stage)
-            flat_files[filt] = write(norm, "flat", filt=filt)
+            self.assign(norm, stage, stage)
+            self.flat_files[filt] = self.write(norm, "flat", filt=filt)
+        return mask_file
 
-    science = inventory.select(FrameType.SCIENCE)
-    rows = []
-    if science and mask_file is not None:
-        frame_stage = add("calibrate", "calibrate frame (one task each)\n"
-                          "overscan, dark, flat, e-,\nvariance, mask, cosmic rays", "frame")
-        file_edges.append((f"input {science[0].folder}", frame_stage))
-        cal = add("file cal", f"<stem>_CAL.fits\none per frame (up to {len(science)})", "file")
+    def add_calibration(self, science: list[FrameRecord], mask_file) -> tuple[str, object]:
+        """One calibration task per science frame, reading the master files it needs
+        (:func:`astep_dask.run.frames.process_frame`), then the manifest. Returns the
+        calibrated files' stage and the manifest's task."""
+        frame_stage = self.add("calibrate", "calibrate frame (one task each)\n"
+                               "overscan, dark, flat, e-,\nvariance, mask, cosmic rays",
+                               "frame")
+        self.file_edges.append((f"input {science[0].folder}", frame_stage))
+        cal = self.add("file cal", f"<stem>_CAL.fits\none per frame (up to {len(science)})",
+                       "file")
+        rows = []
         for rec in science:
-            needs = [dark_files[et] for et in dark_for(rec.exptime)]
-            needs += [flat_files[rec.filter]] if rec.filter in flat_files else []
+            needs = [self.dark_files[et] for et in self.dark_for(rec.exptime)]
+            needs += [self.flat_files[rec.filter]] if rec.filter in self.flat_files else []
             row = dask.delayed(process_frame, pure=True)(
                 str(rec.path), *needs, mask_file,
                 dask_key_name=f"calibrate-{stem(rec.path)}")
-            assign(row, frame_stage, frame_stage)
+            self.assign(row, frame_stage, frame_stage)
             rows.append(row)
-        file_edges.append((frame_stage, cal))
-        manifest = add("file manifest", "manifest.json", "file")
-        done = dask.delayed(_manifest_stub, pure=True)(*rows, dask_key_name=f"manifest-{night}")
-        assign(done, manifest, manifest)
-        if report:
-            measure = add("qa measure", "QA measures (one task per frame)\n"
-                          "sky, FWHM, star flux, streaks", "report")
-            file_edges.append((cal, measure))
-            qa_rows = []
-            for rec in science:
-                t = dask.delayed(measure_file, pure=True)(
-                    f"{stem(rec.path)}_CAL.fits", dask_key_name=f"qa-measure-{stem(rec.path)}")
-                assign(t, measure, measure)
-                qa_rows.append(t)
-            rep = add("file report", "report/\nqa.json, PNG plots,\nindex.html", "file")
-            final = dask.delayed(_report_stub, pure=True)(done, *qa_rows,
-                                                          dask_key_name=f"report-{night}")
-            assign(final, rep, rep)
-    deps = _dependencies(collections)
-    counts: dict[str, int] = defaultdict(int)
-    for key in deps:
-        counts[stage_of[key]] += 1
-    for name, st in stages.items():
-        stages[name] = Stage(st.name, st.label, st.group,
-                             counts.get(name, 0) if st.group not in ("input", "file") else 0)
-    return NightGraph(night, deps, stage_of, stages, file_edges)
+        self.file_edges.append((frame_stage, cal))
+        manifest = self.add("file manifest", "manifest.json", "file")
+        done = dask.delayed(_manifest_stub, pure=True)(*rows,
+                                                       dask_key_name=f"manifest-{self.night}")
+        self.assign(done, manifest, manifest)
+        return cal, done
+
+    def add_report(self, science: list[FrameRecord], cal: str, done) -> None:
+        """The QA report: one measuring task per calibrated frame
+        (:func:`astep_dask.report.metrics.measure_file`), then the report itself."""
+        measure = self.add("qa measure", "QA measures (one task per frame)\n"
+                           "sky, FWHM, star flux, streaks", "report")
+        self.file_edges.append((cal, measure))
+        qa_rows = []
+        for rec in science:
+            t = dask.delayed(measure_file, pure=True)(
+                f"{stem(rec.path)}_CAL.fits", dask_key_name=f"qa-measure-{stem(rec.path)}")
+            self.assign(t, measure, measure)
+            qa_rows.append(t)
+        rep = self.add("file report", "report/\nqa.json, PNG plots,\nindex.html", "file")
+        final = dask.delayed(_report_stub, pure=True)(done, *qa_rows,
+                                                      dask_key_name=f"report-{self.night}")
+        self.assign(final, rep, rep)
+
+    def result(self) -> NightGraph:
+        """The graph: every task's dependencies, and each stage with its number of tasks
+        (none for a folder or a file)."""
+        deps = _dependencies(self.collections)
+        counts: dict[str, int] = defaultdict(int)
+        for key in deps:
+            counts[self.stage_of[key]] += 1
+        stages = {name: Stage(st.name, st.label, st.group,
+                              counts.get(name, 0) if st.group not in ("input", "file") else 0)
+                  for name, st in self.stages.items()}
+        return NightGraph(self.night, deps, self.stage_of, stages, self.file_edges)
 
 
 def _dependencies(collections: Iterable) -> dict[Hashable, set]:
     """Dependencies of every task of the given dask collections (one merged graph)."""
-    from dask.highlevelgraph import HighLevelGraph
-
     dsk = dict(HighLevelGraph.merge(*[c.__dask_graph__() for c in collections]))
     return {k: set(get_dependencies(dsk, k)) for k in dsk}
 
@@ -433,9 +510,8 @@ def draw_matplotlib(flow: FlowGraph, path: Path, output_label: str = "") -> Path
                     str(k), fontsize=7, color="#333333")
     title = f"astep-dask: flow of night {flow.night} ({flow.n_tasks} dask tasks)"
     fig.suptitle(title + (f"\noutput: {output_label}" if output_label else ""), fontsize=10)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    fig.savefig(tmp, format=path.suffix.lstrip(".").lower())
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, format=path.suffix.lstrip(".").lower())
     return path
 
 
@@ -450,22 +526,18 @@ def render(flow: FlowGraph, path: str | Path, engine: str = "auto",
     fmt = path.suffix.lstrip(".").lower()
     if fmt not in ("svg", "png", "pdf", "dot"):
         raise ValueError(f"{path}: the chart is written as .svg, .png, .pdf or .dot")
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = to_dot(flow, output_label)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     if fmt == "dot":
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, text)
     use_dot = engine == "dot" or (engine == "auto" and shutil.which("dot") is not None)
     if not use_dot:
         return draw_matplotlib(flow, path, output_label)
     if shutil.which("dot") is None:
         raise RuntimeError("Graphviz `dot` is not installed (Debian: apt-get install graphviz)")
     extra = ["-Gdpi=110"] if fmt == "png" else []
-    subprocess.run(["dot", f"-T{fmt}", *extra, "-o", str(tmp)], input=text.encode(),
-                   check=True, capture_output=True, timeout=120)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        subprocess.run(["dot", f"-T{fmt}", *extra, "-o", str(tmp)], input=text.encode(),
+                       check=True, capture_output=True, timeout=120)
     return path
 
 

@@ -1,4 +1,12 @@
-"""report.html: TODO docstring."""
+"""The report's page, ``index.html``: one self-contained HTML file beside its PNG plots.
+
+:func:`render_html` turns the content of ``qa.json`` (:func:`astep_dask.report.night.
+assemble_report`, with the plot file names of :func:`astep_dask.report.figures.write_plots`)
+into a page: the night's summary, the flagged frames with their reasons, the time series,
+one calibrated frame, the masters and their figures, every frame's figures, and the files
+not measured. Every text from the data is HTML-escaped; numbers are shown by
+:func:`fmt_value` (also used by the terminal summary), so that a missing value reads "–".
+"""
 
 from __future__ import annotations
 
@@ -8,12 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from astep_dask.io.products import QA_JSON
-from astep_dask.report.metrics import _pct
 
-# --------------------------------------------------------------------------- HTML
+__all__ = ["CSS", "fmt_value", "render_html"]
+
+_e = html.escape  # every text taken from the data goes through it
 
 
-def _fmt(value: object, digits: int = 3) -> str:
+def fmt_value(value: object, digits: int = 3) -> str:
+    """A value as the report shows it: a float to ``digits`` significant digits (4 beyond
+    1e5), "–" for None, NaN or infinity, anything else as HTML-escaped text."""
     if value is None:
         return "–"
     if isinstance(value, float):
@@ -21,6 +32,11 @@ def _fmt(value: object, digits: int = 3) -> str:
             return "–"
         return f"{value:.{digits}g}" if abs(value) < 1e5 else f"{value:.4g}"
     return html.escape(str(value))
+
+
+def _pct(value: float | None) -> float | None:
+    """A fraction as a percentage; None stays None."""
+    return None if value is None else 100.0 * value
 
 
 CSS = """
@@ -38,85 +54,131 @@ img.wide { max-width: 100%; border: 1px solid #ddd; }
 
 
 def render_html(report: dict) -> str:
-    """The report's ``index.html`` (self-contained but for the PNGs beside it)."""
+    """The report's ``index.html`` (self-contained but for the PNGs beside it): one line
+    of HTML per entry of the section helpers below, in the page's order."""
+    out = _head(report)
+    out += _flagged_section(report)
+    out += _plots_section(report)
+    out += _masters_section(report)
+    out += _frames_section(report)
+    out += _problems_section(report)
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+
+def _head(report: dict) -> list[str]:
+    """Page head, title, provenance note and the summary table."""
     s = report["summary"]
-    plots = report.get("plots", {})
-    e = html.escape
     out = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-           f"<title>QA {e(report['night'])}</title><style>{CSS}</style></head><body>",
-           f"<h1>Night {e(report['night'])}: quality report</h1>",
-           f"<p class='note'>Output folder {e(report['output'])}; generated "
-           f"{e(report['generated'])}; calibration status {_fmt(s.get('calibration_status'))}."
+           f"<title>QA {_e(report['night'])}</title><style>{CSS}</style></head><body>",
+           f"<h1>Night {_e(report['night'])}: quality report</h1>",
+           f"<p class='note'>Output folder {_e(report['output'])}; generated "
+           f"{_e(report['generated'])}; calibration status "
+           f"{fmt_value(s.get('calibration_status'))}."
            f" Flagged frames are kept, never deleted. Data: <a href='{QA_JSON}'>{QA_JSON}</a>."
            "</p>"]
     flag_text = ", ".join(f"{k}: {v}" for k, v in s["flags"].items() if v) or "none"
     out.append("<table><tr><th>frames measured</th><th>flagged</th><th>flags</th>"
                "<th>median sky [e-]</th><th>median noise [e-]</th><th>median FWHM [px]</th>"
                "<th>failed in calibration</th><th>unusable files</th></tr>"
-               f"<tr><td>{s['frames']}</td><td>{s['flagged']}</td><td class='l'>{e(flag_text)}"
-               f"</td><td>{_fmt(s['median_sky'])}</td><td>{_fmt(s['median_noise'])}</td>"
-               f"<td>{_fmt(s['median_fwhm'])}</td><td>{s['failed_in_calibration']}</td>"
-               f"<td>{s['unusable_files']}</td></tr></table>")
+               f"<tr><td>{s['frames']}</td><td>{s['flagged']}</td><td class='l'>{_e(flag_text)}"
+               f"</td><td>{fmt_value(s['median_sky'])}</td><td>{fmt_value(s['median_noise'])}"
+               f"</td><td>{fmt_value(s['median_fwhm'])}</td><td>{s['failed_in_calibration']}"
+               f"</td><td>{s['unusable_files']}</td></tr></table>")
+    return out
+
+
+def _flagged_section(report: dict) -> list[str]:
+    """The flagged frames, one table row per flag, and their thumbnails."""
+    plots = report.get("plots", {})
     flagged = [f for f in report["frames"] if f["flagged"]]
-    out.append("<h2>Flagged frames</h2>")
-    if flagged:
-        out.append("<table><tr><th>frame</th><th>time [UTC]</th><th>reason</th>"
-                   "<th>detail</th></tr>")
-        for f in flagged:
-            for fl in f["flags"]:
-                out.append(f"<tr class='flag'><td class='l'>{e(f['file'])}</td>"
-                           f"<td>{e(f.get('time') or '')}</td><td class='l'>{e(fl['reason'])}"
-                           f"</td><td class='l'>{e(fl['detail'])}</td></tr>")
-        out.append("</table>")
-        if "flagged" in plots:
-            out.append(f"<img class='wide' src='{plots['flagged']}' alt='flagged frames'>")
-    else:
-        out.append("<p>No frame flagged.</p>")
+    out = ["<h2>Flagged frames</h2>"]
+    if not flagged:
+        return [*out, "<p>No frame flagged.</p>"]
+    out.append("<table><tr><th>frame</th><th>time [UTC]</th><th>reason</th>"
+               "<th>detail</th></tr>")
+    for f in flagged:
+        for fl in f["flags"]:
+            out.append(f"<tr class='flag'><td class='l'>{_e(f['file'])}</td>"
+                       f"<td>{_e(f.get('time') or '')}</td><td class='l'>{_e(fl['reason'])}"
+                       f"</td><td class='l'>{_e(fl['detail'])}</td></tr>")
+    out.append("</table>")
+    if "flagged" in plots:
+        out.append(f"<img class='wide' src='{plots['flagged']}' alt='flagged frames'>")
+    return out
+
+
+def _plots_section(report: dict) -> list[str]:
+    """The time series and the calibrated frame shown, when drawn."""
+    plots = report.get("plots", {})
+    out = []
     if "timeseries" in plots:
         out.append("<h2>Per-frame figures</h2>"
                    f"<img class='wide' src='{plots['timeseries']}' alt='time series'>")
     if "frame" in plots:
-        out.append(f"<h2>A calibrated frame: {e(s.get('frame_shown', ''))}</h2>"
-                   f"<img class='wide' src='{plots['frame']}' alt='calibrated frame'>")
-    out.append("<h2>Masters and bad-pixel mask</h2><div class='grid'>")
+        out.append(f"<h2>A calibrated frame: {_e(report['summary'].get('frame_shown', ''))}"
+                   f"</h2><img class='wide' src='{plots['frame']}' alt='calibrated frame'>")
+    return out
+
+
+def _masters_section(report: dict) -> list[str]:
+    """The masters' images and the table of their figures."""
+    plots = report.get("plots", {})
+    out = ["<h2>Masters and bad-pixel mask</h2><div class='grid'>"]
     for m in report["masters"]:
         if m["label"] in plots:
-            out.append(f"<img src='{plots[m['label']]}' alt='{e(m['label'])}'>")
+            out.append(f"<img src='{plots[m['label']]}' alt='{_e(m['label'])}'>")
     out.append("</div>")
     out.append("<table><tr><th>master</th><th>file</th><th>frames</th><th>level</th>"
                "<th>scatter</th><th>pixel noise</th><th>1%–99%</th><th>unit</th>"
                "<th>hot px</th><th>dead px</th></tr>")
     for m in report["masters"]:
-        rng = (f"{_fmt(m.get('p01'), 5)}–{_fmt(m.get('p99'), 5)}" if "p01" in m else "–")
-        out.append(f"<tr><td class='l'>{e(m['label'])}</td><td class='l'>{e(m['file'])}</td>"
-                   f"<td>{_fmt(m.get('ncombine'))}</td><td>{_fmt(m.get('level'), 5)}</td>"
-                   f"<td>{_fmt(m.get('scatter'))}</td><td>{_fmt(m.get('noise'))}</td>"
-                   f"<td>{rng}</td><td>{_fmt(m.get('unit'))}</td><td>{_fmt(m.get('n_hot'))}</td>"
-                   f"<td>{_fmt(m.get('n_dead'))}</td></tr>")
+        rng = (f"{fmt_value(m.get('p01'), 5)}–{fmt_value(m.get('p99'), 5)}"
+               if "p01" in m else "–")
+        out.append(f"<tr><td class='l'>{_e(m['label'])}</td><td class='l'>{_e(m['file'])}</td>"
+                   f"<td>{fmt_value(m.get('ncombine'))}</td>"
+                   f"<td>{fmt_value(m.get('level'), 5)}</td>"
+                   f"<td>{fmt_value(m.get('scatter'))}</td><td>{fmt_value(m.get('noise'))}</td>"
+                   f"<td>{rng}</td><td>{fmt_value(m.get('unit'))}</td>"
+                   f"<td>{fmt_value(m.get('n_hot'))}</td>"
+                   f"<td>{fmt_value(m.get('n_dead'))}</td></tr>")
     out.append("</table>")
-    out.append("<h2>All frames</h2><table><tr><th>frame</th><th>time [UTC]</th>"
-               "<th>sky [e-]</th><th>noise [e-]</th><th>FWHM [px]</th><th>stars</th>"
-               "<th>star flux</th><th>masked %</th><th>sat. %</th><th>CR %</th>"
-               "<th>gradient %</th><th>flags</th></tr>")
+    return out
+
+
+def _frames_section(report: dict) -> list[str]:
+    """Every frame's figures, flagged rows shaded."""
+    out = ["<h2>All frames</h2><table><tr><th>frame</th><th>time [UTC]</th>"
+           "<th>sky [e-]</th><th>noise [e-]</th><th>FWHM [px]</th><th>stars</th>"
+           "<th>star flux</th><th>masked %</th><th>sat. %</th><th>CR %</th>"
+           "<th>gradient %</th><th>flags</th></tr>"]
     for f in report["frames"]:
         cls = " class='flag'" if f["flagged"] else ""
         reasons = ", ".join(fl["reason"] for fl in f["flags"])
         out.append(
-            f"<tr{cls}><td class='l'>{e(f['file'])}</td><td>{e(f.get('time') or '')}</td>"
-            f"<td>{_fmt(f.get('sky'), 4)}</td><td>{_fmt(f.get('noise'))}</td>"
-            f"<td>{_fmt(f.get('fwhm'))}</td><td>{f.get('n_stars', '')}</td>"
-            f"<td>{_fmt(f.get('transparency'))}</td>"
-            f"<td>{_fmt(100 * f['frac_masked'])}</td><td>{_fmt(100 * f['frac_saturated'])}</td>"
-            f"<td>{_fmt(100 * f['frac_cr'])}</td><td>{_fmt(_pct(f.get('gradient')))}</td>"
-            f"<td class='l'>{e(reasons)}</td></tr>")
+            f"<tr{cls}><td class='l'>{_e(f['file'])}</td><td>{_e(f.get('time') or '')}</td>"
+            f"<td>{fmt_value(f.get('sky'), 4)}</td><td>{fmt_value(f.get('noise'))}</td>"
+            f"<td>{fmt_value(f.get('fwhm'))}</td><td>{f.get('n_stars', '')}</td>"
+            f"<td>{fmt_value(f.get('transparency'))}</td>"
+            f"<td>{fmt_value(100 * f['frac_masked'])}</td>"
+            f"<td>{fmt_value(100 * f['frac_saturated'])}</td>"
+            f"<td>{fmt_value(100 * f['frac_cr'])}</td>"
+            f"<td>{fmt_value(_pct(f.get('gradient')))}</td>"
+            f"<td class='l'>{_e(reasons)}</td></tr>")
     out.append("</table>")
+    return out
+
+
+def _problems_section(report: dict) -> list[str]:
+    """Files not measured: failed in calibration, unreadable, unusable raw files."""
     problems = ([(r["file"], r["reason"]) for r in report.get("failed", [])]
                 + [(r["file"], r["reason"]) for r in report.get("unreadable", [])]
                 + [(Path(r["path"]).name, r["reason"]) for r in report.get("unusable", [])])
-    if problems:
-        out.append("<h2>Files not measured</h2><table><tr><th>file</th><th>reason</th></tr>")
-        out += [f"<tr><td class='l'>{e(str(a))}</td><td class='l'>{e(str(b))}</td></tr>"
-                for a, b in problems]
-        out.append("</table>")
-    out.append("</body></html>")
-    return "\n".join(out)
+    if not problems:
+        return []
+    out = ["<h2>Files not measured</h2><table><tr><th>file</th><th>reason</th></tr>"]
+    out += [f"<tr><td class='l'>{_e(str(a))}</td><td class='l'>{_e(str(b))}</td></tr>"
+            for a, b in problems]
+    out.append("</table>")
+    return out

@@ -1,4 +1,18 @@
-"""report.metrics: TODO docstring."""
+"""The per-frame measures of the QA report and the rules that flag outlier frames.
+
+A calibrated frame (SCI, VAR, MASK) gives one row of figures (:func:`measure_planes`):
+sky level and noise from the mesh background, PSF FWHM and number of stars from the star
+finder (the KBMOD export's own, :mod:`astep_dask.core.background` and
+:mod:`astep_dask.core.register`), masked / saturated / cosmic-ray / bad pixel fractions,
+the background gradient across the frame, and the strongest straight streak
+(:func:`find_streak`, a Hough transform of the binned, star-masked residual). Across the
+night, :func:`relative_fluxes` compares the same stars in every frame (transparency) and
+:func:`flag_frames` turns the rows into flags, each with one of :data:`REASONS`.
+
+Everything here is a pure function of arrays, but for :func:`measure_file`, the cluster
+task that reads one calibrated file (:func:`astep_dask.io.fitsio.read_calibrated`) and
+never raises: a frame that cannot be read or measured gives a row with ``error``.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +21,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from astropy.io import fits
-from astropy.time import Time
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
@@ -24,8 +36,24 @@ from astep_dask.core.register import (
     stars_psf_sigma,
 )
 from astep_dask.core.stats import robust_sigma
+from astep_dask.io.fitsio import mid_exposure, read_calibrated
 
-REASONS = ("cloud", "sky", "trail", "defocus")
+__all__ = [
+    "KEEP_STARS",
+    "REASONS",
+    "block_reduce",
+    "elongated",
+    "find_streak",
+    "flag_frames",
+    "mask_fractions",
+    "measure_file",
+    "measure_planes",
+    "plane_gradient",
+    "relative_fluxes",
+    "star_discs",
+]
+
+REASONS = ("cloud", "sky", "trail", "defocus")  # why a frame is flagged, in this order
 
 
 _BAD_BITS = flag(Bit.BAD, Bit.HOT, Bit.DEAD)
@@ -219,7 +247,7 @@ def measure_planes(sci: np.ndarray, var: np.ndarray, mask: np.ndarray,
         stars, masked / saturated / CR / bad fractions, background gradient (peak-to-peak
         across the frame, e- and fraction of the sky, and direction) and the strongest
         streak (see :func:`find_streak`). ``stars``: the frame's star list
-        (:data:`astep_dask.register.STAR_DTYPE`), for flux ratios between frames.
+        (:data:`astep_dask.core.register.STAR_DTYPE`), for flux ratios between frames.
     """
     settings = settings or QaSettings()
     mask = np.asarray(mask)
@@ -257,7 +285,7 @@ def relative_fluxes(star_lists: Sequence[np.ndarray], fwhm: Sequence[float],
 
     The reference is the frame with most stars among those with a PSF no wider than 1.1x
     the night's median. Each frame is registered to it (translation from the stars,
-    :func:`astep_dask.register.measure_offset`); stars matched within ``match_radius``
+    :func:`astep_dask.core.register.measure_offset`); stars matched within ``match_radius``
     and bright in the reference (``snr >= min_snr``) give the median flux ratio.
 
     Returns
@@ -304,7 +332,10 @@ def relative_fluxes(star_lists: Sequence[np.ndarray], fwhm: Sequence[float],
     return ratio, n_match, ref_i
 
 
-def _robust_sigma(values: np.ndarray) -> float:
+def _night_scatter(values: np.ndarray) -> float:
+    """Robust sigma (:func:`astep_dask.core.stats.robust_sigma`) of a night's finite
+    values; 0 with fewer than three, so that the flag rules fall back on their ratio
+    thresholds alone (where core's would give NaN and the rule would never fire)."""
     v = np.asarray(values, float)
     v = v[np.isfinite(v)]
     return robust_sigma(v) if v.size >= 3 else 0.0
@@ -324,7 +355,7 @@ def flag_frames(rows: Sequence[dict], settings: QaSettings | None = None) -> lis
     tr = np.array([r.get("transparency", np.nan) for r in rows], float)
     n_stars = np.array([r.get("n_stars", 0) for r in rows], float)
     med_fwhm = float(np.nanmedian(fwhm)) if np.isfinite(fwhm).any() else np.nan
-    sig_fwhm = _robust_sigma(fwhm)
+    sig_fwhm = _night_scatter(fwhm)
     med_stars = float(np.median(n_stars)) if n else 0.0
     flags: list[list[dict]] = []
     for i, row in enumerate(rows):
@@ -366,34 +397,6 @@ def flag_frames(rows: Sequence[dict], settings: QaSettings | None = None) -> lis
 # --------------------------------------------------------------------------- I/O edges
 
 
-def read_planes(path: Path) -> tuple[fits.Header, np.ndarray, np.ndarray, np.ndarray]:
-    """Primary header, SCI, VAR and MASK of a calibrated frame."""
-    with fits.open(path, memmap=False) as hdul:
-        header = hdul[0].header.copy()
-        sci = np.asarray(hdul["SCI"].data, np.float32)
-        var = np.asarray(hdul["VAR"].data, np.float32)
-        mask = np.asarray(hdul["MASK"].data, np.int32)
-    return header, sci, var, mask
-
-
-def frame_time(header: fits.Header) -> tuple[float, str]:
-    """Mid-exposure MJD (UTC) and ISO time of a frame, from DATE-OBS or MJD-OBS and
-    EXPTIME; NaN and "" without either."""
-    exptime = float(header.get("EXPTIME", 0.0) or 0.0)
-    try:
-        if header.get("DATE-OBS"):
-            start = Time(str(header["DATE-OBS"]).strip(), scale="utc")
-        elif header.get("MJD-OBS") is not None:
-            start = Time(float(header["MJD-OBS"]), format="mjd", scale="utc")
-        else:
-            return float("nan"), ""
-    except ValueError:
-        return float("nan"), ""
-    mid = Time(start.mjd + exptime / 2 / 86400.0, format="mjd", scale="utc")
-    mid.precision = 1
-    return float(mid.mjd), str(mid.isot)
-
-
 def measure_file(path: str | Path, settings: QaSettings | None = None) -> dict:
     """Measure one calibrated frame file (a cluster task). Never raises: a frame that
     cannot be read or measured gives a row with ``error``.
@@ -403,14 +406,19 @@ def measure_file(path: str | Path, settings: QaSettings | None = None) -> dict:
     dict
         The figures of :func:`measure_planes` plus ``file``, ``raw``, ``mjd``, ``time``,
         ``exptime``, ``filter``, ``shape``, ``side``, ``seconds`` and ``stars`` (the star
-        list, a small structured array).
+        list, a small structured array). ``mjd`` and ``time`` are the mid-exposure
+        (:func:`astep_dask.io.fitsio.mid_exposure`: MJD in UTC, ISO to the millisecond in
+        the header's ``TIMESYS``); NaN and "" for a frame whose header has no time.
     """
     path = Path(path)
     t0 = time.perf_counter()
     row: dict = {"file": path.name}
     try:
-        header, sci, var, mask = read_planes(path)
-        mjd, iso = frame_time(header)
+        header, sci, var, mask = read_calibrated(path)
+        try:
+            mjd, iso, _ = mid_exposure(header)
+        except ValueError:  # no (readable) DATE-OBS nor MJD-OBS: the row has no time
+            mjd, iso = float("nan"), ""
         row.update(raw=str(header.get("RAWFILE", "")), mjd=mjd, time=iso,
                    exptime=float(header.get("EXPTIME", np.nan)),
                    filter=str(header.get("FILTER", "")), shape=list(sci.shape),
@@ -422,7 +430,3 @@ def measure_file(path: str | Path, settings: QaSettings | None = None) -> dict:
     # The brightest stars are enough for the flux ratios; they keep the row small.
     stars = stars[np.argsort(stars["snr"])[::-1][:KEEP_STARS]]
     return {**row, **figures, "stars": stars, "seconds": time.perf_counter() - t0}
-
-
-def _pct(value: float | None) -> float | None:
-    return None if value is None else 100.0 * value

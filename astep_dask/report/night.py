@@ -33,7 +33,8 @@ Flags say why a frame looks wrong; they never delete or move anything. The reaso
     its scatter).
 
 Star finding and the sky background are those of the KBMOD export
-(:func:`astep_dask.register.find_stars`, :func:`astep_dask.background.estimate_background`).
+(:func:`astep_dask.core.register.find_stars`,
+:func:`astep_dask.core.background.estimate_background`).
 The per-frame measures are pure functions of the calibrated planes; reading files,
 drawing and writing sit at the edges. With a dask client, each frame is measured in one
 task on the cluster, which returns a small row (no image).
@@ -43,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -52,6 +52,7 @@ import numpy as np
 from astropy.io import fits
 
 from astep_dask.config import QaSettings
+from astep_dask.io.fitsio import atomic_write_text, write_json
 from astep_dask.io.products import (
     QA_JSON,
     REPORT_FOLDER,
@@ -62,8 +63,17 @@ from astep_dask.io.products import (
 )
 from astep_dask.kbmod.products import CAL_SUFFIX
 from astep_dask.report.figures import master_figures, write_plots
-from astep_dask.report.html import _fmt, render_html
+from astep_dask.report.html import fmt_value, render_html
 from astep_dask.report.metrics import REASONS, flag_frames, measure_file, relative_fluxes
+
+__all__ = [
+    "assemble_report",
+    "calibrated_paths",
+    "load_report",
+    "night_report",
+    "report_summary",
+    "submit_measures",
+]
 
 
 def submit_measures(paths: Sequence[str | Path], client,
@@ -83,6 +93,8 @@ def calibrated_paths(out_dir: str | Path) -> list[Path]:
 
 def _measure_all(paths: list[Path], settings: QaSettings, client=None,
                  log: Callable[[str], None] | None = None) -> list[dict]:
+    """The :func:`measure_file` rows of ``paths``: on the cluster with a client, else
+    here one after the other (calling ``log`` after each)."""
     if client is not None:
         return list(client.gather(submit_measures(paths, client, settings)))
     rows = []
@@ -145,8 +157,8 @@ def night_report(night_dir: str | Path, out: str | Path | None = None, client=No
     report["plots"] = write_plots(report, out_dir, folder, settings)
     report["seconds"]["plots"] = time.perf_counter() - t1
     report["seconds"]["total"] = time.perf_counter() - t0
-    _write_text(folder / QA_JSON, json.dumps(_clean(report), indent=1))
-    _write_text(folder / REPORT_INDEX, render_html(report))
+    write_json(folder / QA_JSON, report, finite=True)  # strict JSON: NaN as null
+    atomic_write_text(folder / REPORT_INDEX, render_html(report))
     return folder
 
 
@@ -201,29 +213,9 @@ def assemble_report(night: str, out_dir: Path, rows: list[dict], manifest: dict,
 
 
 def _median(rows: list[dict], key: str) -> float:
+    """Median of ``key`` over the rows' finite values; NaN without any."""
     v = np.array([r.get(key, np.nan) for r in rows], float)
     return float(np.nanmedian(v)) if np.isfinite(v).any() else float("nan")
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _clean(obj: object) -> object:
-    """JSON-ready: NaN/inf become null, numpy scalars plain numbers."""
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def report_summary(report: dict, folder: str | Path | None = None) -> str:
@@ -232,8 +224,8 @@ def report_summary(report: dict, folder: str | Path | None = None) -> str:
     s = report["summary"]
     flags = ", ".join(f"{k} {v}" for k, v in s["flags"].items() if v) or "none"
     lines = [f"night {report['night']}: {s['frames']} frames measured, {s['flagged']} flagged "
-             f"({flags}); median sky {_fmt(s['median_sky'], 4)} e-, noise "
-             f"{_fmt(s['median_noise'])} e-, FWHM {_fmt(s['median_fwhm'])} px"]
+             f"({flags}); median sky {fmt_value(s['median_sky'], 4)} e-, noise "
+             f"{fmt_value(s['median_noise'])} e-, FWHM {fmt_value(s['median_fwhm'])} px"]
     for f in report["frames"]:
         for fl in f["flags"]:
             lines.append(f"  flagged: {f['file']}: {fl['reason']}: {fl['detail']}")

@@ -1,4 +1,14 @@
-"""report.season: TODO docstring."""
+"""Trends across the nights of a season: what ran, what failed, what drifted.
+
+:func:`season_rows` reads a season's ``season.json`` (written by
+:func:`astep_dask.run.season.write_season_report`) and, for each night that has output,
+its manifest and masters: one row per night with its status, frames calibrated and
+failed, the sky level of every frame, the master dark levels, the master flats, and the
+hot and dead pixels of its mask. :func:`fig_season` draws those rows night by night;
+:func:`flat_ratios` and :func:`fig_flat_ratios` divide each night's master flat by the
+first night's, where moving dust or a new defect stands out. Only files are read: the
+season's nights are not re-measured.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +22,14 @@ from astropy.io import fits
 from astep_dask.config import QaSettings
 from astep_dask.core.stats import robust_sigma
 from astep_dask.io.products import master_files, read_manifest
-from astep_dask.report.figures import _display, _figure, master_figures, zscale_limits
+from astep_dask.report.figures import (
+    master_figures,
+    new_figure,
+    shrink_for_display,
+    zscale_limits,
+)
 
-# --------------------------------------------------------------------------- season
+__all__ = ["STATUS_COLOURS", "fig_flat_ratios", "fig_season", "flat_ratios", "season_rows"]
 
 
 def season_rows(folder: str | Path) -> list[dict]:
@@ -61,7 +76,7 @@ STATUS_COLOURS = {"complete": "#2ca02c", "skipped": "#98df8a", "partial": "#ff7f
 def fig_season(rows: Sequence[dict]):
     """Season overview: frames per night coloured by status, sky levels, master dark
     levels and hot/dead pixel counts, night by night."""
-    fig = _figure(10.0, 10.0)
+    fig = new_figure(10.0, 10.0)
     axes = fig.subplots(4, 1, sharex=True)
     x = np.arange(len(rows))
     names = [r["night"] for r in rows]
@@ -139,7 +154,7 @@ def fig_flat_ratios(rows: Sequence[dict], filter: str | None = None,
     settings = settings or QaSettings()
     ref, ratios = flat_ratios(rows, filter)
     if not ratios:
-        fig = _figure(6.0, 2.0)
+        fig = new_figure(6.0, 2.0)
         fig.text(0.5, 0.5, "fewer than two nights with a master flat: no ratio to show",
                  ha="center", va="center")
         return fig
@@ -148,11 +163,11 @@ def fig_flat_ratios(rows: Sequence[dict], filter: str | None = None,
     half = max(abs(1 - lo), abs(hi - 1), 1e-4)
     ncol = min(3, len(ratios))
     nrow = int(np.ceil(len(ratios) / ncol))
-    fig = _figure(4.2 * ncol + 1.0, 4.0 * nrow + 0.4)
+    fig = new_figure(4.2 * ncol + 1.0, 4.0 * nrow + 0.4)
     axes = np.atleast_1d(fig.subplots(nrow, ncol)).ravel()
     im = None
     for ax, (night, ratio) in zip(axes, ratios, strict=False):
-        shown, _ = _display(ratio, settings.thumbnail)
+        shown, _ = shrink_for_display(ratio, settings.thumbnail)
         ny, nx = ratio.shape
         im = ax.imshow(shown, origin="lower", cmap="RdBu_r", vmin=1 - half, vmax=1 + half,
                        interpolation="nearest", extent=(-0.5, nx - 0.5, -0.5, ny - 0.5))

@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import dask
 from distributed import Client, LocalCluster
 
 from astep_dask.config import ClusterSettings
@@ -100,8 +101,6 @@ def capacity(client: Client, settings: ClusterSettings) -> int:
     """
     threads = worker_threads(client)
     if settings.kind in ("slurm", "pbs") and not settings.scheduler:
-        import dask
-
         cores = int(dask.config.get(f"jobqueue.{settings.kind}.cores", default=1) or 1)
         threads = max(threads, settings.max_jobs * cores)
     return threads

@@ -14,9 +14,13 @@ from __future__ import annotations
 import json
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
+import dask
+import distributed
 import numpy as np
+import xarray
 from distributed import Client
 
 from astep_dask.config import Settings
@@ -161,10 +165,6 @@ def calibrate_night(
 def write_manifest(result: StageResult, inv: Inventory, settings: Settings,
                    masters: MasterPaths | None) -> Path:
     """Write ``manifest.json`` of a night atomically."""
-    import dask
-    import distributed
-    import xarray
-
     data = {
         "night": result.night,
         "status": result.status,
@@ -179,8 +179,8 @@ def write_manifest(result: StageResult, inv: Inventory, settings: Settings,
         "versions": {
             "astep-dask": __version__, "dask": dask.__version__,
             "distributed": distributed.__version__, "xarray": xarray.__version__,
-            "numpy": np.__version__, "astropy": _version("astropy"),
-            "astroscrappy": _version("astroscrappy"), "python": sys.version.split()[0],
+            "numpy": np.__version__, "astropy": version("astropy"),
+            "astroscrappy": version("astroscrappy"), "python": sys.version.split()[0],
         },
         "settings": settings.to_dict(),
         "masters": result.details.get("masters", {}),
@@ -206,12 +206,6 @@ def night_is_current(night_dir: Path, out: Path | None, settings: Settings) -> b
 
 def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) if t else ""
-
-
-def _version(name: str) -> str:
-    from importlib.metadata import version
-
-    return version(name)
 
 
 def run_frames(client: Client, jobs: list[FrameJob], settings: Settings,
