@@ -38,7 +38,8 @@ from dask.utils import key_split
 from astep_dask.config import Settings
 from astep_dask.io.fitsio import atomic_open, atomic_path, atomic_write_text
 from astep_dask.io.layout import FrameRecord, FrameType, Inventory, scan_night, stem
-from astep_dask.io.products import master_name, output_dir
+from astep_dask.io.products import output_dir
+from astep_dask.masters.builder import MasterBuilder, MasterStep, frame_needs
 from astep_dask.masters.reduce import combine_lazy, prepared_stack
 from astep_dask.report.metrics import measure_file
 from astep_dask.run.frames import process_frame
@@ -134,10 +135,11 @@ def night_graph(inventory: Inventory, settings: Settings | None = None,
                 report: bool = True) -> NightGraph:
     """The task graph of a night (nothing is computed; headers only are read).
 
-    The stages are built in the pipeline's order, one step each: the input folders, the
-    bias, the darks, the flats (with their levels), the mask and the normalised flats,
-    the calibration of each science frame and its manifest, then, with ``report``, the
-    QA measures and the report.
+    The stages are built in the pipeline's order: the input folders, each master of the
+    night's plan (:meth:`~astep_dask.masters.builder.MasterBuilder.plan`: the masters and
+    what each is made from, by the recipe's own rules), the calibration of each science
+    frame from the masters it reads (:func:`~astep_dask.masters.builder.frame_needs`) and
+    the manifest, then, with ``report``, the QA measures and the report.
 
     Parameters
     ----------
@@ -150,12 +152,12 @@ def night_graph(inventory: Inventory, settings: Settings | None = None,
     """
     b = _GraphBuilder(inventory, settings or Settings())
     b.add_inputs()
-    bias = b.add_bias()
-    b.add_darks(bias)
-    mask_file = b.add_mask_and_flats(b.add_flats())
+    steps = MasterBuilder(inventory, Path(inventory.night), b.settings).plan()
+    for step in steps:
+        b.add_master(step)
     science = inventory.select(FrameType.SCIENCE)
-    if science and mask_file is not None:
-        cal, done = b.add_calibration(science, mask_file)
+    if science and any(s.role == "mask" for s in steps):
+        cal, done = b.add_calibration(science, steps)
         if report:
             b.add_report(science, cal, done)
     return b.result()
@@ -173,13 +175,10 @@ class _GraphBuilder:
         self.stage_of: dict[Hashable, str] = {}
         self.file_edges: list[tuple[str, str]] = []
         self.collections: list = []
-        self.darks: dict[float, tuple] = {}  # exposure time: (strips, whole image)
-        self.dark_files: dict[float, object] = {}
-        self.flat_files: dict[str, object] = {}
-        sci_exptimes = inventory.exptimes(FrameType.SCIENCE)
-        flat_exptimes = inventory.exptimes(FrameType.FLAT)
-        self.sci_et = sci_exptimes[0] if sci_exptimes else None
-        self.flat_et = flat_exptimes[0] if flat_exptimes else None
+        self.strips: dict[str, object] = {}  # master file name: its combination's strips
+        self.whole: dict[str, object] = {}  # master file name: the image gathered whole
+        self.files: dict[str, object] = {}  # master file name: the task writing it
+        self.planned: dict[str, MasterStep] = {}  # master file name: its step of the plan
 
     # ----------------------------------------------------------------- building blocks
 
@@ -220,19 +219,13 @@ class _GraphBuilder:
         self.assign(whole, comb, comb)
         return data, whole
 
-    def write(self, data, role: str, exptime: float | None = None, filt: str = ""):
+    def write(self, data, fname: str):
         """The task writing a master file, in a stage of its own (the file)."""
-        fname = master_name(self.night, role, exptime, filt, self.sci_et, self.flat_et)
         node = self.add(f"file {fname}", fname, "file")
         task = dask.delayed(_write_stub, pure=True)(data, dask_key_name=f"write-{fname}")
         self.assign(task, node, node)
+        self.files[fname] = task
         return task
-
-    def dark_for(self, et: float) -> list[float]:
-        """Exposure times of the darks a frame of ``et`` uses (the pipeline's rule: the
-        matching dark, else the shortest and longest, scaled)."""
-        match = [d for d in self.darks if np.isclose(d, et)]
-        return match or ([min(self.darks), max(self.darks)] if self.darks else [])
 
     # ----------------------------------------------------------------- the stages
 
@@ -245,69 +238,60 @@ class _GraphBuilder:
         for folder, recs in folders.items():
             self.add(f"input {folder}", f"{folder}/\n{_plural(len(recs), 'raw file')}", "input")
 
-    def add_bias(self):
-        """The master bias (its strips, for the darks to subtract), when there are enough
-        bias frames; else None."""
-        recs = self.inventory.select(FrameType.BIAS)
-        if len(recs) < self.settings.combine.min_frames:
-            return None
-        bias, bias_whole = self.reduce(recs, "bias", recs[0].folder)
-        self.write(bias_whole, "bias")
-        return bias
+    def add_master(self, step: MasterStep) -> None:
+        """One master of the plan: its reduction from its raw frames and the masters it
+        needs (a flat also measures each flat's level first), and its file; the mask also
+        normalises the new flats, which are written after it."""
+        self.planned[step.name] = step
+        if step.role == "mask":
+            self._add_mask(step)
+            return
+        recs = list(step.records)
+        what = {"bias": "bias", "dark": f"dark {step.exptime or 0:g} s",
+                "flat": f"flat {step.filter}"}[step.role]
+        subtract = self.strips[step.needs[0]] if step.needs else None
+        levels = None
+        if step.role == "flat":
+            levels = self._flat_levels(step, recs)
+        strips, whole = self.reduce(recs, what, recs[0].folder, subtract=subtract,
+                                    levels=levels)
+        self.strips[step.name], self.whole[step.name] = strips, whole
+        if step.role != "flat":  # a flat is written once normalised, after the mask
+            self.write(whole, step.name)
 
-    def add_darks(self, bias) -> None:
-        """A master dark per exposure time with enough frames, and its file."""
-        for et in self.inventory.exptimes(FrameType.DARK):
-            recs = self.inventory.select(FrameType.DARK, exptime=et)
-            if len(recs) < self.settings.combine.min_frames:
-                continue
-            self.darks[et] = self.reduce(recs, f"dark {et:g} s", recs[0].folder, subtract=bias)
-            self.dark_files[et] = self.write(self.darks[et][1], "dark", et)
+    def _flat_levels(self, step: MasterStep, recs: list[FrameRecord]) -> da.Array:
+        """One level task per flat (its central median, less the darks it needs)."""
+        lv = self.add(f"levels flat {step.filter}",
+                      f"flat levels {step.filter}\ncentral median per flat", "master")
+        self.file_edges.append((f"input {recs[0].folder}", lv))
+        darks = [self.whole[n] for n in step.needs]
+        level_tasks = [dask.delayed(_flat_level_stub, pure=True)(
+            str(r.path), *darks, dask_key_name=f"flat-level-{r.path.name}") for r in recs]
+        for t in level_tasks:
+            self.assign(t, lv, lv)
+        return da.stack([da.from_delayed(t, (), np.float32) for t in level_tasks])
 
-    def add_flats(self) -> dict[str, object]:
-        """Per filter with enough flats (and a dark): the flat levels (one task per flat)
-        and the combined flat, not yet normalised. Returns ``{filter: whole image}``."""
-        flats: dict[str, object] = {}
-        for filt in self.inventory.filters(FrameType.FLAT):
-            recs = self.inventory.select(FrameType.FLAT, filter=filt)
-            if len(recs) < self.settings.combine.min_frames or not self.darks:
-                continue
-            dark, dark_whole = self.darks[self.dark_for(recs[0].exptime)[0]]
-            lv = self.add(f"levels flat {filt}", f"flat levels {filt}\ncentral median per flat",
-                          "master")
-            self.file_edges.append((f"input {recs[0].folder}", lv))
-            level_tasks = [dask.delayed(_flat_level_stub, pure=True)(
-                str(r.path), dark_whole, dask_key_name=f"flat-level-{r.path.name}")
-                for r in recs]
-            for t in level_tasks:
-                self.assign(t, lv, lv)
-            levels = da.stack([da.from_delayed(t, (), np.float32) for t in level_tasks])
-            flats[filt] = self.reduce(recs, f"flat {filt}", recs[0].folder, subtract=dark,
-                                      levels=levels)[1]
-        return flats
-
-    def add_mask_and_flats(self, flats: dict[str, object]):
-        """The bad-pixel mask (hot pixels from the longest dark, dead ones from the
-        flats) and its file, then each flat normalised over the mask's good pixels and
-        its file. Returns the mask file's task; None without darks nor flats."""
-        if not (flats or self.darks):
-            return None
+    def _add_mask(self, step: MasterStep) -> None:
+        """The bad-pixel mask from the masters it needs, its file, then each new flat
+        normalised over its good pixels, and the flat's file."""
         mask_stage = self.add("mask", "bad-pixel mask\nhot (dark), dead (flats)", "master")
-        hot = self.darks[max(self.darks)][1] if self.darks else None
-        task = dask.delayed(_write_stub, pure=True)(hot, *flats.values(),
+        task = dask.delayed(_write_stub, pure=True)(*(self.whole[n] for n in step.needs),
                                                     dask_key_name=f"mask-{self.night}")
         self.assign(task, mask_stage, mask_stage)
-        mask_file = self.write(task, "mask")
-        for filt, data in flats.items():
-            stage = self.add(f"normalise flat {filt}",
-                             f"normalise flat {filt}\nmedian of good pixels = 1", "master")
-            norm = dask.delayed(_write_stub, pure=True)(data, task,
-                                                        dask_key_name=f"normalise-flat-{filt}")
+        self.write(task, step.name)
+        for flat in (self.planned[n] for n in step.needs):
+            if flat.role != "flat":
+                continue
+            stage = self.add(f"normalise flat {flat.filter}",
+                             f"normalise flat {flat.filter}\nmedian of good pixels = 1",
+                             "master")
+            norm = dask.delayed(_write_stub, pure=True)(
+                self.whole[flat.name], task, dask_key_name=f"normalise-flat-{flat.filter}")
             self.assign(norm, stage, stage)
-            self.flat_files[filt] = self.write(norm, "flat", filt=filt)
-        return mask_file
+            self.write(norm, flat.name)
 
-    def add_calibration(self, science: list[FrameRecord], mask_file) -> tuple[str, object]:
+    def add_calibration(self, science: list[FrameRecord],
+                        steps: list[MasterStep]) -> tuple[str, object]:
         """One calibration task per science frame, reading the master files it needs
         (:func:`astep_dask.run.frames.process_frame`), then the manifest. Returns the
         calibrated files' stage and the manifest's task."""
@@ -319,11 +303,9 @@ class _GraphBuilder:
                        "file")
         rows = []
         for rec in science:
-            needs = [self.dark_files[et] for et in self.dark_for(rec.exptime)]
-            needs += [self.flat_files[rec.filter]] if rec.filter in self.flat_files else []
+            needs = [self.files[n] for n in frame_needs(steps, rec.exptime, rec.filter)]
             row = dask.delayed(process_frame, pure=True)(
-                str(rec.path), *needs, mask_file,
-                dask_key_name=f"calibrate-{stem(rec.path)}")
+                str(rec.path), *needs, dask_key_name=f"calibrate-{stem(rec.path)}")
             self.assign(row, frame_stage, frame_stage)
             rows.append(row)
         self.file_edges.append((frame_stage, cal))
