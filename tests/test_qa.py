@@ -20,6 +20,7 @@ from astep_dask import report as qa
 from astep_dask.config import QaSettings, Settings
 from astep_dask.core.bits import Bit, flag
 from astep_dask.core.register import STAR_DTYPE
+from astep_dask.errors import RunError
 from astep_dask.io.fitsio import atomic_write, calibrated_hdul
 from astep_dask.io.layout import FrameType, scan_night
 from astep_dask.io.products import QA_JSON, REPORT_INDEX, output_dir
@@ -105,7 +106,7 @@ def reported(injected, client, tmp_path_factory):
     out = tmp_path_factory.mktemp("qa_out")
     cal = calibrate_night(night, client, SETTINGS, out=out)
     assert cal.status == "complete", cal.counts
-    folder = qa.night_report(night, out, client)
+    folder = qa.night_report(night, client, out=out).out_dir
     return night, out, folder, chosen, json.loads((folder / QA_JSON).read_text())
 
 
@@ -196,7 +197,7 @@ def test_report_files_and_page(reported):
 def test_report_regenerates_without_a_cluster(reported):
     night, out, folder, _, report = reported
     (folder / QA_JSON).unlink()
-    again = qa.load_report(qa.night_report(night, out))
+    again = qa.load_report(qa.night_report(night, out=out).out_dir)
     flags = {f["raw"]: [x["reason"] for x in f["flags"]] for f in again["frames"]}
     assert flags == {f["raw"]: [x["reason"] for x in f["flags"]] for f in report["frames"]}
 
@@ -229,8 +230,8 @@ def test_measure_file_times(tmp_path, cards, mjd, time):
 def test_report_needs_calibrated_frames(tmp_path):
     night = tmp_path / "2026-06-15"
     night.mkdir()
-    with pytest.raises(FileNotFoundError, match="no calibrated frame"):
-        qa.night_report(night, tmp_path / "out")
+    with pytest.raises(RunError, match="no calibrated frame"):
+        qa.night_report(night, out=tmp_path / "out")
 
 
 # --------------------------------------------------------------------------- pure core

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from astep_dask.cli.commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
 from astep_dask.cli.parser import build_parser
-from astep_dask.errors import ArchiveError
+from astep_dask.errors import ArchiveError, RunError
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PARTIAL", "build_parser", "main"]
 
@@ -41,7 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous = {}
     try:
         return args.func(args)
-    except (ArchiveError, FileNotFoundError, PermissionError, ValueError, RuntimeError) as exc:
+    except (ArchiveError, RunError, FileNotFoundError, PermissionError, ValueError,
+            RuntimeError) as exc:
         print(f"astep-dask: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

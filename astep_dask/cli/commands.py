@@ -311,16 +311,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     from astep_dask.io.layout import find_nights
     from astep_dask.report.night import load_report, night_report, report_summary
     from astep_dask.run.cluster import connect
+    from astep_dask.run.night import print_progress
 
     settings = _settings(args)
     night = find_nights(args.night)[0]
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    start = [time.perf_counter()]
+    progress = lambda d, t, r: print_progress(d, t, r, start)  # noqa: E731
     if args.no_cluster:
-        folder = night_report(night, args.out, None, settings=settings.qa, log=log)
+        result = night_report(night, None, settings, args.out, progress=progress)
     else:
         with connect(settings.cluster, log=log) as client:
-            folder = night_report(night, args.out, client, settings=settings.qa, log=log)
-    print(report_summary(load_report(folder), folder))
+            result = night_report(night, client, settings, args.out, progress=progress)
+    print(report_summary(load_report(result.out_dir), result.out_dir))
     return EXIT_OK
 
 

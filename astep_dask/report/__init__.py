@@ -12,7 +12,7 @@ What a notebook needs is here, e.g.::
 
     from astep_dask import report
 
-    folder = report.night_report(night, out, client)
+    folder = report.night_report(night, client, out=out).out_dir
     qa = report.load_report(folder)
     report.fig_timeseries(qa["frames"])
 """

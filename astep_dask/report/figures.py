@@ -27,8 +27,8 @@ from astep_dask.config import QaSettings
 from astep_dask.core.bits import Bit, flag
 from astep_dask.core.stats import robust_sigma
 from astep_dask.io.fitsio import atomic_open, read_calibrated
+from astep_dask.io.products import CAL_SUFFIX
 from astep_dask.io.stack import read_section
-from astep_dask.kbmod.products import CAL_SUFFIX
 from astep_dask.report.metrics import block_reduce, plane_gradient
 
 __all__ = [

@@ -45,15 +45,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
+from distributed import as_completed
 
-from astep_dask.config import QaSettings
+from astep_dask.config import QaSettings, Settings
+from astep_dask.errors import RunError
 from astep_dask.io.fitsio import atomic_write_text, write_json
 from astep_dask.io.products import (
+    CAL_SUFFIX,
     QA_JSON,
     REPORT_FOLDER,
     REPORT_INDEX,
@@ -61,10 +64,10 @@ from astep_dask.io.products import (
     output_dir,
     read_manifest,
 )
-from astep_dask.kbmod.products import CAL_SUFFIX
 from astep_dask.report.figures import master_figures, write_plots
 from astep_dask.report.html import fmt_value, render_html
 from astep_dask.report.metrics import REASONS, flag_frames, measure_file, relative_fluxes
+from astep_dask.run.results import Progress, StageResult
 
 __all__ = [
     "assemble_report",
@@ -92,74 +95,88 @@ def calibrated_paths(out_dir: str | Path) -> list[Path]:
 
 
 def _measure_all(paths: list[Path], settings: QaSettings, client=None,
-                 log: Callable[[str], None] | None = None) -> list[dict]:
+                 progress: Progress | None = None) -> list[dict]:
     """The :func:`measure_file` rows of ``paths``: on the cluster with a client, else
-    here one after the other (calling ``log`` after each)."""
-    if client is not None:
-        return list(client.gather(submit_measures(paths, client, settings)))
+    here one after the other; ``progress(done, total, row)`` after each."""
+    if client is None:
+        measured = (measure_file(p, settings) for p in paths)
+    else:
+        measured = (f.result() for f in as_completed(submit_measures(paths, client, settings)))
     rows = []
-    for i, p in enumerate(paths):
-        rows.append(measure_file(p, settings))
-        if log:
-            log(f"  [{i + 1}/{len(paths)}] {p.name}")
+    for row in measured:
+        rows.append(row)
+        if progress:
+            progress(len(rows), len(paths), row)
     return rows
 
 
-def night_report(night_dir: str | Path, out: str | Path | None = None, client=None,
-                 settings: QaSettings | None = None,
-                 log: Callable[[str], None] | None = None,
-                 rows: list[dict] | None = None) -> Path:
-    """Write the QA report of a calibrated night and return its folder.
+def night_report(night_dir: str | Path, client=None, settings: Settings | None = None,
+                 out: str | Path | None = None, force: bool = False,
+                 progress: Progress | None = None, *,
+                 rows: list[dict] | None = None) -> StageResult:
+    """Write the QA report of a calibrated night.
 
     Parameters
     ----------
     night_dir
         The raw night ``ROOT/YYYY-MM-DD/`` (its output is found as ``calibrate`` writes it).
-    out
-        The ``--out`` root given to ``calibrate``, if any.
     client
         A ``distributed.Client``: each frame is then measured in one task on the cluster.
         Without one, frames are measured here, one after the other.
     settings
-        Measures and thresholds.
-    log
-        Called with progress lines.
+        The run's settings (its ``qa`` group: measures and thresholds).
+    out
+        The ``--out`` root given to ``calibrate``, if any.
+    force
+        Accepted for the same call as every stage; a report is always measured and
+        written anew (it is cheap, and reads the frames as they are now).
+    progress
+        ``progress(done, total, row)`` as each frame is measured.
     rows
         Rows already measured (from :func:`submit_measures`); measured here when None.
 
     Returns
     -------
-    Path
-        ``OUTPUT/report/`` holding ``qa.json``, ``index.html`` and the PNG plots.
+    StageResult
+        Stage ``report``, ``out_dir`` the report folder (``qa.json``, ``index.html``, the
+        PNG plots); a row per frame (``failed`` with the reason when it could not be
+        measured); ``details``: ``qa_json``, ``index``, ``flagged`` (frames flagged).
 
     Raises
     ------
-    FileNotFoundError
+    RunError
         When the night's output folder holds no calibrated frame.
     """
-    settings = settings or QaSettings()
+    qs = (settings or Settings()).qa
     night_dir = Path(night_dir)
     out_dir = output_dir(night_dir, Path(out) if out is not None else None)
     paths = calibrated_paths(out_dir)
     if not paths:
-        raise FileNotFoundError(f"{out_dir}: no calibrated frame (*{CAL_SUFFIX}); run "
-                                f"`astep-dask calibrate` first")
-    t0 = time.perf_counter()
+        raise RunError(f"{out_dir}: no calibrated frame (*{CAL_SUFFIX}); run "
+                       f"`astep-dask calibrate` first")
     folder = out_dir / REPORT_FOLDER
+    result = StageResult("report", night_dir.name, folder, started=time.time())
+    t0 = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(out_dir)
     if rows is None:
-        rows = _measure_all(paths, settings, client, log)
+        rows = _measure_all(paths, qs, client, progress)
     t_measure = time.perf_counter() - t0
-    report = assemble_report(night_dir.name, out_dir, rows, manifest, settings)
+    report = assemble_report(night_dir.name, out_dir, rows, manifest, qs)
     report["seconds"] = {"measure": t_measure}
     t1 = time.perf_counter()
-    report["plots"] = write_plots(report, out_dir, folder, settings)
+    report["plots"] = write_plots(report, out_dir, folder, qs)
     report["seconds"]["plots"] = time.perf_counter() - t1
     report["seconds"]["total"] = time.perf_counter() - t0
     write_json(folder / QA_JSON, report, finite=True)  # strict JSON: NaN as null
     atomic_write_text(folder / REPORT_INDEX, render_html(report))
-    return folder
+    result.frames = [{"file": Path(r["file"]).name, "status": "failed", "reason": r["error"]}
+                     if "error" in r else {"file": Path(r["file"]).name, "status": "done"}
+                     for r in rows]
+    result.details = {"qa_json": folder / QA_JSON, "index": folder / REPORT_INDEX,
+                      "flagged": sum(bool(f.get("flagged")) for f in report["frames"])}
+    result.finished = time.time()
+    return result
 
 
 def assemble_report(night: str, out_dir: Path, rows: list[dict], manifest: dict,
