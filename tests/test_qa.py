@@ -106,7 +106,10 @@ def reported(injected, client, tmp_path_factory):
     out = tmp_path_factory.mktemp("qa_out")
     cal = calibrate_night(night, client, SETTINGS, out=out)
     assert cal.status == "complete", cal.counts
-    folder = qa.night_report(night, client, out=out).out_dir
+    result = qa.night_report(night, client, out=out)
+    assert result.stage == "report" and result.status == "complete"
+    assert [r["status"] for r in result.frames] == ["done"] * len(cal.frames)
+    folder = result.out_dir
     return night, out, folder, chosen, json.loads((folder / QA_JSON).read_text())
 
 

@@ -106,8 +106,16 @@ def _measure_all(paths: list[Path], settings: QaSettings, client=None,
     for row in measured:
         rows.append(row)
         if progress:
-            progress(len(rows), len(paths), row)
+            progress(len(rows), len(paths), _status_row(row))
     return rows
+
+
+def _status_row(row: dict) -> dict:
+    """A measured row as the stage reports it: file, status and, on a failure, reason."""
+    name = Path(row["file"]).name
+    if "error" in row:
+        return {"file": name, "status": "failed", "reason": row["error"]}
+    return {"file": name, "status": "done"}
 
 
 def night_report(night_dir: str | Path, client=None, settings: Settings | None = None,
@@ -170,9 +178,7 @@ def night_report(night_dir: str | Path, client=None, settings: Settings | None =
     report["seconds"]["total"] = time.perf_counter() - t0
     write_json(folder / QA_JSON, report, finite=True)  # strict JSON: NaN as null
     atomic_write_text(folder / REPORT_INDEX, render_html(report))
-    result.frames = [{"file": Path(r["file"]).name, "status": "failed", "reason": r["error"]}
-                     if "error" in r else {"file": Path(r["file"]).name, "status": "done"}
-                     for r in rows]
+    result.frames = [_status_row(r) for r in rows]
     result.details = {"qa_json": folder / QA_JSON, "index": folder / REPORT_INDEX,
                       "flagged": sum(bool(f.get("flagged")) for f in report["frames"])}
     result.finished = time.time()
