@@ -51,24 +51,25 @@ from astep_dask.kbmod.search import (
 from astep_dask.kbmod.shiftstack import margin_for, psi_phi, velocity_blocks, velocity_grid
 from astep_dask.kbmod.stage import export_night
 from astep_dask.run.night import calibrate_night
+from astep_dask.run.results import StageResult
 from astep_dask.testing.simulate import SimConfig, mover_tracks, simulate_night
 
 
-def tracks(night: Path, export: dict) -> list[dict]:
+def tracks(night: Path, export: StageResult) -> list[dict]:
     """Each mover on the export's reference grid
     (:func:`astep_dask.testing.simulate.mover_tracks`): start, velocity (px/day), positions,
     flux and the ideal matched-filter SNR."""
-    headers = [fits.getheader(export["kbmod_dir"] / r["output"]) for r in export["frames"]]
+    headers = [fits.getheader(export.out_dir / r["output"]) for r in export.frames]
     stems = [h["CALFILE"].removesuffix("_CAL.fits") for h in headers]
     return mover_tracks(night, stems, headers[0]["REFFRAME"])
 
 
-def along_path(export: dict, track: dict) -> tuple[float, float]:
+def along_path(export: StageResult, track: dict) -> tuple[float, float]:
     """(flux kept / true flux, SNR) of KBMOD's psi/phi summed at the true positions (VAR
     times FILTVARF, as the search takes it)."""
     psi = phi = 0.0
-    for r, (x, y) in zip(export["frames"], track["positions"], strict=True):
-        with fits.open(export["kbmod_dir"] / r["output"]) as hdul:
+    for r, (x, y) in zip(export.frames, track["positions"], strict=True):
+        with fits.open(export.out_dir / r["output"]) as hdul:
             var = hdul[3].data.astype(np.float32) * hdul[0].header.get("FILTVARF", 1.0)
             a, b = psi_phi(hdul[1].data.astype(np.float32), var, hdul[2].data,
                            hdul[0].header["PSFSIGMA"])
@@ -131,15 +132,16 @@ def run_search(args: argparse.Namespace, root: Path) -> None:
         exp = export_night(night, client, settings, out=root / "out")
         t2 = time.perf_counter()
         print(f"simulated {args.size}² x {args.frames}; calibrate {t1 - t0:.1f} s "
-              f"({cal.status}), export with template {t2 - t1:.1f} s ({exp['status']}, "
-              f"template {exp['template']['seconds']:.1f} s)")
+              f"({cal.status}), export with template {t2 - t1:.1f} s ({exp.status}, "
+              f"template {exp.details['template']['seconds']:.1f} s)")
         times = []
         for _ in range(args.repeat):
             t = time.perf_counter()
-            csv = search_night(night, client, settings, out=root / "out", search_settings=ss)
+            csv = search_night(night, client, settings, out=root / "out",
+                               search_settings=ss).details["candidates"]
             times.append(time.perf_counter() - t)
     res = judge(csv, tracks(night, exp))
-    cpu_ms = cpu_per_velocity(exp["kbmod_dir"], ss)
+    cpu_ms = cpu_per_velocity(exp.out_dir, ss)
     s = res["summary"]
     n_v = s["grid"]["n_searched"]
     print(f"search: {min(times):.1f} s wall (runs: {', '.join(f'{t:.1f}' for t in times)}) on "
@@ -197,12 +199,12 @@ def run_self_subtraction(args: argparse.Namespace, root: Path) -> None:
                                    TemplateSettings(nights=args.nights))):
             s = settings.replace(kbmod={"folder": folder})
             exp = export_night(night, client, s, out=root / "out", template=ts)
-            csv = search_night(night, client, s, out=root / "out")
+            csv = search_night(night, client, s, out=root / "out").details["candidates"]
             runs[label] = (exp, csv)
     for label, (exp, csv) in runs.items():
         trs = tracks(night, exp)
-        print(f"template from {label} ({exp['template']['frames']} frames, PSF sigma "
-              f"{exp['template']['psf_sigma']:.3f} px):")
+        print(f"template from {label} ({exp.details['template']['frames']} frames, PSF sigma "
+              f"{exp.details['template']['psf_sigma']:.3f} px):")
         for tr in trs:
             kept, snr = along_path(exp, tr)
             print(f"  mover {tr['k']} ({tr['per_frame']:.2f} px/frame): {kept:.1%} of its flux "
@@ -211,11 +213,11 @@ def run_self_subtraction(args: argparse.Namespace, root: Path) -> None:
         report("  search", judge(csv, trs), trs)
 
 
-def beyond_5_sigma(export: dict) -> float:
+def beyond_5_sigma(export: StageResult) -> float:
     """Share of the unmasked pixels of the difference frames beyond 5 σ (either sign)."""
     n = bad = 0
-    for r in export["frames"]:
-        with fits.open(export["kbmod_dir"] / r["output"]) as hdul:
+    for r in export.frames:
+        with fits.open(export.out_dir / r["output"]) as hdul:
             sci, mask, var = hdul[1].data, hdul[2].data, hdul[3].data
         ok = (mask == 0) & np.isfinite(sci) & (var > 0)
         n += int(ok.sum())
@@ -240,7 +242,8 @@ def run_night_length(args: argparse.Namespace, root: Path) -> None:
             calibrate_night(night, client, settings, out=out)
             exp = export_night(night, client, settings, out=out, template=ts)
             t = time.perf_counter()
-            csv = search_night(night, client, settings, out=out, search_settings=ss)
+            csv = search_night(night, client, settings, out=out,
+                               search_settings=ss).details["candidates"]
             t = time.perf_counter() - t
             trs = tracks(night, exp)
             res = judge(csv, trs)

@@ -95,7 +95,7 @@ def exported(night, client, tmp_path_factory):
     assert cal.status == "complete", cal.counts
     t0 = time.perf_counter()
     result = export_night(night, client, SETTINGS, out=out)
-    result["seconds"] = time.perf_counter() - t0
+    result.details["seconds"] = time.perf_counter() - t0
     return result
 
 
@@ -131,12 +131,12 @@ def kbmod_read(path: Path) -> dict:
 
 def _frames(result) -> list[dict]:
     """The KBMOD files (difference frames by default)."""
-    return [kbmod_read(result["kbmod_dir"] / r["output"]) for r in result["frames"]]
+    return [kbmod_read(result.out_dir / r["output"]) for r in result.frames]
 
 
 def _registered(result) -> list[dict]:
     """The registered, sky-subtracted frames (``registered/``, same layout)."""
-    return [kbmod_read(result["registered_dir"] / r["registered"]) for r in result["frames"]]
+    return [kbmod_read(result.details["registered_dir"] / r["registered"]) for r in result.frames]
 
 
 def _stem(frame: dict) -> str:
@@ -173,19 +173,20 @@ def _matched_snr(sci, var, mask, x, y, sigma) -> tuple[float, float]:
 
 def test_export_completes_with_every_product(exported, night):
     r = exported
-    assert r["status"] == "complete", r["counts"]
-    assert r["counts"]["done"] == SIM.n_science and r["counts"]["failed"] == 0
-    kdir = r["kbmod_dir"]
+    assert r.stage == "kbmod" and r.status == "complete", r.counts
+    assert r.counts["done"] == SIM.n_science and r.counts["failed"] == 0
+    assert not r.failures
+    kdir = r.out_dir
     assert kdir == output_dir(night, kdir.parent.parent) / "kbmod"
     assert len(list(kdir.glob("*_KBMOD.fits"))) == SIM.n_science
     for name in (f"{SIM.date}_STACK.fits", f"{SIM.date}_OFFSETS.csv",
                  f"{SIM.date}_REFERENCE.fits", "kbmod.json"):
         assert (kdir / name).is_file(), name
     assert not list(kdir.glob(".tmp-*")) and not (kdir / LOCK).exists()
-    done = [f for f in r["frames"] if f["status"] == "done"]
+    done = [f for f in r.frames if f["status"] == "done"]
     per_frame = np.mean([f["t_measure"] + f["t_total"] for f in done])
-    print(f"\nexport of {SIM.n_science} frames of {SIM.size}²: {r['seconds']:.1f} s wall on 2 "
-          f"workers, {per_frame:.2f} s of work per frame")
+    print(f"\nexport of {SIM.n_science} frames of {SIM.size}²: {r.details['seconds']:.1f} s "
+          f"wall on 2 workers, {per_frame:.2f} s of work per frame")
 
 
 def test_kbmod_reader_loads_every_frame(exported):
@@ -217,7 +218,7 @@ def test_kbmod_reader_loads_every_frame(exported):
 
 def test_mask_covers_bad_saturated_cosmic_and_no_data(exported, night):
     truth = load_truth(night)
-    cal_dir = exported["kbmod_dir"].parent
+    cal_dir = exported.out_dir.parent
     n_cr = 0
     for f in _frames(exported):
         h = f["header"]
@@ -255,12 +256,12 @@ def test_offsets_match_the_true_drift(exported, night):
     spans = np.ptp([[f["header"]["REGDX"], f["header"]["REGDY"]] for f in frames], axis=0)
     assert spans[0] > 5 and spans[1] > 3  # integer parts were found too
     # the night's table says the same
-    with fits.open(exported["stack"]) as hdul:
+    with fits.open(exported.details["stack"]) as hdul:
         table = hdul["FRAMES"].data
         np.testing.assert_allclose(table["DX"], [f["header"]["REGDX"] for f in frames],
                                    atol=1e-5)
         np.testing.assert_allclose(table["MJD"], [f["time"] for f in frames])
-    csv = (exported["kbmod_dir"] / f"{SIM.date}_OFFSETS.csv").read_text().splitlines()
+    csv = (exported.out_dir / f"{SIM.date}_OFFSETS.csv").read_text().splitlines()
     assert csv[0].startswith("stem,mjd,status,dx,dy") and len(csv) == SIM.n_science + 1
 
 
@@ -398,7 +399,7 @@ def test_sky_is_subtracted(exported, night):
 
 def test_stack_file_holds_the_frames_in_time_order(exported):
     frames = _frames(exported)
-    with fits.open(exported["stack"]) as hdul:
+    with fits.open(exported.details["stack"]) as hdul:
         assert [h.name for h in hdul] == ["PRIMARY", "SCI", "MASK", "VAR", "FRAMES"]
         assert hdul["SCI"].data.shape == (SIM.n_science, SIM.size, SIM.size)
         table = hdul["FRAMES"].data
@@ -414,7 +415,7 @@ def test_stack_file_holds_the_frames_in_time_order(exported):
 
 @pytest.mark.skipif(shutil.which("fitsverify") is None, reason="fitsverify not installed")
 def test_products_pass_fitsverify(exported):
-    files = sorted(exported["kbmod_dir"].glob("*.fits"))
+    files = sorted(exported.out_dir.glob("*.fits"))
     out = subprocess.run(["fitsverify", *map(str, files)], capture_output=True, text=True)
     verdicts = [ln for ln in out.stdout.splitlines() if "Verification found" in ln]
     assert len(verdicts) == len(files), out.stdout
@@ -422,15 +423,15 @@ def test_products_pass_fitsverify(exported):
 
 
 def test_rerun_skips_every_frame(exported, night, client):
-    kdir = exported["kbmod_dir"]
+    kdir = exported.out_dir
     files = [*kdir.glob("*.fits"), *kdir.glob("registered/*.fits")]
     before = {p: p.stat().st_mtime_ns for p in files}
     assert len(before) == 2 * SIM.n_science + 3  # + stack, reference, template
     again = export_night(night, client, SETTINGS, out=kdir.parent.parent)
-    assert again["status"] == "complete"
-    assert again["counts"]["skipped"] == SIM.n_science and again["counts"]["done"] == 0
-    assert again["reference"] == exported["reference"]
-    assert again["template"]["provenance"] == exported["template"]["provenance"]
+    assert again.status == "complete"
+    assert again.counts["skipped"] == SIM.n_science and again.counts["done"] == 0
+    assert again.details["reference"] == exported.details["reference"]
+    assert again.details["template"]["provenance"] == exported.details["template"]["provenance"]
     assert {p: p.stat().st_mtime_ns for p in files} == before
 
 
@@ -575,18 +576,18 @@ def test_a_reference_wcs_goes_onto_every_plane():
 
 
 def test_an_unreadable_frame_fails_alone(exported, night, client, tmp_path):
-    cal_dir = exported["kbmod_dir"].parent
+    cal_dir = exported.out_dir.parent
     copy = tmp_path / night.name
     shutil.copytree(cal_dir, copy, ignore=shutil.ignore_patterns("kbmod", ".*"))
     broken = sorted(copy.glob("*_CAL.fits"))[2]
     broken.write_bytes(broken.read_bytes()[:20000])  # truncated
     result = export_night(night, client, SETTINGS, out=tmp_path)
-    assert result["status"] == "partial"
-    assert result["counts"]["done"] == SIM.n_science - 1 and result["counts"]["failed"] == 1
-    (row,) = [r for r in result["frames"] if r["status"] == "failed"]
+    assert result.status == "partial"
+    assert result.counts["done"] == SIM.n_science - 1 and result.counts["failed"] == 1
+    (row,) = [r for r in result.frames if r["status"] == "failed"]
     assert row["file"] == broken.name and row["reason"]
-    assert not (result["kbmod_dir"] / broken.name.replace("_CAL", "_KBMOD")).exists()
-    with fits.open(result["stack"]) as hdul:
+    assert not (result.out_dir / broken.name.replace("_CAL", "_KBMOD")).exists()
+    with fits.open(result.details["stack"]) as hdul:
         assert hdul["SCI"].data.shape[0] == SIM.n_science - 1
 
 
@@ -633,11 +634,11 @@ def test_difference_frames_leave_no_star_residuals(exported, night):
 
 
 def test_difference_is_frame_minus_its_template(exported):
-    kdir = exported["kbmod_dir"]
+    kdir = exported.out_dir
     th, tpl, weights = read_template(kdir / f"{SIM.date}_TEMPLATE.fits")
-    ts = TemplateSettings(**exported["template_settings"])
+    ts = TemplateSettings(**exported.details["template_settings"])
     grow = round(th["TPLGROW"] * np.sqrt(th["PSFVAR"]))
-    row = exported["frames"][3]
+    row = exported.frames[3]
     out = kbmod_read(kdir / row["output"])
     h = out["header"]
     with fits.open(kdir / h["REGFILE"]) as hdul:
@@ -661,8 +662,8 @@ def test_difference_is_frame_minus_its_template(exported):
 
 
 def test_template_file_and_its_frames(exported):
-    kdir = exported["kbmod_dir"]
-    info = exported["template"]
+    kdir = exported.out_dir
+    info = exported.details["template"]
     assert info["mode"].startswith("night") and info["frames"] == SIM.n_science
     with fits.open(kdir / f"{SIM.date}_TEMPLATE.fits") as hdul:
         assert [h.name for h in hdul] == ["PRIMARY", "SCI", "MASK", "VAR", "CENTRE", "WSUM",
@@ -675,12 +676,12 @@ def test_template_file_and_its_frames(exported):
         assert np.median(nkeep[interior]) >= SIM.n_science - 2
         assert np.all(var[mask == 0] > 0)
         assert hdul[0].header["TPLNFRM"] == SIM.n_science
-    assert (exported["registered_dir"] / exported["frames"][0]["registered"]).is_file()
+    assert (exported.details["registered_dir"] / exported.frames[0]["registered"]).is_file()
 
 
 def test_template_strips_give_the_whole_frame_result(exported):
-    kdir = exported["kbmod_dir"]
-    ts = TemplateSettings(**exported["template_settings"])
+    kdir = exported.out_dir
+    ts = TemplateSettings(**exported.details["template_settings"])
     th = fits.getheader(kdir / f"{SIM.date}_TEMPLATE.fits")
     with fits.open(kdir / f"{SIM.date}_TEMPLATE.fits") as hdul:
         table = hdul["FRAMES"].data
@@ -727,13 +728,13 @@ def test_difference_variance_is_honest(exported, night):
 
 def test_sky_only_switch_writes_the_registered_frames(exported, night, client):
     ks = KbmodSettings(folder="kbmod_sky")
-    out = exported["kbmod_dir"].parent.parent
+    out = exported.out_dir.parent.parent
     res = export_night(night, client, SETTINGS, kbmod_settings=ks, out=out,
                        template=TemplateSettings(enabled=False))
-    assert res["status"] == "complete" and res["template"] is None
-    assert res["registered_dir"] is None and not (res["kbmod_dir"] / "registered").exists()
-    assert not list(res["kbmod_dir"].glob("*_TEMPLATE.fits"))
-    assert res["reference"] == exported["reference"]
+    assert res.status == "complete" and res.details["template"] is None
+    assert res.details["registered_dir"] is None and not (res.out_dir / "registered").exists()
+    assert not list(res.out_dir.glob("*_TEMPLATE.fits"))
+    assert res.details["reference"] == exported.details["reference"]
     for mine, theirs in zip(_frames(res), _registered(exported), strict=True):
         h = mine["header"]
         assert "KBPLANE" not in h

@@ -36,6 +36,7 @@ from astep_dask.kbmod.shiftstack import (
 from astep_dask.kbmod.stage import export_night
 from astep_dask.kbmod.template import homogenise
 from astep_dask.run.night import calibrate_night
+from astep_dask.run.results import StageResult
 from astep_dask.testing.simulate import SimConfig, mover_tracks, psf_stamp, simulate_night
 
 SETTINGS = Settings().replace(cluster={"dashboard_address": ":0"})
@@ -70,9 +71,11 @@ def archive(tmp_path_factory, client) -> tuple[Path, Path]:
 def one_night(archive, client) -> dict:
     night, out = archive
     exp = export_night(night, client, SETTINGS, out=out)
-    assert exp["status"] == "complete" and exp["template"]["mode"].startswith("night")
-    csv = search_night(night, client, SETTINGS, out=out)
-    return {"export": exp, "csv": csv}
+    assert exp.status == "complete" and exp.details["template"]["mode"].startswith("night")
+    res = search_night(night, client, SETTINGS, out=out)
+    assert res.stage == "search" and res.status == "complete" and not res.failures
+    assert len(res.frames) == len(exp.frames) and res.out_dir == res.details["candidates"].parent
+    return {"export": exp, "csv": res.details["candidates"]}
 
 
 @pytest.fixture(scope="module")
@@ -80,25 +83,26 @@ def other_nights(archive, client) -> dict:
     night, out = archive
     settings = SETTINGS.replace(kbmod={"folder": NIGHTS_FOLDER})
     exp = export_night(night, client, settings, out=out, template=TemplateSettings(nights=2))
-    assert exp["status"] == "complete", exp["error"]
-    assert exp["template"]["nights"] == [d for d, _ in NEIGHBOURS]
-    csv = search_night(night, client, settings, out=out)
+    assert exp.status == "complete", exp.error
+    assert exp.details["template"]["nights"] == [d for d, _ in NEIGHBOURS]
+    csv = search_night(night, client, settings, out=out).details["candidates"]
     return {"export": exp, "csv": csv}
 
 
 # --------------------------------------------------------------------------- truth
 
 
-def _kbmod_frames(export: dict) -> list[tuple[fits.Header, np.ndarray, np.ndarray, np.ndarray]]:
+def _kbmod_frames(export: StageResult
+                  ) -> list[tuple[fits.Header, np.ndarray, np.ndarray, np.ndarray]]:
     out = []
-    for r in export["frames"]:
-        with fits.open(export["kbmod_dir"] / r["output"]) as hdul:
+    for r in export.frames:
+        with fits.open(export.out_dir / r["output"]) as hdul:
             out.append((hdul[0].header.copy(), hdul[1].data.astype(np.float32),
                         hdul[3].data.astype(np.float32), hdul[2].data.astype(np.int32)))
     return out
 
 
-def _truth_tracks(night: Path, export: dict) -> list[dict]:
+def _truth_tracks(night: Path, export: StageResult) -> list[dict]:
     """The simulated movers on the export's reference grid (:func:`mover_tracks`)."""
     headers = [h for h, *_ in _kbmod_frames(export)]
     stems = [h["CALFILE"].removesuffix("_CAL.fits") for h in headers]
@@ -237,11 +241,12 @@ def test_part_of_a_night_and_the_memory_guard(other_nights, archive, client):
         search_night(night, client, settings, out=out,
                      search_settings=SearchSettings(memory_mb=1.0))
     part = SearchSettings(frame_start=6, frame_count=6, stamps=0, folder="search_part")
-    csv = search_night(night, client, settings, out=out, search_settings=part)
+    csv = search_night(night, client, settings, out=out,
+                       search_settings=part).details["candidates"]
     summ = _summary(csv)
     assert summ["n_frames"] == 6 and summ["frames"] == [
-        r["output"] for r in other_nights["export"]["frames"][6:]]
-    assert summ["mjd0"] == pytest.approx(other_nights["export"]["frames"][6]["mjd"])
+        r["output"] for r in other_nights["export"].frames[6:]]
+    assert summ["mjd0"] == pytest.approx(other_nights["export"].frames[6]["mjd"])
     rows = read_candidates(csv)
     assert len(rows) >= 2 and all(r["stamp"] == "" for r in rows)
 

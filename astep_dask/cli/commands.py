@@ -194,26 +194,26 @@ def _kbmod(night: Path, client, settings, args: argparse.Namespace, start: list[
     except RunError as exc:
         print(f"astep-dask: error: {exc}", file=sys.stderr)
         return "failed"
-    counts = ", ".join(f"{v} {k}" for k, v in res.get("counts", {}).items())
-    print(f"kbmod {res['night']}: {res['status']}  ({counts})  -> {res.get('kbmod_dir')}")
-    tpl = res.get("template")
+    counts = ", ".join(f"{v} {k}" for k, v in res.counts.items() if k != "unusable")
+    print(f"kbmod {res.night}: {res.status}  ({counts})  -> {res.out_dir}")
+    tpl = res.details.get("template")
     if tpl:
         nights = f", nights {', '.join(tpl['nights'])}" if tpl.get("nights") else ""
         print(f"  template: {tpl.get('file')} ({tpl.get('mode')}: {tpl.get('frames')} frames"
               f"{nights}); KBMOD files are difference frames, registered frames in "
-              f"{res.get('registered_dir')}")
+              f"{res.details.get('registered_dir')}")
         for skipped in tpl.get("skipped_nights", []):
             print(f"  template: night left out: {skipped}")
         if tpl.get("error"):
             print(f"  template error: {tpl['error']}")
-    elif res.get("registered_dir") is None and res.get("status") != "failed":
+    elif res.details.get("registered_dir") is None and res.status != "failed":
         print("  sky-only: KBMOD files are the registered, sky-subtracted frames (no template)")
-    if res.get("error"):
-        print(f"  error: {res['error']}")
-    for row in res.get("frames", []):
+    if res.error:
+        print(f"  error: {res.error}")
+    for row in res.frames:
         if row.get("status") == "failed":
             print(f"  failed: {row.get('file')}: {row.get('reason')}")
-    return res["status"]
+    return res.status
 
 
 def cmd_kbmod(args: argparse.Namespace) -> int:
@@ -247,12 +247,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     start = [time.perf_counter()]
     with connect(settings.cluster, log=lambda m: print(m, file=sys.stderr)) as client:
         try:
-            csv = search_night(night, client, settings, out=args.out,
+            res = search_night(night, client, settings, out=args.out,
                                progress=lambda d, t, r: print_progress(d, t, r, start))
         except RunError as exc:
             print(f"astep-dask: error: {exc}", file=sys.stderr)
             return EXIT_FAILED
-    summary = json.loads((csv.parent / "search.json").read_text())
+    summary, csv = res.details["summary"], res.details["candidates"]
     rows = read_candidates(csv)
     g = summary["grid"]
     print(f"search {summary['night']}: {len(rows)} candidate(s) at SNR >= "

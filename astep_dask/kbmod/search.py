@@ -45,7 +45,7 @@ from astep_dask.kbmod.shiftstack import (
     velocity_blocks,
     velocity_grid,
 )
-from astep_dask.kbmod.stage import Progress
+from astep_dask.run.results import Progress, StageResult
 from astep_dask.version import __version__
 
 __all__ = [
@@ -246,8 +246,9 @@ def plan_search(frames: list[SearchFrame], ss: SearchSettings, threads: int) -> 
 
 
 def search_night(night_dir: str | Path, client, settings: Settings | None = None,
-                 out: Path | None = None, search_settings: SearchSettings | None = None,
-                 progress: Progress | None = None) -> Path:
+                 out: Path | None = None, force: bool = False,
+                 progress: Progress | None = None, *,
+                 search_settings: SearchSettings | None = None) -> StageResult:
     """First-look shift-and-stack search of a night's KBMOD export on a dask client.
 
     Parameters
@@ -260,16 +261,19 @@ def search_night(night_dir: str | Path, client, settings: Settings | None = None
         The run's :class:`~astep_dask.config.Settings` (export folder, ``search`` group).
     out
         The ``--out`` of the calibration (None: beside the raw night).
-    search_settings
-        Overrides ``settings.search``.
+    force
+        Accepted for the same call as every stage; a search always runs anew.
     progress
         Called as ``progress(done, total, row)`` after every stacking task.
+    search_settings
+        Overrides ``settings.search``.
 
     Returns
     -------
-    Path
-        The candidates CSV (``<export>/search/DATE_CANDIDATES.csv``); ``search.json``
-        beside it holds the grid, counts, timings and settings.
+    StageResult
+        Stage ``search``, ``out_dir`` the search folder; a row per frame searched;
+        ``details``: ``candidates`` (the CSV, ``DATE_CANDIDATES.csv``), ``summary`` (the
+        content of ``search.json`` beside it: grid, counts, timings, settings, notes).
 
     Raises
     ------
@@ -277,7 +281,7 @@ def search_night(night_dir: str | Path, client, settings: Settings | None = None
         When the night has no export or fewer than two frames, or when a task would hold
         more than the search's ``memory_mb``.
     """
-    started = time.perf_counter()
+    started, wall_start = time.perf_counter(), time.time()
     settings = settings or Settings()
     ss = search_settings or settings.search
     night_dir = Path(night_dir)
@@ -325,7 +329,10 @@ def search_night(night_dir: str | Path, client, settings: Settings | None = None
         "notes": notes, "settings": dataclasses.asdict(ss), "version": __version__,
     }
     atomic_write_text(sdir / "search.json", json.dumps(summary, indent=1))
-    return csv
+    return StageResult("search", night, sdir,
+                       frames=[{"file": f.path.name, "status": "done"} for f in frames],
+                       started=wall_start, finished=time.time(),
+                       details={"candidates": csv, "summary": summary})
 
 
 def _stack(client, frames: list[SearchFrame], plan: SearchPlan, ss: SearchSettings,

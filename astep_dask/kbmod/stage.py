@@ -89,12 +89,12 @@ from astep_dask.kbmod.template import (
     template_provenance,
     write_template,
 )
+from astep_dask.run.results import Progress, StageResult
 from astep_dask.run.tasks import cluster_window, map_bounded
 from astep_dask.version import __version__
 
 __all__ = ["Dispatch", "Progress", "export_night", "run_template_stage"]
 
-Progress = Callable[[int, int, dict], None]
 
 
 @dataclass(frozen=True)
@@ -125,12 +125,13 @@ def export_night(
     night_dir: str | Path,
     client,
     settings: Settings | None = None,
-    kbmod_settings: KbmodSettings | None = None,
     out: Path | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    *,
+    kbmod_settings: KbmodSettings | None = None,
     template: TemplateSettings | None = None,
-) -> dict:
+) -> StageResult:
     """Export a calibrated night for KBMOD on the given dask client.
 
     Reads ``*_CAL.fits`` from the night's output folder
@@ -166,12 +167,13 @@ def export_night(
 
     Returns
     -------
-    dict
-        ``night``, ``status`` (complete, partial, failed), ``error``, ``kbmod_dir``,
-        ``reference``, ``counts`` (done, skipped, failed), ``frames`` (rows in time
-        order), ``stack``, ``offsets``, ``reference_file``, ``manifest``,
-        ``wall_seconds``, ``template`` (summary of the template stage, or None) and
-        ``registered_dir`` (None when the KBMOD files are the registered frames).
+    StageResult
+        Stage ``kbmod``, ``out_dir`` the export folder, ``frames`` the rows in time order
+        (a frame whose calibrated file cannot be read is a failed row), ``error``; in
+        ``details``: ``reference`` (its stem), ``stack``, ``offsets``, ``reference_file``,
+        ``manifest`` (``kbmod.json``), ``template`` (summary of the template stage, or
+        None), ``template_settings`` and ``registered_dir`` (None when the KBMOD files
+        are the registered frames).
 
     Raises
     ------
@@ -344,9 +346,9 @@ def _difference_stage(run: Dispatch, result: dict, rows: list[dict], frames: lis
 
 
 def _finish(result: dict, rows: list[dict], failed: list[dict], ks: KbmodSettings,
-            started: float, reference: Reference | None = None) -> dict:
-    """Write the stack, offsets table and manifest (when there is something to write) and
-    complete the summary."""
+            started: float, reference: Reference | None = None) -> StageResult:
+    """Write the stack, offsets table and manifest (when there is something to write),
+    complete the summary (what ``kbmod.json`` holds) and return it as the stage's result."""
     kdir: Path = result["kbmod_dir"]
     night = result["night"]
     all_rows = sorted([*rows, *[r for r in failed if r not in rows]],
@@ -378,7 +380,10 @@ def _finish(result: dict, rows: list[dict], failed: list[dict], ks: KbmodSetting
         result["manifest"] = write_manifest(kdir / KBMOD_MANIFEST, result, ks)
     except OSError as exc:
         result["error"] = f"{result['error'] or ''}; manifest not written: {exc}".lstrip("; ")
-    return result
+    top = ("night", "kbmod_dir", "error", "status", "counts", "frames", "wall_seconds")
+    return StageResult("kbmod", night, kdir, frames=all_rows, error=result["error"],
+                       started=started, finished=started + result["wall_seconds"],
+                       details={k: v for k, v in result.items() if k not in top})
 
 
 # --------------------------------------------------------------------------- template stage
