@@ -16,7 +16,6 @@ skip a frame whose file has the same provenance. Every file is written atomicall
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +32,11 @@ from astep_dask.core.register import STAR_DTYPE
 from astep_dask.io.fitsio import (
     atomic_path,
     atomic_write,
-    atomic_write_text,
     copy_header,
     header_cards,
     mid_exposure,
     read_calibrated,
+    write_json,
 )
 from astep_dask.io.products import CAL_SUFFIX
 from astep_dask.io.provenance import digest_of, stamp
@@ -480,24 +479,4 @@ def write_manifest(path: Path, result: dict, ks: KbmodSettings) -> Path:
         "version": __version__,
         "frames": result["frames"],
     }
-    return atomic_write_text(path, json.dumps(_finite(data), indent=1, default=_json_default))
-
-
-def _finite(obj: object) -> object:
-    """A copy of nested dicts and lists with NaN and infinities as None (valid JSON)."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, float | np.floating) and not np.isfinite(obj):
-        return None
-    return obj
-
-
-def _json_default(obj: object) -> object:
-    """JSON for numpy scalars and paths."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(type(obj))
+    return write_json(path, data, finite=True)
