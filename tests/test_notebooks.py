@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each notebook runs a whole night (papermill)
+
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 

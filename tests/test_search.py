@@ -158,6 +158,7 @@ def _check_found(run: dict, night: Path, min_ratio: float, label: str) -> list[f
     return ratios
 
 
+@pytest.mark.slow
 def test_search_finds_every_fast_mover_on_a_neighbouring_nights_template(other_nights,
                                                                          archive):
     _check_found(other_nights, archive[0], 0.8, "template from 2 other nights")
@@ -346,6 +347,7 @@ def test_velocity_grid_and_clustering():
     assert list(out["snr"]) == [20, 8]
 
 
+@pytest.mark.slow
 def test_the_command_line_exports_with_other_nights_and_searches(archive, other_nights,
                                                                  tmp_path, capsys):
     night, out = archive
