@@ -21,24 +21,73 @@ Subpackages, lowest layer first: :mod:`~astep_dask.core` (numpy in, numpy out),
 :mod:`~astep_dask.report`, and :mod:`~astep_dask.testing` (synthetic nights).
 """
 
-from astep_dask.config import Settings, load_settings
-from astep_dask.errors import ArchiveError, CalibrationError, RunError
-from astep_dask.io.fitsio import read_calibrated
-from astep_dask.io.layout import FrameType, Inventory, find_nights, scan_night
-from astep_dask.io.products import output_dir
-from astep_dask.io.stack import open_stack
-from astep_dask.kbmod.search import search_night
-from astep_dask.kbmod.stage import export_night
-from astep_dask.masters.builder import MasterBuilder
-from astep_dask.report.graph import flow_chart
-from astep_dask.report.night import night_report
-from astep_dask.run.cluster import connect
-from astep_dask.run.night import calibrate_night
-from astep_dask.run.results import StageResult
-from astep_dask.run.season import calibrate_season
-from astep_dask.run.stages import STAGES
-from astep_dask.testing.simulate import SimConfig, simulate_night
+from importlib import import_module
+from typing import TYPE_CHECKING
+
 from astep_dask.version import __version__
+
+# The public API, by the module that defines each name. Imported on first use (PEP 562),
+# so that ``astep-dask --help``, ``inspect`` and every dask worker that unpickles a task
+# of ``astep_dask.run.frames`` import only what they use, not the products' modules.
+_WHERE = {
+    "Settings": "astep_dask.config",
+    "load_settings": "astep_dask.config",
+    "ArchiveError": "astep_dask.errors",
+    "CalibrationError": "astep_dask.errors",
+    "RunError": "astep_dask.errors",
+    "read_calibrated": "astep_dask.io.fitsio",
+    "FrameType": "astep_dask.io.layout",
+    "Inventory": "astep_dask.io.layout",
+    "find_nights": "astep_dask.io.layout",
+    "scan_night": "astep_dask.io.layout",
+    "output_dir": "astep_dask.io.products",
+    "open_stack": "astep_dask.io.stack",
+    "search_night": "astep_dask.kbmod.search",
+    "export_night": "astep_dask.kbmod.stage",
+    "MasterBuilder": "astep_dask.masters.builder",
+    "flow_chart": "astep_dask.report.graph",
+    "night_report": "astep_dask.report.night",
+    "connect": "astep_dask.run.cluster",
+    "calibrate_night": "astep_dask.run.night",
+    "StageResult": "astep_dask.run.results",
+    "calibrate_season": "astep_dask.run.season",
+    "STAGES": "astep_dask.run.stages",
+    "SimConfig": "astep_dask.testing.simulate",
+    "simulate_night": "astep_dask.testing.simulate",
+}
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from astep_dask.config import Settings, load_settings
+    from astep_dask.errors import ArchiveError, CalibrationError, RunError
+    from astep_dask.io.fitsio import read_calibrated
+    from astep_dask.io.layout import FrameType, Inventory, find_nights, scan_night
+    from astep_dask.io.products import output_dir
+    from astep_dask.io.stack import open_stack
+    from astep_dask.kbmod.search import search_night
+    from astep_dask.kbmod.stage import export_night
+    from astep_dask.masters.builder import MasterBuilder
+    from astep_dask.report.graph import flow_chart
+    from astep_dask.report.night import night_report
+    from astep_dask.run.cluster import connect
+    from astep_dask.run.night import calibrate_night
+    from astep_dask.run.results import StageResult
+    from astep_dask.run.season import calibrate_season
+    from astep_dask.run.stages import STAGES
+    from astep_dask.testing.simulate import SimConfig, simulate_night
+
+
+def __getattr__(name: str):
+    """Import a public name from its module the first time it is asked for."""
+    if name not in _WHERE:
+        raise AttributeError(f"module 'astep_dask' has no attribute {name!r}")
+    value = getattr(import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))
+
 
 __all__ = [
     "STAGES",

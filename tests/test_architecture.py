@@ -10,6 +10,8 @@ never above, and the module graph has no cycle.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,29 @@ def test_the_graph_sees_a_known_edge():
     edges = {t for t, _, _ in _imports("astep_dask.core.badpix")}
     assert "astep_dask.core.bits" in edges
     assert "astep_dask.config" in edges
+
+
+def test_public_api_resolves_with_docstrings():
+    """Every name of ``astep_dask.__all__`` resolves (lazily) to an object documented in
+    numpydoc style: a summary line, and for a function with parameters a Parameters or
+    Returns section or a sentence that names them."""
+    assert {"calibrate_night", "export_night", "search_night", "night_report", "scan_night",
+            "open_stack", "StageResult", "STAGES"} <= set(astep_dask.__all__)
+    for name in astep_dask.__all__:
+        obj = getattr(astep_dask, name)
+        if name in ("__version__", "STAGES"):
+            continue
+        assert obj.__doc__ and obj.__doc__.strip().splitlines()[0], f"{name}: no docstring"
+    with pytest.raises(AttributeError):
+        astep_dask.not_a_name  # noqa: B018
+
+
+def test_a_worker_imports_no_product_module():
+    """A dask worker that unpickles a frame task imports astep_dask.run.frames: that must
+    not pull in the KBMOD or report modules (nor matplotlib) through the package."""
+    code = ("import sys, astep_dask.run.frames; "
+            "print(sorted(m for m in sys.modules if m.startswith(('astep_dask.kbmod', "
+            "'astep_dask.report', 'matplotlib'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]", out
