@@ -262,7 +262,8 @@ def search_night(night_dir: str | Path, client, settings: Settings | None = None
     out
         The ``--out`` of the calibration (None: beside the raw night).
     force
-        Accepted for the same call as every stage; a search always runs anew.
+        Accepted for the same call as every stage and ignored: a search always runs anew
+        and rewrites its products.
     progress
         Called as ``progress(done, total, row)`` after every stacking task.
     search_settings
@@ -271,9 +272,11 @@ def search_night(night_dir: str | Path, client, settings: Settings | None = None
     Returns
     -------
     StageResult
-        Stage ``search``, ``out_dir`` the search folder; a row per frame searched;
-        ``details``: ``candidates`` (the CSV, ``DATE_CANDIDATES.csv``), ``summary`` (the
-        content of ``search.json`` beside it: grid, counts, timings, settings, notes).
+        Stage ``search``, ``out_dir`` the search folder; ``frames`` a row per KBMOD file
+        searched (``file``, ``mjd``, ``status`` ``done``), so a search that ran is
+        complete, with or without candidates. ``details``: ``candidates`` (the CSV,
+        ``DATE_CANDIDATES.csv``), ``n_candidates``, ``manifest`` (``search.json``) and
+        ``summary`` (its content: grid, counts, timings, settings, notes).
 
     Raises
     ------
@@ -328,11 +331,14 @@ def search_night(night_dir: str | Path, client, settings: Settings | None = None
         "wall_seconds": time.perf_counter() - started, "worker_threads": threads,
         "notes": notes, "settings": dataclasses.asdict(ss), "version": __version__,
     }
-    atomic_write_text(sdir / "search.json", json.dumps(summary, indent=1))
+    manifest = sdir / "search.json"
+    atomic_write_text(manifest, json.dumps(summary, indent=1))
     return StageResult("search", night, sdir,
-                       frames=[{"file": f.path.name, "status": "done"} for f in frames],
+                       frames=[{"file": f.path.name, "mjd": f.mjd, "status": "done"}
+                               for f in frames],
                        started=wall_start, finished=time.time(),
-                       details={"candidates": csv, "summary": summary})
+                       details={"candidates": csv, "n_candidates": len(rows),
+                                "manifest": manifest, "summary": summary})
 
 
 def _stack(client, frames: list[SearchFrame], plan: SearchPlan, ss: SearchSettings,

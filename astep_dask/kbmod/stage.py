@@ -93,8 +93,7 @@ from astep_dask.run.results import Progress, StageResult
 from astep_dask.run.tasks import cluster_window, map_bounded
 from astep_dask.version import __version__
 
-__all__ = ["Dispatch", "Progress", "export_night", "run_template_stage"]
-
+__all__ = ["Dispatch", "export_night", "run_template_stage"]
 
 
 @dataclass(frozen=True)
@@ -150,9 +149,8 @@ def export_night(
     client
         A ``distributed.Client``.
     settings
-        The run's settings (cluster: retries, frames in flight).
-    kbmod_settings
-        Export settings; defaults when None.
+        The run's settings (cluster: retries, frames in flight; ``kbmod`` and
+        ``template`` groups); defaults when None.
     out
         The ``--out`` of the calibration (None: beside the raw night).
     force
@@ -161,6 +159,8 @@ def export_night(
         Called as ``progress(done, total, row)`` after every frame of each stage (rows
         have ``file``, ``status`` and ``stage``: ``measure``, ``export``, ``template
         frame``, ``template`` or ``difference``).
+    kbmod_settings
+        Export settings; None: ``settings.kbmod``.
     template
         Template and difference options; None: ``settings.template`` (difference frames
         by default).
@@ -168,12 +168,18 @@ def export_night(
     Returns
     -------
     StageResult
-        Stage ``kbmod``, ``out_dir`` the export folder, ``frames`` the rows in time order
-        (a frame whose calibrated file cannot be read is a failed row), ``error``; in
-        ``details``: ``reference`` (its stem), ``stack``, ``offsets``, ``reference_file``,
-        ``manifest`` (``kbmod.json``), ``template`` (summary of the template stage, or
-        None), ``template_settings`` and ``registered_dir`` (None when the KBMOD files
-        are the registered frames).
+        Stage ``kbmod``, ``out_dir`` the export folder. ``frames``: a row per frame in
+        time order, ``status`` ``done``, ``skipped`` or ``failed`` (with ``reason``; a
+        frame whose pixels cannot be read or measured, or that cannot be registered).
+        ``unusable``: the calibrated files whose header cannot be read (``path``,
+        ``reason``). ``error``: what stopped the export (no frame with enough stars for
+        a reference, template, a write). ``details``: ``reference`` (its stem),
+        ``reference_file``, ``stack``, ``offsets``, ``manifest`` (``kbmod.json``),
+        ``template`` (summary of the template stage, or None), ``template_settings`` and
+        ``registered_dir`` (None when the KBMOD files are the registered frames).
+        ``status``: failed when there is an error or no KBMOD file, partial when a frame
+        failed or a file is unusable, else complete; ``kbmod.json`` holds the same
+        status, with the unusable files among its failed rows.
 
     Raises
     ------
@@ -212,7 +218,7 @@ def export_night(
         if reference is None:
             result["error"] = (f"no frame has {ks.min_matches} measurable stars: "
                                "cannot choose a reference")
-            return _finish(result, [], failed, ks, started)
+            return _unusable_apart(_finish(result, [], failed, ks, started), problems, cal_dir)
         result["reference"] = reference.stem
         result["reference_file"] = ref_file
         reg_suffix = KBMOD_REG_SUFFIX if ts.enabled else KBMOD_SUFFIX
@@ -227,7 +233,8 @@ def export_night(
         if ts.enabled and result["error"] is None:
             rows = _difference_stage(run, result, rows, frames, reference, night_dir=night_dir,
                                      out=out, ks=ks, ts=ts, force=force)
-        return _finish(result, rows, failed, ks, started, reference)
+        return _unusable_apart(_finish(result, rows, failed, ks, started, reference),
+                               problems, cal_dir)
 
 
 def _reference(run: Dispatch, frames: list[CalFrame], ks: KbmodSettings, ref_file: Path,
@@ -384,6 +391,17 @@ def _finish(result: dict, rows: list[dict], failed: list[dict], ks: KbmodSetting
     return StageResult("kbmod", night, kdir, frames=all_rows, error=result["error"],
                        started=started, finished=started + result["wall_seconds"],
                        details={k: v for k, v in result.items() if k not in top})
+
+
+def _unusable_apart(res: StageResult, problems: list[dict], cal_dir: Path) -> StageResult:
+    """The stage's result with the calibrated files that cannot be read (``problems``)
+    moved from its frames to its unusable inputs, as ``calibrate`` reports its unreadable
+    raw files. ``kbmod.json`` keeps them among its failed rows, as it always has."""
+    listed = {id(p) for p in problems}
+    res.frames = [r for r in res.frames if id(r) not in listed]
+    res.unusable = [{"path": str(cal_dir / p["file"]), "reason": p["reason"]}
+                    for p in problems]
+    return res
 
 
 # --------------------------------------------------------------------------- template stage

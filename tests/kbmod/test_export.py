@@ -3,6 +3,8 @@ the static-sky template and difference frames it writes by default (issue 11).""
 
 from __future__ import annotations
 
+import argparse
+import json
 import shutil
 import subprocess
 import time
@@ -15,6 +17,7 @@ from astropy.io import fits
 from astropy.time import Time
 from scipy import ndimage
 
+from astep_dask.cli.commands import _kbmod
 from astep_dask.config import (
     BackgroundSettings,
     KbmodSettings,
@@ -575,12 +578,14 @@ def test_a_reference_wcs_goes_onto_every_plane():
         assert hdu.header["CRPIX1"] == 10.0 and hdu.header["CTYPE2"] == "DEC--TAN"
 
 
-def test_an_unreadable_frame_fails_alone(exported, night, client, tmp_path):
+def test_an_unreadable_frame_fails_alone(exported, night, client, tmp_path, capsys):
     cal_dir = exported.out_dir.parent
     copy = tmp_path / night.name
     shutil.copytree(cal_dir, copy, ignore=shutil.ignore_patterns("kbmod", ".*"))
     broken = sorted(copy.glob("*_CAL.fits"))[2]
-    broken.write_bytes(broken.read_bytes()[:20000])  # truncated
+    broken.write_bytes(broken.read_bytes()[:20000])  # truncated: header read, pixels not
+    garbage = copy / "garbage_CAL.fits"
+    garbage.write_bytes(b"not a FITS file")  # no header: an unusable input
     result = export_night(night, client, SETTINGS, out=tmp_path)
     assert result.status == "partial"
     assert result.counts["done"] == SIM.n_science - 1 and result.counts["failed"] == 1
@@ -589,6 +594,27 @@ def test_an_unreadable_frame_fails_alone(exported, night, client, tmp_path):
     assert not (result.out_dir / broken.name.replace("_CAL", "_KBMOD")).exists()
     with fits.open(result.details["stack"]) as hdul:
         assert hdul["SCI"].data.shape[0] == SIM.n_science - 1
+    (unusable,) = result.unusable
+    assert unusable["path"] == str(garbage) and "cannot read" in unusable["reason"]
+    assert result.counts["unusable"] == 1 and len(result.frames) == SIM.n_science
+    assert {f["file"] for f in result.failures} == {broken.name, garbage.name}
+    # kbmod.json, as before the StageResult: the unreadable file is a failed row
+    manifest = json.loads(result.details["manifest"].read_text())
+    assert manifest["status"] == result.status
+    assert manifest["counts"] == {"done": SIM.n_science - 1, "skipped": 0, "failed": 2}
+    failed_rows = [r["file"] for r in manifest["frames"] if r["status"] == "failed"]
+    assert failed_rows == [garbage.name, broken.name]
+    # the command prints what kbmod.json says
+    capsys.readouterr()
+    args = argparse.Namespace(out=tmp_path, force=False)
+    assert _kbmod(night, client, SETTINGS, args, [time.perf_counter()]) == "partial"
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == (f"kbmod {night.name}: partial  (0 done, {SIM.n_science - 1} "
+                          f"skipped, 2 failed)  -> {result.out_dir}")
+    failed = [line for line in printed if line.startswith("  failed: ")]
+    assert failed == printed[-2:]
+    assert failed[0].startswith(f"  failed: {garbage.name}: cannot read calibrated frame")
+    assert failed[1].startswith(f"  failed: {broken.name}: ")
 
 
 # --------------------------------------------------------------------------- template, differences

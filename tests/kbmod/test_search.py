@@ -75,6 +75,9 @@ def one_night(archive, client) -> dict:
     res = search_night(night, client, SETTINGS, out=out)
     assert res.stage == "search" and res.status == "complete" and not res.failures
     assert len(res.frames) == len(exp.frames) and res.out_dir == res.details["candidates"].parent
+    assert res.details["manifest"] == res.out_dir / "search.json"
+    assert res.details["n_candidates"] == res.details["summary"]["n_candidates"] == len(
+        read_candidates(res.details["candidates"]))
     return {"export": exp, "csv": res.details["candidates"]}
 
 
@@ -250,6 +253,15 @@ def test_part_of_a_night_and_the_memory_guard(other_nights, archive, client):
     assert summ["mjd0"] == pytest.approx(other_nights["export"].frames[6]["mjd"])
     rows = read_candidates(csv)
     assert len(rows) >= 2 and all(r["stamp"] == "" for r in rows)
+
+
+def test_a_search_without_candidates_is_complete(one_night, archive, client):
+    night, out = archive
+    quiet = SearchSettings(frame_count=3, threshold=1e6, stamps=0, folder="search_quiet")
+    res = search_night(night, client, SETTINGS, out=out, search_settings=quiet)
+    assert res.status == "complete" and res.counts["done"] == 3 and not res.failures
+    assert res.details["n_candidates"] == 0 and read_candidates(res.details["candidates"]) == []
+    assert json.loads(res.details["manifest"].read_text())["n_candidates"] == 0
 
 
 def test_the_search_needs_an_export(tmp_path, client):
