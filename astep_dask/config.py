@@ -33,6 +33,7 @@ __all__ = [
     "MatchSettings",
     "OutputSettings",
     "QaSettings",
+    "ResumeSettings",
     "SearchSettings",
     "Settings",
     "StarSettings",
@@ -145,6 +146,17 @@ class OutputSettings:
 
     compress: bool = False  # tile-compress SCI/VAR (quantised) and MASK (lossless)
     quantize_level: float = 16.0  # float quantisation step = pixel noise / this
+
+
+@dataclass(frozen=True)
+class ResumeSettings:
+    """How a re-run decides which products it can keep (none of this changes a product,
+    so it is in no provenance hash)."""
+
+    # Check the data checksums of masters and calibrated frames (and that no byte is
+    # missing) before a re-run trusts them. It reads each product whole; a damaged one is
+    # remade and the run says so. (KBMOD files are always checked.)
+    verify: bool = True
 
 
 @dataclass(frozen=True)
@@ -313,6 +325,7 @@ class Settings:
     cosmics: CosmicSettings = field(default_factory=CosmicSettings)
     detector: DetectorSettings = field(default_factory=DetectorSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
+    resume: ResumeSettings = field(default_factory=ResumeSettings)
     kbmod: KbmodSettings = field(default_factory=KbmodSettings)
     template: TemplateSettings = field(default_factory=TemplateSettings)
     search: SearchSettings = field(default_factory=SearchSettings)

@@ -126,10 +126,13 @@ def _summary(result) -> str:
                  "masked": r["n_masked"], "CR px": r["n_cr"], "sat px": r["n_saturated"],
                  "s": f"{r['t_total']:.2f}"} for r in done]
         lines.append(format_table(rows, list(rows[0])))
-    for note in result.details["masters"].get("notes", []):
+    for note in result.details.get("masters", {}).get("notes", []):
         lines.append(f"  note: {note}")
-    for r in result.details["masters"].get("rejected", []):
+    for r in result.details.get("masters", {}).get("rejected", []):
         lines.append(f"  rejected flat: {r['path']}: {r['reason']}")
+    for r in result.frames:
+        if r.get("note"):
+            lines.append(f"  note: {r['file']}: {r['note']}")
     for r in result.frames:
         if r["status"] == "failed":
             lines.append(f"  failed: {r['file']}: {r['reason']}")
@@ -194,7 +197,9 @@ def _kbmod(night: Path, client, settings, args: argparse.Namespace, start: list[
     except RunError as exc:
         print(f"astep-dask: error: {exc}", file=sys.stderr)
         return "failed"
-    counts = ", ".join(f"{v} {k}" for k, v in res.counts.items() if k != "unusable")
+    c = res.counts
+    c["failed"] += c.pop("unusable")  # an unreadable calibrated file counts as failed here
+    counts = ", ".join(f"{v} {k}" for k, v in c.items())
     print(f"kbmod {res.night}: {res.status}  ({counts})  -> {res.out_dir}")
     tpl = res.details.get("template")
     if tpl:
@@ -210,6 +215,8 @@ def _kbmod(night: Path, client, settings, args: argparse.Namespace, start: list[
         print("  sky-only: KBMOD files are the registered, sky-subtracted frames (no template)")
     if res.error:
         print(f"  error: {res.error}")
+    for u in res.unusable:  # first, as in kbmod.json (they have no time)
+        print(f"  failed: {Path(u['path']).name}: {u['reason']}")
     for row in res.frames:
         if row.get("status") == "failed":
             print(f"  failed: {row.get('file')}: {row.get('reason')}")

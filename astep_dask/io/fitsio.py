@@ -38,6 +38,7 @@ __all__ = [
     "mid_exposure",
     "read_calibrated",
     "remove_stale_temps",
+    "verify_file",
     "write_json",
 ]
 
@@ -222,6 +223,35 @@ def calibrated_hdul(
     mask_hdu = image_hdu(mask.astype(np.int32, copy=False), "MASK", quantize)
     header_cards(mask_hdu.header)
     return fits.HDUList([primary, sci_hdu, var_hdu, mask_hdu])
+
+
+def verify_file(path: str | Path) -> str | None:
+    """Why a FITS product of ours cannot be trusted, or None when it can.
+
+    Checks that the file holds every byte its headers announce (a truncated file is
+    damaged) and, for each HDU that carries them, its ``DATASUM`` and ``CHECKSUM`` (which
+    :func:`atomic_write` writes): a bit flipped anywhere is found. Reads the whole file.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with fits.open(path, memmap=False, lazy_load_hdus=False,
+                           disable_image_compression=True) as hdul:  # the bytes as stored
+                for i, hdu in enumerate(hdul):
+                    info = hdul.fileinfo(i)
+                    end = info["datLoc"] + info["datSpan"]
+                    if end > size:
+                        return f"truncated: {size} bytes, HDU {i} needs {end}"
+                    name = hdu.name or str(i)
+                    if "DATASUM" in hdu.header and hdu.verify_datasum() == 0:
+                        return f"HDU {name}: data checksum (DATASUM) does not match"
+                    if "CHECKSUM" in hdu.header and hdu.verify_checksum() == 0:
+                        return f"HDU {name}: CHECKSUM does not match"
+    except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
+        return f"unreadable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    return None
 
 
 def read_calibrated(path: str | Path) -> tuple[fits.Header, np.ndarray, np.ndarray, np.ndarray]:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
+from astropy.utils.exceptions import AstropyUserWarning
 
 from astep_dask.config import Settings
 from astep_dask.io.layout import FrameRecord, iter_fits, night_folders
@@ -69,11 +71,13 @@ def read_provenance(path: str | Path, key: str = "ADPROV") -> str | None:
     """The provenance hash recorded in a product's primary header, or None when the file
     is missing, unreadable, incomplete or has none (then it must be remade)."""
     try:
-        with fits.open(path, memmap=False) as hdul:
-            if len(hdul) < 4:
-                return None
-            value = hdul[0].header.get(key)
-            return str(value) if value is not None else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyUserWarning)  # "may have been truncated"
+            with fits.open(path, memmap=False) as hdul:
+                if len(hdul) < 4:
+                    return None
+                value = hdul[0].header.get(key)
+                return str(value) if value is not None else None
     except (OSError, ValueError, TypeError):
         return None
 

@@ -36,6 +36,7 @@ from astep_dask.io.fitsio import (
     header_cards,
     mid_exposure,
     read_calibrated,
+    verify_file,
     write_json,
 )
 from astep_dask.io.products import CAL_SUFFIX
@@ -271,16 +272,18 @@ def header_value(path: Path, key: str, ext: int = 0) -> str | None:
 
 
 def existing_row(path: Path, provenance: str) -> dict | None:
-    """The table row of an existing KBMOD file whose provenance matches, else None (also
-    when the file is incomplete or unreadable: it is then remade)."""
+    """The table row of an existing KBMOD file whose provenance matches and whose data
+    verify (:func:`~astep_dask.io.fitsio.verify_file`), else None: a file that is
+    incomplete, damaged or unreadable is remade."""
     try:
         with fits.open(path, memmap=False) as hdul:
             if len(hdul) < 4 or hdul[0].header.get(PROV_KEY) != provenance:
                 return None
             h = hdul[0].header
-            return {k: h.get(card) for k, card in ROW_CARDS.items()}
+            row = {k: h.get(card) for k, card in ROW_CARDS.items()}
     except (OSError, ValueError, TypeError):
         return None
+    return row if verify_file(path) is None else None
 
 
 def card_float(value: float, digits: int = 6) -> float:

@@ -96,7 +96,7 @@ class MasterBuilder:
         self.inv = inventory
         self.out = Path(out_dir)
         self.settings = settings
-        self.store = MasterStore(self.out, reuse_foreign, fallbacks)
+        self.store = MasterStore(self.out, reuse_foreign, fallbacks, settings.resume.verify)
         self.report = self.store.report
         sci = inventory.exptimes(FrameType.SCIENCE)
         flat = inventory.exptimes(FrameType.FLAT)

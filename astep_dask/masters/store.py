@@ -23,7 +23,7 @@ from astep_dask.core.bits import MASK_DTYPE
 from astep_dask.core.calibrate import FrameMasters
 from astep_dask.core.darks import dark_for_exptime, variance_of
 from astep_dask.errors import CalibrationError
-from astep_dask.io.fitsio import atomic_write, header_cards
+from astep_dask.io.fitsio import atomic_write, header_cards, verify_file
 from astep_dask.io.provenance import file_digest, stamp
 
 __all__ = [
@@ -203,12 +203,15 @@ class MasterStore:
     fallbacks
         Output folders of other nights, searched (nearest date first) for a master this
         night cannot make.
+    verify
+        Check a master's data checksums before reusing it (a damaged one is rebuilt).
     """
 
     def __init__(self, out_dir: Path, reuse_foreign: bool = False,
-                 fallbacks: Sequence[Path] = ()):
+                 fallbacks: Sequence[Path] = (), verify: bool = True):
         self.out = Path(out_dir)
         self.reuse_foreign = reuse_foreign
+        self.verify = verify
         self.fallbacks = list(fallbacks)
         self.report = MasterReport()
         self._writer: ThreadPoolExecutor | None = None  # set while writing() is open
@@ -224,14 +227,17 @@ class MasterStore:
         except (OSError, ValueError) as exc:
             self.report.notes.append(f"{path.name}: unreadable ({exc}); rebuilt")
             return None
+        if m.digest != digest and (m.digest or not self.reuse_foreign):
+            return None
+        if self.verify and (damage := verify_file(path)):
+            self.report.notes.append(f"{path.name}: damaged ({damage}); rebuilt")
+            return None
         if m.digest == digest:
             self.report.reused.append(path.name)
-            return m
-        if not m.digest and self.reuse_foreign:
+        else:
             self.report.reused.append(f"{path.name} (written by another tool)")
             m.digest = digest
-            return m
-        return None
+        return m
 
     def fallback(self, night: str, name_suffix: str, role: str, why: str) -> Master | None:
         """The same master (file name ending ``name_suffix``) from the output of the

@@ -21,7 +21,7 @@ from astropy.io import fits
 from astep_dask.config import Settings
 from astep_dask.core.calibrate import Detector, calibrate_frame
 from astep_dask.errors import CalibrationError
-from astep_dask.io.fitsio import atomic_write, calibrated_hdul
+from astep_dask.io.fitsio import atomic_write, calibrated_hdul, verify_file
 from astep_dask.io.layout import FrameRecord
 from astep_dask.io.provenance import read_provenance
 from astep_dask.io.stack import read_section
@@ -62,14 +62,19 @@ def cached_frame_masters(paths: MasterPaths, exptime: float, filter: str) -> tup
 def process_frame(job: FrameJob) -> dict:
     """Calibrate one frame and write its file (runs on a worker). Returns a summary row.
 
-    Calibration problems (no flat for the filter, no dark) give a ``failed`` row with the
-    reason; write errors (disk full, permissions) raise, naming the output.
+    An output already written with the same provenance is kept ("skipped") when its data
+    verify (``[resume] verify``); a damaged one is remade, and the row's ``note`` says
+    why. Calibration problems (no flat for the filter, no dark) give a ``failed`` row
+    with the reason; write errors (disk full, permissions) raise, naming the output.
     """
     rec = job.record
     row: dict = {"file": rec.path.name, "output": job.output.name, "mjd": rec.mjd,
                  "exptime": rec.exptime, "filter": rec.filter, "started": time.time()}
     if not job.force and read_provenance(job.output) == job.provenance:
-        return {**row, "status": "skipped"}
+        damage = verify_file(job.output) if job.settings.resume.verify else None
+        if damage is None:
+            return {**row, "status": "skipped"}
+        row["note"] = f"previous output damaged ({damage}); remade"
     t0 = time.perf_counter()
     try:
         fm, cards = cached_frame_masters(job.masters, rec.exptime, rec.filter)

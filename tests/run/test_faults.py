@@ -17,6 +17,7 @@ from distributed import Client, LocalCluster
 
 from astep_dask.cli import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, main
 from astep_dask.config import Settings
+from astep_dask.io.fitsio import verify_file
 from astep_dask.io.products import output_dir
 from astep_dask.run.night import calibrate_night
 from astep_dask.testing.simulate import BAD_FILES, BAD_FLATS, BAD_FRAMES
@@ -166,3 +167,66 @@ def test_worker_killed_mid_night(small_night, tmp_path):
     for p in folder.glob("*_CAL.fits"):
         with fits.open(p, checksum=True) as h:
             assert h["SCI"].data.shape == (128, 128)
+
+
+# ----------------------------------------------------------------------- damaged products
+# Issue 21, items 1 and 2: a re-run checks a product's data checksums before it trusts it.
+
+
+def _flip(path: Path, offset: int) -> None:
+    """Flip the bits of one byte of a file, in place (a damaged disk block)."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _calibrate(night: Path, out: Path) -> int:
+    return main(["calibrate", str(night), "--out", str(out), "--dashboard-address", ":0"])
+
+
+def test_a_damaged_master_is_rebuilt_not_reused(small_night, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _calibrate(small_night, out) == EXIT_OK
+    folder = output_dir(small_night, out)
+    clean, raw = _arrays(folder), _raw(small_night)
+    flat = next(folder.glob("*_MASTERFLAT_*.fits"))
+    _flip(flat, flat.stat().st_size // 2)  # inside the flat's data
+    assert verify_file(flat) is not None
+    capsys.readouterr()
+    assert _calibrate(small_night, out) == EXIT_OK
+    text = capsys.readouterr().out
+    (line,) = [ln for ln in text.splitlines() if f"{flat.name}: damaged" in ln]
+    assert "checksum" in line and "rebuilt" in line
+    assert verify_file(flat) is None  # rebuilt whole
+    again = _arrays(folder)
+    assert again.keys() == clean.keys()
+    for name, planes in clean.items():
+        for a, b in zip(planes, again[name], strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert _raw(small_night) == raw
+    assert not list(folder.glob(".tmp-*"))
+
+
+def test_damaged_calibrated_frames_are_remade(small_night, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _calibrate(small_night, out) == EXIT_OK
+    folder = output_dir(small_night, out)
+    clean = _arrays(folder)
+    first, second, *_ = sorted(folder.glob("*_CAL.fits"))
+    with open(first, "r+b") as fh:  # a truncated copy
+        fh.truncate(first.stat().st_size - 3000)
+    _flip(second, second.stat().st_size // 2)  # a bit error in VAR
+    capsys.readouterr()
+    assert _calibrate(small_night, out) == EXIT_OK
+    text = capsys.readouterr().out
+    assert f"(2 calibrated, {len(clean) - 2} already done" in text
+    notes = [ln for ln in text.splitlines() if "previous output damaged" in ln]
+    assert len(notes) == 2
+    assert any("truncated" in ln for ln in notes)
+    assert any("checksum" in ln for ln in notes)
+    again = _arrays(folder)
+    for name, planes in clean.items():
+        for a, b in zip(planes, again[name], strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert verify_file(first) is None and verify_file(second) is None
+    assert not list(folder.glob(".tmp-*"))
