@@ -106,7 +106,7 @@ def test_cosmic_rays_found(calibrated, small_night):
     assert n_cr > 100
     assert n_ok / n_cr >= 0.99
     # LA Cosmic alone flags 1-3 % of these sharp star cores (FWHM 3 px); the PSF-fit
-    # filter (astep_dask.cosmics) brings that under the 0.1 % target.
+    # filter (astep_dask.core.starfilter) brings that under the 0.1 % target.
     assert n_false / n_core <= 0.001
 
 

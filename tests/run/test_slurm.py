@@ -224,7 +224,7 @@ def test_slurm_cluster_runs_dask_work(slurm, tmp_path, monkeypatch):
 
 FAKE_DRIVER = '''
 """Stands in for `astep-dask season ROOT --cluster slurm` until that command exists: builds
-the cluster as astep_dask.cluster does (SLURMCluster() from dask config, adaptive)."""
+the cluster as astep_dask.run.cluster does (SLURMCluster() from dask config, adaptive)."""
 import signal, sys
 from pathlib import Path
 
