@@ -13,6 +13,7 @@ season's nights are not re-measured.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -126,25 +127,36 @@ def fig_season(rows: Sequence[dict]):
 
 
 def flat_ratios(rows: Sequence[dict], filter: str | None = None
-                ) -> tuple[str, list[tuple[str, np.ndarray]]]:
-    """Each night's master flat divided by the first night's (same filter): 1 where the
+                ) -> tuple[str, list[tuple[str, np.ndarray]], list[str]]:
+    """Each night's master flat divided by a reference night's (same filter): 1 where the
     response did not change; dust moving or a new flat-field defect shows up.
 
-    Returns the reference night and ``[(night, ratio image)]`` for the other nights.
+    The reference is the first night of the most common flat shape; nights whose flat has
+    another shape (another binning or window) cannot be divided by it and are left out.
+
+    Returns
+    -------
+    reference, ratios, left_out
+        The reference night, ``[(night, ratio image)]`` for the other nights of its
+        shape, and ``["night (ny x nx)"]`` for the nights left out.
     """
     with_flats = [r for r in rows if r.get("flats")]
     if not with_flats:
-        return "", []
+        return "", [], []
     filt = filter or sorted(with_flats[0]["flats"])[0]
-    have = [r for r in with_flats if filt in r["flats"]]
-    ref = np.asarray(fits.getdata(have[0]["flats"][filt]), np.float32)
+    have = [(r["night"], np.asarray(fits.getdata(r["flats"][filt]), np.float32))
+            for r in with_flats if filt in r["flats"]]
+    shapes = Counter(flat.shape for _, flat in have)
+    common = shapes.most_common(1)[0][0]  # on a tie, the shape met first
+    same = [(n, f) for n, f in have if f.shape == common]
+    left_out = [f"{n} ({f.shape[0]} x {f.shape[1]})" for n, f in have if f.shape != common]
+    ref_night, ref = same[0]
     out = []
-    for r in have[1:]:
-        flat = np.asarray(fits.getdata(r["flats"][filt]), np.float32)
+    for night, flat in same[1:]:
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(ref > 0.05, flat / ref, np.nan)
-        out.append((r["night"], ratio))
-    return have[0]["night"], out
+        out.append((night, ratio))
+    return ref_night, out, left_out
 
 
 def fig_flat_ratios(rows: Sequence[dict], filter: str | None = None,
@@ -152,11 +164,12 @@ def fig_flat_ratios(rows: Sequence[dict], filter: str | None = None,
     """Master-flat stability: each night's flat over the first night's, one panel per
     night, on a common stretch (the widest z-scale of the ratios) with a colour bar."""
     settings = settings or QaSettings()
-    ref, ratios = flat_ratios(rows, filter)
+    ref, ratios, left_out = flat_ratios(rows, filter)
+    other = (f"; left out, flats of another size: {', '.join(left_out)}" if left_out else "")
     if not ratios:
         fig = new_figure(6.0, 2.0)
-        fig.text(0.5, 0.5, "fewer than two nights with a master flat: no ratio to show",
-                 ha="center", va="center")
+        fig.text(0.5, 0.5, "fewer than two nights with a master flat of one size: no ratio "
+                 f"to show{other}", ha="center", va="center", wrap=True)
         return fig
     limits = [zscale_limits(r) for _, r in ratios]
     lo, hi = min(a for a, _ in limits), max(b for _, b in limits)
@@ -178,5 +191,5 @@ def fig_flat_ratios(rows: Sequence[dict], filter: str | None = None,
         ax.set_visible(False)
     fig.colorbar(im, ax=list(axes[: len(ratios)]), shrink=0.85).set_label(
         "flat ratio (1 = unchanged)")
-    fig.suptitle("master-flat stability across nights", fontsize=10)
+    fig.suptitle(f"master-flat stability across nights{other}", fontsize=10)
     return fig

@@ -425,3 +425,21 @@ def test_flow_chart_through_dot_is_atomic(injected, tmp_path, monkeypatch):
     with pytest.raises(subprocess.CalledProcessError):
         flow_chart(night, out / "broken.svg", engine="dot")
     assert sorted(p.name for p in out.iterdir()) == ["flow.svg"]
+
+
+def test_flat_ratios_leave_out_nights_of_another_frame_size(tmp_path):
+    """A season whose nights have different frame sizes (issue 21, item 11): the flats of
+    the most common size are compared, the others are named, and the figure is drawn."""
+    rows = []
+    for night, shape, level in (("2026-06-01", (32, 32), 1.0), ("2026-06-02", (32, 32), 1.02),
+                                ("2026-06-03", (16, 24), 1.0)):
+        path = tmp_path / f"{night}_MASTERFLAT_RC.fits"
+        fits.PrimaryHDU(np.full(shape, level, np.float32)).writeto(path)
+        rows.append({"night": night, "flats": {"RC": path}})
+    ref, ratios, left_out = qa.flat_ratios(rows)
+    assert ref == "2026-06-01"
+    assert [n for n, _ in ratios] == ["2026-06-02"]
+    np.testing.assert_allclose(ratios[0][1], 1.02, rtol=1e-6)
+    assert left_out == ["2026-06-03 (16 x 24)"]
+    fig = qa.fig_flat_ratios(rows)
+    assert "2026-06-03 (16 x 24)" in fig._suptitle.get_text()
