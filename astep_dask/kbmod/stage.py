@@ -26,6 +26,7 @@ skips every file whose provenance has not changed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -352,6 +353,14 @@ def _difference_stage(run: Dispatch, result: dict, rows: list[dict], frames: lis
             for r in rows] if diff_rows else rows
 
 
+def _recorded_status(manifest: Path) -> str | None:
+    """The status a ``kbmod.json`` records, or None (no file, unreadable)."""
+    try:
+        return json.loads(manifest.read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _finish(result: dict, rows: list[dict], failed: list[dict], ks: KbmodSettings,
             started: float, reference: Reference | None = None) -> StageResult:
     """Write the stack, offsets table and manifest (when there is something to write),
@@ -383,10 +392,19 @@ def _finish(result: dict, rows: list[dict], failed: list[dict], ks: KbmodSetting
         status = "complete"
     result.update(status=status, counts=counts, frames=all_rows,
                   wall_seconds=time.time() - started)
-    try:
-        result["manifest"] = write_manifest(kdir / KBMOD_MANIFEST, result, ks)
-    except OSError as exc:
-        result["error"] = f"{result['error'] or ''}; manifest not written: {exc}".lstrip("; ")
+    manifest = kdir / KBMOD_MANIFEST
+    if status == "failed" and _recorded_status(manifest) in ("complete", "partial"):
+        # A failed attempt (e.g. a template from nights that are not there) must not hide
+        # the export already on disk: its manifest stays, and search still finds it.
+        why = result["error"] or "nothing exported"
+        result["error"] = f"{why}; {manifest.name} of the previous export kept"
+        result["manifest"] = manifest
+    else:
+        try:
+            result["manifest"] = write_manifest(manifest, result, ks)
+        except OSError as exc:
+            result["error"] = (f"{result['error'] or ''}; manifest not written: "
+                               f"{exc}").lstrip("; ")
     top = ("night", "kbmod_dir", "error", "status", "counts", "frames", "wall_seconds")
     return StageResult("kbmod", night, kdir, frames=all_rows, error=result["error"],
                        started=started, finished=started + result["wall_seconds"],

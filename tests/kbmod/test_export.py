@@ -51,6 +51,7 @@ from astep_dask.kbmod.products import (
     science_plane,
     strip_wcs,
 )
+from astep_dask.kbmod.search import search_night
 from astep_dask.kbmod.stage import export_night
 from astep_dask.kbmod.template import (
     BRIGHT_HALO,
@@ -863,3 +864,18 @@ def test_template_and_search_options_come_from_the_settings_file(tmp_path):
         load_settings(path)
     assert TemplateSettings(memory_mb=1.0).digest() == TemplateSettings().digest()
     assert TemplateSettings(grow=1.0).digest() != TemplateSettings().digest()
+
+
+def test_a_failed_export_keeps_the_previous_one(exported, night, client, tmp_path):
+    """Issue 21, item 11: a template asked from other nights that are not there fails,
+    but the export already on disk stays usable (its kbmod.json is not overwritten)."""
+    out = tmp_path / "out"
+    shutil.copytree(exported.out_dir.parent, output_dir(night, out))
+    kdir = output_dir(night, out) / "kbmod"
+    manifest = (kdir / "kbmod.json").read_bytes()
+    res = export_night(night, client, SETTINGS, out=out, template=TemplateSettings(nights=2))
+    assert res.status == "failed"
+    assert "kbmod.json of the previous export kept" in res.error
+    assert (kdir / "kbmod.json").read_bytes() == manifest
+    found = search_night(night, client, SETTINGS, out=out)
+    assert found.status == "complete" and len(found.frames) == SIM.n_science
