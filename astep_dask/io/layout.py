@@ -4,16 +4,25 @@ An archive night is ``ROOT/YYYY-MM-DD/`` holding ``YYYY-MM-DD-CAMS/`` (science f
 their darks) and ``YYYY-MM-DD-CAMS_SKYFLAT/`` (twilight flats and their darks). Every FITS
 file found there becomes one :class:`FrameRecord`, built from its header alone: pixel data
 is never read here. A file that cannot be used is kept in the inventory with the reason,
-so that no frame silently disappears.
+so that no frame silently disappears: an entry with a FITS name that is not a regular file
+(a FIFO, a folder, a dangling or looping link) is listed with the reason and never opened.
+
+The inventory's pass also reads each raw file's bytes once to take its content digest
+(:func:`content_digest`): provenance then sees a file rewritten with other pixels under the
+same header, duplicates are identical bytes, and a truncated gzip file is found here.
 """
 
 from __future__ import annotations
 
 import enum
+import errno
+import hashlib
 import json
 import os
 import re
+import stat
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -34,6 +43,7 @@ __all__ = [
     "FrameType",
     "Inventory",
     "classify",
+    "content_digest",
     "find_nights",
     "format_table",
     "is_fits_name",
@@ -82,7 +92,10 @@ class FrameRecord:
 
     ``problem`` is ``None`` for a usable frame, else a short reason it cannot be used.
     ``shape`` is the full raw shape; ``trim`` and ``overscan`` are the data and overscan
-    sections when the header declares them.
+    sections when the header declares them. ``size`` and ``digest`` are the file's size and
+    content digest (:func:`content_digest`; empty when the file could not be read).
+    ``out_stem`` is set when the default output stem is taken by another input
+    (:attr:`output_stem`).
     """
 
     path: Path
@@ -103,11 +116,19 @@ class FrameRecord:
     overscan: Section | None = None
     note: str = ""
     problem: str | None = None
+    size: int = 0
+    digest: str = ""
+    out_stem: str = ""
 
     @property
     def usable(self) -> bool:
         """True when the frame can enter calibration."""
         return self.problem is None
+
+    @property
+    def output_stem(self) -> str:
+        """Stem of this frame's products: the file's stem unless another input has it."""
+        return self.out_stem or stem(self.path)
 
     @property
     def data_shape(self) -> tuple[int, int]:
@@ -291,35 +312,192 @@ def _image_hdu(hdul: fits.HDUList) -> int:
     raise ValueError("no 2-D image HDU")
 
 
-def _read_header(path: Path, size: int) -> tuple[fits.Header, tuple[int, int], int, int] | str:
-    """The image header of a file (the primary's cards merged under an extension's), its
-    shape, BITPIX and HDU index; or why the file cannot be used."""
+_CHUNK = 1 << 20
+_GZ_CHUNK = 1 << 16  # compressed bytes per step: bounds what one step can inflate to
+
+
+@dataclass(frozen=True)
+class _Content:
+    digest: str
+    gz_size: int | None  # gzip: bytes of the complete decompressed stream; None: incomplete
+
+
+# Content of files already read in this process, keyed by what changes when a file is
+# rewritten (the inode change time cannot be set back): the inventory and the night's
+# provenance then read each file once per run.
+_CONTENT: dict[tuple, _Content] = {}
+
+
+def _is_gzip(path: Path) -> bool:
+    return path.name.lower().endswith(".gz")
+
+
+def _read_content(path: Path, st: os.stat_result) -> _Content:
+    key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if (known := _CONTENT.get(key)) is not None:
+        return known
+    h = hashlib.sha256()
+    gz = _is_gzip(path)
+    inflate = zlib.decompressobj(wbits=31) if gz else None
+    total, broken = 0, False
+    with open(path, "rb") as fh:
+        while block := fh.read(_GZ_CHUNK if gz else _CHUNK):
+            h.update(block)
+            data = block
+            while inflate is not None and data and not broken:
+                if inflate.eof:  # a gzip file may hold several members (or zero padding)
+                    data = data.lstrip(b"\0")
+                    if not data:
+                        break
+                    inflate = zlib.decompressobj(wbits=31)
+                try:
+                    total += len(inflate.decompress(data))
+                except zlib.error:
+                    broken = True
+                data = inflate.unused_data
+    complete = inflate is not None and inflate.eof and not broken
+    found = _Content(h.hexdigest()[:16], total if complete else None)
+    if len(_CONTENT) > 100_000:
+        _CONTENT.clear()
+    _CONTENT[key] = found
+    return found
+
+
+def content_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (first 16 hex digits), read in 1 MB chunks.
+
+    Computed once per file and process (again when the file is rewritten): the inventory's
+    pass takes it, provenance reuses it.
+    """
+    path = Path(path)
+    return _read_content(path, path.stat()).digest
+
+
+def _entry_problem(path: Path) -> tuple[os.stat_result | None, str | None]:
+    """The file's status, or why the entry is no file to open (nothing is opened)."""
     try:
-        with warnings.catch_warnings():
+        st = path.stat()
+    except OSError as exc:
+        if path.is_symlink():
+            if exc.errno == errno.ELOOP:
+                return None, "symbolic link loop"
+            return None, f"dangling symbolic link (to {os.readlink(path)})"
+        return None, f"cannot stat: {exc.strerror}"
+    if stat.S_ISREG(st.st_mode):
+        return st, None
+    what = ("a folder" if stat.S_ISDIR(st.st_mode)
+            else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+            else "a socket" if stat.S_ISSOCK(st.st_mode)
+            else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+            else "not a file")
+    return None, f"not a regular file ({what})"
+
+
+def _read_header(path: Path, size: int, gz_size: int | None = None
+                 ) -> tuple[fits.Header, tuple[int, int], int, int] | str:
+    """The image header of a file (the primary's cards merged under an extension's), its
+    shape, BITPIX and HDU index; or why the file cannot be used.
+
+    The image's data must lie within the file: its size for plain and tile-compressed
+    (fpack) files; for gzip files ``gz_size``, the size of the complete decompressed
+    stream (None when the stream ends early or is corrupt).
+    """
+    try:
+        with warnings.catch_warnings():  # "may have been truncated": checked below
             warnings.simplefilter("ignore", AstropyUserWarning)
             hdul = fits.open(path, memmap=True, lazy_load_hdus=True, mode="readonly")
-        with hdul:
-            index = _image_hdu(hdul)
-            hdu = hdul[index]
-            header = hdu.header
-            compressed = isinstance(hdu, fits.CompImageHDU)
-            if not compressed and not path.name.lower().endswith(".gz"):
+            with hdul:
+                index = _image_hdu(hdul)
+                hdu = hdul[index]
+                header = hdu.header
+                compressed = isinstance(hdu, fits.CompImageHDU)
                 info = hdul.fileinfo(index)
-                if info["datLoc"] + info["datSpan"] > size:
-                    return (f"truncated: {size} bytes, header needs "
-                            f"{info['datLoc'] + info['datSpan']}")
-            shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
-            bitpix = int(header.get("BITPIX", 0)) if compressed else int(header["BITPIX"])
-            primary = hdul[0].header if index else header
-            merged = fits.Header(primary)
-            if index:
-                merged.update(
-                    (k, v) for k, v in header.items() if k not in ("XTENSION", "PCOUNT", "GCOUNT")
-                )
+                needed = info["datLoc"] + info["datSpan"]
+                if _is_gzip(path):
+                    if gz_size is None:
+                        return "truncated: the gzip stream ends early or is corrupt"
+                    if needed > gz_size:
+                        return f"truncated: {gz_size} bytes decompressed, header needs {needed}"
+                elif needed > size:
+                    return f"truncated: {size} bytes, header needs {needed}"
+                shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
+                bitpix = int(header.get("BITPIX", 0)) if compressed else int(header["BITPIX"])
+                primary = hdul[0].header if index else header
+                merged = fits.Header(primary)
+                if index:
+                    skip = ("XTENSION", "PCOUNT", "GCOUNT")
+                    merged.update((k, v) for k, v in header.items() if k not in skip)
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         reason = str(exc).split(". ")[0].split("\n")[0]
         return f"not a readable FITS image: {reason}"
     return merged, shape, bitpix, index
+
+
+EXPTIME_KEYS = ("EXPTIME", "EXPOSURE", "ITIME")
+GAIN_KEYS = ("GAIN", "EGAIN")
+RDNOISE_KEYS = ("RDNOISE", "READNOIS", "RON")
+SATURATE_KEYS = ("SATURATE", "SATLEVEL")
+MAX_EXPTIME = 86400.0  # s: an exposure longer than a day is a broken header
+
+# Kinds whose exposure time must be positive (a bias is a zero-second exposure).
+_EXPOSED = (FrameType.SCIENCE, FrameType.FLAT, FrameType.DARK)
+
+
+def _first(header: fits.Header, keys: tuple[str, ...]) -> tuple[str, object] | None:
+    """The first of ``keys`` present in the header, with its value."""
+    for key in keys:
+        if key in header:
+            return key, header[key]
+    return None
+
+
+def _number(value: object) -> float | None:
+    """A header value as a finite float, else None (booleans and text are no numbers)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        out = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return out if np.isfinite(out) else None
+
+
+def _value_problems(header: fits.Header, kind: FrameType) -> tuple[str, list[str]]:
+    """Why the header's exposure time or detector values make a frame unusable ("" when
+    they do not), and notes on the values the calibration will take from the settings.
+
+    EXPTIME must be a number, positive for science, flat and dark frames (zero for a bias)
+    and at most a day; GAIN and SATURATE numbers > 0; RDNOISE a number ≥ 0. A missing
+    GAIN, RDNOISE or SATURATE is no problem: the settings' value is used, and noted.
+    """
+    notes = []
+    found = _first(header, EXPTIME_KEYS)
+    if found is not None:
+        key, value = found
+        t = _number(value)
+        if t is None:
+            return f"bad {key} {value!r} (not a number)", notes
+        if t < 0:
+            return f"negative {key} {t:g}", notes
+        if t == 0 and kind in _EXPOSED:
+            return f"{key} {t:g} s for a {kind} frame (must be > 0)", notes
+        if t > MAX_EXPTIME:
+            return f"{key} {t:g} s is longer than a day", notes
+    for keys, name, minimum, strict, what in (
+        (GAIN_KEYS, "GAIN", 0.0, True, "gain"),
+        (RDNOISE_KEYS, "RDNOISE", 0.0, False, "read noise"),
+        (SATURATE_KEYS, "SATURATE", 0.0, True, "saturation level"),
+    ):
+        found = _first(header, keys)
+        if found is None:
+            notes.append(f"no {name} in header: the settings' {what} is used")
+            continue
+        key, value = found
+        v = _number(value)
+        if v is None or v < minimum or (strict and v == minimum):
+            bound = ">" if strict else "≥"
+            return f"bad {key} {value!r} (must be a number {bound} {minimum:g})", notes
+    return "", notes
 
 
 def _header_problem(rec: FrameRecord, exptime: float | None, mjd: float | None) -> str:
@@ -340,26 +518,39 @@ def _header_problem(rec: FrameRecord, exptime: float | None, mjd: float | None) 
 def read_record(path: Path, night: str = "", folder: str = "") -> FrameRecord:
     """Build the inventory record of one file from its header (no pixel data read).
 
-    A file that cannot be used gets a record whose ``problem`` says why (empty,
-    unreadable, truncated, not a FITS image, no exposure time, unknown type, a science
-    frame without a time, a bad section keyword); nothing is raised.
+    A file that cannot be used gets a record whose ``problem`` says why (not a regular
+    file, empty, unreadable, truncated, not a FITS image, no or a bad exposure time, a bad
+    GAIN, RDNOISE or SATURATE, unknown type, a science frame without a time, a bad section
+    keyword); nothing is raised. The file's bytes are read once for its content digest
+    (headers aside, no pixel data is decoded; a gzip file is decompressed to check it is
+    whole).
     """
     rec = FrameRecord(path=path, night=night, folder=folder)
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        return replace(rec, problem=f"cannot stat: {exc.strerror}")
+    st, problem = _entry_problem(path)
+    if st is None:
+        return replace(rec, problem=problem)
+    size = st.st_size
+    rec = replace(rec, size=size)
     if size == 0:
         return replace(rec, problem="empty file")
     if not os.access(path, os.R_OK):
         return replace(rec, problem="not readable (permissions)")
-    found = _read_header(path, size)
+    try:
+        content = _read_content(path, st)
+    except OSError as exc:
+        return replace(rec, problem=f"cannot read: {exc.strerror or exc}")
+    rec = replace(rec, digest=content.digest)
+    if _is_gzip(path) and content.gz_size is None:
+        return replace(rec, problem="truncated: the gzip stream ends early or is corrupt")
+    found = _read_header(path, size, content.gz_size)
     if isinstance(found, str):
         return replace(rec, problem=found)
     merged, shape, bitpix, index = found
 
     kind, note = classify(merged, path)
-    exptime = _float(merged, "EXPTIME", "EXPOSURE", "ITIME")
+    value_problem, value_notes = _value_problems(merged, kind)
+    note = "; ".join([n for n in (note, *value_notes) if n])
+    exptime = _float(merged, *EXPTIME_KEYS)
     date_obs = merged.get("DATE-OBS")
     mjd = _float(merged, "MJD-OBS")
     if mjd is None and isinstance(date_obs, str) and date_obs.strip():
@@ -378,11 +569,13 @@ def read_record(path: Path, night: str = "", folder: str = "") -> FrameRecord:
         shape=shape,
         bitpix=bitpix,
         hdu=index,
-        gain=_float(merged, "GAIN", "EGAIN"),
-        read_noise=_float(merged, "RDNOISE", "READNOIS", "RON"),
-        saturation=_float(merged, "SATURATE", "SATLEVEL"),
+        gain=_float(merged, *GAIN_KEYS),
+        read_noise=_float(merged, *RDNOISE_KEYS),
+        saturation=_float(merged, *SATURATE_KEYS),
         note=note,
     )
+    if value_problem:
+        return replace(rec, problem=value_problem)
     try:
         rec = replace(
             rec,
@@ -409,20 +602,64 @@ def _flag_odd_shapes(frames: list[FrameRecord]) -> list[FrameRecord]:
 
 
 def _flag_duplicates(frames: list[FrameRecord]) -> list[FrameRecord]:
-    """Mark later copies of one exposure (same type, start time, exposure, filter, shape,
-    file size) as unusable, naming the file they duplicate."""
-    first: dict[tuple, Path] = {}
+    """Mark later copies of one file (identical bytes: the same content digest) as
+    unusable, naming the file they duplicate. Frames that share a start time and size but
+    differ in content are all kept."""
+    first: dict[str, Path] = {}
     out = []
     for f in frames:
-        if not f.usable or not f.date_obs:
+        if not f.usable or not f.digest:
             out.append(f)
             continue
-        key = (f.kind, f.date_obs, f.exptime, f.filter, f.shape, f.path.stat().st_size)
-        if key in first:
-            out.append(replace(f, problem=f"duplicate of {first[key].name}"))
+        if f.digest in first:
+            out.append(replace(f, problem=f"duplicate of {first[f.digest].name}"))
         else:
-            first[key] = f.path
+            first[f.digest] = f.path
             out.append(f)
+    return out
+
+
+def _suffix(path: Path) -> str:
+    """The FITS suffix of a file name, lower-case ("" when none)."""
+    low = path.name.lower()
+    return next((s for s in sorted(FITS_SUFFIXES, key=len, reverse=True) if low.endswith(s)),
+                "")
+
+
+def _unique_outputs(frames: list[FrameRecord]) -> list[FrameRecord]:
+    """Give every usable science frame an output stem no other one has.
+
+    Inputs are taken uncompressed first (then by suffix as listed in ``FITS_SUFFIXES``,
+    then by path); the first keeps its stem, a later one with the same stem (``X.fits``
+    and ``X.fits.gz``) gets the stem with its suffix (``X_fits_gz``) and a note, unless that
+    is another input's own stem or already given: then it is unusable, naming the input
+    that has the name.
+    """
+    rank = {s: i for i, s in enumerate(FITS_SUFFIXES)}
+    order = sorted(
+        (i for i, f in enumerate(frames) if f.usable and f.kind is FrameType.SCIENCE),
+        key=lambda i: (rank.get(_suffix(frames[i].path), len(rank)), str(frames[i].path)),
+    )
+    taken: dict[str, FrameRecord] = {}
+    later = []
+    for i in order:  # first every input that can keep its own stem
+        base = stem(frames[i].path)
+        if base in taken:
+            later.append(i)
+        else:
+            taken[base] = frames[i]
+    out = list(frames)
+    for i in later:
+        f = frames[i]
+        base = stem(f.path)
+        name = f"{base}_{_suffix(f.path).lstrip('.').replace('.', '_')}"
+        if name in taken:
+            other = taken[name].path
+            out[i] = replace(f, problem=f"same output name as {other.parent.name}/{other.name}")
+            continue
+        taken[name] = f
+        note = f"output named {name} ({taken[base].path.name} has {base})"
+        out[i] = replace(f, out_stem=name, note="; ".join(n for n in (f.note, note) if n))
     return out
 
 
@@ -462,7 +699,7 @@ def scan_night(night_dir: str | Path) -> Inventory:
     frames = []
     for kind, sub in folders:
         frames += [read_record(p, night=night_dir.name, folder=kind) for p in iter_fits(sub)]
-    frames = _flag_duplicates(_flag_odd_shapes(frames))
+    frames = _unique_outputs(_flag_duplicates(_flag_odd_shapes(frames)))
     return Inventory(night=night_dir.name, root=night_dir, frames=frames)
 
 
@@ -493,8 +730,9 @@ def scan(path: str | Path) -> list[Inventory]:
 
 
 def iter_fits(folder: Path) -> Iterator[Path]:
-    """FITS files directly inside a folder, sorted."""
-    yield from sorted(p for p in folder.iterdir() if p.is_file() and is_fits_name(p.name))
+    """Entries with a FITS name directly inside a folder, sorted: files, and anything else
+    so named (a FIFO, a folder, a broken link), which the inventory lists as unusable."""
+    yield from sorted(p for p in folder.iterdir() if is_fits_name(p.name))
 
 
 def format_table(rows: Iterable[dict], columns: list[str]) -> str:

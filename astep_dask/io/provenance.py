@@ -2,14 +2,17 @@
 
 A product's provenance hash (``ADPROV`` on a calibrated frame, ``ADHASH`` on a master)
 covers its inputs, the masters it used, the settings that shape it and the package
-version; a re-run redoes exactly the products whose hash changed. :func:`stamp` writes the
-package's name, version and the date into a header.
+version; a re-run redoes exactly the products whose hash changed. A raw input is known by
+its name, size, start time and content digest (taken in the inventory's pass), so a file
+rewritten with other pixels under the same header invalidates what was made from it.
+:func:`stamp` writes the package's name, version and the date into a header.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import stat
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +22,7 @@ from astropy.io import fits
 from astropy.utils.exceptions import AstropyUserWarning
 
 from astep_dask.config import Settings
-from astep_dask.io.layout import FrameRecord, iter_fits, night_folders
+from astep_dask.io.layout import FrameRecord, content_digest, iter_fits, night_folders
 from astep_dask.version import __version__
 
 __all__ = [
@@ -33,12 +36,17 @@ __all__ = [
 ]
 
 
+def _digest(record: FrameRecord) -> str:
+    """The record's content digest (taken now when the record has none)."""
+    return record.digest or content_digest(record.path)
+
+
 def input_identity(records: Sequence[FrameRecord]) -> list[str]:
-    """Stable identities of input files: name, size, start time and exposure."""
+    """Stable identities of input files: name, size, start time, exposure and content."""
     out = []
     for r in records:
         size = r.path.stat().st_size
-        out.append(f"{r.path.name}|{size}|{r.date_obs}|{r.exptime:g}")
+        out.append(f"{r.path.name}|{size}|{r.date_obs}|{r.exptime:g}|{_digest(r)}")
     return sorted(out)
 
 
@@ -83,22 +91,41 @@ def read_provenance(path: str | Path, key: str = "ADPROV") -> str | None:
 
 
 def frame_provenance(record: FrameRecord, masters_digest: str, settings: Settings) -> str:
-    """Hash of a frame's input, its masters and the settings that shape its output."""
-    identity = f"{record.path.name}|{record.path.stat().st_size}|{record.date_obs}"
+    """Hash of a frame's input (name, size, start time, content), its masters and the
+    settings that shape its output."""
+    identity = (f"{record.path.name}|{record.path.stat().st_size}|{record.date_obs}"
+                f"|{_digest(record)}")
     return digest_of(identity, masters_digest,
                      settings.digest("cosmics", "detector", "combine", "flat", "mask",
                                      "output"),
                      __version__)
 
 
+def _file_identity(kind: str, path: Path) -> tuple:
+    """``(folder kind, name, size, mtime, content digest)`` of a raw file; an entry that is
+    not a readable regular file (never opened) is known by its name and what it is."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        return (kind, path.name, "unreadable", exc.errno)
+    if not stat.S_ISREG(st.st_mode):
+        return (kind, path.name, "not a file", stat.S_IFMT(st.st_mode))
+    try:
+        digest = content_digest(path) if st.st_size else ""
+    except OSError as exc:
+        digest = f"unreadable {exc.errno}"
+    return (kind, path.name, st.st_size, st.st_mtime_ns, digest)
+
+
 def night_provenance(night_dir: Path, settings: Settings) -> str:
-    """Cheap identity of a night's raw files (names, sizes, modification times) and of the
-    settings: a season re-run skips a night whose complete manifest records the same."""
+    """Identity of a night's raw files (names, sizes, modification times, content digests)
+    and of the settings: a season re-run skips a night whose complete manifest records the
+    same. The digests are those the inventory took in this process (a file not seen yet
+    is read once)."""
     files = [
-        (kind, p.name, st.st_size, st.st_mtime_ns)
+        _file_identity(kind, p)
         for kind, folder in night_folders(night_dir)
         for p in iter_fits(folder)
-        for st in [p.stat()]
     ]
     return digest_of(files, settings.digest("combine", "flat", "mask", "cosmics", "detector",
                                             "output"),

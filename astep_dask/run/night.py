@@ -142,7 +142,7 @@ def calibrate_night(
         masters_digest = digest_of(sorted(masters.digests().items()))
         science = inv.select(FrameType.SCIENCE)
         jobs = [
-            FrameJob(rec, out_dir / f"{stem(rec.path)}{CAL_SUFFIX}", masters,
+            FrameJob(rec, out_dir / f"{rec.out_stem or stem(rec.path)}{CAL_SUFFIX}", masters,
                      frame_provenance(rec, masters_digest, settings), settings, force)
             for rec in science
         ]
