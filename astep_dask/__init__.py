@@ -60,7 +60,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from astep_dask.config import Settings, load_settings
     from astep_dask.errors import ArchiveError, CalibrationError, RunError
     from astep_dask.io.fitsio import read_calibrated
-    from astep_dask.io.layout import FrameType, Inventory, find_nights, scan_night
+    from astep_dask.io.headers import FrameType
+    from astep_dask.io.layout import Inventory, find_nights, scan_night
     from astep_dask.io.products import output_dir
     from astep_dask.io.stack import open_stack
     from astep_dask.kbmod.search import search_night

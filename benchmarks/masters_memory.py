@@ -191,7 +191,8 @@ def child(night: Path, out_dir: Path, scheduler: str, result_path: Path,
     import psutil
 
     from astep_dask.config import Settings
-    from astep_dask.io.layout import FrameType, scan_night
+    from astep_dask.io.headers import FrameType
+    from astep_dask.io.layout import scan_night
     from astep_dask.io.stack import strip_rows
     from astep_dask.masters.builder import MasterBuilder
 

@@ -134,8 +134,11 @@ def _summary(result) -> str:
         if r.get("note"):
             lines.append(f"  note: {r['file']}: {r['note']}")
     for r in result.frames:
-        if r["status"] == "failed":
+        if r["status"] == "failed" and not r.get("not_attempted"):
             lines.append(f"  failed: {r['file']}: {r['reason']}")
+    if waiting := [r for r in result.frames if r.get("not_attempted")]:
+        lines.append(f"  not calibrated: {len(waiting)} frames, the night stopped at the "
+                     "error above; re-run to resume")
     for u in result.unusable:
         lines.append(f"  unusable: {u['path']}: {u['reason']}")
     if result.error:

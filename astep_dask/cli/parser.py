@@ -23,7 +23,27 @@ from astep_dask.cli.commands import (
 from astep_dask.run.stages import STAGES
 from astep_dask.version import __version__
 
-__all__ = ["build_parser"]
+__all__ = ["build_parser", "count", "positive"]
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (workers, threads)."""
+    return _whole(text, 1)
+
+
+def count(text: str) -> int:
+    """An argparse type: a whole number of at least 0 (retries)."""
+    return _whole(text, 0)
+
+
+def _whole(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} is less than {least}")
+    return value
 
 
 def _cluster_options(p: argparse.ArgumentParser) -> None:
@@ -32,17 +52,19 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
                    help="join a running dask scheduler, e.g. tcp://host:8786")
     g.add_argument("--cluster", choices=["local", "slurm", "pbs"],
                    help="start a cluster of this kind (slurm/pbs: dask-jobqueue, see deploy/)")
-    g.add_argument("--workers", type=int,
+    g.add_argument("--workers", type=positive, metavar="N",
                    help="local workers (default: 1, or one per core with --processes)")
-    g.add_argument("--threads", type=int,
+    g.add_argument("--threads", type=positive, metavar="N",
                    help="threads per local worker (default: the cores shared among workers)")
     g.add_argument("--processes", action="store_true",
                    help="local workers as separate processes, not threads of this one: a "
                    "crashed worker is restarted and its frames retried (more memory and "
                    "start-up time)")
-    g.add_argument("--retries", type=int,
-                   help="extra attempts of a frame whose worker process died (with "
-                   "--processes or a scheduler; default 2)")
+    g.add_argument("--retries", type=count, metavar="N",
+                   help="extra attempts of a frame whose worker died (with --processes or a "
+                   "batch cluster; a joined --scheduler keeps its own allowed-failures), "
+                   "after which that frame fails and the night goes on; an error of the "
+                   "frame itself is never retried (default 2)")
     g.add_argument("--dashboard-address", help="dashboard address of a local cluster (:8787)")
 
 

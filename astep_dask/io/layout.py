@@ -14,15 +14,10 @@ same header, duplicates are identical bytes, and a truncated gzip file is found 
 
 from __future__ import annotations
 
-import enum
-import errno
-import hashlib
 import json
 import os
 import re
-import stat
 import warnings
-import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -35,55 +30,45 @@ from astropy.utils.exceptions import AstropyUserWarning
 
 from astep_dask.core.calibrate import Section
 from astep_dask.errors import ArchiveError
+from astep_dask.io.headers import (
+    EXPTIME_KEYS,
+    GAIN_KEYS,
+    RDNOISE_KEYS,
+    SATURATE_KEYS,
+    FrameType,
+    classify,
+    header_float,
+    header_section,
+    image_hdu_index,
+    value_problems,
+)
+from astep_dask.io.rawfiles import (
+    FITS_SUFFIXES,
+    entry_problem,
+    is_fits_name,
+    is_gzip,
+    read_content,
+    stem,
+)
 
 __all__ = [
     "FLAT_FOLDER",
     "SCIENCE_FOLDER",
     "FrameRecord",
-    "FrameType",
     "Inventory",
-    "classify",
-    "content_digest",
     "find_nights",
     "format_table",
-    "is_fits_name",
     "is_night",
     "iter_fits",
     "night_folders",
     "read_record",
     "scan",
     "scan_night",
-    "stem",
-    "type_from_name",
-    "type_from_text",
 ]
 
 NIGHT_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fits.fz", ".fz")
 SCIENCE_FOLDER = "CAMS"
 FLAT_FOLDER = "CAMS_SKYFLAT"
-
-
-class FrameType(enum.StrEnum):
-    """What a raw frame is, as calibration needs to know it."""
-
-    SCIENCE = "science"
-    DARK = "dark"
-    FLAT = "flat"
-    BIAS = "bias"
-    UNKNOWN = "unknown"
-
-
-# Header values (upper-cased) that name each frame type; checked as substrings.
-_TYPE_WORDS: tuple[tuple[FrameType, tuple[str, ...]], ...] = (
-    (FrameType.BIAS, ("BIAS", "ZERO", "OFFSET")),
-    (FrameType.DARK, ("DARK",)),
-    (FrameType.FLAT, ("FLAT",)),
-    (FrameType.SCIENCE, ("SCIENCE", "LIGHT", "OBJECT")),
-)
-
-
-TYPE_KEYWORDS = ("ACQTYPE", "IMAGETYP", "OBSTYPE")
 
 
 @dataclass(frozen=True)
@@ -229,170 +214,6 @@ class Inventory:
         return json.dumps(self.to_dict(), indent=2)
 
 
-def is_fits_name(name: str) -> bool:
-    """True for file names with a FITS suffix (plain, gzip or fpack)."""
-    low = name.lower()
-    return low.endswith(FITS_SUFFIXES)
-
-
-def stem(path: Path) -> str:
-    """File name without any FITS suffix (``a.fits.gz`` → ``a``)."""
-    name = path.name
-    low = name.lower()
-    for suf in sorted(FITS_SUFFIXES, key=len, reverse=True):
-        if low.endswith(suf):
-            return name[: -len(suf)]
-    return path.stem
-
-
-def type_from_text(text: str) -> FrameType:
-    """Frame type named by a header value or file-name part, else UNKNOWN."""
-    up = text.upper()
-    for kind, words in _TYPE_WORDS:
-        if any(w in up for w in words):
-            return kind
-    return FrameType.UNKNOWN
-
-
-def type_from_name(path: Path) -> FrameType:
-    """Frame type from the file-name suffix (``..._DARK.fits``), else UNKNOWN."""
-    last = stem(path).rsplit("_", 1)[-1]
-    return type_from_text(last) if last != stem(path) else FrameType.UNKNOWN
-
-
-def classify(header: fits.Header, path: Path) -> tuple[FrameType, str]:
-    """Frame type from the header, falling back to the file name.
-
-    Returns the type and a note (empty unless header and name disagree or the
-    name had to be used).
-    """
-    from_name = type_from_name(path)
-    for key in TYPE_KEYWORDS:
-        value = header.get(key)
-        if isinstance(value, str) and value.strip():
-            kind = type_from_text(value)
-            if kind is not FrameType.UNKNOWN:
-                note = ""
-                if from_name not in (FrameType.UNKNOWN, kind):
-                    note = f"header {key}={value.strip()!r} overrides file name ({from_name})"
-                return kind, note
-    if from_name is not FrameType.UNKNOWN:
-        return from_name, "type from file name (no frame-type keyword)"
-    return FrameType.UNKNOWN, ""
-
-
-def _float(header: fits.Header, *keys: str) -> float | None:
-    for key in keys:
-        value = header.get(key)
-        if value is None or isinstance(value, bool):
-            continue
-        try:
-            out = float(value)
-        except (TypeError, ValueError):
-            continue
-        if np.isfinite(out):
-            return out
-    return None
-
-
-def _section(header: fits.Header, *keys: str) -> Section | None:
-    for key in keys:
-        value = header.get(key)
-        if isinstance(value, str) and value.strip():
-            return Section.from_fits(value)
-    return None
-
-
-def _image_hdu(hdul: fits.HDUList) -> int:
-    """Index of the first HDU that holds a 2-D image."""
-    for i, hdu in enumerate(hdul):
-        if isinstance(hdu, fits.CompImageHDU | fits.ImageHDU | fits.PrimaryHDU):
-            if hdu.header.get("ZNAXIS", hdu.header.get("NAXIS", 0)) == 2:
-                return i
-    raise ValueError("no 2-D image HDU")
-
-
-_CHUNK = 1 << 20
-_GZ_CHUNK = 1 << 16  # compressed bytes per step: bounds what one step can inflate to
-
-
-@dataclass(frozen=True)
-class _Content:
-    digest: str
-    gz_size: int | None  # gzip: bytes of the complete decompressed stream; None: incomplete
-
-
-# Content of files already read in this process, keyed by what changes when a file is
-# rewritten (the inode change time cannot be set back): the inventory and the night's
-# provenance then read each file once per run.
-_CONTENT: dict[tuple, _Content] = {}
-
-
-def _is_gzip(path: Path) -> bool:
-    return path.name.lower().endswith(".gz")
-
-
-def _read_content(path: Path, st: os.stat_result) -> _Content:
-    key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    if (known := _CONTENT.get(key)) is not None:
-        return known
-    h = hashlib.sha256()
-    gz = _is_gzip(path)
-    inflate = zlib.decompressobj(wbits=31) if gz else None
-    total, broken = 0, False
-    with open(path, "rb") as fh:
-        while block := fh.read(_GZ_CHUNK if gz else _CHUNK):
-            h.update(block)
-            data = block
-            while inflate is not None and data and not broken:
-                if inflate.eof:  # a gzip file may hold several members (or zero padding)
-                    data = data.lstrip(b"\0")
-                    if not data:
-                        break
-                    inflate = zlib.decompressobj(wbits=31)
-                try:
-                    total += len(inflate.decompress(data))
-                except zlib.error:
-                    broken = True
-                data = inflate.unused_data
-    complete = inflate is not None and inflate.eof and not broken
-    found = _Content(h.hexdigest()[:16], total if complete else None)
-    if len(_CONTENT) > 100_000:
-        _CONTENT.clear()
-    _CONTENT[key] = found
-    return found
-
-
-def content_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (first 16 hex digits), read in 1 MB chunks.
-
-    Computed once per file and process (again when the file is rewritten): the inventory's
-    pass takes it, provenance reuses it.
-    """
-    path = Path(path)
-    return _read_content(path, path.stat()).digest
-
-
-def _entry_problem(path: Path) -> tuple[os.stat_result | None, str | None]:
-    """The file's status, or why the entry is no file to open (nothing is opened)."""
-    try:
-        st = path.stat()
-    except OSError as exc:
-        if path.is_symlink():
-            if exc.errno == errno.ELOOP:
-                return None, "symbolic link loop"
-            return None, f"dangling symbolic link (to {os.readlink(path)})"
-        return None, f"cannot stat: {exc.strerror}"
-    if stat.S_ISREG(st.st_mode):
-        return st, None
-    what = ("a folder" if stat.S_ISDIR(st.st_mode)
-            else "a FIFO" if stat.S_ISFIFO(st.st_mode)
-            else "a socket" if stat.S_ISSOCK(st.st_mode)
-            else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
-            else "not a file")
-    return None, f"not a regular file ({what})"
-
-
 def _read_header(path: Path, size: int, gz_size: int | None = None
                  ) -> tuple[fits.Header, tuple[int, int], int, int] | str:
     """The image header of a file (the primary's cards merged under an extension's), its
@@ -407,13 +228,13 @@ def _read_header(path: Path, size: int, gz_size: int | None = None
             warnings.simplefilter("ignore", AstropyUserWarning)
             hdul = fits.open(path, memmap=True, lazy_load_hdus=True, mode="readonly")
             with hdul:
-                index = _image_hdu(hdul)
+                index = image_hdu_index(hdul)
                 hdu = hdul[index]
                 header = hdu.header
                 compressed = isinstance(hdu, fits.CompImageHDU)
                 info = hdul.fileinfo(index)
                 needed = info["datLoc"] + info["datSpan"]
-                if _is_gzip(path):
+                if is_gzip(path):
                     if gz_size is None:
                         return "truncated: the gzip stream ends early or is corrupt"
                     if needed > gz_size:
@@ -431,73 +252,6 @@ def _read_header(path: Path, size: int, gz_size: int | None = None
         reason = str(exc).split(". ")[0].split("\n")[0]
         return f"not a readable FITS image: {reason}"
     return merged, shape, bitpix, index
-
-
-EXPTIME_KEYS = ("EXPTIME", "EXPOSURE", "ITIME")
-GAIN_KEYS = ("GAIN", "EGAIN")
-RDNOISE_KEYS = ("RDNOISE", "READNOIS", "RON")
-SATURATE_KEYS = ("SATURATE", "SATLEVEL")
-MAX_EXPTIME = 86400.0  # s: an exposure longer than a day is a broken header
-
-# Kinds whose exposure time must be positive (a bias is a zero-second exposure).
-_EXPOSED = (FrameType.SCIENCE, FrameType.FLAT, FrameType.DARK)
-
-
-def _first(header: fits.Header, keys: tuple[str, ...]) -> tuple[str, object] | None:
-    """The first of ``keys`` present in the header, with its value."""
-    for key in keys:
-        if key in header:
-            return key, header[key]
-    return None
-
-
-def _number(value: object) -> float | None:
-    """A header value as a finite float, else None (booleans and text are no numbers)."""
-    if isinstance(value, bool):
-        return None
-    try:
-        out = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return out if np.isfinite(out) else None
-
-
-def _value_problems(header: fits.Header, kind: FrameType) -> tuple[str, list[str]]:
-    """Why the header's exposure time or detector values make a frame unusable ("" when
-    they do not), and notes on the values the calibration will take from the settings.
-
-    EXPTIME must be a number, positive for science, flat and dark frames (zero for a bias)
-    and at most a day; GAIN and SATURATE numbers > 0; RDNOISE a number ≥ 0. A missing
-    GAIN, RDNOISE or SATURATE is no problem: the settings' value is used, and noted.
-    """
-    notes = []
-    found = _first(header, EXPTIME_KEYS)
-    if found is not None:
-        key, value = found
-        t = _number(value)
-        if t is None:
-            return f"bad {key} {value!r} (not a number)", notes
-        if t < 0:
-            return f"negative {key} {t:g}", notes
-        if t == 0 and kind in _EXPOSED:
-            return f"{key} {t:g} s for a {kind} frame (must be > 0)", notes
-        if t > MAX_EXPTIME:
-            return f"{key} {t:g} s is longer than a day", notes
-    for keys, name, minimum, strict, what in (
-        (GAIN_KEYS, "GAIN", 0.0, True, "gain"),
-        (RDNOISE_KEYS, "RDNOISE", 0.0, False, "read noise"),
-        (SATURATE_KEYS, "SATURATE", 0.0, True, "saturation level"),
-    ):
-        found = _first(header, keys)
-        if found is None:
-            notes.append(f"no {name} in header: the settings' {what} is used")
-            continue
-        key, value = found
-        v = _number(value)
-        if v is None or v < minimum or (strict and v == minimum):
-            bound = ">" if strict else "≥"
-            return f"bad {key} {value!r} (must be a number {bound} {minimum:g})", notes
-    return "", notes
 
 
 def _header_problem(rec: FrameRecord, exptime: float | None, mjd: float | None) -> str:
@@ -526,7 +280,7 @@ def read_record(path: Path, night: str = "", folder: str = "") -> FrameRecord:
     whole).
     """
     rec = FrameRecord(path=path, night=night, folder=folder)
-    st, problem = _entry_problem(path)
+    st, problem = entry_problem(path)
     if st is None:
         return replace(rec, problem=problem)
     size = st.st_size
@@ -536,11 +290,11 @@ def read_record(path: Path, night: str = "", folder: str = "") -> FrameRecord:
     if not os.access(path, os.R_OK):
         return replace(rec, problem="not readable (permissions)")
     try:
-        content = _read_content(path, st)
+        content = read_content(path, st)
     except OSError as exc:
         return replace(rec, problem=f"cannot read: {exc.strerror or exc}")
     rec = replace(rec, digest=content.digest)
-    if _is_gzip(path) and content.gz_size is None:
+    if is_gzip(path) and content.gz_size is None:
         return replace(rec, problem="truncated: the gzip stream ends early or is corrupt")
     found = _read_header(path, size, content.gz_size)
     if isinstance(found, str):
@@ -548,11 +302,11 @@ def read_record(path: Path, night: str = "", folder: str = "") -> FrameRecord:
     merged, shape, bitpix, index = found
 
     kind, note = classify(merged, path)
-    value_problem, value_notes = _value_problems(merged, kind)
+    value_problem, value_notes = value_problems(merged, kind)
     note = "; ".join([n for n in (note, *value_notes) if n])
-    exptime = _float(merged, *EXPTIME_KEYS)
+    exptime = header_float(merged, *EXPTIME_KEYS)
     date_obs = merged.get("DATE-OBS")
-    mjd = _float(merged, "MJD-OBS")
+    mjd = header_float(merged, "MJD-OBS")
     if mjd is None and isinstance(date_obs, str) and date_obs.strip():
         try:
             mjd = float(Time(date_obs.strip(), scale="utc").mjd)
@@ -569,9 +323,9 @@ def read_record(path: Path, night: str = "", folder: str = "") -> FrameRecord:
         shape=shape,
         bitpix=bitpix,
         hdu=index,
-        gain=_float(merged, *GAIN_KEYS),
-        read_noise=_float(merged, *RDNOISE_KEYS),
-        saturation=_float(merged, *SATURATE_KEYS),
+        gain=header_float(merged, *GAIN_KEYS),
+        read_noise=header_float(merged, *RDNOISE_KEYS),
+        saturation=header_float(merged, *SATURATE_KEYS),
         note=note,
     )
     if value_problem:
@@ -579,8 +333,8 @@ def read_record(path: Path, night: str = "", folder: str = "") -> FrameRecord:
     try:
         rec = replace(
             rec,
-            trim=_section(merged, "TRIMSEC", "DATASEC"),
-            overscan=_section(merged, "BIASSEC"),
+            trim=header_section(merged, "TRIMSEC", "DATASEC"),
+            overscan=header_section(merged, "BIASSEC"),
         )
     except ValueError as exc:
         return replace(rec, problem=f"bad section keyword: {exc}")

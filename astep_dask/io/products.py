@@ -9,9 +9,12 @@ and the list of masters back for the products built on a calibrated night.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,43 +85,101 @@ def check_writable(folder: Path) -> None:
 
 @contextmanager
 def night_lock(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on an output folder; a second run on it fails at once."""
+    """Hold an exclusive lock on an output folder; a second run on it fails at once.
+
+    The lock file appears with its holder (``host pid``) already in it: written to a
+    private file first and hard-linked to the lock's name, which fails when a lock is
+    there (``O_EXCL`` with the holder written at once where links are not supported).
+    A lock is taken over only when its holder is a dead process of this host (see
+    :func:`_break_lock`); an empty, unreadable or foreign one is left for its owner (or a
+    person) to remove.
+    """
     path = folder / LOCK
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    mine = f"{socket.gethostname()} {os.getpid()}\n"
+    for _ in range(3):
+        if _create_lock(path, mine):
             break
-        except FileExistsError:
-            if _stale_lock(path):
-                path.unlink(missing_ok=True)
-                continue
-            raise RunError(
-                f"{folder}: another astep-dask run holds the lock ({path}: "
-                f"{path.read_text().strip()}); wait for it or remove the lock if it is dead"
-            ) from None
-    else:  # pragma: no cover - lost a race twice
+        holder = _read_lock(path)
+        if holder is None:  # released meanwhile
+            continue
+        if _stale_lock(holder):
+            _break_lock(path, holder)
+            continue
+        shown = holder.strip() or "empty lock file, its holder unknown"
+        raise RunError(
+            f"{folder}: another astep-dask run holds the lock ({path}: {shown}); "
+            "wait for it or remove the lock if it is dead"
+        )
+    else:  # pragma: no cover - lost a race three times
         raise RunError(f"{folder}: could not take the lock {path}")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(f"{socket.gethostname()} {os.getpid()}\n")
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)
+        if _read_lock(path) == mine:
+            path.unlink(missing_ok=True)
 
 
-def _stale_lock(path: Path) -> bool:
-    """True when the lock was left by a dead process on this host."""
+def _create_lock(path: Path, text: str) -> bool:
+    """Create the lock file holding ``text``, atomically; False when one exists."""
+    private = path.with_name(
+        f"{path.name}.{os.getpid()}.{threading.get_ident()}.{time.time_ns()}")
     try:
-        host, pid = path.read_text().split()
-    except (OSError, ValueError):
-        return True
-    if host != socket.gethostname():
+        private.write_text(text)
+        try:
+            os.link(private, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links here (some network file systems)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            return True
+    finally:
+        private.unlink(missing_ok=True)
+
+
+def _read_lock(path: Path) -> str | None:
+    """The lock file's text, or None when there is none."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def _break_lock(path: Path, holder: str) -> None:
+    """Remove a stale lock, but only the one judged stale: under an exclusive ``flock`` of
+    ``LOCK.break`` (released by the kernel if this process dies, kept in the folder), the
+    lock is read again and removed only when it still names the same dead holder, so that
+    two runs breaking it at once cannot remove a lock that a third has just taken."""
+    guard = os.open(path.with_name(f"{path.name}.break"), os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        if _read_lock(path) == holder:
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(guard)  # releases the flock
+
+
+def _stale_lock(holder: str) -> bool:
+    """True when the lock's holder (``host pid``) is a dead process on this host."""
+    try:
+        host, pid = holder.split()
+        pid_n = int(pid)
+    except ValueError:
+        return False  # empty or unreadable: its holder may be alive
+    if host != socket.gethostname() or pid_n <= 0:
         return False
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid_n, 0)
     except ProcessLookupError:
         return True
-    except PermissionError:
+    except OSError:
         return False
     return False
 

@@ -22,7 +22,8 @@ from astropy.io import fits
 from astropy.utils.exceptions import AstropyUserWarning
 
 from astep_dask.config import Settings
-from astep_dask.io.layout import FrameRecord, content_digest, iter_fits, night_folders
+from astep_dask.io.layout import FrameRecord, iter_fits, night_folders
+from astep_dask.io.rawfiles import content_digest
 from astep_dask.version import __version__
 
 __all__ = [

@@ -26,7 +26,8 @@ from astep_dask.core.combine import Combined, NoiseModel
 from astep_dask.core.darks import DarkSolution, dark_for_exptime, darks_needed
 from astep_dask.core.stats import median, robust_sigma
 from astep_dask.errors import CalibrationError
-from astep_dask.io.layout import FrameRecord, FrameType, Inventory
+from astep_dask.io.headers import FrameType
+from astep_dask.io.layout import FrameRecord, Inventory
 from astep_dask.io.products import master_name
 from astep_dask.io.provenance import digest_of, input_identity
 from astep_dask.masters.flats import central_box, normalise_flat, screen_flats

@@ -37,8 +37,10 @@ from dask.utils import key_split
 
 from astep_dask.config import Settings
 from astep_dask.io.fitsio import atomic_open, atomic_path, atomic_write_text
-from astep_dask.io.layout import FrameRecord, FrameType, Inventory, scan_night, stem
+from astep_dask.io.headers import FrameType
+from astep_dask.io.layout import FrameRecord, Inventory, scan_night
 from astep_dask.io.products import output_dir
+from astep_dask.io.rawfiles import stem
 from astep_dask.masters.builder import MasterBuilder, MasterStep, frame_needs
 from astep_dask.masters.reduce import combine_lazy, prepared_stack
 from astep_dask.report.metrics import measure_file

@@ -45,7 +45,8 @@ def _jobqueue_cluster(settings: ClusterSettings):
             f"--cluster {settings.kind} needs dask-jobqueue: pip install dask-jobqueue"
         ) from exc
     cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[settings.kind]
-    cluster = cls()  # configured by dask config (jobqueue.yaml), see deploy/
+    with dask.config.set({"distributed.scheduler.allowed-failures": settings.retries}):
+        cluster = cls()  # configured by dask config (jobqueue.yaml), see deploy/
     cluster.adapt(minimum_jobs=settings.min_jobs, maximum_jobs=settings.max_jobs)
     return cluster
 
@@ -58,6 +59,10 @@ def connect(settings: ClusterSettings, log: Callable[[str], None] = print) -> It
     LocalCluster sized to the machine (:func:`local_layout`), its workers threads of this
     process unless ``processes``. ``slurm``/``pbs``: start a
     dask-jobqueue cluster from dask configuration, scaling adaptively.
+
+    A cluster started here retries a task whose worker died ``retries`` times
+    (the scheduler's ``allowed-failures``) before failing it; a joined scheduler keeps
+    its own setting. Errors raised by a task are never retried: they would recur.
     """
     cluster = None
     if settings.scheduler:
@@ -71,6 +76,7 @@ def connect(settings: ClusterSettings, log: Callable[[str], None] = print) -> It
             processes=settings.processes,
             memory_limit=settings.memory_limit,
             dashboard_address=settings.dashboard_address,
+            scheduler_kwargs={"allowed_failures": settings.retries},
         )
         client = Client(cluster)
     elif settings.kind in ("slurm", "pbs"):

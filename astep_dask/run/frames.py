@@ -27,7 +27,7 @@ from astep_dask.io.provenance import read_provenance
 from astep_dask.io.stack import read_section
 from astep_dask.masters.store import MasterPaths, frame_masters
 
-__all__ = ["FrameJob", "cached_frame_masters", "process_frame", "raw_problem"]
+__all__ = ["FrameJob", "cached_frame_masters", "finite_cards", "process_frame", "raw_problem"]
 
 
 @dataclass(frozen=True)
@@ -64,12 +64,24 @@ def process_frame(job: FrameJob) -> dict:
 
     An output already written with the same provenance is kept ("skipped") when its data
     verify (``[resume] verify``); a damaged one is remade, and the row's ``note`` says
-    why. Calibration problems (no flat for the filter, no dark) give a ``failed`` row
-    with the reason; write errors (disk full, permissions) raise, naming the output.
+    why. Any error of this frame (unreadable raw file, no flat for the filter, every pixel
+    masked, a header that cannot be written, a bug) gives a ``failed`` row with the reason
+    instead of raising, so that the night goes on and the error is not retried: it would
+    happen again. A write error (disk full, permissions) gives a ``failed`` row with
+    ``write_error`` set: the night then stops (see :func:`~astep_dask.run.night.run_frames`).
     """
     rec = job.record
     row: dict = {"file": rec.path.name, "output": job.output.name, "mjd": rec.mjd,
                  "exptime": rec.exptime, "filter": rec.filter, "started": time.time()}
+    try:
+        return _process(job, row)
+    except Exception as exc:  # this frame's problem, not the night's: name it and go on
+        return {**row, "status": "failed", "reason": _reason(exc)}
+
+
+def _process(job: FrameJob, row: dict) -> dict:
+    """:func:`process_frame` without its catch-all."""
+    rec = job.record
     if not job.force and read_provenance(job.output) == job.provenance:
         damage = verify_file(job.output) if job.settings.resume.verify else None
         if damage is None:
@@ -87,8 +99,8 @@ def process_frame(job: FrameJob) -> dict:
                 raw_header.update(hdul[rec.hdu].header)
     except CalibrationError as exc:
         return {**row, "status": "failed", "reason": str(exc)}
-    except (OSError, ValueError) as exc:
-        return {**row, "status": "failed", "reason": f"cannot read raw frame: {exc}"}
+    except (OSError, ValueError, TypeError) as exc:
+        return {**row, "status": "failed", "reason": f"cannot read raw frame: {_reason(exc)}"}
     det_s = job.settings.detector
     detector = Detector(
         gain=rec.gain or det_s.gain,
@@ -100,6 +112,11 @@ def process_frame(job: FrameJob) -> dict:
     t1 = time.perf_counter()
     sci, var, mask, summary = calibrate_frame(raw, fm, detector, job.settings.cosmics,
                                               overscan, trim)
+    if summary["n_masked"] >= mask.size:
+        why = (f"{summary['n_saturated']} at or above SATURATE = {detector.saturation:g} adu"
+               if summary["n_saturated"] else "see the MASK bits")
+        return {**row, "status": "failed",
+                "reason": f"every pixel is masked ({why}): nothing to calibrate"}
     cs = job.settings.cosmics
     cards.update({
         "ADPROV": (job.provenance, "hash of input, masters and settings"),
@@ -118,17 +135,50 @@ def process_frame(job: FrameJob) -> dict:
     })
     if trim is not None:
         cards["TRIMSEC"] = (trim.to_fits(), "raw section kept")
+    out_s = job.settings.output
+    quantize = out_s.quantize_level if out_s.compress else None
+    hdul = calibrated_hdul(raw_header, sci, var, mask, finite_cards(cards), quantize)
     t2 = time.perf_counter()
     try:
-        out_s = job.settings.output
-        quantize = out_s.quantize_level if out_s.compress else None
-        atomic_write(calibrated_hdul(raw_header, sci, var, mask, cards, quantize), job.output)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot write {job.output}: {exc.strerror}") from exc
+        atomic_write(hdul, job.output)
+    except Exception as exc:
+        if (err := _os_error(exc)) is None:
+            raise
+        return {**row, "status": "failed", "write_error": True,
+                "reason": f"cannot write {job.output}: {err.strerror or err}"}
     t3 = time.perf_counter()
     return {**row, "status": "done", **summary, "t_read": t1 - t0, "t_write": t3 - t2,
             "t_total": t3 - t0, "finished": time.time(),
             "worker": f"{socket.gethostname()}:{os.getpid()}"}
+
+
+def finite_cards(cards: dict[str, tuple]) -> dict[str, tuple]:
+    """The header cards without those whose value is a NaN or infinite number, which FITS
+    headers cannot hold (the sky level of a frame with no unmasked pixel, ...)."""
+    def finite(value: object) -> bool:
+        return not (isinstance(value, float | np.floating) and not np.isfinite(value))
+
+    return {k: v for k, v in cards.items()
+            if finite(v[0] if isinstance(v, tuple) else v)}
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc`` (itself, or one it was raised while handling: astropy's
+    free-space check can fail with an AttributeError on some file objects), or None."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    """One line for a failed frame: the exception's type and message."""
+    text = " ".join(str(exc).split()) or "no message"
+    return f"{type(exc).__name__}: {text}"
 
 
 def raw_problem(raw: np.ndarray) -> str | None:

@@ -21,21 +21,24 @@ import dask
 import distributed
 import numpy as np
 import xarray
-from distributed import Client
+from distributed import Client, KilledWorker
 
 from astep_dask.config import Settings
 from astep_dask.errors import CalibrationError
 from astep_dask.io.fitsio import remove_stale_temps, write_json
-from astep_dask.io.layout import FrameType, Inventory, scan_night, stem
+from astep_dask.io.headers import FrameType
+from astep_dask.io.layout import Inventory, scan_night
 from astep_dask.io.products import (
     CAL_SUFFIX,
     MANIFEST,
     check_writable,
     night_lock,
     output_dir,
+    read_manifest,
     sibling_outputs,
 )
 from astep_dask.io.provenance import digest_of, frame_provenance, night_provenance
+from astep_dask.io.rawfiles import stem
 from astep_dask.masters.builder import MasterBuilder
 from astep_dask.masters.store import MasterPaths
 from astep_dask.run.frames import FrameJob, process_frame
@@ -47,11 +50,10 @@ __all__ = [
     "calibrate_night",
     "night_is_current",
     "print_progress",
+    "resume_rows",
     "run_frames",
     "write_manifest",
 ]
-
-
 
 
 def print_progress(done: int, total: int, row: dict, start: list[float] | None = None) -> None:
@@ -138,7 +140,10 @@ def calibrate_night(
             "notes": builder.report.notes,
             "rejected": builder.report.rejected,
         }
-        result.rejected = builder.report.rejected
+        previous = read_manifest(out_dir)
+        result.rejected = builder.report.rejected + _rejected_still(previous, inv, masters,
+                                                                    builder.report.reused)
+        result.details["masters"]["rejected"] = result.rejected
         masters_digest = digest_of(sorted(masters.digests().items()))
         science = inv.select(FrameType.SCIENCE)
         jobs = [
@@ -148,18 +153,69 @@ def calibrate_night(
         ]
         try:
             run_frames(client, jobs, settings, progress, sink=result.frames)
-        except OSError as exc:  # a write failed (disk full, permissions): stop cleanly
-            result.error = str(exc)
+        except BaseException as exc:  # interrupted (or a bug): record what was done, re-raise
+            result.error = ("interrupted" if isinstance(exc, KeyboardInterrupt)
+                            else f"{type(exc).__name__}: {exc}")
+            result.frames[:] = resume_rows(result.frames, previous, jobs)
+            result.finished = time.time()
+            _manifest(result, inv, settings, masters)
+            raise
         finally:
             # A worker killed while writing leaves its temporary file; every task of this
             # run is over now and the lock keeps other runs out, so none of them is live.
             remove_stale_temps(out_dir)
+        result.frames[:] = resume_rows(result.frames, previous, jobs)
         result.finished = time.time()
-        try:
-            write_manifest(result, inv, settings, masters)
-        except OSError as exc:
-            result.error = f"{result.error or ''}; manifest not written: {exc}".lstrip("; ")
+        _manifest(result, inv, settings, masters)
     return result
+
+
+def _manifest(result: StageResult, inv: Inventory, settings: Settings,
+              masters: MasterPaths | None) -> None:
+    """:func:`write_manifest`; a write error (disk full) is the result's error, one line."""
+    try:
+        write_manifest(result, inv, settings, masters)
+    except OSError as exc:
+        done = result.counts["done"]
+        result.error = "; ".join(filter(None, [
+            result.error,
+            f"manifest not written: cannot write {result.out_dir / MANIFEST}: "
+            f"{exc.strerror or exc} ({done} frames calibrated and kept; re-run to write it)",
+        ]))
+
+
+def _rejected_still(previous: dict, inv: Inventory, masters: MasterPaths,
+                    reused: list[str]) -> list[dict]:
+    """The flats an earlier run rejected whose master flat this run reused (so it did not
+    screen them again): still rejected, still reported."""
+    reused_names = {name.split(" ")[0] for name in reused}
+    filters = {f for f, p in masters.flats if p.name in reused_names}
+    flats = {str(r.path): r.filter for r in inv.select(FrameType.FLAT)}
+    return [r for r in (previous.get("masters") or {}).get("rejected") or []
+            if flats.get(str(r.get("path"))) in filters]
+
+
+def resume_rows(rows: list[dict], previous: dict, jobs: list[FrameJob]) -> list[dict]:
+    """This run's frame rows, completed from the night's earlier manifest: a frame skipped
+    (already calibrated) keeps its earlier figures (sky, noise, mask counts, timings), and
+    a frame this run did not reach (interrupted) keeps its earlier row, so that the
+    manifest never loses what an earlier run measured."""
+    earlier = {r.get("file"): r for r in previous.get("frames") or []
+               if isinstance(r, dict) and r.get("status") in ("done", "skipped")}
+    out = []
+    for row in rows:
+        before = earlier.get(row["file"])
+        if row["status"] == "skipped" and before and before.get("output") == row["output"]:
+            row = {**before, **row, "calibrated": before.get("calibrated")
+                   or before.get("finished")}
+        out.append(row)
+    seen = {r["file"] for r in out}
+    for job in jobs:
+        before = earlier.get(job.record.path.name)
+        if job.record.path.name not in seen and before and job.output.exists():
+            out.append({**before, "status": "skipped", "note": "not reached by this run"})
+    out.sort(key=lambda r: (r["mjd"], r["file"]))
+    return out
 
 
 def write_manifest(result: StageResult, inv: Inventory, settings: Settings,
@@ -208,14 +264,20 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) if t else ""
 
 
+class _WriteFailed(Exception):
+    """A frame could not be written (disk full, permissions): the night stops."""
+
+
 def run_frames(client: Client, jobs: list[FrameJob], settings: Settings,
                progress: Progress | None = None, sink: list[dict] | None = None) -> list[dict]:
     """Map :func:`process_frame` over the jobs on the cluster, a bounded number at once
     (:func:`~astep_dask.run.tasks.map_bounded`).
 
-    Rows are appended to ``sink`` (and returned) as frames finish. A write error stops
-    the night: queued frames are cancelled and the error propagates, ``sink`` keeping
-    the rows of the frames that finished.
+    Rows are appended to ``sink`` (and returned) as frames finish. A frame's own error is
+    its ``failed`` row (never retried: it would recur); a frame whose worker died more
+    than ``[cluster] retries`` times is failed and the others go on. A write error (disk
+    full) stops the night: queued frames are cancelled and get a ``failed`` row marked
+    ``not_attempted``, so that every frame is accounted for.
     """
     rows = [] if sink is None else sink
 
@@ -223,10 +285,42 @@ def run_frames(client: Client, jobs: list[FrameJob], settings: Settings,
         rows.append(row)
         if progress:
             progress(len(rows), len(jobs), row)
+        if row.get("write_error"):
+            raise _WriteFailed(row["reason"])
 
-    map_bounded(client, process_frame, jobs, done,
-                window=cluster_window(client, settings.cluster),
-                retries=settings.cluster.retries,
-                key=lambda _, job: f"calibrate-{job.output.stem}-{job.provenance}")
+    def key(job: FrameJob) -> str:
+        return f"calibrate-{job.output.stem}-{job.provenance}"
+
+    todo = list(jobs)
+    stopped = None
+    while todo:
+        try:
+            map_bounded(client, process_frame, todo, done,
+                        window=cluster_window(client, settings.cluster),
+                        retries=0,  # worker deaths: the cluster's allowed-failures
+                        key=lambda _, job: key(job))
+        except _WriteFailed as exc:
+            stopped = str(exc)
+        except KilledWorker as exc:
+            dead = next((j for j in todo if str(exc.task).startswith(key(j) + "-")), None)
+            if dead is None:
+                raise
+            done(dead, _row(dead, f"its worker died {exc.allowed_failures + 1} times while "
+                                  "calibrating it (--retries)"))
+        finished = {r["file"] for r in rows}
+        todo = [j for j in todo if j.record.path.name not in finished]
+        if stopped:
+            for job in todo:
+                rows.append({**_row(job, f"not calibrated: the night stopped ({stopped})"),
+                             "not_attempted": True})
+            break
     rows.sort(key=lambda r: (r["mjd"], r["file"]))
     return rows
+
+
+def _row(job: FrameJob, reason: str) -> dict:
+    """A ``failed`` row for a frame that returned none."""
+    rec = job.record
+    return {"file": rec.path.name, "output": job.output.name, "mjd": rec.mjd,
+            "exptime": rec.exptime, "filter": rec.filter, "status": "failed",
+            "reason": reason}

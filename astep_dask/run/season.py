@@ -24,7 +24,8 @@ from distributed import Client
 from astep_dask.config import Settings
 from astep_dask.errors import ArchiveError, RunError
 from astep_dask.io.fitsio import atomic_write_text
-from astep_dask.io.layout import FrameType, find_nights, scan_night
+from astep_dask.io.headers import FrameType
+from astep_dask.io.layout import find_nights, scan_night
 from astep_dask.io.products import output_dir
 from astep_dask.run.night import calibrate_night, night_is_current
 from astep_dask.run.results import StageResult

@@ -15,7 +15,7 @@ from astep_dask.config import CosmicSettings
 from astep_dask.core.bits import Bit
 from astep_dask.core.calibrate import Detector, FrameMasters, Section, calibrate_frame
 from astep_dask.core.combine import NoiseModel, clip_combine
-from astep_dask.io.layout import FrameType, classify, type_from_text
+from astep_dask.io.headers import FrameType, classify, type_from_text
 
 printable = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=30)
 

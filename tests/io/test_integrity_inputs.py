@@ -14,7 +14,8 @@ from astropy.io import fits
 
 from astep_dask.cli import EXIT_OK, EXIT_PARTIAL, main
 from astep_dask.config import Settings
-from astep_dask.io.layout import FLAT_FOLDER, SCIENCE_FOLDER, FrameType, scan_night
+from astep_dask.io.headers import FrameType
+from astep_dask.io.layout import FLAT_FOLDER, SCIENCE_FOLDER, scan_night
 from astep_dask.io.products import MANIFEST, output_dir
 from astep_dask.io.provenance import frame_provenance, input_identity, night_provenance
 from astep_dask.testing.simulate import SimConfig, simulate_night

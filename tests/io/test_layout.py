@@ -12,7 +12,8 @@ from astropy.io import fits
 from astep_dask.cli import EXIT_FAILED, EXIT_OK, main
 from astep_dask.core.calibrate import Section
 from astep_dask.errors import ArchiveError
-from astep_dask.io.layout import FrameType, classify, find_nights, read_record, scan_night
+from astep_dask.io.headers import FrameType, classify
+from astep_dask.io.layout import find_nights, read_record, scan_night
 from astep_dask.testing.simulate import BAD_FILES, BAD_FLATS, BAD_FRAMES
 
 

@@ -10,7 +10,8 @@ import pytest
 from astropy.io import fits
 
 from astep_dask.io import stack as stack_mod
-from astep_dask.io.layout import FrameType, read_record, scan_night
+from astep_dask.io.headers import FrameType
+from astep_dask.io.layout import read_record, scan_night
 from astep_dask.io.stack import open_stack, open_strips, read_frame, strip_rows
 
 EDGE_VALUES = np.array([0, 1, 32767, 32768, 32769, 65534, 65535], np.uint16)

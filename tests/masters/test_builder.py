@@ -15,7 +15,8 @@ from astep_dask.core.bits import Bit
 from astep_dask.core.combine import clip_combine
 from astep_dask.core.darks import dark_for_exptime
 from astep_dask.errors import CalibrationError
-from astep_dask.io.layout import FrameType, scan_night
+from astep_dask.io.headers import FrameType
+from astep_dask.io.layout import scan_night
 from astep_dask.io.stack import open_strips, read_frame
 from astep_dask.masters.builder import MasterBuilder
 from astep_dask.masters.reduce import combine

@@ -22,7 +22,8 @@ from astep_dask.core.bits import Bit, flag
 from astep_dask.core.register import STAR_DTYPE
 from astep_dask.errors import RunError
 from astep_dask.io.fitsio import atomic_write, calibrated_hdul
-from astep_dask.io.layout import FrameType, scan_night
+from astep_dask.io.headers import FrameType
+from astep_dask.io.layout import scan_night
 from astep_dask.io.products import QA_JSON, REPORT_INDEX, output_dir
 from astep_dask.report.graph import collapse, flow_chart, flow_graph, layers, night_graph, to_dot
 from astep_dask.run.night import calibrate_night

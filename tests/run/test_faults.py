@@ -127,8 +127,11 @@ def test_disk_full_stops_cleanly(small_night, tmp_path, threads_client, monkeypa
     monkeypatch.setattr(fits.HDUList, "writeto", failing_writeto)
     result = calibrate_night(small_night, threads_client, SETTINGS, out=tmp_path)
     folder = output_dir(small_night, tmp_path)
-    assert result.error and "No space left" in result.error and "_CAL.fits" in result.error
-    assert result.status == "failed" or result.status == "partial"
+    full = [r for r in result.frames if r.get("write_error")]
+    assert len(full) == 1 and "No space left" in full[0]["reason"]
+    assert "_CAL.fits" in full[0]["reason"]
+    assert result.status == "partial" and result.counts["done"] == 2
+    assert all(r["status"] == "failed" for r in result.frames if r["status"] != "done")
     assert not list(folder.glob(".tmp-*"))
     for p in folder.glob("*_CAL.fits"):
         with fits.open(p) as h:  # every file that exists is whole

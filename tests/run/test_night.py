@@ -19,7 +19,8 @@ from astep_dask.config import CosmicSettings, Settings
 from astep_dask.core.bits import Bit
 from astep_dask.core.calibrate import Detector, FrameMasters, calibrate_frame
 from astep_dask.errors import RunError
-from astep_dask.io.layout import FrameType, scan_night
+from astep_dask.io.headers import FrameType
+from astep_dask.io.layout import scan_night
 from astep_dask.io.products import LOCK, MANIFEST, night_lock, output_dir
 from astep_dask.io.stack import read_frame
 from astep_dask.masters.store import frame_masters

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from astropy.stats import mad_std
 
-from astep_dask.io.layout import FrameType, scan_night
+from astep_dask.io.headers import FrameType
+from astep_dask.io.layout import scan_night
 from astep_dask.io.stack import read_frame
 from astep_dask.testing.simulate import add_sources, load_frame_truth, load_truth, psf_stamp
 

@@ -1,0 +1,207 @@
+"""What a raw header says: the frame's type, its numbers and sections, and whether
+they make sense.
+
+A frame is classified from its header (``ACQTYPE``, ``IMAGETYP`` or ``OBSTYPE``), the
+file name only as a fallback. Exposure time, gain, read noise and saturation are checked
+when the night is scanned (:func:`value_problems`): a frame with an impossible value is
+unusable, with the reason, before any pixel is calibrated with it.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from astep_dask.core.calibrate import Section
+from astep_dask.io.rawfiles import stem
+
+__all__ = [
+    "EXPTIME_KEYS",
+    "GAIN_KEYS",
+    "RDNOISE_KEYS",
+    "SATURATE_KEYS",
+    "FrameType",
+    "classify",
+    "header_float",
+    "header_section",
+    "image_hdu_index",
+    "type_from_name",
+    "type_from_text",
+    "value_problems",
+]
+
+
+class FrameType(enum.StrEnum):
+    """What a raw frame is, as calibration needs to know it."""
+
+    SCIENCE = "science"
+    DARK = "dark"
+    FLAT = "flat"
+    BIAS = "bias"
+    UNKNOWN = "unknown"
+
+
+# Header values (upper-cased) that name each frame type; checked as substrings.
+_TYPE_WORDS: tuple[tuple[FrameType, tuple[str, ...]], ...] = (
+    (FrameType.BIAS, ("BIAS", "ZERO", "OFFSET")),
+    (FrameType.DARK, ("DARK",)),
+    (FrameType.FLAT, ("FLAT",)),
+    (FrameType.SCIENCE, ("SCIENCE", "LIGHT", "OBJECT")),
+)
+
+
+TYPE_KEYWORDS = ("ACQTYPE", "IMAGETYP", "OBSTYPE")
+
+
+def type_from_text(text: str) -> FrameType:
+    """Frame type named by a header value or file-name part, else UNKNOWN."""
+    up = text.upper()
+    for kind, words in _TYPE_WORDS:
+        if any(w in up for w in words):
+            return kind
+    return FrameType.UNKNOWN
+
+
+def type_from_name(path: Path) -> FrameType:
+    """Frame type from the file-name suffix (``..._DARK.fits``), else UNKNOWN."""
+    last = stem(path).rsplit("_", 1)[-1]
+    return type_from_text(last) if last != stem(path) else FrameType.UNKNOWN
+
+
+def classify(header: fits.Header, path: Path) -> tuple[FrameType, str]:
+    """Frame type from the header, falling back to the file name.
+
+    Returns the type and a note (empty unless header and name disagree or the
+    name had to be used).
+    """
+    from_name = type_from_name(path)
+    for key in TYPE_KEYWORDS:
+        value = header.get(key)
+        if isinstance(value, str) and value.strip():
+            kind = type_from_text(value)
+            if kind is not FrameType.UNKNOWN:
+                note = ""
+                if from_name not in (FrameType.UNKNOWN, kind):
+                    note = f"header {key}={value.strip()!r} overrides file name ({from_name})"
+                return kind, note
+    if from_name is not FrameType.UNKNOWN:
+        return from_name, "type from file name (no frame-type keyword)"
+    return FrameType.UNKNOWN, ""
+
+
+def header_float(header: fits.Header, *keys: str) -> float | None:
+    """The first of ``keys`` whose value is a finite number (not a boolean), else None."""
+    for key in keys:
+        value = header.get(key)
+        if value is None or isinstance(value, bool):
+            continue
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            continue
+        if np.isfinite(out):
+            return out
+    return None
+
+
+def header_section(header: fits.Header, *keys: str) -> Section | None:
+    """The first of ``keys`` holding a FITS section (``[x1:x2,y1:y2]``), else None.
+
+    Raises
+    ------
+    ValueError
+        When the value is not a valid section.
+    """
+    for key in keys:
+        value = header.get(key)
+        if isinstance(value, str) and value.strip():
+            return Section.from_fits(value)
+    return None
+
+
+def image_hdu_index(hdul: fits.HDUList) -> int:
+    """Index of the first HDU that holds a 2-D image."""
+    for i, hdu in enumerate(hdul):
+        if isinstance(hdu, fits.CompImageHDU | fits.ImageHDU | fits.PrimaryHDU):
+            if hdu.header.get("ZNAXIS", hdu.header.get("NAXIS", 0)) == 2:
+                return i
+    raise ValueError("no 2-D image HDU")
+
+
+EXPTIME_KEYS = ("EXPTIME", "EXPOSURE", "ITIME")
+
+
+GAIN_KEYS = ("GAIN", "EGAIN")
+
+
+RDNOISE_KEYS = ("RDNOISE", "READNOIS", "RON")
+
+
+SATURATE_KEYS = ("SATURATE", "SATLEVEL")
+
+
+MAX_EXPTIME = 86400.0  # s: an exposure longer than a day is a broken header
+
+
+# Kinds whose exposure time must be positive (a bias is a zero-second exposure).
+_EXPOSED = (FrameType.SCIENCE, FrameType.FLAT, FrameType.DARK)
+
+
+def _first(header: fits.Header, keys: tuple[str, ...]) -> tuple[str, object] | None:
+    """The first of ``keys`` present in the header, with its value."""
+    for key in keys:
+        if key in header:
+            return key, header[key]
+    return None
+
+
+def _number(value: object) -> float | None:
+    """A header value as a finite float, else None (booleans and text are no numbers)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        out = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return out if np.isfinite(out) else None
+
+
+def value_problems(header: fits.Header, kind: FrameType) -> tuple[str, list[str]]:
+    """Why the header's exposure time or detector values make a frame unusable ("" when
+    they do not), and notes on the values the calibration will take from the settings.
+
+    EXPTIME must be a number, positive for science, flat and dark frames (zero for a bias)
+    and at most a day; GAIN and SATURATE numbers > 0; RDNOISE a number ≥ 0. A missing
+    GAIN, RDNOISE or SATURATE is no problem: the settings' value is used, and noted.
+    """
+    notes = []
+    found = _first(header, EXPTIME_KEYS)
+    if found is not None:
+        key, value = found
+        t = _number(value)
+        if t is None:
+            return f"bad {key} {value!r} (not a number)", notes
+        if t < 0:
+            return f"negative {key} {t:g}", notes
+        if t == 0 and kind in _EXPOSED:
+            return f"{key} {t:g} s for a {kind} frame (must be > 0)", notes
+        if t > MAX_EXPTIME:
+            return f"{key} {t:g} s is longer than a day", notes
+    for keys, name, minimum, strict, what in (
+        (GAIN_KEYS, "GAIN", 0.0, True, "gain"),
+        (RDNOISE_KEYS, "RDNOISE", 0.0, False, "read noise"),
+        (SATURATE_KEYS, "SATURATE", 0.0, True, "saturation level"),
+    ):
+        found = _first(header, keys)
+        if found is None:
+            notes.append(f"no {name} in header: the settings' {what} is used")
+            continue
+        key, value = found
+        v = _number(value)
+        if v is None or v < minimum or (strict and v == minimum):
+            bound = ">" if strict else "≥"
+            return f"bad {key} {value!r} (must be a number {bound} {minimum:g})", notes
+    return "", notes
