@@ -112,6 +112,21 @@ def _settings(args: argparse.Namespace):
     return settings.replace(**groups)
 
 
+def _failed_lines(rows: list[dict], most: int = 2) -> list[str]:
+    """One line per failed frame, or one line for all the frames that failed for the same
+    reason when more than ``most`` did (a filter with no flat fails a whole night)."""
+    by_reason: dict[str, list[str]] = {}
+    for r in rows:
+        by_reason.setdefault(r["reason"], []).append(r["file"])
+    lines = []
+    for reason, files in by_reason.items():
+        if len(files) > most:
+            lines.append(f"  failed: {len(files)} frames ({files[0]} ... {files[-1]}): {reason}")
+        else:
+            lines += [f"  failed: {f}: {reason}" for f in files]
+    return lines
+
+
 def _summary(result) -> str:
     c = result.counts
     lines = [
@@ -133,9 +148,8 @@ def _summary(result) -> str:
     for r in result.frames:
         if r.get("note"):
             lines.append(f"  note: {r['file']}: {r['note']}")
-    for r in result.frames:
-        if r["status"] == "failed" and not r.get("not_attempted"):
-            lines.append(f"  failed: {r['file']}: {r['reason']}")
+    lines += _failed_lines([r for r in result.frames
+                            if r["status"] == "failed" and not r.get("not_attempted")])
     if waiting := [r for r in result.frames if r.get("not_attempted")]:
         lines.append(f"  not calibrated: {len(waiting)} frames, the night stopped at the "
                      "error above; re-run to resume")

@@ -143,6 +143,12 @@ def load_cached(path: Path) -> Master:
     return _load(str(path), path.stat().st_mtime_ns)
 
 
+def no_flat_reason(paths: MasterPaths, filter: str) -> str:
+    """Why a frame of this filter cannot be flat-fielded: the filters that have a flat."""
+    have = ", ".join(sorted(f for f, _ in paths.flats)) or "none"
+    return f"no master flat for filter {filter!r} (flats for: {have})"
+
+
 def frame_masters(
     paths: MasterPaths, exptime: float, filter: str
 ) -> tuple[FrameMasters, dict[str, tuple]]:
@@ -159,8 +165,7 @@ def frame_masters(
     darks = {et: load_cached(p) for et, p in dark_paths.items()}
     flats = dict(paths.flats)
     if filter not in flats:
-        have = ", ".join(sorted(flats)) or "none"
-        raise CalibrationError(f"no master flat for filter {filter!r} (flats for: {have})")
+        raise CalibrationError(no_flat_reason(paths, filter))
     flat = load_cached(flats[filter])
     mask = load_cached(paths.mask)
     sol = dark_for_exptime(exptime, bias, darks)

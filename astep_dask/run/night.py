@@ -40,7 +40,7 @@ from astep_dask.io.products import (
 from astep_dask.io.provenance import digest_of, frame_provenance, night_provenance
 from astep_dask.io.rawfiles import stem
 from astep_dask.masters.builder import MasterBuilder
-from astep_dask.masters.store import MasterPaths
+from astep_dask.masters.store import MasterPaths, no_flat_reason
 from astep_dask.run.frames import FrameJob, process_frame
 from astep_dask.run.results import Progress, StageResult
 from astep_dask.run.tasks import cluster_window, map_bounded
@@ -151,6 +151,12 @@ def calibrate_night(
                      frame_provenance(rec, masters_digest, settings), settings, force)
             for rec in science
         ]
+        # A filter with no flat fails its frames here, once, not in every frame's task.
+        flat_filters = {f for f, _ in masters.flats}
+        result.frames.extend(
+            {**_row(j, no_flat_reason(masters, j.record.filter)), "no_flat": True}
+            for j in jobs if j.record.filter not in flat_filters)
+        jobs = [j for j in jobs if j.record.filter in flat_filters]
         try:
             run_frames(client, jobs, settings, progress, sink=result.frames)
         except BaseException as exc:  # interrupted (or a bug): record what was done, re-raise
@@ -280,11 +286,12 @@ def run_frames(client: Client, jobs: list[FrameJob], settings: Settings,
     ``not_attempted``, so that every frame is accounted for.
     """
     rows = [] if sink is None else sink
+    before = len(rows)
 
     def done(job: FrameJob, row: dict) -> None:
         rows.append(row)
         if progress:
-            progress(len(rows), len(jobs), row)
+            progress(len(rows) - before, len(jobs), row)
         if row.get("write_error"):
             raise _WriteFailed(row["reason"])
 

@@ -25,7 +25,7 @@ from astep_dask.config import Settings
 from astep_dask.errors import ArchiveError, RunError
 from astep_dask.io.fitsio import atomic_write_text
 from astep_dask.io.headers import FrameType
-from astep_dask.io.layout import find_nights, scan_night
+from astep_dask.io.layout import NIGHT_RE, find_nights, is_night, scan_night
 from astep_dask.io.products import output_dir
 from astep_dask.run.night import calibrate_night, night_is_current
 from astep_dask.run.results import StageResult
@@ -43,8 +43,16 @@ SEASON_MANIFEST = "season.json"
 
 
 def select_nights(root: Path, start: str | None = None, end: str | None = None) -> list[Path]:
-    """Night folders under ``root`` whose date lies in ``[start, end]`` (ISO dates)."""
+    """Night folders under ``root`` whose date lies in ``[start, end]`` (ISO dates).
+
+    In a season root, a dated folder with no raw folder in it (a night not transferred, a
+    misnamed folder) is selected too: its run fails with that reason, so that the season's
+    table names it instead of leaving it out.
+    """
     nights = find_nights(root)
+    if not is_night(Path(root)):
+        nights = sorted({*nights, *(p for p in Path(root).iterdir()
+                                    if NIGHT_RE.match(p.name) and p.is_dir())})
     return [n for n in nights if (start is None or n.name >= start)
             and (end is None or n.name <= end)]
 

@@ -26,6 +26,7 @@ from astropy.io import fits
 from astropy.time import Time
 from scipy.special import erf
 
+from astep_dask.errors import ArchiveError
 from astep_dask.io.fitsio import atomic_write
 from astep_dask.io.layout import FLAT_FOLDER, SCIENCE_FOLDER
 
@@ -472,9 +473,18 @@ def simulate_night(root: str | Path, cfg: SimConfig | None = None) -> Path:
     frames from 18:30, then the science darks; each kind draws from its own random stream
     of ``cfg.seed``, so a night is the same on every machine. The truth is written to
     ``ROOT/DATE/truth/``; see :func:`load_truth`.
+
+    Raises
+    ------
+    ArchiveError
+        When ``ROOT/DATE`` already holds files: a second night written into it would mix
+        with the first, and its truth would no longer describe the frames.
     """
     cfg = cfg or SimConfig()
     night = Path(root) / cfg.date
+    if night.is_dir() and (n := sum(1 for p in night.rglob("*") if not p.is_dir())):
+        raise ArchiveError(f"{night} already holds {n} files: simulating into it would mix "
+                           "two nights; choose another ROOT or --date, or remove it first")
     seeds = np.random.SeedSequence(cfg.seed).spawn(8)
     rng_static, rng_dark, rng_flat, rng_sci, rng_cr, rng_bias, rng_bad, rng_mov = (
         np.random.default_rng(s) for s in seeds

@@ -1,6 +1,7 @@
-"""Issue 21, items 5, 6, 8 and 10: one bad frame fails alone, a full disk ends the night
+"""Issue 21, items 5, 6, 8, 10 and 11: one bad frame fails alone, a full disk ends the night
 partial with the manifest written, the manifest grows over re-runs and interruptions, bad
-command-line values and lock files are refused."""
+command-line values and lock files are refused, a filter with no flat fails once up front,
+and simulate never writes into an existing night."""
 
 from __future__ import annotations
 
@@ -291,3 +292,57 @@ def test_one_holder_among_racing_runs(tmp_path):
     assert len(holders) == 1 and len(refused) == 7
     assert not (tmp_path / LOCK).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{LOCK}.break"]
+
+
+# ------------------------------------------------------------------------------ item 11
+def test_filter_without_flat_fails_once_up_front(small_night, clean, tmp_path, capsys,
+                                                 monkeypatch):
+    night = _copy(small_night, tmp_path)
+    orphans = _science(night)[1:5]
+    for p in orphans:  # a copy of the raw night: the archive stays untouched
+        fits.setval(p, "FILTER", value="V")
+    calls: list[str] = []
+    real = frames.calibrate_frame
+
+    def counting(*args, **kwargs):
+        calls.append("x")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(frames, "calibrate_frame", counting)
+    code = _calibrate(night, tmp_path / "out")
+    out = capsys.readouterr().out
+    assert code == EXIT_PARTIAL
+    line, = _lines(out, "failed:", "no master flat for filter 'V'")
+    assert "4 frames" in line and orphans[0].name in line and orphans[-1].name in line
+    assert len(calls) == 2  # the four V frames never reached a worker
+    folder = output_dir(night, tmp_path / "out")
+    got = _arrays(folder)
+    assert set(got) == set(clean) - {p.name.replace(".fits", "_CAL.fits") for p in orphans}
+    _same(got, clean, got)
+    rows = json.loads((folder / MANIFEST).read_text())["frames"]
+    assert sorted(r["file"] for r in rows if r["status"] == "failed") == \
+        sorted(p.name for p in orphans)
+
+
+def test_simulate_refuses_to_mix_into_an_existing_night(small_night, tmp_path, capsys):
+    night = _copy(small_night, tmp_path)
+    before = {p: p.read_bytes() for p in night.rglob("*") if p.is_file()}
+    code = main(["simulate", str(night.parent), "--date", night.name, "--size", "64",
+                 "--science", "2"])
+    err = capsys.readouterr().err
+    assert code == EXIT_FAILED
+    line, = _lines(err, "error:", str(night), "already holds")
+    assert f"{len(before)} files" in line
+    assert {p: p.read_bytes() for p in night.rglob("*") if p.is_file()} == before
+
+
+def test_season_names_a_dated_folder_without_raw_data(small_night, tmp_path, capsys):
+    """Item 9: a night folder of the season with no raw folder is in the table, failed."""
+    night = _copy(small_night, tmp_path)
+    (night.parent / "2026-06-16").mkdir()
+    (night.parent / "2026-06-16" / "readme.txt").write_text("transfer pending")
+    assert main(["season", str(night.parent), "--dry-run"]) == EXIT_OK
+    out = capsys.readouterr().out
+    line, = _lines(out, "2026-06-16")
+    assert "fail" in line and "not an archive night" in line
+    assert _lines(out, night.name, "calibrate")
