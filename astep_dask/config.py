@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ __all__ = [
     "StarSettings",
     "TemplateSettings",
     "load_settings",
+    "validate_group",
 ]
 
 
@@ -332,8 +335,18 @@ class Settings:
     qa: QaSettings = field(default_factory=QaSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            validate_group(f.name, getattr(self, f.name))
+
     def replace(self, **groups: Any) -> Settings:
-        """Return a copy with some groups (or fields of groups, given as dicts) replaced."""
+        """Return a copy with some groups (or fields of groups, given as dicts) replaced.
+
+        Raises
+        ------
+        ValueError
+            When a value has the wrong type or is out of range, naming ``[table] key``.
+        """
         changes = {}
         for name, value in groups.items():
             current = getattr(self, name)
@@ -360,14 +373,23 @@ def load_settings(path: str | Path | None = None) -> Settings:
     Raises
     ------
     ValueError
-        When the file names a table or key that does not exist, naming the file.
+        When the file is not valid TOML, or names a table or key that does not exist, or
+        gives a value of the wrong type or out of range: one line naming the file (and the
+        table and key).
+    FileNotFoundError
+        When there is no such file.
     """
     settings = Settings()
     if path is None:
         return settings
     path = Path(path)
-    with path.open("rb") as fh:
-        data = tomllib.load(fh)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: a folder, not a settings file") from None
     groups: dict[str, dict[str, Any]] = {}
     for table, values in data.items():
         if table not in settings.to_dict() or not isinstance(values, dict):
@@ -377,7 +399,96 @@ def load_settings(path: str | Path | None = None) -> Settings:
         if unknown:
             raise ValueError(f"{path}: unknown key(s) in [{table}]: {', '.join(sorted(unknown))}")
         groups[table] = values
-    return settings.replace(**groups)
+    try:
+        return settings.replace(**groups)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------- validation
+# What a value may be beyond its type. Numbers are finite and >= 0 unless listed here;
+# "pos": > 0; "frac": in [0, 1]; "any": any finite number; a tuple: the allowed words.
+_RULES: dict[str, str | tuple[str, ...]] = {
+    "combine.method": ("sigclip", "median"),
+    "combine.sigma_low": "pos", "combine.sigma_high": "pos", "combine.iterations": "pos",
+    "combine.memory_budget_mb": "pos", "combine.min_frames": "pos",
+    "flat.central_fraction": "frac", "flat.level_row_step": "pos",
+    "flat.max_level_fraction": "frac",
+    "mask.hot_sigma": "pos", "mask.dead_sigma": "pos", "mask.dead_floor": "frac",
+    "mask.smooth_box": "pos", "mask.column_sigma": "pos",
+    "cosmics.sigclip": "pos", "cosmics.sigfrac": "pos", "cosmics.objlim": "pos",
+    "cosmics.niter": "pos", "cosmics.candidate_sigma": "pos",
+    "detector.gain": "pos", "detector.read_noise": "pos", "detector.saturation_adu": "pos",
+    "detector.overscan": ("auto", "none"),
+    "output.quantize_level": "pos",
+    "kbmod.mesh": "pos", "kbmod.bkg_sigma": "pos", "kbmod.bkg_filter": "pos",
+    "kbmod.psf_sigma_guess": "pos", "kbmod.detect_sigma": "pos", "kbmod.max_stars": "pos",
+    "kbmod.match_radius": "pos", "kbmod.min_matches": "pos",
+    "kbmod.variance": ("area", "pixel"),
+    "template.sigma": "pos", "template.min_frames": "pos", "template.memory_mb": "pos",
+    "search.vx_min": "any", "search.vx_max": "any", "search.vy_min": "any",
+    "search.vy_max": "any", "search.step_psf": "pos", "search.threshold": "pos",
+    "search.outlier_sigma": "pos", "search.tile": "pos", "search.memory_mb": "pos",
+    "search.stamp_size": "pos",
+    "qa.mesh": "pos", "qa.psf_sigma_guess": "pos", "qa.detect_sigma": "pos",
+    "qa.max_stars": "pos", "qa.match_radius": "pos", "qa.cloud_drop": "frac",
+    "qa.trail_coverage": "frac", "qa.trail_min_length": "frac", "qa.trail_scale": "pos",
+    "qa.thumbnail": "pos", "qa.sky_window": "pos",
+    "cluster.kind": ("local", "slurm", "pbs"), "cluster.n_workers": "pos",
+    "cluster.max_jobs": "pos",
+}
+
+
+def validate_group(table: str, group: Any) -> None:
+    """Check every value of one settings group against its type and its rule.
+
+    Raises
+    ------
+    ValueError
+        ``[table] key = value: why`` for the first value that is not allowed.
+    """
+    hints = typing.get_type_hints(type(group))
+    for f in dataclasses.fields(group):
+        value = getattr(group, f.name)
+        where = f"[{table}] {f.name} = {value!r}"
+        kinds = typing.get_args(hints[f.name]) or (hints[f.name],)
+        if value is None and type(None) in kinds:
+            continue
+        kind = next(k for k in kinds if k is not type(None))
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            raise ValueError(f"{where}: expected {_WORDS.get(kind, kind.__name__)}")
+        rule = _RULES.get(f"{table}.{f.name}", "nonneg")
+        if isinstance(rule, tuple):
+            if value not in rule:
+                raise ValueError(f"{where}: expected one of {', '.join(rule)}")
+        elif kind in (int, float):
+            why = _out_of_range(float(value), rule)
+            if why:
+                raise ValueError(f"{where}: {why}")
+
+
+_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+
+
+def _out_of_range(x: float, rule: str) -> str:
+    """Why a number breaks its rule, or ""."""
+    if not math.isfinite(x):
+        return "expected a finite number"
+    if rule == "pos" and x <= 0:
+        return "must be > 0"
+    if rule == "nonneg" and x < 0:
+        return "must be >= 0"
+    if rule == "frac" and not 0 <= x <= 1:
+        return "must be between 0 and 1"
+    return ""
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,18 @@
 
 Exit codes (the same for every subcommand):
 
-  0  complete: everything asked for was done
-  1  nothing done: bad arguments, a missing or unreadable night, an unwritable output
+  0  complete: everything asked for was done (also when a reader closed our output pipe,
+     as ``inspect --json | head`` does)
+  1  failed: a missing or unreadable night, an unwritable output, a bad settings file, an
+     unreachable scheduler, or nothing could be calibrated; one line on stderr says why
+  2  usage: an option or argument was refused (one line names it, then the usage)
   3  partial: some frames or nights could not be used (each is named, with the reason)
   130 interrupted (SIGINT/SIGTERM): finished frames are kept; re-run to resume
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -41,8 +45,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous = {}
     try:
         return args.func(args)
-    except (ArchiveError, RunError, FileNotFoundError, PermissionError, ValueError,
-            RuntimeError) as exc:
+    except BrokenPipeError:
+        # The reader of our output has gone (``| head``): stop quietly, and make sure the
+        # interpreter's own final flush of stdout cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except (ArchiveError, RunError, OSError, ValueError, RuntimeError) as exc:
         print(f"astep-dask: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

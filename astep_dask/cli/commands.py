@@ -9,11 +9,12 @@ Each command imports its stage's modules when it runs, so that ``astep-dask --he
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-import time
 from pathlib import Path
 
+from astep_dask.cli.progress import PhaseProgress
 from astep_dask.io.layout import format_table, scan
 
 EXIT_OK = 0
@@ -22,7 +23,8 @@ EXIT_PARTIAL = 3
 EXIT_INTERRUPTED = 130
 EPILOG = """exit codes:
   0  complete
-  1  nothing done (the one-line error says why)
+  1  failed: nothing done, or a bad input (the one-line error says why)
+  2  usage: an option or argument refused (the line names it)
   3  partial: some frames or nights were unusable; each is named with its reason
   130 interrupted (Ctrl-C, SIGTERM from scancel or a walltime); re-run to resume
 """
@@ -112,18 +114,41 @@ def _settings(args: argparse.Namespace):
     return settings.replace(**groups)
 
 
-def _failed_lines(rows: list[dict], most: int = 2) -> list[str]:
-    """One line per failed frame, or one line for all the frames that failed for the same
-    reason when more than ``most`` did (a filter with no flat fails a whole night)."""
+TABLE_ROWS = 20  # a night with more calibrated frames gets its figures summarised
+
+
+def _figures(rows: list[dict]) -> list[str]:
+    """The calibrated frames' figures in a few lines: median and range of each."""
+    import numpy as np
+
+    def span(key: str, fmt: str) -> str:
+        v = np.array([r[key] for r in rows if r.get(key) is not None], float)
+        if not v.size:
+            return "n/a"
+        return (f"median {format(np.median(v), fmt)} "
+                f"(from {format(v.min(), fmt)} to {format(v.max(), fmt)})")
+
+    return [f"  {len(rows)} frames calibrated:",
+            f"    sky e-     {span('sky', '.1f')}",
+            f"    noise e-   {span('noise', '.1f')}",
+            f"    masked px  {span('n_masked', '.0f')}",
+            f"    CR px      {span('n_cr', '.0f')}",
+            f"    sat px     {span('n_saturated', '.0f')}",
+            f"    s/frame    {span('t_total', '.2f')}"]
+
+
+def _grouped(word: str, rows: list[dict], key: str = "reason", most: int = 2) -> list[str]:
+    """``  word: file: why`` per frame, or one line for all the frames with the same
+    ``row[key]`` when more than ``most`` have it (a filter with no flat fails a night)."""
     by_reason: dict[str, list[str]] = {}
     for r in rows:
-        by_reason.setdefault(r["reason"], []).append(r["file"])
+        by_reason.setdefault(str(r[key]), []).append(r["file"])
     lines = []
     for reason, files in by_reason.items():
         if len(files) > most:
-            lines.append(f"  failed: {len(files)} frames ({files[0]} ... {files[-1]}): {reason}")
+            lines.append(f"  {word}: {len(files)} frames ({files[0]} ... {files[-1]}): {reason}")
         else:
-            lines += [f"  failed: {f}: {reason}" for f in files]
+            lines += [f"  {word}: {f}: {reason}" for f in files]
     return lines
 
 
@@ -136,20 +161,20 @@ def _summary(result) -> str:
         f"  output: {result.out_dir}",
     ]
     done = [r for r in result.frames if r["status"] == "done"]
-    if done:
+    if done and len(done) <= TABLE_ROWS:
         rows = [{"frame": r["output"], "sky e-": f"{r['sky']:.1f}", "noise e-": f"{r['noise']:.1f}",
                  "masked": r["n_masked"], "CR px": r["n_cr"], "sat px": r["n_saturated"],
                  "s": f"{r['t_total']:.2f}"} for r in done]
         lines.append(format_table(rows, list(rows[0])))
+    elif done:
+        lines += [*_figures(done), f"  per-frame figures: {result.out_dir / 'manifest.json'}"]
     for note in result.details.get("masters", {}).get("notes", []):
         lines.append(f"  note: {note}")
     for r in result.details.get("masters", {}).get("rejected", []):
         lines.append(f"  rejected flat: {r['path']}: {r['reason']}")
-    for r in result.frames:
-        if r.get("note"):
-            lines.append(f"  note: {r['file']}: {r['note']}")
-    lines += _failed_lines([r for r in result.frames
-                            if r["status"] == "failed" and not r.get("not_attempted")])
+    lines += _grouped("note", [r for r in result.frames if r.get("note")], "note")
+    lines += _grouped("failed", [r for r in result.frames
+                                 if r["status"] == "failed" and not r.get("not_attempted")])
     if waiting := [r for r in result.frames if r.get("not_attempted")]:
         lines.append(f"  not calibrated: {len(waiting)} frames, the night stopped at the "
                      "error above; re-run to resume")
@@ -165,7 +190,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from astep_dask.io.layout import scan_night
     from astep_dask.io.products import check_writable, output_dir
     from astep_dask.run.cluster import connect
-    from astep_dask.run.night import calibrate_night, print_progress
+    from astep_dask.run.night import calibrate_night
 
     settings = _settings(args)
     night = args.night
@@ -175,21 +200,66 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     except RunError as exc:
         print(f"astep-dask: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    start = [time.perf_counter()]
-    with connect(settings.cluster, log=lambda m: print(m, file=sys.stderr)) as client:
+    progress = _progress(args)
+    with connect(settings.cluster, log=_log(args)) as client:
         try:
-            result = calibrate_night(
-                night, client, settings, out=args.out, force=args.force, inventory=inv,
-                progress=lambda d, t, r: print_progress(d, t, r, start),
-            )
+            with _performance(args, output_dir(night, args.out), "calibrate"):
+                result = calibrate_night(night, client, settings, out=args.out,
+                                         force=args.force, inventory=inv, progress=progress)
         except RunError as exc:
             print(f"astep-dask: error: {exc}", file=sys.stderr)
             return EXIT_FAILED
+        finally:
+            progress.close()
         print(_summary(result))
         status = result.status
         if args.kbmod and status != "failed":
-            status = _worst(status, _kbmod(night, client, settings, args, start))
+            status = _worst(status, _kbmod(night, client, settings, args))
+        _keep_dashboard(args, client)
     return _exit(status)
+
+
+def _progress(args: argparse.Namespace, label: str = "frames") -> PhaseProgress:
+    """The command's progress display (bars on a terminal, a line per tenth otherwise)."""
+    return PhaseProgress(label, quiet=getattr(args, "quiet", False))
+
+
+def _log(args: argparse.Namespace):
+    """Where the cluster's one-line messages go: stderr, or nowhere with --quiet."""
+    if getattr(args, "quiet", False):
+        return lambda m: None
+    return lambda m: print(m, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _performance(args: argparse.Namespace, folder: Path, stage: str):
+    """With ``--performance-report``, dask's performance report of the stage (task stream,
+    worker profiles, bandwidth) written to ``folder/performance-<stage>.html``."""
+    if not getattr(args, "performance_report", False):
+        yield
+        return
+    from distributed import performance_report
+
+    from astep_dask.io.fitsio import atomic_path
+
+    path = folder / f"performance-{stage}.html"
+    with atomic_path(path) as tmp, performance_report(filename=str(tmp)):
+        yield
+    print(f"  performance report: {path}", file=sys.stderr)
+
+
+def _keep_dashboard(args: argparse.Namespace, client) -> None:
+    """With ``--keep-dashboard``, keep the cluster (and its dashboard) up until Enter or
+    Ctrl-C, so that the run can be looked at before it goes."""
+    if not getattr(args, "keep_dashboard", False):
+        return
+    link = getattr(client, "dashboard_link", None) or "(this cluster has no dashboard)"
+    print(f"dashboard kept at {link}; press Enter (or Ctrl-C) to close the cluster",
+          file=sys.stderr, flush=True)
+    try:
+        sys.stdin.readline()
+    except KeyboardInterrupt:
+        pass
 
 
 def _exit(status: str) -> int:
@@ -201,19 +271,22 @@ def _worst(a: str, b: str) -> str:
     return max(a, b, key=order.index)
 
 
-def _kbmod(night: Path, client, settings, args: argparse.Namespace, start: list[float]) -> str:
+def _kbmod(night: Path, client, settings, args: argparse.Namespace) -> str:
     """Run the KBMOD export of a calibrated night, print its summary, return its status."""
     from astep_dask.errors import RunError
+    from astep_dask.io.products import output_dir
     from astep_dask.kbmod.stage import export_night
-    from astep_dask.run.night import print_progress
 
-    start[0] = time.perf_counter()
+    progress = _progress(args, "export")
     try:
-        res = export_night(night, client, settings, out=args.out, force=args.force,
-                           progress=lambda d, t, r: print_progress(d, t, r, start))
+        with _performance(args, output_dir(night, args.out), "kbmod"):
+            res = export_night(night, client, settings, out=args.out, force=args.force,
+                               progress=progress)
     except RunError as exc:
         print(f"astep-dask: error: {exc}", file=sys.stderr)
         return "failed"
+    finally:
+        progress.close()
     c = res.counts
     c["failed"] += c.pop("unusable")  # an unreadable calibrated file counts as failed here
     counts = ", ".join(f"{v} {k}" for k, v in c.items())
@@ -246,8 +319,10 @@ def cmd_kbmod(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     night = find_nights(args.night)[0]
-    with connect(settings.cluster, log=lambda m: print(m, file=sys.stderr)) as client:
-        return _exit(_kbmod(night, client, settings, args, [time.perf_counter()]))
+    with connect(settings.cluster, log=_log(args)) as client:
+        status = _kbmod(night, client, settings, args)
+        _keep_dashboard(args, client)
+    return _exit(status)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -256,7 +331,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     from astep_dask.kbmod.candidates import read_candidates
     from astep_dask.kbmod.search import search_night
     from astep_dask.run.cluster import connect
-    from astep_dask.run.night import print_progress
 
     settings = _settings(args)
     search = {}
@@ -268,14 +342,16 @@ def cmd_search(args: argparse.Namespace) -> int:
         search["v_step"] = args.v_step
     settings = settings.replace(search=search)
     night = find_nights(args.night)[0]
-    start = [time.perf_counter()]
-    with connect(settings.cluster, log=lambda m: print(m, file=sys.stderr)) as client:
+    progress = _progress(args, "search")
+    with connect(settings.cluster, log=_log(args)) as client:
         try:
-            res = search_night(night, client, settings, out=args.out,
-                               progress=lambda d, t, r: print_progress(d, t, r, start))
+            res = search_night(night, client, settings, out=args.out, progress=progress)
         except RunError as exc:
             print(f"astep-dask: error: {exc}", file=sys.stderr)
             return EXIT_FAILED
+        finally:
+            progress.close()
+        _keep_dashboard(args, client)
     summary, csv = res.details["summary"], res.details["candidates"]
     rows = read_candidates(csv)
     g = summary["grid"]
@@ -318,8 +394,10 @@ def cmd_season(args: argparse.Namespace) -> int:
     except RunError as exc:
         print(f"astep-dask: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    with connect(settings.cluster, log=lambda m: print(m, file=sys.stderr)) as client:
-        result = calibrate_season(nights, client, settings, out=args.out, in_flight=args.nights)
+    with connect(settings.cluster, log=_log(args)) as client:
+        result = calibrate_season(nights, client, settings, out=args.out, in_flight=args.nights,
+                                  log=_log(args))
+        _keep_dashboard(args, client)
     path = write_season_report(result, report_dir)
     rows = [{"night": n.night, "status": n.status, "frames": n.done, "failed": n.failed,
              "s": f"{n.seconds:.1f}", "reason": n.reason[:80]} for n in result.nights]
@@ -335,18 +413,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     from astep_dask.io.layout import find_nights
     from astep_dask.report.night import load_report, night_report, report_summary
     from astep_dask.run.cluster import connect
-    from astep_dask.run.night import print_progress
 
     settings = _settings(args)
     night = find_nights(args.night)[0]
-    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    start = [time.perf_counter()]
-    progress = lambda d, t, r: print_progress(d, t, r, start)  # noqa: E731
-    if args.no_cluster:
-        result = night_report(night, None, settings, args.out, progress=progress)
-    else:
-        with connect(settings.cluster, log=log) as client:
-            result = night_report(night, client, settings, args.out, progress=progress)
+    progress = _progress(args, "report")
+    try:
+        if args.no_cluster:
+            result = night_report(night, None, settings, args.out, progress=progress)
+        else:
+            with connect(settings.cluster, log=_log(args)) as client:
+                result = night_report(night, client, settings, args.out, progress=progress)
+                _keep_dashboard(args, client)
+    finally:
+        progress.close()
     print(report_summary(load_report(result.out_dir), result.out_dir))
     return EXIT_OK
 

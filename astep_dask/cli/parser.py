@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import textwrap
+from datetime import date
 from pathlib import Path
 
 from astep_dask.cli.commands import (
@@ -23,7 +24,7 @@ from astep_dask.cli.commands import (
 from astep_dask.run.stages import STAGES
 from astep_dask.version import __version__
 
-__all__ = ["build_parser", "count", "positive"]
+__all__ = ["build_parser", "count", "night_date", "positive"]
 
 
 def positive(text: str) -> int:
@@ -34,6 +35,17 @@ def positive(text: str) -> int:
 def count(text: str) -> int:
     """An argparse type: a whole number of at least 0 (retries)."""
     return _whole(text, 0)
+
+
+def night_date(text: str) -> str:
+    """An argparse type: a calendar date written ``YYYY-MM-DD`` (a night's name)."""
+    try:
+        ok = date.fromisoformat(text).isoformat() == text
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD")
+    return text
 
 
 def _whole(text: str, least: int) -> int:
@@ -78,7 +90,7 @@ def _subcommand(sub, name: str, help: str, description: str, func) -> argparse.A
 
 def _template_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("KBMOD export: static-sky template (default: this night's frames)")
-    g.add_argument("--template-nights", type=int, metavar="N",
+    g.add_argument("--template-nights", type=count, metavar="N",
                    help="build the template from the N nearest other nights of the same "
                    "field instead (slow movers then do not subtract themselves)")
     g.add_argument("--sky-only", action="store_true",
@@ -91,6 +103,14 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     cluster."""
     p.add_argument("--out", type=Path, help="output root (default: beside each raw night)")
     p.add_argument("--config", type=Path, help="settings file (TOML), see astep_dask/config.py")
+    g = p.add_argument_group("what the run shows")
+    g.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress and no cluster messages (the summary and errors stay)")
+    g.add_argument("--performance-report", action="store_true",
+                   help="write dask's performance report of the run (task stream, worker "
+                   "profiles) to performance-<stage>.html in the night's output folder")
+    g.add_argument("--keep-dashboard", action="store_true",
+                   help="keep the cluster and its dashboard up after the run, until Enter")
     _cluster_options(p)
 
 
@@ -119,13 +139,14 @@ def _add_simulate(sub) -> None:
         func=cmd_simulate,
     )
     p.add_argument("root", type=Path, help="archive root; the night goes to ROOT/DATE/")
-    p.add_argument("--date", default="2026-06-15", help="night date YYYY-MM-DD")
-    p.add_argument("--size", type=int, default=256, help="frame side in pixels")
-    p.add_argument("--science", type=int, default=12, help="number of science frames")
-    p.add_argument("--darks", type=int, default=8, help="darks per exposure time")
-    p.add_argument("--flats", type=int, default=9, help="number of sky flats")
-    p.add_argument("--bias", type=int, default=0, help="number of bias frames (ASTEP: 0)")
-    p.add_argument("--overscan", type=int, default=0, help="overscan columns (ASTEP: 0)")
+    p.add_argument("--date", type=night_date, default="2026-06-15",
+                   help="night date YYYY-MM-DD")
+    p.add_argument("--size", type=positive, default=256, help="frame side in pixels")
+    p.add_argument("--science", type=positive, default=12, help="number of science frames")
+    p.add_argument("--darks", type=count, default=8, help="darks per exposure time")
+    p.add_argument("--flats", type=count, default=9, help="number of sky flats")
+    p.add_argument("--bias", type=count, default=0, help="number of bias frames (ASTEP: 0)")
+    p.add_argument("--overscan", type=count, default=0, help="overscan columns (ASTEP: 0)")
     p.add_argument("--bad-files", action="store_true", help="add unusable files of each kind")
     p.add_argument("--seed", type=int, default=1, help="random seed")
 
@@ -208,7 +229,7 @@ def _add_search(sub) -> None:
                    help="search |vx|, |vy| up to this (default 1200 px/day)")
     p.add_argument("--v-step", type=float, metavar="PX_PER_DAY",
                    help="velocity grid step (default: PSF sigma / night's time span)")
-    p.add_argument("--show", type=int, default=10, help="candidates printed (default 10)")
+    p.add_argument("--show", type=count, default=10, help="candidates printed (default 10)")
     _run_options(p)
 
 
@@ -226,9 +247,12 @@ def _add_season(sub) -> None:
         func=cmd_season,
     )
     p.add_argument("root", type=Path, help="season root holding YYYY-MM-DD/ nights")
-    p.add_argument("--from", dest="start", metavar="DATE", help="first night (YYYY-MM-DD)")
-    p.add_argument("--to", dest="end", metavar="DATE", help="last night (YYYY-MM-DD)")
-    p.add_argument("--nights", type=int, default=2, help="nights in flight at once (default 2)")
+    p.add_argument("--from", dest="start", metavar="DATE", type=night_date,
+                   help="first night (YYYY-MM-DD)")
+    p.add_argument("--to", dest="end", metavar="DATE", type=night_date,
+                   help="last night (YYYY-MM-DD)")
+    p.add_argument("--nights", type=positive, default=2,
+                   help="nights in flight at once (default 2)")
     p.add_argument("--dry-run", action="store_true", help="list what would run, do nothing")
     _calibration_options(p)
 

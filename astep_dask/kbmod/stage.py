@@ -610,7 +610,8 @@ def _difference_frames(run: Dispatch, jobs: list[DifferenceJob], good: list[dict
         merged["registered"] = by_stem[job.stem]["output"]
         merged["provenance_registered"] = by_stem[job.stem].get("provenance")
         out_rows.append(merged)
-        run.report(len(out_rows), len(jobs), {**merged, "file": job.output.name})
+        run.report(len(out_rows), len(jobs),
+                   {**merged, "file": job.output.name, "stage": "difference"})
 
     run.map("diff", difference_task, jobs, differenced)
     return out_rows

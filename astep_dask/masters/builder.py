@@ -10,7 +10,7 @@ made from the masters is :func:`astep_dask.core.darks.dark_for_exptime`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,8 +93,10 @@ class MasterBuilder:
     """
 
     def __init__(self, inventory: Inventory, out_dir: Path, settings: Settings,
-                 reuse_foreign: bool = False, fallbacks: Sequence[Path] = ()):
+                 reuse_foreign: bool = False, fallbacks: Sequence[Path] = (),
+                 progress: Callable[[int, int, dict], None] | None = None):
         self.inv = inventory
+        self.progress = progress
         self.out = Path(out_dir)
         self.settings = settings
         self.store = MasterStore(self.out, reuse_foreign, fallbacks, settings.resume.verify)
@@ -351,15 +353,24 @@ class MasterBuilder:
             paths = self._build()
         return paths
 
+    def _tell(self, done: int, what: str) -> None:
+        """Progress of the master stage: bias, darks, flats, mask (4 steps)."""
+        if self.progress:
+            self.progress(done, 4, {"file": what, "status": "done", "stage": "masters"})
+
     def _build(self) -> MasterPaths:
         self.out.mkdir(parents=True, exist_ok=True)
         bias = self.bias()
+        self._tell(1, "bias")
         darks = self.darks(bias)
+        self._tell(2, "darks")
         if not darks and bias is None:
             why = "; ".join(self.report.notes) or "none in the night"
             raise CalibrationError(f"no usable dark frames and no bias frames ({why})")
         flats = self.flats(bias, darks)
+        self._tell(3, "flats")
         mask = self.mask(bias, darks, flats)
+        self._tell(4, "mask")
         for m in [*darks.values(), *flats.values()]:
             if m.path is None or m.path.parent != self.out:
                 # fallback masters are copied beside the night's own, under this night's name

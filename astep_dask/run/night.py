@@ -49,20 +49,10 @@ from astep_dask.version import __version__
 __all__ = [
     "calibrate_night",
     "night_is_current",
-    "print_progress",
     "resume_rows",
     "run_frames",
     "write_manifest",
 ]
-
-
-def print_progress(done: int, total: int, row: dict, start: list[float] | None = None) -> None:
-    """Default progress line on stderr: frames done / total, rate, last frame."""
-    elapsed = time.perf_counter() - (start or [0.0])[0]
-    rate = done / elapsed if elapsed > 0 else 0.0
-    extra = f" ({row.get('reason')})" if row.get("status") == "failed" else ""
-    print(f"  [{done:>5}/{total}] {rate:5.2f} frames/s  {row['status']:<7} {row['file']}{extra}",
-          file=sys.stderr, flush=True)
 
 
 def calibrate_night(
@@ -123,7 +113,7 @@ def calibrate_night(
             fallbacks = sibling_outputs(night_dir, out) if settings.masters.fallback else []
             builder = MasterBuilder(inv, out_dir, settings,
                                     reuse_foreign=settings.masters.reuse_foreign,
-                                    fallbacks=fallbacks)
+                                    fallbacks=fallbacks, progress=progress)
             masters = builder.build()
         except CalibrationError as exc:
             result.error = f"masters: {exc}"

@@ -608,7 +608,7 @@ def test_an_unreadable_frame_fails_alone(exported, night, client, tmp_path, caps
     # the command prints what kbmod.json says
     capsys.readouterr()
     args = argparse.Namespace(out=tmp_path, force=False)
-    assert _kbmod(night, client, SETTINGS, args, [time.perf_counter()]) == "partial"
+    assert _kbmod(night, client, SETTINGS, args) == "partial"
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == (f"kbmod {night.name}: partial  (0 done, {SIM.n_science - 1} "
                           f"skipped, 2 failed)  -> {result.out_dir}")

@@ -20,8 +20,8 @@ from astropy.io import fits
 
 import astep_dask.io.fitsio as fitsio
 import astep_dask.run.frames as frames
-import astep_dask.run.night as night_mod
 from astep_dask.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, main
+from astep_dask.cli.progress import PhaseProgress
 from astep_dask.errors import RunError
 from astep_dask.io.products import LOCK, MANIFEST, night_lock, output_dir
 
@@ -213,14 +213,14 @@ def test_rerun_keeps_the_manifest_rows_rejections_and_exit_code(bad_night, tmp_p
 
 
 def test_interrupted_run_writes_its_manifest(small_night, tmp_path, capsys, monkeypatch):
-    real = night_mod.print_progress
+    real = PhaseProgress.__call__
 
-    def interrupt_after_two(done, total, row, start=None):
-        real(done, total, row, start)
-        if done == 2:
+    def interrupt_after_two(self, done, total, row):
+        real(self, done, total, row)
+        if done == 2 and row.get("stage") is None:  # the second calibrated frame
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(night_mod, "print_progress", interrupt_after_two)
+    monkeypatch.setattr(PhaseProgress, "__call__", interrupt_after_two)
     assert _calibrate(small_night, tmp_path) == EXIT_INTERRUPTED
     capsys.readouterr()
     folder = output_dir(small_night, tmp_path)
