@@ -153,3 +153,16 @@ def test_a_500_frame_night_calibrates_in_under_60_lines(tmp_path):
     assert len(text.splitlines()) < 60, text
     manifest = json.loads((tmp_path / "out" / night.name / "manifest.json").read_text())
     assert manifest["counts"]["done"] == 500
+
+
+def test_performance_report_and_kept_dashboard(small_night, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))  # the user presses Enter
+    code = main(["calibrate", str(small_night), "--out", str(tmp_path), "--no-cosmics",
+                 "--dashboard-address", ":0", "--performance-report", "--keep-dashboard"])
+    err = capsys.readouterr().err
+    assert code == EXIT_OK
+    report = tmp_path / small_night.name / "performance-calibrate.html"
+    assert report.stat().st_size > 10_000 and "<html" in report.read_text()[:2000].lower()
+    assert f"performance report: {report}" in err
+    assert "press Enter" in err and "dashboard kept at" in err
+    assert not list(report.parent.glob(".tmp-*"))
