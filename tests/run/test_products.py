@@ -147,3 +147,35 @@ def test_open_calibrated_on_the_night(night):
         np.testing.assert_array_equal(ds["var"][i].values, var)
         np.testing.assert_array_equal(ds.mask[i].values, mask)
     assert ds.attrs["folder"] == str(out)
+
+
+def _to_earlier_layout(path) -> None:
+    """Rewrite a master as versions before issue 17 wrote it: image in PRIMARY."""
+    with fits.open(path) as hdul:
+        header = hdul[0].header.copy()
+        data = hdul["SCI"].data.copy()
+        rest = [h.copy() for h in hdul[2:]]
+    for key in ("IMAGETYP", "BUNIT", "CHECKSUM", "DATASUM"):
+        header.remove(key, ignore_missing=True)
+    fits.HDUList([fits.PrimaryHDU(data, header=header), *rest]).writeto(path, overwrite=True)
+
+
+def test_a_rerun_rebuilds_earlier_masters_and_redoes_their_frames(night, client, tmp_path):
+    night_dir, _ = night
+    first = calibrate_night(night_dir, client, SETTINGS, out=tmp_path)
+    folder = output_dir(night_dir, tmp_path)
+    masters = sorted(folder.glob("*_MASTER*.fits")) + sorted(folder.glob("*_MASK.fits"))
+    assert len(masters) == 4
+    for p in masters:
+        _to_earlier_layout(p)
+        assert read_master(p).digest  # still ours, still readable
+    second = calibrate_night(night_dir, client, SETTINGS, out=tmp_path)
+    notes = second.details["masters"]["notes"]
+    assert sum("earlier layout" in n for n in notes) == 4, notes
+    for p in masters:
+        with fits.open(p) as hdul:
+            assert "SCI" in hdul and hdul[0].data is None
+    assert second.counts["done"] == first.counts["done"] == SIM.n_science
+    assert second.counts["skipped"] == 0  # made from rebuilt masters: redone
+    third = calibrate_night(night_dir, client, SETTINGS, out=tmp_path)
+    assert third.counts["skipped"] == SIM.n_science and not third.details["masters"]["notes"]
