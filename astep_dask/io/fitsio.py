@@ -42,6 +42,7 @@ __all__ = [
     "extension_header",
     "header_cards",
     "image_hdu",
+    "image_of",
     "mid_exposure",
     "read_calibrated",
     "read_image",
@@ -323,14 +324,17 @@ def read_image(path: str | Path) -> tuple[fits.Header, np.ndarray]:
         ``INHERIT = T`` means), and the image as stored (no copy of another dtype).
     """
     with fits.open(path, memmap=False) as hdul:
-        header = hdul[0].header.copy()
-        if "SCI" in hdul:
-            header.update((k, v) for k, v in hdul["SCI"].header.items()
-                          if k not in STRUCTURAL and k not in ("COMMENT", "HISTORY", ""))
-            data = np.asarray(hdul["SCI"].data)
-        else:
-            data = np.asarray(hdul[0].data)
-    return header, data
+        return image_of(hdul)
+
+
+def image_of(hdul: fits.HDUList) -> tuple[fits.Header, np.ndarray]:
+    """:func:`read_image` of an open file."""
+    header = hdul[0].header.copy()
+    if "SCI" in hdul:
+        header.update((k, v) for k, v in hdul["SCI"].header.items()
+                      if k not in STRUCTURAL and k not in ("COMMENT", "HISTORY", ""))
+        return header, np.asarray(hdul["SCI"].data)
+    return header, np.asarray(hdul[0].data)
 
 
 def verify_file(path: str | Path) -> str | None:

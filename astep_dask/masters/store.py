@@ -29,7 +29,7 @@ from astep_dask.io.fitsio import (
     atomic_write,
     extension_header,
     header_cards,
-    read_image,
+    image_of,
     verify_file,
 )
 from astep_dask.io.provenance import file_digest, stamp
@@ -141,8 +141,8 @@ _NOT_CARDS = ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND", "COMMEN
 def read_master(path: Path, role: str | None = None) -> Master:
     """Read a master written by :func:`write_master`; also one of an earlier version or
     another tool, whose image is in PRIMARY (see :func:`is_current_layout`)."""
-    header, data = read_image(path)
     with fits.open(path, memmap=False) as hdul:
+        header, data = image_of(hdul)
         names = [h.name for h in hdul]
         var = np.asarray(hdul["VAR"].data, np.float32) if "VAR" in names else None
         count = np.asarray(hdul["COUNT"].data) if "COUNT" in names else None
