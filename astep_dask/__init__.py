@@ -13,7 +13,12 @@ The public API, in the order of a night's stages (:data:`STAGES`)::
         ad.export_night(night, client, settings)                  # KBMOD input
         ad.search_night(night, client, settings)                  # first-look search
         ad.night_report(night, client=client)                     # QA report
-    header, sci, var, mask = ad.read_calibrated(result.frames[0]["output"])
+    frames = ad.open_calibrated(night)                            # lazy sci, var, mask
+    header, sci, var, mask = ad.read_calibrated(result.out_dir / result.frames[0]["output"])
+
+The products read with astropy and ccdproc too (``CCDData.read(f, hdu="SCI",
+hdu_uncertainty="VAR", hdu_mask="MASK")``, ``ImageFileCollection(out, ext="SCI")``): see
+the README's "From Python".
 
 Subpackages, lowest layer first: :mod:`~astep_dask.core` (numpy in, numpy out),
 :mod:`~astep_dask.io` (archive, stacks, FITS), :mod:`~astep_dask.masters`,
@@ -35,7 +40,9 @@ _WHERE = {
     "ArchiveError": "astep_dask.errors",
     "CalibrationError": "astep_dask.errors",
     "RunError": "astep_dask.errors",
+    "open_calibrated": "astep_dask.io.calibrated",
     "read_calibrated": "astep_dask.io.fitsio",
+    "read_image": "astep_dask.io.fitsio",
     "FrameType": "astep_dask.io.layout",
     "Inventory": "astep_dask.io.layout",
     "find_nights": "astep_dask.io.layout",
@@ -59,7 +66,8 @@ _WHERE = {
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from astep_dask.config import Settings, load_settings
     from astep_dask.errors import ArchiveError, CalibrationError, RunError
-    from astep_dask.io.fitsio import read_calibrated
+    from astep_dask.io.calibrated import open_calibrated
+    from astep_dask.io.fitsio import read_calibrated, read_image
     from astep_dask.io.headers import FrameType
     from astep_dask.io.layout import Inventory, find_nights, scan_night
     from astep_dask.io.products import output_dir
@@ -110,9 +118,11 @@ __all__ = [
     "flow_chart",
     "load_settings",
     "night_report",
+    "open_calibrated",
     "open_stack",
     "output_dir",
     "read_calibrated",
+    "read_image",
     "scan_night",
     "search_night",
     "simulate_night",

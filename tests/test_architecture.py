@@ -121,7 +121,7 @@ def test_public_api_resolves_with_docstrings():
     numpydoc style: a summary line, and for a function with parameters a Parameters or
     Returns section or a sentence that names them."""
     assert {"calibrate_night", "export_night", "search_night", "night_report", "scan_night",
-            "open_stack", "StageResult", "STAGES"} <= set(astep_dask.__all__)
+            "open_stack", "open_calibrated", "StageResult", "STAGES"} <= set(astep_dask.__all__)
     for name in astep_dask.__all__:
         obj = getattr(astep_dask, name)
         if name in ("__version__", "STAGES"):

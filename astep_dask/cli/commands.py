@@ -72,7 +72,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not any(f.usable for inv in inventories for f in inv.frames):
         print(f"astep-dask: error: {args.path}: no usable FITS frame found", file=sys.stderr)
         return EXIT_FAILED
-    return EXIT_OK
+    # Partial, as for every command (README, exit codes): some files cannot be used.
+    return EXIT_PARTIAL if any(inv.problems for inv in inventories) else EXIT_OK
 
 
 def _settings(args: argparse.Namespace):
@@ -129,12 +130,12 @@ def _figures(rows: list[dict]) -> list[str]:
                 f"(from {format(v.min(), fmt)} to {format(v.max(), fmt)})")
 
     return [f"  {len(rows)} frames calibrated:",
-            f"    sky e-     {span('sky', '.1f')}",
-            f"    noise e-   {span('noise', '.1f')}",
-            f"    masked px  {span('n_masked', '.0f')}",
-            f"    CR px      {span('n_cr', '.0f')}",
-            f"    sat px     {span('n_saturated', '.0f')}",
-            f"    s/frame    {span('t_total', '.2f')}"]
+            f"    median e-      {span('median', '.1f')}",
+            f"    MAD sigma e-   {span('mad_sigma', '.1f')}",
+            f"    masked px      {span('n_masked', '.0f')}",
+            f"    CR px          {span('n_cr', '.0f')}",
+            f"    sat px         {span('n_saturated', '.0f')}",
+            f"    s per frame    {span('t_total', '.2f')}"]
 
 
 def _grouped(word: str, rows: list[dict], key: str = "reason", most: int = 2) -> list[str]:
@@ -162,7 +163,8 @@ def _summary(result) -> str:
     ]
     done = [r for r in result.frames if r["status"] == "done"]
     if done and len(done) <= TABLE_ROWS:
-        rows = [{"frame": r["output"], "sky e-": f"{r['sky']:.1f}", "noise e-": f"{r['noise']:.1f}",
+        rows = [{"frame": r["output"], "median e-": f"{r['median']:.1f}",
+                 "MAD sigma e-": f"{r['mad_sigma']:.1f}",
                  "masked": r["n_masked"], "CR px": r["n_cr"], "sat px": r["n_saturated"],
                  "s": f"{r['t_total']:.2f}"} for r in done]
         lines.append(format_table(rows, list(rows[0])))

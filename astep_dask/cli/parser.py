@@ -158,7 +158,8 @@ def _add_inspect(sub) -> None:
         help="list a night's (or season's) frames by folder, type, exposure and filter",
         description="Read every FITS header of a night folder ROOT/YYYY-MM-DD/ or of every "
         "night under a season root, and print counts per folder x type x exposure x filter, "
-        "the time span, and each unusable file with its reason. Reads headers only.",
+        "the time span, and each unusable file with its reason. Reads headers only. Exit "
+        "status 3 when some files are unusable, 1 when none is usable.",
         func=cmd_inspect,
     )
     p.add_argument("path", type=Path, help="a night folder or a season root")

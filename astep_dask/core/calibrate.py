@@ -153,10 +153,10 @@ def calibrate_frame(
     sci[no_data] = np.nan
     var[no_data] = np.nan
     t2 = time.perf_counter()
-    sky, noise = sky_and_noise(sci, mask == 0)
+    level, spread = sky_and_noise(sci, mask == 0)
     summary = {
-        "sky": sky,
-        "noise": noise,
+        "median": level,  # of the unmasked pixels, stars included: not the QA report's
+        "mad_sigma": spread,  # star-free mesh "sky" and "noise" (report.metrics)
         "n_masked": int((mask != 0).sum()),
         "n_saturated": int(saturated.sum()),
         "n_cr": n_cr,

@@ -66,6 +66,7 @@ __all__ = [
     "Offset",
     "RegistrationError",
     "Resampled",
+    "count_stars",
     "find_stars",
     "gaussian_kernel_norm",
     "measure_offset",
@@ -215,7 +216,17 @@ def find_stars(
     image: np.ndarray, var: np.ndarray | float, mask: np.ndarray, rms: np.ndarray | float,
     settings: StarSettings | None = None,
 ) -> np.ndarray:
-    """Stars of a background-subtracted frame, brightest first (structured array).
+    """Stars of a background-subtracted frame, brightest first: :func:`count_stars`
+    without the count."""
+    return count_stars(image, var, mask, rms, settings)[0]
+
+
+def count_stars(
+    image: np.ndarray, var: np.ndarray | float, mask: np.ndarray, rms: np.ndarray | float,
+    settings: StarSettings | None = None,
+) -> tuple[np.ndarray, int]:
+    """Stars of a background-subtracted frame, brightest first (structured array), and
+    how many sources were detected in all.
 
     Parameters
     ----------
@@ -232,9 +243,13 @@ def find_stars(
 
     Returns
     -------
-    ndarray of :data:`STAR_DTYPE`
-        ``x``, ``y`` (px, pixel centres at integers), ``flux`` (for a Gaussian PSF),
-        ``snr``, ``err`` (position error, px), ``width`` (Gaussian σ, px).
+    stars : ndarray of :data:`STAR_DTYPE`
+        At most ``settings.max_stars``, the highest signal-to-noise first: ``x``, ``y``
+        (px, pixel centres at integers), ``flux`` (for a Gaussian PSF), ``snr``, ``err``
+        (position error, px), ``width`` (Gaussian σ, px).
+    detected : int
+        Sources detected: peaks of the PSF-smoothed frame above the threshold whose whole
+        measuring box is usable, however many (not limited by ``max_stars``).
     """
     settings = settings or StarSettings()
     usable = (np.asarray(mask) == 0) & np.isfinite(image)
@@ -250,6 +265,7 @@ def find_stars(
     near_bad = ndimage.maximum_filter(~usable, size=2 * half + 1, mode="constant", cval=True)
     peaks &= ~near_bad
     ys, xs = np.nonzero(peaks)
+    detected = int(ys.size)
     order = np.argsort(smooth[ys, xs])[::-1][: 4 * settings.max_stars]
     ys, xs = ys[order], xs[order]
     m = windowed_centroids(image, var, usable, xs.astype(float), ys.astype(float), window,
@@ -269,7 +285,7 @@ def find_stars(
     s2, w2 = width[sel] ** 2 + PIXEL_VARIANCE, window * window
     out["flux"] = m["sum"][sel] * (s2 + w2) / w2
     out["snr"], out["err"], out["width"] = m["snr"][sel], m["err"][sel], width[sel]
-    return out
+    return out, detected
 
 
 def _unique_positions(x: np.ndarray, y: np.ndarray, ok: np.ndarray, radius: float

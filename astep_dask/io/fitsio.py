@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
@@ -23,22 +24,31 @@ from astropy.io.fits.verify import VerifyWarning
 from astropy.time import Time, TimeDelta
 
 from astep_dask.core.bits import MASK_DTYPE, Bit
+from astep_dask.core.calibrate import Section
 from astep_dask.io.provenance import stamp
 
 __all__ = [
+    "FRAME_KEYS",
+    "IMAGETYP_FRAME",
+    "IMAGETYP_MASTER",
     "TMP_PREFIX",
+    "UTYPE_VARIANCE",
     "atomic_open",
     "atomic_path",
     "atomic_write",
     "atomic_write_text",
     "calibrated_hdul",
     "copy_header",
+    "extension_header",
     "header_cards",
     "image_hdu",
+    "image_of",
     "mid_exposure",
     "read_calibrated",
+    "read_image",
     "remove_stale_temps",
     "verify_file",
+    "wcs_cards",
     "write_json",
 ]
 
@@ -197,6 +207,68 @@ def image_hdu(data: np.ndarray, name: str, quantize: float | None = None):
     )
 
 
+# Cards of a frame's primary header that every image extension repeats, so that a reader
+# of one extension (``CCDData.read(f, hdu="SCI")``, ``ImageFileCollection(ext="SCI")``)
+# sees the frame's time, exposure, filter and gain without the primary (``INHERIT = T``
+# says so to readers that do merge).
+FRAME_KEYS = ("OBJECT", "TELESCOP", "INSTRUME", "EXPTIME", "DATE-OBS", "MJD-OBS", "TIMESYS",
+              "FILTER", "GAIN", "RDNOISE", "RAWFILE")
+
+# The world coordinate keywords of a header (primary and alternate descriptions), FITS WCS
+# papers I-III and the SIP convention: copied verbatim to each image extension.
+_WCS_KEY = re.compile(
+    r"^(WCSAXES|CRPIX\d|CRVAL\d|CDELT\d|CUNIT\d|CTYPE\d|CROTA\d|PC\d_\d|CD\d_\d|PV\d_\d+"
+    r"|PS\d_\d+|LONPOLE|LATPOLE|RADESYS|EQUINOX|EPOCH|WCSNAME|[AB]P?_ORDER|[AB]P?_\d+_\d+"
+    r"|[AB]_DMAX)[A-Z]?$")
+_CRPIX = re.compile(r"^CRPIX([12])([A-Z]?)$")
+
+# IMAGETYP of our products (ccdproc's ImageFileCollection selects on it).
+IMAGETYP_FRAME = "LIGHT"
+IMAGETYP_MASTER = {"bias": "MASTER BIAS", "dark": "MASTER DARK", "flat": "MASTER FLAT",
+                   "mask": "BAD PIXEL MASK"}
+UTYPE_VARIANCE = "VarianceUncertainty"  # astropy's name of a variance plane (CCDData.read)
+
+
+def wcs_cards(header: fits.Header, trim: Section | None = None) -> fits.Header:
+    """The world coordinate cards of ``header``, verbatim, for the image of its data
+    section ``trim`` (reference pixels ``CRPIX1``/``CRPIX2`` moved by the section's
+    origin); empty when the header has none."""
+    out = fits.Header()
+    for card in header.cards:
+        if not _WCS_KEY.match(card.keyword):
+            continue
+        if trim is not None and (m := _CRPIX.match(card.keyword)):
+            shift = trim.x0 if m.group(1) == "1" else trim.y0
+            out[card.keyword] = (float(card.value) - shift, card.comment)
+        else:
+            out.append(card, end=True)
+    return out
+
+
+def extension_header(primary: fits.Header, imagetyp: str, trim: Section | None = None,
+                     keys: Iterable[str] = FRAME_KEYS) -> fits.Header:
+    """Cards for an image extension of a frame or master whose primary header is
+    ``primary``: ``INHERIT = T``, ``IMAGETYP``, the frame's own cards (``keys``, those
+    present), mid-exposure ``DATE-AVG``/``MJD-AVG`` when the frame has a time, and its
+    celestial WCS (:func:`wcs_cards`)."""
+    h = fits.Header()
+    h["INHERIT"] = (True, "primary header keywords apply to this extension")
+    h["IMAGETYP"] = (imagetyp, "type of image (astep-dask product)")
+    for key in keys:
+        if key in primary:
+            h[key] = (primary[key], primary.comments[key])
+    if "DATE-OBS" in primary or "MJD-OBS" in primary:
+        try:
+            mjd, iso, _scale = mid_exposure(primary)
+        except ValueError:
+            pass
+        else:
+            h["DATE-AVG"] = (iso, "mid-exposure, in TIMESYS (UTC if none)")
+            h["MJD-AVG"] = (mjd, "[d] MJD (UTC) at mid-exposure")
+    h.extend(wcs_cards(primary, trim), update=True)
+    return h
+
+
 def calibrated_hdul(
     raw_header: fits.Header,
     sci: np.ndarray,
@@ -204,10 +276,16 @@ def calibrated_hdul(
     mask: np.ndarray,
     cards: dict[str, tuple],
     quantize: float | None = None,
+    trim: Section | None = None,
 ) -> fits.HDUList:
     """The calibrated-frame file: PRIMARY (raw header + provenance), SCI, VAR, MASK.
 
-    With ``quantize`` the three planes are tile-compressed (MASK losslessly).
+    Each extension repeats the frame's time, exposure, filter and gain and carries its
+    celestial WCS (the raw one, moved to the data section ``trim`` when the raw frame was
+    trimmed), with ``INHERIT = T``, so that ``astropy.nddata.CCDData.read(f, hdu="SCI",
+    hdu_uncertainty="VAR", hdu_mask="MASK")`` reads a frame whole: VAR is marked a
+    variance (``UTYPE``), in electron². With ``quantize`` the three planes are
+    tile-compressed (MASK losslessly).
     """
     primary = fits.PrimaryHDU(header=copy_header(raw_header))
     h = primary.header
@@ -216,13 +294,47 @@ def calibrated_hdul(
         h[key] = value
     header_cards(h)
     stamp(h)
+    common = extension_header(h, IMAGETYP_FRAME, trim)
     sci_hdu = image_hdu(sci.astype(np.float32, copy=False), "SCI", quantize)
+    sci_hdu.header.extend(common)
     sci_hdu.header["BUNIT"] = ("electron", "calibrated signal")
     var_hdu = image_hdu(var.astype(np.float32, copy=False), "VAR", quantize)
+    var_hdu.header.extend(common)
     var_hdu.header["BUNIT"] = ("electron2", "variance of SCI")
+    var_hdu.header["UTYPE"] = (UTYPE_VARIANCE, "VAR is the variance of SCI")
     mask_hdu = image_hdu(mask.astype(np.int32, copy=False), "MASK", quantize)
+    mask_hdu.header.extend(common)
     header_cards(mask_hdu.header)
     return fits.HDUList([primary, sci_hdu, var_hdu, mask_hdu])
+
+
+def read_image(path: str | Path) -> tuple[fits.Header, np.ndarray]:
+    """The image of a master (or any single-image product), read whole.
+
+    Parameters
+    ----------
+    path
+        A master file: this version's layout (image in ``SCI``), or one of an earlier
+        version or another tool (image in PRIMARY).
+
+    Returns
+    -------
+    header, data
+        The primary header updated with the ``SCI`` extension's own cards (as
+        ``INHERIT = T`` means), and the image as stored (no copy of another dtype).
+    """
+    with fits.open(path, memmap=False) as hdul:
+        return image_of(hdul)
+
+
+def image_of(hdul: fits.HDUList) -> tuple[fits.Header, np.ndarray]:
+    """:func:`read_image` of an open file."""
+    header = hdul[0].header.copy()
+    if "SCI" in hdul:
+        header.update((k, v) for k, v in hdul["SCI"].header.items()
+                      if k not in STRUCTURAL and k not in ("COMMENT", "HISTORY", ""))
+        return header, np.asarray(hdul["SCI"].data)
+    return header, np.asarray(hdul[0].data)
 
 
 def verify_file(path: str | Path) -> str | None:

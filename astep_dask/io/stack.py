@@ -25,6 +25,7 @@ from astep_dask.io.layout import FrameRecord
 
 __all__ = [
     "FitsImage",
+    "frame_coords",
     "frame_section",
     "open_stack",
     "open_strips",
@@ -146,29 +147,35 @@ def _common_shape(records: Sequence[FrameRecord], trim: bool) -> list[Section]:
     return sections
 
 
-def _as_stack(data: da.Array, records: Sequence[FrameRecord]) -> xr.DataArray:
-    """Wrap a ``(frame, y, x)`` dask array with the per-frame coordinates."""
-    mjd = np.array([r.mjd for r in records], dtype=float)
+def frame_coords(mjd: Sequence[float], exptime: Sequence[float], filter: Sequence[str],
+                 path: Sequence[str | Path], kind: Sequence[str]) -> dict:
+    """The per-frame coordinates of a stack (raw or calibrated): ``frame`` (0..n-1),
+    ``time`` (start of exposure, UTC, datetime64; NaT when unknown), ``mjd`` (the same as
+    an MJD), ``exptime`` (s), ``filter``, ``path`` (the file) and ``kind`` (frame type)."""
+    mjd = np.asarray(mjd, dtype=float)
     time = (
         np.datetime64("1858-11-17T00:00:00", "ns")
         + np.round(np.nan_to_num(mjd, nan=0.0) * 86400e9).astype("timedelta64[ns]")
     )
     time = np.where(np.isfinite(mjd), time, np.datetime64("NaT"))
-    return xr.DataArray(
-        data,
-        dims=("frame", "y", "x"),
-        coords={
-            "frame": np.arange(len(records)),
-            "time": ("frame", time),
-            "mjd": ("frame", mjd),
-            "exptime": ("frame", np.array([r.exptime for r in records], dtype=float)),
-            "filter": ("frame", np.array([r.filter for r in records], dtype=object)),
-            "path": ("frame", np.array([str(r.path) for r in records], dtype=object)),
-            "kind": ("frame", np.array([str(r.kind) for r in records], dtype=object)),
-        },
-        name="raw",
-        attrs={"units": "adu"},
-    )
+    return {
+        "frame": np.arange(len(mjd)),
+        "time": ("frame", time),
+        "mjd": ("frame", mjd),
+        "exptime": ("frame", np.asarray(exptime, dtype=float)),
+        "filter": ("frame", np.array([str(f) for f in filter], dtype=object)),
+        "path": ("frame", np.array([str(p) for p in path], dtype=object)),
+        "kind": ("frame", np.array([str(k) for k in kind], dtype=object)),
+    }
+
+
+def _as_stack(data: da.Array, records: Sequence[FrameRecord]) -> xr.DataArray:
+    """Wrap a ``(frame, y, x)`` dask array with the per-frame coordinates."""
+    coords = frame_coords([r.mjd for r in records], [r.exptime for r in records],
+                          [r.filter for r in records], [r.path for r in records],
+                          [r.kind for r in records])
+    return xr.DataArray(data, dims=("frame", "y", "x"), coords=coords, name="raw",
+                        attrs={"units": "adu"})
 
 
 def open_stack(

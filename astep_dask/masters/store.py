@@ -23,7 +23,15 @@ from astep_dask.core.bits import MASK_DTYPE
 from astep_dask.core.calibrate import FrameMasters
 from astep_dask.core.darks import dark_for_exptime, variance_of
 from astep_dask.errors import CalibrationError
-from astep_dask.io.fitsio import atomic_write, header_cards, verify_file
+from astep_dask.io.fitsio import (
+    IMAGETYP_MASTER,
+    UTYPE_VARIANCE,
+    atomic_write,
+    extension_header,
+    header_cards,
+    image_of,
+    verify_file,
+)
 from astep_dask.io.provenance import file_digest, stamp
 
 __all__ = [
@@ -32,6 +40,7 @@ __all__ = [
     "MasterReport",
     "MasterStore",
     "frame_masters",
+    "is_current_layout",
     "load_cached",
     "read_master",
     "write_master",
@@ -69,20 +78,52 @@ def _big_endian(a: np.ndarray, dtype: type | None = None) -> np.ndarray:
     return np.asarray(a).astype(dt.newbyteorder(">"))
 
 
+# Units of a master's image (its VAR in these units squared); a flat (relative response)
+# and a mask (bits) have none: no BUNIT, as astropy writes a dimensionless CCDData.
+MASTER_UNITS = {"bias": "adu", "dark": "adu"}
+
+# Cards of a master's primary header that its image extensions repeat (ccdproc's
+# ImageFileCollection(ext="SCI") reads that extension's header only).
+MASTER_KEYS = ("MASTTYPE", "EXPTIME", "FILTER", "NCOMBINE", "COMBMETH", "NOISE", "ADHASH",
+               "FALLBACK", "PIPEVERS", "DATE")
+
+
 def write_master(master: Master, path: Path) -> Path:
-    """Write a master FITS file atomically: data in PRIMARY, then VAR, COUNT, INPUTS."""
+    """Write a master FITS file atomically, in the calibrated frames' layout: PRIMARY
+    (header only: role, provenance, how it was combined), ``SCI`` (the image: ADU for a
+    bias or dark, relative response for a flat, bits for the bad-pixel mask), ``VAR``
+    (its variance, ``UTYPE = 'VarianceUncertainty'``), ``COUNT`` (frames kept per pixel)
+    and ``INPUTS`` (the raw frames). ``IMAGETYP`` names the master (``MASTER BIAS``,
+    ``MASTER DARK``, ``MASTER FLAT``, ``BAD PIXEL MASK``) in PRIMARY and SCI, so
+    ``ccdproc.ImageFileCollection(out, ext="SCI")`` lists masters and frames together."""
+    imagetyp = IMAGETYP_MASTER.get(master.role, f"MASTER {master.role.upper()}")
+    unit = MASTER_UNITS.get(master.role)
     header = fits.Header()
     header["MASTTYPE"] = (master.role.upper(), "kind of master frame")
+    header["IMAGETYP"] = (imagetyp, "type of image (astep-dask product)")
     header["ADHASH"] = (master.digest, "hash of inputs and settings (astep-dask)")
     for key, value in master.cards.items():
         header[key] = value
+    if unit:
+        header["BUNIT"] = (unit, "unit of the SCI extension")
     if master.role == "mask":
         header_cards(header)
     stamp(header)
-    hdus: list[fits.hdu.base.ExtensionHDU] = [
-        fits.PrimaryHDU(_big_endian(master.data), header=header)]
+    common = extension_header(header, imagetyp, keys=MASTER_KEYS)
+    sci = fits.ImageHDU(_big_endian(master.data), name="SCI")
+    sci.header.extend(common)
+    if unit:
+        sci.header["BUNIT"] = (unit, "unit of the image")
+    if master.role == "mask":
+        header_cards(sci.header)
+    hdus: list[fits.hdu.base.ExtensionHDU] = [fits.PrimaryHDU(header=header), sci]
     if master.var is not None:
-        hdus.append(fits.ImageHDU(_big_endian(master.var, np.float32), name="VAR"))
+        var = fits.ImageHDU(_big_endian(master.var, np.float32), name="VAR")
+        var.header.extend(common)
+        if unit:
+            var.header["BUNIT"] = (f"{unit}2", "variance of SCI")
+        var.header["UTYPE"] = (UTYPE_VARIANCE, "VAR is the variance of SCI")
+        hdus.append(var)
     if master.count is not None:
         hdus.append(fits.ImageHDU(_big_endian(master.count, np.int16), name="COUNT"))
     if master.inputs:
@@ -91,20 +132,21 @@ def write_master(master: Master, path: Path) -> Path:
     return master.path
 
 
+# Cards of a master's header that are the file's structure, not its provenance.
+_NOT_CARDS = ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND", "COMMENT",
+              "HISTORY", "", "CHECKSUM", "DATASUM", "EXTNAME", "INHERIT", "IMAGETYP", "BUNIT",
+              "DATE-AVG", "MJD-AVG")
+
+
 def read_master(path: Path, role: str | None = None) -> Master:
-    """Read a master written by :func:`write_master` (or by another tool: PRIMARY only)."""
+    """Read a master written by :func:`write_master`; also one of an earlier version or
+    another tool, whose image is in PRIMARY (see :func:`is_current_layout`)."""
     with fits.open(path, memmap=False) as hdul:
-        header = hdul[0].header
-        data = np.asarray(hdul[0].data)
+        header, data = image_of(hdul)
         names = [h.name for h in hdul]
         var = np.asarray(hdul["VAR"].data, np.float32) if "VAR" in names else None
         count = np.asarray(hdul["COUNT"].data) if "COUNT" in names else None
-        cards = {
-            k: (header[k], header.comments[k])
-            for k in header
-            if k not in ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND", "COMMENT",
-                         "HISTORY", "")
-        }
+    cards = {k: (header[k], header.comments[k]) for k in header if k not in _NOT_CARDS}
     dtype = MASK_DTYPE if (role or str(header.get("MASTTYPE", "")).lower()) == "mask" else (
         np.float32)
     return Master(
@@ -116,6 +158,16 @@ def read_master(path: Path, role: str | None = None) -> Master:
         cards=cards,
         path=Path(path),
     )
+
+
+def is_current_layout(path: Path) -> bool:
+    """True when a master file has this version's layout (its image in ``SCI``); one
+    written by an earlier version (image in PRIMARY) is rebuilt rather than reused."""
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            return "SCI" in hdul
+    except (OSError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -233,6 +285,10 @@ class MasterStore:
             self.report.notes.append(f"{path.name}: unreadable ({exc}); rebuilt")
             return None
         if m.digest != digest and (m.digest or not self.reuse_foreign):
+            return None
+        if m.digest and not is_current_layout(path):  # ours, from an earlier version
+            self.report.notes.append(f"{path.name}: written in an earlier layout (image in "
+                                     "PRIMARY); rebuilt")
             return None
         if self.verify and (damage := verify_file(path)):
             self.report.notes.append(f"{path.name}: damaged ({damage}); rebuilt")

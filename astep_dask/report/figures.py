@@ -26,7 +26,7 @@ from scipy import ndimage
 from astep_dask.config import QaSettings
 from astep_dask.core.bits import Bit, flag
 from astep_dask.core.stats import robust_sigma
-from astep_dask.io.fitsio import atomic_open, read_calibrated
+from astep_dask.io.fitsio import atomic_open, read_calibrated, read_image
 from astep_dask.io.products import CAL_SUFFIX
 from astep_dask.io.stack import read_section
 from astep_dask.report.metrics import block_reduce, plane_gradient
@@ -70,9 +70,8 @@ def zscale_limits(image: np.ndarray, max_samples: int = 100_000) -> tuple[float,
 def master_figures(label: str, path: Path, mask: np.ndarray | None = None) -> dict:
     """Level, spatial scatter and noise of a master; hot/dead counts of the mask; the
     large-scale gradient of a flat."""
+    header, data = read_image(path)
     with fits.open(path, memmap=False) as hdul:
-        header = hdul[0].header
-        data = np.asarray(hdul[0].data)
         names = [h.name for h in hdul]
         inputs = (np.asarray(hdul["INPUTS"].data["LEVEL"], float)
                   if "INPUTS" in names and "LEVEL" in hdul["INPUTS"].columns.names else None)
@@ -155,7 +154,7 @@ def fig_master(path: Path, label: str, settings: QaSettings | None = None):
     """A master frame with a z-scale stretch and a colour bar (ADU, or relative response
     for a flat)."""
     settings = settings or QaSettings()
-    data = np.asarray(fits.getdata(path), np.float32)
+    data = np.asarray(read_image(path)[1], np.float32)
     unit = "relative response (median 1)" if label.startswith("flat") else "ADU"
     fig = new_figure(6.4, 5.4)
     ax = fig.add_subplot()
@@ -179,7 +178,7 @@ def _mask_classes(mask: np.ndarray) -> dict[str, np.ndarray]:
 def fig_mask(path: Path, settings: QaSettings | None = None):
     """The bad-pixel mask: hot, dead and other bad pixels, each with its count."""
     settings = settings or QaSettings()
-    mask = np.asarray(fits.getdata(path))
+    mask = read_image(path)[1]
     ny, nx = mask.shape
     fig = new_figure(6.4, 5.6)
     ax = fig.add_subplot()

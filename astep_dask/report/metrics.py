@@ -30,7 +30,7 @@ from astep_dask.core.bits import Bit, flag
 from astep_dask.core.register import (
     FWHM_PER_SIGMA,
     RegistrationError,
-    find_stars,
+    count_stars,
     gaussian_kernel_norm,
     measure_offset,
     stars_psf_sigma,
@@ -244,10 +244,12 @@ def measure_planes(sci: np.ndarray, var: np.ndarray, mask: np.ndarray,
     -------
     row, stars
         ``row``: sky and noise (e-, from the mesh background), FWHM (px), number of
-        stars, masked / saturated / CR / bad fractions, background gradient (peak-to-peak
-        across the frame, e- and fraction of the sky, and direction) and the strongest
-        streak (see :func:`find_streak`). ``stars``: the frame's star list
-        (:data:`astep_dask.core.register.STAR_DTYPE`), for flux ratios between frames.
+        stars (``n_stars``: every source detected above ``detect_sigma``, not only the
+        ``max_stars`` brightest that are measured), masked / saturated / CR / bad
+        fractions, background gradient (peak-to-peak across the frame, e- and fraction of
+        the sky, and direction) and the strongest streak (see :func:`find_streak`).
+        ``stars``: the frame's measured stars (at most ``max_stars``,
+        :data:`astep_dask.core.register.STAR_DTYPE`), for flux ratios between frames.
     """
     settings = settings or QaSettings()
     mask = np.asarray(mask)
@@ -255,7 +257,7 @@ def measure_planes(sci: np.ndarray, var: np.ndarray, mask: np.ndarray,
     bkg = estimate_background(sci, ~usable_pix, settings.background())
     level = bkg.level()
     residual = sci - level
-    stars = find_stars(residual, var, ~usable_pix, bkg.rms(), settings.stars())
+    stars, detected = count_stars(residual, var, ~usable_pix, bkg.rms(), settings.stars())
     sigma = stars_psf_sigma(stars, settings.min_snr)
     sky, noise = bkg.median_level, bkg.median_rms
     ptp, angle = plane_gradient(bkg.mesh_level, bkg.edges_y, bkg.edges_x)
@@ -268,7 +270,7 @@ def measure_planes(sci: np.ndarray, var: np.ndarray, mask: np.ndarray,
         "sky": sky,
         "noise": noise,
         "fwhm": float(sigma * FWHM_PER_SIGMA),
-        "n_stars": int(stars.size),
+        "n_stars": detected,
         **mask_fractions(mask),
         "gradient_e": ptp,
         "gradient": ptp / sky if sky > 0 else float("nan"),

@@ -49,12 +49,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from astropy.io import fits
 from distributed import as_completed
 
 from astep_dask.config import QaSettings, Settings
 from astep_dask.errors import RunError
-from astep_dask.io.fitsio import atomic_write_text, write_json
+from astep_dask.io.fitsio import atomic_write_text, read_image, write_json
 from astep_dask.io.products import (
     CAL_SUFFIX,
     QA_JSON,
@@ -203,7 +202,7 @@ def assemble_report(night: str, out_dir: Path, rows: list[dict], manifest: dict,
     masters = master_files(out_dir, manifest)
     mask_data = None
     if "mask" in masters:
-        mask_data = np.asarray(fits.getdata(masters["mask"]))
+        mask_data = read_image(masters["mask"])[1]
     master_rows = [master_figures(label, p, mask_data) for label, p in masters.items()]
     counts = {reason: sum(any(f["reason"] == reason for f in r["flags"]) for r in frames)
               for reason in REASONS}

@@ -3,7 +3,7 @@
 :func:`season_rows` reads a season's ``season.json`` (written by
 :func:`astep_dask.run.season.write_season_report`) and, for each night that has output,
 its manifest and masters: one row per night with its status, frames calibrated and
-failed, the sky level of every frame, the master dark levels, the master flats, and the
+failed, the median level of every frame, the master dark levels, the master flats, and the
 hot and dead pixels of its mask. :func:`fig_season` draws those rows night by night;
 :func:`flat_ratios` and :func:`fig_flat_ratios` divide each night's master flat by the
 first night's, where moving dust or a new defect stands out. Only files are read: the
@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from astropy.io import fits
 
 from astep_dask.config import QaSettings
 from astep_dask.core.stats import robust_sigma
+from astep_dask.io.fitsio import read_image
 from astep_dask.io.products import master_files, read_manifest
 from astep_dask.report.figures import (
     master_figures,
@@ -35,7 +35,7 @@ __all__ = ["STATUS_COLOURS", "fig_flat_ratios", "fig_season", "flat_ratios", "se
 
 def season_rows(folder: str | Path) -> list[dict]:
     """One row per night of a season, from ``season.json`` in ``folder`` and each night's
-    manifest and masters: status, frames calibrated and failed, per-frame sky levels,
+    manifest and masters: status, frames calibrated and failed, per-frame median levels,
     master dark levels (ADU, per exposure time), flat files, hot and dead pixel counts.
 
     A night without output (failed before its masters) keeps its status and reason only.
@@ -53,14 +53,16 @@ def season_rows(folder: str | Path) -> list[dict]:
             frames = manifest.get("frames", [])
             row["frames"] = sum(f.get("status") in ("done", "skipped") for f in frames)
             row["failed"] = sum(f.get("status") == "failed" for f in frames)
-            row["sky"] = [f["sky"] for f in frames if f.get("sky") is not None]
-            row["mjd"] = [f["mjd"] for f in frames if f.get("sky") is not None]
+            # The median of each frame's unmasked pixels ("sky" in earlier manifests).
+            level = [f.get("median", f.get("sky")) for f in frames]
+            row["median"] = [v for v in level if v is not None]
+            row["mjd"] = [f["mjd"] for f, v in zip(frames, level, strict=True) if v is not None]
             masters = master_files(out_dir, manifest)
             row["dark_levels"] = {}
             for label, path in masters.items():
                 if label.startswith("dark"):
                     et = label.split()[1].removesuffix("s")
-                    row["dark_levels"][et] = float(np.median(fits.getdata(path)))
+                    row["dark_levels"][et] = float(np.median(read_image(path)[1]))
                 elif label.startswith("flat"):
                     row.setdefault("flats", {})[label.split(" ", 1)[1]] = str(path)
                 elif label == "mask":
@@ -75,7 +77,7 @@ STATUS_COLOURS = {"complete": "#2ca02c", "skipped": "#98df8a", "partial": "#ff7f
 
 
 def fig_season(rows: Sequence[dict]):
-    """Season overview: frames per night coloured by status, sky levels, master dark
+    """Season overview: frames per night coloured by status, frame medians, master dark
     levels and hot/dead pixel counts, night by night."""
     fig = new_figure(10.0, 10.0)
     axes = fig.subplots(4, 1, sharex=True)
@@ -96,13 +98,13 @@ def fig_season(rows: Sequence[dict]):
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax = axes[1]
     for i, r in enumerate(rows):
-        sky = np.asarray(r.get("sky", []), float)
+        sky = np.asarray(r.get("median", []), float)
         if sky.size:
             jitter = np.linspace(-0.2, 0.2, sky.size)
             ax.plot(i + jitter, sky, "o", ms=3, color="#1f77b4", alpha=0.6)
             ax.plot([i - 0.3, i + 0.3], [np.median(sky)] * 2, color="k", lw=1.5)
-    ax.set_ylabel("sky [e-]")
-    ax.set_title("sky level of each frame (line: night median)", fontsize=10)
+    ax.set_ylabel("frame median [e-]")
+    ax.set_title("median of each frame's unmasked pixels (line: night median)", fontsize=10)
     ax = axes[2]
     exptimes = sorted({et for r in rows for et in r.get("dark_levels", {})}, key=float)
     for et in exptimes:
@@ -144,7 +146,7 @@ def flat_ratios(rows: Sequence[dict], filter: str | None = None
     if not with_flats:
         return "", [], []
     filt = filter or sorted(with_flats[0]["flats"])[0]
-    have = [(r["night"], np.asarray(fits.getdata(r["flats"][filt]), np.float32))
+    have = [(r["night"], np.asarray(read_image(r["flats"][filt])[1], np.float32))
             for r in with_flats if filt in r["flats"]]
     shapes = Counter(flat.shape for _, flat in have)
     common = shapes.most_common(1)[0][0]  # on a tie, the shape met first

@@ -131,13 +131,14 @@ def _process(job: FrameJob, row: dict) -> dict:
         "CROBJLIM": (cs.objlim, "astroscrappy objlim"),
         "CRCLEAN": (cs.replace, "T: CR pixels replaced in SCI"),
         "NCRPIX": (summary["n_cr"], "pixels flagged CR"),
-        "SKYLEVEL": (summary["sky"], "[e-] median of unmasked SCI"),
+        "SCIMED": (summary["median"], "[e-] median of unmasked SCI, stars included"),
+        "SCIMAD": (summary["mad_sigma"], "[e-] 1.4826 MAD of unmasked SCI"),
     })
     if trim is not None:
         cards["TRIMSEC"] = (trim.to_fits(), "raw section kept")
     out_s = job.settings.output
     quantize = out_s.quantize_level if out_s.compress else None
-    hdul = calibrated_hdul(raw_header, sci, var, mask, finite_cards(cards), quantize)
+    hdul = calibrated_hdul(raw_header, sci, var, mask, finite_cards(cards), quantize, trim)
     t2 = time.perf_counter()
     try:
         atomic_write(hdul, job.output)

@@ -44,6 +44,7 @@ __all__ = [
     "mover_tracks",
     "psf_stamp",
     "simulate_night",
+    "wcs_cards",
     "write_bad_files",
 ]
 
@@ -96,6 +97,10 @@ class SimConfig:
     flat_gradient: float = 0.015  # illumination gradient across the field (fraction)
     flat_stars: int = 15
     bad_files: bool = False
+    # A celestial WCS in the science frames, following the drift (:func:`wcs_cards`): the
+    # reference frame's centre (RA, Dec) in degrees; None (default): none.
+    wcs_center: tuple[float, float] | None = None
+    pixel_scale: float = 0.93  # arcsec per pixel (ASTEP's, about)
     seed: int = 1
 
 
@@ -141,6 +146,8 @@ def load_truth(night_dir: str | Path) -> Truth:
     cfg["movers"] = tuple(tuple(m) for m in cfg["movers"])
     for key in ("hot_rate", "star_flux", "drift", "flat_levels", "extra_dark_exptimes"):
         cfg[key] = tuple(cfg[key])
+    if cfg.get("wcs_center") is not None:
+        cfg["wcs_center"] = tuple(cfg["wcs_center"])
     return Truth(config=SimConfig(**cfg), frames=meta["frames"], **{k: arrays[k] for k in arrays})
 
 
@@ -345,6 +352,19 @@ def _header(cfg: SimConfig, kind: str, exptime: float, mjd: float, extra: dict) 
     return h
 
 
+def wcs_cards(cfg: SimConfig, offset: tuple[float, float]) -> dict:
+    """The celestial WCS of a science frame whose stars sit ``offset`` (x, y px) from the
+    reference grid: the reference frame's centre (``cfg.wcs_center``) at its pixel there,
+    north up, east left (TAN, CD matrix); empty without a centre."""
+    if cfg.wcs_center is None:
+        return {}
+    c, d = (cfg.size + 1) / 2.0, cfg.pixel_scale / 3600.0  # FITS centre pixel, deg/px
+    return {"WCSAXES": 2, "CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CUNIT1": "deg",
+            "CUNIT2": "deg", "CRPIX1": c + float(offset[0]), "CRPIX2": c + float(offset[1]),
+            "CRVAL1": float(cfg.wcs_center[0]), "CRVAL2": float(cfg.wcs_center[1]),
+            "CD1_1": -d, "CD1_2": 0.0, "CD2_1": 0.0, "CD2_2": d, "RADESYS": "ICRS"}
+
+
 def _write_raw(path: Path, adu: np.ndarray, header: fits.Header, cfg: SimConfig,
                overscan: np.ndarray | None) -> None:
     n = cfg.size
@@ -453,7 +473,8 @@ def _science(cfg: SimConfig, cam: _Camera, truth: Truth, rng_sci: np.random.Gene
         cr = cosmic_rays((n, n), n_cr, rng_cr)
         adu, osc = cam.expose(rng_sci, truth.flat * model, cfg.science_exptime, extra_e=cr)
         name = _name(cfg.date, t, "SCIENCE")
-        cam.write(cam.cams, name, "SCIENCE", cfg.science_exptime, t, adu, osc)
+        cam.write(cam.cams, name, "SCIENCE", cfg.science_exptime, t, adu, osc,
+                  extra=wcs_cards(cfg, offset))
         stem = name.removesuffix(".fits")
         np.savez_compressed(tfolder / f"{stem}.npz", model=model.astype(np.float32), cr=cr,
                             saturated=adu >= 65535)

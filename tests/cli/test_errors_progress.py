@@ -92,7 +92,7 @@ def test_inspect_into_a_closed_pipe_is_quiet(small_night):
 def _rows(n: int, failed: set[int] = frozenset()) -> list[dict]:
     return [{"file": f"f{i:04d}.fits", "output": f"f{i:04d}_CAL.fits", "mjd": float(i),
              "status": "failed" if i in failed else "done", "reason": "boom",
-             "sky": 100.0 + i, "noise": 10.0, "n_masked": 5, "n_cr": 3, "n_saturated": 0,
+             "median": 100.0 + i, "mad_sigma": 10.0, "n_masked": 5, "n_cr": 3, "n_saturated": 0,
              "t_total": 0.5} for i in range(n)]
 
 
@@ -135,7 +135,7 @@ def test_summary_of_a_long_night_is_short(tmp_path):
     text = _summary(res)
     assert len(text.splitlines()) < 15
     assert "497 calibrated" in text and "3 frames (f0001.fits ... f0003.fits): boom" in text
-    assert "sky e-     median 351.0 (from 100.0 to 599.0)" in text  # 100 + 251 (0 is done)
+    assert "median e-      median 351.0 (from 100.0 to 599.0)" in text  # 100 + 251 (0 is done)
 
 
 @pytest.mark.slow

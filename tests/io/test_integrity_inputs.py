@@ -113,7 +113,7 @@ def test_truncated_fz_and_gz_are_unusable_at_inventory(night, capsys):
     assert whole_fz.name not in problems and whole_gz.name not in problems
 
     code, out = _inspect(night, capsys)
-    assert code == EXIT_OK
+    assert code == EXIT_PARTIAL  # unusable files: partial, as the README says
     assert "truncated" in _line(out, str(fz))
     assert "truncated" in _line(out, str(gz))
 
@@ -256,7 +256,7 @@ def test_duplicates_are_decided_by_content(night, capsys):
     assert other.name not in problems
     assert problems == {science[1].name: f"duplicate of {copy.name}"}
     code, out = _inspect(night, capsys)
-    assert code == EXIT_OK
+    assert code == EXIT_PARTIAL
     assert f"duplicate of {copy.name}" in _line(out, str(science[1]))
 
 
@@ -290,7 +290,7 @@ def test_bad_header_values_are_unusable(night, capsys, name, cards, reason):
     hdu.writeto(path)
     assert _problems(night) == {name: reason}
     code, out = _inspect(night, capsys)
-    assert code == EXIT_OK
+    assert code == EXIT_PARTIAL
     assert reason in _line(out, str(path))
 
 
@@ -338,7 +338,7 @@ def test_entries_that_are_not_files_are_listed_never_opened(night, capsys):
         "loop_SCIENCE.fits": "symbolic link loop",
     }
     code, out = _inspect(night, capsys)
-    assert code == EXIT_OK
+    assert code == EXIT_PARTIAL
     assert "a FIFO" in _line(out, str(fifo))
     assert "symbolic link loop" in _line(out, "loop_SCIENCE.fits")
     assert "4 unusable" in out or "unusable files (4)" in out

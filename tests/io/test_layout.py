@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from astep_dask.cli import EXIT_FAILED, EXIT_OK, main
+from astep_dask.cli import EXIT_FAILED, EXIT_PARTIAL, main
 from astep_dask.core.calibrate import Section
 from astep_dask.errors import ArchiveError
 from astep_dask.io.headers import FrameType, classify
@@ -123,12 +123,12 @@ def test_find_nights(small_night, tmp_path):
 
 
 def test_inspect_cli(bad_night, capsys):
-    assert main(["inspect", str(bad_night)]) == EXIT_OK
+    assert main(["inspect", str(bad_night)]) == EXIT_PARTIAL  # unusable files listed
     out = capsys.readouterr().out
     assert f"unusable files ({len(BAD_FILES)})" in out
     for name in BAD_FILES:
         assert name in out
-    assert main(["inspect", "--json", str(bad_night)]) == EXIT_OK
+    assert main(["inspect", "--json", str(bad_night)]) == EXIT_PARTIAL
     data = json.loads(capsys.readouterr().out)
     assert data[0]["n_usable"] == 6 + 5 + 5 + 7 + len(BAD_FRAMES) + len(BAD_FLATS)
     assert len(data[0]["problems"]) == len(BAD_FILES)

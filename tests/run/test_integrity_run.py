@@ -206,7 +206,7 @@ def test_rerun_keeps_the_manifest_rows_rejections_and_exit_code(bad_night, tmp_p
     assert before and set(before) <= set(after)
     for name, row in before.items():
         assert after[name]["status"] == "skipped"
-        for key in ("sky", "noise", "n_masked", "n_cr", "t_total", "worker"):
+        for key in ("median", "mad_sigma", "n_masked", "n_cr", "t_total", "worker"):
             assert after[name][key] == row[key], (name, key)
     assert [r["file"] for r in second["frames"] if r["status"] == "failed"] == \
         [r["file"] for r in first["frames"] if r["status"] == "failed"]
@@ -228,13 +228,13 @@ def test_interrupted_run_writes_its_manifest(small_night, tmp_path, capsys, monk
     manifest = json.loads((folder / MANIFEST).read_text())
     assert manifest["error"] == "interrupted" and manifest["status"] == "failed"
     assert manifest["counts"]["done"] >= 2
-    recorded = {r["file"]: r["sky"] for r in manifest["frames"] if r["status"] == "done"}
+    recorded = {r["file"]: r["median"] for r in manifest["frames"] if r["status"] == "done"}
     monkeypatch.undo()
     assert _calibrate(small_night, tmp_path) == EXIT_OK
     rows = {r["file"]: r for r in json.loads((folder / MANIFEST).read_text())["frames"]}
     assert len(rows) == 6
-    for name, sky in recorded.items():  # skipped rows keep the figures recorded earlier
-        assert rows[name]["status"] == "skipped" and rows[name]["sky"] == sky
+    for name, level in recorded.items():  # skipped rows keep the figures recorded earlier
+        assert rows[name]["status"] == "skipped" and rows[name]["median"] == level
 
 
 # ------------------------------------------------------------------------------ item 10
