@@ -92,6 +92,8 @@ def _settings(args: argparse.Namespace):
         cluster["retries"] = args.retries
     if args.dashboard_address:
         cluster["dashboard_address"] = args.dashboard_address
+    if getattr(args, "security", None):
+        cluster["security"] = str(args.security)
     groups: dict = {"cluster": cluster}
     masters = {}
     if getattr(args, "reuse_foreign_masters", False):
