@@ -93,6 +93,9 @@ def _settings(args: argparse.Namespace):
     if args.dashboard_address:
         cluster["dashboard_address"] = args.dashboard_address
     if getattr(args, "security", None):
+        if not args.scheduler:
+            raise ValueError("--security is for joining a --scheduler; the clusters "
+                             "astep-dask starts make their own credentials")
         cluster["security"] = str(args.security)
     groups: dict = {"cluster": cluster}
     masters = {}

@@ -104,6 +104,8 @@ def test_join_tls_scheduler_with_security_file(tmp_path, tiny_night, capsys):
                 pass
         # the command line: one line, no traceback; with the file, the night is calibrated
         capsys.readouterr()
+        assert main(["calibrate", str(tiny_night), "--security", str(good)]) == EXIT_FAILED
+        assert "--security is for joining a --scheduler" in capsys.readouterr().err
         code = main(["calibrate", str(tiny_night), "--out", str(tmp_path / "o1"),
                      "--scheduler", address, "--no-cosmics"])
         err = capsys.readouterr().err
