@@ -154,7 +154,8 @@ def _join(settings: ClusterSettings) -> Client:
         security = Security()  # from dask config: distributed.comm.tls.*
         if scheme == "tls" and not security.tls_client_cert:
             raise RunError(f"scheduler {address} demands TLS credentials and we have none: "
-                           + hint)
+                           "give --security FILE (ca, cert, key), or set "
+                           "distributed.comm.tls.* in the dask configuration")
     try:
         return Client(address, security=security)
     except (OSError, ValueError, TypeError) as exc:
