@@ -312,7 +312,16 @@ class ClusterSettings:
     memory_limit: str = "auto"
     frames_in_flight: int = 0  # 0: two per worker thread
     retries: int = 2  # extra attempts of a frame whose worker died
-    dashboard_address: str = ":8787"  # a busy port makes dask pick another
+    # Dashboard of a cluster we start (local or batch): the loopback interface only by
+    # default (tunnel to it with SSH, see deploy/README.md); ":8787" opens it on every
+    # interface. A busy port makes dask pick another.
+    dashboard_address: str = "127.0.0.1:8787"
+    # Clusters we start with worker processes or batch jobs talk TLS with credentials made
+    # for the run (nobody else can connect and run code). false only to measure its cost.
+    tls: bool = True
+    # TOML/YAML file with ca, cert, key (PEM paths) to join a TLS --scheduler; None: the
+    # dask configuration's distributed.comm.tls.* (if any).
+    security: str | None = None
     min_jobs: int = 0  # dask-jobqueue adaptive scaling bounds
     max_jobs: int = 10
 

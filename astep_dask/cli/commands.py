@@ -95,6 +95,11 @@ def _settings(args: argparse.Namespace):
         cluster["retries"] = args.retries
     if args.dashboard_address:
         cluster["dashboard_address"] = args.dashboard_address
+    if getattr(args, "security", None):
+        if not args.scheduler:
+            raise ValueError("--security is for joining a --scheduler; the clusters "
+                             "astep-dask starts make their own credentials")
+        cluster["security"] = str(args.security)
     groups: dict = {"cluster": cluster}
     masters = {}
     if getattr(args, "reuse_foreign_masters", False):

@@ -77,7 +77,14 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
                    "batch cluster; a joined --scheduler keeps its own allowed-failures), "
                    "after which that frame fails and the night goes on; an error of the "
                    "frame itself is never retried (default 2)")
-    g.add_argument("--dashboard-address", help="dashboard address of a local cluster (:8787)")
+    g.add_argument("--dashboard-address", metavar="ADDR",
+                   help="dashboard address of a cluster we start (default 127.0.0.1:8787, "
+                   "this machine only: reach it through an SSH tunnel; :8787 opens it on "
+                   "every interface)")
+    g.add_argument("--security", type=Path, metavar="FILE",
+                   help="TLS credentials to join a tls:// --scheduler: a TOML or YAML file "
+                   "with ca, cert, key (PEM paths); default: dask config "
+                   "distributed.comm.tls.*")
 
 
 def _subcommand(sub, name: str, help: str, description: str, func) -> argparse.ArgumentParser:

@@ -1,20 +1,41 @@
 """Where the work runs: a LocalCluster by default, any scheduler address, or an HPC batch
 system through dask-jobqueue. Every path yields a ``distributed.Client``; the rest of the
 pipeline does not know which one it got.
+
+A dask scheduler runs whatever Python a connected client sends, so every cluster started
+here that listens on a network port (worker processes, batch jobs) speaks TLS with mutual
+authentication: a key and self-signed certificate made for this run (:func:`run_security`),
+which only this run's scheduler, workers and client hold. The dashboard listens on the
+loopback interface unless asked otherwise. Joining a ``--scheduler`` uses the credentials
+of a security file (:func:`load_security`) or of the dask configuration.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import ssl
+import tempfile
+import tomllib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import dask
+import yaml
 from distributed import Client, LocalCluster
+from distributed.comm import get_address_host_port, parse_address
+from distributed.security import Security
 
 from astep_dask.config import ClusterSettings
+from astep_dask.errors import RunError
 
-__all__ = ["capacity", "connect", "local_layout", "machine_cores", "worker_threads"]
+WORKER_HTTP = "127.0.0.1:0"  # where a worker's own HTTP server listens (any free port)
+
+__all__ = ["capacity", "connect", "load_security", "local_layout", "machine_cores",
+           "run_security", "worker_threads"]
 
 
 def machine_cores() -> int:
@@ -37,7 +58,120 @@ def local_layout(settings: ClusterSettings) -> tuple[int, int]:
     return workers, threads
 
 
-def _jobqueue_cluster(settings: ClusterSettings):
+@contextmanager
+def run_security(folder: str | Path | None = None) -> Iterator[Security]:
+    """TLS credentials made for one run: a fresh RSA key and a self-signed certificate that
+    is its own CA, for every role (scheduler, workers, nannies, client), encryption required.
+
+    Without ``folder`` they live only in memory (a LocalCluster hands them to its worker
+    processes through their pipes). With ``folder`` (for batch jobs that start on other
+    nodes) they are also written there into a new private folder (0700, files 0600, the
+    key never in a job script: the jobs get the paths) that is removed, with the files, on
+    exit.
+    """
+    security = Security.temporary()
+    if folder is None:
+        yield security
+        return
+    parent = Path(os.path.expandvars(str(folder))).expanduser()
+    try:
+        private = Path(tempfile.mkdtemp(prefix=".astep-dask-tls-", dir=parent))  # 0700
+    except OSError as exc:
+        raise RunError(f"{parent}: cannot make the run's private TLS folder there: "
+                       f"{exc.strerror or exc}") from None
+    try:
+        paths = {}
+        for name, pem in (("ca.pem", security.tls_ca_file), ("cert.pem", security.tls_worker_cert),
+                          ("key.pem", security.tls_worker_key)):
+            # O_EXCL with mode 0600 in a fresh 0700 folder: readable by this user only, from
+            # the first byte on (no atomic rename needed: nothing reads it before we return).
+            fd = os.open(private / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(pem)
+            paths[name] = str(private / name)
+        cert, key = paths["cert.pem"], paths["key.pem"]
+        yield Security(tls_ca_file=paths["ca.pem"], tls_client_cert=cert, tls_client_key=key,
+                       tls_scheduler_cert=cert, tls_scheduler_key=key, tls_worker_cert=cert,
+                       tls_worker_key=key, require_encryption=True)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def load_security(path: str | Path) -> Security:
+    """Client credentials to join a TLS scheduler, from a TOML or YAML file::
+
+        ca = "ca.pem"        # the CA that signed the scheduler's certificate
+        cert = "me.pem"      # our certificate, signed by a CA the scheduler trusts
+        key = "me.key"       # its private key (keep the file readable by you only)
+
+    Relative paths are relative to the file. Raises :class:`RunError` (one line naming
+    the file) when it cannot be read or lacks a key.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (OSError, tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise RunError(f"{path}: cannot read the security file: "
+                       f"{getattr(exc, 'strerror', None) or exc}".splitlines()[0]) from None
+    if not isinstance(data, dict) or not all(data.get(k) for k in ("ca", "cert", "key")):
+        raise RunError(f"{path}: a security file needs ca, cert and key (paths to PEM files)")
+    files = {}
+    for k in ("ca", "cert", "key"):
+        file = (path.parent / os.path.expanduser(str(data[k])))
+        if not file.is_file():
+            raise RunError(f"{path}: {k} file {file} does not exist")
+        files[k] = str(file)
+    return Security(tls_ca_file=files["ca"], tls_client_cert=files["cert"],
+                    tls_client_key=files["key"], require_encryption=True)
+
+
+JOIN_TIMEOUT = 10  # s: a scheduler that does not answer by then is reported as unreachable
+
+
+def _speaks_tls(address: str, timeout: float = 5.0) -> bool:
+    """Whether the server at a ``tcp://`` address answers a TLS handshake (as a scheduler
+    started with TLS does)."""
+    try:
+        host, port = get_address_host_port(address)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with socket.create_connection((host, port), timeout=timeout) as raw, \
+                ctx.wrap_socket(raw) as tls:
+            return tls.version() is not None
+    except (OSError, ValueError):
+        return False
+
+
+def _join(settings: ClusterSettings) -> Client:
+    """A client of the running scheduler ``settings.scheduler``; :class:`RunError` (one
+    line) when it cannot be joined, saying so when it demands credentials we lack."""
+    address = settings.scheduler
+    scheme, _ = parse_address(address)
+    hint = ("give a tls:// address and --security FILE (ca, cert, key), or set "
+            "distributed.comm.tls.* in the dask configuration")
+    if settings.security:
+        security = load_security(settings.security)
+    else:
+        security = Security()  # from dask config: distributed.comm.tls.*
+        if scheme == "tls" and not security.tls_client_cert:
+            raise RunError(f"scheduler {address} demands TLS credentials and we have none: "
+                           "give --security FILE (ca, cert, key), or set "
+                           "distributed.comm.tls.* in the dask configuration")
+    try:
+        return Client(address, security=security, timeout=JOIN_TIMEOUT)
+    except (OSError, ValueError, TypeError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        if scheme == "tcp" and _speaks_tls(address):
+            raise RunError(f"scheduler {address} demands TLS credentials: {hint}") from None
+        if scheme == "tls":
+            raise RunError(f"scheduler {address} refused our TLS credentials "
+                           f"({settings.security or 'dask config'}): {reason}") from None
+        raise RunError(f"cannot join scheduler {address}: {reason}") from None
+
+
+def _jobqueue_cluster(settings: ClusterSettings, security: Security | None):
     try:
         import dask_jobqueue
     except ImportError as exc:  # pragma: no cover - depends on the installation
@@ -45,10 +179,43 @@ def _jobqueue_cluster(settings: ClusterSettings):
             f"--cluster {settings.kind} needs dask-jobqueue: pip install dask-jobqueue"
         ) from exc
     cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[settings.kind]
+    options = dict(dask.config.get(f"jobqueue.{settings.kind}.scheduler-options", {}) or {})
+    options["dashboard_address"] = settings.dashboard_address
+    kwargs = {"security": security, "protocol": "tls://"} if security is not None else {}
+    # Each worker's own HTTP server (metrics, its dashboard) on its node's loopback unless
+    # worker-extra-args says otherwise (a later --dashboard-address wins).
+    extra = dask.config.get(f"jobqueue.{settings.kind}.worker-extra-args", []) or []
+    kwargs["worker_extra_args"] = ["--dashboard-address", WORKER_HTTP, *extra]
     with dask.config.set({"distributed.scheduler.allowed-failures": settings.retries}):
-        cluster = cls()  # configured by dask config (jobqueue.yaml), see deploy/
+        # the rest configured by dask config (jobqueue.yaml), see deploy/
+        cluster = cls(scheduler_options=options, **kwargs)
     cluster.adapt(minimum_jobs=settings.min_jobs, maximum_jobs=settings.max_jobs)
     return cluster
+
+
+def _dashboard_link(client: Client, settings: ClusterSettings, ours: bool) -> str:
+    """The dashboard's link as it is bound: dask names the scheduler's host, but a cluster
+    we start binds the dashboard to ``dashboard_address`` (the loopback by default), which
+    other machines reach through an SSH tunnel to this one."""
+    link = client.dashboard_link
+    host = settings.dashboard_address.rpartition(":")[0].strip("[]")
+    if not (ours and link and host):
+        return link
+    parts = urlsplit(link)
+    link = urlunsplit(parts._replace(netloc=f"{host}:{parts.port}"))
+    if host in ("127.0.0.1", "localhost", "::1"):
+        node = socket.gethostname()
+        link += f" (this machine only; from yours: ssh -N -L {parts.port}:localhost:" \
+                f"{parts.port} {node}, see deploy/README.md)"
+    return link
+
+
+def credentials_folder(kind: str) -> Path:
+    """Where a batch cluster's worker jobs find this run's credentials: dask-jobqueue's
+    ``jobqueue.<kind>.shared-temp-directory`` or, unset, the current directory (as for
+    its ``log-directory``). Must be on a file system that the worker nodes see."""
+    folder = dask.config.get(f"jobqueue.{kind}.shared-temp-directory", default=None)
+    return Path(os.path.expandvars(str(folder))).expanduser() if folder else Path.cwd()
 
 
 @contextmanager
@@ -63,34 +230,48 @@ def connect(settings: ClusterSettings, log: Callable[[str], None] = print) -> It
     A cluster started here retries a task whose worker died ``retries`` times
     (the scheduler's ``allowed-failures``) before failing it; a joined scheduler keeps
     its own setting. Errors raised by a task are never retried: they would recur.
+
+    Worker processes and batch jobs talk TLS with credentials made for this run
+    (:func:`run_security`; ``tls = false`` turns it off, for measurements only); a batch
+    cluster's credential files are removed after it closes. In-process workers need none.
+    The dashboard listens on ``dashboard_address`` (loopback by default).
     """
-    cluster = None
-    if settings.scheduler:
-        client = Client(settings.scheduler)
-        log(f"joined scheduler {settings.scheduler}")
-    elif settings.kind == "local":
-        workers, threads = local_layout(settings)
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=threads,
-            processes=settings.processes,
-            memory_limit=settings.memory_limit,
-            dashboard_address=settings.dashboard_address,
-            scheduler_kwargs={"allowed_failures": settings.retries},
-        )
-        client = Client(cluster)
-    elif settings.kind in ("slurm", "pbs"):
-        cluster = _jobqueue_cluster(settings)
-        client = Client(cluster)
-    else:
-        raise ValueError(f"unknown cluster kind {settings.kind!r} (local, slurm, pbs)")
-    try:
-        log(f"dask dashboard: {client.dashboard_link}")
-        yield client
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+    with ExitStack() as stack:
+        cluster = None
+        if settings.scheduler:
+            client = _join(settings)
+            log(f"joined scheduler {settings.scheduler}")
+        elif settings.kind == "local":
+            workers, threads = local_layout(settings)
+            tls = {}
+            if settings.processes and settings.tls:
+                tls = {"security": stack.enter_context(run_security()), "protocol": "tls://"}
+            cluster = LocalCluster(
+                n_workers=workers,
+                threads_per_worker=threads,
+                processes=settings.processes,
+                memory_limit=settings.memory_limit,
+                dashboard_address=settings.dashboard_address,
+                scheduler_kwargs={"allowed_failures": settings.retries},
+                # in-process workers' HTTP servers would listen on every interface
+                worker_dashboard_address=None if settings.processes else WORKER_HTTP,
+                **tls,
+            )
+            client = Client(cluster, security=cluster.security)
+        elif settings.kind in ("slurm", "pbs"):
+            security = (stack.enter_context(run_security(credentials_folder(settings.kind)))
+                        if settings.tls else None)
+            cluster = _jobqueue_cluster(settings, security)
+            client = Client(cluster, security=cluster.security)
+        else:
+            raise ValueError(f"unknown cluster kind {settings.kind!r} (local, slurm, pbs)")
+        try:
+            log(f"dask dashboard: {_dashboard_link(client, settings, cluster is not None)}")
+            yield client
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
 
 
 def worker_threads(client: Client) -> int:

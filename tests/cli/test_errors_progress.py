@@ -166,3 +166,20 @@ def test_performance_report_and_kept_dashboard(small_night, tmp_path, capsys, mo
     assert f"performance report: {report}" in err
     assert "press Enter" in err and "dashboard kept at" in err
     assert not list(report.parent.glob(".tmp-*"))
+
+
+def test_unreachable_scheduler_is_one_line_soon(small_night, tmp_path, capsys):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    code = main(["calibrate", str(small_night), "--out", str(tmp_path),
+                 "--scheduler", f"tcp://127.0.0.1:{port}"])
+    waited = time.monotonic() - t0
+    assert code == EXIT_FAILED
+    line = _one_error_line(capsys.readouterr().err, "error:", f"127.0.0.1:{port}")
+    assert "cannot join scheduler" in line
+    assert waited < 30  # the join gives up after 10 s (dask's own default is 30 s)

@@ -11,12 +11,17 @@ The job-script tests need only dask-jobqueue and run everywhere.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
+import socket
+import stat
 import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -327,3 +332,80 @@ def test_season_through_slurm(slurm, tmp_path, monkeypatch, capsys):
                for r in json.loads((out / d / "manifest.json").read_text())["frames"]}
     assert workers  # frames were calibrated by the SLURM job workers
     assert not _wait_gone(name), "jobs still queued after the season"
+
+
+@needs_sbatch
+def test_calibrate_through_slurm_refuses_strangers(slurm, tmp_path, monkeypatch):
+    """`astep-dask calibrate --cluster slurm`: scheduler, workers and nannies talk TLS with
+    credentials made for the run. While it runs, a stranger tries every port the run
+    listens on (driver and worker jobs) with a plain dask Client and a raw TCP connection:
+    none gets a session or runs code. The credentials live in a private folder on the
+    shared file system, the job script names only their paths, and they are gone after
+    the run; nothing the run leaves holds the key."""
+    import dask
+
+    from astep_dask.cli import EXIT_OK, main
+    from astep_dask.io.products import output_dir
+    from astep_dask.testing.simulate import SimConfig, simulate_night
+    from tests.run.intruder import probe_while_running
+
+    sim = dataclasses.replace(SimConfig(), size=64, n_science=3, n_darks=3, n_flats=3,
+                              seed=12)
+    night = simulate_night(tmp_path / "archive", sim)
+    settings_file = tmp_path / "settings.toml"
+    settings_file.write_text("[cluster]\nmin_jobs = 1\nmax_jobs = 1\n")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    monkeypatch.setenv("ASTEP_DASK_ENV", sys.prefix)
+    monkeypatch.chdir(tmp_path)
+    name = f"astep-tls-{uuid.uuid4().hex[:6]}"
+    cfg = {**small("slurm", name, tmp_path / "logs"), "shared-temp-directory": str(shared)}
+    marker = tmp_path / "intruder.txt"
+    found = probe_while_running(monkeypatch, marker)
+    seen: dict = {}
+
+    import astep_dask.run.cluster as cluster_module
+
+    probing = cluster_module.connect
+
+    @contextmanager
+    def connect(settings, log=print):
+        with probing(settings, log) as client:
+            sec = client.security
+            seen["script"] = client.cluster.job_script()
+            seen["files"] = {p: stat.S_IMODE(os.stat(p).st_mode) for p in
+                             (sec.tls_ca_file, sec.tls_worker_cert, sec.tls_worker_key)}
+            seen["folder"] = Path(sec.tls_worker_key).parent
+            seen["folder_mode"] = stat.S_IMODE(seen["folder"].stat().st_mode)
+            seen["key"] = Path(sec.tls_worker_key).read_text().splitlines()[1]
+            seen["address"] = client.scheduler_info()["address"]
+            yield client
+
+    monkeypatch.setattr(cluster_module, "connect", connect)
+    out = tmp_path / "out"
+    with dask.config.set(dask_settings("slurm", cfg)):
+        code = main(["calibrate", str(night), "--cluster", "slurm", "--out", str(out),
+                     "--config", str(settings_file), "--no-cosmics"])
+    assert code == EXIT_OK
+    assert seen["address"].startswith("tls://")
+    assert len(found["comm_ports"]) >= 3, found  # scheduler, worker, nanny
+    assert found["problems"] == [], found["problems"]
+    assert not marker.exists()
+    # the credentials: private, on the shared folder, named (never included) in the script
+    assert seen["folder"].parent == shared and seen["folder_mode"] == 0o700
+    assert set(seen["files"].values()) == {0o600}
+    script = seen["script"]
+    assert f"--tls-key {seen['folder']}" in script and "--protocol tls://" in script
+    assert "PRIVATE KEY" not in script and seen["key"] not in script
+    assert "--dashboard-address 127.0.0.1:0" in script
+    # after the run: credentials gone, nothing left behind holds the key
+    assert list(shared.iterdir()) == []
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert b"PRIVATE KEY" not in data and seen["key"].encode() not in data, path
+    rows = json.loads((output_dir(night, out) / "manifest.json").read_text())["frames"]
+    assert len(rows) == sim.n_science and {r["status"] for r in rows} == {"done"}
+    driver = f"{socket.gethostname()}:{os.getpid()}"
+    assert all(r["worker"] != driver for r in rows)  # calibrated in the SLURM job
+    assert not _wait_gone(name), "jobs still queued after the run"
