@@ -55,6 +55,8 @@ def master_name(night: str, role: str, exptime: float | None = None, filter: str
         return f"{night}_MASTERFLAT_{filter}.fits" if filter else f"{night}_MASTERFLAT.fits"
     if role == "mask":
         return f"{night}_MASK.fits"
+    if role == "illum":
+        return f"{night}_ILLUM_{filter}.fits" if filter else f"{night}_ILLUM.fits"
     raise ValueError(role)
 
 

@@ -31,6 +31,7 @@ from astep_dask.io.layout import FrameRecord, Inventory
 from astep_dask.io.products import master_name
 from astep_dask.io.provenance import digest_of, input_identity
 from astep_dask.masters.flats import central_box, normalise_flat, screen_flats
+from astep_dask.masters.illum import compute_illumination, illum_cards, illum_inputs
 from astep_dask.masters.reduce import (
     combine_blocks,
     combine_cards,
@@ -338,6 +339,63 @@ class MasterBuilder:
             cards["HOTNOISE"] = (robust_sigma(hot_source), "[adu] robust sigma of dark")
         return Master("mask", data.astype(MASK_DTYPE), None, None, digest, cards)
 
+    def illums(self, bias: Master | None, darks: dict[float, Master],
+               flats: dict[str, Master], mask: Master) -> dict[str, Master]:
+        """Illumination correction per filter (``[illum]``), from the night's science
+        frames flat-fielded in memory with the new master flat: reused, built, or taken
+        from the nearest night when too few frames are usable (``[masters] fallback``)."""
+        out: dict[str, Master] = {}
+        if not self.settings.illum.enabled:
+            return out
+        for filt, flat in flats.items():
+            recs = self.inv.select(FrameType.SCIENCE, filter=filt)
+            name = self._name("illum", filter=filt)
+            dark_info = {}
+            for et in sorted({r.exptime for r in recs}):
+                try:
+                    dark_info[et] = dark_for_exptime(et, bias, darks)
+                except CalibrationError:
+                    continue
+            usable = [r for r in recs if r.exptime in dark_info]
+            if (m := self._illum(filt, usable, dark_info, flat, mask)) is None:
+                m = self._fallback(name.split("_", 1)[1], "illum",
+                                   "too few usable science frames")
+            if m is not None:
+                out[filt] = m
+        return out
+
+    def _illum(self, filt: str, recs: list[FrameRecord], dark_info: dict[float, DarkSolution],
+               flat: Master, mask: Master) -> Master | None:
+        il = self.settings.illum
+        what = f"illumination {filt}"
+        if not self._enough_for(recs, what, il.min_frames):
+            return None
+        digest = digest_of("illum", filt, input_identity(recs), flat.digest, mask.digest,
+                           sorted(f"{et:g}:{d.how}" for et, d in dark_info.items()),
+                           self.settings.digest("illum", "detector"), __version__)
+        path = self.out / self._name("illum", filter=filt)
+        if (m := self.store.existing(path, digest)) is not None:
+            self.report.illum[filt] = _illum_summary(m)
+            return m
+        result, used = compute_illumination(recs, {et: d.total for et, d in dark_info.items()},
+                                            flat.data, mask.data, self.settings)
+        if result.correction is None:
+            self.report.notes.append(f"{what}: {result.n_used} usable frame(s) of "
+                                     f"{len(used)}, need {il.min_frames}")
+            return None
+        m = Master("illum", result.correction, None, None, digest,
+                   illum_cards(result, self.settings, filt, self._name("flat", filter=filt)),
+                   illum_inputs(used, result))
+        self._new(m, path)
+        self.report.illum[filt] = _illum_summary(m)
+        return m
+
+    def _enough_for(self, records: Sequence[FrameRecord], what: str, need: int) -> bool:
+        if len(records) >= need:
+            return True
+        self.report.notes.append(f"{what}: {len(records)} usable frame(s), need {need}")
+        return False
+
     def build(self) -> MasterPaths:
         """Build or reuse every master; return their paths (once all are written).
 
@@ -360,16 +418,28 @@ class MasterBuilder:
             raise CalibrationError(f"no usable dark frames and no bias frames ({why})")
         flats = self.flats(bias, darks)
         mask = self.mask(bias, darks, flats)
-        for m in [*darks.values(), *flats.values()]:
+        illums = self.illums(bias, darks, flats, mask)
+        for m in [*darks.values(), *flats.values(), *illums.values()]:
             if m.path is None or m.path.parent != self.out:
                 # fallback masters are copied beside the night's own, under this night's name
                 role = m.role
                 name = self._name(role, m.exptime if role == "dark" else None,
-                                  str(m.cards.get("FILTER", ("",))[0]) if role == "flat" else "")
+                                  str(m.cards.get("FILTER", ("",))[0])
+                                  if role in ("flat", "illum") else "")
                 self.store.write(m, self.out / name)
         return MasterPaths(
             bias=bias.path if bias else None,
             darks=tuple(sorted((et, m.path) for et, m in darks.items())),
             flats=tuple(sorted((f, m.path) for f, m in flats.items())),
             mask=mask.path,
+            illums=tuple(sorted((f, m.path) for f, m in illums.items())),
         )
+
+
+def _illum_summary(m: Master) -> dict:
+    """What the manifest says of an illumination master: file, frames, amplitude."""
+    def card(key: str):
+        return m.cards.get(key, (None,))[0]
+    return {"file": m.path.name if m.path else None, "frames": card("NCOMBINE"),
+            "rejected": card("NREJECT"), "amplitude": card("ILLAMP"),
+            "noise": card("ILLNOISE"), "fallback": card("FALLBACK")}
