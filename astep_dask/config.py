@@ -109,9 +109,9 @@ class IllumSettings:
     max_frames: int = 200  # science frames read (evenly spread in time); 0: all
     row_step: int = 4  # every n-th row of a frame is read (the sky is smooth)
     block: int = 64  # px, side of a block of the sky grid
-    star_sigma: float = 3.0  # star (and cosmic-ray) pixels: above the local sky by this
-    star_grow: int = 6  # px by which star pixels are grown (halos)
-    min_block_fraction: float = 0.3  # a block with fewer usable pixels is left out
+    star_sigma: float = 4.0  # star (and cosmic-ray) pixels: above the local sky by this
+    star_grow: int = 3  # px by which star pixels are grown (halos)
+    min_block_fraction: float = 0.2  # a block with fewer usable pixels is left out
     sky_ratio: float = 2.0  # frames whose sky rate is this far off the median: rejected
     gradient_sigma: float = 4.0  # own gradient off the night's by this many robust sigmas
     gradient_floor: float = 0.003  # ... and by at least this (peak to peak): rejected

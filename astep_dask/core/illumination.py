@@ -105,7 +105,8 @@ def sky_grid(image: np.ndarray, bad: np.ndarray, rows: np.ndarray, shape: tuple[
         empty = np.full((len(ey) - 1, len(ex) - 1), np.nan)
         return SkyGrid(empty, np.zeros_like(empty), float("nan"), float("nan"))
     centre = float(np.median(sample))
-    noise = float(MAD_TO_SIGMA * np.median(np.abs(sample - centre))) or 1.0
+    # The noise from the lower half of the distribution: stars only lift the upper half.
+    noise = float(centre - np.percentile(sample, 15.8655)) or 1.0
     k = settings.star_sigma
     # First local sky: a clipped block mean around the frame's median.
     use = good & (np.abs(image - centre) < k * noise)
@@ -115,14 +116,14 @@ def sky_grid(image: np.ndarray, bad: np.ndarray, rows: np.ndarray, shape: tuple[
     ix = np.clip(np.searchsorted(ex, np.arange(nx), side="right") - 1, 0, len(ex) - 2)
     resid = image - first[np.ix_(iy, ix)].astype(np.float32)
     resid[~good] = 0
-    # Stars (and cosmic rays): high pixels, or high on a 3-pixel row average; grown by
-    # ``star_grow`` px in both axes (rows are ``step`` px apart).
-    smooth = ndimage.uniform_filter1d(resid, 3, axis=1)
-    star = (resid > k * noise) | (smooth > k * noise / np.sqrt(3))
+    # Stars (and cosmic rays): high on a 5-pixel row average, or high by themselves;
+    # grown by ``star_grow`` px in both axes (the rows read are ``step`` px apart).
+    smooth = ndimage.uniform_filter1d(resid, 5, axis=1)
+    star = (resid > k * noise) | (smooth > k * noise / np.sqrt(5))
     step = max(1, int(np.median(np.diff(rows)))) if len(rows) > 1 else 1
     gy = int(np.ceil(settings.star_grow / step))
     star = ndimage.maximum_filter(star, size=(2 * gy + 1, 2 * settings.star_grow + 1))
-    keep = good & ~star & (resid > -k * noise)
+    keep = good & ~star & (resid > -2 * k * noise)
     count = _block_sum(keep.astype(np.float32), ry, ex)
     total = _block_sum(np.ones_like(keep, np.float32), ry, ex)
     with np.errstate(invalid="ignore", divide="ignore"):

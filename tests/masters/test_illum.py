@@ -1,0 +1,126 @@
+"""The illumination master of a simulated night: built from its science frames, written
+with its provenance, reused, switched off, taken from another night, applied to frames."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from astep_dask.config import Settings
+from astep_dask.io.fitsio import verify_file
+from astep_dask.io.headers import FrameType
+from astep_dask.io.layout import scan_night
+from astep_dask.io.provenance import frame_provenance
+from astep_dask.masters.builder import MasterBuilder
+from astep_dask.masters.store import corrected_flat, frame_masters, read_master
+from astep_dask.run.frames import FrameJob, process_frame
+from astep_dask.testing.simulate import SimConfig, load_truth, simulate_night
+
+# 256², 24 science frames whose sky has its own 0.5 % gradient turning through the night.
+CFG = SimConfig(size=256, n_science=24, n_darks=5, n_flats=7, cr_per_mpix=30.0,
+                sky_gradient=0.005, seed=11)
+SET = Settings().replace(illum={"min_frames": 10})
+
+
+def plane_rms(ratio: np.ndarray, good: np.ndarray) -> float:
+    """rms of the plane fitted to ``ratio`` over ``good`` pixels, relative to its mean:
+    the large-scale error of a flat (issue 18's measure)."""
+    yy, xx = np.nonzero(good)
+    a = np.column_stack([np.ones(yy.size), xx, yy])
+    coef = np.linalg.lstsq(a, ratio[good], rcond=None)[0]
+    plane = a @ coef
+    return float(np.std(plane) / np.mean(plane))
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory):
+    return simulate_night(tmp_path_factory.mktemp("illum_archive"), CFG)
+
+
+@pytest.fixture(scope="module")
+def built(night, tmp_path_factory):
+    out = tmp_path_factory.mktemp("illum_out") / CFG.date
+    builder = MasterBuilder(scan_night(night), out, SET)
+    return builder.build(), builder, out
+
+
+def test_illumination_master_and_its_provenance(built):
+    paths, builder, _ = built
+    (filt, path), = paths.illums
+    assert filt == "RC" and path.name == f"{CFG.date}_ILLUM_RC.fits"
+    assert path.name in builder.report.built
+    assert verify_file(path) is None
+    with fits.open(path) as hdul:
+        h = hdul[0].header
+        assert h["MASTTYPE"] == "ILLUM" and h["ADHASH"]
+        assert h["ILLFLAT"] == paths.flats[0][1].name
+        assert h["NCOMBINE"] + h["NREJECT"] == CFG.n_science
+        assert h["NCOMBINE"] >= CFG.n_science - 2  # no cloud, no dawn: (nearly) all used
+        inputs = hdul["INPUTS"].data
+        assert len(inputs) == CFG.n_science and inputs["USED"].sum() == h["NCOMBINE"]
+    summary = builder.report.illum["RC"]
+    assert summary["file"] == path.name and summary["frames"] == h["NCOMBINE"]
+    # The simulated twilight gradient: 1.5 % (±20 %) along 0.6 rad, so ~1.2-1.9 % peak to
+    # peak over the field.
+    assert 0.01 < summary["amplitude"] < 0.025
+
+
+def test_corrected_flat_loses_the_twilight_gradient(built, night):
+    paths, _, _ = built
+    truth = load_truth(night)
+    mask = read_master(paths.mask).data
+    good = (mask == 0) & ~truth.dead
+    master = read_master(paths.flats[0][1]).data
+    corrected, _ = corrected_flat(paths.flats[0][1], paths.mask, paths.illums[0][1])
+    before = plane_rms(master / truth.flat, good)
+    after = plane_rms(corrected / truth.flat, good)
+    assert before > 0.003  # the twilight gradient is there ...
+    assert after < 0.001 and after < before / 4, (before, after)  # ... and then it is not
+    assert np.median(corrected[good]) == pytest.approx(1, abs=1e-6)
+
+
+def test_reused_switched_off_and_fallback(built, night, tmp_path):
+    paths, _, out = built
+    again = MasterBuilder(scan_night(night), out, SET)
+    assert again.build() == paths
+    assert paths.illums[0][1].name in again.report.reused and not again.report.built
+    off = MasterBuilder(scan_night(night), tmp_path / "off",
+                        SET.replace(illum={"enabled": False})).build()
+    assert off.illums == ()
+    few = SET.replace(illum={"min_frames": 100})
+    alone = MasterBuilder(scan_night(night), tmp_path / "few", few)
+    assert alone.build().illums == ()
+    assert any("illumination RC" in n and "need 100" in n for n in alone.report.notes)
+    # Another night's correction stands in, and says so.
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(paths.illums[0][1], other / "2026-06-14_ILLUM_RC.fits")
+    fb = MasterBuilder(scan_night(night), tmp_path / "fb", few, fallbacks=[other])
+    fb_paths = fb.build()
+    (_, fb_path), = fb_paths.illums
+    assert fb_path.name == f"{CFG.date}_ILLUM_RC.fits"
+    assert fits.getheader(fb_path)["FALLBACK"] == "2026-06-14_ILLUM_RC.fits"
+    assert any("too few usable science frames" in n for n in fb.report.notes)
+
+
+def test_frames_are_calibrated_with_the_corrected_flat(built, night):
+    paths, _, out = built
+    fm, cards = frame_masters(paths, CFG.science_exptime, "RC")
+    assert cards["MILLUM"][0] == paths.illums[0][1].name
+    assert cards["MILLUMH"][0] == fits.getheader(paths.illums[0][1])["ADHASH"]
+    flat = read_master(paths.flats[0][1]).data
+    illum = read_master(paths.illums[0][1]).data
+    mask = read_master(paths.mask).data
+    expected = flat / illum
+    expected /= np.median(expected[mask == 0])
+    np.testing.assert_allclose(fm.flat, expected, rtol=1e-5)
+    rec = scan_night(night).select(FrameType.SCIENCE)[0]
+    job = FrameJob(rec, out / "one_CAL.fits", paths,
+                   frame_provenance(rec, "x", SET), SET)
+    row = process_frame(job)
+    assert row["status"] == "done"
+    h = fits.getheader(out / "one_CAL.fits")
+    assert h["MILLUM"] == paths.illums[0][1].name and h["MFLAT"] == paths.flats[0][1].name
