@@ -82,7 +82,7 @@ def _photometry(sci, mask, model, xy, r_ap=5.0, r_in=8.0, r_out=12.0):
     yy, xx = np.mgrid[-half:half + 1, -half:half + 1]
     out = []
     for x, y in xy:
-        ix, iy = int(round(x)), int(round(y))
+        ix, iy = int(np.rint(x)), int(np.rint(y))
         sl = (slice(iy - half, iy + half + 1), slice(ix - half, ix + half + 1))
         r = np.hypot(xx + ix - x, yy + iy - y)
         ap, ann = r <= r_ap, (r >= r_in) & (r <= r_out)
