@@ -3,6 +3,7 @@ with its provenance, reused, switched off, taken from another night, applied to 
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -16,6 +17,7 @@ from astep_dask.io.layout import scan_night
 from astep_dask.io.provenance import frame_provenance
 from astep_dask.masters.builder import MasterBuilder
 from astep_dask.masters.store import corrected_flat, frame_masters, read_master
+from astep_dask.report.night import night_report
 from astep_dask.run.frames import FrameJob, process_frame
 from astep_dask.testing.simulate import SimConfig, load_truth, simulate_night
 
@@ -124,3 +126,20 @@ def test_frames_are_calibrated_with_the_corrected_flat(built, night):
     assert row["status"] == "done"
     h = fits.getheader(out / "one_CAL.fits")
     assert h["MILLUM"] == paths.illums[0][1].name and h["MFLAT"] == paths.flats[0][1].name
+
+
+def test_report_shows_the_correction(built, night):
+    paths, _, out = built
+    for rec in scan_night(night).select(FrameType.SCIENCE)[:2]:
+        process_frame(FrameJob(rec, out / f"{rec.path.stem}_CAL.fits", paths,
+                               frame_provenance(rec, "x", SET), SET))
+    result = night_report(night, out=out.parent)
+    report = json.loads(result.details["qa_json"].read_text())
+    illum = {m["label"]: m for m in report["masters"]}["illum RC"]
+    header = fits.getheader(paths.illums[0][1])
+    assert illum["amplitude"] == pytest.approx(header["ILLAMP"])
+    assert illum["ncombine"] == header["NCOMBINE"]
+    assert report["summary"]["illum_amplitude"] == {"RC": pytest.approx(header["ILLAMP"])}
+    assert (result.out_dir / report["plots"]["illum RC"]).stat().st_size > 10_000
+    html = result.details["index"].read_text()
+    assert "Illumination correction RC" in html and report["plots"]["illum RC"] in html
