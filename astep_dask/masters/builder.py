@@ -31,7 +31,12 @@ from astep_dask.io.layout import FrameRecord, Inventory
 from astep_dask.io.products import master_name
 from astep_dask.io.provenance import digest_of, input_identity
 from astep_dask.masters.flats import central_box, normalise_flat, screen_flats
-from astep_dask.masters.illum import compute_illumination, illum_cards, illum_inputs
+from astep_dask.masters.illum import (
+    choose_frames,
+    compute_illumination,
+    illum_cards,
+    illum_inputs,
+)
 from astep_dask.masters.reduce import (
     combine_blocks,
     combine_cards,
@@ -52,7 +57,7 @@ class MasterStep:
     """One master of a night's recipe: its role, file name, raw inputs and the masters
     (by file name) it is made from."""
 
-    role: str  # bias, dark, flat, mask
+    role: str  # bias, dark, flat, mask, illum
     name: str
     records: tuple[FrameRecord, ...] = ()
     needs: tuple[str, ...] = ()
@@ -73,13 +78,15 @@ def frame_needs(steps: Sequence[MasterStep], exptime: float, filt: str) -> tuple
     used = darks_needed(exptime, darks, bool(bias)) or ()
     return (*bias, *(darks[et] for et in used),
             *(s.name for s in by_role.get("flat", []) if s.filter == filt),
+            *(s.name for s in by_role.get("illum", []) if s.filter == filt),
             *(s.name for s in by_role.get("mask", [])))
 
 
 class MasterBuilder:
     """The master recipe of one night: bias → darks per exposure time → flat per filter →
-    bad-pixel mask (which also normalises the new flats), each built into ``out_dir`` or
-    reused from it (:class:`~astep_dask.masters.store.MasterStore`).
+    bad-pixel mask (which also normalises the new flats) → illumination correction per
+    filter (from the science frames flat-fielded in memory), each built into ``out_dir``
+    or reused from it (:class:`~astep_dask.masters.store.MasterStore`).
 
     Parameters
     ----------
@@ -138,6 +145,18 @@ class MasterBuilder:
             hot = (darks[max(darks)].name,) if darks else ()
             steps.append(MasterStep("mask", self._name("mask"), (),
                                     (*hot, *(f.name for f in flats))))
+        il = self.settings.illum
+        for f in flats if il.enabled else ():
+            sci = [r for r in self.inv.select(FrameType.SCIENCE, filter=f.filter)
+                   if darks_needed(r.exptime, darks, bias is not None) is not None]
+            if len(sci) < il.min_frames:
+                continue
+            ets = sorted({et for r in sci for et in darks_needed(r.exptime, darks,
+                                                                 bias is not None) or ()})
+            steps.append(MasterStep("illum", self._name("illum", filter=f.filter),
+                                    tuple(choose_frames(sci, il.max_frames)),
+                                    (*after_bias, *(darks[et].name for et in ets), f.name,
+                                     self._name("mask")), filter=f.filter))
         return steps
 
     # -- helpers ---------------------------------------------------------------------

@@ -15,8 +15,9 @@ from astep_dask.io.fitsio import verify_file
 from astep_dask.io.headers import FrameType
 from astep_dask.io.layout import scan_night
 from astep_dask.io.provenance import frame_provenance
-from astep_dask.masters.builder import MasterBuilder
+from astep_dask.masters.builder import MasterBuilder, frame_needs
 from astep_dask.masters.store import corrected_flat, frame_masters, read_master
+from astep_dask.report.graph import collapse, night_graph
 from astep_dask.report.night import night_report
 from astep_dask.run.frames import FrameJob, process_frame
 from astep_dask.testing.simulate import SimConfig, load_truth, simulate_night
@@ -143,3 +144,22 @@ def test_report_shows_the_correction(built, night):
     assert (result.out_dir / report["plots"]["illum RC"]).stat().st_size > 10_000
     html = result.details["index"].read_text()
     assert "Illumination correction RC" in html and report["plots"]["illum RC"] in html
+
+
+def test_plan_and_flow_chart_name_it(built, night):
+    paths, _, _ = built
+    inv = scan_night(night)
+    steps = MasterBuilder(inv, paths.mask.parent, SET).plan()
+    assert [s.role for s in steps] == ["dark", "dark", "flat", "mask", "illum"]
+    illum = steps[-1]
+    assert illum.name == paths.illums[0][1].name
+    assert {paths.flats[0][1].name, paths.mask.name} <= set(illum.needs)
+    assert len(illum.records) == CFG.n_science
+    rec = inv.select(FrameType.SCIENCE)[0]
+    assert illum.name in frame_needs(steps, rec.exptime, rec.filter)
+    g = night_graph(inv, SET)
+    flow = collapse(g.dependencies, g.stage_of, g.stages, g.file_edges, g.night)
+    assert flow.stages["read illum RC"].tasks == CFG.n_science
+    assert f"file {illum.name}" in flow.stages
+    off = MasterBuilder(inv, paths.mask.parent, SET.replace(illum={"enabled": False}))
+    assert "illum" not in [s.role for s in off.plan()]
