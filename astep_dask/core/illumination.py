@@ -42,6 +42,7 @@ __all__ = [
     "illumination_correction",
     "screen_frames",
     "sky_grid",
+    "transfer_correction",
 ]
 
 
@@ -338,3 +339,35 @@ def illumination_correction(grids: np.ndarray, levels: np.ndarray, exptimes: np.
         residual=float(np.sqrt(np.nanmean((grid - at_blocks) ** 2))),
         noise=float(np.nanmedian(error)),
     )
+
+
+def transfer_correction(correction: np.ndarray, flat_from: np.ndarray, flat_to: np.ndarray,
+                        good: np.ndarray, settings: IllumSettings) -> np.ndarray:
+    """Another night's correction made to fit this night's flat.
+
+    ``correction`` corrects ``flat_from`` (its night's master flat). Each night's twilight
+    gradient is its own, the telescope's response is not: the large-scale ratio
+    ``flat_to / flat_from`` (block means over ``good`` pixels, fitted like the sky grid by
+    :func:`fit_surface`) is the difference of the two nights' twilight errors, so
+    ``correction × ratio`` corrects ``flat_to``. Scaled so that ``flat_to / result`` has
+    median 1 over ``good`` pixels.
+    """
+    ny, nx = flat_to.shape
+    ey, ex = block_edges(ny, settings.block), block_edges(nx, settings.block)
+    rows = np.arange(ny)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = flat_to / flat_from
+    ok = good & np.isfinite(ratio) & (flat_from > 0)
+    r = np.where(ok, ratio, 0).astype(np.float64)
+    n = _block_sum(ok.astype(np.float32), np.searchsorted(rows, ey), ex)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = _block_sum(r, np.searchsorted(rows, ey), ex) / n
+        var = _block_sum(r * r, np.searchsorted(rows, ey), ex) / n - mean**2
+        err = np.sqrt(np.maximum(var, 0) / np.maximum(n - 1, 1))
+    mean[n < settings.min_block_fraction * np.diff(ey)[:, None] * np.diff(ex)[None, :]] = np.nan
+    norm = np.nanmedian(mean)
+    surface, _ = fit_surface(mean / norm, err / norm, ey, ex, settings)
+    out = (correction * surface).astype(np.float32)
+    sel = good & np.isfinite(flat_to) & (flat_to > 0) & (out > 0)
+    out *= np.float32(np.median(flat_to[sel] / out[sel]))
+    return out

@@ -24,6 +24,7 @@ from astep_dask.core.badpix import bad_pixel_mask
 from astep_dask.core.bits import MASK_DTYPE, Bit
 from astep_dask.core.combine import Combined, NoiseModel
 from astep_dask.core.darks import DarkSolution, dark_for_exptime, darks_needed
+from astep_dask.core.illumination import transfer_correction
 from astep_dask.core.stats import median, robust_sigma
 from astep_dask.errors import CalibrationError
 from astep_dask.io.headers import FrameType
@@ -46,7 +47,7 @@ from astep_dask.masters.reduce import (
     prepared_stack,
     strip_chunked,
 )
-from astep_dask.masters.store import Master, MasterPaths, MasterStore
+from astep_dask.masters.store import Master, MasterPaths, MasterStore, read_master
 from astep_dask.version import __version__
 
 __all__ = ["MasterBuilder", "MasterStep", "frame_needs"]
@@ -379,6 +380,8 @@ class MasterBuilder:
             if (m := self._illum(filt, usable, dark_info, flat, mask)) is None:
                 m = self._fallback(name.split("_", 1)[1], "illum",
                                    "too few usable science frames")
+                if m is not None and (m := self._transfer(m, flat, mask)) is not None:
+                    self.report.illum[filt] = _illum_summary(m)
             if m is not None:
                 out[filt] = m
         return out
@@ -407,6 +410,28 @@ class MasterBuilder:
                    illum_inputs(used, result))
         self._new(m, path)
         self.report.illum[filt] = _illum_summary(m)
+        return m
+
+    def _transfer(self, m: Master, flat: Master, mask: Master) -> Master | None:
+        """Another night's correction ``m`` fitted to this night's ``flat``
+        (:func:`~astep_dask.core.illumination.transfer_correction`), through the flat it
+        was made for (``ILLFLAT``, beside it); as it is, and said so, when that flat is
+        not there; None (not used) when it has another shape."""
+        source = m.path.parent / str(m.cards.get("ILLFLAT", ("",))[0]) if m.path else None
+        if source is None or not source.is_file():
+            self.report.notes.append(f"{m.cards['FALLBACK'][0]}: its flat is not beside it; "
+                                     "used as it is")
+            return m
+        flat_from = read_master(source, "flat").data
+        if flat_from.shape != flat.data.shape or m.data.shape != flat.data.shape:
+            self.report.notes.append(f"{m.cards['FALLBACK'][0]}: another shape; not used")
+            return None
+        m.data = transfer_correction(m.data, flat_from, flat.data, mask.data == 0,
+                                     self.settings.illum)
+        m.cards["ILLXFER"] = (source.name[:68], "fitted to this flat through this one")
+        m.cards["ILLFLAT"] = (self._name("flat", filter=str(m.cards["FILTER"][0])),
+                              "master flat this corrects (divide it by this)")
+        m.digest = digest_of("illum-transfer", m.digest, flat.digest, mask.digest)
         return m
 
     def _enough_for(self, records: Sequence[FrameRecord], what: str, need: int) -> bool:

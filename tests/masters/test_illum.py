@@ -4,7 +4,6 @@ with its provenance, reused, switched off, taken from another night, applied to 
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +15,13 @@ from astep_dask.io.headers import FrameType
 from astep_dask.io.layout import scan_night
 from astep_dask.io.provenance import frame_provenance
 from astep_dask.masters.builder import MasterBuilder, frame_needs
-from astep_dask.masters.store import corrected_flat, frame_masters, read_master
+from astep_dask.masters.store import (
+    Master,
+    corrected_flat,
+    frame_masters,
+    read_master,
+    write_master,
+)
 from astep_dask.report.graph import collapse, night_graph
 from astep_dask.report.night import night_report
 from astep_dask.run.frames import FrameJob, process_frame
@@ -97,16 +102,34 @@ def test_reused_switched_off_and_fallback(built, night, tmp_path):
     alone = MasterBuilder(scan_night(night), tmp_path / "few", few)
     assert alone.build().illums == ()
     assert any("illumination RC" in n and "need 100" in n for n in alone.report.notes)
-    # Another night's correction stands in, and says so.
+    # Another night's correction stands in, and says so. That night's twilight had
+    # another gradient: its flat (beside its correction) is this one times a plane, and its
+    # correction corrects it; fitted to this night's flat through the ratio of the flats,
+    # it corrects this night's as well as this night's own correction does.
     other = tmp_path / "other"
     other.mkdir()
-    shutil.copy(paths.illums[0][1], other / "2026-06-14_ILLUM_RC.fits")
+    flat_here = read_master(paths.flats[0][1])
+    own = read_master(paths.illums[0][1])
+    n = CFG.size
+    tilt = (1 + 0.01 * (np.arange(n) / n - 0.5))[None, :] * np.ones((n, 1), np.float32)
+    flat_there = Master("flat", flat_here.data * tilt, None, None, "x", {"FILTER": ("RC", "")})
+    write_master(flat_there, other / "2026-06-14_MASTERFLAT_RC.fits")
+    there = Master("illum", own.data * tilt, None, None, "y",
+                   {"FILTER": ("RC", ""), "ILLFLAT": ("2026-06-14_MASTERFLAT_RC.fits", "")})
+    write_master(there, other / "2026-06-14_ILLUM_RC.fits")
     fb = MasterBuilder(scan_night(night), tmp_path / "fb", few, fallbacks=[other])
     fb_paths = fb.build()
     (_, fb_path), = fb_paths.illums
     assert fb_path.name == f"{CFG.date}_ILLUM_RC.fits"
-    assert fits.getheader(fb_path)["FALLBACK"] == "2026-06-14_ILLUM_RC.fits"
+    h = fits.getheader(fb_path)
+    assert h["FALLBACK"] == "2026-06-14_ILLUM_RC.fits"
+    assert h["ILLXFER"] == "2026-06-14_MASTERFLAT_RC.fits"
     assert any("too few usable science frames" in n for n in fb.report.notes)
+    got = fits.getdata(fb_path)
+    good = read_master(paths.mask).data == 0
+    # As good as this night's own: the 1 % tilt of the other night is gone.
+    assert plane_rms(got / own.data, good) < 2e-4
+    assert plane_rms(there.data / own.data, good) > 2e-3
 
 
 def test_frames_are_calibrated_with_the_corrected_flat(built, night):
