@@ -29,6 +29,7 @@ __all__ = [
     "CosmicSettings",
     "DetectorSettings",
     "FlatSettings",
+    "IllumSettings",
     "KbmodSettings",
     "MaskSettings",
     "MasterSettings",
@@ -99,6 +100,36 @@ class FlatSettings:
     level_row_step: int = 8  # ... of which every n-th row (a 2048² flat: 65k pixels)
     min_level_adu: float = 3000.0  # below this a flat has too little signal
     max_level_fraction: float = 0.8  # above this fraction of saturation it is rejected
+
+
+@dataclass(frozen=True)
+class IllumSettings:
+    """The illumination correction ("night-sky flat"): the master flat divided by the
+    large-scale pattern of the night's own flat-fielded, star-masked science sky."""
+
+    enabled: bool = True
+    min_frames: int = 20  # usable science frames needed; fewer: another night's or none
+    max_frames: int = 200  # science frames read (evenly spread in time); 0: all
+    row_step: int = 4  # every n-th row of a frame is read (the sky is smooth)
+    block: int = 64  # px, side of a block of the sky grid
+    star_sigma: float = 4.0  # star (and cosmic-ray) pixels: above the local sky by this
+    star_grow: int = 3  # px by which star pixels are grown (halos)
+    min_block_fraction: float = 0.2  # a block with fewer usable pixels is left out
+    sky_ratio: float = 2.0  # frames whose sky rate is this far off the median: rejected
+    gradient_sigma: float = 4.0  # own gradient off the night's by this many robust sigmas
+    gradient_floor: float = 0.003  # ... and by at least this (peak to peak): rejected
+    structure_factor: float = 3.0  # grid scatter above this x the median: clouds
+    clip_sigma: float = 3.0  # per-block clipping over frames
+    method: str = "poly"  # "poly" (2-D polynomial) or "smooth" (Gaussian on the grid)
+    order: int = 2  # total degree of the polynomial
+    smooth_blocks: float = 3.0  # Gaussian sigma, in blocks, of method "smooth"
+
+    def __post_init__(self):
+        if self.method not in ("poly", "smooth"):
+            raise ValueError(f"[illum] method must be 'poly' or 'smooth', not {self.method!r}")
+        if self.order < 0 or self.row_step < 1 or self.block < 4 or self.min_frames < 1:
+            raise ValueError("[illum] order >= 0, row_step >= 1, block >= 4 and "
+                             "min_frames >= 1 are required")
 
 
 @dataclass(frozen=True)
@@ -333,6 +364,7 @@ class Settings:
     combine: CombineSettings = field(default_factory=CombineSettings)
     masters: MasterSettings = field(default_factory=MasterSettings)
     flat: FlatSettings = field(default_factory=FlatSettings)
+    illum: IllumSettings = field(default_factory=IllumSettings)
     mask: MaskSettings = field(default_factory=MaskSettings)
     cosmics: CosmicSettings = field(default_factory=CosmicSettings)
     detector: DetectorSettings = field(default_factory=DetectorSettings)

@@ -55,6 +55,8 @@ def master_name(night: str, role: str, exptime: float | None = None, filter: str
         return f"{night}_MASTERFLAT_{filter}.fits" if filter else f"{night}_MASTERFLAT.fits"
     if role == "mask":
         return f"{night}_MASK.fits"
+    if role == "illum":
+        return f"{night}_ILLUM_{filter}.fits" if filter else f"{night}_ILLUM.fits"
     raise ValueError(role)
 
 
@@ -228,13 +230,16 @@ def master_files(out_dir: Path, manifest: dict | None = None) -> dict[str, Path]
             out[f"flat {f}"] = _local(p, out_dir)
         if (p := _local(paths.get("mask"), out_dir)) is not None:
             out["mask"] = p
+        for f, p in sorted((paths.get("illums") or {}).items()):
+            out[f"illum {f}"] = _local(p, out_dir)
         return {k: v for k, v in out.items() if v is not None and v.exists()}
-    for p in sorted(out_dir.glob("*_MASTER*.fits")) + sorted(out_dir.glob("*_MASK.fits")):
+    for p in (sorted(out_dir.glob("*_MASTER*.fits")) + sorted(out_dir.glob("*_MASK.fits"))
+              + sorted(out_dir.glob("*_ILLUM*.fits"))):
         role = str(fits.getval(p, "MASTTYPE", default="")).lower()
         if role == "dark":
             out[f"dark {fits.getval(p, 'EXPTIME', default=0):g}s"] = p
-        elif role == "flat":
-            out[f"flat {fits.getval(p, 'FILTER', default='')}".strip()] = p
+        elif role in ("flat", "illum"):
+            out[f"{role} {fits.getval(p, 'FILTER', default='')}".strip()] = p
         elif role in ("bias", "mask"):
             out[role] = p
     return out

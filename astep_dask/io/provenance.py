@@ -129,5 +129,5 @@ def night_provenance(night_dir: Path, settings: Settings) -> str:
         for p in iter_fits(folder)
     ]
     return digest_of(files, settings.digest("combine", "flat", "mask", "cosmics", "detector",
-                                            "output"),
+                                            "illum", "output"),
                      __version__)

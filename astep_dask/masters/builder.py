@@ -24,6 +24,7 @@ from astep_dask.core.badpix import bad_pixel_mask
 from astep_dask.core.bits import MASK_DTYPE, Bit
 from astep_dask.core.combine import Combined, NoiseModel
 from astep_dask.core.darks import DarkSolution, dark_for_exptime, darks_needed
+from astep_dask.core.illumination import transfer_correction
 from astep_dask.core.stats import median, robust_sigma
 from astep_dask.errors import CalibrationError
 from astep_dask.io.headers import FrameType
@@ -31,6 +32,12 @@ from astep_dask.io.layout import FrameRecord, Inventory
 from astep_dask.io.products import master_name
 from astep_dask.io.provenance import digest_of, input_identity
 from astep_dask.masters.flats import central_box, normalise_flat, screen_flats
+from astep_dask.masters.illum import (
+    choose_frames,
+    compute_illumination,
+    illum_cards,
+    illum_inputs,
+)
 from astep_dask.masters.reduce import (
     combine_blocks,
     combine_cards,
@@ -40,7 +47,7 @@ from astep_dask.masters.reduce import (
     prepared_stack,
     strip_chunked,
 )
-from astep_dask.masters.store import Master, MasterPaths, MasterStore
+from astep_dask.masters.store import Master, MasterPaths, MasterStore, read_master
 from astep_dask.version import __version__
 
 __all__ = ["MasterBuilder", "MasterStep", "frame_needs"]
@@ -51,7 +58,7 @@ class MasterStep:
     """One master of a night's recipe: its role, file name, raw inputs and the masters
     (by file name) it is made from."""
 
-    role: str  # bias, dark, flat, mask
+    role: str  # bias, dark, flat, mask, illum
     name: str
     records: tuple[FrameRecord, ...] = ()
     needs: tuple[str, ...] = ()
@@ -72,13 +79,15 @@ def frame_needs(steps: Sequence[MasterStep], exptime: float, filt: str) -> tuple
     used = darks_needed(exptime, darks, bool(bias)) or ()
     return (*bias, *(darks[et] for et in used),
             *(s.name for s in by_role.get("flat", []) if s.filter == filt),
+            *(s.name for s in by_role.get("illum", []) if s.filter == filt),
             *(s.name for s in by_role.get("mask", [])))
 
 
 class MasterBuilder:
     """The master recipe of one night: bias → darks per exposure time → flat per filter →
-    bad-pixel mask (which also normalises the new flats), each built into ``out_dir`` or
-    reused from it (:class:`~astep_dask.masters.store.MasterStore`).
+    bad-pixel mask (which also normalises the new flats) → illumination correction per
+    filter (from the science frames flat-fielded in memory), each built into ``out_dir``
+    or reused from it (:class:`~astep_dask.masters.store.MasterStore`).
 
     Parameters
     ----------
@@ -139,6 +148,18 @@ class MasterBuilder:
             hot = (darks[max(darks)].name,) if darks else ()
             steps.append(MasterStep("mask", self._name("mask"), (),
                                     (*hot, *(f.name for f in flats))))
+        il = self.settings.illum
+        for f in flats if il.enabled else ():
+            sci = [r for r in self.inv.select(FrameType.SCIENCE, filter=f.filter)
+                   if darks_needed(r.exptime, darks, bias is not None) is not None]
+            if len(sci) < il.min_frames:
+                continue
+            ets = sorted({et for r in sci for et in darks_needed(r.exptime, darks,
+                                                                 bias is not None) or ()})
+            steps.append(MasterStep("illum", self._name("illum", filter=f.filter),
+                                    tuple(choose_frames(sci, il.max_frames)),
+                                    (*after_bias, *(darks[et].name for et in ets), f.name,
+                                     self._name("mask")), filter=f.filter))
         return steps
 
     # -- helpers ---------------------------------------------------------------------
@@ -340,6 +361,87 @@ class MasterBuilder:
             cards["HOTNOISE"] = (robust_sigma(hot_source), "[adu] robust sigma of dark")
         return Master("mask", data.astype(MASK_DTYPE), None, None, digest, cards)
 
+    def illums(self, bias: Master | None, darks: dict[float, Master],
+               flats: dict[str, Master], mask: Master) -> dict[str, Master]:
+        """Illumination correction per filter (``[illum]``), from the night's science
+        frames flat-fielded in memory with the new master flat: reused, built, or taken
+        from the nearest night when too few frames are usable (``[masters] fallback``)."""
+        out: dict[str, Master] = {}
+        if not self.settings.illum.enabled:
+            return out
+        for filt, flat in flats.items():
+            recs = self.inv.select(FrameType.SCIENCE, filter=filt)
+            name = self._name("illum", filter=filt)
+            dark_info = {}
+            for et in sorted({r.exptime for r in recs}):
+                try:
+                    dark_info[et] = dark_for_exptime(et, bias, darks)
+                except CalibrationError:
+                    continue
+            usable = [r for r in recs if r.exptime in dark_info]
+            if (m := self._illum(filt, usable, dark_info, flat, mask)) is None:
+                m = self._fallback(name.split("_", 1)[1], "illum",
+                                   "too few usable science frames")
+                if m is not None and (m := self._transfer(m, flat, mask)) is not None:
+                    self.report.illum[filt] = _illum_summary(m)
+            if m is not None:
+                out[filt] = m
+        return out
+
+    def _illum(self, filt: str, recs: list[FrameRecord], dark_info: dict[float, DarkSolution],
+               flat: Master, mask: Master) -> Master | None:
+        il = self.settings.illum
+        what = f"illumination {filt}"
+        if not self._enough_for(recs, what, il.min_frames):
+            return None
+        digest = digest_of("illum", filt, input_identity(recs), flat.digest, mask.digest,
+                           sorted(f"{et:g}:{d.how}" for et, d in dark_info.items()),
+                           self.settings.digest("illum", "detector"), __version__)
+        path = self.out / self._name("illum", filter=filt)
+        if (m := self.store.existing(path, digest)) is not None:
+            self.report.illum[filt] = _illum_summary(m)
+            return m
+        result, used = compute_illumination(recs, {et: d.total for et, d in dark_info.items()},
+                                            flat.data, mask.data, self.settings)
+        if result.correction is None:
+            self.report.notes.append(f"{what}: {result.n_used} usable frame(s) of "
+                                     f"{len(used)}, need {il.min_frames}")
+            return None
+        m = Master("illum", result.correction, None, None, digest,
+                   illum_cards(result, self.settings, filt, self._name("flat", filter=filt)),
+                   illum_inputs(used, result))
+        self._new(m, path)
+        self.report.illum[filt] = _illum_summary(m)
+        return m
+
+    def _transfer(self, m: Master, flat: Master, mask: Master) -> Master | None:
+        """Another night's correction ``m`` fitted to this night's ``flat``
+        (:func:`~astep_dask.core.illumination.transfer_correction`), through the flat it
+        was made for (``ILLFLAT``, beside it); as it is, and said so, when that flat is
+        not there; None (not used) when it has another shape."""
+        source = m.path.parent / str(m.cards.get("ILLFLAT", ("",))[0]) if m.path else None
+        if source is None or not source.is_file():
+            self.report.notes.append(f"{m.cards['FALLBACK'][0]}: its flat is not beside it; "
+                                     "used as it is")
+            return m
+        flat_from = read_master(source, "flat").data
+        if flat_from.shape != flat.data.shape or m.data.shape != flat.data.shape:
+            self.report.notes.append(f"{m.cards['FALLBACK'][0]}: another shape; not used")
+            return None
+        m.data = transfer_correction(m.data, flat_from, flat.data, mask.data == 0,
+                                     self.settings.illum)
+        m.cards["ILLXFER"] = (source.name[:68], "fitted to this flat through this one")
+        m.cards["ILLFLAT"] = (self._name("flat", filter=str(m.cards["FILTER"][0])),
+                              "master flat this corrects (divide it by this)")
+        m.digest = digest_of("illum-transfer", m.digest, flat.digest, mask.digest)
+        return m
+
+    def _enough_for(self, records: Sequence[FrameRecord], what: str, need: int) -> bool:
+        if len(records) >= need:
+            return True
+        self.report.notes.append(f"{what}: {len(records)} usable frame(s), need {need}")
+        return False
+
     def build(self) -> MasterPaths:
         """Build or reuse every master; return their paths (once all are written).
 
@@ -354,9 +456,9 @@ class MasterBuilder:
         return paths
 
     def _tell(self, done: int, what: str) -> None:
-        """Progress of the master stage: bias, darks, flats, mask (4 steps)."""
+        """Progress of the master stage: bias, darks, flats, mask, illumination (5 steps)."""
         if self.progress:
-            self.progress(done, 4, {"file": what, "status": "done", "stage": "masters"})
+            self.progress(done, 5, {"file": what, "status": "done", "stage": "masters"})
 
     def _build(self) -> MasterPaths:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -371,16 +473,29 @@ class MasterBuilder:
         self._tell(3, "flats")
         mask = self.mask(bias, darks, flats)
         self._tell(4, "mask")
-        for m in [*darks.values(), *flats.values()]:
+        illums = self.illums(bias, darks, flats, mask)
+        self._tell(5, "illumination")
+        for m in [*darks.values(), *flats.values(), *illums.values()]:
             if m.path is None or m.path.parent != self.out:
                 # fallback masters are copied beside the night's own, under this night's name
                 role = m.role
                 name = self._name(role, m.exptime if role == "dark" else None,
-                                  str(m.cards.get("FILTER", ("",))[0]) if role == "flat" else "")
+                                  str(m.cards.get("FILTER", ("",))[0])
+                                  if role in ("flat", "illum") else "")
                 self.store.write(m, self.out / name)
         return MasterPaths(
             bias=bias.path if bias else None,
             darks=tuple(sorted((et, m.path) for et, m in darks.items())),
             flats=tuple(sorted((f, m.path) for f, m in flats.items())),
             mask=mask.path,
+            illums=tuple(sorted((f, m.path) for f, m in illums.items())),
         )
+
+
+def _illum_summary(m: Master) -> dict:
+    """What the manifest says of an illumination master: file, frames, amplitude."""
+    def card(key: str):
+        return m.cards.get(key, (None,))[0]
+    return {"file": m.path.name if m.path else None, "frames": card("NCOMBINE"),
+            "rejected": card("NREJECT"), "amplitude": card("ILLAMP"),
+            "noise": card("ILLNOISE"), "fallback": card("FALLBACK")}

@@ -39,9 +39,11 @@ __all__ = [
     "MasterPaths",
     "MasterReport",
     "MasterStore",
+    "corrected_flat",
     "frame_masters",
     "is_current_layout",
     "load_cached",
+    "no_flat_reason",
     "read_master",
     "write_master",
 ]
@@ -178,10 +180,12 @@ class MasterPaths:
     darks: tuple[tuple[float, Path], ...]
     flats: tuple[tuple[str, Path], ...]
     mask: Path
+    illums: tuple[tuple[str, Path], ...] = ()  # illumination correction per filter
 
     def digests(self) -> dict[str, str]:
         """File digests of every master, named by file: the provenance of a frame."""
-        paths = [self.bias, *(p for _, p in self.darks), *(p for _, p in self.flats), self.mask]
+        paths = [self.bias, *(p for _, p in self.darks), *(p for _, p in self.flats), self.mask,
+                 *(p for _, p in self.illums)]
         return {p.name: file_digest(p) for p in paths if p is not None}
 
 
@@ -199,6 +203,28 @@ def no_flat_reason(paths: MasterPaths, filter: str) -> str:
     """Why a frame of this filter cannot be flat-fielded: the filters that have a flat."""
     have = ", ".join(sorted(f for f, _ in paths.flats)) or "none"
     return f"no master flat for filter {filter!r} (flats for: {have})"
+
+
+def corrected_flat(flat_path: Path, mask_path: Path,
+                   illum_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The master flat divided by its illumination correction, normalised again to median
+    1 over the mask's good pixels, and its variance (once per process, cached)."""
+    return _corrected(str(flat_path), str(mask_path), str(illum_path),
+                      tuple(Path(p).stat().st_mtime_ns
+                            for p in (flat_path, mask_path, illum_path)))
+
+
+@functools.lru_cache(maxsize=4)
+def _corrected(flat_path: str, mask_path: str, illum_path: str,
+               mtimes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    flat = load_cached(Path(flat_path))
+    illum = load_cached(Path(illum_path)).data.astype(np.float32)
+    good = (load_cached(Path(mask_path)).data == 0) & np.isfinite(flat.data) & (illum > 0)
+    data = flat.data / illum
+    norm = np.float32(np.median(data[good])) if good.any() else np.float32(1)
+    data /= norm
+    var = variance_of(flat) / (illum * norm) ** 2
+    return data.astype(np.float32), var.astype(np.float32)
 
 
 def frame_masters(
@@ -220,6 +246,7 @@ def frame_masters(
         raise CalibrationError(no_flat_reason(paths, filter))
     flat = load_cached(flats[filter])
     mask = load_cached(paths.mask)
+    illum_path = dict(paths.illums).get(filter)
     sol = dark_for_exptime(exptime, bias, darks)
     cards: dict[str, tuple] = {"DARKMETH": (sol.how[:68], "how the dark was subtracted")}
     if sol.bias_used and bias is not None:
@@ -232,8 +259,14 @@ def frame_masters(
     cards["MFLATH"] = (flat.digest, "its ADHASH")
     cards["MMASK"] = (mask.path.name, "bad-pixel mask used")
     cards["MMASKH"] = (mask.digest, "its ADHASH")
+    flat_data, flat_var = flat.data, variance_of(flat)
+    if illum_path is not None:
+        illum = load_cached(illum_path)
+        flat_data, flat_var = corrected_flat(flats[filter], paths.mask, illum_path)
+        cards["MILLUM"] = (illum.path.name, "illumination correction (flat divided by it)")
+        cards["MILLUMH"] = (illum.digest, "its ADHASH")
     fm = FrameMasters(dark=sol.total, dark_var=sol.var, dark_current=sol.current,
-                      flat=flat.data, flat_var=variance_of(flat), mask=mask.data)
+                      flat=flat_data, flat_var=flat_var, mask=mask.data)
     return fm, cards
 
 
@@ -245,6 +278,7 @@ class MasterReport:
     reused: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
+    illum: dict[str, dict] = field(default_factory=dict)  # per filter: frames, amplitude
 
 
 class MasterStore:

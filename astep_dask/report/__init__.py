@@ -22,6 +22,7 @@ from astep_dask.report.figures import (
     draw_image,
     fig_flagged,
     fig_frame,
+    fig_illum,
     fig_mask,
     fig_master,
     fig_raw_vs_calibrated,
@@ -61,11 +62,18 @@ from astep_dask.report.night import (
     report_summary,
     submit_measures,
 )
-from astep_dask.report.season import fig_flat_ratios, fig_season, flat_ratios, season_rows
+from astep_dask.report.season import (
+    fig_flat_ratios,
+    fig_illum_season,
+    fig_season,
+    flat_ratios,
+    season_rows,
+)
 
 __all__ = [
     "REASONS", "assemble_report", "block_reduce", "calibrated_paths", "collapse",
-    "draw_image", "elongated", "fig_flagged", "fig_flat_ratios", "fig_frame", "fig_mask",
+    "draw_image", "elongated", "fig_flagged", "fig_flat_ratios", "fig_frame", "fig_illum",
+    "fig_illum_season", "fig_mask",
     "fig_master", "fig_raw_vs_calibrated", "fig_season", "fig_timeseries", "find_streak",
     "flag_frames", "flat_ratios", "flow_chart", "flow_graph", "layers", "load_report",
     "mask_fractions", "master_figures", "master_files", "measure_file", "measure_planes",

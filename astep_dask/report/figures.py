@@ -88,7 +88,7 @@ def master_figures(label: str, path: Path, mask: np.ndarray | None = None) -> di
     good = np.isfinite(data) if mask is None else (np.isfinite(data) & (mask == 0))
     values = data[good].astype(np.float64)
     row.update(
-        unit="relative" if role == "flat" else "adu",
+        unit="relative" if role in ("flat", "illum") else "adu",
         level=float(np.median(values)) if values.size else float("nan"),
         scatter=robust_sigma(values),
         noise=float(header["NOISE"]) if "NOISE" in header else None,
@@ -97,7 +97,12 @@ def master_figures(label: str, path: Path, mask: np.ndarray | None = None) -> di
     )
     if role == "dark":
         row["exptime"] = float(header.get("EXPTIME", np.nan))
-    if role == "flat":
+    if role == "illum":
+        row.update(filter=str(header.get("FILTER", "")),
+                   amplitude=float(header.get("ILLAMP", np.nan)),
+                   correction_noise=float(header.get("ILLNOISE", np.nan)),
+                   nreject=header.get("NREJECT"), fallback=header.get("FALLBACK"))
+    if role in ("flat", "illum"):
         row["filter"] = str(header.get("FILTER", ""))
         b = max(1, min(data.shape) // 16)
         grid = block_reduce(np.where(good, data, np.nan), b, np.nanmedian)
@@ -160,6 +165,31 @@ def fig_master(path: Path, label: str, settings: QaSettings | None = None):
     ax = fig.add_subplot()
     draw_image(ax, data, unit, f"{label}: {path.name}\nz-scale stretch", settings.thumbnail,
                cmap="viridis" if label.startswith("flat") else "gray")
+    return fig
+
+
+def fig_illum(path: Path, label: str, settings: QaSettings | None = None):
+    """The illumination correction: its image and its profiles along x and y (medians
+    over the other axis), in per cent of its median."""
+    settings = settings or QaSettings()
+    header, data = read_image(path)
+    data = np.asarray(data, np.float32)
+    pct = 100 * (data / np.nanmedian(data) - 1)
+    fig = new_figure(11.0, 4.6)
+    ax_img, ax_prof = fig.subplots(1, 2, width_ratios=[1.1, 1])
+    amp = 100 * float(header.get("ILLAMP", np.nan))
+    draw_image(ax_img, pct, "% of median", f"{label}: {path.name}\npeak to peak {amp:.2f} %",
+               settings.thumbnail, cmap="viridis")
+    ax_prof.plot(np.arange(pct.shape[1]), np.nanmedian(pct, axis=0), label="along x")
+    ax_prof.plot(np.arange(pct.shape[0]), np.nanmedian(pct, axis=1), label="along y")
+    ax_prof.set_xlabel("x or y [px]")
+    ax_prof.set_ylabel("correction [% of median]")
+    used = header.get("NCOMBINE", "?")
+    note = f", fallback {header['FALLBACK']}" if "FALLBACK" in header else ""
+    ax_prof.set_title(f"profiles ({used} frames, {header.get('NREJECT', 0)} rejected{note})",
+                      fontsize=10)
+    ax_prof.legend()
+    ax_prof.grid(alpha=0.3)
     return fig
 
 
@@ -411,7 +441,9 @@ def write_plots(report: dict, out_dir: Path, folder: Path, settings: QaSettings)
         if not path.exists():
             continue
         name = "mask.png" if label == "mask" else f"master_{label.replace(' ', '_')}.png"
-        fig = fig_mask(path, settings) if label == "mask" else fig_master(path, label, settings)
+        fig = (fig_mask(path, settings) if label == "mask"
+               else fig_illum(path, label, settings) if label.startswith("illum")
+               else fig_master(path, label, settings))
         plots[label] = save_figure(fig, folder / name).name
     frames = report["frames"]
     if frames:

@@ -248,6 +248,9 @@ class _GraphBuilder:
         if step.role == "mask":
             self._add_mask(step)
             return
+        if step.role == "illum":
+            self._add_illum(step)
+            return
         recs = list(step.records)
         what = {"bias": "bias", "dark": f"dark {step.exptime or 0:g} s",
                 "flat": f"flat {step.filter}"}[step.role]
@@ -291,6 +294,27 @@ class _GraphBuilder:
                 self.whole[flat.name], task, dask_key_name=f"normalise-flat-{flat.filter}")
             self.assign(norm, stage, stage)
             self.write(norm, flat.name)
+
+    def _add_illum(self, step: MasterStep) -> None:
+        """The illumination correction: one task per science frame it reads (sampled
+        rows, calibrated in memory with the master files it needs, reduced to a sky
+        grid), their combination and fit, and its file."""
+        recs = list(step.records)
+        read = self.add(f"read illum {step.filter}",
+                        f"read science rows\n{_plural(len(recs), 'file')}, every "
+                        f"{self.settings.illum.row_step}th row", "read")
+        comb = self.add(f"illum {step.filter}", f"illumination {step.filter}\nstar-masked "
+                        "sky grids,\nscreened, combined, fitted", "master")
+        self.file_edges.append((f"input {recs[0].folder}", read))
+        needs = [self.files[n] for n in step.needs]
+        grids = [dask.delayed(_flat_level_stub, pure=True)(
+            str(r.path), *needs, dask_key_name=f"illum-grid-{r.path.name}") for r in recs]
+        for t in grids:
+            self.assign(t, read, read)
+        task = dask.delayed(_write_stub, pure=True)(*grids,
+                                                    dask_key_name=f"illum-{step.filter}")
+        self.assign(task, comb, comb)
+        self.write(task, step.name)
 
     def add_calibration(self, science: list[FrameRecord],
                         steps: list[MasterStep]) -> tuple[str, object]:

@@ -144,6 +144,17 @@ def _masters_section(report: dict) -> list[str]:
                    f"<td>{fmt_value(m.get('n_hot'))}</td>"
                    f"<td>{fmt_value(m.get('n_dead'))}</td></tr>")
     out.append("</table>")
+    for m in report["masters"]:
+        if m.get("role") == "illum":
+            amp = 100 * (m.get("amplitude") or float("nan"))
+            noise = 100 * (m.get("correction_noise") or float("nan"))
+            fb = (f"; taken from another night ({_e(str(m['fallback']))})"
+                  if m.get("fallback") else "")
+            out.append(f"<p>Illumination correction {_e(m.get('filter', ''))} (the master "
+                       f"flat is divided by it): peak to peak {fmt_value(amp, 3)} % over "
+                       f"the field, block noise {fmt_value(noise, 3)} %, from "
+                       f"{fmt_value(m.get('ncombine'))} science frames "
+                       f"({fmt_value(m.get('nreject'))} rejected){fb}.</p>")
     return out
 
 

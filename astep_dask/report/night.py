@@ -225,6 +225,8 @@ def assemble_report(night: str, out_dir: Path, rows: list[dict], manifest: dict,
             "median_noise": _median(frames, "noise"),
             "median_fwhm": _median(frames, "fwhm"),
             "calibration_status": manifest.get("status"),
+            "illum_amplitude": {m["filter"]: m.get("amplitude") for m in master_rows
+                                if m["role"] == "illum"},
         },
         "frames": frames,
         "unreadable": [{"file": r["file"], "reason": r["error"]} for r in errors],

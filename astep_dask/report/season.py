@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from astropy.io import fits
 
 from astep_dask.config import QaSettings
 from astep_dask.core.stats import robust_sigma
@@ -30,7 +31,8 @@ from astep_dask.report.figures import (
     zscale_limits,
 )
 
-__all__ = ["STATUS_COLOURS", "fig_flat_ratios", "fig_season", "flat_ratios", "season_rows"]
+__all__ = ["STATUS_COLOURS", "fig_flat_ratios", "fig_illum_season", "fig_season", "flat_ratios",
+           "season_rows"]
 
 
 def season_rows(folder: str | Path) -> list[dict]:
@@ -68,6 +70,11 @@ def season_rows(folder: str | Path) -> list[dict]:
                 elif label == "mask":
                     m = master_figures("mask", path)
                     row.update(n_hot=m["n_hot"], n_dead=m["n_dead"])
+                elif label.startswith("illum"):
+                    filt = label.split(" ", 1)[1] if " " in label else ""
+                    row.setdefault("illums", {})[filt] = str(path)
+                    row.setdefault("illum_amplitude", {})[filt] = float(
+                        fits.getval(path, "ILLAMP", default=np.nan))
         rows.append(row)
     return rows
 
@@ -194,4 +201,39 @@ def fig_flat_ratios(rows: Sequence[dict], filter: str | None = None,
     fig.colorbar(im, ax=list(axes[: len(ratios)]), shrink=0.85).set_label(
         "flat ratio (1 = unchanged)")
     fig.suptitle(f"master-flat stability across nights{other}", fontsize=10)
+    return fig
+
+
+def fig_illum_season(rows: Sequence[dict], filter: str | None = None):
+    """Illumination-correction stability: its peak-to-peak amplitude night by night, and
+    each night's profiles along x and y (medians over the other axis) overlaid."""
+    have = [r for r in rows if r.get("illums")]
+    if not have:
+        fig = new_figure(6.0, 2.0)
+        fig.text(0.5, 0.5, "no night has an illumination correction (too few science "
+                 "frames, or [illum] switched off)", ha="center", va="center", wrap=True)
+        return fig
+    filt = filter or sorted(have[0]["illums"])[0]
+    fig = new_figure(11.0, 4.2)
+    ax_amp, ax_x, ax_y = fig.subplots(1, 3, width_ratios=[1.2, 1, 1])
+    x = np.arange(len(rows))
+    amp = [100 * r.get("illum_amplitude", {}).get(filt, np.nan) for r in rows]
+    ax_amp.plot(x, amp, "o-")
+    ax_amp.set_xticks(x, [r["night"] for r in rows], rotation=30, ha="right")
+    ax_amp.set_ylabel("peak to peak [%]")
+    ax_amp.set_title(f"illumination correction {filt}: amplitude", fontsize=10)
+    for r in have:
+        if filt not in r["illums"]:
+            continue
+        data = np.asarray(read_image(r["illums"][filt])[1], np.float32)
+        pct = 100 * (data / np.nanmedian(data) - 1)
+        ax_x.plot(np.nanmedian(pct, axis=0), label=r["night"])
+        ax_y.plot(np.nanmedian(pct, axis=1), label=r["night"])
+    for ax, axis in ((ax_x, "x"), (ax_y, "y")):
+        ax.set_xlabel(f"{axis} [px]")
+        ax.set_ylabel("correction [% of median]")
+        ax.set_title(f"profile along {axis}, night by night", fontsize=10)
+        ax.grid(alpha=0.3)
+    ax_amp.grid(alpha=0.3)
+    ax_y.legend(fontsize=7)
     return fig

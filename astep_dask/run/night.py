@@ -124,11 +124,13 @@ def calibrate_night(
             "paths": {"bias": str(masters.bias) if masters.bias else None,
                       "darks": {f"{et:g}": str(p) for et, p in masters.darks},
                       "flats": {f: str(p) for f, p in masters.flats},
-                      "mask": str(masters.mask)},
+                      "mask": str(masters.mask),
+                      "illums": {f: str(p) for f, p in masters.illums}},
             "built": builder.report.built,
             "reused": builder.report.reused,
             "notes": builder.report.notes,
             "rejected": builder.report.rejected,
+            "illum": builder.report.illum,
         }
         previous = read_manifest(out_dir)
         result.rejected = builder.report.rejected + _rejected_still(previous, inv, masters,

@@ -96,6 +96,13 @@ class SimConfig:
     flat_levels: tuple[float, float] = (28000.0, 14000.0)  # ADU, first and last flat
     flat_gradient: float = 0.015  # illumination gradient across the field (fraction)
     flat_stars: int = 15
+    # The science sky's own gradient (moon, dawn), peak to peak along its direction
+    # (fraction of the sky), whose direction turns ``sky_gradient_turns`` times over the
+    # night from ``sky_gradient_angle`` (rad): at Dome C's polar night the moon circles the
+    # field once a day. It is real sky: it is in each frame's truth model.
+    sky_gradient: float = 0.0
+    sky_gradient_turns: float = 1.0
+    sky_gradient_angle: float = 0.3
     bad_files: bool = False
     # A celestial WCS in the science frames, following the drift (:func:`wcs_cards`): the
     # reference frame's centre (RA, Dec) in degrees; None (default): none.
@@ -461,7 +468,9 @@ def _science(cfg: SimConfig, cam: _Camera, truth: Truth, rng_sci: np.random.Gene
     movers0 = rng_mov.uniform(0.2 * n, 0.8 * n, (len(cfg.movers), 2))
     for i in range(cfg.n_science):
         offset = np.array(cfg.drift) * i + (rng_sci.normal(0, cfg.jitter, 2) if i else 0.0)
-        model = np.full((n, n), cfg.sky, np.float64)
+        angle = cfg.sky_gradient_angle + 2 * np.pi * cfg.sky_gradient_turns * i / max(
+            cfg.n_science, 1)
+        model = cfg.sky * _illumination(cfg, cfg.sky_gradient, angle)
         add_sources(model, truth.stars[:, 0] + offset[0], truth.stars[:, 1] + offset[1],
                     truth.stars[:, 2], cfg.psf_sigma)
         mover_pos = []
@@ -481,6 +490,7 @@ def _science(cfg: SimConfig, cam: _Camera, truth: Truth, rng_sci: np.random.Gene
         frames.append({
             "file": name, "mjd": t, "offset": offset.tolist(), "movers": mover_pos,
             "n_cr": int(n_cr), "sky": cfg.sky,
+            "sky_gradient": [cfg.sky_gradient, float(angle)],
         })
         t += cfg.cadence_s / 86400
     truth.frames = frames
