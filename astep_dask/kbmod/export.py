@@ -227,9 +227,11 @@ class ExportJob:
 
 
 def export_provenance(frame: CalFrame, reference: Reference, ks: KbmodSettings) -> str:
-    """Hash of a frame's calibrated input, the reference and the export settings."""
+    """Hash of a frame's calibrated input, the reference (with its WCS) and the export
+    settings."""
+    wcs = "" if reference.wcs is None else reference.wcs.tostring()
     return digest_of(frame.path.name, frame.adprov, reference.stem, reference.adprov,
-                     ks.digest(), __version__)
+                     ks.digest(), wcs, __version__)
 
 
 def export_task(job: ExportJob) -> dict:

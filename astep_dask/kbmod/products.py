@@ -314,10 +314,14 @@ def reference_path(kdir: Path, night: str) -> Path:
     return kdir / f"{night}_REFERENCE.fits"
 
 
-def write_reference(path: Path, ref: Reference, ks: KbmodSettings) -> Path:
-    """Record the reference frame (header) and its star list (table) atomically."""
+def write_reference(path: Path, ref: Reference, ks: KbmodSettings,
+                    cards: dict[str, tuple] | None = None) -> Path:
+    """Record the reference frame (header, plus ``cards``) and its star list (table)
+    atomically."""
     primary = fits.PrimaryHDU()
     h = primary.header
+    for key, value in (cards or {}).items():
+        h[key] = value
     h["REFFRAME"] = (ref.stem, "reference frame of the KBMOD export")
     h["REFADPRV"] = (ref.adprov, "ADPROV of the reference frame")
     h["KBSETHSH"] = (ks.digest(), "hash of the export settings")
