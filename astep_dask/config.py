@@ -183,6 +183,9 @@ class KbmodSettings:
     reference: str = ""  # stem of the reference frame; "": chosen automatically
     stack_images: bool = True  # the night stack file holds image cubes (else table only)
     folder: str = "kbmod"  # sub-folder of the night's output folder
+    # The WorkUnit is sharded (one file per frame, KBMOD's to_sharded_fits layout, in
+    # kbmod/workunit/) when its images exceed this many MB; 0: always one file.
+    workunit_shard_mb: float = 4096.0
 
     def background(self) -> BackgroundSettings:
         """The background estimator's settings (:class:`BackgroundSettings`)."""
@@ -204,7 +207,7 @@ class KbmodSettings:
         """Short stable hash of the settings that shape a frame's output (not the folder,
         nor what the stack file holds, nor the reference request, checked on its own)."""
         data = dataclasses.asdict(self)
-        for key in ("folder", "stack_images", "reference"):
+        for key in ("folder", "stack_images", "reference", "workunit_shard_mb"):
             data.pop(key)
         text = json.dumps(sorted(data.items()))
         return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -93,7 +93,13 @@ from astep_dask.kbmod.template import (
     template_provenance,
     write_template,
 )
-from astep_dask.kbmod.workunit import WORKUNIT_PROV, workunit_provenance, write_workunit
+from astep_dask.kbmod.workunit import (
+    WORKUNIT_PROV,
+    WORKUNIT_SHARD_FOLDER,
+    workunit_bytes,
+    workunit_provenance,
+    write_workunit,
+)
 from astep_dask.run.results import Progress, StageResult
 from astep_dask.run.tasks import cluster_window, map_bounded
 from astep_dask.version import __version__
@@ -409,10 +415,13 @@ def _finish(result: dict, rows: list[dict], failed: list[dict], ks: KbmodSetting
                 write_stack(stack, good, kdir, reference, ks, prov)
             result["stack"] = stack
             wu = kdir / f"{night}{KBMOD_WORKUNIT_SUFFIX}"
+            shard = 0 < ks.workunit_shard_mb * 2**20 < workunit_bytes(len(good),
+                                                                       reference.shape)
             wprov = workunit_provenance(good, reference)
-            if header_value(wu, WORKUNIT_PROV) != wprov:
-                write_workunit(wu, good, kdir, reference, night, wprov)
-            result["workunit"] = wu
+            at = kdir / WORKUNIT_SHARD_FOLDER / wu.name if shard else wu
+            if header_value(at, WORKUNIT_PROV) != wprov:
+                write_workunit(wu, good, kdir, reference, night, wprov, sharded=shard)
+            result["workunit"], result["workunit_sharded"] = at, shard
         except OSError as exc:
             result["error"] = f"night products not written: {exc}"
             remove_stale_temps(kdir)

@@ -56,14 +56,17 @@ from astep_dask.kbmod.products import (
     Reference,
     card_float,
     reference_wcs,
+    wcs_signature,
 )
 from astep_dask.version import __version__
 
 __all__ = [
     "PSF_HALF_WIDTH",
     "WORKUNIT_PROV",
+    "WORKUNIT_SHARD_FOLDER",
     "frame_wcs",
     "psf_kernel",
+    "workunit_bytes",
     "workunit_provenance",
     "workunit_search_mask",
     "write_workunit",
@@ -71,6 +74,7 @@ __all__ = [
 
 PSF_HALF_WIDTH = 4.0  # the PSF kernel reaches this many σ from its centre
 WORKUNIT_PROV = "WUPROV"  # provenance card of the WorkUnit file
+WORKUNIT_SHARD_FOLDER = "workunit"  # a sharded WorkUnit's folder, in the export folder
 
 
 def psf_kernel(sigma: float) -> np.ndarray:
@@ -126,8 +130,8 @@ def _wcs_json(w: WCS) -> str:
 
 def workunit_provenance(rows: list[dict], reference: Reference) -> str:
     """Hash of the KBMOD files (their provenance, in order) and of the global WCS."""
-    wcs = "" if reference.wcs is None else reference.wcs.tostring()
-    return digest_of([r["provenance"] for r in rows], wcs, "workunit-1", __version__)
+    return digest_of([r["provenance"] for r in rows], wcs_signature(reference.wcs),
+                     "workunit-1", __version__)
 
 
 def _primary(night: str, n: int, reference: Reference, provenance: str, plane: str
@@ -198,15 +202,30 @@ def _image_hdus(i: int, primary: fits.Header, sci: np.ndarray, var: np.ndarray,
     return hdus
 
 
+def _config_table(headers: list[fits.Header]) -> fits.BinTableHDU:
+    """``KBMOD_CONFIG``: one row, one column per search parameter, each a YAML scalar (as
+    KBMOD's ``SearchConfiguration.to_hdu``); only what the night knows is set: ``psf_val``
+    (median PSF σ of the frames) and ``num_obs`` (at most 10, KBMOD's default, and never
+    more than the frames); KBMOD's defaults hold for the rest."""
+    sigmas = [float(h.get("PSFSIGMA", -1.0)) for h in headers]
+    sigma = float(np.median([s for s in sigmas if s > 0] or [1.4]))
+    cols = [fits.Column("psf_val", "20A", array=[f"{sigma:.4f}"]),
+            fits.Column("num_obs", "20A", array=[str(min(10, max(len(headers), 1)))])]
+    return fits.BinTableHDU.from_columns(cols, name="KBMOD_CONFIG")
+
+
 def write_workunit(path: Path, rows: list[dict], kdir: Path, reference: Reference,
-                   night: str, provenance: str) -> Path:
-    """Write the night's WorkUnit file from its KBMOD files (``rows``, time order), one
-    frame at a time, atomically.
+                   night: str, provenance: str, sharded: bool = False) -> Path:
+    """Write the night's WorkUnit from its KBMOD files (``rows``, time order), one frame at
+    a time, atomically; returns the (primary) file.
 
     Parameters
     ----------
     path
-        ``kbmod/DATE_WORKUNIT.fits``.
+        ``kbmod/DATE_WORKUNIT.fits``; when ``sharded``, the folder ``kbmod/workunit/`` holds
+        ``DATE_WORKUNIT.fits`` (metadata only) and ``i_DATE_WORKUNIT.fits`` (image ``i``),
+        the layout of KBMOD's ``WorkUnit.to_sharded_fits`` (read back by
+        ``WorkUnit.from_sharded_fits(name, folder)``).
     rows
         The export's rows of the frames to include (``output``: the KBMOD file in
         ``kdir``; ``dx``/``dy``: registration offsets), in time order.
@@ -218,6 +237,8 @@ def write_workunit(path: Path, rows: list[dict], kdir: Path, reference: Referenc
         The night (a primary card).
     provenance
         :func:`workunit_provenance` of the rows, written as ``WUPROV``.
+    sharded
+        Write one file per image.
     """
     headers, wcses = [], []
     for r in rows:
@@ -225,10 +246,24 @@ def write_workunit(path: Path, rows: list[dict], kdir: Path, reference: Referenc
         headers.append(h)
         wcses.append(frame_wcs(reference.wcs, h, float(h.get("REGDX", r.get("dx", 0.0))),
                                float(h.get("REGDY", r.get("dy", 0.0))), reference.shape))
+    plane = str(headers[0].get("KBPLANE", "registered")) if headers else "registered"
+    meta = [_primary(night, len(rows), reference, provenance, plane),
+            _config_table(headers), _meta_table([r["output"] for r in rows], wcses)]
+    if sharded:
+        folder = path.parent / WORKUNIT_SHARD_FOLDER
+        path = folder / path.name
+        for i, (r, h) in enumerate(zip(rows, headers, strict=True)):
+            with fits.open(kdir / r["output"], memmap=False) as hdul:
+                hdus = _image_hdus(i, h, hdul[1].data, hdul[3].data, hdul[2].data,
+                                   reference.wcs, reference.shape)
+            with atomic_path(folder / f"{i}_{path.name}") as tmp:
+                fits.HDUList([fits.PrimaryHDU(), *hdus]).writeto(tmp)
+        # the primary last: its WUPROV says the shards are complete
+        with atomic_path(path) as tmp:
+            fits.HDUList(meta).writeto(tmp)
+        return path
     with atomic_path(path) as tmp:
-        plane = str(headers[0].get("KBPLANE", "registered")) if headers else "registered"
-        fits.HDUList([_primary(night, len(rows), reference, provenance, plane),
-                      _meta_table([r["output"] for r in rows], wcses)]).writeto(tmp)
+        fits.HDUList(meta).writeto(tmp)
         for i, (r, h) in enumerate(zip(rows, headers, strict=True)):
             with fits.open(kdir / r["output"], memmap=False) as hdul:
                 hdus = _image_hdus(i, h, hdul[1].data, hdul[3].data, hdul[2].data,
@@ -237,3 +272,8 @@ def write_workunit(path: Path, rows: list[dict], kdir: Path, reference: Referenc
                 for hdu in hdus:
                     out.append(hdu)
     return path
+
+
+def workunit_bytes(n_frames: int, shape: tuple[int, int]) -> int:
+    """Size of a WorkUnit's images: SCI, VAR and MSK, 4 bytes a pixel each."""
+    return 12 * n_frames * int(shape[0]) * int(shape[1])

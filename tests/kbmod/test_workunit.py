@@ -173,6 +173,29 @@ def test_fitted_wcs_maps_the_true_stars(exported, night):
     assert manifest["wcs_fit"]["n_stars"] == fit["n_stars"]
 
 
+def test_a_big_night_is_sharded(exported, night, client):
+    """Above ``workunit_shard_mb`` the WorkUnit is KBMOD's sharded layout: a metadata file
+    and one file per image, holding what the single file holds."""
+    night_dir, cat = night
+    settings = Settings().replace(cluster={"dashboard_address": ":0"},
+                                  astrometry=_guess(str(cat)),
+                                  kbmod={"workunit_shard_mb": 0.5})
+    again = export_night(night_dir, client, settings, out=exported.details["test_out"])
+    assert again.counts["skipped"] == SIM.n_science and again.details["workunit_sharded"]
+    primary = again.details["workunit"]
+    assert primary.parent.name == "workunit" and primary.name == exported.details[
+        "workunit"].name
+    with fits.open(primary) as meta, fits.open(exported.details["workunit"]) as single:
+        assert meta[0].header["NUMIMG"] == SIM.n_science and "SCI_0" not in meta
+        assert {h.name for h in meta} == {"PRIMARY", "KBMOD_CONFIG", "IMG_META"}
+        for i in range(SIM.n_science):
+            with fits.open(primary.parent / f"{i}_{primary.name}") as shard:
+                for kind in ("SCI", "VAR", "MSK", "PSF"):
+                    assert np.array_equal(shard[f"{kind}_{i}"].data, single[f"{kind}_{i}"].data,
+                                          equal_nan=kind in ("SCI", "VAR"))
+                assert shard[f"SCI_{i}"].header["MJD"] == single[f"SCI_{i}"].header["MJD"]
+
+
 def test_default_kbmod_masking_keeps_the_frame(exported):
     """KBMOD's ImageCollection masking (BAD, EDGE, NO_DATA, SUSPECT grown 10×10) on the
     per-frame files: away from the registration edges at most 5 % is lost."""
@@ -272,6 +295,14 @@ def test_kbmod_loads_the_workunit_and_finds_both_fast_movers(exported, night):
     night_dir, _ = night
     wu = WorkUnit.from_fits(str(exported.details["workunit"]))
     assert wu.reprojected and wu.wcs is not None and len(wu) == SIM.n_science
+    assert wu.observatory.lat.deg == pytest.approx(-75.1, abs=0.01)
+    assert wu.config["num_obs"] == 10 and wu.config["psf_val"] > 1.0
+    shard_dir = exported.out_dir / "workunit"
+    if shard_dir.is_dir():  # written by test_a_big_night_is_sharded
+        name = exported.details["workunit"].name
+        sharded = WorkUnit.from_sharded_fits(name, str(shard_dir))
+        assert len(sharded) == len(wu) and sharded.reprojected
+        assert np.allclose(sharded.get_all_obstimes(), wu.get_all_obstimes())
     # KBMOD rounds a trajectory's predicted positions to whole pixels, so velocities that
     # differ by less than ~1 px over the night (0.0127 d: ~79 px/day) are one; the grid
     # step is that
