@@ -11,6 +11,7 @@ last ones load it with KBMOD itself when it is installed (skipped otherwise).
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -18,6 +19,8 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from scipy.signal import convolve2d
 
+from astep_dask.cli.commands import _kbmod, _settings
+from astep_dask.cli.parser import build_parser
 from astep_dask.config import AstrometrySettings, Settings
 from astep_dask.core.astrometry import AstrometryError, fit_wcs, guess_wcs
 from astep_dask.core.bits import Bit, flag
@@ -264,6 +267,28 @@ def test_search_candidates_carry_sky_positions(exported, night, client):
         tx, ty = tr["start"]
         px, py = true_ref.all_world2pix(best["ra"], best["dec"], 0)
         assert np.hypot(px - tx, py - ty) <= 2.0
+
+
+def test_the_command_line_takes_a_catalog(exported, night, client, capsys):
+    night_dir, cat = night
+    args = build_parser().parse_args(["kbmod", str(night_dir), "--out",
+                                      str(exported.details["test_out"]), "--catalog", str(cat)])
+    settings = _settings(args)
+    assert settings.astrometry.catalog == str(cat)
+    # the pointing from the settings file of this test (no RA/DEC in the raw headers)
+    settings = settings.replace(astrometry={k: v for k, v in _guess(str(cat)).items()},
+                                cluster={"dashboard_address": ":0"})
+    assert _kbmod(night_dir, client, settings, args, [time.perf_counter()]) == "complete"
+    out = capsys.readouterr().out
+    assert "WorkUnit:" in out and "WCS fitted to catalog.csv: 80 stars, rms" in out
+    no_pointing = settings.replace(astrometry={"ra": -1.0, "dec": -100.0})
+    args.force = True
+    assert _kbmod(night_dir, client, no_pointing, args, [time.perf_counter()]) == "complete"
+    assert "no WCS: no pointing" in capsys.readouterr().out
+    assert fits.getheader(exported.details["workunit"])["REPRJCTD"] is False
+    args.force = False  # back to the fitted WCS for the tests that follow
+    assert _kbmod(night_dir, client, settings, args, [time.perf_counter()]) == "complete"
+    assert fits.getheader(exported.details["workunit"])["REPRJCTD"] is True
 
 
 def test_catalog_errors_name_the_file(tmp_path):
