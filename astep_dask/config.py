@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "AstrometrySettings",
     "BackgroundSettings",
     "ClusterSettings",
     "CombineSettings",
@@ -141,6 +142,9 @@ class MaskSettings:
     dead_floor: float = 0.05  # a deficit smaller than this fraction is never called dead
     smooth_box: int = 15  # box of the median filter that gives the smoothed flat
     column_sigma: float = 5.0  # column median deficit, in units of its own noise
+    # A dead pixel (or column) is also BAD, unusable, when its response relative to the
+    # smoothed flat is below this; above it the flat repairs it (noise in VAR): DEAD only.
+    bad_response: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,9 @@ class KbmodSettings:
     reference: str = ""  # stem of the reference frame; "": chosen automatically
     stack_images: bool = True  # the night stack file holds image cubes (else table only)
     folder: str = "kbmod"  # sub-folder of the night's output folder
+    # The WorkUnit is sharded (one file per frame, KBMOD's to_sharded_fits layout, in
+    # kbmod/workunit/) when its images exceed this many MB; 0: always one file.
+    workunit_shard_mb: float = 4096.0
 
     def background(self) -> BackgroundSettings:
         """The background estimator's settings (:class:`BackgroundSettings`)."""
@@ -234,9 +241,32 @@ class KbmodSettings:
         """Short stable hash of the settings that shape a frame's output (not the folder,
         nor what the stack file holds, nor the reference request, checked on its own)."""
         data = dataclasses.asdict(self)
-        for key in ("folder", "stack_images", "reference"):
+        for key in ("folder", "stack_images", "reference", "workunit_shard_mb"):
             data.pop(key)
         text = json.dumps(sorted(data.items()))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class AstrometrySettings:
+    """A WCS for frames that have none (issue 19): a first guess from the pointing
+    (header keywords, or these settings when set), refined by matching the reference
+    frame's stars to a reference catalog (``--catalog``) and fitting a TAN WCS."""
+
+    catalog: str = ""  # FITS or CSV table with RA, Dec (deg) and a magnitude; "": no fit
+    ra: float = -1.0  # deg, field centre; < 0: from the header (RA, OBJCTRA, CRVAL1)
+    dec: float = -100.0  # deg; < -90: from the header (DEC, OBJCTDEC, CRVAL2)
+    pixel_scale: float = 0.0  # arcsec/px; 0: from the header (PIXSCALE, SECPIX), else 1.3
+    rotation: float = 0.0  # deg: position angle of the frame's +y axis, north through east
+    flip: bool = False  # True: east to the right (x grows eastwards) instead of the left
+    search_radius: float = 30.0  # px: largest error of the first guess's pointing
+    match_radius: float = 1.0  # px: final star-to-catalog matching radius
+    max_stars: int = 200  # brightest catalog stars and frame stars used
+    min_stars: int = 6  # fewer matched stars: no WCS
+
+    def digest(self) -> str:
+        """Short stable hash of the settings (and the catalog's name)."""
+        text = json.dumps(sorted(dataclasses.asdict(self).items()))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -372,6 +402,7 @@ class Settings:
     resume: ResumeSettings = field(default_factory=ResumeSettings)
     kbmod: KbmodSettings = field(default_factory=KbmodSettings)
     template: TemplateSettings = field(default_factory=TemplateSettings)
+    astrometry: AstrometrySettings = field(default_factory=AstrometrySettings)
     search: SearchSettings = field(default_factory=SearchSettings)
     qa: QaSettings = field(default_factory=QaSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)

@@ -117,6 +117,8 @@ def _settings(args: argparse.Namespace):
     if getattr(args, "sky_only", False):
         template["enabled"] = False
     groups["template"] = template
+    if getattr(args, "catalog", None):
+        groups["astrometry"] = {"catalog": str(args.catalog)}
     return settings.replace(**groups)
 
 
@@ -310,6 +312,14 @@ def _kbmod(night: Path, client, settings, args: argparse.Namespace) -> str:
             print(f"  template error: {tpl['error']}")
     elif res.details.get("registered_dir") is None and res.status != "failed":
         print("  sky-only: KBMOD files are the registered, sky-subtracted frames (no template)")
+    if res.details.get("workunit"):
+        print(f"  WorkUnit: {res.details['workunit']}")
+    fit = res.details.get("wcs_fit")
+    if fit and fit.get("status") == "fitted":
+        print(f"  WCS fitted to {Path(str(fit['catalog'])).name}: {fit['n_stars']} stars, "
+              f"rms {float(fit['rms_px']):.3f} px")
+    elif fit:
+        print(f"  no WCS: {fit['reason']}")
     if res.error:
         print(f"  error: {res.error}")
     for u in res.unusable:  # first, as in kbmod.json (they have no time)

@@ -103,6 +103,9 @@ def _template_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sky-only", action="store_true",
                    help="no template: the KBMOD files carry the registered, sky-subtracted "
                    "frames (for users who bring their own templates)")
+    g.add_argument("--catalog", metavar="FILE",
+                   help="reference catalog (FITS or CSV: RA, Dec in deg, magnitude) to fit "
+                   "a WCS to the reference frame's stars when the frames carry none")
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:

@@ -1,6 +1,8 @@
 """The bad-pixel mask: hot pixels from the master dark, dead pixels from the master flat.
 
-Both are flagged BAD, with HOT or DEAD beside it (:mod:`astep_dask.core.bits`) to say which.
+Hot pixels get HOT: the dark subtraction repairs them (their dark current's noise is in
+VAR). Dead pixels and columns get DEAD, the flat repairs them, and BAD as well only when
+their response is below ``bad_response`` (unusable). See :mod:`astep_dask.core.bits`.
 """
 
 from __future__ import annotations
@@ -112,17 +114,40 @@ def bad_pixel_mask(
 ) -> np.ndarray:
     """The static bad-pixel mask of a night (int32 bit flags).
 
-    Hot pixels (from the master dark) get BAD|HOT; dead pixels and columns (from the
-    master flat) BAD|DEAD; pixels where the flat is NaN or not positive get NO_DATA.
+    Hot pixels (from the master dark) get HOT; dead pixels and columns (from the master
+    flat) DEAD, and BAD too where their response (flat over smoothed flat; a column's:
+    its median) is below ``settings.bad_response``; pixels where the flat is NaN or not
+    positive get NO_DATA.
     """
     shape = (flat if flat is not None else dark).shape
     mask = np.zeros(shape, MASK_DTYPE)
     if dark is not None:
-        mask[hot_pixels(dark, settings)] |= flag(Bit.BAD, Bit.HOT)
+        mask[hot_pixels(dark, settings)] |= flag(Bit.HOT)
     if flat is not None:
         with np.errstate(invalid="ignore"):
             no_data = ~np.isfinite(flat) | (flat <= 0)
         mask[no_data] |= flag(Bit.NO_DATA)
-        pixels, columns = dead_pixels(np.where(no_data, np.nan, flat), settings)
-        mask[pixels | columns] |= flag(Bit.BAD, Bit.DEAD)
+        clean = np.where(no_data, np.nan, flat)
+        pixels, columns = dead_pixels(clean, settings)
+        mask[pixels | columns] |= flag(Bit.DEAD)
+        mask[_unusable(clean, pixels, columns, settings)] |= flag(Bit.BAD)
     return mask
+
+
+def _unusable(flat: np.ndarray, pixels: np.ndarray, columns: np.ndarray,
+              settings: MaskSettings) -> np.ndarray:
+    """Dead pixels and columns whose response (a pixel's ratio to the smoothed flat; a
+    column's median ratio) is below ``bad_response``: too little signal to repair."""
+    smooth = smooth_flat(flat, settings.smooth_box)
+    with np.errstate(all="ignore"):
+        ratio = flat / smooth
+        low = pixels & ~(ratio >= settings.bad_response)
+    cols = columns.any(axis=0)
+    if cols.any():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            col_resp = masked_median(ratio[:, cols], axis=0)
+        dead_cols = np.zeros(flat.shape[1], bool)
+        dead_cols[np.nonzero(cols)[0][~(col_resp >= settings.bad_response)]] = True
+        low |= dead_cols[None, :] & columns
+    return low

@@ -1,8 +1,12 @@
 """Mask bits: the meaning of every bit of a MASK plane, shared by all layers.
 
-Bits follow the LSST/KBMOD convention (value = 1 << bit). Hot and dead pixels are BAD;
-the extra bits HOT and DEAD (above 15, as DESIGN.md allows) say which, for diagnosis.
-:data:`UNUSABLE` is the set of bits that take a pixel out of every measurement.
+Bits follow the LSST/KBMOD convention (value = 1 << bit). Hot and dead pixels get the
+extra bits HOT and DEAD (above 15, as DESIGN.md allows): a hot pixel is repaired by the
+dark subtraction and a low-response pixel by the flat (their noise is in VAR), so they are
+BAD too only when really unusable (a response below ``mask.bad_response``). KBMOD's readers
+mask BAD, EDGE, NO_DATA, SUSPECT (and grow them); they ignore HOT and DEAD
+(:data:`SEARCH_IGNORED`). Our own measurements still leave out every flagged pixel.
+:data:`UNUSABLE` is the set of bits whose pixels astroscrappy must not see as data.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import enum
 
 import numpy as np
 
-__all__ = ["MASK_DTYPE", "UNUSABLE", "Bit", "flag"]
+__all__ = ["MASK_DTYPE", "SEARCH_IGNORED", "UNUSABLE", "Bit", "flag"]
 
 MASK_DTYPE = np.int32
 
@@ -39,4 +43,7 @@ def flag(*bits: Bit) -> int:
 
 
 # Pixels that astroscrappy must not see as data: filled from their neighbours first.
-UNUSABLE = flag(Bit.BAD, Bit.NO_DATA, Bit.SAT)
+UNUSABLE = flag(Bit.BAD, Bit.NO_DATA, Bit.SAT, Bit.HOT, Bit.DEAD)
+
+# Diagnostic bits: pixels the calibration repaired; a moving-object search may use them.
+SEARCH_IGNORED = flag(Bit.HOT, Bit.DEAD)

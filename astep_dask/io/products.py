@@ -256,6 +256,7 @@ KBMOD_MANIFEST = "kbmod.json"  # the export's summary (not the night's MANIFEST)
 KBMOD_REGISTERED_FOLDER = "registered"  # registered frames, when KBMOD files are differences
 KBMOD_REG_SUFFIX = "_REG.fits"  # a registered frame: <stem>_REG.fits
 KBMOD_TEMPLATE_SUFFIX = "_TEMPLATE.fits"  # the static-sky template: DATE_TEMPLATE.fits
+KBMOD_WORKUNIT_SUFFIX = "_WORKUNIT.fits"  # the night as one KBMOD WorkUnit: DATE_WORKUNIT.fits
 KBMOD_NEIGHBOUR_FOLDER = "template_frames"  # other nights' frames on this night's grid
 
 
@@ -268,4 +269,5 @@ __all__ += [
     "KBMOD_REG_SUFFIX",
     "KBMOD_SUFFIX",
     "KBMOD_TEMPLATE_SUFFIX",
+    "KBMOD_WORKUNIT_SUFFIX",
 ]

@@ -12,13 +12,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS
 
 from astep_dask.io.fitsio import atomic_open, atomic_write_text
 
-__all__ = ["CSV_COLUMNS", "read_candidates", "stamp_mosaic", "stamp_png", "write_candidates"]
+__all__ = ["CSV_COLUMNS", "SKY_COLUMNS", "read_candidates", "sky_positions", "stamp_mosaic",
+           "stamp_png", "write_candidates"]
 
 CSV_COLUMNS = ("x", "y", "vx", "vy", "flux", "snr", "n_frames", "flux_err", "x_end", "y_end",
-               "stamp")
+               "ra", "dec", "ra_end", "dec_end", "stamp")
+SKY_COLUMNS = ("ra", "dec", "ra_end", "dec_end")  # deg, ICRS; nan without a WCS
 
 
 def stamp_mosaic(stamps: np.ndarray, n_show: int = 12) -> tuple[np.ndarray, list[int]]:
@@ -77,12 +81,31 @@ def stamp_png(path: Path, stamps: np.ndarray, row: dict, dt: np.ndarray) -> Path
     return path
 
 
+def sky_positions(rows: list[dict], wcs: fits.Header | None) -> list[dict]:
+    """The rows with ``ra``, ``dec`` (at ``x``, ``y``: the first frame's time) and
+    ``ra_end``, ``dec_end`` (at ``x_end``, ``y_end``) in degrees through the grid's WCS
+    (0-based pixels); NaN when there is no WCS."""
+    out = [dict(r) for r in rows]
+    if wcs is None or not out:
+        for r in out:
+            r.update(dict.fromkeys(SKY_COLUMNS, float("nan")))
+        return out
+    w = WCS(wcs).celestial
+    for a, b, x, y in (("ra", "dec", "x", "y"), ("ra_end", "dec_end", "x_end", "y_end")):
+        ra, dec = w.all_pix2world([r[x] for r in out], [r[y] for r in out], 0)
+        for r, u, v in zip(out, ra, dec, strict=True):
+            r[a], r[b] = float(u), float(v)
+    return out
+
+
 def write_candidates(path: Path, rows: list[dict]) -> Path:
-    """The candidates table as CSV (header line, one row per candidate), atomically."""
+    """The candidates table as CSV (header line, one row per candidate), atomically; sky
+    positions with 7 decimals (0.03"), other numbers with 3."""
     lines = [",".join(CSV_COLUMNS)]
     for r in rows:
         lines.append(",".join(
-            f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in CSV_COLUMNS))
+            (f"{r[c]:.7f}" if c in SKY_COLUMNS else f"{r[c]:.3f}") if isinstance(r[c], float)
+            else str(r[c]) for c in CSV_COLUMNS))
     return atomic_write_text(path, "\n".join(lines) + "\n")
 
 

@@ -86,6 +86,7 @@ from astep_dask.kbmod.products import (
     read_layers,
     science_plane,
     sky_subtract,
+    wcs_signature,
 )
 from astep_dask.version import __version__
 
@@ -227,9 +228,10 @@ class ExportJob:
 
 
 def export_provenance(frame: CalFrame, reference: Reference, ks: KbmodSettings) -> str:
-    """Hash of a frame's calibrated input, the reference and the export settings."""
+    """Hash of a frame's calibrated input, the reference (with its WCS) and the export
+    settings."""
     return digest_of(frame.path.name, frame.adprov, reference.stem, reference.adprov,
-                     ks.digest(), __version__)
+                     ks.digest(), wcs_signature(reference.wcs), __version__)
 
 
 def export_task(job: ExportJob) -> dict:

@@ -72,6 +72,7 @@ __all__ = [
     "sky_subtract",
     "stack_provenance",
     "strip_wcs",
+    "wcs_signature",
     "write_manifest",
     "write_offsets",
     "write_reference",
@@ -166,6 +167,20 @@ def reference_wcs(header: fits.Header) -> fits.Header | None:
         if not wcs.has_celestial:
             return None
         return wcs.celestial.to_header(relax=True)
+
+
+def wcs_signature(header: fits.Header | None) -> str:
+    """A WCS as text for provenance hashes: axis types, reference pixel and value, and the
+    pixel-to-world matrix to 10 significant digits (so that the same WCS read back from a
+    file, whose cards may print the numbers differently, gives the same text); "" for
+    None."""
+    if header is None:
+        return ""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        w = WCS(header, relax=True).celestial
+    values = np.concatenate([w.wcs.crpix, w.wcs.crval, w.pixel_scale_matrix.ravel()])
+    return ",".join([*w.wcs.ctype, *(f"{v:.10g}" for v in values)])
 
 
 def strip_wcs(header: fits.Header) -> fits.Header:
@@ -314,10 +329,14 @@ def reference_path(kdir: Path, night: str) -> Path:
     return kdir / f"{night}_REFERENCE.fits"
 
 
-def write_reference(path: Path, ref: Reference, ks: KbmodSettings) -> Path:
-    """Record the reference frame (header) and its star list (table) atomically."""
+def write_reference(path: Path, ref: Reference, ks: KbmodSettings,
+                    cards: dict[str, tuple] | None = None) -> Path:
+    """Record the reference frame (header, plus ``cards``) and its star list (table)
+    atomically."""
     primary = fits.PrimaryHDU()
     h = primary.header
+    for key, value in (cards or {}).items():
+        h[key] = value
     h["REFFRAME"] = (ref.stem, "reference frame of the KBMOD export")
     h["REFADPRV"] = (ref.adprov, "ADPROV of the reference frame")
     h["KBSETHSH"] = (ks.digest(), "hash of the export settings")

@@ -34,7 +34,8 @@ from astep_dask.config import SearchSettings, Settings
 from astep_dask.errors import RunError
 from astep_dask.io.fitsio import atomic_write_text
 from astep_dask.io.products import KBMOD_MANIFEST, KBMOD_SUFFIX, check_writable, output_dir
-from astep_dask.kbmod.candidates import stamp_png, write_candidates
+from astep_dask.kbmod.candidates import sky_positions, stamp_png, write_candidates
+from astep_dask.kbmod.products import reference_wcs
 from astep_dask.kbmod.shiftstack import (
     CANDIDATE_DTYPE,
     cluster,
@@ -302,6 +303,7 @@ def search_night(night_dir: str | Path, client, settings: Settings | None = None
     plan = plan_search(frames, ss, threads)
     notes = []
     with fits.open(frames[0].path, memmap=True) as hdul:
+        grid_wcs = reference_wcs(hdul[1].header)
         if hdul[0].header.get("KBPLANE") != "difference":
             notes.append("the KBMOD frames are not difference frames: stars will dominate")
     t_submit = time.perf_counter()
@@ -314,10 +316,11 @@ def search_night(night_dir: str | Path, client, settings: Settings | None = None
     t_stamps = time.perf_counter()
     notes += _stamps(client, frames, rows, plan.dt, sdir, night, ss)
     t_stamps = time.perf_counter() - t_stamps
+    rows = sky_positions(rows, grid_wcs)
     csv = write_candidates(sdir / f"{night}_CANDIDATES.csv", rows)
     summary = {
         "night": night, "kbmod_dir": str(kdir), "candidates": str(csv),
-        "n_candidates": len(rows), "n_raw": int(raw.size),
+        "n_candidates": len(rows), "n_raw": int(raw.size), "sky": grid_wcs is not None,
         "n_frames": len(frames), "frames": [f.path.name for f in frames],
         "mjd0": float(plan.mjd[0]), "span_days": plan.span, "psf_sigma": plan.sigma,
         "grid": {"vx": [float(plan.vx[0]), float(plan.vx[-1]), int(plan.vx.size)],

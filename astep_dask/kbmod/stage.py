@@ -18,7 +18,8 @@ window at a time (:func:`astep_dask.run.tasks.map_bounded`):
 5. **differences**: one KBMOD file per frame, frame − template
    (:func:`~astep_dask.kbmod.difference.difference_task`);
 
-then the night's products: stack file, offsets table and ``kbmod.json``
+then the night's products: stack file, WorkUnit (:mod:`astep_dask.kbmod.workunit`),
+offsets table and ``kbmod.json``
 (:mod:`astep_dask.kbmod.products`). The output folder is locked for the run; a re-run
 skips every file whose provenance has not changed.
 """
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 
-from astep_dask.config import KbmodSettings, Settings, TemplateSettings
+from astep_dask.config import AstrometrySettings, KbmodSettings, Settings, TemplateSettings
 from astep_dask.errors import RunError
 from astep_dask.io.fitsio import remove_stale_temps
 from astep_dask.io.products import (
@@ -46,6 +47,7 @@ from astep_dask.io.products import (
     KBMOD_REG_SUFFIX,
     KBMOD_REGISTERED_FOLDER,
     KBMOD_SUFFIX,
+    KBMOD_WORKUNIT_SUFFIX,
     check_writable,
     night_lock,
     output_dir,
@@ -77,6 +79,7 @@ from astep_dask.kbmod.products import (
     write_reference,
     write_stack,
 )
+from astep_dask.kbmod.skyfit import fitted_wcs
 from astep_dask.kbmod.template import (
     StripJob,
     TemplateFrame,
@@ -89,6 +92,13 @@ from astep_dask.kbmod.template import (
     template_path,
     template_provenance,
     write_template,
+)
+from astep_dask.kbmod.workunit import (
+    WORKUNIT_PROV,
+    WORKUNIT_SHARD_FOLDER,
+    workunit_bytes,
+    workunit_provenance,
+    write_workunit,
 )
 from astep_dask.run.results import Progress, StageResult
 from astep_dask.run.tasks import cluster_window, map_bounded
@@ -208,14 +218,16 @@ def export_night(
     reg_dir = kdir / KBMOD_REGISTERED_FOLDER if ts.enabled else kdir
     result: dict = {"night": night, "kbmod_dir": kdir, "error": None, "reference": None,
                     "stack": None, "offsets": None, "reference_file": None, "manifest": None,
-                    "template": None, "registered_dir": reg_dir if ts.enabled else None}
+                    "template": None, "workunit": None, "wcs_fit": None,
+                    "registered_dir": reg_dir if ts.enabled else None}
     result["template_settings"] = dataclasses.asdict(ts)
     failed: list[dict] = list(problems)
     with night_lock(kdir):
         for folder in (kdir, reg_dir, kdir / KBMOD_NEIGHBOUR_FOLDER):
             remove_stale_temps(folder)
         ref_file = reference_path(kdir, night)
-        reference, measures = _reference(run, frames, ks, ref_file, force, failed)
+        reference, measures = _reference(run, frames, ks, ref_file, force, failed,
+                                         settings.astrometry, result)
         if reference is None:
             result["error"] = (f"no frame has {ks.min_matches} measurable stars: "
                                "cannot choose a reference")
@@ -239,20 +251,41 @@ def export_night(
 
 
 def _reference(run: Dispatch, frames: list[CalFrame], ks: KbmodSettings, ref_file: Path,
-               force: bool, failed: list[dict]
+               force: bool, failed: list[dict], ast: AstrometrySettings, result: dict
                ) -> tuple[Reference | None, dict[str, FrameMeasure]]:
-    """The night's reference: the recorded one while it is valid (and not ``force``), else
-    one chosen among the measured frames and recorded; None when no frame has enough
-    stars. Also the measures (empty when the recorded reference was used); frames that
-    cannot be read are appended to ``failed``."""
+    """The night's reference: the recorded one while it is valid (and not ``force``; with
+    a catalog, fitted with the same astrometry settings), else one chosen among the
+    measured frames and recorded; None when no frame has enough stars. Also the measures
+    (empty when the recorded reference was used); frames that cannot be read are appended
+    to ``failed``. The WCS fit's summary goes in ``result["wcs_fit"]``."""
     reference = None if force else read_reference(ref_file, frames, ks)
-    if reference is not None:
+    if reference is not None and (not ast.catalog
+                                  or header_value(ref_file, "ASTHASH") == ast.digest()):
+        result["wcs_fit"] = _recorded_fit(reference)
         return reference, {}
     measures = _measure_frames(run, frames, ks, failed)
     reference = _new_reference(frames, measures, ks)
+    if reference is not None and reference.wcs is None and ast.catalog:
+        ref_header = fits.getheader(next(f for f in frames if f.stem == reference.stem).path)
+        try:
+            wcs, result["wcs_fit"] = fitted_wcs(ref_header, reference.stars, reference.shape,
+                                                ast)
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
+        reference = dataclasses.replace(reference, wcs=wcs)
     if reference is not None:
-        write_reference(ref_file, reference, ks)
+        write_reference(ref_file, reference, ks,
+                        {"ASTHASH": (ast.digest(), "hash of the astrometry settings")})
     return reference, measures
+
+
+def _recorded_fit(reference: Reference) -> dict | None:
+    """The summary of a recorded reference's fitted WCS (None: not fitted)."""
+    h = reference.wcs
+    if h is None or "WCSNSTAR" not in h:
+        return None
+    return {"status": "fitted", "catalog": h.get("WCSCAT"), "n_stars": h["WCSNSTAR"],
+            "rms_px": h.get("WCSRMS"), "reason": None}
 
 
 def _measure_frames(run: Dispatch, frames: list[CalFrame], ks: KbmodSettings,
@@ -381,6 +414,14 @@ def _finish(result: dict, rows: list[dict], failed: list[dict], ks: KbmodSetting
             if counts["done"] or header_value(stack, "STKPROV") != prov:
                 write_stack(stack, good, kdir, reference, ks, prov)
             result["stack"] = stack
+            wu = kdir / f"{night}{KBMOD_WORKUNIT_SUFFIX}"
+            shard = 0 < ks.workunit_shard_mb * 2**20 < workunit_bytes(len(good),
+                                                                       reference.shape)
+            wprov = workunit_provenance(good, reference)
+            at = kdir / WORKUNIT_SHARD_FOLDER / wu.name if shard else wu
+            if header_value(at, WORKUNIT_PROV) != wprov:
+                write_workunit(wu, good, kdir, reference, night, wprov, sharded=shard)
+            result["workunit"], result["workunit_sharded"] = at, shard
         except OSError as exc:
             result["error"] = f"night products not written: {exc}"
             remove_stale_temps(kdir)

@@ -70,7 +70,7 @@ from astropy.io import fits
 from scipy import ndimage
 
 from astep_dask.config import TemplateSettings
-from astep_dask.core.bits import MASK_DTYPE, Bit, flag
+from astep_dask.core.bits import MASK_DTYPE, SEARCH_IGNORED, Bit, flag
 from astep_dask.io.fitsio import atomic_write, header_cards
 from astep_dask.io.products import KBMOD_TEMPLATE_SUFFIX, output_dir
 from astep_dask.io.provenance import digest_of, stamp
@@ -147,8 +147,10 @@ MAX_MASKED_WEIGHT = 0.25  # of a matching kernel, for its output pixel to stay u
 
 def _smooth_axis(sci: np.ndarray, var: np.ndarray, mask: np.ndarray, k: np.ndarray,
                  axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One axis of :func:`homogenise` (normalised convolution over usable pixels)."""
-    usable = mask == 0
+    """One axis of :func:`homogenise` (normalised convolution over usable pixels: those
+    without flags, or with only the bits of repaired pixels, HOT and DEAD, which keep their
+    bits)."""
+    usable = (mask & ~SEARCH_IGNORED) == 0
     s = ndimage.correlate1d(np.where(usable, sci, 0).astype(np.float32), k, axis=axis,
                             mode="constant")
     v = ndimage.correlate1d(np.where(usable, var, 0).astype(np.float32), k, axis=axis,
@@ -161,13 +163,14 @@ def _smooth_axis(sci: np.ndarray, var: np.ndarray, mask: np.ndarray, k: np.ndarr
     safe = np.where(ok, w, np.float32(1))
     return (np.where(ok, s / safe, 0).astype(np.float32),
             np.where(ok, v / safe, 0).astype(np.float32),
-            np.where(ok, 0, _grow(mask, k, axis)).astype(MASK_DTYPE))
+            np.where(ok, mask & SEARCH_IGNORED, _grow(mask, k, axis)).astype(MASK_DTYPE))
 
 
 def homogenise(frame: Layers, kernel_var: tuple[float, float]) -> Layers:
     """Convolve a registered frame with its PSF-matching kernels (x then y).
 
-    A normalised convolution: flagged pixels take no part, and the weights of the others
+    A normalised convolution: flagged pixels take no part (repaired ones, HOT or DEAD only,
+    do, and keep their bits), and the weights of the others
     are rescaled to 1, so that a cosmic ray does not flag its neighbours; an output pixel is
     flagged (with the bits of the flagged pixels under the kernel) when its own input pixel
     is, when more than :data:`MAX_MASKED_WEIGHT` of the kernel falls on flagged pixels, or
@@ -192,7 +195,7 @@ def homogenise(frame: Layers, kernel_var: tuple[float, float]) -> Layers:
     ny, nx = frame.sci.shape
     crop = (slice(hy, hy + ny), slice(hx, hx + nx))
     mask = mask[crop]
-    bad = mask != 0
+    bad = (mask & ~SEARCH_IGNORED) != 0
     return Layers(np.where(bad, np.nan, sci[crop]).astype(np.float32),
                   np.where(bad, np.nan, var[crop]).astype(np.float32), mask)
 

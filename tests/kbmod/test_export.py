@@ -184,7 +184,7 @@ def test_export_completes_with_every_product(exported, night):
     assert kdir == output_dir(night, kdir.parent.parent) / "kbmod"
     assert len(list(kdir.glob("*_KBMOD.fits"))) == SIM.n_science
     for name in (f"{SIM.date}_STACK.fits", f"{SIM.date}_OFFSETS.csv",
-                 f"{SIM.date}_REFERENCE.fits", "kbmod.json"):
+                 f"{SIM.date}_REFERENCE.fits", f"{SIM.date}_WORKUNIT.fits", "kbmod.json"):
         assert (kdir / name).is_file(), name
     assert not list(kdir.glob(".tmp-*")) and not (kdir / LOCK).exists()
     done = [f for f in r.frames if f["status"] == "done"]
@@ -430,7 +430,7 @@ def test_rerun_skips_every_frame(exported, night, client):
     kdir = exported.out_dir
     files = [*kdir.glob("*.fits"), *kdir.glob("registered/*.fits")]
     before = {p: p.stat().st_mtime_ns for p in files}
-    assert len(before) == 2 * SIM.n_science + 3  # + stack, reference, template
+    assert len(before) == 2 * SIM.n_science + 4  # + stack, reference, template, WorkUnit
     again = export_night(night, client, SETTINGS, out=kdir.parent.parent)
     assert again.status == "complete"
     assert again.counts["skipped"] == SIM.n_science and again.counts["done"] == 0

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.stats import mad_std
+from scipy import ndimage
 
 from astep_dask.config import CombineSettings, Settings
 from astep_dask.core.bits import Bit
@@ -106,7 +107,15 @@ def test_bad_pixel_mask_recall_and_purity(built, small_night):
     mask = read_master(paths.mask).data
     hot = (mask & (1 << Bit.HOT)) != 0
     dead = (mask & (1 << Bit.DEAD)) != 0
-    assert np.all(mask[hot | dead] & (1 << Bit.BAD))
+    # Issue 19: hot pixels are repaired by the dark (HOT only); dead pixels by the flat
+    # (DEAD), and BAD as well only when their true response is too low to repair.
+    bad = (mask & (1 << Bit.BAD)) != 0
+    assert not np.any(bad & ~dead)
+    response = truth.flat / ndimage.median_filter(truth.flat, 15)
+    cut = Settings().mask.bad_response
+    assert np.all(bad[truth.dead & dead & (response < 0.7 * cut)])
+    assert not np.any(bad[truth.dead & (response > 1.5 * cut)])
+    assert 0 < bad.sum() < 0.5 * truth.dead.sum()
     # Hot pixels that stand 5 sigma above the noise of a 90 s science exposure.
     sigma_sci = np.sqrt(cfg.sky + cfg.dark_rate * 90 + cfg.read_noise**2)
     significant = truth.hot & ((truth.dark_rate - cfg.dark_rate) * 90 > 5 * sigma_sci)
