@@ -212,7 +212,7 @@ def _detect(
     pixels (a few hundred windows on a 2048² frame) are gathered in one step, rather than
     with a dozen small numpy calls per window that hold the GIL, unusable ones filled from
     their good neighbours in the frame, saturated ones set above a ``satlevel`` that no
-    other pixel reaches.
+    other pixel of their window reaches.
 
     Returns the flat frame indices of the usable core pixels astroscrappy flags and its
     cleaned values there (a pixel in two overlapping cores may appear twice, alike).
@@ -228,9 +228,11 @@ def _detect(
     rows = np.full((my, mx), -1, np.int32)
     cols = np.full((my, mx), -1, np.int32)
     core_at = np.full((my, mx), -1, np.int32 if ny * nx < 2**31 else np.int64)
-    for (y0, y1, x0, x1), (c0, c1, d0, d1), h, w, py, px in zip(
+    window_at = np.full((my, mx), -1, np.int32)
+    for i, ((y0, y1, x0, x1), (c0, c1, d0, d1), h, w, py, px) in enumerate(zip(
             wins.tolist(), cores.tolist(), heights.tolist(), widths.tolist(), oy.tolist(),
-            ox.tolist(), strict=True):
+            ox.tolist(), strict=True)):
+        window_at[py:py + h, px:px + w] = i
         rows[py:py + h, px:px + w] = _reflect(np.arange(y0, y1), ny)[:, None]
         cols[py:py + h, px:px + w] = _reflect(np.arange(x0, x1), nx)[None, :]
         ry, rx = py + c0 - y0, px + d0 - x0
@@ -250,12 +252,16 @@ def _detect(
     else:
         data = data.copy()
     hot = ((bits & flag(Bit.SAT)) != 0) & covered
-    top = float(np.max(data, where=covered & ~hot, initial=-np.inf))
-    satlevel = 2.0 * abs(top) + 1.0 if np.isfinite(top) else 1.0
-    data[hot] = 2.0 * satlevel
+    # Each window's satlevel from its own brightest usable pixel: the value given to the
+    # saturated pixels changes what astroscrappy finds next to them.
+    plain = covered & ~hot
+    top = np.full(len(boxes), -np.inf)
+    np.maximum.at(top, window_at[plain], data[plain])
+    satlevel = np.where(np.isfinite(top), 2.0 * np.abs(top) + 1.0, 1.0)
+    data[hot] = 2.0 * satlevel[window_at[hot]]
     gap = ~covered
     if gap.any():  # between windows: anything plain (it is beyond every core's margin)
-        data[gap] = np.median(data[covered & ~hot]) if np.isfinite(top) else 0.0
+        data[gap] = np.median(data[plain]) if plain.any() else 0.0
         variance[gap] = np.median(variance[covered])
     invar = np.maximum(variance, 1e-6).astype(np.float32, copy=False)
     data = data.astype(np.float32, copy=False)
@@ -264,10 +270,10 @@ def _detect(
     # One call per window: astroscrappy iterates while it finds new cosmic rays, so on a
     # mosaic every window would run as many iterations as the one that needs the most
     # (measured: 1.5 times the CPU time of separate calls on 2048² frames).
-    for h, w, py, px in zip(heights.tolist(), widths.tolist(), oy.tolist(), ox.tolist(),
-                            strict=True):
+    for h, w, py, px, level in zip(heights.tolist(), widths.tolist(), oy.tolist(),
+                                   ox.tolist(), satlevel.tolist(), strict=True):
         part = (slice(py, py + h), slice(px, px + w))
-        crmask[part], clean[part] = _scrappy(data[part], invar[part], satlevel, settings,
+        crmask[part], clean[part] = _scrappy(data[part], invar[part], level, settings,
                                              read_noise)
     found = crmask & (core_at >= 0) & ((bits & UNUSABLE) == 0)
     return core_at[found], clean[found]
