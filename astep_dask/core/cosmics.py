@@ -207,12 +207,11 @@ def _detect(
 
     ``boxes`` are ``(core, window)`` pairs (see :func:`search_windows`); a window may
     reach past the frame's edges by up to ``EDGE_PAD`` pixels, that part being the frame
-    mirrored. A core's result depends only on its own window (the margin covers
-    astroscrappy's filter footprints), so windows need no gap between them. The windows'
-    pixels (a few hundred windows on a 2048² frame) are gathered in one step, rather than
-    with a dozen small numpy calls per window that hold the GIL, unusable ones filled from
-    their good neighbours in the frame, saturated ones set above a ``satlevel`` that no
-    other pixel of their window reaches.
+    mirrored. The windows' pixels (a few hundred windows on a 2048² frame) are gathered
+    in one step, rather than with a dozen small numpy calls per window that hold the GIL,
+    unusable ones filled from their good neighbours in the frame, saturated ones set above
+    a ``satlevel`` that no other pixel of their window reaches; then each window, a view
+    of the mosaic, is given to astroscrappy on its own.
 
     Returns the flat frame indices of the usable core pixels astroscrappy flags and its
     cleaned values there (a pixel in two overlapping cores may appear twice, alike).
@@ -259,10 +258,6 @@ def _detect(
     np.maximum.at(top, window_at[plain], data[plain])
     satlevel = np.where(np.isfinite(top), 2.0 * np.abs(top) + 1.0, 1.0)
     data[hot] = 2.0 * satlevel[window_at[hot]]
-    gap = ~covered
-    if gap.any():  # between windows: anything plain (it is beyond every core's margin)
-        data[gap] = np.median(data[plain]) if plain.any() else 0.0
-        variance[gap] = np.median(variance[covered])
     invar = np.maximum(variance, 1e-6).astype(np.float32, copy=False)
     data = data.astype(np.float32, copy=False)
     crmask = np.zeros(data.shape, bool)
