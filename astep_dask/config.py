@@ -363,10 +363,12 @@ class ClusterSettings:
 
     kind: str = "local"  # local, slurm, pbs
     scheduler: str | None = None
-    # Local workers: threads of the command's own process (default: no start-up, masters
-    # held once, nothing pickled; numpy and astroscrappy release the GIL) or, with
-    # processes = true, separate processes (a crash or a leak stays in one worker, which
-    # its nanny restarts and whose frames are retried). See README, "Worker layout".
+    # Local workers: threads of the command's own process (no start-up, masters held
+    # once, nothing pickled) or, with processes = true, separate processes (a crash or a
+    # leak stays in one worker, which its nanny restarts and whose frames are retried).
+    # None of the three set: chosen from the machine (run.cluster.default_layout): threads
+    # of one process up to 4 cores, processes of 2 threads above (measured on 16 cores).
+    # See README, "Worker layout".
     processes: bool = False
     n_workers: int | None = None  # None: 1 in-process worker, or one process per core
     threads_per_worker: int = 0  # 0: the cores shared among the workers

@@ -20,6 +20,11 @@ frames with each compared setting, in this one process, and reports per setting:
 - ``vs_full``: pixels flagged by both this setting and the first one (the whole frame at
   once by default), over the larger of the two counts.
 
+With ``--threads 1,2`` the first setting also runs on every frame (``--repeat`` times)
+from a pool of that many threads of this one process, as dask worker threads do: the
+median wall time per frame against one thread shows how much the threads wait for each
+other (for the GIL: the Python parts of the chain hold it, the compiled parts release it).
+
 OpenMP threads of astroscrappy are limited to one (``OMP_NUM_THREADS``, unless set) before
 anything is imported, so that times are single-threaded as on a one-thread dask worker.
 """
@@ -151,6 +156,33 @@ def run(frames: list[dict], settings: dict[str, CosmicSettings]) -> dict:
     return report
 
 
+def run_threads(frames: list[dict], cs: CosmicSettings, counts: list[int],
+                repeat: int) -> dict[int, dict]:
+    """Per-frame wall time and throughput of ``find_cosmics`` run from a pool of each
+    count of threads, every frame ``repeat`` times; counts alternate ``repeat`` times
+    so that a change in the machine's load affects them alike."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(frame: dict) -> float:
+        t0 = time.perf_counter()
+        find_cosmics(frame["sci"], frame["var"], frame["mask"], cs, frame["read_noise"])
+        return time.perf_counter() - t0
+
+    times: dict[int, list[float]] = {n: [] for n in counts}
+    walls: dict[int, float] = dict.fromkeys(counts, 0.0)
+    cpus: dict[int, float] = dict.fromkeys(counts, 0.0)
+    for _ in range(repeat):
+        for n in counts:
+            with ThreadPoolExecutor(n) as pool:
+                w0, c0 = time.perf_counter(), time.process_time()
+                times[n] += list(pool.map(one, frames * n))
+                walls[n] += time.perf_counter() - w0
+                cpus[n] += time.process_time() - c0
+    return {n: {"s_per_frame": float(np.median(times[n])),
+                "frames_per_s": len(times[n]) / walls[n], "cpu_per_wall": cpus[n] / walls[n]}
+            for n in counts}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=2048, help="simulated frame size (px)")
@@ -164,6 +196,9 @@ def main() -> None:
                              "CosmicSettings fields, e.g. tile=0 (the whole frame) or "
                              "tile=64,margin=16 (default: tile=0 default)")
     parser.add_argument("--json", type=Path, help="also write the report here")
+    parser.add_argument("--threads", help="comma-separated thread counts: run the first "
+                        "setting from a pool of each many threads (e.g. 1,2)")
+    parser.add_argument("--repeat", type=int, default=2, help="rounds of --threads")
     args = parser.parse_args()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="cosmics_bench_"))
@@ -185,6 +220,17 @@ def main() -> None:
         print(f"{name:>30} {r['s_per_frame']:8.3f} {r['cpu_per_frame']:9.3f} "
               f"{r['recall']:7.4f} {r['flagged_fraction']:7.4f} {r['core_fraction']:8.5f} "
               f"{r['false_per_frame']:6.1f} {r['vs_full']:7.4f}")
+    if args.threads:
+        counts = [int(n) for n in args.threads.split(",")]
+        first = next(iter(settings))
+        threads = run_threads(frames, settings[first], counts, args.repeat)
+        print(f"\n{first} from a pool of threads (each frame {args.repeat}x per thread):")
+        print(f"{'threads':>7} {'s/frame':>8} {'vs 1':>6} {'frames/s':>8} {'cpu/wall':>8}")
+        for n, r in threads.items():
+            print(f"{n:>7} {r['s_per_frame']:8.3f} "
+                  f"{r['s_per_frame'] / threads[counts[0]]['s_per_frame']:6.2f} "
+                  f"{r['frames_per_s']:8.2f} {r['cpu_per_wall']:8.2f}")
+        report["threads"] = threads
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
 

@@ -65,7 +65,9 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cluster", choices=["local", "slurm", "pbs"],
                    help="start a cluster of this kind (slurm/pbs: dask-jobqueue, see deploy/)")
     g.add_argument("--workers", type=positive, metavar="N",
-                   help="local workers (default: 1, or one per core with --processes)")
+                   help="local workers (default, when no layout option is given: one "
+                   "in-process worker up to 4 cores, else processes of 2 threads as the "
+                   "memory allows; with --processes alone: one per core)")
     g.add_argument("--threads", type=positive, metavar="N",
                    help="threads per local worker (default: the cores shared among workers)")
     g.add_argument("--processes", action="store_true",

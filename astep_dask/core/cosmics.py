@@ -31,6 +31,7 @@ from astep_dask.core.stats import nonzero2d
 __all__ = [
     "candidate_pixels",
     "fill_masked",
+    "fill_values",
     "find_cosmics",
     "limit_openmp",
     "search_windows",
@@ -40,6 +41,7 @@ __all__ = [
 
 EDGE_PAD = 8  # pixels mirrored around a frame before cosmic-ray detection
 MIN_WINDOW = 16  # px: smaller arrays given to astroscrappy are mirrored to this size
+MOSAIC_WIDTH = 256  # px: windows are prepared side by side in a mosaic this wide
 BRIGHT_FILL = np.float32(1e30)  # stands for saturated pixels when looking for candidates
 
 
@@ -47,15 +49,25 @@ def fill_masked(image: np.ndarray, bad: np.ndarray, half: int = 2) -> np.ndarray
     """Copy of ``image`` with ``bad`` pixels replaced by the median of their good
     neighbours in a (2·half+1)² box (the global median where a box has none).
 
-    Non-finite pixels do not count as good neighbours. The boxes are sorted with the
-    pixels that do not count pushed to their end, and each median is read off the sorted
-    box from its own count of good pixels: the same values as ``np.nanmedian``, without
-    its slow path for many small rows.
+    Non-finite pixels do not count as good neighbours (see :func:`fill_values`).
     """
     out = image.copy()
     ys, xs = nonzero2d(bad)
-    if ys.size == 0:
-        return out
+    if ys.size:
+        out[ys, xs] = fill_values(image, bad, ys, xs, half)
+    return out
+
+
+def fill_values(image: np.ndarray, bad: np.ndarray, ys: np.ndarray, xs: np.ndarray,
+                half: int = 2) -> np.ndarray:
+    """The values :func:`fill_masked` gives the pixels ``(ys, xs)``: the median of the
+    good (not ``bad``, finite) pixels of the (2·half+1)² box around each, the median of
+    all good pixels where a box has none.
+
+    The boxes are sorted with the pixels that do not count pushed to their end, and each
+    median is read off the sorted box from its own count of good pixels: the same values
+    as ``np.nanmedian``, without its slow path for many small rows.
+    """
     ny, nx = image.shape
     offsets = np.arange(-half, half + 1)
     yy = np.clip(ys[:, None, None] + offsets[None, :, None], 0, ny - 1)
@@ -69,8 +81,7 @@ def fill_masked(image: np.ndarray, bad: np.ndarray, half: int = 2) -> np.ndarray
     if (n == 0).any():  # a box without any good pixel
         usable = ~bad & np.isfinite(image)
         fill[n == 0] = np.median(image[usable]) if usable.any() else 0.0
-    out[ys, xs] = fill
-    return out
+    return fill
 
 
 @functools.cache
@@ -142,18 +153,10 @@ def find_cosmics(
         sigma = psf_sigma(sci, var, usable)
         ys, xs = candidate_pixels(sci, var, mask, settings, sigma, usable)
         boxes = search_windows(ys, xs, sci.shape, settings, pad)
-    found, values = [], []
-    for core, window in boxes:
-        cr, cl = _detect(sci, var, mask, window, settings, read_noise)
-        # Keep the core: its pixels have all the context astroscrappy's filters need.
-        inner = (slice(core[0] - window[0], core[1] - window[0]),
-                 slice(core[2] - window[2], core[3] - window[2]))
-        cr = cr[inner] & ((mask[core[0]:core[1], core[2]:core[3]] & UNUSABLE) == 0)
-        r, c = nonzero2d(cr)
-        found.append((r + core[0]) * nx + c + core[2])
-        values.append(cl[inner][r, c])
-    index = np.concatenate(found) if found else np.zeros(0, int)
-    cleaned = np.concatenate(values) if values else np.zeros(0, np.float32)
+    if boxes:
+        index, cleaned = _detect(sci, var, mask, boxes, settings, read_noise)
+    else:
+        index, cleaned = np.zeros(0, np.int64), np.zeros(0, np.float32)
     crmask = np.zeros(sci.shape, bool)
     crmask.flat[index] = True  # cores may overlap: a pixel can be found twice, alike
     if settings.protect_stars and index.size:
@@ -165,47 +168,126 @@ def find_cosmics(
     return crmask, clean
 
 
+def _reflect(index: np.ndarray, n: int) -> np.ndarray:
+    """Indices up to ``n - 1`` past either end of ``0..n-1`` mirrored back into it (as
+    ``np.pad(mode="reflect")``: the edge pixel is not repeated)."""
+    index = np.abs(index)
+    return np.where(index >= n, 2 * (n - 1) - index, index)
+
+
+def _pack(heights: np.ndarray, widths: np.ndarray, width: int = 0
+          ) -> tuple[np.ndarray, np.ndarray, list[int], int]:
+    """Place rectangles side by side on shelves ``width`` wide (at least the widest
+    rectangle), the tallest first, each shelf as tall as its first rectangle.
+
+    Returns the rectangles' row and column offsets, the first row of each shelf followed
+    by the mosaic's height, and the mosaic's width.
+    """
+    order = np.argsort(-heights, kind="stable")
+    width = max(int(widths.max()), width if heights.size > 1 else 0)
+    oy, ox = np.zeros(heights.size, np.int64), np.zeros(heights.size, np.int64)
+    shelves, tall, x = [0], int(heights[order[0]]), 0
+    for i, h, w in zip(order.tolist(), heights[order].tolist(), widths[order].tolist(),
+                       strict=True):
+        if x + w > width:  # a new shelf
+            shelves.append(shelves[-1] + tall)
+            tall, x = h, 0
+        oy[i], ox[i] = shelves[-1], x
+        x += w
+    shelves.append(shelves[-1] + tall)
+    return oy, ox, shelves, width
+
+
 def _detect(
-    sci: np.ndarray, var: np.ndarray, mask: np.ndarray, window: tuple[int, int, int, int],
+    sci: np.ndarray, var: np.ndarray, mask: np.ndarray,
+    boxes: list[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]],
     settings: CosmicSettings, read_noise: float,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """astroscrappy on one window ``(y0, y1, x0, x1)`` of the frame.
+    """astroscrappy on the windows of the frame, prepared together in one mosaic.
 
-    The window may reach past the frame's edges by up to ``EDGE_PAD`` pixels; that part
-    is the frame mirrored. Returns astroscrappy's CR mask and cleaned image of the window.
+    ``boxes`` are ``(core, window)`` pairs (see :func:`search_windows`); a window may
+    reach past the frame's edges by up to ``EDGE_PAD`` pixels, that part being the frame
+    mirrored. The windows' pixels (a few hundred windows on a 2048² frame) are gathered
+    in one step, rather than with a dozen small numpy calls per window that hold the GIL,
+    unusable ones filled from their good neighbours in the frame, saturated ones set above
+    a ``satlevel`` that no other pixel of their window reaches; then each window, a view
+    of the mosaic, is given to astroscrappy on its own.
+
+    Returns the flat frame indices of the usable core pixels astroscrappy flags and its
+    cleaned values there (a pixel in two overlapping cores may appear twice, alike).
     """
     ny, nx = sci.shape
-    y0, y1, x0, x1 = window
-    inside = (slice(max(y0, 0), min(y1, ny)), slice(max(x0, 0), min(x1, nx)))
-    bits = mask[inside]
-    bad = (bits & UNUSABLE) != 0
-    data = sci[inside]
-    variance = var[inside]
+    cores = np.array([c for c, _ in boxes], np.int64)
+    wins = np.array([w for _, w in boxes], np.int64)
+    heights, widths = wins[:, 1] - wins[:, 0], wins[:, 3] - wins[:, 2]
+    oy, ox, shelves, mx = _pack(heights, widths, MOSAIC_WIDTH)
+    my = shelves[-1]
+    # Frame row and column of every mosaic pixel (-1: between windows), and the frame
+    # flat index of every core pixel (-1: not in a core).
+    rows = np.full((my, mx), -1, np.int32)
+    cols = np.full((my, mx), -1, np.int32)
+    core_at = np.full((my, mx), -1, np.int32 if ny * nx < 2**31 else np.int64)
+    window_at = np.full((my, mx), -1, np.int32)
+    for i, ((y0, y1, x0, x1), (c0, c1, d0, d1), h, w, py, px) in enumerate(zip(
+            wins.tolist(), cores.tolist(), heights.tolist(), widths.tolist(), oy.tolist(),
+            ox.tolist(), strict=True)):
+        window_at[py:py + h, px:px + w] = i
+        rows[py:py + h, px:px + w] = _reflect(np.arange(y0, y1), ny)[:, None]
+        cols[py:py + h, px:px + w] = _reflect(np.arange(x0, x1), nx)[None, :]
+        ry, rx = py + c0 - y0, px + d0 - x0
+        core_at[ry:ry + c1 - c0, rx:rx + d1 - d0] = (
+            np.arange(c0, c1)[:, None] * nx + np.arange(d0, d1)[None, :])
+    covered = rows >= 0
+    r, c = np.where(covered, rows, 0), np.where(covered, cols, 0)
+    bits = mask[r, c]
+    bad = ((bits & UNUSABLE) != 0) & covered
+    data = sci[r, c]
+    variance = var[r, c]
     if bad.any():
-        data = fill_masked(data, bad)
-        variance = fill_masked(variance, bad)
+        frame_bad = (mask & UNUSABLE) != 0
+        by, bx = rows[bad], cols[bad]
+        data[bad] = fill_values(sci, frame_bad, by, bx)
+        variance[bad] = fill_values(var, frame_bad, by, bx)
     else:
         data = data.copy()
-    hot = (bits & flag(Bit.SAT)) != 0
-    top = float(np.max(data, where=~hot, initial=-np.inf))
-    satlevel = 2.0 * abs(top) + 1.0 if np.isfinite(top) else 1.0
-    data[hot] = 2.0 * satlevel
-    widths = ((max(-y0, 0), max(y1 - ny, 0)), (max(-x0, 0), max(x1 - nx, 0)))
-    if any(w for pair in widths for w in pair):
-        data = np.pad(data, widths, mode="reflect")
-        variance = np.pad(variance, widths, mode="reflect")
-    # astroscrappy corrupts memory on arrays narrower than 3 px: mirror tiny ones wider.
+    hot = ((bits & flag(Bit.SAT)) != 0) & covered
+    # Each window's satlevel from its own brightest usable pixel: the value given to the
+    # saturated pixels changes what astroscrappy finds next to them.
+    plain = covered & ~hot
+    top = np.full(len(boxes), -np.inf)
+    np.maximum.at(top, window_at[plain], data[plain])
+    satlevel = np.where(np.isfinite(top), 2.0 * np.abs(top) + 1.0, 1.0)
+    data[hot] = 2.0 * satlevel[window_at[hot]]
+    invar = np.maximum(variance, 1e-6).astype(np.float32, copy=False)
+    data = data.astype(np.float32, copy=False)
+    crmask = np.zeros(data.shape, bool)
+    clean = np.empty(data.shape, np.float32)
+    # One call per window: astroscrappy iterates while it finds new cosmic rays, so on a
+    # mosaic every window would run as many iterations as the one that needs the most
+    # (measured: 1.5 times the CPU time of separate calls on 2048² frames).
+    for h, w, py, px, level in zip(heights.tolist(), widths.tolist(), oy.tolist(),
+                                   ox.tolist(), satlevel.tolist(), strict=True):
+        part = (slice(py, py + h), slice(px, px + w))
+        crmask[part], clean[part] = _scrappy(data[part], invar[part], level, settings,
+                                             read_noise)
+    found = crmask & (core_at >= 0) & ((bits & UNUSABLE) == 0)
+    return core_at[found], clean[found]
+
+
+def _scrappy(data: np.ndarray, invar: np.ndarray, satlevel: float,
+             settings: CosmicSettings, read_noise: float) -> tuple[np.ndarray, np.ndarray]:
+    """``astroscrappy.detect_cosmics`` on one image with our settings: CR mask and
+    cleaned image."""
     shape = data.shape
+    # astroscrappy corrupts memory on arrays narrower than 3 px: mirror tiny ones wider.
     extra = tuple((0, max(MIN_WINDOW - n, 0)) for n in shape)
     if any(e for _, e in extra):
         data = np.pad(data, extra, mode="symmetric")
-        variance = np.pad(variance, extra, mode="symmetric")
+        invar = np.pad(invar, extra, mode="symmetric")
     crmask, clean = astroscrappy.detect_cosmics(
-        data.astype(np.float32, copy=False),
-        invar=np.maximum(variance, 1e-6).astype(np.float32, copy=False),
-        sigclip=settings.sigclip, sigfrac=settings.sigfrac, objlim=settings.objlim,
-        gain=1.0, readnoise=read_noise, satlevel=satlevel, niter=settings.niter,
-        sepmed=True, cleantype="meanmask", fsmode="median",
+        data, invar=invar, sigclip=settings.sigclip, sigfrac=settings.sigfrac,
+        objlim=settings.objlim, gain=1.0, readnoise=read_noise, satlevel=satlevel,
+        niter=settings.niter, sepmed=True, cleantype="meanmask", fsmode="median",
     )
     return crmask[:shape[0], :shape[1]], clean[:shape[0], :shape[1]]
 

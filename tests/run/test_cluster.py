@@ -33,3 +33,32 @@ def test_connect_in_process_by_default_and_processes_on_request():
     with connect(ClusterSettings(n_workers=1, threads_per_worker=1, processes=True,
                                  dashboard_address=":0"), log=lambda m: None) as client:
         assert set(client.run(os.getpid).values()) != {os.getpid()}
+
+
+def test_default_layout_from_cores_and_memory():
+    from astep_dask.run.cluster import PROCESS_MEMORY, default_layout
+
+    big = 128 * 1024**3
+    # Few cores: threads of one process (this 2-core machine's default is unchanged).
+    assert default_layout(1, big) == (False, 1, 1)
+    assert default_layout(2, big) == (False, 1, 2)
+    assert default_layout(4, big) == (False, 1, 4)
+    # Many cores: processes of 2 threads, as many as the memory holds.
+    assert default_layout(16, big) == (True, 8, 2)
+    assert default_layout(6, big) == (True, 3, 2)
+    assert default_layout(16, 4 * PROCESS_MEMORY) == (True, 4, 4)
+    # Memory for fewer than 2 processes (or unknown): threads of one process.
+    assert default_layout(16, PROCESS_MEMORY) == (False, 1, 16)
+    assert default_layout(16, 0) == (False, 1, 16)
+
+
+def test_connect_uses_the_default_layout_only_when_none_is_set(monkeypatch):
+    from astep_dask.run import cluster
+
+    monkeypatch.setattr(cluster, "machine_cores", lambda: 6)
+    monkeypatch.setattr(cluster, "machine_memory", lambda: 64 * 1024**3)
+    chosen = cluster._with_default_layout(ClusterSettings())
+    assert (chosen.processes, chosen.n_workers, chosen.threads_per_worker) == (True, 3, 2)
+    given = ClusterSettings(n_workers=1, threads_per_worker=6)
+    assert cluster._with_default_layout(given) == given
+    assert cluster._with_default_layout(ClusterSettings(processes=True)).n_workers is None
