@@ -508,6 +508,13 @@ _RULES: dict[str, str | tuple[str, ...]] = {
     "qa.max_stars": "pos", "qa.match_radius": "pos", "qa.cloud_drop": "frac",
     "qa.trail_coverage": "frac", "qa.trail_min_length": "frac", "qa.trail_scale": "pos",
     "qa.thumbnail": "pos", "qa.sky_window": "pos",
+    "illum.method": ("poly", "smooth"), "illum.min_frames": "pos", "illum.row_step": "pos",
+    "illum.block": "pos", "illum.star_sigma": "pos", "illum.min_block_fraction": "frac",
+    "illum.sky_ratio": "pos", "illum.gradient_sigma": "pos", "illum.clip_sigma": "pos",
+    "illum.structure_factor": "pos", "mask.bad_response": "frac",
+    "astrometry.ra": "any", "astrometry.dec": "any", "astrometry.rotation": "any",
+    "astrometry.search_radius": "pos", "astrometry.match_radius": "pos",
+    "astrometry.max_stars": "pos", "astrometry.min_stars": "pos",
     "cluster.kind": ("local", "slurm", "pbs"), "cluster.n_workers": "pos",
     "cluster.max_jobs": "pos",
 }
