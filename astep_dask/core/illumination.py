@@ -306,6 +306,7 @@ class IllumResult:
     amplitude: float = float("nan")  # peak to peak of the correction over good pixels
     residual: float = float("nan")  # rms of grid - model over blocks (fraction)
     noise: float = float("nan")  # median standard error of a block (fraction)
+    why: str = ""  # with correction None although enough frames passed: why none was made
 
 
 def illumination_correction(grids: np.ndarray, levels: np.ndarray, exptimes: np.ndarray,
@@ -324,6 +325,12 @@ def illumination_correction(grids: np.ndarray, levels: np.ndarray, exptimes: np.
     if len(used) < settings.min_frames:
         return IllumResult(None, reasons=reasons, n_used=len(used))
     grid, error = combine_grids(grids[used], ey, ex, settings)
+    blocks = int(np.isfinite(grid).sum())
+    need = max(4, (settings.order + 1) * (settings.order + 2) // 2 + 1)
+    if blocks < need:  # a detector smaller than a few blocks, or a sky masked everywhere
+        return IllumResult(None, reasons=reasons, n_used=len(used),
+                           why=f"{blocks} usable sky blocks of {settings.block} px, need "
+                               f"{need} (a smaller [illum] block fits a small detector)")
     norm = np.nanmedian(grid)
     grid, error = grid / norm, error / norm
     surface, at_blocks = fit_surface(grid, error, ey, ex, settings)

@@ -404,8 +404,8 @@ class MasterBuilder:
         result, used = compute_illumination(recs, {et: d.total for et, d in dark_info.items()},
                                             flat.data, mask.data, self.settings)
         if result.correction is None:
-            self.report.notes.append(f"{what}: {result.n_used} usable frame(s) of "
-                                     f"{len(used)}, need {il.min_frames}")
+            self.report.notes.append(f"{what}: " + (result.why or (
+                f"{result.n_used} usable frame(s) of {len(used)}, need {il.min_frames}")))
             return None
         m = Master("illum", result.correction, None, None, digest,
                    illum_cards(result, self.settings, filt, self._name("flat", filter=filt)),

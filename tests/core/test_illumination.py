@@ -122,6 +122,18 @@ def test_too_few_frames_gives_no_correction():
     assert res.correction is None and res.n_used == 8
 
 
+def test_a_detector_of_few_blocks_gives_no_correction_and_says_why():
+    # A 48-px frame is one 64-px block: no surface can be fitted (a 500-frame night of
+    # 48 px frames once crashed on a NaN header card here).
+    rng = np.random.default_rng(6)
+    s = IllumSettings(block=64, min_frames=10)
+    grids = 1 + 0.001 * rng.standard_normal((30, 1, 1))
+    res = illumination_correction(grids, np.full(30, 600.0), np.full(30, 90.0), (48, 48),
+                                  np.ones((48, 48), np.float32), np.ones((48, 48), bool), s)
+    assert res.correction is None and res.n_used == 30
+    assert "usable sky blocks of 64 px, need 7" in res.why
+
+
 def test_smooth_method_and_settings_checks():
     rng = np.random.default_rng(5)
     grids, _ = _grids(rng, 20, 0.01, 0.0)

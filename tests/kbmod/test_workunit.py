@@ -11,7 +11,6 @@ last ones load it with KBMOD itself when it is installed (skipped otherwise).
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -278,16 +277,16 @@ def test_the_command_line_takes_a_catalog(exported, night, client, capsys):
     # the pointing from the settings file of this test (no RA/DEC in the raw headers)
     settings = settings.replace(astrometry={k: v for k, v in _guess(str(cat)).items()},
                                 cluster={"dashboard_address": ":0"})
-    assert _kbmod(night_dir, client, settings, args, [time.perf_counter()]) == "complete"
+    assert _kbmod(night_dir, client, settings, args) == "complete"
     out = capsys.readouterr().out
     assert "WorkUnit:" in out and "WCS fitted to catalog.csv: 80 stars, rms" in out
     no_pointing = settings.replace(astrometry={"ra": -1.0, "dec": -100.0})
     args.force = True
-    assert _kbmod(night_dir, client, no_pointing, args, [time.perf_counter()]) == "complete"
+    assert _kbmod(night_dir, client, no_pointing, args) == "complete"
     assert "no WCS: no pointing" in capsys.readouterr().out
     assert fits.getheader(exported.details["workunit"])["REPRJCTD"] is False
     args.force = False  # back to the fitted WCS for the tests that follow
-    assert _kbmod(night_dir, client, settings, args, [time.perf_counter()]) == "complete"
+    assert _kbmod(night_dir, client, settings, args) == "complete"
     assert fits.getheader(exported.details["workunit"])["REPRJCTD"] is True
 
 

@@ -114,8 +114,9 @@ def test_job_scripts_from_deployed_config(kind, monkeypatch, tmp_path):
         assert "#PBS -l select=1:ncpus=8:mem=32GB" in script
         assert "#PBS -l walltime=02:00:00" in script
         assert "#PBS -V" in script
-    assert "--nworkers 8" in script and "--nthreads 1" in script
-    assert "--memory-limit 4.00GiB" in script
+    # processes of 2 threads, the local default above 4 cores (issue 16)
+    assert "--nworkers 4" in script and "--nthreads 2" in script
+    assert "--memory-limit 8.00GiB" in script
     assert "--lifetime 105m --lifetime-stagger 5m" in script
     assert "--local-directory $ASTEP_SCRATCH" in script
     prologue = script.index('. "$ASTEP_DASK_ENV/bin/activate"')
