@@ -101,10 +101,11 @@ def calibrated_folder(night_or_folder: str | Path, out: str | Path | None = None
     FileNotFoundError
         When that folder holds no calibrated frame (the message names it).
     """
-    path = Path(night_or_folder)
+    # Absolute: the lazy arrays' tasks may run in worker processes started elsewhere.
+    path = Path(night_or_folder).absolute()
     if path.is_dir() and any(path.glob(f"*{CAL_SUFFIX}")):
         return path
-    folder = output_dir(path, Path(out) if out is not None else None)
+    folder = output_dir(path, Path(out).absolute() if out is not None else None)
     if not folder.is_dir() or not any(folder.glob(f"*{CAL_SUFFIX}")):
         raise FileNotFoundError(f"{folder}: no calibrated frame (*{CAL_SUFFIX}) there; "
                                 f"calibrate the night first")

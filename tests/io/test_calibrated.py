@@ -144,3 +144,14 @@ def test_wcs_moves_with_the_trimmed_section():
     sky_trim = trimmed.pixel_to_world(30.0, 20.0)
     assert sky_raw.separation(sky_trim).arcsec < 1e-6
     assert len(wcs_cards(fits.Header({"EXPTIME": 1.0}))) == 0
+
+
+def test_a_relative_folder_gives_absolute_paths(tmp_path, monkeypatch):
+    # The lazy arrays' tasks may run in worker processes started in another folder.
+    truth = _write_night(tmp_path / "out", 3)
+    monkeypatch.chdir(tmp_path)
+    ds = open_calibrated("out")
+    assert all(Path(p).is_absolute() for p in ds.path.values)
+    monkeypatch.chdir("/")
+    assert sorted(Path(p).name for p in ds.path.values) == sorted(truth)
+    np.testing.assert_array_equal(ds.sci.values[0], read_calibrated(ds.path.values[0])[1])
