@@ -12,8 +12,9 @@ window at a time (:func:`astep_dask.run.tasks.map_bounded`):
 3. **register**: offset to the reference, sky subtraction and resampling of every frame
    (:func:`~astep_dask.kbmod.export.export_task`): the KBMOD files themselves, or with a
    template the registered frames of ``registered/``;
-4. **template** (:func:`run_template_stage`): frames of the night or of neighbouring nights
-   (registered onto this night's grid first), PSF-matched and combined in strips
+4. **template** (:func:`~astep_dask.kbmod.subtract.run_template_stage`): frames of the
+   night or of neighbouring nights (registered onto this night's grid first), PSF-matched
+   and combined in strips
    (:func:`~astep_dask.kbmod.template.strip_task`);
 5. **differences**: one KBMOD file per frame, frame − template
    (:func:`~astep_dask.kbmod.difference.difference_task`);
@@ -29,12 +30,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 from astropy.io import fits
 
 from astep_dask.config import AstrometrySettings, KbmodSettings, Settings, TemplateSettings
@@ -52,8 +49,7 @@ from astep_dask.io.products import (
     night_lock,
     output_dir,
 )
-from astep_dask.io.provenance import digest_of
-from astep_dask.kbmod.difference import DifferenceJob, difference_task
+from astep_dask.kbmod.dispatch import Dispatch
 from astep_dask.kbmod.export import (
     ExportJob,
     FrameMeasure,
@@ -63,12 +59,10 @@ from astep_dask.kbmod.export import (
     export_task,
     measure_task,
 )
-from astep_dask.kbmod.kernels import effective_psf_variance, halo, matching_variances
 from astep_dask.kbmod.products import (
     CalFrame,
     Reference,
     calibrated_frames,
-    card_float,
     header_value,
     read_reference,
     reference_path,
@@ -80,19 +74,7 @@ from astep_dask.kbmod.products import (
     write_stack,
 )
 from astep_dask.kbmod.skyfit import fitted_wcs
-from astep_dask.kbmod.template import (
-    StripJob,
-    TemplateFrame,
-    assemble,
-    neighbour_nights,
-    spread,
-    strip_task,
-    strips,
-    template_cards,
-    template_path,
-    template_provenance,
-    write_template,
-)
+from astep_dask.kbmod.subtract import run_template_stage
 from astep_dask.kbmod.workunit import (
     WORKUNIT_PROV,
     WORKUNIT_SHARD_FOLDER,
@@ -101,34 +83,9 @@ from astep_dask.kbmod.workunit import (
     write_workunit,
 )
 from astep_dask.run.results import Progress, StageResult
-from astep_dask.run.tasks import cluster_window, map_bounded
-from astep_dask.version import __version__
+from astep_dask.run.tasks import cluster_window
 
 __all__ = ["Dispatch", "export_night", "run_template_stage"]
-
-
-@dataclass(frozen=True)
-class Dispatch:
-    """How the stage submits its tasks: the client, the night (in task names), the window
-    of tasks in flight, retries, and the progress callback."""
-
-    client: Any
-    night: str
-    window: Callable[[], int]
-    retries: int
-    progress: Progress | None = None
-
-    def map(self, kind: str, fn: Callable, jobs: Sequence,
-            on_result: Callable[[Any, Any], None]) -> None:
-        """Run ``fn`` on every job (:func:`~astep_dask.run.tasks.map_bounded`), tasks named
-        ``kbmod-<kind>-<night>-<i>``."""
-        map_bounded(self.client, fn, jobs, on_result, window=self.window,
-                    retries=self.retries, key=lambda i, _: f"kbmod-{kind}-{self.night}-{i}")
-
-    def report(self, done: int, total: int, row: dict) -> None:
-        """Tell the progress callback, when there is one."""
-        if self.progress:
-            self.progress(done, total, row)
 
 
 def export_night(
@@ -461,198 +418,3 @@ def _unusable_apart(res: StageResult, problems: list[dict], cal_dir: Path) -> St
     res.unusable = [{"path": str(cal_dir / p["file"]), "reason": p["reason"]}
                     for p in problems]
     return res
-
-
-# --------------------------------------------------------------------------- template stage
-
-
-def run_template_stage(run: Dispatch, *, night_dir: Path, out: Path | None, kdir: Path,
-                       reference: Reference, field: str, filt: str, rows: list[dict],
-                       ks: KbmodSettings, ts: TemplateSettings, force: bool
-                       ) -> tuple[list[dict], dict]:
-    """Template, then one difference task per registered frame of the night.
-
-    ``rows`` are the registration rows (``output`` a file of ``registered/``); ``field``
-    and ``filt`` (the reference frame's ``OBJECT`` and filter) choose neighbouring nights.
-    Returns the rows of the KBMOD files (registration figures plus the difference's
-    ``output``, ``status``, ``provenance``, ``psf_sigma``) and a summary of the template
-    (``file``, ``mode``, ``frames``, ``nights``, ``skipped_nights``, ``failed_frames``,
-    ``psf_sigma``, ``provenance``, ``error``, ``seconds``).
-    """
-    reg_dir = kdir / KBMOD_REGISTERED_FOLDER
-    good = [_as_written(r) for r in rows if r.get("status") in ("done", "skipped")]
-    info: dict = {"file": None, "mode": None, "frames": 0, "nights": [], "skipped_nights": [],
-                  "failed_frames": [], "psf_sigma": None, "provenance": None, "error": None,
-                  "seconds": 0.0}
-    t0 = time.perf_counter()
-    sig_med = float(np.median([_sigma0(r, np.nan) for r in good] or [np.nan]))
-    sig_med = sig_med if np.isfinite(sig_med) else ks.psf_sigma_guess
-    effective: dict[str, tuple[float, float]] = {}
-    if ts.nights <= 0:
-        info["mode"] = "night, leave-one-out"
-        tframes = [_template_frame(r, reg_dir / r["output"], run.night, True)
-                   for r in spread(good, ts.max_frames)]
-    else:
-        tframes = _neighbour_frames(run, night_dir, out, kdir, reference, field, filt, ks, ts,
-                                    force, sig_med, info, effective)
-    for r in good:
-        effective[r["stem"]] = effective_psf_variance(_sigma0(r, sig_med), float(r["dx"]),
-                                                      float(r["dy"]))
-    need = max(ts.min_frames, 1) + (1 if ts.nights <= 0 else 0)
-    if len(tframes) < need:
-        where = "this night" if ts.nights <= 0 else f"{ts.nights} neighbouring night(s)"
-        info["error"] = (f"template: {len(tframes)} usable frame(s) from {where}, at least "
-                         f"{need} needed (use the sky-only export or other nights)")
-        return [], info
-    if ts.psf_match:
-        target, kvars = matching_variances(effective)
-    else:
-        target, kvars = float(np.mean([max(v) for v in effective.values()])), {}
-    mean_w = float(np.mean([f.weight for f in tframes]))
-    tframes = [dataclasses.replace(f, weight=f.weight / mean_w,
-                                   kernel_var=kvars.get(f.stem, (0.0, 0.0)))
-               for f in tframes]
-    grow = round(ts.grow * float(np.sqrt(target)))
-    tprov = template_provenance(tframes, target, ts)
-    tpath = template_path(kdir, run.night)
-    info.update(file=tpath, frames=len(tframes), provenance=tprov,
-                psf_sigma=float(np.sqrt(target)))
-    if force or header_value(tpath, "TPLPROV") != tprov:
-        _combine_template(run, tpath, tframes, target, reference, ts, info["mode"], tprov)
-    weights = {f.stem: f.weight for f in tframes if f.own}
-    jobs = [
-        DifferenceJob(
-            stem=r["stem"], registered=reg_dir / r["output"],
-            output=kdir / r["output"].replace(KBMOD_REG_SUFFIX, KBMOD_SUFFIX), template=tpath,
-            kernel_var=kvars.get(r["stem"], (0.0, 0.0)), weight=weights.get(r["stem"]),
-            provenance=digest_of(r.get("provenance"), tprov, ts.digest(), __version__),
-            template_provenance=tprov, target_sigma=float(np.sqrt(target)), settings=ts,
-            wcs=reference.wcs, mode=info["mode"], force=force, grow=grow)
-        for r in good
-    ]
-    out_rows = _difference_frames(run, jobs, good)
-    info["seconds"] = time.perf_counter() - t0
-    return out_rows, info
-
-
-def _as_written(row: dict) -> dict:
-    """A registration row with the figures the template uses rounded as the file's header
-    holds them, so a re-run that reads them back (skipped frames) makes the same template."""
-    out = dict(row)
-    for key, digits in (("sky_rms", 3), ("psf_sigma_cal", 4), ("dx", 6), ("dy", 6)):
-        if out.get(key) is not None:
-            out[key] = card_float(out[key], digits)
-    return out
-
-
-def _weight(row: dict) -> float:
-    """A frame's weight in the template: 1 / sky variance (1 when unknown)."""
-    rms = row.get("sky_rms")
-    try:
-        rms = float(rms)
-    except (TypeError, ValueError):
-        return 1.0
-    return 1.0 / rms**2 if np.isfinite(rms) and rms > 0 else 1.0
-
-
-def _sigma0(row: dict, fallback: float) -> float:
-    """A frame's PSF σ before resampling, ``fallback`` when unknown."""
-    try:
-        s = float(row.get("psf_sigma_cal"))
-    except (TypeError, ValueError):
-        return fallback
-    return s if np.isfinite(s) and s > 0 else fallback
-
-
-def _template_frame(r: dict, path: Path, night: str, own: bool) -> TemplateFrame:
-    """A frame going into the template, from its registration row (weight not yet
-    normalised, no matching kernel yet)."""
-    return TemplateFrame(stem=r["stem"], night=night, path=path, mjd=float(r["mjd"]),
-                         weight=_weight(r), kernel_var=(0.0, 0.0), own=own,
-                         provenance=str(r.get("provenance", "")))
-
-
-def _neighbour_frames(run: Dispatch, night_dir: Path, out: Path | None, kdir: Path,
-                      reference: Reference, field: str, filt: str, ks: KbmodSettings,
-                      ts: TemplateSettings, force: bool, sig_med: float, info: dict,
-                      effective: dict[str, tuple[float, float]]) -> list[TemplateFrame]:
-    """The template frames from the ``ts.nights`` nearest nights of the field, registered
-    onto this night's grid (one export task each, in ``template_frames/``). Fills in the
-    summary ``info`` (mode, nights, skipped nights, failed frames) and each frame's
-    effective PSF variance in ``effective``."""
-    nights, skipped = neighbour_nights(night_dir, out, ts.nights, field, filt)
-    info["skipped_nights"] = skipped
-    info["nights"] = [n for n, _ in nights]
-    info["mode"] = "nights " + ",".join(info["nights"])
-    per_night = (ts.max_frames // max(len(nights), 1)) if ts.max_frames > 0 else 0
-    ndir = kdir / KBMOD_NEIGHBOUR_FOLDER
-    jobs = []
-    for _, frames in nights:
-        for f in spread(frames, per_night):
-            jobs.append(ExportJob(frame=f, output=ndir / f"{f.stem}{KBMOD_REG_SUFFIX}",
-                                  provenance=export_provenance(f, reference, ks),
-                                  reference=reference, settings=ks, force=force))
-    night_of = {f.stem: n for n, frames in nights for f in frames}
-    done_rows: list[dict] = []
-
-    def registered(job: ExportJob, row: dict) -> None:
-        done_rows.append(row)
-        run.report(len(done_rows), len(jobs), {**row, "stage": "template frame"})
-
-    run.map("tframe", export_task, jobs, registered)
-    tframes = []
-    for r in sorted(done_rows, key=lambda r: (r["mjd"], r["stem"])):
-        if r["status"] in ("done", "skipped"):
-            r = _as_written(r)
-            tframes.append(_template_frame(r, ndir / r["output"], night_of.get(r["stem"], ""),
-                                           False))
-            effective[r["stem"]] = effective_psf_variance(
-                _sigma0(r, sig_med), float(r["dx"]), float(r["dy"]))
-        else:
-            info["failed_frames"].append({k: r.get(k) for k in ("file", "reason")})
-    return tframes
-
-
-def _combine_template(run: Dispatch, path: Path, tframes: list[TemplateFrame], target: float,
-                      reference: Reference, ts: TemplateSettings, mode: str,
-                      provenance: str) -> None:
-    """Combine the template in strips of rows (one task each) and write it to ``path``."""
-    grow = round(ts.grow * float(np.sqrt(target)))
-    sat_halo = round(ts.saturation_halo * 2.354820045 * float(np.sqrt(target)))
-    ny, nx = reference.shape
-    # a row's result depends on rows within the kernel's half-width, then on the
-    # rejections grown by ``grow`` px at each clipping iteration
-    pad = max([halo(f.kernel_var) for f in tframes] + [0]) + max(
-        (ts.iterations + 1) * grow, sat_halo)
-    jobs = [StripJob(frames=tuple(tframes), y0=a, y1=b, ny=ny, pad=pad, settings=ts,
-                     grow=grow, sat_halo=sat_halo)
-            for a, b in strips(ny, nx, len(tframes), ts.memory_mb)]
-    parts: list = []
-
-    def combined(job: StripJob, res: tuple) -> None:
-        parts.append(res[:3])
-        run.report(len(parts), len(jobs), {"file": f"rows {job.y0}-{job.y1}",
-                                           "status": "combined", "stage": "template"})
-
-    run.map("template", strip_task, jobs, combined)
-    cards = template_cards(run.night, mode, tframes, target, provenance, reference.stem, ts)
-    write_template(path, assemble(parts, ny, nx), tframes, cards, reference.wcs)
-
-
-def _difference_frames(run: Dispatch, jobs: list[DifferenceJob], good: list[dict]
-                       ) -> list[dict]:
-    """Make the difference frames (one task each): the rows of the KBMOD files, each the
-    registration row ``good`` of its frame updated with the difference's figures."""
-    by_stem = {r["stem"]: r for r in good}
-    out_rows: list[dict] = []
-
-    def differenced(job: DifferenceJob, row: dict) -> None:
-        merged = {**by_stem[job.stem], **{k: v for k, v in row.items() if v is not None}}
-        merged["registered"] = by_stem[job.stem]["output"]
-        merged["provenance_registered"] = by_stem[job.stem].get("provenance")
-        out_rows.append(merged)
-        run.report(len(out_rows), len(jobs),
-                   {**merged, "file": job.output.name, "stage": "difference"})
-
-    run.map("diff", difference_task, jobs, differenced)
-    return out_rows
