@@ -126,11 +126,9 @@ class IllumSettings:
     smooth_blocks: float = 3.0  # Gaussian sigma, in blocks, of method "smooth"
 
     def __post_init__(self):
-        if self.method not in ("poly", "smooth"):
-            raise ValueError(f"[illum] method must be 'poly' or 'smooth', not {self.method!r}")
-        if self.order < 0 or self.row_step < 1 or self.block < 4 or self.min_frames < 1:
-            raise ValueError("[illum] order >= 0, row_step >= 1, block >= 4 and "
-                             "min_frames >= 1 are required")
+        validate_group("illum", self)  # types, ranges and words, as every group's
+        if self.block < 4:
+            raise ValueError(f"[illum] block = {self.block}: must be >= 4")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from astep_dask.cli.progress import PhaseProgress
 from astep_dask.io.layout import format_table, scan
+from astep_dask.io.products import MANIFEST
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -176,7 +177,7 @@ def _summary(result) -> str:
                  "s": f"{r['t_total']:.2f}"} for r in done]
         lines.append(format_table(rows, list(rows[0])))
     elif done:
-        lines += [*_figures(done), f"  per-frame figures: {result.out_dir / 'manifest.json'}"]
+        lines += [*_figures(done), f"  per-frame figures: {result.out_dir / MANIFEST}"]
     for note in result.details.get("masters", {}).get("notes", []):
         lines.append(f"  note: {note}")
     for r in result.details.get("masters", {}).get("rejected", []):

@@ -60,11 +60,6 @@ class PhaseProgress:
             phase = self._phases[name] = _Phase(name, total, self)
         phase.update(done, row)
 
-    def with_label(self, label: str) -> PhaseProgress:
-        """The same display for a stage whose rows are of another kind (tiles, rows)."""
-        self.label = label
-        return self
-
     def close(self) -> None:
         """End every bar (a log line for a phase that did not log its last item)."""
         for phase in self._phases.values():

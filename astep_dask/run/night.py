@@ -195,9 +195,9 @@ def _rejected_still(previous: dict, inv: Inventory, masters: MasterPaths,
 
 def resume_rows(rows: list[dict], previous: dict, jobs: list[FrameJob]) -> list[dict]:
     """This run's frame rows, completed from the night's earlier manifest: a frame skipped
-    (already calibrated) keeps its earlier figures (sky, noise, mask counts, timings), and
-    a frame this run did not reach (interrupted) keeps its earlier row, so that the
-    manifest never loses what an earlier run measured."""
+    (already calibrated) keeps its earlier figures (median, MAD sigma, mask counts,
+    timings), and a frame this run did not reach (interrupted) keeps its earlier row, so
+    that the manifest never loses what an earlier run measured."""
     earlier = {r.get("file"): r for r in previous.get("frames") or []
                if isinstance(r, dict) and r.get("status") in ("done", "skipped")}
     out = []
