@@ -180,7 +180,7 @@ def export_night(
     result["template_settings"] = dataclasses.asdict(ts)
     failed: list[dict] = list(problems)
     with night_lock(kdir):
-        for folder in (kdir, reg_dir, kdir / KBMOD_NEIGHBOUR_FOLDER):
+        for folder in _temp_folders(kdir, reg_dir):
             remove_stale_temps(folder)
         ref_file = reference_path(kdir, night)
         reference, measures = _reference(run, frames, ks, ref_file, force, failed,
@@ -381,7 +381,8 @@ def _finish(result: dict, rows: list[dict], failed: list[dict], ks: KbmodSetting
             result["workunit"], result["workunit_sharded"] = at, shard
         except OSError as exc:
             result["error"] = f"night products not written: {exc}"
-            remove_stale_temps(kdir)
+            for folder in _temp_folders(kdir):
+                remove_stale_temps(folder)
     if result["error"] or not good:
         status = "failed"
     elif counts["failed"]:
@@ -407,6 +408,12 @@ def _finish(result: dict, rows: list[dict], failed: list[dict], ks: KbmodSetting
     return StageResult("kbmod", night, kdir, frames=all_rows, error=result["error"],
                        started=started, finished=started + result["wall_seconds"],
                        details={k: v for k, v in result.items() if k not in top})
+
+
+def _temp_folders(kdir: Path, *more: Path) -> tuple[Path, ...]:
+    """Every folder of the export where a killed run can leave a temporary file: the
+    export's own, the sharded WorkUnit's and the neighbour nights' (and ``more``)."""
+    return (kdir, *more, kdir / WORKUNIT_SHARD_FOLDER, kdir / KBMOD_NEIGHBOUR_FOLDER)
 
 
 def _unusable_apart(res: StageResult, problems: list[dict], cal_dir: Path) -> StageResult:

@@ -175,8 +175,10 @@ class MasterBuilder:
         self.store.write(master, path)
         self.report.built.append(path.name)
 
-    def _enough(self, records: Sequence[FrameRecord], what: str) -> bool:
-        need = self.settings.combine.min_frames
+    def _enough(self, records: Sequence[FrameRecord], what: str,
+                need: int | None = None) -> bool:
+        """At least ``need`` records (default ``[combine] min_frames``), else a note."""
+        need = self.settings.combine.min_frames if need is None else need
         if len(records) >= need:
             return True
         self.report.notes.append(f"{what}: {len(records)} usable frame(s), need {need}")
@@ -392,7 +394,7 @@ class MasterBuilder:
                flat: Master, mask: Master) -> Master | None:
         il = self.settings.illum
         what = f"illumination {filt}"
-        if not self._enough_for(recs, what, il.min_frames):
+        if not self._enough(recs, what, il.min_frames):
             return None
         digest = digest_of("illum", filt, input_identity(recs), flat.digest, mask.digest,
                            sorted(f"{et:g}:{d.how}" for et, d in dark_info.items()),
@@ -435,12 +437,6 @@ class MasterBuilder:
                               "master flat this corrects (divide it by this)")
         m.digest = digest_of("illum-transfer", m.digest, flat.digest, mask.digest)
         return m
-
-    def _enough_for(self, records: Sequence[FrameRecord], what: str, need: int) -> bool:
-        if len(records) >= need:
-            return True
-        self.report.notes.append(f"{what}: {len(records)} usable frame(s), need {need}")
-        return False
 
     def build(self) -> MasterPaths:
         """Build or reuse every master; return their paths (once all are written).

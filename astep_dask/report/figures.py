@@ -26,7 +26,7 @@ from scipy import ndimage
 from astep_dask.config import QaSettings
 from astep_dask.core.bits import Bit, flag
 from astep_dask.core.stats import robust_sigma
-from astep_dask.io.fitsio import atomic_open, read_calibrated, read_image
+from astep_dask.io.fitsio import atomic_open, image_of, read_calibrated, read_image
 from astep_dask.io.products import CAL_SUFFIX
 from astep_dask.io.stack import read_section
 from astep_dask.report.metrics import block_reduce, plane_gradient
@@ -70,8 +70,8 @@ def zscale_limits(image: np.ndarray, max_samples: int = 100_000) -> tuple[float,
 def master_figures(label: str, path: Path, mask: np.ndarray | None = None) -> dict:
     """Level, spatial scatter and noise of a master; hot/dead counts of the mask; the
     large-scale gradient of a flat."""
-    header, data = read_image(path)
     with fits.open(path, memmap=False) as hdul:
+        header, data = image_of(hdul)
         names = [h.name for h in hdul]
         inputs = (np.asarray(hdul["INPUTS"].data["LEVEL"], float)
                   if "INPUTS" in names and "LEVEL" in hdul["INPUTS"].columns.names else None)
@@ -98,8 +98,7 @@ def master_figures(label: str, path: Path, mask: np.ndarray | None = None) -> di
     if role == "dark":
         row["exptime"] = float(header.get("EXPTIME", np.nan))
     if role == "illum":
-        row.update(filter=str(header.get("FILTER", "")),
-                   amplitude=float(header.get("ILLAMP", np.nan)),
+        row.update(amplitude=float(header.get("ILLAMP", np.nan)),
                    correction_noise=float(header.get("ILLNOISE", np.nan)),
                    nreject=header.get("NREJECT"), fallback=header.get("FALLBACK"))
     if role in ("flat", "illum"):
@@ -168,20 +167,26 @@ def fig_master(path: Path, label: str, settings: QaSettings | None = None):
     return fig
 
 
+def illum_profiles(path: Path) -> tuple[fits.Header, np.ndarray, np.ndarray, np.ndarray]:
+    """An illumination correction in per cent of its median, and its profiles along x and
+    y (medians over the other axis); with its header."""
+    header, data = read_image(path)
+    pct = 100 * (np.asarray(data, np.float32) / np.nanmedian(data) - 1)
+    return header, pct, np.nanmedian(pct, axis=0), np.nanmedian(pct, axis=1)
+
+
 def fig_illum(path: Path, label: str, settings: QaSettings | None = None):
     """The illumination correction: its image and its profiles along x and y (medians
     over the other axis), in per cent of its median."""
     settings = settings or QaSettings()
-    header, data = read_image(path)
-    data = np.asarray(data, np.float32)
-    pct = 100 * (data / np.nanmedian(data) - 1)
+    header, pct, along_x, along_y = illum_profiles(path)
     fig = new_figure(11.0, 4.6)
     ax_img, ax_prof = fig.subplots(1, 2, width_ratios=[1.1, 1])
     amp = 100 * float(header.get("ILLAMP", np.nan))
     draw_image(ax_img, pct, "% of median", f"{label}: {path.name}\npeak to peak {amp:.2f} %",
                settings.thumbnail, cmap="viridis")
-    ax_prof.plot(np.arange(pct.shape[1]), np.nanmedian(pct, axis=0), label="along x")
-    ax_prof.plot(np.arange(pct.shape[0]), np.nanmedian(pct, axis=1), label="along y")
+    ax_prof.plot(np.arange(pct.shape[1]), along_x, label="along x")
+    ax_prof.plot(np.arange(pct.shape[0]), along_y, label="along y")
     ax_prof.set_xlabel("x or y [px]")
     ax_prof.set_ylabel("correction [% of median]")
     used = header.get("NCOMBINE", "?")

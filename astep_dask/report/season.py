@@ -25,6 +25,7 @@ from astep_dask.core.stats import robust_sigma
 from astep_dask.io.fitsio import read_image
 from astep_dask.io.products import master_files, read_manifest
 from astep_dask.report.figures import (
+    illum_profiles,
     master_figures,
     new_figure,
     shrink_for_display,
@@ -225,10 +226,9 @@ def fig_illum_season(rows: Sequence[dict], filter: str | None = None):
     for r in have:
         if filt not in r["illums"]:
             continue
-        data = np.asarray(read_image(r["illums"][filt])[1], np.float32)
-        pct = 100 * (data / np.nanmedian(data) - 1)
-        ax_x.plot(np.nanmedian(pct, axis=0), label=r["night"])
-        ax_y.plot(np.nanmedian(pct, axis=1), label=r["night"])
+        _, _, along_x, along_y = illum_profiles(Path(r["illums"][filt]))
+        ax_x.plot(along_x, label=r["night"])
+        ax_y.plot(along_y, label=r["night"])
     for ax, axis in ((ax_x, "x"), (ax_y, "y")):
         ax.set_xlabel(f"{axis} [px]")
         ax.set_ylabel("correction [% of median]")
