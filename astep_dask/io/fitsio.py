@@ -37,6 +37,7 @@ __all__ = [
     "atomic_path",
     "atomic_write",
     "atomic_write_text",
+    "big_endian",
     "calibrated_hdul",
     "copy_header",
     "extension_header",
@@ -192,15 +193,32 @@ def copy_header(source: fits.Header, skip: Iterable[str] = ()) -> fits.Header:
     return out
 
 
-def image_hdu(data: np.ndarray, name: str, quantize: float | None = None):
-    """An image extension; tile-compressed (Rice) when ``quantize`` is given.
+def big_endian(a: np.ndarray, dtype: type | np.dtype | None = None) -> np.ndarray:
+    """``a`` (as ``dtype``) in big-endian byte order, FITS's: a copy unless it already is.
+
+    Give astropy big-endian arrays to write. It writes a native (little-endian) array by
+    swapping its bytes in place and back afterwards, twice more for the checksum, and
+    numpy's in-place ``byteswap`` holds the GIL: on a worker with several threads that was
+    a fifth of the time a frame held the GIL (``py-spy record --gil``). A conversion
+    (``astype``) releases it. The caller's array is left untouched, which also matters
+    when another thread reads it while it is written (a master on the background writer).
+    """
+    dt = np.dtype(dtype or a.dtype)
+    return np.asarray(a).astype(dt.newbyteorder(">"), copy=False)
+
+
+def image_hdu(data: np.ndarray, name: str, quantize: float | None = None,
+              dtype: type | np.dtype | None = None):
+    """An image extension (of ``data`` as ``dtype``); tile-compressed (Rice) when
+    ``quantize`` is given, else stored big-endian (:func:`big_endian`).
 
     Integer data compress losslessly. Float data are quantised to steps of
     ``noise / quantize`` (astropy's ``quantize_level``) with subtractive dithering that
     keeps exact zeros: at 16 the added noise is ~0.1 % of the pixel noise in quadrature.
     """
     if quantize is None:
-        return fits.ImageHDU(data, name=name)
+        return fits.ImageHDU(big_endian(data, dtype), name=name)
+    data = np.asarray(data, dtype=dtype)
     return fits.CompImageHDU(
         data, name=name, compression_type="RICE_1", quantize_level=quantize,
         quantize_method=2,  # SUBTRACTIVE_DITHER_2: dithered, zeros preserved
@@ -295,14 +313,14 @@ def calibrated_hdul(
     header_cards(h)
     stamp(h)
     common = extension_header(h, IMAGETYP_FRAME, trim)
-    sci_hdu = image_hdu(sci.astype(np.float32, copy=False), "SCI", quantize)
+    sci_hdu = image_hdu(sci, "SCI", quantize, np.float32)
     sci_hdu.header.extend(common)
     sci_hdu.header["BUNIT"] = ("electron", "calibrated signal")
-    var_hdu = image_hdu(var.astype(np.float32, copy=False), "VAR", quantize)
+    var_hdu = image_hdu(var, "VAR", quantize, np.float32)
     var_hdu.header.extend(common)
     var_hdu.header["BUNIT"] = ("electron2", "variance of SCI")
     var_hdu.header["UTYPE"] = (UTYPE_VARIANCE, "VAR is the variance of SCI")
-    mask_hdu = image_hdu(mask.astype(np.int32, copy=False), "MASK", quantize)
+    mask_hdu = image_hdu(mask, "MASK", quantize, np.int32)
     mask_hdu.header.extend(common)
     header_cards(mask_hdu.header)
     return fits.HDUList([primary, sci_hdu, var_hdu, mask_hdu])

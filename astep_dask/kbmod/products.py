@@ -34,6 +34,7 @@ from astep_dask.io.fitsio import (
     atomic_write,
     copy_header,
     header_cards,
+    image_hdu,
     mid_exposure,
     read_calibrated,
     verify_file,
@@ -202,9 +203,9 @@ def kbmod_hdul(cal_header: fits.Header, layers: Layers, cards: dict[str, tuple],
     header_cards(h)
     stamp(h)
     planes = [
-        fits.ImageHDU(layers.sci.astype(np.float32, copy=False), name="SCI"),
-        fits.ImageHDU(layers.mask.astype(MASK_DTYPE, copy=False), name="MASK"),
-        fits.ImageHDU(layers.var.astype(np.float32, copy=False), name="VAR"),
+        image_hdu(layers.sci, "SCI", dtype=np.float32),
+        image_hdu(layers.mask, "MASK", dtype=MASK_DTYPE),
+        image_hdu(layers.var, "VAR", dtype=np.float32),
     ]
     planes[0].header["BUNIT"] = ("electron", "sky-subtracted, registered signal")
     planes[1].header["BUNIT"] = ("", "mask bits, value 1<<bit, see MP_* keywords")

@@ -46,7 +46,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 
 from astep_dask.core.bits import SEARCH_IGNORED, Bit, flag
 from astep_dask.core.psf import gaussian_images
-from astep_dask.io.fitsio import atomic_path, header_cards
+from astep_dask.io.fitsio import atomic_path, header_cards, image_hdu
 from astep_dask.io.provenance import digest_of, stamp
 from astep_dask.kbmod.products import (
     OBS_ELEV,
@@ -179,9 +179,9 @@ def _image_hdus(i: int, primary: fits.Header, sci: np.ndarray, var: np.ndarray,
     """``SCI_i``, ``VAR_i``, ``MSK_i``, ``PSF_i`` of one KBMOD file."""
     mjd = float(primary["MJD"])
     sigma = float(primary["PSFSIGMA"])
-    hdus = [fits.ImageHDU(sci.astype(np.float32), name=f"SCI_{i}"),
-            fits.ImageHDU(var.astype(np.float32), name=f"VAR_{i}"),
-            fits.ImageHDU(workunit_search_mask(mask, sci, var), name=f"MSK_{i}"),
+    hdus = [image_hdu(sci, f"SCI_{i}", dtype=np.float32),
+            image_hdu(var, f"VAR_{i}", dtype=np.float32),
+            image_hdu(workunit_search_mask(mask, sci, var), f"MSK_{i}"),
             fits.ImageHDU(psf_kernel(sigma), name=f"PSF_{i}")]
     for hdu in hdus[:3]:
         hdu.header["MJD"] = (mjd, "[d] mid-exposure MJD (UTC)")

@@ -29,6 +29,7 @@ from astep_dask.io.fitsio import (
     atomic_write,
     extension_header,
     header_cards,
+    image_hdu,
     image_of,
     verify_file,
 )
@@ -68,18 +69,6 @@ class Master:
         return float(self.cards.get("EXPTIME", (np.nan,))[0])
 
 
-def _big_endian(a: np.ndarray, dtype: type | None = None) -> np.ndarray:
-    """A big-endian copy of ``a`` (as ``dtype``), FITS's byte order.
-
-    astropy writes a native (little-endian) array by swapping its bytes in place and back
-    afterwards; a master is written on a background thread while other threads read it
-    (the dark, while the flats are combined), and they saw the swapped bytes now and then.
-    Writing a copy leaves the master untouched.
-    """
-    dt = np.dtype(dtype or a.dtype)
-    return np.asarray(a).astype(dt.newbyteorder(">"))
-
-
 # Units of a master's image (its VAR in these units squared); a flat (relative response)
 # and a mask (bits) have none: no BUNIT, as astropy writes a dimensionless CCDData.
 MASTER_UNITS = {"bias": "adu", "dark": "adu"}
@@ -112,7 +101,7 @@ def write_master(master: Master, path: Path) -> Path:
         header_cards(header)
     stamp(header)
     common = extension_header(header, imagetyp, keys=MASTER_KEYS)
-    sci = fits.ImageHDU(_big_endian(master.data), name="SCI")
+    sci = image_hdu(master.data, "SCI")
     sci.header.extend(common)
     if unit:
         sci.header["BUNIT"] = (unit, "unit of the image")
@@ -120,14 +109,14 @@ def write_master(master: Master, path: Path) -> Path:
         header_cards(sci.header)
     hdus: list[fits.hdu.base.ExtensionHDU] = [fits.PrimaryHDU(header=header), sci]
     if master.var is not None:
-        var = fits.ImageHDU(_big_endian(master.var, np.float32), name="VAR")
+        var = image_hdu(master.var, "VAR", dtype=np.float32)
         var.header.extend(common)
         if unit:
             var.header["BUNIT"] = (f"{unit}2", "variance of SCI")
         var.header["UTYPE"] = (UTYPE_VARIANCE, "VAR is the variance of SCI")
         hdus.append(var)
     if master.count is not None:
-        hdus.append(fits.ImageHDU(_big_endian(master.count, np.int16), name="COUNT"))
+        hdus.append(image_hdu(master.count, "COUNT", dtype=np.int16))
     if master.inputs:
         hdus.append(fits.BinTableHDU(Table(rows=master.inputs), name="INPUTS"))
     master.path = atomic_write(fits.HDUList(hdus), path)
