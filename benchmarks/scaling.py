@@ -16,7 +16,9 @@ Per run: wall time, CPU time and peak RSS/PSS of the whole process tree (psutil,
 every 0.1 s, see ``bench_night.run_measured``), speed-up and efficiency against the same
 layout on one core (else the default on one core), the frame phase (first frame started
 to last frame finished, from ``manifest.json``) and its speed-up, frames per core-hour in
-the frame phase, and per-frame step medians. Printed as a table and written as JSON::
+the frame phase, per-frame step medians, the stage before its first frame ("masters":
+masters and shared planes) and the time outside the stage ("outside": start-up, imports,
+cluster, shut-down). Printed as a table and written as JSON::
 
     python benchmarks/scaling.py --size 512 --science 8                # this machine
     python3 benchmarks/scaling.py --size 2048 --science 128 --out "$OUT/scaling.json"
@@ -116,18 +118,24 @@ def pinned(cpus: list[int], command: list[str]) -> list[str]:
 
 
 def frame_phase(manifest: Path) -> dict[str, Any]:
-    """First frame started to last frame finished (s), and the frames done, from a
-    manifest; ``{}`` when it cannot be read."""
+    """From a manifest: the frame phase (first frame started to last frame finished, s),
+    the frames done, and the stage's own clock (``stage_s``: masters, frames and manifest;
+    ``before_frames_s``: the stage until the first frame started, the masters mostly);
+    ``{}`` when it cannot be read."""
     try:
-        rows = json.loads(manifest.read_text()).get("frames", [])
+        data = json.loads(manifest.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-    rows = [r for r in rows if r.get("status") == "done" and "started" in r
-            and "finished" in r]
+    rows = [r for r in data.get("frames", []) if r.get("status") == "done"
+            and "started" in r and "finished" in r]
     if not rows:
         return {}
-    return {"frame_phase_s": max(r["finished"] for r in rows) - min(r["started"] for r in rows),
-            "frames_done": len(rows)}
+    phase = max(r["finished"] for r in rows) - min(r["started"] for r in rows)
+    out = {"frame_phase_s": phase, "frames_done": len(rows)}
+    if isinstance(data.get("wall_seconds"), int | float):
+        out["stage_s"] = data["wall_seconds"]
+        out["before_frames_s"] = max(data["wall_seconds"] - phase, 0.0)
+    return out
 
 
 def run_one(night: Path, layout: str, cpus: list[int], options: list[str],
@@ -149,6 +157,9 @@ def run_one(night: Path, layout: str, cpus: list[int], options: list[str],
         "peak_pss_mb": m.peak_pss_mb, "peak_rss_mb": m.peak_rss_mb, "error": m.error,
         **frame_phase(manifest),
     }
+    if row.get("stage_s") is not None:
+        # Outside the stage: start-up (imports, inventory, cluster) and shut-down.
+        row["outside_stage_s"] = max(m.wall_s - row["stage_s"], 0.0)
     summary = manifest_summary(manifest)
     row["workers"] = summary.get("workers")
     row["steps_median_s"] = {k: v["median"] for k, v in summary.get("steps", {}).items()}
@@ -185,7 +196,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     """One line per run."""
     head = (f"{'layout':<10s} {'cores':>5s} {'workers':>7s} {'status':<8s} {'wall s':>7s} "
             f"{'speedup':>7s} {'eff':>5s} {'frames s':>8s} {'fr.spd':>6s} {'CPU/wall':>8s} "
-            f"{'PSS MiB':>8s} {'fr/core-h':>9s} {'cosmics':>7s} {'total':>6s}")
+            f"{'PSS MiB':>8s} {'fr/core-h':>9s} {'cosmics':>7s} {'total':>6s} "
+            f"{'masters':>7s} {'outside':>7s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         steps = r.get("steps_median_s", {})
@@ -195,7 +207,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{_f(r.get('efficiency'), '.2f'):>5s} {_f(r.get('frame_phase_s'), '.1f'):>8s} "
             f"{_f(r.get('frame_speedup'), '.2f'):>6s} {_f(r.get('cpu_per_wall'), '.2f'):>8s} "
             f"{r['peak_pss_mb']:8.0f} {_f(r.get('frames_per_core_hour'), '.0f'):>9s} "
-            f"{_f(steps.get('t_cosmics'), '.2f'):>7s} {_f(steps.get('t_total'), '.2f'):>6s}")
+            f"{_f(steps.get('t_cosmics'), '.2f'):>7s} {_f(steps.get('t_total'), '.2f'):>6s} "
+            f"{_f(r.get('before_frames_s'), '.1f'):>7s} {_f(r.get('outside_stage_s'), '.1f'):>7s}")
     return "\n".join(lines)
 
 

@@ -76,13 +76,14 @@ STRUCTURAL = {
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, sync: bool = True) -> Iterator[Path]:
     """A temporary path beside ``path`` to write a file to; renamed to ``path`` when done.
 
     The one way this package writes a file: the caller writes the temporary file (by its
     own means: astropy, matplotlib, a subprocess); when the block ends without error the
-    file is flushed to disk (fsync), made world-readable and renamed into place, atomically.
-    On any error it is removed, and nothing appears at ``path``.
+    file is flushed to disk (fsync; not with ``sync=False``, for a scratch file that a
+    crash may lose), made world-readable and renamed into place, atomically. On any error
+    it is removed, and nothing appears at ``path``.
 
     Examples
     --------
@@ -96,11 +97,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if sync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
@@ -109,10 +111,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_open(path: str | Path, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
-    """Open a file to write ``path`` atomically (:func:`atomic_path`); ``mode`` and
-    ``kwargs`` as :func:`open` (``"w", encoding="utf-8"`` for text)."""
-    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as fh:
+def atomic_open(path: str | Path, mode: str = "wb", sync: bool = True,
+                **kwargs: Any) -> Iterator[IO]:
+    """Open a file to write ``path`` atomically (:func:`atomic_path`, ``sync`` as there);
+    ``mode`` and ``kwargs`` as :func:`open` (``"w", encoding="utf-8"`` for text)."""
+    with atomic_path(path, sync) as tmp, open(tmp, mode, **kwargs) as fh:
         yield fh
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "QA_JSON",
     "REPORT_FOLDER",
     "REPORT_INDEX",
+    "SHARED_MASTERS_FOLDER",
     "check_writable",
     "master_files",
     "master_name",
@@ -66,6 +67,9 @@ QA_JSON = "qa.json"
 REPORT_INDEX = "index.html"
 MANIFEST = "manifest.json"
 LOCK = ".astep-dask.lock"
+# A run's scratch folder in a night's output: the planes each frame needs, shared by the
+# worker processes (masters.shared); removed when the run ends.
+SHARED_MASTERS_FOLDER = ".frame-masters"
 
 
 def output_dir(night_dir: Path, out: Path | None) -> Path:

@@ -206,9 +206,14 @@ def corrected_flat(flat_path: Path, mask_path: Path,
 @functools.lru_cache(maxsize=4)
 def _corrected(flat_path: str, mask_path: str, illum_path: str,
                mtimes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    flat = load_cached(Path(flat_path))
-    illum = load_cached(Path(illum_path)).data.astype(np.float32)
-    good = (load_cached(Path(mask_path)).data == 0) & np.isfinite(flat.data) & (illum > 0)
+    return _divide_illum(*(load_cached(Path(p)) for p in (flat_path, mask_path, illum_path)))
+
+
+def _divide_illum(flat: Master, mask: Master, illum_master: Master
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`corrected_flat` of masters in memory."""
+    illum = illum_master.data.astype(np.float32)
+    good = (mask.data == 0) & np.isfinite(flat.data) & (illum > 0)
     data = flat.data / illum
     norm = np.float32(np.median(data[good])) if good.any() else np.float32(1)
     data /= norm
@@ -217,24 +222,26 @@ def _corrected(flat_path: str, mask_path: str, illum_path: str,
 
 
 def frame_masters(
-    paths: MasterPaths, exptime: float, filter: str
+    paths: MasterPaths, exptime: float, filter: str, cache: bool = True
 ) -> tuple[FrameMasters, dict[str, tuple]]:
-    """The masters one frame needs, loaded (once per worker process) from their files,
-    and the header cards that name them (file and hash) and say how the dark was made.
+    """The masters one frame needs, loaded from their files (once per worker process,
+    :func:`load_cached`; read afresh and not kept without ``cache``), and the header cards
+    that name them (file and hash) and say how the dark was made.
 
     Raises
     ------
     CalibrationError
         When there is no flat for the filter or no way to make the dark.
     """
-    bias = load_cached(paths.bias) if paths.bias else None
-    dark_paths = dict(paths.darks)
-    darks = {et: load_cached(p) for et, p in dark_paths.items()}
+    load = load_cached if cache else read_master
     flats = dict(paths.flats)
     if filter not in flats:
         raise CalibrationError(no_flat_reason(paths, filter))
-    flat = load_cached(flats[filter])
-    mask = load_cached(paths.mask)
+    bias = load(paths.bias) if paths.bias else None
+    dark_paths = dict(paths.darks)
+    darks = {et: load(p) for et, p in dark_paths.items()}
+    flat = load(flats[filter])
+    mask = load(paths.mask)
     illum_path = dict(paths.illums).get(filter)
     sol = dark_for_exptime(exptime, bias, darks)
     cards: dict[str, tuple] = {"DARKMETH": (sol.how[:68], "how the dark was subtracted")}
@@ -250,8 +257,9 @@ def frame_masters(
     cards["MMASKH"] = (mask.digest, "its ADHASH")
     flat_data, flat_var = flat.data, variance_of(flat)
     if illum_path is not None:
-        illum = load_cached(illum_path)
-        flat_data, flat_var = corrected_flat(flats[filter], paths.mask, illum_path)
+        illum = load(illum_path)
+        flat_data, flat_var = (corrected_flat(flats[filter], paths.mask, illum_path) if cache
+                               else _divide_illum(flat, mask, illum))
         cards["MILLUM"] = (illum.path.name, "illumination correction (flat divided by it)")
         cards["MILLUMH"] = (illum.digest, "its ADHASH")
     fm = FrameMasters(dark=sol.total, dark_var=sol.var, dark_current=sol.current,

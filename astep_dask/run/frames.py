@@ -2,8 +2,10 @@
 it with the night's masters (:func:`astep_dask.core.calibrate.calibrate_frame`), write its
 calibrated file atomically, and return a small summary row (never the image).
 
-A :class:`FrameJob` carries only paths and settings; the masters are read once per worker
-process and exposure time.
+A :class:`FrameJob` carries only paths and settings. The planes a frame needs from the
+masters are made once per run for each exposure time and filter (:func:`share_masters`)
+and memory-mapped by the workers (:mod:`astep_dask.masters.shared`); a worker that cannot
+see them makes its own, once per process and exposure time.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import functools
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
+from distributed import Client
 
 from astep_dask.config import Settings
 from astep_dask.core.calibrate import Detector, calibrate_frame
@@ -25,9 +29,11 @@ from astep_dask.io.fitsio import atomic_write, calibrated_hdul, verify_file
 from astep_dask.io.layout import FrameRecord
 from astep_dask.io.provenance import read_provenance
 from astep_dask.io.stack import read_section
+from astep_dask.masters.shared import SharedMasters, load_shared, share_frame_masters
 from astep_dask.masters.store import MasterPaths, frame_masters
 
-__all__ = ["FrameJob", "cached_frame_masters", "finite_cards", "process_frame", "raw_problem"]
+__all__ = ["FrameJob", "cached_frame_masters", "finite_cards", "job_masters", "process_frame",
+           "raw_problem", "share_masters"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,7 @@ class FrameJob:
     provenance: str
     settings: Settings
     force: bool = False
+    shared: SharedMasters | None = None  # the planes made once for the run, if any
 
 
 @functools.lru_cache(maxsize=4)
@@ -57,6 +64,59 @@ def cached_frame_masters(paths: MasterPaths, exptime: float, filter: str) -> tup
     stamps = tuple(p.stat().st_mtime_ns for p in files if p is not None)
     fm, cards = _frame_masters(paths, exptime, filter, stamps)
     return fm, dict(cards)
+
+
+def job_masters(job: FrameJob) -> tuple:
+    """The planes and header cards of a job's frame: the run's shared planes, mapped
+    (:func:`~astep_dask.masters.shared.load_shared`), or, when this worker cannot read
+    them, made here from the master files (:func:`cached_frame_masters`)."""
+    if job.shared is not None:
+        try:
+            return load_shared(job.shared)
+        except (OSError, ValueError):
+            pass  # a node that does not see the run's folder: the master files will do
+    return cached_frame_masters(job.masters, job.record.exptime, job.record.filter)
+
+
+def share_masters(client: Client, masters: MasterPaths, jobs: Sequence[FrameJob],
+                  folder: Path, masters_digest: str
+                  ) -> tuple[dict[tuple[float, str], SharedMasters], dict[tuple[float, str], str]]:
+    """Make the shared planes of every exposure time and filter of ``jobs``, one task each
+    on the cluster (:func:`~astep_dask.masters.shared.share_frame_masters`).
+
+    Returns
+    -------
+    shared
+        The planes made, by ``(exptime, filter)``.
+    reasons
+        Why the planes of an ``(exptime, filter)`` cannot be made (no way to make its
+        dark): its frames cannot be calibrated. A write error (disk full) is not among
+        them: those frames make their own planes.
+    """
+    combos = sorted({(j.record.exptime, j.record.filter) for j in jobs})
+    futures = [client.submit(_share, masters, et, f, folder, masters_digest, pure=False,
+                             key=f"share-masters-{et:g}-{f}-{time.time_ns()}")
+               for et, f in combos]
+    shared: dict[tuple[float, str], SharedMasters] = {}
+    reasons: dict[tuple[float, str], str] = {}
+    for combo, result in zip(combos, client.gather(futures), strict=True):
+        if isinstance(result, SharedMasters):
+            shared[combo] = result
+        elif result is not None:
+            reasons[combo] = result
+    return shared, reasons
+
+
+def _share(masters: MasterPaths, exptime: float, filter: str, folder: Path,
+           masters_digest: str) -> SharedMasters | str | None:
+    """:func:`share_frame_masters` as a task: the planes, or why they cannot be made (a
+    :class:`CalibrationError`), or None when they could not be written."""
+    try:
+        return share_frame_masters(masters, exptime, filter, folder, masters_digest)
+    except CalibrationError as exc:
+        return str(exc)
+    except OSError:
+        return None
 
 
 def process_frame(job: FrameJob) -> dict:
@@ -89,7 +149,7 @@ def _process(job: FrameJob, row: dict) -> dict:
         row["note"] = f"previous output damaged ({damage}); remade"
     t0 = time.perf_counter()
     try:
-        fm, cards = cached_frame_masters(job.masters, rec.exptime, rec.filter)
+        fm, cards = job_masters(job)
         raw = read_section(rec.path, rec.hdu, slice(None), slice(None))
         if problem := raw_problem(raw):
             return {**row, "status": "failed", "reason": problem}

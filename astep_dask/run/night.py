@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from astep_dask.io.layout import Inventory, scan_night
 from astep_dask.io.products import (
     CAL_SUFFIX,
     MANIFEST,
+    SHARED_MASTERS_FOLDER,
     check_writable,
     night_lock,
     output_dir,
@@ -40,8 +42,9 @@ from astep_dask.io.products import (
 from astep_dask.io.provenance import digest_of, frame_provenance, night_provenance
 from astep_dask.io.rawfiles import stem
 from astep_dask.masters.builder import MasterBuilder
+from astep_dask.masters.shared import remove_shared
 from astep_dask.masters.store import MasterPaths, no_flat_reason
-from astep_dask.run.frames import FrameJob, process_frame
+from astep_dask.run.frames import FrameJob, process_frame, share_masters
 from astep_dask.run.results import Progress, StageResult
 from astep_dask.run.tasks import cluster_window, map_bounded
 from astep_dask.version import __version__
@@ -149,7 +152,11 @@ def calibrate_night(
             {**_row(j, no_flat_reason(masters, j.record.filter)), "no_flat": True}
             for j in jobs if j.record.filter not in flat_filters)
         jobs = [j for j in jobs if j.record.filter in flat_filters]
+        shared_dir = out_dir / SHARED_MASTERS_FOLDER
         try:
+            remove_shared(shared_dir)  # a killed run's
+            jobs = _with_shared(client, jobs, masters, shared_dir, masters_digest,
+                                result.frames)
             run_frames(client, jobs, settings, progress, sink=result.frames)
         except BaseException as exc:  # interrupted (or a bug): record what was done, re-raise
             result.error = ("interrupted" if isinstance(exc, KeyboardInterrupt)
@@ -162,10 +169,27 @@ def calibrate_night(
             # A worker killed while writing leaves its temporary file; every task of this
             # run is over now and the lock keeps other runs out, so none of them is live.
             remove_stale_temps(out_dir)
+            remove_shared(shared_dir)
         result.frames[:] = resume_rows(result.frames, previous, jobs)
         result.finished = time.time()
         _manifest(result, inv, settings, masters)
     return result
+
+
+def _with_shared(client: Client, jobs: list[FrameJob], masters: MasterPaths, folder: Path,
+                 masters_digest: str, sink: list[dict]) -> list[FrameJob]:
+    """The jobs, each with the planes shared for its exposure time and filter
+    (:func:`~astep_dask.run.frames.share_masters`). The frames whose planes cannot be made
+    (no way to make their dark) fail here, once, with the reason, and are not sent."""
+    if not jobs:
+        return jobs
+    shared, reasons = share_masters(client, masters, jobs, folder, masters_digest)
+
+    def combo(job: FrameJob) -> tuple[float, str]:
+        return job.record.exptime, job.record.filter
+
+    sink.extend(_row(j, reasons[combo(j)]) for j in jobs if combo(j) in reasons)
+    return [replace(j, shared=shared.get(combo(j))) for j in jobs if combo(j) not in reasons]
 
 
 def _manifest(result: StageResult, inv: Inventory, settings: Settings,

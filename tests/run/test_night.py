@@ -21,7 +21,13 @@ from astep_dask.core.calibrate import Detector, FrameMasters, calibrate_frame
 from astep_dask.errors import RunError
 from astep_dask.io.headers import FrameType
 from astep_dask.io.layout import scan_night
-from astep_dask.io.products import LOCK, MANIFEST, night_lock, output_dir
+from astep_dask.io.products import (
+    LOCK,
+    MANIFEST,
+    SHARED_MASTERS_FOLDER,
+    night_lock,
+    output_dir,
+)
 from astep_dask.io.stack import read_frame
 from astep_dask.masters.store import frame_masters
 from astep_dask.run.night import calibrate_night
@@ -51,6 +57,7 @@ def test_night_completes_with_manifest(calibrated):
     assert '"status": "complete"' in manifest
     assert not list(folder.glob(".tmp-*"))
     assert not (folder / LOCK).exists()
+    assert not (folder / SHARED_MASTERS_FOLDER).exists()  # the run's scratch, removed
 
 
 def test_output_format(calibrated, small_night):
