@@ -106,6 +106,25 @@ def test_inventory_of_bad_night_names_every_bad_file(bad_night):
     assert len(inv.select(FrameType.DARK, exptime=10.0)) == 5
 
 
+def test_inventory_read_by_threads_is_the_inventory_read_in_order(bad_night, monkeypatch):
+    """The threads that read the files (issue 16) give the records of one reader, in the
+    same order, bad files included, and leave the warning filters as they found them."""
+    import warnings
+
+    from astep_dask.io import layout, rawfiles
+
+    filters = list(warnings.filters)
+    monkeypatch.setattr(layout, "INVENTORY_THREADS", 8)
+    monkeypatch.setattr(layout.os, "sched_getaffinity", lambda _: set(range(8)))
+    assert layout.inventory_threads() == 8
+    threaded = scan_night(bad_night)
+    assert warnings.filters == filters
+    rawfiles._CONTENT.clear()  # read again, by one thread
+    monkeypatch.setattr(layout, "INVENTORY_THREADS", 1)
+    assert layout.inventory_threads() == 1
+    assert scan_night(bad_night) == threaded
+
+
 def test_scan_never_modifies_files(bad_night):
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in bad_night.rglob("*.fits*")}
     scan_night(bad_night)
