@@ -352,8 +352,11 @@ def image_of(hdul: fits.HDUList) -> tuple[fits.Header, np.ndarray]:
     """:func:`read_image` of an open file."""
     header = hdul[0].header.copy()
     if "SCI" in hdul:
-        header.update((k, v) for k, v in hdul["SCI"].header.items()
-                      if k not in STRUCTURAL and k not in ("COMMENT", "HISTORY", ""))
+        # Cards, not (keyword, value) pairs: a HIERARCH keyword (MP_SUSPECT) made anew from
+        # its bare name makes astropy warn; the comments come along too.
+        header.update([c for c in hdul["SCI"].header.cards
+                       if c.keyword not in STRUCTURAL
+                       and c.keyword not in ("COMMENT", "HISTORY", "")])
         return header, np.asarray(hdul["SCI"].data)
     return header, np.asarray(hdul[0].data)
 

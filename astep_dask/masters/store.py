@@ -137,7 +137,10 @@ def read_master(path: Path, role: str | None = None) -> Master:
         names = [h.name for h in hdul]
         var = np.asarray(hdul["VAR"].data, np.float32) if "VAR" in names else None
         count = np.asarray(hdul["COUNT"].data) if "COUNT" in names else None
-    cards = {k: (header[k], header.comments[k]) for k in header if k not in _NOT_CARDS}
+    # By card, not by keyword: looking up a HIERARCH keyword (MP_SUSPECT) by its bare name
+    # makes astropy warn on the console of every worker.
+    cards = {c.keyword: (c.value, c.comment) for c in header.cards
+             if c.keyword not in _NOT_CARDS}
     dtype = MASK_DTYPE if (role or str(header.get("MASTTYPE", "")).lower()) == "mask" else (
         np.float32)
     return Master(

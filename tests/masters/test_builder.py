@@ -372,3 +372,32 @@ def test_the_plan_is_what_build_makes(small_night, tmp_path):
     needs = frame_needs(steps, science.exptime, science.filter)
     assert flat.name in needs and any("DARK" in n and "FLAT" not in n for n in needs)
     assert needs[-1].endswith("_MASK.fits")
+
+
+def test_masters_on_a_cluster_send_no_pixels_with_the_graph_and_warn_of_nothing(
+        small_night, client, tmp_path):
+    """On a distributed cluster, the dark subtracted from the flats is scattered strip by
+    strip (dask warned of a large graph on every 2048² night), and reading the masters
+    back makes astropy warn of nothing (it warned of the mask's HIERARCH bit names on
+    every worker). Both were console noise on every run (issue 16)."""
+    import warnings
+
+    import cloudpickle
+    import dask.array as da
+    import xarray as xr
+
+    from astep_dask.masters.reduce import strip_chunked
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = MasterBuilder(scan_night(small_night), tmp_path, Settings()).build()
+        for path in (paths.mask, *(p for _, p in paths.flats), *(p for _, p in paths.darks)):
+            read_master(path)
+    image = np.arange(1024 * 512, dtype=np.float32).reshape(1024, 512)  # 2 MB
+    stack = xr.DataArray(da.zeros((3, 1024, 512), chunks=(3, 300, 512)),
+                         dims=("frame", "y", "x"))
+    lazy = strip_chunked(image, stack)
+    assert lazy.data.chunks == ((300, 300, 300, 124), (512,))
+    # The graph holds futures of the strips, not the pixels.
+    assert len(cloudpickle.dumps(dict(lazy.data.__dask_graph__()))) < image.nbytes / 10
+    np.testing.assert_array_equal(lazy.values, image)
