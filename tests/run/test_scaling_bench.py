@@ -52,9 +52,32 @@ def test_scaling_runs_on_one_and_two_cores(tmp_path):
         assert r["status"] == "ok"
         assert r["frames_done"] == 3  # every simulated science frame, from the manifest
         assert r["wall_s"] > r["frame_phase_s"] > 0
+        # The stage's own clock holds the frame phase; the rest is start-up and shut-down.
+        assert r["wall_s"] > r["stage_s"] >= r["frame_phase_s"]
+        assert r["before_frames_s"] == pytest.approx(r["stage_s"] - r["frame_phase_s"])
+        assert r["outside_stage_s"] == pytest.approx(r["wall_s"] - r["stage_s"])
         assert r["peak_pss_mb"] > 0 and r["cpu_s"] > 0
         assert r["efficiency"] == pytest.approx(r["speedup"] / r["cores"])
         assert set(r["steps_median_s"]) >= {"t_read", "t_cosmics", "t_write", "t_total"}
     assert runs[0]["speedup"] == pytest.approx(1.0)
     assert runs[1]["speedup"] == pytest.approx(runs[0]["wall_s"] / runs[1]["wall_s"])
     assert "default" in proc.stdout
+
+
+@pytest.mark.slow
+def test_worker_memory_shows_no_master_kept_by_a_worker(tmp_path):
+    """benchmarks/worker_memory.py: the workers map the run's shared planes and keep no
+    master of their own (issue 16)."""
+    script = SCRIPT.parent / "worker_memory.py"
+    out = tmp_path / "memory.json"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--size", "64", "--science", "3", "--workers", "2",
+         "--workdir", str(tmp_path / "work"), "--json", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["status"] == "complete" and report["counts"]["done"] == 3
+    assert len(report["workers"]) == 2
+    for w in report["workers"]:
+        assert w["masters_loaded"] == 0
+        assert w["rss_mib"] >= w["pss_mib"] >= w["uss_mib"] > 0
