@@ -201,8 +201,8 @@ def big_endian(a: np.ndarray, dtype: type | np.dtype | None = None) -> np.ndarra
 
     Give astropy big-endian arrays to write. It writes a native (little-endian) array by
     swapping its bytes in place and back afterwards, twice more for the checksum, and
-    numpy's in-place ``byteswap`` holds the GIL: on a worker with several threads that was
-    a fifth of the time a frame held the GIL (``py-spy record --gil``). A conversion
+    numpy's in-place ``byteswap`` holds the GIL: those swaps were 30 % of the samples in
+    which a frame's task held the GIL (``py-spy record --gil``, 2 threads). A conversion
     (``astype``) releases it. The caller's array is left untouched, which also matters
     when another thread reads it while it is written (a master on the background writer).
     """
