@@ -12,11 +12,21 @@ import argparse
 import contextlib
 import json
 import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from astep_dask.cli.progress import PhaseProgress
 from astep_dask.io.layout import format_table, scan
 from astep_dask.io.products import MANIFEST
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from astep_dask.config import Settings
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -197,21 +207,20 @@ def _summary(result) -> str:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from astep_dask.errors import RunError
-    from astep_dask.io.layout import scan_night
+    from astep_dask.io.layout import check_night, scan_night
     from astep_dask.io.products import check_writable, output_dir
-    from astep_dask.run.cluster import connect
     from astep_dask.run.night import calibrate_night
 
     settings = _settings(args)
     night = args.night
-    inv = scan_night(night)  # raises a one-line ArchiveError before any work
+    check_night(night)  # raises a one-line ArchiveError before any work
     try:
         check_writable(output_dir(night, args.out))
     except RunError as exc:
         print(f"astep-dask: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     progress = _progress(args)
-    with connect(settings.cluster, log=_log(args)) as client:
+    with _cluster_during(settings, args, lambda: scan_night(night)) as (client, inv):
         try:
             with _performance(args, output_dir(night, args.out), "calibrate"):
                 result = calibrate_night(night, client, settings, out=args.out,
@@ -227,6 +236,24 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             status = _worst(status, _kbmod(night, client, settings, args))
         _keep_dashboard(args, client)
     return _exit(status)
+
+
+@contextlib.contextmanager
+def _cluster_during(settings: Settings, args: argparse.Namespace, work: Callable[[], T]
+                    ) -> Iterator[tuple[Client, T]]:
+    """The run's cluster (:func:`~astep_dask.run.cluster.connect`) and ``work()``'s
+    result: the cluster starts on a thread while ``work`` (the inventory, which reads and
+    hashes every raw file) runs here, so that neither waits for the other. An error of
+    either is raised once the cluster has started, and the cluster is closed."""
+    from astep_dask.run.cluster import connect
+
+    with contextlib.ExitStack() as stack, ThreadPoolExecutor(1, "cluster-start") as pool:
+        starting = pool.submit(stack.enter_context, connect(settings.cluster, log=_log(args)))
+        try:
+            result = work()
+        finally:
+            client = starting.result()  # wait: a cluster is never left starting
+        yield client, result
 
 
 def _progress(args: argparse.Namespace, label: str = "frames") -> PhaseProgress:

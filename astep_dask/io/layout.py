@@ -58,6 +58,7 @@ __all__ = [
     "SCIENCE_FOLDER",
     "FrameRecord",
     "Inventory",
+    "check_night",
     "find_nights",
     "format_table",
     "inventory_threads",
@@ -436,8 +437,8 @@ def is_night(path: Path) -> bool:
     return path.is_dir() and bool(night_folders(path))
 
 
-def scan_night(night_dir: str | Path) -> Inventory:
-    """Inventory of one night folder ``ROOT/YYYY-MM-DD/`` (headers only).
+def check_night(night_dir: str | Path) -> list[tuple[str, Path]]:
+    """The raw folders of a night (:func:`night_folders`), checked at once (no file read).
 
     Raises
     ------
@@ -453,6 +454,19 @@ def scan_night(night_dir: str | Path) -> Inventory:
             f"{night_dir}: not an archive night (expected {night_dir.name}-{SCIENCE_FOLDER}/ "
             f"or {night_dir.name}-{FLAT_FOLDER}/ inside)"
         )
+    return folders
+
+
+def scan_night(night_dir: str | Path) -> Inventory:
+    """Inventory of one night folder ``ROOT/YYYY-MM-DD/`` (headers only).
+
+    Raises
+    ------
+    ArchiveError
+        As :func:`check_night`.
+    """
+    night_dir = Path(night_dir)
+    folders = check_night(night_dir)
     entries = [(p, kind) for kind, sub in folders for p in iter_fits(sub)]
     # Reading and hashing every file's bytes is the inventory's cost (a 3,000-frame night
     # of 32 MB frames is 96 GB): threads overlap it (file reads and SHA-256 release the

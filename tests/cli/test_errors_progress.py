@@ -183,3 +183,38 @@ def test_unreachable_scheduler_is_one_line_soon(small_night, tmp_path, capsys):
     line = _one_error_line(capsys.readouterr().err, "error:", f"127.0.0.1:{port}")
     assert "cannot join scheduler" in line
     assert waited < 30  # the join gives up after 10 s (dask's own default is 30 s)
+
+
+def test_cluster_starts_while_the_inventory_is_taken_and_closes_on_its_error():
+    """calibrate takes the inventory here while its cluster starts on a thread (issue 16);
+    an inventory error still closes the cluster that started meanwhile."""
+    import argparse
+    import threading
+
+    from distributed import Client
+
+    from astep_dask.cli import commands
+    from astep_dask.errors import ArchiveError
+
+    args = argparse.Namespace(quiet=True)
+    settings = Settings().replace(cluster={"dashboard_address": ":0", "n_workers": 1,
+                                           "threads_per_worker": 1})
+    where = []
+
+    def work() -> int:
+        where.append(threading.current_thread() is threading.main_thread())
+        return 42
+
+    with commands._cluster_during(settings, args, work) as (client, result):
+        assert result == 42 and where == [True]
+        assert client.status == "running"
+    assert client.status == "closed"
+
+    def broken() -> int:
+        raise ArchiveError("night: broken")
+
+    with pytest.raises(ArchiveError, match="broken"), \
+            commands._cluster_during(settings, args, broken):
+        pytest.fail("the block runs only with an inventory")
+    with pytest.raises(ValueError):
+        Client.current()  # no client of that cluster is left open

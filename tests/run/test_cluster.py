@@ -33,6 +33,14 @@ def test_connect_in_process_by_default_and_processes_on_request():
     with connect(ClusterSettings(n_workers=1, threads_per_worker=1, processes=True,
                                  dashboard_address=":0"), log=lambda m: None) as client:
         assert set(client.run(os.getpid).values()) != {os.getpid()}
+        # Worker processes import the frame chain as they start, not in their first task.
+        assert all(client.run(_frame_chain_imported).values())
+
+
+def _frame_chain_imported() -> bool:
+    import sys
+
+    return "astroscrappy" in sys.modules and "astep_dask.run.frames" in sys.modules
 
 
 def test_default_layout_from_cores_and_memory():
