@@ -34,10 +34,11 @@ from astep_dask.config import ClusterSettings
 from astep_dask.errors import RunError
 
 WORKER_HTTP = "127.0.0.1:0"  # where a worker's own HTTP server listens (any free port)
-# Imported by each local worker process as it starts (dask's worker preload), not by its
-# first task: the frame chain's imports (astropy, scipy, astroscrappy; ~2 s) then run
-# while the command takes its inventory (2 workers: the first task 2.1-2.4 s → 0.02 s,
-# the start 1.0-1.6 s → 2.0-2.9 s; benchmarks/scaling.py measures the whole).
+# Imported by each worker process as it starts (dask's worker preload; batch jobs' workers
+# too, ``--preload``), not by its first task: the frame chain's imports (astropy, scipy,
+# astroscrappy; ~2 s) then run while the command takes its inventory (2 local workers:
+# the first task 2.1-2.4 s → 0.02 s, the start 1.0-1.6 s → 2.0-2.9 s;
+# benchmarks/scaling.py measures the whole).
 WORKER_PRELOAD = ("astep_dask.run.frames",)
 
 __all__ = ["capacity", "connect", "default_layout", "load_security", "local_layout",
@@ -231,7 +232,8 @@ def _jobqueue_cluster(settings: ClusterSettings, security: Security | None):
     # Each worker's own HTTP server (metrics, its dashboard) on its node's loopback unless
     # worker-extra-args says otherwise (a later --dashboard-address wins).
     extra = dask.config.get(f"jobqueue.{settings.kind}.worker-extra-args", []) or []
-    kwargs["worker_extra_args"] = ["--dashboard-address", WORKER_HTTP, *extra]
+    preload = [arg for module in WORKER_PRELOAD for arg in ("--preload", module)]
+    kwargs["worker_extra_args"] = ["--dashboard-address", WORKER_HTTP, *preload, *extra]
     with dask.config.set({"distributed.scheduler.allowed-failures": settings.retries}):
         # the rest configured by dask config (jobqueue.yaml), see deploy/
         cluster = cls(scheduler_options=options, **kwargs)

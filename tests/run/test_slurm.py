@@ -124,6 +124,28 @@ def test_job_scripts_from_deployed_config(kind, monkeypatch, tmp_path):
     assert f"{sys.executable} -m distributed.cli.dask_worker" in script
 
 
+@pytest.mark.parametrize("kind", ["slurm", "pbs"])
+def test_job_workers_import_the_frame_chain_as_they_start(kind, monkeypatch, tmp_path):
+    """The clusters we start put the worker preload on the job's command line, before
+    the deployed worker arguments (issue 16)."""
+    import dask
+
+    from astep_dask.config import ClusterSettings
+    from astep_dask.run.cluster import _jobqueue_cluster
+
+    monkeypatch.chdir(tmp_path)
+    overrides = {"interface": "lo", "scheduler-options": {"dashboard_address": ":0"}}
+    with dask.config.set(dask_settings(kind, {**deployed(kind), **overrides})):
+        cluster = _jobqueue_cluster(ClusterSettings(kind=kind, dashboard_address=":0",
+                                                    min_jobs=0, max_jobs=1), None)
+        try:
+            script = cluster.job_script()
+        finally:
+            cluster.close()
+    assert "--preload astep_dask.run.frames" in script
+    assert script.index("--preload") < script.index("--lifetime")
+
+
 # --- the localhost SLURM ---------------------------------------------------------------------
 
 
