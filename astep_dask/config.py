@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ __all__ = [
     "StarSettings",
     "TemplateSettings",
     "load_settings",
+    "machine_cores",
     "validate_group",
 ]
 
@@ -437,6 +439,15 @@ class Settings:
         chosen = {g: data[g] for g in (groups or tuple(data))}
         text = json.dumps(chosen, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def machine_cores() -> int:
+    """Cores this process may run on (its CPU affinity): what the defaults that depend on
+    the machine (the local cluster's layout, the inventory's reader threads) are sized
+    from."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(len(os.sched_getaffinity(0)), 1)
+    return os.cpu_count() or 1
 
 
 def load_settings(path: str | Path | None = None) -> Settings:

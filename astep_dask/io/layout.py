@@ -29,6 +29,7 @@ from astropy.io import fits
 from astropy.time import Time
 from astropy.utils.exceptions import AstropyUserWarning
 
+from astep_dask.config import machine_cores
 from astep_dask.core.calibrate import Section
 from astep_dask.errors import ArchiveError
 from astep_dask.io.headers import (
@@ -484,9 +485,7 @@ INVENTORY_THREADS = 8  # at most: beyond, one node's disk or file system is the 
 def inventory_threads() -> int:
     """Threads that read a night's files for the inventory: the cores this process may
     use, up to :data:`INVENTORY_THREADS`."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
-    return max(1, min(INVENTORY_THREADS, cores))
+    return max(1, min(INVENTORY_THREADS, machine_cores()))
 
 
 def find_nights(path: str | Path) -> list[Path]:

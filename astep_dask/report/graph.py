@@ -125,6 +125,10 @@ def _flat_level_stub(*_: object) -> None:  # pragma: no cover - never computed
     """Stands for the central median of one flat (MasterBuilder._flat_level)."""
 
 
+def _illum_grid_stub(*_: object) -> None:  # pragma: no cover - never computed
+    """Stands for one science frame's star-masked sky grid (masters.illum)."""
+
+
 def _manifest_stub(*_: object) -> None:  # pragma: no cover - never computed
     """Stands for write_manifest."""
 
@@ -183,6 +187,17 @@ class _GraphBuilder:
         self.planned: dict[str, MasterStep] = {}  # master file name: its step of the plan
 
     # ----------------------------------------------------------------- building blocks
+
+    def per_file(self, stub, recs: list[FrameRecord], needs: list, prefix: str,
+                 stage: str) -> list:
+        """One ``stub`` task per raw file of ``recs`` (``prefix-<file name>``), each
+        depending on ``needs``, all in ``stage``."""
+        tasks = [dask.delayed(stub, pure=True)(str(r.path), *needs,
+                                               dask_key_name=f"{prefix}-{r.path.name}")
+                 for r in recs]
+        for t in tasks:
+            self.assign(t, stage, stage)
+        return tasks
 
     def assign(self, obj, read_stage: str, stage: str) -> None:
         """Stage of each new task of ``obj``: those that read raw files (named so, or
@@ -270,10 +285,7 @@ class _GraphBuilder:
                       f"flat levels {step.filter}\ncentral median per flat", "master")
         self.file_edges.append((f"input {recs[0].folder}", lv))
         darks = [self.whole[n] for n in step.needs]
-        level_tasks = [dask.delayed(_flat_level_stub, pure=True)(
-            str(r.path), *darks, dask_key_name=f"flat-level-{r.path.name}") for r in recs]
-        for t in level_tasks:
-            self.assign(t, lv, lv)
+        level_tasks = self.per_file(_flat_level_stub, recs, darks, "flat-level", lv)
         return da.stack([da.from_delayed(t, (), np.float32) for t in level_tasks])
 
     def _add_mask(self, step: MasterStep) -> None:
@@ -307,10 +319,7 @@ class _GraphBuilder:
                         "sky grids,\nscreened, combined, fitted", "master")
         self.file_edges.append((f"input {recs[0].folder}", read))
         needs = [self.files[n] for n in step.needs]
-        grids = [dask.delayed(_flat_level_stub, pure=True)(
-            str(r.path), *needs, dask_key_name=f"illum-grid-{r.path.name}") for r in recs]
-        for t in grids:
-            self.assign(t, read, read)
+        grids = self.per_file(_illum_grid_stub, recs, needs, "illum-grid", read)
         task = dask.delayed(_write_stub, pure=True)(*grids,
                                                     dask_key_name=f"illum-{step.filter}")
         self.assign(task, comb, comb)

@@ -30,7 +30,7 @@ from distributed import Client, LocalCluster
 from distributed.comm import get_address_host_port, parse_address
 from distributed.security import Security
 
-from astep_dask.config import ClusterSettings
+from astep_dask.config import ClusterSettings, machine_cores
 from astep_dask.errors import RunError
 
 WORKER_HTTP = "127.0.0.1:0"  # where a worker's own HTTP server listens (any free port)
@@ -43,13 +43,6 @@ WORKER_PRELOAD = ("astep_dask.run.frames",)
 
 __all__ = ["capacity", "connect", "default_layout", "load_security", "local_layout",
            "machine_cores", "machine_memory", "run_security", "worker_threads"]
-
-
-def machine_cores() -> int:
-    """Cores this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(len(os.sched_getaffinity(0)), 1)
-    return os.cpu_count() or 1
 
 
 def local_layout(settings: ClusterSettings) -> tuple[int, int]:
