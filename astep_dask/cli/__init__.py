@@ -22,15 +22,22 @@ from collections.abc import Sequence
 from astep_dask.cli.commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
 from astep_dask.cli.parser import build_parser
 from astep_dask.errors import ArchiveError, RunError
+from astep_dask.run.stop import clear_stop, request_stop, stop_requested
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PARTIAL", "build_parser", "main"]
 
 
 def _interrupt(signum: int, frame: object) -> None:
     """First SIGTERM/SIGINT: stop (the cluster is closed on the way out); later ones are
-    ignored so that they cannot cut that cleanup short."""
+    ignored so that they cannot cut that cleanup short.
+
+    Python drops an exception raised in a finaliser (a dask future's ``__del__`` runs in
+    the main thread too), so the stop is also recorded: the frame loops stop at their next
+    finished task, and :func:`main` reports the interrupt even if the exception was lost.
+    """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    request_stop()
     raise KeyboardInterrupt
 
 
@@ -43,8 +50,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
     else:  # pragma: no cover - called from a thread (signals only work in the main one)
         previous = {}
+    clear_stop()
     try:
-        return args.func(args)
+        code = args.func(args)
+        if stop_requested():  # the KeyboardInterrupt was raised where Python dropped it
+            raise KeyboardInterrupt
+        return code
     except BrokenPipeError:
         # The reader of our output has gone (``| head``): stop quietly, and make sure the
         # interpreter's own final flush of stdout cannot raise again.
@@ -58,5 +69,6 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
+        clear_stop()  # an in-process caller's next run starts afresh
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -6,6 +6,9 @@ leave them all to cancel. :func:`map_bounded` keeps a window of tasks in flight,
 what the cluster *can* have (:func:`cluster_window`: for an adaptive batch cluster that is
 still scaling up, ``max_jobs`` × cores, so that queued work makes it ask for jobs), and
 submits the next as each finishes.
+
+Each loop also stops at its next finished task once a signal has asked for it
+(:mod:`astep_dask.run.stop`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from distributed import Client, as_completed
 
 from astep_dask.config import ClusterSettings
 from astep_dask.run.cluster import capacity
+from astep_dask.run.stop import stop_requested
 
 __all__ = ["cluster_window", "map_bounded"]
 
@@ -51,11 +55,14 @@ def map_bounded(
     Raises
     ------
     BaseException
-        The first task error (after ``retries`` extra attempts), or an interrupt: the
-        tasks still queued are cancelled first.
+        The first task error (after ``retries`` extra attempts), or an interrupt
+        (``KeyboardInterrupt``, also once a stop is requested): the tasks still queued
+        are cancelled first.
     """
     if not items:
         return
+    if stop_requested():
+        raise KeyboardInterrupt
     pending = enumerate(items)
     seq = as_completed()
     owner: dict[str, T] = {}
@@ -73,6 +80,8 @@ def map_bounded(
     try:
         for fut in seq:
             on_result(owner.pop(fut.key), fut.result())
+            if stop_requested():
+                raise KeyboardInterrupt
             for _ in range(max(1, window() - seq.count())):
                 submit_next()
     except BaseException:

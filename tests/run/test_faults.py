@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from astropy.io import fits
 from distributed import Client, LocalCluster
 
-from astep_dask.cli import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, main
+from astep_dask.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, main
 from astep_dask.config import Settings
 from astep_dask.io.fitsio import verify_file
 from astep_dask.io.products import output_dir
@@ -233,3 +234,59 @@ def test_damaged_calibrated_frames_are_remade(small_night, tmp_path, capsys):
             np.testing.assert_array_equal(a, b)
     assert verify_file(first) is None and verify_file(second) is None
     assert not list(folder.glob(".tmp-*"))
+
+
+def test_a_signal_lost_in_a_finaliser_still_stops_the_run(monkeypatch, capsys):
+    """Python drops an exception raised in ``__del__`` (a dask future's finaliser runs in
+    the main thread): the SIGTERM it carried must still end the command with 130."""
+    import argparse
+
+    import astep_dask.cli as cli
+
+    class Finalised:
+        def __del__(self):
+            signal.raise_signal(signal.SIGTERM)  # the handler runs here, inside __del__
+            sum(range(1000))
+
+    def command(args):
+        Finalised()  # collected at once; its KeyboardInterrupt is printed, then dropped
+        return EXIT_OK
+
+    parser = argparse.ArgumentParser()
+    parser.set_defaults(func=command)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: dropped.append(u.exc_type))
+    before = signal.getsignal(signal.SIGTERM)
+    assert main([]) == EXIT_INTERRUPTED
+    assert dropped == [KeyboardInterrupt]  # the exception was indeed lost
+    assert "interrupted; finished frames are kept" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
+    from astep_dask.run.stop import stop_requested
+    assert not stop_requested()  # the next in-process command starts afresh
+
+
+def test_a_requested_stop_ends_the_task_loop(threads_client):
+    """After a stop is requested, the task loop raises at its next finished task and
+    cancels what it queued: no further item is started."""
+    from astep_dask.run.stop import clear_stop, request_stop, stop_requested
+    from astep_dask.run.tasks import map_bounded
+
+    seen = []
+
+    def on_result(item, result):
+        seen.append(result)
+        if len(seen) == 2:
+            request_stop()
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            map_bounded(threads_client, lambda x: x * 10, list(range(50)), on_result,
+                        window=lambda: 2, key=lambda i, x: f"stop-{i}")
+        assert stop_requested() and len(seen) == 2
+        with pytest.raises(KeyboardInterrupt):  # a later loop does not start
+            map_bounded(threads_client, lambda x: x, [1], on_result,
+                        window=lambda: 1, key=lambda i, x: "late")
+        assert len(seen) == 2
+    finally:
+        clear_stop()
