@@ -24,7 +24,10 @@ cluster, shut-down). Printed as a table and written as JSON::
     python3 benchmarks/scaling.py --size 2048 --science 128 --out "$OUT/scaling.json"
 
 Needs only the standard library, psutil and an installed ``astep_dask`` (the offline
-node's recipe, ``offline-node-bench.md``).
+node's recipe, ``offline-node-bench.md``). The runs start in this checkout, so they import
+its ``astep_dask`` ahead of ``PYTHONPATH``: to compare with an earlier version, run that
+version's own copy of this script. The report says which code ran (``code``: the package's
+folder, its version, and the checkout's commit, ``+dirty`` with uncommitted changes).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_night import (  # noqa: E402
+    REPO,
     Measurement,
     become_subreaper,
     machine_info,
@@ -52,6 +56,26 @@ from bench_night import (  # noqa: E402
 )
 
 DATE = "2026-06-15"
+
+
+def code_under_test() -> dict[str, str]:
+    """Which ``astep_dask`` the runs import (asked of a child started as they are), and
+    the commit of its checkout (``+dirty`` with uncommitted changes; "" without git)."""
+    ask = "import astep_dask; print(astep_dask.__file__); print(astep_dask.__version__)"
+    out = subprocess.run([sys.executable, "-c", ask], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout.split("\n")
+    folder = str(Path(out[0]).parent)
+    commit = ""
+    try:
+        git = ["git", "-C", folder]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        if subprocess.run([*git, "status", "--porcelain", "--", "."], capture_output=True,
+                          text=True, check=True).stdout.strip():
+            commit += "+dirty"
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return {"package": folder, "version": out[1], "commit": commit}
 
 
 def allowed_cpus() -> list[int]:
@@ -245,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     layouts = ["default", *[x for x in args.layouts.split(",") if x and x != "default"]]
     subreaper = become_subreaper()
+    code = code_under_test()
+    print(f"astep_dask {code['version']} from {code['package']} {code['commit']}".rstrip(),
+          flush=True)
     night, sim_s = simulate(args.workdir, args)
     rows = []
     for layout in layouts:
@@ -258,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                    "flats": args.flats, "cores": counts, "layouts": layouts,
                    "night": str(night), "subreaper": subreaper},
         "machine": machine_info(),
+        "code": code,
         "simulate_seconds": sim_s,
         "runs": rows,
     }

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+import psutil
 
 from astep_dask.config import ClusterSettings
 from astep_dask.run.cluster import connect, local_layout, machine_cores
@@ -30,11 +33,18 @@ def test_connect_in_process_by_default_and_processes_on_request():
         # Threads of this process: the workers run in our own pid.
         assert set(client.run(os.getpid).values()) == {os.getpid()}
     assert any("dashboard" in m for m in logged)
-    with connect(ClusterSettings(n_workers=1, threads_per_worker=1, processes=True,
+    with connect(ClusterSettings(n_workers=2, threads_per_worker=1, processes=True,
                                  dashboard_address=":0"), log=lambda m: None) as client:
-        assert set(client.run(os.getpid).values()) != {os.getpid()}
+        assert os.getpid() not in set(client.run(os.getpid).values())
         # Worker processes import the frame chain as they start, not in their first task.
         assert all(client.run(_frame_chain_imported).values())
+        # They are forked from one server process that imported it once (their imported
+        # pages shared, not one copy each), not each started afresh by its nanny.
+        parents = set(client.run(os.getppid).values())
+        assert len(parents) == 1
+        server = parents.pop()
+        assert "forkserver" in " ".join(psutil.Process(server).cmdline())
+        assert "astroscrappy" in Path(f"/proc/{server}/maps").read_text()
 
 
 def _frame_chain_imported() -> bool:

@@ -59,6 +59,9 @@ def test_scaling_runs_on_one_and_two_cores(tmp_path):
         assert r["peak_pss_mb"] > 0 and r["cpu_s"] > 0
         assert r["efficiency"] == pytest.approx(r["speedup"] / r["cores"])
         assert set(r["steps_median_s"]) >= {"t_read", "t_cosmics", "t_write", "t_total"}
+    # The report names the code that ran: this checkout's package.
+    assert report["code"]["package"] == str(SCRIPT.resolve().parents[1] / "astep_dask")
+    assert report["code"]["commit"].startswith(report["machine"]["git_commit"] or "")
     assert runs[0]["speedup"] == pytest.approx(1.0)
     assert runs[1]["speedup"] == pytest.approx(runs[0]["wall_s"] / runs[1]["wall_s"])
     assert "default" in proc.stdout
