@@ -55,8 +55,10 @@ def _text(nb: dict) -> str:
     return "\n".join(parts)
 
 
-def test_night_notebook_runs(tmp_path):
-    nb = _run("night.ipynb", tmp_path, dashboard_address=":0", demo_size=128, demo_frames=5)
+@pytest.mark.parametrize("workers", [None, 2])  # the default layout; worker processes
+def test_night_notebook_runs(tmp_path, workers):
+    nb = _run("night.ipynb", tmp_path, dashboard_address=":0", demo_size=128, demo_frames=5,
+              workers=workers)
     text = _text(nb)
     assert "complete: {'done': 5" in text
     assert "dask dashboard" in json.dumps(nb)

@@ -20,7 +20,7 @@ import ssl
 import tempfile
 import tomllib
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -42,8 +42,8 @@ WORKER_HTTP = "127.0.0.1:0"  # where a worker's own HTTP server listens (any fre
 # benchmarks/scaling.py measures the whole).
 WORKER_PRELOAD = ("astep_dask.run.frames",)
 
-__all__ = ["capacity", "connect", "default_layout", "load_security", "local_layout",
-           "machine_cores", "machine_memory", "run_security", "worker_threads"]
+__all__ = ["capacity", "connect", "default_layout", "load_security", "local_cluster",
+           "local_layout", "machine_cores", "machine_memory", "run_security", "worker_threads"]
 
 
 def local_layout(settings: ClusterSettings) -> tuple[int, int]:
@@ -271,8 +271,9 @@ def _forked_workers() -> Iterator[None]:
     two interleaved runs each (``benchmarks/scaling.py`` of each version; ``run_one``):
     8 processes × 2 threads, peak PSS 3.16-3.20 → 2.59-2.64 GB, time outside the stage
     18.5-21.1 → 7.4-8.8 s; 16 × 1, peak PSS 4.09-4.14 → 2.87-2.95 GB. The forkserver is
-    single-threaded when it forks, so forking it is safe. Workers a nanny restarts are
-    forked the same way while the cluster is open.
+    single-threaded when it forks, so forking it is safe. A worker that a nanny restarts
+    later (after its process died) is spawned afresh, and imports the chain through dask's
+    worker preload.
     """
     from distributed.utils import get_mp_context
 
@@ -281,14 +282,53 @@ def _forked_workers() -> Iterator[None]:
         yield
 
 
+def local_cluster(settings: ClusterSettings) -> LocalCluster:
+    """A LocalCluster as ``astep-dask calibrate`` starts one (the notebooks start theirs
+    with it too).
+
+    Parameters
+    ----------
+    settings
+        Its layout (the machine's :func:`default_layout` where none of ``processes``,
+        ``n_workers``, ``threads_per_worker`` is set, then :func:`local_layout`), memory
+        limit, dashboard address, worker-death ``retries`` and ``tls``.
+
+    Returns
+    -------
+    LocalCluster
+        Threads of this process, or worker processes forked from a server process that has
+        imported the frame chain (:func:`_forked_workers`), talking TLS with credentials
+        made for this cluster (:func:`run_security`) unless ``tls`` is false. The caller
+        closes it.
+    """
+    settings = _with_default_layout(settings)
+    workers, threads = local_layout(settings)
+    tls = {}
+    if settings.processes and settings.tls:
+        with run_security() as security:  # in memory only: nothing to remove afterwards
+            tls = {"security": security, "protocol": "tls://"}
+    with _forked_workers() if settings.processes else nullcontext():
+        return LocalCluster(
+            n_workers=workers,
+            threads_per_worker=threads,
+            processes=settings.processes,
+            memory_limit=settings.memory_limit,
+            dashboard_address=settings.dashboard_address,
+            scheduler_kwargs={"allowed_failures": settings.retries},
+            # in-process workers' HTTP servers would listen on every interface
+            worker_dashboard_address=None if settings.processes else WORKER_HTTP,
+            preload=list(WORKER_PRELOAD) if settings.processes else [],
+            **tls,
+        )
+
+
 @contextmanager
 def connect(settings: ClusterSettings, log: Callable[[str], None] = print) -> Iterator[Client]:
     """A client for the configured cluster, closed (with any cluster it started) on exit.
 
     ``scheduler`` set: join that running scheduler. ``kind`` ``local``: start a
-    LocalCluster sized to the machine (:func:`default_layout` where no layout is set, then
-    :func:`local_layout`), its workers threads of this process unless ``processes`` (then
-    forked from a server process that has imported the frame chain, :func:`_forked_workers`).
+    LocalCluster sized to the machine (:func:`local_cluster`), its workers threads of this
+    process unless ``processes``.
     ``slurm``/``pbs``: start a dask-jobqueue cluster from dask configuration, scaling adaptively.
 
     A cluster started here retries a task whose worker died ``retries`` times
@@ -306,25 +346,7 @@ def connect(settings: ClusterSettings, log: Callable[[str], None] = print) -> It
             client = _join(settings)
             log(f"joined scheduler {settings.scheduler}")
         elif settings.kind == "local":
-            settings = _with_default_layout(settings)
-            workers, threads = local_layout(settings)
-            tls = {}
-            if settings.processes and settings.tls:
-                tls = {"security": stack.enter_context(run_security()), "protocol": "tls://"}
-            if settings.processes:
-                stack.enter_context(_forked_workers())
-            cluster = LocalCluster(
-                n_workers=workers,
-                threads_per_worker=threads,
-                processes=settings.processes,
-                memory_limit=settings.memory_limit,
-                dashboard_address=settings.dashboard_address,
-                scheduler_kwargs={"allowed_failures": settings.retries},
-                # in-process workers' HTTP servers would listen on every interface
-                worker_dashboard_address=None if settings.processes else WORKER_HTTP,
-                preload=list(WORKER_PRELOAD) if settings.processes else [],
-                **tls,
-            )
+            cluster = local_cluster(settings)
             client = Client(cluster, security=cluster.security)
         elif settings.kind in ("slurm", "pbs"):
             security = (stack.enter_context(run_security(credentials_folder(settings.kind)))
