@@ -3,13 +3,15 @@
     python benchmarks/worker_memory.py --size 2048 --science 24 --workers 2
 
 Simulates a night (or takes ``--night``), calibrates it on a ``LocalCluster`` of
-``--workers`` single-threaded worker processes, then asks each worker for its resident
-(RSS), proportional (PSS: shared pages divided among the processes that map them) and
-unique (USS) memory, and how many masters it keeps loaded. Since issue 16 the planes a
-frame needs are memory-mapped from one file per run (``astep_dask.masters.shared``)
-instead of made and kept by every worker: they count in RSS whole, in PSS divided among
-the workers, and in USS not at all. Compare with an earlier version by running this
-script with ``PYTHONPATH`` set to its checkout.
+``--workers`` single-threaded worker processes started as ``astep-dask calibrate`` starts
+them (``astep_dask.run.cluster.local_cluster``: forked from a server process that has
+imported the pipeline), then asks each worker for its resident (RSS), proportional (PSS:
+shared pages divided among the processes that map them) and unique (USS) memory, and how
+many masters it keeps loaded. Since issue 16 the planes a frame needs are memory-mapped
+from one file per run (``astep_dask.masters.shared``) instead of made and kept by every
+worker: they count in RSS whole, in PSS divided among the workers, and in USS not at all.
+Compare with an earlier version by running that version's copy of this script with
+``PYTHONPATH`` set to its checkout.
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
 
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    from astep_dask.config import Settings
+    from astep_dask.config import ClusterSettings, Settings
+    from astep_dask.run.cluster import local_cluster
     from astep_dask.run.night import calibrate_night
     from astep_dask.testing.simulate import SimConfig, simulate_night
 
@@ -52,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     night = args.night or simulate_night(
         work / "archive", SimConfig(size=args.size, n_science=args.science, n_darks=8,
                                     n_flats=9))
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as client:
+    layout = ClusterSettings(n_workers=args.workers, threads_per_worker=1, processes=True,
+                             dashboard_address=":0")
+    with local_cluster(layout) as cluster, Client(cluster) as client:
         result = calibrate_night(night, client, Settings(), out=work / "out", force=True)
         rows = sorted(client.run(worker_memory).values(), key=lambda r: r["pss_mib"])
     report = {"night": str(night), "status": result.status, "counts": result.counts,
