@@ -81,9 +81,9 @@ def share_frame_masters(paths: MasterPaths, exptime: float, filter: str, folder:
 
 
 @functools.lru_cache(maxsize=4)
-def _mapped(folder: str, key: str) -> FrameMasters:
-    return FrameMasters(**{plane: np.load(Path(folder) / f"{key}-{plane}.npy",
-                                          mmap_mode="r", allow_pickle=False)
+def _mapped(shared: SharedMasters) -> FrameMasters:
+    return FrameMasters(**{plane: np.load(shared.path(plane), mmap_mode="r",
+                                          allow_pickle=False)
                            for plane in PLANES})
 
 
@@ -97,7 +97,7 @@ def load_shared(shared: SharedMasters) -> tuple[FrameMasters, dict[str, tuple]]:
         When a plane's file cannot be read from this worker (another node that does not
         see the folder, a folder removed): the caller makes the planes itself.
     """
-    return _mapped(str(shared.folder), shared.key), dict(shared.cards)
+    return _mapped(shared), dict(shared.cards)
 
 
 def remove_shared(folder: Path) -> None:

@@ -36,10 +36,10 @@ from astep_dask.errors import RunError
 WORKER_HTTP = "127.0.0.1:0"  # where a worker's own HTTP server listens (any free port)
 # Imported by each worker process as it starts (local ones fork from a server process that
 # has imported it, see _forked_workers; batch jobs' workers through dask's ``--preload``),
-# not by its first task: the frame chain's imports (astropy, scipy,
-# astroscrappy; ~2 s) then run while the command takes its inventory (2 local workers:
-# the first task 2.1-2.4 s → 0.02 s, the start 1.0-1.6 s → 2.0-2.9 s;
-# benchmarks/scaling.py measures the whole).
+# not by its first task: the frame chain's imports (astropy, scipy, astroscrappy; ~2 s)
+# then run while the command takes its inventory (2 local workers: the first task
+# 2.1-2.4 s → 0.02 s, the start 1.0-1.6 s → 2.0-2.9 s; benchmarks/scaling.py measures
+# the whole).
 WORKER_PRELOAD = ("astep_dask.run.frames",)
 
 __all__ = ["capacity", "connect", "default_layout", "load_security", "local_cluster",
