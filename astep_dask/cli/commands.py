@@ -13,7 +13,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -242,18 +242,25 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def _cluster_during(settings: Settings, args: argparse.Namespace, work: Callable[[], T]
                     ) -> Iterator[tuple[Client, T]]:
     """The run's cluster (:func:`~astep_dask.run.cluster.connect`) and ``work()``'s
-    result: the cluster starts on a thread while ``work`` (the inventory, which reads and
-    hashes every raw file) runs here, so that neither waits for the other. An error of
-    either is raised once the cluster has started, and the cluster is closed."""
+    result: ``work`` (the inventory, which reads every raw file's header) runs on a thread
+    while the cluster starts here, so that neither waits for the other.
+
+    The cluster starts and closes in the calling (main) thread: starting a batch cluster
+    imports dask-jobqueue, which sets a signal handler, and signal handlers can only be
+    set there. An error of either is raised once both are over; a cluster that started
+    is closed.
+    """
     from astep_dask.run.cluster import connect
 
-    with contextlib.ExitStack() as stack, ThreadPoolExecutor(1, "cluster-start") as pool:
-        starting = pool.submit(stack.enter_context, connect(settings.cluster, log=_log(args)))
+    with ThreadPoolExecutor(1, "inventory") as pool:
+        done = pool.submit(work)
         try:
-            result = work()
+            with connect(settings.cluster, log=_log(args)) as client:
+                result = done.result()
+                yield client, result
         finally:
-            client = starting.result()  # wait: a cluster is never left starting
-        yield client, result
+            done.cancel()
+            wait([done])  # never leave the inventory running behind an error
 
 
 def _progress(args: argparse.Namespace, label: str = "frames") -> PhaseProgress:

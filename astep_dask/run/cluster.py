@@ -15,9 +15,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import signal
 import socket
 import ssl
+import sys
 import tempfile
+import threading
 import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -212,13 +215,34 @@ def _with_default_layout(settings: ClusterSettings) -> ClusterSettings:
                                threads_per_worker=threads)
 
 
-def _jobqueue_cluster(settings: ClusterSettings, security: Security | None):
+def _import_jobqueue(kind: str):
+    """``dask_jobqueue``, imported without letting it take over Ctrl-C.
+
+    Importing it runs ``signal.signal(SIGINT, lambda *_: sys.exit())`` (its
+    ``runner`` module, dask-jobqueue 0.9). In any thread but the main one that raises
+    ``ValueError: signal only works in main thread``; in the main one it replaces the
+    command's handler, so that Ctrl-C exits with status 0 and skips the cleanup. So it is
+    imported here, in the main thread, and the handler that was there is put back.
+    """
+    if "dask_jobqueue" in sys.modules:
+        return sys.modules["dask_jobqueue"]
+    if threading.current_thread() is not threading.main_thread():
+        raise RunError(f"--cluster {kind}: the batch cluster must be started from the main "
+                       "thread (dask-jobqueue sets a signal handler as it is imported)")
+    before = signal.getsignal(signal.SIGINT)
     try:
         import dask_jobqueue
-    except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise RuntimeError(
-            f"--cluster {settings.kind} needs dask-jobqueue: pip install dask-jobqueue"
-        ) from exc
+    except ImportError:  # pragma: no cover - depends on the installation
+        raise RunError(f"--cluster {kind} needs dask-jobqueue: pip install "
+                       "'astep-dask[hpc]' (or dask-jobqueue)") from None
+    finally:
+        if before is not None:  # None: a handler not set from Python, cannot be restored
+            signal.signal(signal.SIGINT, before)
+    return dask_jobqueue
+
+
+def _jobqueue_cluster(settings: ClusterSettings, security: Security | None):
+    dask_jobqueue = _import_jobqueue(settings.kind)
     cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[settings.kind]
     options = dict(dask.config.get(f"jobqueue.{settings.kind}.scheduler-options", {}) or {})
     options["dashboard_address"] = settings.dashboard_address
