@@ -424,7 +424,13 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_season(args: argparse.Namespace) -> int:
     from astep_dask.run.cluster import connect
-    from astep_dask.run.season import calibrate_season, dry_run, select_nights, write_season_report
+    from astep_dask.run.season import (
+        calibrate_season,
+        dry_run,
+        season_table,
+        select_nights,
+        write_season_report,
+    )
 
     settings = _settings(args)
     nights = select_nights(args.root, args.start, args.end)
@@ -451,13 +457,11 @@ def cmd_season(args: argparse.Namespace) -> int:
                                   log=_log(args))
         _keep_dashboard(args, client)
     path = write_season_report(result, report_dir)
-    rows = [{"night": n.night, "status": n.status, "frames": n.done, "failed": n.failed,
-             "s": f"{n.seconds:.1f}", "reason": n.reason[:80]} for n in result.nights]
-    print(format_table(rows, ["night", "status", "frames", "failed", "s", "reason"]))
-    d = result.to_dict()
-    print(f"season {result.status}: {d['counts']}, {d['frames_calibrated']} frames in "
-          f"{d['wall_seconds']:.1f} s (nights summed: {d['sum_night_seconds']:.1f} s); "
-          f"report: {path}")
+    # Counts from each night's manifest, with their sums in the TOTAL row.
+    rows = season_table(result)
+    print(format_table(rows, list(rows[0])))
+    print(f"season {result.status}: {len(result.nights)} nights in "
+          f"{result.finished - result.started:.1f} s; report: {path}")
     return _exit(result.status)
 
 

@@ -26,7 +26,7 @@ from astep_dask.errors import ArchiveError, RunError
 from astep_dask.io.fitsio import atomic_write_text
 from astep_dask.io.headers import FrameType
 from astep_dask.io.layout import NIGHT_RE, find_nights, is_night, scan_night
-from astep_dask.io.products import output_dir
+from astep_dask.io.products import output_dir, read_manifest
 from astep_dask.run.night import calibrate_night, night_is_current
 from astep_dask.run.results import StageResult
 
@@ -35,6 +35,7 @@ __all__ = [
     "SeasonResult",
     "calibrate_season",
     "dry_run",
+    "season_table",
     "select_nights",
     "write_season_report",
 ]
@@ -59,7 +60,13 @@ def select_nights(root: Path, start: str | None = None, end: str | None = None) 
 
 @dataclass
 class NightOutcome:
-    """One night's line in the season report."""
+    """One night's line in the season report.
+
+    The frame counts are those of the night's ``manifest.json``: ``done`` the frames
+    calibrated by this run, ``skipped`` those already calibrated (a night skipped as
+    current counts all its calibrated frames here), ``failed`` the frames that failed,
+    ``unusable`` the raw files that could not be used.
+    """
 
     night: str
     status: str  # complete, partial, failed, skipped
@@ -73,6 +80,8 @@ class NightOutcome:
     finished: float | None = None
     first_task: float | None = None  # epoch seconds: first frame task started, last finished
     last_task: float | None = None
+    skipped: int = 0
+    unusable: int = 0
 
 
 @dataclass
@@ -95,6 +104,13 @@ class SeasonResult:
             return "failed"
         return "partial"
 
+    @property
+    def totals(self) -> dict[str, float]:
+        """Frames done, skipped and failed, unusable files and seconds, summed over the
+        nights (the TOTAL row of :func:`season_table`)."""
+        return {key: sum(getattr(n, key) for n in self.nights)
+                for key in ("done", "skipped", "failed", "unusable", "seconds")}
+
     def to_dict(self) -> dict:
         """JSON-ready report."""
         counts: dict[str, int] = {}
@@ -104,6 +120,7 @@ class SeasonResult:
             "root": str(self.root),
             "status": self.status,
             "counts": counts,
+            "totals": self.totals,
             "frames_calibrated": sum(n.done for n in self.nights),
             "wall_seconds": self.finished - self.started,
             "sum_night_seconds": sum(n.seconds for n in self.nights),
@@ -118,13 +135,92 @@ def _outcome(result: StageResult) -> NightOutcome:
     c = result.counts
     reasons = [result.error] if result.error else []
     reasons += [f"{r['file']}: {r['reason']}" for r in rows if r["status"] == "failed"][:3]
+    # result.counts is what write_manifest records as the manifest's counts.
     return NightOutcome(
         night=result.night, status=result.status, frames=len(rows), done=c["done"],
-        failed=c["failed"], seconds=result.finished - result.started,
+        skipped=c["skipped"], failed=c["failed"], unusable=c["unusable"],
+        seconds=result.finished - result.started,
         reason="; ".join(reasons), output=str(result.out_dir),
         started=result.started, finished=result.finished,
         first_task=min(starts) if starts else None, last_task=max(ends) if ends else None,
     )
+
+
+def _manifest_counts(out_dir: Path, since: float | None = None) -> dict[str, int]:
+    """Frames per status and unusable files of the night's manifest (zeros without one).
+
+    ``since``: only a manifest written at or after that time (epoch seconds) counts, so
+    that a night whose run stopped before writing its manifest does not show an earlier
+    run's figures as this run's.
+    """
+    counts = {"frames": 0, "done": 0, "skipped": 0, "failed": 0, "unusable": 0}
+    try:
+        if since is not None and (out_dir / "manifest.json").stat().st_mtime < since:
+            return counts
+    except OSError:
+        return counts
+    manifest = read_manifest(out_dir)
+    frames = [r for r in manifest.get("frames") or [] if isinstance(r, dict)]
+    recorded = manifest.get("counts") or {}
+    counts["frames"] = len(frames)
+    for key in ("done", "skipped", "failed"):
+        counts[key] = int(recorded.get(key, sum(r.get("status") == key for r in frames)))
+    counts["unusable"] = int(recorded.get("unusable", len(manifest.get("unusable") or [])))
+    return counts
+
+
+def _skipped(night: Path, out: Path | None) -> NightOutcome:
+    """A night skipped as current: its frames, all calibrated by an earlier run, count as
+    skipped, as a re-run of that night would count them."""
+    folder = output_dir(night, out)
+    c = _manifest_counts(folder)
+    return NightOutcome(night=night.name, status="skipped", frames=c["frames"],
+                        skipped=c["done"] + c["skipped"], failed=c["failed"],
+                        unusable=c["unusable"], output=str(folder))
+
+
+def _failed(night: Path, out: Path | None, reason: str, t0: float) -> NightOutcome:
+    """A night whose run raised: the counts of the manifest it wrote before stopping
+    (an interrupted run writes one), else none."""
+    folder = output_dir(night, out)
+    c = _manifest_counts(folder, since=t0)
+    return NightOutcome(night=night.name, status="failed", frames=c["frames"], done=c["done"],
+                        skipped=c["skipped"], failed=c["failed"], unusable=c["unusable"],
+                        reason=reason, seconds=time.time() - t0,
+                        output=str(folder) if c["frames"] or c["unusable"] else "")
+
+
+def season_table(result: SeasonResult, reason_width: int = 60) -> list[dict]:
+    """The season's summary table: a row per night, then a ``TOTAL`` row.
+
+    Parameters
+    ----------
+    result
+        What :func:`calibrate_season` returned.
+    reason_width
+        Characters of a night's reason shown (longer ones are cut, with ``...``).
+
+    Returns
+    -------
+    list of dict
+        Keys, in column order: ``night``, ``status``, ``done`` (frames calibrated by this
+        run), ``skipped`` (already calibrated), ``failed`` (frames), ``unusable`` (raw
+        files), ``seconds`` (this run's time on the night) and ``reason``. The counts are
+        those of each night's manifest; the ``TOTAL`` row holds their sums and the
+        season's status.
+    """
+    def short(text: str) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= reason_width else text[:reason_width - 3] + "..."
+
+    rows = [{"night": n.night, "status": n.status, "done": n.done, "skipped": n.skipped,
+             "failed": n.failed, "unusable": n.unusable, "seconds": round(n.seconds, 1),
+             "reason": short(n.reason)} for n in result.nights]
+    totals = result.totals
+    rows.append({"night": "TOTAL", "status": result.status,
+                 **{k: int(totals[k]) for k in ("done", "skipped", "failed", "unusable")},
+                 "seconds": round(totals["seconds"], 1), "reason": ""})
+    return rows
 
 
 def dry_run(nights: list[Path], settings: Settings, out: Path | None) -> list[dict]:
@@ -179,18 +275,15 @@ def calibrate_season(
 
     def one(night: Path) -> NightOutcome:
         if night_is_current(night, out, settings):
-            return NightOutcome(night=night.name, status="skipped",
-                                output=str(output_dir(night, out)))
+            return _skipped(night, out)
         t0 = time.time()
         log(f"[{night.name}] start")
         try:
             res = calibrate_night(night, client, settings, out=out, progress=progress(night.name))
         except (RunError, ArchiveError, OSError) as exc:
-            return NightOutcome(night=night.name, status="failed", reason=str(exc),
-                                seconds=time.time() - t0)
+            return _failed(night, out, str(exc), t0)
         except Exception as exc:  # one broken night must not stop the season
-            return NightOutcome(night=night.name, status="failed",
-                                reason=f"{type(exc).__name__}: {exc}", seconds=time.time() - t0)
+            return _failed(night, out, f"{type(exc).__name__}: {exc}", t0)
         return _outcome(res)
 
     with ThreadPoolExecutor(max_workers=max(1, in_flight), thread_name_prefix="night") as pool:
@@ -201,8 +294,8 @@ def calibrate_season(
                 totals["nights_done"] += 1
             result.nights.append(outcome)
             extra = f" ({outcome.reason})" if outcome.reason else ""
-            log(f"[{outcome.night}] {outcome.status}: {outcome.done} frames in "
-                f"{outcome.seconds:.1f} s{extra}")
+            log(f"[{outcome.night}] {outcome.status}: {outcome.done} frames calibrated, "
+                f"{outcome.skipped} already done, in {outcome.seconds:.1f} s{extra}")
     if settings.masters.fallback:
         # Nights that failed may have lacked a master their neighbours now provide.
         retry = [n for n in result.nights if n.status == "failed"]

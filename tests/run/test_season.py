@@ -76,3 +76,63 @@ def test_dry_run_and_date_range(season, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "2026-06-15" not in text and "2026-06-16" in text and "2026-06-17" in text
     assert not list(season.rglob("manifest.json"))
+
+
+def _table(text: str) -> list[dict]:
+    """The last table printed: rows keyed by its header, cut at the header's columns
+    (the reason column has spaces in it)."""
+    lines = text.splitlines()
+    head = max(i for i, line in enumerate(lines) if line.startswith("night ")
+               and "skipped" in line)
+    header = lines[head]
+    starts = [i for i, ch in enumerate(header) if ch != " " and (i == 0 or header[i - 1] == " ")]
+    names = header.split()
+    rows = []
+    for line in lines[head + 2:]:
+        if not line.strip() or line.startswith("season "):
+            break
+        cells = [line[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
+        rows.append(dict(zip(names, cells, strict=True)))
+    return rows
+
+
+COUNTS = ("done", "skipped", "failed", "unusable")
+
+
+def _manifest_counts(out: Path) -> dict[str, dict[str, int]]:
+    return {d: json.loads((out / d / "manifest.json").read_text())["counts"] for d in DATES
+            if (out / d / "manifest.json").exists()}
+
+
+def test_season_table_totals_equal_the_manifests(season, tmp_path, capsys):
+    """The summary ends with a table whose counts are the manifests' and whose TOTAL row
+    is their sum; a second run shows the same frames as skipped."""
+    out = tmp_path / "out"
+    assert _run(season, out, "--nights", "3") == EXIT_PARTIAL
+    text = capsys.readouterr().out
+    rows = _table(text)
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("season partial: 3 nights in ") and f"report: {out}" in last
+    assert "{'" not in text  # no Python dict printed
+    manifests = _manifest_counts(out)
+    assert set(manifests) == set(DATES)  # the broken night wrote one too (masters failed)
+    by_night = {r["night"]: r for r in rows}
+    assert list(by_night) == [*DATES, "TOTAL"]
+    for date, counts in manifests.items():
+        assert {k: int(by_night[date][k]) for k in COUNTS} == {k: counts[k] for k in COUNTS}
+    total = {k: int(by_night["TOTAL"][k]) for k in COUNTS}
+    assert total == {k: sum(c[k] for c in manifests.values()) for k in COUNTS}
+    assert total["done"] == 10 and by_night["TOTAL"]["status"] == "partial"
+    assert "no usable dark frames" in by_night[BROKEN]["reason"]
+
+    assert _run(season, out) == EXIT_PARTIAL
+    rows = _table(capsys.readouterr().out)
+    again = {r["night"]: r for r in rows}
+    assert [again[d]["status"] for d in DATES] == ["skipped", "failed", "skipped"]
+    manifests = _manifest_counts(out)
+    for date in set(DATES) - {BROKEN}:  # not shown as 0: read from the manifest
+        assert int(again[date]["skipped"]) == manifests[date]["done"] == 5
+    second = {k: int(again["TOTAL"][k]) for k in COUNTS}
+    assert second == {"done": 0, "skipped": total["done"] + total["skipped"],
+                      "failed": total["failed"], "unusable": total["unusable"]}
+    assert second["skipped"] == sum(c["done"] + c["skipped"] for c in manifests.values())
