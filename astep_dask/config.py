@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from astep_dask.errors import SettingsError
+
 __all__ = [
     "AstrometrySettings",
     "BackgroundSettings",
@@ -41,10 +43,12 @@ __all__ = [
     "ResumeSettings",
     "SearchSettings",
     "Settings",
+    "SettingsError",
     "StarSettings",
     "TemplateSettings",
     "load_settings",
     "machine_cores",
+    "parse_memory",
     "validate_group",
 ]
 
@@ -130,7 +134,7 @@ class IllumSettings:
     def __post_init__(self):
         validate_group("illum", self)  # types, ranges and words, as every group's
         if self.block < 4:
-            raise ValueError(f"[illum] block = {self.block}: must be >= 4")
+            raise SettingsError(f"[illum] block = {self.block}: must be >= 4")
 
 
 @dataclass(frozen=True)
@@ -369,12 +373,24 @@ class ClusterSettings:
     # None of the three set: chosen from the machine (run.cluster.default_layout): threads
     # of one process up to 4 cores, processes of 2 threads above (measured on 16 cores).
     # See README, "Worker layout".
+    # The counts are bounded here (_RANGES) and, against this machine or the batch job,
+    # by run.cluster.check_layout before anything starts: a typo of 100000 workers must
+    # not start until the node runs out of memory.
     processes: bool = False
     n_workers: int | None = None  # None: 1 in-process worker, or one process per core
     threads_per_worker: int = 0  # 0: the cores shared among the workers
+    # Memory a local worker may use before dask spills, pauses and restarts it: "auto"
+    # (the machine's memory shared among the workers), "none", or a size ("4 GiB").
     memory_limit: str = "auto"
-    frames_in_flight: int = 0  # 0: two per worker thread
+    frames_in_flight: int = 0  # 0: two per worker thread; at most 8 per thread
     retries: int = 2  # extra attempts of a frame whose worker died
+    # Seconds to reach a --scheduler and hear it answer as a dask scheduler: past this,
+    # the address is reported as wrong (refused, unroutable, silent, not dask, TLS).
+    connect_timeout: float = 10.0
+    # Seconds a batch cluster (slurm, pbs) may take to start its first worker job; past
+    # this the run stops and says what squeue/qstat said of the jobs. 0: wait for ever
+    # (a driver that is itself a batch job then waits until its walltime).
+    job_start_timeout: float = 1800.0
     # Dashboard of a cluster we start (local or batch): the loopback interface only by
     # default (tunnel to it with SSH, see deploy/README.md); ":8787" opens it on every
     # interface. A busy port makes dask pick another.
@@ -455,10 +471,10 @@ def load_settings(path: str | Path | None = None) -> Settings:
 
     Raises
     ------
-    ValueError
-        When the file is not valid TOML, or names a table or key that does not exist, or
-        gives a value of the wrong type or out of range: one line naming the file (and the
-        table and key).
+    SettingsError
+        (a ``ValueError``) When the file is not valid TOML, or names a table or key that
+        does not exist, or gives a value of the wrong type or out of range: one line
+        naming the file (and the table and key).
     FileNotFoundError
         When there is no such file.
     """
@@ -470,22 +486,23 @@ def load_settings(path: str | Path | None = None) -> Settings:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: not valid TOML: {exc}") from None
+        raise SettingsError(f"{path}: not valid TOML: {exc}") from None
     except IsADirectoryError:
-        raise ValueError(f"{path}: a folder, not a settings file") from None
+        raise SettingsError(f"{path}: a folder, not a settings file") from None
     groups: dict[str, dict[str, Any]] = {}
     for table, values in data.items():
         if table not in settings.to_dict() or not isinstance(values, dict):
-            raise ValueError(f"{path}: unknown settings table [{table}]")
+            raise SettingsError(f"{path}: unknown settings table [{table}]")
         known = {f.name for f in dataclasses.fields(getattr(settings, table))}
         unknown = set(values) - known
         if unknown:
-            raise ValueError(f"{path}: unknown key(s) in [{table}]: {', '.join(sorted(unknown))}")
+            raise SettingsError(f"{path}: unknown key(s) in [{table}]: "
+                                f"{', '.join(sorted(unknown))}")
         groups[table] = values
     try:
         return settings.replace(**groups)
     except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
+        raise SettingsError(f"{path}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------- validation
@@ -525,7 +542,33 @@ _RULES: dict[str, str | tuple[str, ...]] = {
     "astrometry.search_radius": "pos", "astrometry.match_radius": "pos",
     "astrometry.max_stars": "pos", "astrometry.min_stars": "pos",
     "cluster.kind": ("local", "slurm", "pbs"), "cluster.n_workers": "pos",
-    "cluster.max_jobs": "pos",
+    "cluster.max_jobs": "pos", "cluster.connect_timeout": "pos",
+}
+
+# Inclusive bounds of counts and sizes whose upper end matters: a typo must be refused,
+# not tried until the machine runs out of memory (the machine-dependent bounds are in
+# run.cluster.check_layout). Generous: no real night, node or cluster comes near them.
+_RANGES: dict[str, tuple[float, float]] = {
+    "cluster.n_workers": (1, 4096),
+    "cluster.threads_per_worker": (0, 1024),
+    "cluster.frames_in_flight": (0, 100_000),
+    "cluster.retries": (0, 100),
+    "cluster.connect_timeout": (0.1, 600),
+    "cluster.job_start_timeout": (0, 7 * 86400),
+    "cluster.min_jobs": (0, 10_000),
+    "cluster.max_jobs": (1, 10_000),
+    "combine.iterations": (1, 100),
+    "combine.memory_budget_mb": (1, 1_048_576),
+    "combine.min_frames": (1, 100_000),
+    "cosmics.niter": (1, 100),
+    "cosmics.openmp_threads": (0, 1024),
+    "template.max_frames": (0, 100_000),
+    "template.memory_mb": (1, 1_048_576),
+    "search.memory_mb": (1, 1_048_576),
+    "search.tile": (16, 65_536),
+    "search.max_candidates": (0, 10_000_000),
+    "search.stamps": (0, 10_000),
+    "illum.max_frames": (0, 100_000),
 }
 
 
@@ -554,18 +597,69 @@ def validate_group(table: str, group: Any) -> None:
         else:
             ok = isinstance(value, kind)
         if not ok:
-            raise ValueError(f"{where}: expected {_WORDS.get(kind, kind.__name__)}")
+            raise SettingsError(f"{where}: expected {_WORDS.get(kind, kind.__name__)}")
         rule = _RULES.get(f"{table}.{f.name}", "nonneg")
         if isinstance(rule, tuple):
             if value not in rule:
-                raise ValueError(f"{where}: expected one of {', '.join(rule)}")
+                raise SettingsError(f"{where}: expected one of {', '.join(rule)}")
         elif kind in (int, float):
             why = _out_of_range(float(value), rule)
+            bounds = _RANGES.get(f"{table}.{f.name}")
+            if not why and bounds and not bounds[0] <= value <= bounds[1]:
+                why = f"must be between {bounds[0]:g} and {bounds[1]:g}"
             if why:
-                raise ValueError(f"{where}: {why}")
+                raise SettingsError(f"{where}: {why}")
+        elif kind is str and f"{table}.{f.name}" in _PARSED:
+            why = _PARSED[f"{table}.{f.name}"](value)
+            if why:
+                raise SettingsError(f"{where}: {why}")
+    if table == "cluster" and group.min_jobs > group.max_jobs:
+        raise SettingsError(f"[cluster] min_jobs = {group.min_jobs}: must be <= max_jobs "
+                            f"({group.max_jobs})")
 
 
 _WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+
+MIN_WORKER_MEMORY = 256 * 1024**2  # bytes: below this a worker cannot hold one frame's work
+
+
+def parse_memory(text: str) -> int | None:
+    """Bytes of a memory size written as dask writes them (``"4 GiB"``, ``"8GB"``,
+    ``"2e9"``), ``0`` for ``"auto"`` (the caller's default), ``None`` for ``"none"``/``"0"``
+    (no limit).
+
+    Raises
+    ------
+    ValueError
+        When ``text`` is not a size.
+    """
+    word = text.strip().lower()
+    if word == "auto":
+        return 0
+    if word in ("none", "0", ""):
+        return None
+    from dask.utils import parse_bytes  # dask's own reading: what the workers get
+
+    try:
+        return int(parse_bytes(word))
+    except (ValueError, TypeError):
+        raise ValueError(f"{text!r} is not a memory size (e.g. '4 GiB', 'auto', "
+                         "'none')") from None
+
+
+def _memory_limit(text: str) -> str:
+    """Why a ``memory_limit`` setting is refused, or ""."""
+    try:
+        size = parse_memory(text)
+    except ValueError as exc:
+        return str(exc)
+    if size and size < MIN_WORKER_MEMORY:
+        return f"at least {MIN_WORKER_MEMORY // 1024**2} MiB per worker"
+    return ""
+
+
+# String settings read as something else: what makes them refused.
+_PARSED = {"cluster.memory_limit": _memory_limit}
 
 
 def _out_of_range(x: float, rule: str) -> str:

@@ -4,7 +4,7 @@ raise them, and the command line turns each into its exit code."""
 
 from __future__ import annotations
 
-__all__ = ["ArchiveError", "CalibrationError", "RunError"]
+__all__ = ["ArchiveError", "CalibrationError", "RunError", "SettingsError"]
 
 
 class CalibrationError(Exception):
@@ -17,3 +17,9 @@ class ArchiveError(Exception):
 
 class RunError(Exception):
     """The run cannot start or must stop; the message says why (one line)."""
+
+
+class SettingsError(ValueError):
+    """A setting (from a settings file or an option) that is refused: of the wrong type,
+    out of its documented range, or more than this machine or job can hold. The message
+    names the table and key (and the file); the command line exits 2 (usage)."""

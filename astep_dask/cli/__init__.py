@@ -4,9 +4,11 @@ Exit codes (the same for every subcommand):
 
   0  complete: everything asked for was done (also when a reader closed our output pipe,
      as ``inspect --json | head`` does)
-  1  failed: a missing or unreadable night, an unwritable output, a bad settings file, an
-     unreachable scheduler, or nothing could be calibrated; one line on stderr says why
-  2  usage: an option or argument was refused (one line names it, then the usage)
+  1  failed: a missing or unreadable night, an unwritable output, an unreachable or wrong
+     scheduler, a batch job that does not start, or nothing could be calibrated; one line
+     on stderr says why
+  2  usage: an option, argument or setting was refused (one line names it): a bad date,
+     a count out of its range, more workers than the machine can hold
   3  partial: some frames or nights could not be used (each is named, with the reason)
   130 interrupted (SIGINT/SIGTERM): finished frames are kept; re-run to resume
 """
@@ -19,12 +21,19 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from astep_dask.cli.commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
+from astep_dask.cli.commands import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_USAGE,
+)
 from astep_dask.cli.parser import build_parser
-from astep_dask.errors import ArchiveError, RunError
+from astep_dask.errors import ArchiveError, RunError, SettingsError
 from astep_dask.run.stop import clear_stop, request_stop, stop_requested
 
-__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PARTIAL", "build_parser", "main"]
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE",
+           "build_parser", "main"]
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -61,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # interpreter's own final flush of stdout cannot raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except SettingsError as exc:  # a refused option or setting: usage, as argparse's
+        print(f"astep-dask: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (ArchiveError, RunError, OSError, ValueError, RuntimeError) as exc:
         print(f"astep-dask: error: {exc}", file=sys.stderr)
         return EXIT_FAILED

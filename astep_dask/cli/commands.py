@@ -30,12 +30,13 @@ T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 EXIT_INTERRUPTED = 130
 EPILOG = """exit codes:
   0  complete
   1  failed: nothing done, or a bad input (the one-line error says why)
-  2  usage: an option or argument refused (the line names it)
+  2  usage: an option, argument or setting refused (the line names it and its range)
   3  partial: some frames or nights were unusable; each is named with its reason
   130 interrupted (Ctrl-C, SIGTERM from scancel or a walltime); re-run to resume
 """
@@ -87,8 +88,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if any(inv.problems for inv in inventories) else EXIT_OK
 
 
-def _settings(args: argparse.Namespace):
+def _settings(args: argparse.Namespace) -> Settings:
+    """The run's settings: the settings file, then the options, checked against this
+    machine (:class:`~astep_dask.errors.SettingsError`, exit 2, for what is refused)."""
     from astep_dask.config import load_settings
+    from astep_dask.errors import SettingsError
+    from astep_dask.run.cluster import check_layout
 
     settings = load_settings(args.config)
     cluster = {}
@@ -108,8 +113,8 @@ def _settings(args: argparse.Namespace):
         cluster["dashboard_address"] = args.dashboard_address
     if getattr(args, "security", None):
         if not args.scheduler:
-            raise ValueError("--security is for joining a --scheduler; the clusters "
-                             "astep-dask starts make their own credentials")
+            raise SettingsError("--security is for joining a --scheduler; the clusters "
+                                "astep-dask starts make their own credentials")
         cluster["security"] = str(args.security)
     groups: dict = {"cluster": cluster}
     masters = {}
@@ -130,7 +135,9 @@ def _settings(args: argparse.Namespace):
     groups["template"] = template
     if getattr(args, "catalog", None):
         groups["astrometry"] = {"catalog": str(args.catalog)}
-    return settings.replace(**groups)
+    settings = settings.replace(**groups)
+    check_layout(settings.cluster)  # before anything starts: exit 2 for what cannot fit
+    return settings
 
 
 TABLE_ROWS = 20  # a night with more calibrated frames gets its figures summarised

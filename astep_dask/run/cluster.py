@@ -13,14 +13,18 @@ of a security file (:func:`load_security`) or of the dask configuration.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 import signal
 import socket
 import ssl
+import struct
+import subprocess
 import sys
 import tempfile
 import threading
+import time
 import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -33,8 +37,8 @@ from distributed import Client, LocalCluster
 from distributed.comm import get_address_host_port, parse_address
 from distributed.security import Security
 
-from astep_dask.config import ClusterSettings, machine_cores
-from astep_dask.errors import RunError
+from astep_dask.config import MIN_WORKER_MEMORY, ClusterSettings, machine_cores, parse_memory
+from astep_dask.errors import RunError, SettingsError
 
 WORKER_HTTP = "127.0.0.1:0"  # where a worker's own HTTP server listens (any free port)
 # Imported by each worker process as it starts (local ones fork from a server process that
@@ -45,8 +49,9 @@ WORKER_HTTP = "127.0.0.1:0"  # where a worker's own HTTP server listens (any fre
 # the whole).
 WORKER_PRELOAD = ("astep_dask.run.frames",)
 
-__all__ = ["capacity", "connect", "default_layout", "load_security", "local_cluster",
-           "local_layout", "machine_cores", "machine_memory", "run_security", "worker_threads"]
+__all__ = ["capacity", "check_frames_in_flight", "check_layout", "connect", "default_layout",
+           "load_security", "local_cluster", "local_layout", "machine_cores", "machine_memory",
+           "probe_scheduler", "queue_state", "run_security", "worker_threads"]
 
 
 def local_layout(settings: ClusterSettings) -> tuple[int, int]:
@@ -130,9 +135,6 @@ def load_security(path: str | Path) -> Security:
                     tls_client_key=files["key"], require_encryption=True)
 
 
-JOIN_TIMEOUT = 10  # s: a scheduler that does not answer by then is reported as unreachable
-
-
 def _speaks_tls(address: str, timeout: float = 5.0) -> bool:
     """Whether the server at a ``tcp://`` address answers a TLS handshake (as a scheduler
     started with TLS does)."""
@@ -148,13 +150,134 @@ def _speaks_tls(address: str, timeout: float = 5.0) -> bool:
         return False
 
 
+def _tls_problem(exc: ssl.SSLError, address: str, credentials: str) -> str:
+    """One line for a failed TLS handshake with the server at ``address``."""
+    reason = (exc.reason or str(exc)).upper()
+    if any(w in reason for w in ("WRONG_VERSION", "RECORD_LAYER", "PACKET_LENGTH",
+                                 "UNEXPECTED_EOF", "HTTP_REQUEST")):
+        return (f"scheduler {address} does not speak TLS (a tcp:// scheduler? then give "
+                "tcp://)")
+    if "CERTIFICATE_VERIFY_FAILED" in reason:
+        return (f"scheduler {address} does not match our TLS credentials ({credentials}): "
+                "its certificate is not signed by their CA (another cluster's scheduler, or "
+                "the wrong CA file)")
+    return f"scheduler {address} refused our TLS credentials ({credentials}): {exc.reason or exc}"
+
+
+def _read_some(sock: socket.socket, n: int, timeout: float) -> bytes:
+    """Up to ``n`` bytes from ``sock`` within ``timeout`` seconds: fewer when the peer
+    closes; ``TimeoutError`` when it sends nothing at all by then."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while len(data) < n:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(n - len(data))
+        except TimeoutError:
+            if data:
+                return data
+            raise
+        if not chunk:
+            return data
+        data += chunk
+    return data
+
+
+GREETING_MAX = 64 * 1024**2  # bytes: a dask server's first message is far smaller
+
+
+def probe_scheduler(address: str, security: Security, timeout: float,
+                    credentials: str = "dask config") -> None:
+    """Check, within ``timeout`` seconds, that a dask scheduler answers at ``address``.
+
+    A dask server speaks first: right after the connection (and, for ``tls://``, the TLS
+    handshake) it sends its handshake message, framed by an 8-byte length. The probe
+    connects, reads those 8 bytes and closes. Whatever else happens is reported in one
+    line naming the address: a refused connection, an unknown host, no answer (unroutable
+    or filtered), an HTTP server (it waits for a request: asked once half the time has
+    passed), a server that says nothing, a greeting that is not dask's, a scheduler that
+    demands TLS, a TLS handshake that fails (not TLS, another CA, our credentials refused).
+    Schemes other than ``tcp://`` and ``tls://`` are left to dask.
+
+    Raises
+    ------
+    RunError
+        What was wrong, with the address and the timeout where it matters.
+    """
+    scheme, _ = parse_address(address)
+    if scheme not in ("tcp", "tls"):
+        return
+    try:
+        host, port = get_address_host_port(address)
+    except ValueError as exc:
+        raise RunError(f"scheduler {address}: not an address host:port ({exc})") from None
+    setting = f"within {timeout:g} s ([cluster] connect_timeout)"
+    deadline = time.monotonic() + timeout
+
+    def left() -> float:
+        return max(0.01, deadline - time.monotonic())
+
+    try:
+        raw = socket.create_connection((host, port), timeout=left())
+    except socket.gaierror:
+        raise RunError(f"scheduler {address}: unknown host {host!r}") from None
+    except ConnectionRefusedError:
+        raise RunError(f"scheduler {address} refused the connection: nothing listens on "
+                       f"port {port} of {host}") from None
+    except TimeoutError:
+        raise RunError(f"scheduler {address}: no answer to a connection {setting}: "
+                       "unroutable, or a firewall drops it") from None
+    except OSError as exc:
+        raise RunError(f"scheduler {address}: cannot connect: "
+                       f"{exc.strerror or exc}") from None
+    with raw:
+        sock: socket.socket = raw
+        try:
+            if scheme == "tls":
+                ctx = security.get_connection_args("client")["ssl_context"]
+                raw.settimeout(left())
+                sock = ctx.wrap_socket(raw)
+            greeting = _read_some(sock, 8, (deadline - time.monotonic()) / 2)
+        except ssl.SSLError as exc:
+            raise RunError(_tls_problem(exc, address, credentials)) from None
+        except TimeoutError:
+            greeting = None
+        except OSError as exc:
+            raise RunError(f"scheduler {address}: the connection failed: "
+                           f"{exc.strerror or exc}") from None
+        if greeting is None:  # silent: an HTTP server waits for a request, ask it one
+            try:
+                sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                answer = _read_some(sock, 8, left())
+            except (TimeoutError, OSError):
+                answer = b""
+            if answer.startswith(b"HTTP/"):
+                raise RunError(f"scheduler {address} is an HTTP server, not a dask "
+                               "scheduler (a dashboard's port? schedulers listen on 8786 "
+                               "by default)")
+            if scheme == "tcp" and _speaks_tls(address, timeout=left()):
+                raise RunError(f"scheduler {address} demands TLS credentials: give a "
+                               "tls:// address and --security FILE (ca, cert, key)")
+            raise RunError(f"scheduler {address} accepted the connection but did not "
+                           f"greet as a dask scheduler {setting}")
+    if len(greeting) < 8:
+        raise RunError(f"scheduler {address} closed the connection without a dask "
+                       "greeting: not a dask scheduler, or it refused us")
+    if greeting.startswith(b"HTTP/"):
+        raise RunError(f"scheduler {address} is an HTTP server, not a dask scheduler")
+    (size,) = struct.unpack("<Q", greeting)
+    if not 0 < size <= GREETING_MAX:
+        shown = greeting.decode("ascii", "replace")
+        raise RunError(f"scheduler {address} answered, but not as a dask scheduler "
+                       f"(its first bytes: {shown!r})")
+
+
 def _join(settings: ClusterSettings) -> Client:
     """A client of the running scheduler ``settings.scheduler``; :class:`RunError` (one
-    line) when it cannot be joined, saying so when it demands credentials we lack."""
+    line) when it cannot be joined (:func:`probe_scheduler`, within
+    ``settings.connect_timeout``), saying so when it demands credentials we lack."""
     address = settings.scheduler
     scheme, _ = parse_address(address)
-    hint = ("give a tls:// address and --security FILE (ca, cert, key), or set "
-            "distributed.comm.tls.* in the dask configuration")
     if settings.security:
         security = load_security(settings.security)
     else:
@@ -163,15 +286,15 @@ def _join(settings: ClusterSettings) -> Client:
             raise RunError(f"scheduler {address} demands TLS credentials and we have none: "
                            "give --security FILE (ca, cert, key), or set "
                            "distributed.comm.tls.* in the dask configuration")
+    credentials = str(settings.security or "dask config")
+    probe_scheduler(address, security, settings.connect_timeout, credentials)
     try:
-        return Client(address, security=security, timeout=JOIN_TIMEOUT)
+        return Client(address, security=security, timeout=settings.connect_timeout)
     except (OSError, ValueError, TypeError) as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
-        if scheme == "tcp" and _speaks_tls(address):
-            raise RunError(f"scheduler {address} demands TLS credentials: {hint}") from None
         if scheme == "tls":
             raise RunError(f"scheduler {address} refused our TLS credentials "
-                           f"({settings.security or 'dask config'}): {reason}") from None
+                           f"({credentials}): {reason}") from None
         raise RunError(f"cannot join scheduler {address}: {reason}") from None
 
 
@@ -241,6 +364,104 @@ def _import_jobqueue(kind: str):
     return dask_jobqueue
 
 
+# Bounds of a layout against the machine (local) or the batch job (slurm, pbs), checked
+# before anything starts. Oversubscribing the cores a little is allowed (benchmarks compare
+# layouts on small machines), a typo is not.
+THREADS_PER_CORE = 8  # worker threads (all workers) per core of the machine, at most
+FRAMES_PER_THREAD = 8  # frames in flight per worker thread, at most
+WORKER_FLOOR = MIN_WORKER_MEMORY  # bytes each local worker process needs at least
+
+
+def _job_layout(kind: str) -> tuple[int, int, int]:
+    """``(cores, processes, memory bytes)`` of one batch job, from the dask configuration
+    (``jobqueue.<kind>``, e.g. deploy/jobqueue.yaml).
+
+    Raises
+    ------
+    SettingsError
+        When a value is missing, does not parse, or cannot hold a worker.
+    """
+    where = f"jobqueue.{kind}"
+    try:
+        cores = int(dask.config.get(f"{where}.cores"))
+        processes = int(dask.config.get(f"{where}.processes", default=1) or 1)
+        memory_text = dask.config.get(f"{where}.memory")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SettingsError(f"{where}: cores, processes and memory must be set in the dask "
+                            f"configuration (deploy/jobqueue.yaml): {exc}") from None
+    try:
+        memory = parse_memory(str(memory_text)) or 0
+    except ValueError as exc:
+        raise SettingsError(f"{where}.memory: {exc}") from None
+    if not 1 <= cores <= 4096:
+        raise SettingsError(f"{where}.cores = {cores}: must be between 1 and 4096")
+    if not 1 <= processes <= cores:
+        raise SettingsError(f"{where}.processes = {processes}: must be between 1 and "
+                            f"cores ({cores})")
+    if memory < processes * WORKER_FLOOR:
+        raise SettingsError(f"{where}.memory = {memory_text!r}: {processes} worker "
+                            f"process(es) need at least {WORKER_FLOOR // 1024**2} MiB each")
+    return cores, processes, memory
+
+
+def check_layout(settings: ClusterSettings) -> None:
+    """Refuse, before anything starts, a layout this machine or batch job cannot hold.
+
+    The ranges of the values themselves are checked when settings are made
+    (:mod:`astep_dask.config`); here they are checked against each other and the machine:
+
+    - local workers: all their threads at most ``THREADS_PER_CORE`` per core; worker
+      processes at least ``WORKER_FLOOR`` of memory each (``memory_limit`` too), and
+      ``memory_limit`` × workers at most the machine's memory;
+    - batch clusters: the job (``jobqueue.<kind>``: cores, processes, memory) parses and
+      holds its workers;
+    - ``frames_in_flight`` at most ``FRAMES_PER_THREAD`` per worker thread the cluster can
+      have (for a joined ``--scheduler``, checked when its workers are known).
+
+    Raises
+    ------
+    SettingsError
+        One line naming the setting, its value and the bound.
+    """
+    if settings.scheduler:
+        return
+    if settings.kind in ("slurm", "pbs"):
+        cores, _, _ = _job_layout(settings.kind)
+        threads = cores * settings.max_jobs
+    else:
+        cores, memory = machine_cores(), machine_memory()
+        layout = _with_default_layout(settings)
+        workers, per_worker = local_layout(layout)
+        threads = workers * per_worker
+        if threads > THREADS_PER_CORE * cores:
+            raise SettingsError(
+                f"[cluster] n_workers = {workers} x threads_per_worker = {per_worker}: "
+                f"{threads} threads, more than {THREADS_PER_CORE} per core of this "
+                f"machine ({cores} cores; --workers, --threads)")
+        limit = parse_memory(settings.memory_limit)
+        if layout.processes and memory and workers * WORKER_FLOOR > memory:
+            raise SettingsError(
+                f"[cluster] n_workers = {workers}: worker processes need at least "
+                f"{WORKER_FLOOR // 1024**2} MiB each, this machine has "
+                f"{memory / 1024**3:.1f} GiB (--workers)")
+        if limit and memory and workers * limit > memory:
+            raise SettingsError(
+                f"[cluster] memory_limit = {settings.memory_limit!r} x {workers} workers: "
+                f"more than this machine's {memory / 1024**3:.1f} GiB")
+    check_frames_in_flight(settings, threads)
+
+
+def check_frames_in_flight(settings: ClusterSettings, threads: int) -> None:
+    """Refuse ``frames_in_flight`` above ``FRAMES_PER_THREAD`` per worker thread of a
+    cluster that has (or can have) ``threads`` threads (:class:`SettingsError`)."""
+    most = FRAMES_PER_THREAD * max(1, threads)
+    if settings.frames_in_flight > most:
+        raise SettingsError(
+            f"[cluster] frames_in_flight = {settings.frames_in_flight}: at most "
+            f"{FRAMES_PER_THREAD} per worker thread, {most} for this cluster's {threads} "
+            "threads (each frame in flight holds its memory)")
+
+
 def _jobqueue_cluster(settings: ClusterSettings, security: Security | None):
     dask_jobqueue = _import_jobqueue(settings.kind)
     cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[settings.kind]
@@ -254,9 +475,7 @@ def _jobqueue_cluster(settings: ClusterSettings, security: Security | None):
     kwargs["worker_extra_args"] = ["--dashboard-address", WORKER_HTTP, *preload, *extra]
     with dask.config.set({"distributed.scheduler.allowed-failures": settings.retries}):
         # the rest configured by dask config (jobqueue.yaml), see deploy/
-        cluster = cls(scheduler_options=options, **kwargs)
-    cluster.adapt(minimum_jobs=settings.min_jobs, maximum_jobs=settings.max_jobs)
-    return cluster
+        return cls(scheduler_options=options, **kwargs)
 
 
 def _dashboard_link(client: Client, settings: ClusterSettings, ours: bool) -> str:
@@ -306,6 +525,12 @@ def _forked_workers() -> Iterator[None]:
         yield
 
 
+def _memory_limit(text: str) -> str | int | None:
+    """``memory_limit`` as LocalCluster takes it: ``"auto"``, bytes, or None (no limit)."""
+    size = parse_memory(text)
+    return "auto" if size == 0 else size
+
+
 def local_cluster(settings: ClusterSettings) -> LocalCluster:
     """A LocalCluster as ``astep-dask calibrate`` starts one (the notebooks start theirs
     with it too).
@@ -336,7 +561,7 @@ def local_cluster(settings: ClusterSettings) -> LocalCluster:
             n_workers=workers,
             threads_per_worker=threads,
             processes=settings.processes,
-            memory_limit=settings.memory_limit,
+            memory_limit=_memory_limit(settings.memory_limit),
             dashboard_address=settings.dashboard_address,
             scheduler_kwargs={"allowed_failures": settings.retries},
             # in-process workers' HTTP servers would listen on every interface
@@ -367,25 +592,123 @@ def connect(settings: ClusterSettings, log: Callable[[str], None] = print) -> It
     with ExitStack() as stack:
         cluster = None
         if settings.scheduler:
-            client = _join(settings)
+            client = stack.enter_context(_join(settings))
             log(f"joined scheduler {settings.scheduler}")
+            threads = sum(w.get("nthreads", 1) for w in
+                          client.scheduler_info().get("workers", {}).values())
+            if threads:
+                check_frames_in_flight(settings, threads)
         elif settings.kind == "local":
-            cluster = local_cluster(settings)
-            client = Client(cluster, security=cluster.security)
+            cluster = stack.enter_context(local_cluster(settings))
+            client = stack.enter_context(Client(cluster, security=cluster.security))
         elif settings.kind in ("slurm", "pbs"):
             security = (stack.enter_context(run_security(credentials_folder(settings.kind)))
                         if settings.tls else None)
-            cluster = _jobqueue_cluster(settings, security)
-            client = Client(cluster, security=cluster.security)
+            cluster = stack.enter_context(_jobqueue_cluster(settings, security))
+            client = stack.enter_context(Client(cluster, security=cluster.security))
+            log(f"dask dashboard: {_dashboard_link(client, settings, True)}")
+            _await_first_job(client, cluster, settings, log)
+            yield client
+            return
         else:
             raise ValueError(f"unknown cluster kind {settings.kind!r} (local, slurm, pbs)")
-        try:
-            log(f"dask dashboard: {_dashboard_link(client, settings, cluster is not None)}")
-            yield client
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
+        log(f"dask dashboard: {_dashboard_link(client, settings, cluster is not None)}")
+        yield client
+
+
+# Messages of dask-jobqueue when the batch system refuses a job: logged (with a traceback)
+# by the event loop that ran the submission, never raised to us.
+_REFUSED = "Command exited with non-zero exit code"
+
+
+class _JobErrors(logging.Filter):
+    """A logging filter that keeps the batch system's refusals that dask-jobqueue logs
+    while a cluster starts, and keeps their tracebacks off the console: the run reports
+    them in one line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refusals: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        text = str(exc) if exc is not None else record.getMessage()
+        if _REFUSED in text:
+            self.refusals.append(text)
+            return False
+        return True
+
+
+def _refusal_line(text: str) -> str:
+    """The batch system's own words from dask-jobqueue's message (its stderr part)."""
+    err = text.split("stderr:", 1)[-1].strip().splitlines()
+    return "; ".join(line.strip() for line in err if line.strip())[:300] or text.splitlines()[0]
+
+
+def queue_state(kind: str, job_ids: list[str]) -> str:
+    """What ``squeue`` (SLURM) or ``qstat`` (PBS) says of these jobs, in one line."""
+    if not job_ids:
+        return "no job was submitted"
+    cmd = (["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T %r"] if kind == "slurm"
+           else ["qstat", *job_ids])
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{cmd[0]} did not answer ({exc})"
+    lines = [ln.strip() for ln in (run.stdout or run.stderr).splitlines() if ln.strip()]
+    if kind == "pbs":
+        lines = lines[2:] or lines  # qstat's two header lines
+    elif run.stdout:
+        lines = [f"job {i} {st} ({why})" for i, st, why in
+                 (f"{ln}  ".split(" ", 2) for ln in lines)]
+    return f"{cmd[0]}: " + ("; ".join(lines[:5]) if lines else "the jobs are not queued "
+                            "(ended or cancelled)")
+
+
+def _await_first_job(client: Client, cluster, settings: ClusterSettings,
+                     log: Callable[[str], None]) -> None:
+    """Wait until the batch cluster's first worker has joined, so that a batch system that
+    refuses the job or never starts it is reported instead of waited on for ever.
+
+    The cluster asks for at least one job while it waits (adaptive scaling asks for none
+    before there is work), then scales as configured. Every minute a line says what the
+    queue says of the jobs.
+
+    Raises
+    ------
+    RunError
+        One line: the batch system's refusal, or how long we waited
+        (``job_start_timeout``) and what ``squeue``/``qstat`` said.
+    """
+    kind, timeout = settings.kind, settings.job_start_timeout
+    catcher = _JobErrors()
+    loggers = [logging.getLogger(n) for n in ("tornado.application", "distributed",
+                                              "dask_jobqueue")]
+    for logger in loggers:
+        logger.addFilter(catcher)
+    cluster.adapt(minimum_jobs=max(1, settings.min_jobs), maximum_jobs=settings.max_jobs)
+    t0 = time.monotonic()
+    note = t0 + 60
+    try:
+        while not client.scheduler_info().get("workers"):
+            waited = time.monotonic() - t0
+            if catcher.refusals:
+                raise RunError(f"--cluster {kind}: the batch system refused the worker job: "
+                               f"{_refusal_line(catcher.refusals[0])}")
+            ids = [str(j.job_id) for j in cluster.workers.values()
+                   if getattr(j, "job_id", None)]
+            if timeout and waited > timeout:
+                raise RunError(f"--cluster {kind}: no worker job started in {waited:.0f} s "
+                               f"([cluster] job_start_timeout); {queue_state(kind, ids)}")
+            if time.monotonic() > note:
+                log(f"waiting for the first worker job ({waited:.0f} s): "
+                    f"{queue_state(kind, ids)}")
+                note += 60
+            time.sleep(0.5)
+    finally:
+        for logger in loggers:
+            logger.removeFilter(catcher)
+    cluster.adapt(minimum_jobs=settings.min_jobs, maximum_jobs=settings.max_jobs)
 
 
 def worker_threads(client: Client) -> int:

@@ -75,15 +75,21 @@ def map_bounded(
             owner[fut.key] = item
             seq.add(fut)
 
-    for _ in range(max(window(), 1)):
-        submit_next()
+    left = len(items)  # never loop more often than there are items (a huge window)
+
+    def fill(n: int) -> None:
+        nonlocal left
+        for _ in range(min(n, left)):
+            submit_next()
+            left -= 1
+
+    fill(max(window(), 1))
     try:
         for fut in seq:
             on_result(owner.pop(fut.key), fut.result())
             if stop_requested():
                 raise KeyboardInterrupt
-            for _ in range(max(1, window() - seq.count())):
-                submit_next()
+            fill(max(1, window() - seq.count()))
     except BaseException:
         for f in list(seq.futures):
             f.cancel()
