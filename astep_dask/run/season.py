@@ -266,6 +266,8 @@ def calibrate_season(
 
     def progress(night: str):
         def report(done: int, total: int, row: dict) -> None:
+            if row.get("stage") == "masters":
+                return  # the master builder's steps (same callback): not frames
             with lock:
                 totals["frames"] += 1
                 if done == total or done % 10 == 0:

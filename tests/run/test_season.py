@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -109,7 +110,8 @@ def test_season_table_totals_equal_the_manifests(season, tmp_path, capsys):
     is their sum; a second run shows the same frames as skipped."""
     out = tmp_path / "out"
     assert _run(season, out, "--nights", "3") == EXIT_PARTIAL
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     rows = _table(text)
     last = text.strip().splitlines()[-1]
     assert last.startswith("season partial: 3 nights in ") and f"report: {out}" in last
@@ -124,6 +126,9 @@ def test_season_table_totals_equal_the_manifests(season, tmp_path, capsys):
     assert total == {k: sum(c[k] for c in manifests.values()) for k in COUNTS}
     assert total["done"] == 10 and by_night["TOTAL"]["status"] == "partial"
     assert "no usable dark frames" in by_night[BROKEN]["reason"]
+    # The progress lines count frames only (not the masters' steps): up to the total.
+    seen = [int(n) for n in re.findall(r"season: (\d+) frames", captured.err)]
+    assert seen and max(seen) == total["done"] + total["failed"]
 
     assert _run(season, out) == EXIT_PARTIAL
     rows = _table(capsys.readouterr().out)
