@@ -16,6 +16,12 @@ The public API, in the order of a night's stages (:data:`STAGES`)::
     frames = ad.open_calibrated(night)                            # lazy sci, var, mask
     header, sci, var, mask = ad.read_calibrated(result.out_dir / result.frames[0]["output"])
 
+A season: ``ad.calibrate_season(ad.select_nights(root), client, settings, out)``, then
+``ad.season_table`` and ``ad.write_season_report``. ``ad.settings_conflicts`` says which
+settings of a night's existing products differ from a run's, before the run replaces them.
+The report's figures (``ad.fig_*``, ``ad.load_report``, ``ad.season_rows``) are what the
+notebooks draw; they use nothing but these names.
+
 The products read with astropy and ccdproc too (``CCDData.read(f, hdu="SCI",
 hdu_uncertainty="VAR", hdu_mask="MASK")``, ``ImageFileCollection(out, ext="SCI")``): see
 the README's "From Python".
@@ -47,17 +53,35 @@ _WHERE = {
     "Inventory": "astep_dask.io.layout",
     "find_nights": "astep_dask.io.layout",
     "scan_night": "astep_dask.io.layout",
+    "master_files": "astep_dask.io.products",
     "output_dir": "astep_dask.io.products",
+    "read_manifest": "astep_dask.io.products",
     "open_stack": "astep_dask.io.stack",
     "search_night": "astep_dask.kbmod.search",
     "export_night": "astep_dask.kbmod.stage",
     "MasterBuilder": "astep_dask.masters.builder",
+    "fig_flagged": "astep_dask.report.figures",
+    "fig_frame": "astep_dask.report.figures",
+    "fig_mask": "astep_dask.report.figures",
+    "fig_master": "astep_dask.report.figures",
+    "fig_raw_vs_calibrated": "astep_dask.report.figures",
+    "fig_timeseries": "astep_dask.report.figures",
     "flow_chart": "astep_dask.report.graph",
+    "load_report": "astep_dask.report.night",
     "night_report": "astep_dask.report.night",
+    "fig_flat_ratios": "astep_dask.report.season",
+    "fig_illum_season": "astep_dask.report.season",
+    "fig_season": "astep_dask.report.season",
+    "season_rows": "astep_dask.report.season",
     "connect": "astep_dask.run.cluster",
     "calibrate_night": "astep_dask.run.night",
+    "settings_conflicts": "astep_dask.run.night",
     "StageResult": "astep_dask.run.results",
+    "SeasonResult": "astep_dask.run.season",
     "calibrate_season": "astep_dask.run.season",
+    "season_table": "astep_dask.run.season",
+    "select_nights": "astep_dask.run.season",
+    "write_season_report": "astep_dask.run.season",
     "STAGES": "astep_dask.run.stages",
     "SimConfig": "astep_dask.testing.simulate",
     "simulate_night": "astep_dask.testing.simulate",
@@ -70,17 +94,37 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from astep_dask.io.fitsio import read_calibrated, read_image
     from astep_dask.io.headers import FrameType
     from astep_dask.io.layout import Inventory, find_nights, scan_night
-    from astep_dask.io.products import output_dir
+    from astep_dask.io.products import master_files, output_dir, read_manifest
     from astep_dask.io.stack import open_stack
     from astep_dask.kbmod.search import search_night
     from astep_dask.kbmod.stage import export_night
     from astep_dask.masters.builder import MasterBuilder
+    from astep_dask.report.figures import (
+        fig_flagged,
+        fig_frame,
+        fig_mask,
+        fig_master,
+        fig_raw_vs_calibrated,
+        fig_timeseries,
+    )
     from astep_dask.report.graph import flow_chart
-    from astep_dask.report.night import night_report
+    from astep_dask.report.night import load_report, night_report
+    from astep_dask.report.season import (
+        fig_flat_ratios,
+        fig_illum_season,
+        fig_season,
+        season_rows,
+    )
     from astep_dask.run.cluster import connect
-    from astep_dask.run.night import calibrate_night
+    from astep_dask.run.night import calibrate_night, settings_conflicts
     from astep_dask.run.results import StageResult
-    from astep_dask.run.season import calibrate_season
+    from astep_dask.run.season import (
+        SeasonResult,
+        calibrate_season,
+        season_table,
+        select_nights,
+        write_season_report,
+    )
     from astep_dask.run.stages import STAGES
     from astep_dask.testing.simulate import SimConfig, simulate_night
 
@@ -106,6 +150,7 @@ __all__ = [
     "Inventory",
     "MasterBuilder",
     "RunError",
+    "SeasonResult",
     "Settings",
     "SimConfig",
     "StageResult",
@@ -114,16 +159,33 @@ __all__ = [
     "calibrate_season",
     "connect",
     "export_night",
+    "fig_flagged",
+    "fig_flat_ratios",
+    "fig_frame",
+    "fig_illum_season",
+    "fig_mask",
+    "fig_master",
+    "fig_raw_vs_calibrated",
+    "fig_season",
+    "fig_timeseries",
     "find_nights",
     "flow_chart",
+    "load_report",
     "load_settings",
+    "master_files",
     "night_report",
     "open_calibrated",
     "open_stack",
     "output_dir",
     "read_calibrated",
     "read_image",
+    "read_manifest",
     "scan_night",
     "search_night",
+    "season_rows",
+    "season_table",
+    "select_nights",
+    "settings_conflicts",
     "simulate_night",
+    "write_season_report",
 ]

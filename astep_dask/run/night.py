@@ -54,6 +54,7 @@ __all__ = [
     "night_is_current",
     "resume_rows",
     "run_frames",
+    "settings_conflicts",
     "write_manifest",
 ]
 
@@ -280,6 +281,57 @@ def night_is_current(night_dir: Path, out: Path | None, settings: Settings) -> b
         return False
     return (data.get("status") == "complete"
             and data.get("provenance") == night_provenance(night_dir, settings))
+
+
+# The settings groups that shape a night's products: those night_provenance hashes (the
+# frames' and the masters' hashes take subsets of them). Another value in one of them
+# makes a run remake the products.
+_PRODUCT_GROUPS = ("combine", "flat", "mask", "cosmics", "detector", "illum", "output")
+
+
+def settings_conflicts(night_dir: str | Path, out: Path | None,
+                       settings: Settings) -> list[str]:
+    """What differs between the settings a night's products were made with and ``settings``.
+
+    A run with ``settings`` would remake (replace) those products; a caller that must not
+    replace them silently (a notebook) refuses when this is not empty.
+
+    Parameters
+    ----------
+    night_dir
+        The raw night ``ROOT/YYYY-MM-DD/``.
+    out
+        Output root as given to :func:`calibrate_night` (None: beside the raw night).
+    settings
+        The settings of the run about to be made.
+
+    Returns
+    -------
+    list of str
+        One line per difference, e.g. ``"cosmics.enabled: True in the products, False
+        here"``, over the settings that shape the products (``combine``, ``flat``,
+        ``mask``, ``cosmics``, ``detector``, ``illum``, ``output``) and the astep-dask
+        version (also part of every product's provenance hash). Empty when the night has
+        no manifest (no products) or the same settings.
+    """
+    manifest = read_manifest(output_dir(Path(night_dir), out))
+    made = manifest.get("settings")
+    if not isinstance(made, dict):
+        return []
+    # Compared as the manifest holds them (JSON: tuples are lists).
+    here = json.loads(json.dumps(settings.to_dict(), default=str))
+    lines = []
+    for group in _PRODUCT_GROUPS:
+        theirs = made.get(group) if isinstance(made.get(group), dict) else {}
+        for key, value in here[group].items():
+            if key not in theirs:
+                lines.append(f"{group}.{key}: not recorded in the products, {value!r} here")
+            elif theirs[key] != value:
+                lines.append(f"{group}.{key}: {theirs[key]!r} in the products, {value!r} here")
+    version = (manifest.get("versions") or {}).get("astep-dask")
+    if version and version != __version__:
+        lines.append(f"astep-dask version: {version} in the products, {__version__} here")
+    return lines
 
 
 def _iso(t: float) -> str:
