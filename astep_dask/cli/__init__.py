@@ -15,11 +15,14 @@ Exit codes (the same for every subcommand):
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 
 from astep_dask.cli.commands import (
     EXIT_FAILED,
@@ -50,6 +53,32 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+# Libraries whose log records reach the console during a run (the dashboard's port,
+# a worker's memory, a closed comm): with --quiet only their errors do.
+_CHATTY = ("distributed", "dask", "tornado", "bokeh", "dask_jobqueue", "asyncio")
+
+
+@contextlib.contextmanager
+def _quiet(on: bool) -> Iterator[None]:
+    """With ``--quiet``, no library warning and no log record below ERROR on the console
+    while the command runs (``Port 8787 is already in use`` and the like); the command's
+    own error lines are printed by :func:`main`."""
+    if not on:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in _CHATTY]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``astep-dask`` command; returns the exit code."""
     parser = build_parser()
@@ -61,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous = {}
     clear_stop()
     try:
-        code = args.func(args)
+        with _quiet(getattr(args, "quiet", False)):
+            code = args.func(args)
         if stop_requested():  # the KeyboardInterrupt was raised where Python dropped it
             raise KeyboardInterrupt
         return code

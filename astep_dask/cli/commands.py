@@ -200,8 +200,13 @@ def _summary(result) -> str:
     for r in result.details.get("masters", {}).get("rejected", []):
         lines.append(f"  rejected flat: {r['path']}: {r['reason']}")
     lines += _grouped("note", [r for r in result.frames if r.get("note")], "note")
-    lines += _grouped("failed", [r for r in result.frames
-                                 if r["status"] == "failed" and not r.get("not_attempted")])
+    return "\n".join(lines + _problems(result))
+
+
+def _problems(result) -> list[str]:
+    """The summary's lines that name what went wrong (all that ``--quiet`` prints)."""
+    lines = _grouped("failed", [r for r in result.frames
+                                if r["status"] == "failed" and not r.get("not_attempted")])
     if waiting := [r for r in result.frames if r.get("not_attempted")]:
         lines.append(f"  not calibrated: {len(waiting)} frames, the night stopped at the "
                      "error above; re-run to resume")
@@ -209,7 +214,15 @@ def _summary(result) -> str:
         lines.append(f"  unusable: {u['path']}: {u['reason']}")
     if result.error:
         lines.append(f"  error: {result.error}")
-    return "\n".join(lines)
+    return lines
+
+
+def _show(args: argparse.Namespace, text: str, problems: list[str] = ()) -> None:
+    """Print a command's summary; with ``--quiet`` only its ``problems`` (on stderr)."""
+    if not getattr(args, "quiet", False):
+        print(text)
+    elif problems:
+        print("\n".join(problems), file=sys.stderr)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -226,8 +239,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     except RunError as exc:
         print(f"astep-dask: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    progress = _progress(args)
     with _cluster_during(settings, args, lambda: scan_night(night)) as (client, inv):
+        progress = _progress(args)  # its clock starts once the cluster is up
         try:
             with _performance(args, output_dir(night, args.out), "calibrate"):
                 result = calibrate_night(night, client, settings, out=args.out,
@@ -237,7 +250,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         finally:
             progress.close()
-        print(_summary(result))
+        _show(args, _summary(result), _problems(result))
         status = result.status
         if args.kbmod and status != "failed":
             status = _worst(status, _kbmod(night, client, settings, args))
@@ -341,34 +354,33 @@ def _kbmod(night: Path, client, settings, args: argparse.Namespace) -> str:
     c = res.counts
     c["failed"] += c.pop("unusable")  # an unreadable calibrated file counts as failed here
     counts = ", ".join(f"{v} {k}" for k, v in c.items())
-    print(f"kbmod {res.night}: {res.status}  ({counts})  -> {res.out_dir}")
+    lines = [f"kbmod {res.night}: {res.status}  ({counts})  -> {res.out_dir}"]
     tpl = res.details.get("template")
     if tpl:
         nights = f", nights {', '.join(tpl['nights'])}" if tpl.get("nights") else ""
-        print(f"  template: {tpl.get('file')} ({tpl.get('mode')}: {tpl.get('frames')} frames"
-              f"{nights}); KBMOD files are difference frames, registered frames in "
-              f"{res.details.get('registered_dir')}")
-        for skipped in tpl.get("skipped_nights", []):
-            print(f"  template: night left out: {skipped}")
-        if tpl.get("error"):
-            print(f"  template error: {tpl['error']}")
+        lines.append(f"  template: {tpl.get('file')} ({tpl.get('mode')}: {tpl.get('frames')} "
+                     f"frames{nights}); KBMOD files are difference frames, registered frames "
+                     f"in {res.details.get('registered_dir')}")
+        lines += [f"  template: night left out: {n}" for n in tpl.get("skipped_nights", [])]
     elif res.details.get("registered_dir") is None and res.status != "failed":
-        print("  sky-only: KBMOD files are the registered, sky-subtracted frames (no template)")
+        lines.append("  sky-only: KBMOD files are the registered, sky-subtracted frames "
+                     "(no template)")
     if res.details.get("workunit"):
-        print(f"  WorkUnit: {res.details['workunit']}")
+        lines.append(f"  WorkUnit: {res.details['workunit']}")
     fit = res.details.get("wcs_fit")
     if fit and fit.get("status") == "fitted":
-        print(f"  WCS fitted to {Path(str(fit['catalog'])).name}: {fit['n_stars']} stars, "
-              f"rms {float(fit['rms_px']):.3f} px")
+        lines.append(f"  WCS fitted to {Path(str(fit['catalog'])).name}: {fit['n_stars']} "
+                     f"stars, rms {float(fit['rms_px']):.3f} px")
     elif fit:
-        print(f"  no WCS: {fit['reason']}")
+        lines.append(f"  no WCS: {fit['reason']}")
+    problems = [f"  template error: {tpl['error']}"] if tpl and tpl.get("error") else []
     if res.error:
-        print(f"  error: {res.error}")
-    for u in res.unusable:  # first, as in kbmod.json (they have no time)
-        print(f"  failed: {Path(u['path']).name}: {u['reason']}")
-    for row in res.frames:
-        if row.get("status") == "failed":
-            print(f"  failed: {row.get('file')}: {row.get('reason')}")
+        problems.append(f"  error: {res.error}")
+    problems += [f"  failed: {Path(u['path']).name}: {u['reason']}"  # first, as in kbmod.json
+                 for u in res.unusable]
+    problems += [f"  failed: {row.get('file')}: {row.get('reason')}" for row in res.frames
+                 if row.get("status") == "failed"]
+    _show(args, "\n".join(lines + problems), problems)
     return res.status
 
 
@@ -414,18 +426,18 @@ def cmd_search(args: argparse.Namespace) -> int:
     summary, csv = res.details["summary"], res.details["candidates"]
     rows = read_candidates(csv)
     g = summary["grid"]
-    print(f"search {summary['night']}: {len(rows)} candidate(s) at SNR >= "
-          f"{summary['settings']['threshold']:g} over {g['n_searched']} velocities "
-          f"(step {g['step']:.1f} px/day), {summary['n_frames']} frames, "
-          f"{summary['wall_seconds']:.1f} s  -> {csv}")
-    for note in summary.get("notes", []):
-        print(f"  note: {note}")
+    lines = [f"search {summary['night']}: {len(rows)} candidate(s) at SNR >= "
+             f"{summary['settings']['threshold']:g} over {g['n_searched']} velocities "
+             f"(step {g['step']:.1f} px/day), {summary['n_frames']} frames, "
+             f"{summary['wall_seconds']:.1f} s  -> {csv}"]
+    lines += [f"  note: {note}" for note in summary.get("notes", [])]
     if rows:
         shown = [{"rank": i + 1, "x": f"{r['x']:.1f}", "y": f"{r['y']:.1f}",
                   "vx px/d": f"{r['vx']:.0f}", "vy px/d": f"{r['vy']:.0f}",
                   "flux e-": f"{r['flux']:.0f}", "SNR": f"{r['snr']:.1f}",
                   "frames": r["n_frames"]} for i, r in enumerate(rows[:args.show])]
-        print(format_table(shown, list(shown[0])))
+        lines.append(format_table(shown, list(shown[0])))
+    _show(args, "\n".join(lines))
     return EXIT_OK
 
 
@@ -466,9 +478,12 @@ def cmd_season(args: argparse.Namespace) -> int:
     path = write_season_report(result, report_dir)
     # Counts from each night's manifest, with their sums in the TOTAL row.
     rows = season_table(result)
-    print(format_table(rows, list(rows[0])))
-    print(f"season {result.status}: {len(result.nights)} nights in "
-          f"{result.finished - result.started:.1f} s; report: {path}")
+    text = (f"{format_table(rows, list(rows[0]))}\nseason {result.status}: "
+            f"{len(result.nights)} nights in {result.finished - result.started:.1f} s; "
+            f"report: {path}")
+    problems = [f"  failed: night {n.night}: {n.reason}" for n in result.nights
+                if n.status in ("failed", "partial")]
+    _show(args, text, problems)
     return _exit(result.status)
 
 
@@ -489,7 +504,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                 _keep_dashboard(args, client)
     finally:
         progress.close()
-    print(report_summary(load_report(result.out_dir), result.out_dir))
+    _show(args, report_summary(load_report(result.out_dir), result.out_dir))
     return EXIT_OK
 
 

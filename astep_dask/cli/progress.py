@@ -48,6 +48,10 @@ class PhaseProgress:
         self.bar = _is_tty(self.stream) if bar is None else bar
         self.steps = steps
         self._phases: dict[str, _Phase] = {}
+        # A phase's clock starts when the one before it ended (or when this display was
+        # made): its items report only as they finish, so the first one would otherwise
+        # start the clock, and its duration would leave out the wait for it.
+        self.clock = time.perf_counter()
 
     def __call__(self, done: int, total: int, row: dict) -> None:
         if self.quiet:
@@ -74,30 +78,33 @@ class _Phase:
         self.name, self.total, self.owner = name, total, owner
         self.done = 0
         self.counts: dict[str, int] = {}
-        self.start = time.perf_counter()
+        self.start = self.end = owner.clock
         self.every = max(1, math.ceil(total / max(1, owner.steps)))
         self.logged = -1
         self.tqdm = (tqdm(total=total, desc=f"  {name}", file=owner.stream, unit="",
                           dynamic_ncols=True, leave=True) if owner.bar else None)
+        if self.tqdm is not None:  # the bar's elapsed time is the phase's (tqdm's clock)
+            self.tqdm.start_t = self.tqdm._time() - (time.perf_counter() - self.start)
 
     def update(self, done: int, row: dict) -> None:
+        self.end = time.perf_counter()
         status = str(row.get("status") or "done")
         self.counts[status] = self.counts.get(status, 0) + max(1, done - self.done)
         step, self.done = done - self.done, done
         if self.tqdm is not None:
             self.tqdm.set_postfix_str(self._extra(), refresh=False)
             self.tqdm.update(step)
-            if done >= self.total:
-                self.close()
         elif done >= self.total or done // self.every > self.logged // self.every:
             self._log()
+        if done >= self.total:
+            self.close()
 
     def _extra(self) -> str:
         return ", ".join(f"{n} {s}" for s, n in sorted(self.counts.items()) if s != "done")
 
     def _log(self) -> None:
         self.logged = self.done
-        elapsed = time.perf_counter() - self.start
+        elapsed = self.end - self.start
         rate = self.done / elapsed if elapsed > 0 else 0.0
         left = (self.total - self.done) / rate if rate > 0 else 0.0
         eta = f", {_duration(left)} left" if self.done < self.total and rate > 0 else ""
@@ -107,11 +114,16 @@ class _Phase:
               f"{_duration(elapsed)}{eta}{extra}", file=self.owner.stream, flush=True)
 
     def close(self) -> None:
+        """End the phase once: the bar's last state, or the log line of its last item
+        (never both, and never again when the display is closed)."""
         if self.tqdm is not None:
             self.tqdm.close()
             self.tqdm = None
+            self.logged = self.done
         elif self.logged != self.done and self.done:
             self._log()
+        if self.done >= self.total:
+            self.owner.clock = max(self.owner.clock, self.end)
 
 
 def _duration(seconds: float) -> str:

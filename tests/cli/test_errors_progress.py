@@ -219,3 +219,38 @@ def test_cluster_starts_while_the_inventory_is_taken_and_closes_on_its_error():
         pytest.fail("the block runs only with an inventory")
     with pytest.raises(ValueError):
         Client.current()  # no client of that cluster is left open
+
+
+def test_each_phase_ends_once_with_its_own_duration(monkeypatch):
+    """A phase's last line is printed once, also when the display is closed later, and its
+    duration runs from the end of the phase before it (not from its first item, nor to
+    the moment the display is closed)."""
+    import types
+
+    from astep_dask.cli import progress as module
+
+    clock = [100.0]
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    out = io.StringIO()
+    p = PhaseProgress("frames", stream=out, bar=False)
+    clock[0] = 130.0  # the first master takes 30 s
+    p(1, 2, {"stage": "masters", "status": "done"})
+    clock[0] = 160.0
+    p(2, 2, {"stage": "masters", "status": "done"})
+    clock[0] = 200.0  # the first frame ends 40 s after the masters
+    for i in range(1, 5):
+        p(i, 4, {"file": f"f{i}", "status": "done"})
+        clock[0] += 10.0
+    clock[0] = 1000.0  # the display is closed much later: nothing more is printed
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert [ln for ln in lines if "masters: 2/2" in ln] == ["  masters: 2/2 (100 %) in 1 min 00 s"]
+    assert [ln for ln in lines if "frames: 4/4" in ln] == ["  frames: 4/4 (100 %) in 1 min 10 s"]
+
+    monkeypatch.undo()
+    out = io.StringIO()  # on a terminal: the bar's last state, no log line after it
+    p = PhaseProgress("frames", stream=out, bar=True)
+    for i in range(1, 4):
+        p(i, 3, {"file": f"f{i}", "status": "done"})
+    p.close()
+    assert "frames: 3/3 (100 %)" not in out.getvalue() and "3/3" in out.getvalue()
