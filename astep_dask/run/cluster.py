@@ -659,8 +659,8 @@ def queue_state(kind: str, job_ids: list[str]) -> str:
     if kind == "pbs":
         lines = lines[2:] or lines  # qstat's two header lines
     elif run.stdout:
-        lines = [f"job {i} {st} ({why})" for i, st, why in
-                 (f"{ln}  ".split(" ", 2) for ln in lines)]
+        lines = [f"job {i} {st} ({why.strip()})" for i, st, why in
+                 ((ln.split(None, 2) + ["", ""])[:3] for ln in lines)]
     return f"{cmd[0]}: " + ("; ".join(lines[:5]) if lines else "the jobs are not queued "
                             "(ended or cancelled)")
 

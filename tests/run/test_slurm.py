@@ -250,39 +250,27 @@ def test_slurm_cluster_runs_dask_work(slurm, tmp_path, monkeypatch):
     assert not left, f"jobs still queued after close: {left}"
 
 
-FAKE_DRIVER = '''
-"""Stands in for `astep-dask season ROOT --cluster slurm` until that command exists: builds
-the cluster as astep_dask.run.cluster does (SLURMCluster() from dask config, adaptive)."""
-import signal, sys
-from pathlib import Path
+def _tiny_season(root: Path, dates: tuple[str, ...] = ("2026-07-01", "2026-07-02")) -> Path:
+    from astep_dask.testing.simulate import SimConfig, simulate_night
 
-signal.signal(signal.SIGTERM, signal.default_int_handler)
-from dask_jobqueue import SLURMCluster
-from distributed import Client
-
-assert sys.argv[1:3] == ["season", "ROOT"] and "--cluster" in sys.argv, sys.argv
-cluster = SLURMCluster()
-cluster.adapt(minimum_jobs=1, maximum_jobs=1)
-try:
-    with Client(cluster) as client:
-        client.wait_for_workers(1, timeout=120)
-        Path("result.txt").write_text(str(client.submit(lambda x: x + 1, 1).result()))
-finally:
-    cluster.close()
-'''
+    for i, date in enumerate(dates):
+        simulate_night(root, dataclasses.replace(SimConfig(), date=date, size=64, n_science=3,
+                                                 n_darks=3, n_flats=3, seed=30 + i))
+    return root
 
 
 @needs_sbatch
 def test_season_batch_script_runs_driver_and_workers(slurm, tmp_path):
-    """deploy/season.sbatch as a job: the driver (scheduler inside the allocation) submits
-    its worker job from there, computes, and leaves nothing in the queue."""
+    """deploy/season.sbatch as a user submits it: the job runs the installed
+    ``astep-dask season ROOT --cluster slurm`` (the driver, with the scheduler inside the
+    allocation), which submits its worker job from there; every night is calibrated and
+    nothing is left in the queue."""
     name = f"astep-test-{uuid.uuid4().hex[:6]}"
-    driver = tmp_path / "driver.py"
-    driver.write_text(FAKE_DRIVER)
+    root = _tiny_season(tmp_path / "season")
+    out = tmp_path / "out"
     env = {
         **os.environ,
-        "ASTEP_DASK_ENV": sys.prefix,
-        "ASTEP_DASK_CMD": f"{sys.executable} {driver}",
+        "ASTEP_DASK_ENV": sys.prefix,  # what the script and the worker jobs activate
         # deploy/jobqueue.yaml, found beside the script, sized down by dask's env overrides
         "DASK_JOBQUEUE__SLURM__NAME": name,
         "DASK_JOBQUEUE__SLURM__CORES": "1",
@@ -291,29 +279,89 @@ def test_season_batch_script_runs_driver_and_workers(slurm, tmp_path):
         "DASK_JOBQUEUE__SLURM__WALLTIME": "00:10:00",
         "DASK_JOBQUEUE__SLURM__INTERFACE": "lo",
         "DASK_JOBQUEUE__SLURM__PYTHON": sys.executable,
-        "DASK_JOBQUEUE__SLURM__SCHEDULER_OPTIONS": "{'dashboard_address': ':0'}",
+        "DASK_JOBQUEUE__SLURM__WORKER_EXTRA_ARGS": "['--lifetime', '8m', "
+                                                   "'--lifetime-stagger', '30s']",
     }
     env.pop("DASK_CONFIG", None)
+    env.pop("ASTEP_DASK_CMD", None)  # the real command, from the activated environment
+    settings = tmp_path / "settings.toml"
+    settings.write_text("[cluster]\nmin_jobs = 0\nmax_jobs = 1\n")
     submit = subprocess.run(
         ["sbatch", "--parsable", f"--job-name={name}-driver", "--cpus-per-task=1",
-         "--mem=1G", "--time=00:10:00", "--output=season-%j.out",
-         str(DEPLOY / "season.sbatch"), "ROOT", "--nights", "2"],
+         "--mem=2G", "--time=00:10:00", "--output=season-%j.out",
+         str(DEPLOY / "season.sbatch"), str(root), "--nights", "2", "--out", str(out),
+         "--config", str(settings), "--no-cosmics", "--dashboard-address", "127.0.0.1:0"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
     )
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().split(";")[0]
     log = tmp_path / f"season-{job}.out"
-    left = _wait_gone(f"{name}-driver", timeout=150)
+    left = _wait_gone(f"{name}-driver", timeout=300)
     text = log.read_text() if log.exists() else "(no log)"
     if left:
         subprocess.run(["scancel", "-n", f"{name}-driver"], timeout=30)
         subprocess.run(["scancel", "-n", name], timeout=30)
     assert not left, f"driver job still queued: {left}\n{text}"
-    assert (tmp_path / "result.txt").read_text() == "2", text
     assert f"config {JOBQUEUE_YAML}" in text, text
     assert "driver exited with status 0" in text, text
+    assert "Traceback" not in text, text
+    report = json.loads((out / "season.json").read_text())
+    assert {n["night"]: n["status"] for n in report["nights"]} == {
+        "2026-07-01": "complete", "2026-07-02": "complete"}
+    for date in ("2026-07-01", "2026-07-02"):
+        rows = json.loads((out / date / "manifest.json").read_text())["frames"]
+        assert [r["status"] for r in rows] == ["done"] * 3
     assert list((tmp_path / "dask-worker-logs").glob(f"{name}-*.err")), "no worker job ran"
     assert not _wait_gone(name, timeout=30)
+
+
+def _calibrate_slurm(night: Path, tmp_path: Path, name: str, settings: str,
+                     **jobqueue: str) -> subprocess.CompletedProcess:
+    """The installed ``astep-dask calibrate --cluster slurm`` with deploy/jobqueue.yaml,
+    sized down through dask's variables (and ``jobqueue`` overrides)."""
+    file = tmp_path / "settings.toml"
+    file.write_text(settings)
+    env = {**os.environ, "DASK_CONFIG": str(JOBQUEUE_YAML), "ASTEP_DASK_ENV": sys.prefix,
+           "DASK_JOBQUEUE__SLURM__NAME": name, "DASK_JOBQUEUE__SLURM__CORES": "1",
+           "DASK_JOBQUEUE__SLURM__PROCESSES": "1", "DASK_JOBQUEUE__SLURM__MEMORY": "1 GiB",
+           "DASK_JOBQUEUE__SLURM__WALLTIME": "00:10:00",
+           "DASK_JOBQUEUE__SLURM__INTERFACE": "lo",
+           "DASK_JOBQUEUE__SLURM__PYTHON": sys.executable,
+           "DASK_JOBQUEUE__SLURM__LOG_DIRECTORY": str(tmp_path / "logs"),
+           **{f"DASK_JOBQUEUE__SLURM__{k.upper()}": v for k, v in jobqueue.items()}}
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("astep-dask")), "calibrate", str(night),
+         "--out", str(tmp_path / "out"), "--cluster", "slurm", "--config", str(file),
+         "--no-cosmics", "--dashboard-address", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+
+
+@needs_sbatch
+def test_a_refused_or_never_started_batch_job_is_one_line(slurm, tmp_path):
+    """A batch system that refuses the worker job (no such partition) is reported with
+    its own words; one that queues it and never starts it (a start time an hour away),
+    after ``job_start_timeout`` with what squeue says; exit 1, no traceback, nothing left
+    queued."""
+    night = _tiny_season(tmp_path / "archive", ("2026-07-01",)) / "2026-07-01"
+    name = f"astep-refused-{uuid.uuid4().hex[:6]}"
+    run = _calibrate_slurm(night, tmp_path, name, "[cluster]\nmax_jobs = 1\n",
+                           queue="nosuchpartition")
+    lines = [ln for ln in run.stderr.splitlines() if "error" in ln]
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert len(lines) == 1 and "the batch system refused the worker job" in lines[0]
+    assert "invalid partition" in lines[0].lower(), lines[0]
+
+    name = f"astep-pending-{uuid.uuid4().hex[:6]}"
+    run = _calibrate_slurm(night, tmp_path, name,
+                           "[cluster]\nmax_jobs = 1\njob_start_timeout = 6\n",
+                           job_extra_directives="['--begin=now+1hour']")
+    lines = [ln for ln in run.stderr.splitlines() if "error" in ln]
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert len(lines) == 1, run.stderr
+    assert "no worker job started in" in lines[0] and "job_start_timeout" in lines[0]
+    assert "squeue: job" in lines[0] and "PENDING (BeginTime)" in lines[0], lines[0]
+    assert not _wait_gone(name, timeout=60), "the pending job was not cancelled"
+    assert not list((tmp_path / "out").rglob("*_CAL.fits"))
 
 
 @needs_sbatch
