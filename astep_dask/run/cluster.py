@@ -660,7 +660,7 @@ def queue_state(kind: str, job_ids: list[str]) -> str:
         lines = lines[2:] or lines  # qstat's two header lines
     elif run.stdout:
         lines = [f"job {i} {st} ({why.strip()})" for i, st, why in
-                 ((ln.split(None, 2) + ["", ""])[:3] for ln in lines)]
+                 ([*ln.split(None, 2), "", ""][:3] for ln in lines)]
     return f"{cmd[0]}: " + ("; ".join(lines[:5]) if lines else "the jobs are not queued "
                             "(ended or cancelled)")
 
