@@ -5,19 +5,18 @@ than a star of the frame's PSF can be), runs astroscrappy only on small windows 
 groups of them (with a context margin that makes the result equal to the whole frame's),
 fills bad pixels before (astroscrappy never flags a cosmic ray touching an ``inmask``
 pixel) and gives back to the stars the pixels it took from them
-(:func:`astep_dask.core.starfilter.unflag_stars`). astroscrappy's OpenMP threads are
-limited per calling thread (:func:`limit_openmp`).
+(:func:`astep_dask.core.starfilter.unflag_stars`). While astroscrappy runs, its OpenMP
+threads are limited per calling thread through threadpoolctl (:func:`limit_openmp`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-from pathlib import Path
+from contextlib import AbstractContextManager, nullcontext
 
 import astroscrappy
 import numpy as np
 from scipy import ndimage
+from threadpoolctl import ThreadpoolController
 
 from astep_dask.config import CosmicSettings
 from astep_dask.core.bits import UNUSABLE, Bit, flag
@@ -84,40 +83,33 @@ def fill_values(image: np.ndarray, bad: np.ndarray, ys: np.ndarray, xs: np.ndarr
     return fill
 
 
-@functools.cache
-def _openmp_runtimes() -> tuple[ctypes.CDLL, ...]:
-    """The OpenMP runtimes loaded in this process (astroscrappy's libgomp among them),
-    found in ``/proc/self/maps``; none where that does not exist."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return ()
-    paths = sorted({line.split()[-1] for line in maps.splitlines()
-                    if any(name in line for name in ("libgomp", "libiomp", "libomp"))})
-    found = []
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-            lib.omp_set_num_threads.argtypes = [ctypes.c_int]
-        except (OSError, AttributeError):
-            continue
-        found.append(lib)
-    return tuple(found)
-
-
-def limit_openmp(threads: int) -> None:
-    """Let astroscrappy's OpenMP loops use at most ``threads`` threads in the calling
-    thread (0: leave them alone).
+def limit_openmp(threads: int) -> AbstractContextManager[object]:
+    """A context in which astroscrappy's OpenMP loops use at most ``threads`` threads in
+    the calling thread (0: leave them alone); leaving it restores the previous limit.
 
     astroscrappy parallelises each median filter with OpenMP, by default over all cores.
     On the small windows of :func:`find_cosmics` a parallel region costs more to start
     than its work, and on a machine whose cores are busy (dask workers, other jobs) the
     waiting threads spin: the same frame took 0.5 s or 4 s of wall time with the default
     threads, 0.5 s every time with one. The pipeline parallelises over frames instead.
+
+    Parameters
+    ----------
+    threads : int
+        The most OpenMP threads per calling thread; 0 or less for OpenMP's own default.
+
+    Returns
+    -------
+    contextlib.AbstractContextManager
+        Sets the limit when made, restores the previous one on exit.
     """
-    if threads > 0:
-        for lib in _openmp_runtimes():
-            lib.omp_set_num_threads(threads)
+    if threads <= 0:
+        return nullcontext()
+    # Only the OpenMP runtimes: on exit threadpoolctl sets back the limit of every library
+    # its controller holds, and OpenBLAS built with pthreads has one pool for the whole
+    # process, which the other threads of a dask worker use meanwhile.
+    controller = ThreadpoolController().select(user_api="openmp")
+    return controller.limit(limits=threads, user_api="openmp")
 
 
 def find_cosmics(
@@ -142,7 +134,6 @@ def find_cosmics(
     Returns the CR mask and a copy of ``sci`` in which the flagged pixels hold
     astroscrappy's cleaned values.
     """
-    limit_openmp(settings.openmp_threads)
     ny, nx = sci.shape
     pad = EDGE_PAD if min(sci.shape) > 2 * EDGE_PAD else 0
     usable = (mask & UNUSABLE) == 0
@@ -154,7 +145,8 @@ def find_cosmics(
         ys, xs = candidate_pixels(sci, var, mask, settings, sigma, usable)
         boxes = search_windows(ys, xs, sci.shape, settings, pad)
     if boxes:
-        index, cleaned = _detect(sci, var, mask, boxes, settings, read_noise)
+        with limit_openmp(settings.openmp_threads):
+            index, cleaned = _detect(sci, var, mask, boxes, settings, read_noise)
     else:
         index, cleaned = np.zeros(0, np.int64), np.zeros(0, np.float32)
     crmask = np.zeros(sci.shape, bool)

@@ -225,3 +225,46 @@ def test_openmp_threads_do_not_change_the_result():
     assert np.array_equal(one, two)
     found, n_must, *_ = _score(one, sci, var, mask, cr, model)
     assert found / n_must >= 0.97
+
+
+@pytest.mark.parametrize("threads", [0, 1, 2])
+def test_openmp_limit_applies_during_astroscrappy_only(monkeypatch, threads):
+    """While astroscrappy runs, the calling thread's OpenMP limit is ``openmp_threads``
+    (0: the limit it had); once find_cosmics returns, the limit it had is back."""
+    import astroscrappy
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from astep_dask.config import CosmicSettings
+    from astep_dask.core.cosmics import find_cosmics
+
+    def openmp_limits():
+        return {d["filepath"]: d["num_threads"] for d in threadpool_info()
+                if d["user_api"] == "openmp"}
+
+    if not openmp_limits():
+        pytest.skip("astroscrappy is built without OpenMP here")
+    real = astroscrappy.detect_cosmics
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(openmp_limits())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(astroscrappy, "detect_cosmics", spy)
+    rng = np.random.default_rng(7)
+    var = np.full((48, 48), 700.0, np.float32)
+    sci = (600.0 + rng.normal(0, 1, var.shape) * np.sqrt(var)).astype(np.float32)
+    sci[20, 30] += 5000.0
+    mask = np.zeros(sci.shape, np.int32)
+    # A limit of its own before the call (3: neither the setting nor the core count), so
+    # that a limit left behind or never applied cannot pass for the right one.
+    with threadpool_limits(limits=3, user_api="openmp"):
+        before = openmp_limits()
+        flagged, _ = find_cosmics(sci, var, mask,
+                                  CosmicSettings(tile=0, openmp_threads=threads), 10.0)
+        after = openmp_limits()
+    assert flagged[20, 30]
+    assert seen and set(before.values()) == {3}
+    expected = threads or 3
+    assert all(set(limits.values()) == {expected} for limits in seen)
+    assert after == before
