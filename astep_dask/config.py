@@ -253,9 +253,10 @@ class KbmodSettings:
 
 @dataclass(frozen=True)
 class AstrometrySettings:
-    """A WCS for frames that have none (issue 19): a first guess from the pointing
-    (header keywords, or these settings when set), refined by matching the reference
-    frame's stars to a reference catalog (``--catalog``) and fitting a TAN WCS."""
+    """A WCS for frames that have none, which the KBMOD export needs for sky coordinates:
+    a first guess from the pointing (header keywords, or these settings when set), refined
+    by matching the reference frame's stars to a reference catalog (``--catalog``) and
+    fitting a TAN WCS."""
 
     catalog: str = ""  # FITS or CSV table with RA, Dec (deg) and a magnitude; "": no fit
     ra: float = -1.0  # deg, field centre; < 0: from the header (RA, OBJCTRA, CRVAL1)

@@ -1,5 +1,6 @@
-"""A celestial WCS for a frame that has none (issue 19): a first guess from the pointing,
-refined by matching the frame's stars to a reference catalog.
+"""A celestial WCS for a frame that has none, without which the KBMOD export has no sky
+coordinates (its WorkUnit no global WCS, the search's candidates no RA/Dec): a first guess
+from the pointing, refined by matching the frame's stars to a reference catalog.
 
 1. :func:`guess_wcs`: a gnomonic (TAN) WCS centred on the frame, from the field's RA/Dec,
    the pixel scale and the orientation (position angle of the frame's +y axis, north

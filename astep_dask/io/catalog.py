@@ -1,4 +1,5 @@
-"""Reference catalogs for the astrometric fit (issue 19) and the pointing of a frame.
+"""Reference catalogs for the astrometric fit of frames without a WCS
+(:mod:`astep_dask.core.astrometry`) and the pointing of a frame.
 
 A catalog is a FITS table (first table HDU) or a CSV file with a header line, holding
 right ascension and declination in degrees and a magnitude; column names are matched

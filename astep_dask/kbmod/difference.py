@@ -1,5 +1,6 @@
-"""Difference frames of the KBMOD export (issue 11): a registered frame minus the
-static-sky template, as KBMOD files.
+"""Difference frames of the KBMOD export: a registered frame minus the static-sky
+template, as KBMOD files (KBMOD searches difference images: on registered, sky-subtracted
+frames the stars fill every result slot).
 
 The template is combined by :mod:`astep_dask.kbmod.template`; this module turns each
 registered frame of the night into its KBMOD file: PSF-matched as when the template was

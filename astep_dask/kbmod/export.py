@@ -28,7 +28,8 @@ PSF keywords; HDU 1 ``SCI`` float32 electrons (sky-subtracted, registered); HDU 
 int32 bits (DESIGN.md: BAD=0, SAT=1, INTRP=2, CR=3, EDGE=4, SUSPECT=7, NO_DATA=8);
 HDU 3 ``VAR`` float32 electrons². Variance is finite and positive wherever the mask is 0.
 
-By default (issue 11) the KBMOD files are *difference* frames: the registered frames are
+KBMOD searches difference images (on sky-subtracted frames the stars fill every result
+slot), so by default the KBMOD files are *difference* frames: the registered frames are
 written to ``kbmod/registered/<stem>_REG.fits`` (same layout), a static-sky template is
 combined from them (or from neighbouring nights of the field) and each KBMOD file holds
 frame − template, PSF-matched (``KBPLANE = 'difference'``); see

@@ -143,9 +143,9 @@ def sky_subtract(frame: Layers, background: Background) -> Layers:
 
 def science_plane(frame: Layers, template: Layers | None = None) -> Layers:
     """The planes written to a KBMOD file from a registered, sky-subtracted frame: the
-    frame itself or, given a static-sky template on the same grid (issue 11, see
-    :func:`astep_dask.kbmod.difference.difference`), frame − template, variance frame + template,
-    mask frame OR template.
+    frame itself or, given a static-sky template on the same grid (the export's default,
+    see :func:`astep_dask.kbmod.difference.difference`), frame − template, variance
+    frame + template, mask frame OR template.
     """
     if template is None:
         return frame

@@ -1,5 +1,5 @@
-"""First-look moving-object search on a night's KBMOD export (issue 11): shift-and-stack
-over a grid of velocities, on the dask cluster, without a CUDA build of KBMOD.
+"""First-look moving-object search on a night's KBMOD export: shift-and-stack over a grid
+of velocities, on the dask cluster, without a CUDA build of KBMOD.
 
 The method (KBMOD's likelihood, the velocity grid, the outlier filter, refinement and
 clustering) is in :mod:`astep_dask.kbmod.shiftstack`; this module runs it on a night.

@@ -1,4 +1,5 @@
-"""The shift-and-stack core of the first-look search (issue 11): numpy in, numpy out.
+"""The shift-and-stack core of the first-look search (:mod:`astep_dask.kbmod.search`):
+numpy in, numpy out.
 
 **Likelihood.** KBMOD's matched filter (Whidden et al. 2019, AJ 157, 119, "Fast Algorithms
 for Slow Moving Asteroids"; Smotherman et al. 2021, arXiv:2109.03296, "Sifting Through the

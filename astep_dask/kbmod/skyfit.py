@@ -1,4 +1,5 @@
-"""The WCS of the export's grid when the frames carry none (issue 19).
+"""The WCS of the export's grid when the frames carry none: without one the WorkUnit has
+no global WCS (``REPRJCTD = F``) and the search's candidates no RA/Dec.
 
 The reference frame's grid is the grid of every KBMOD product. When its header has a
 celestial WCS that WCS is used (:func:`~astep_dask.kbmod.products.reference_wcs`); when it

@@ -1,4 +1,4 @@
-"""Static-sky templates for the difference frames of the KBMOD export (issue 11).
+"""Static-sky templates for the difference frames of the KBMOD export.
 
 KBMOD searches difference images: on registered, sky-subtracted frames the stars fill
 every result slot. This module builds, per night, a **template** of the static sky on the

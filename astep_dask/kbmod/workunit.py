@@ -1,4 +1,4 @@
-"""The night as one KBMOD **WorkUnit** file (issue 19): ``kbmod/DATE_WORKUNIT.fits``.
+"""The night as one KBMOD **WorkUnit** file: ``kbmod/DATE_WORKUNIT.fits``.
 
 KBMOD's documentation calls the WorkUnit its standard input. Its reader is
 ``WorkUnit.from_fits`` in ``src/kbmod/work_unit.py`` of dirac-institute/kbmod (read at

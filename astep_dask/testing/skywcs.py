@@ -1,4 +1,5 @@
-"""The sky of a simulated night (issue 19): its true WCS and a reference catalog.
+"""The sky of a simulated night: its true WCS and a reference catalog, so that the WCS
+fitted to frames without one can be checked against the truth.
 
 The simulator (:mod:`astep_dask.testing.simulate`) places stars on a sky grid in pixels
 and writes raw frames without a WCS. :func:`write_sky` gives that grid a celestial TAN
