@@ -229,7 +229,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from astep_dask.errors import RunError
     from astep_dask.io.layout import check_night, scan_night
     from astep_dask.io.products import check_writable, output_dir
-    from astep_dask.run.night import calibrate_night
+    from astep_dask.run.night import calibrate_night, load_index
 
     settings = _settings(args)
     night = args.night
@@ -239,7 +239,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     except RunError as exc:
         print(f"astep-dask: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    with _cluster_during(settings, args, lambda: scan_night(night)) as (client, inv):
+    def inventory():
+        load_index(output_dir(night, args.out))  # unchanged files: headers only
+        return scan_night(night)
+
+    with _cluster_during(settings, args, inventory) as (client, inv):
         progress = _progress(args)  # its clock starts once the cluster is up
         try:
             with _performance(args, output_dir(night, args.out), "calibrate"):

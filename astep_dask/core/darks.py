@@ -25,6 +25,7 @@ __all__ = [
     "DarkSolution",
     "MasterPlanes",
     "dark_for_exptime",
+    "dark_how",
     "darks_needed",
     "nearest_exptime",
     "variance_of",
@@ -83,6 +84,35 @@ def darks_needed(t: float, exptimes: Iterable[float], bias: bool) -> tuple[float
     return fit or None
 
 
+def dark_how(t: float, exptimes: Iterable[float], bias: bool) -> str:
+    """How :func:`dark_for_exptime` makes the dark of exposure ``t`` (its ``how``), from
+    the darks' exposure times and whether a bias exists, without their pixels: a recipe
+    can name it (and hash it) before deciding to read the masters.
+
+    Raises
+    ------
+    CalibrationError
+        When no dark can be made for ``t`` (the same cases as :func:`dark_for_exptime`).
+    """
+    ets = sorted(exptimes)
+    match = next((et for et in ets if np.isclose(et, t)), None)
+    if bias:
+        if match is not None:
+            return f"bias + dark {t:g}s"
+        if not ets:
+            return "bias only (no dark)"
+        et = nearest_exptime(t, ets)
+        return f"bias + dark {et:g}s scaled x{float(np.float32(t / et)):.4g}"
+    if match is not None:
+        return f"dark {t:g}s (carries the bias)"
+    if len(ets) < 2:
+        raise CalibrationError(
+            f"no dark of {t:g}s and none can be scaled: no bias frames and "
+            f"{'no darks' if not ets else 'only one dark exposure time'}"
+        )
+    return f"dark fit offset+rate*t from {ets[0]:g}s and {ets[-1]:g}s darks"
+
+
 def dark_for_exptime(t: float, bias: MasterPlanes | None,
                      darks: dict[float, MasterPlanes]) -> DarkSolution:
     """The dark (+ bias) to subtract from a raw frame of exposure ``t``.
@@ -94,20 +124,21 @@ def dark_for_exptime(t: float, bias: MasterPlanes | None,
     CalibrationError
         When no dark can be made for ``t``.
     """
+    how = dark_how(t, darks, bias is not None)  # raises when none can be made
     match = next((et for et in darks if np.isclose(et, t)), None)
     if bias is not None:
         if match is not None:
             d = darks[match]
             return DarkSolution(bias.data + d.data, variance_of(bias) + variance_of(d), d.data,
-                                f"bias + dark {t:g}s", (match,), True)
+                                how, (match,), True)
         if not darks:
             zero = np.zeros_like(bias.data)
-            return DarkSolution(bias.data, variance_of(bias), zero, "bias only (no dark)", (), True)
+            return DarkSolution(bias.data, variance_of(bias), zero, how, (), True)
         et = nearest_exptime(t, darks)
         k = np.float32(t / et)
         d = darks[et]
         return DarkSolution(bias.data + k * d.data, variance_of(bias) + k * k * variance_of(d),
-                            k * d.data, f"bias + dark {et:g}s scaled x{float(k):.4g}", (et,), True)
+                            k * d.data, how, (et,), True)
     if match is not None:
         d = darks[match]
         fit = _dark_fit(darks)
@@ -115,20 +146,12 @@ def dark_for_exptime(t: float, bias: MasterPlanes | None,
             current = d.data - fit[0]
         else:
             current = np.maximum(d.data - np.float32(median(d.data)), 0)
-        return DarkSolution(d.data, variance_of(d), current, f"dark {t:g}s (carries the bias)",
-                            (match,), False)
-    fit = _dark_fit(darks)
-    if fit is None:
-        raise CalibrationError(
-            f"no dark of {t:g}s and none can be scaled: no bias frames and "
-            f"{'no darks' if not darks else 'only one dark exposure time'}"
-        )
-    offset, rate, (t1, t2), (v1, v2) = fit
+        return DarkSolution(d.data, variance_of(d), current, how, (match,), False)
+    offset, rate, (t1, t2), (v1, v2) = _dark_fit(darks)
     a, b = (t2 - t) / (t2 - t1), (t - t1) / (t2 - t1)
     var = np.float32(a * a) * v1 + np.float32(b * b) * v2
-    return DarkSolution(offset + rate * np.float32(t), var, rate * np.float32(t),
-                        f"dark fit offset+rate*t from {t1:g}s and {t2:g}s darks", (t1, t2),
-                        False)
+    return DarkSolution(offset + rate * np.float32(t), var, rate * np.float32(t), how,
+                        (t1, t2), False)
 
 
 def _dark_fit(darks: dict[float, MasterPlanes]):

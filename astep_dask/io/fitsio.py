@@ -8,6 +8,8 @@ a half-written file under a real name, and a re-run finds either a whole file or
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import re
@@ -36,6 +38,7 @@ __all__ = [
     "atomic_open",
     "atomic_path",
     "atomic_write",
+    "atomic_write_digest",
     "atomic_write_text",
     "big_endian",
     "calibrated_hdul",
@@ -43,6 +46,7 @@ __all__ = [
     "extension_header",
     "header_cards",
     "image_hdu",
+    "image_header",
     "image_of",
     "mid_exposure",
     "read_calibrated",
@@ -168,6 +172,56 @@ def atomic_write(hdul: fits.HDUList, path: str | Path, checksum: bool = True) ->
         warnings.simplefilter("ignore", VerifyWarning)
         hdul.writeto(fh, checksum=checksum, output_verify="fix")
     return Path(path)
+
+
+class _Hashing(io.RawIOBase):
+    """A write-only file that passes every byte on to ``fh`` and hashes it on the way
+    (SHA-256): the digest of a file costs no read of it. Not seekable, so that a writer
+    cannot go back and make the running hash wrong."""
+
+    def __init__(self, fh: IO[bytes]):
+        self._fh = fh
+        self._sha = hashlib.sha256()
+        self._size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:  # type: ignore[override]
+        n = self._fh.write(data)
+        self._sha.update(memoryview(data).cast("B")[:n])
+        self._size += n
+        return n
+
+    def tell(self) -> int:
+        return self._size
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    def digest(self) -> str:
+        return self._sha.hexdigest()[:16]
+
+
+def atomic_write_digest(hdul: fits.HDUList, path: str | Path) -> str:
+    """:func:`atomic_write`, returning the written file's content digest (SHA-256, first
+    16 hex digits, as :func:`~astep_dask.io.rawfiles.content_digest` of the file), taken
+    from the bytes as they are written: a product's digest costs no read.
+
+    Raises
+    ------
+    OSError
+        As :func:`atomic_write`.
+    """
+    with atomic_open(path) as fh, warnings.catch_warnings():
+        warnings.simplefilter("ignore", VerifyWarning)
+        sink = _Hashing(fh)
+        hdul.writeto(sink, checksum=True, output_verify="fix")
+        fh.flush()
+        if sink.tell() != os.fstat(fh.fileno()).st_size:  # never seen: bytes went around
+            raise OSError(f"{path}: {os.fstat(fh.fileno()).st_size} bytes written, "
+                          f"{sink.tell()} hashed")
+    return sink.digest()
 
 
 def remove_stale_temps(folder: str | Path) -> list[Path]:
@@ -350,6 +404,13 @@ def read_image(path: str | Path) -> tuple[fits.Header, np.ndarray]:
 
 def image_of(hdul: fits.HDUList) -> tuple[fits.Header, np.ndarray]:
     """:func:`read_image` of an open file."""
+    header = image_header(hdul)
+    return header, np.asarray(hdul["SCI" if "SCI" in hdul else 0].data)
+
+
+def image_header(hdul: fits.HDUList) -> fits.Header:
+    """The header of a product's image: PRIMARY's cards with its ``SCI`` extension's own
+    (no pixel data is read)."""
     header = hdul[0].header.copy()
     if "SCI" in hdul:
         # Cards, not (keyword, value) pairs: a HIERARCH keyword (MP_SUSPECT) made anew from
@@ -357,8 +418,7 @@ def image_of(hdul: fits.HDUList) -> tuple[fits.Header, np.ndarray]:
         header.update([c for c in hdul["SCI"].header.cards
                        if c.keyword not in STRUCTURAL
                        and c.keyword not in ("COMMENT", "HISTORY", "")])
-        return header, np.asarray(hdul["SCI"].data)
-    return header, np.asarray(hdul[0].data)
+    return header
 
 
 def verify_file(path: str | Path) -> str | None:

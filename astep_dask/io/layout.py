@@ -7,9 +7,13 @@ is never read here. A file that cannot be used is kept in the inventory with the
 so that no frame silently disappears: an entry with a FITS name that is not a regular file
 (a FIFO, a folder, a dangling or looping link) is listed with the reason and never opened.
 
-The inventory's pass also reads each raw file's bytes once to take its content digest
-(:func:`content_digest`): provenance then sees a file rewritten with other pixels under the
-same header, duplicates are identical bytes, and a truncated gzip file is found here.
+Content digests (:func:`content_digest`) are taken where they are needed and cost least:
+the inventory reads the bytes of the calibration frames (the masters' provenance names
+them), of gzip files (a truncated stream is found here) and of science frames that could
+be copies of another (same size and start time: duplicates are identical bytes); every
+other science frame is hashed by the worker that reads it for calibration. A file the
+night's index (:mod:`astep_dask.io.index`) knows unchanged is not read at all: a re-run
+reads headers only.
 """
 
 from __future__ import annotations
@@ -46,9 +50,11 @@ from astep_dask.io.headers import (
 )
 from astep_dask.io.rawfiles import (
     FITS_SUFFIXES,
+    content_digest,
     entry_problem,
     is_fits_name,
     is_gzip,
+    known_content,
     read_content,
     stem,
 )
@@ -83,7 +89,8 @@ class FrameRecord:
     ``problem`` is ``None`` for a usable frame, else a short reason it cannot be used.
     ``shape`` is the full raw shape; ``trim`` and ``overscan`` are the data and overscan
     sections when the header declares them. ``size`` and ``digest`` are the file's size and
-    content digest (:func:`content_digest`; empty when the file could not be read).
+    content digest (:func:`content_digest`; empty when it was not needed here: a science
+    frame is hashed by the worker that calibrates it, see the module docstring).
     ``out_stem`` is set when the default output stem is taken by another input
     (:attr:`output_stem`).
     """
@@ -294,19 +301,31 @@ def read_record(path: Path, night: str = "", folder: str = "") -> FrameRecord:
         return replace(rec, problem="empty file")
     if not os.access(path, os.R_OK):
         return replace(rec, problem="not readable (permissions)")
+    # The content digest is known from the night's index when the file is unchanged; a
+    # gzip file is read whole here (its stream must be complete); other files are hashed
+    # below only if they are calibration frames (the masters' provenance names them):
+    # a science frame is hashed by the worker that reads it for calibration.
+    content = known_content(path, st)
     try:
-        content = read_content(path, st)
+        if content is None and is_gzip(path):
+            content = read_content(path, st)
     except OSError as exc:
         return replace(rec, problem=f"cannot read: {exc.strerror or exc}")
-    rec = replace(rec, digest=content.digest)
-    if is_gzip(path) and content.gz_size is None:
-        return replace(rec, problem="truncated: the gzip stream ends early or is corrupt")
-    found = _read_header(path, size, content.gz_size)
+    if content is not None:
+        rec = replace(rec, digest=content.digest)
+        if is_gzip(path) and content.gz_size is None:
+            return replace(rec, problem="truncated: the gzip stream ends early or is corrupt")
+    found = _read_header(path, size, content.gz_size if content else None)
     if isinstance(found, str):
         return replace(rec, problem=found)
     merged, shape, bitpix, index = found
 
     kind, note = classify(merged, path)
+    if content is None and kind is not FrameType.SCIENCE:
+        try:
+            rec = replace(rec, digest=read_content(path, st).digest)
+        except OSError as exc:
+            return replace(rec, problem=f"cannot read: {exc.strerror or exc}")
     value_problem, value_notes = value_problems(merged, kind)
     note = "; ".join([n for n in (note, *value_notes) if n])
     exptime = header_float(merged, *EXPTIME_KEYS)
@@ -358,6 +377,26 @@ def _flag_odd_shapes(frames: list[FrameRecord]) -> list[FrameRecord]:
         else replace(f, problem=f"shape {f.shape} differs from the night's majority {majority}")
         for f in frames
     ]
+
+
+def _hash_twins(frames: list[FrameRecord]) -> list[FrameRecord]:
+    """The frames, with the content digest taken of those that could be copies of one
+    another (usable, same size and start time) and have none yet: only identical bytes
+    make a duplicate, and only such frames can have them."""
+    groups: dict[tuple, list[int]] = {}
+    for i, f in enumerate(frames):
+        if f.usable and not f.digest:
+            groups.setdefault((f.size, f.date_obs, f.exptime), []).append(i)
+    out = list(frames)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        for i in members:
+            try:
+                out[i] = replace(out[i], digest=content_digest(out[i].path))
+            except OSError as exc:
+                out[i] = replace(out[i], problem=f"cannot read: {exc.strerror or exc}")
+    return out
 
 
 def _flag_duplicates(frames: list[FrameRecord]) -> list[FrameRecord]:
@@ -469,13 +508,13 @@ def scan_night(night_dir: str | Path) -> Inventory:
     night_dir = Path(night_dir)
     folders = check_night(night_dir)
     entries = [(p, kind) for kind, sub in folders for p in iter_fits(sub)]
-    # Reading and hashing every file's bytes is the inventory's cost (a 3,000-frame night
-    # of 32 MB frames is 96 GB): threads overlap it (file reads and SHA-256 release the
-    # GIL). The outer catch_warnings restores the filters that the threads' own change.
+    # Threads overlap the reads (headers, and the bytes of the files hashed here: file
+    # reads and SHA-256 release the GIL). The outer catch_warnings restores the filters
+    # that the threads' own change.
     with warnings.catch_warnings(), ThreadPoolExecutor(inventory_threads()) as pool:
         frames = list(pool.map(lambda e: read_record(e[0], night=night_dir.name,
                                                      folder=e[1]), entries))
-    frames = _unique_outputs(_flag_duplicates(_flag_odd_shapes(frames)))
+    frames = _unique_outputs(_flag_duplicates(_hash_twins(_flag_odd_shapes(frames))))
     return Inventory(night=night_dir.name, root=night_dir, frames=frames)
 
 

@@ -91,11 +91,13 @@ def read_provenance(path: str | Path, key: str = "ADPROV") -> str | None:
         return None
 
 
-def frame_provenance(record: FrameRecord, masters_digest: str, settings: Settings) -> str:
+def frame_provenance(record: FrameRecord, masters_digest: str, settings: Settings,
+                     digest: str = "") -> str:
     """Hash of a frame's input (name, size, start time, content), its masters and the
-    settings that shape its output."""
+    settings that shape its output. ``digest``: the raw file's content digest when the
+    caller has it (the worker that read the file); else the record's, else it is read."""
     identity = (f"{record.path.name}|{record.path.stat().st_size}|{record.date_obs}"
-                f"|{_digest(record)}")
+                f"|{digest or _digest(record)}")
     return digest_of(identity, masters_digest,
                      settings.digest("cosmics", "detector", "combine", "flat", "mask",
                                      "output"),

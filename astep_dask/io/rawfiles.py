@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import stat
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,9 @@ __all__ = [
     "entry_problem",
     "is_fits_name",
     "is_gzip",
+    "known_content",
     "read_content",
+    "remember",
     "stem",
 ]
 
@@ -40,12 +43,33 @@ class Content:
 
     digest: str
     gz_size: int | None  # gzip: bytes of the complete decompressed stream; None: incomplete
+    checked_ns: int = 0  # when the bytes were read (epoch ns): see io.index, racy entries
 
 
 # Content of files already read in this process, keyed by what changes when a file is
 # rewritten (the inode change time cannot be set back): the inventory and the night's
 # provenance then read each file once per run.
 _CONTENT: dict[tuple, Content] = {}
+
+
+def _key(path: Path, st: os.stat_result) -> tuple:
+    return (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+            st.st_ctime_ns)
+
+
+def known_content(path: Path, st: os.stat_result) -> Content | None:
+    """The content of ``path`` when it was read (or remembered) in this process for this
+    version of the file (its status ``st``), else None; nothing is read."""
+    return _CONTENT.get(_key(path, st))
+
+
+def remember(path: Path, key: tuple[int, int, int, int, int], content: Content) -> None:
+    """Take ``content`` as what ``path`` holds while its status is ``key`` (device, inode,
+    size, modification and inode-change times): the night's index
+    (:class:`~astep_dask.io.index.FileIndex`) knows it from an earlier run."""
+    if len(_CONTENT) > 100_000:
+        _CONTENT.clear()
+    _CONTENT[(os.path.abspath(path), *key)] = content
 
 
 def is_gzip(path: Path) -> bool:
@@ -57,9 +81,10 @@ def read_content(path: Path, st: os.stat_result) -> Content:
     """Read a file once (per process and version of the file): its SHA-256 digest and, for
     gzip, the length of its whole decompressed stream (None when the stream ends early or
     is corrupt), without keeping the decompressed bytes."""
-    key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    key = _key(path, st)
     if (known := _CONTENT.get(key)) is not None:
         return known
+    started = time.time_ns()
     h = hashlib.sha256()
     gz = is_gzip(path)
     inflate = zlib.decompressobj(wbits=31) if gz else None
@@ -80,7 +105,7 @@ def read_content(path: Path, st: os.stat_result) -> Content:
                     broken = True
                 data = inflate.unused_data
     complete = inflate is not None and inflate.eof and not broken
-    found = Content(h.hexdigest()[:16], total if complete else None)
+    found = Content(h.hexdigest()[:16], total if complete else None, started)
     if len(_CONTENT) > 100_000:
         _CONTENT.clear()
     _CONTENT[key] = found

@@ -9,9 +9,14 @@ every byte of every file exactly once when it is reduced over ``frame``.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import io
 import math
 import os
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import dask
@@ -25,11 +30,13 @@ from astep_dask.io.layout import FrameRecord
 
 __all__ = [
     "FitsImage",
+    "RawRead",
     "frame_coords",
     "frame_section",
     "open_stack",
     "open_strips",
     "read_frame",
+    "read_raw",
     "read_section",
     "read_strip",
     "strip_rows",
@@ -69,17 +76,79 @@ def read_section(path: Path, hdu: int, rows: slice, cols: slice,
         h = hdul[hdu]
         if isinstance(h, fits.CompImageHDU):
             return _into(_read_compressed(path, hdu, rows, cols), out)
-        header = h.header
-        raw = h.data[rows, cols]
-        bzero = header.get("BZERO", 0)
-        bscale = header.get("BSCALE", 1)
-        if header["BITPIX"] == 16 and bzero == 32768 and bscale == 1:
-            if out is None:
-                out = np.empty(raw.shape, FLOAT)
-            return np.add(raw, FLOAT(32768), out=out)
-        if bzero == 0 and bscale == 1:
-            return _into(np.asarray(raw, dtype=FLOAT), out)
-        return _into((np.asarray(raw, dtype=np.float64) * bscale + bzero).astype(FLOAT), out)
+        return _float32(h, rows, cols, out)
+
+
+def _float32(h: fits.ImageHDU | fits.PrimaryHDU, rows: slice, cols: slice,
+             out: np.ndarray | None = None) -> np.ndarray:
+    """``h.data[rows, cols]`` (opened with ``do_not_scale_image_data``) as float32,
+    scaled as its header says (unsigned 16-bit in one exact pass)."""
+    header = h.header
+    raw = h.data[rows, cols]
+    bzero = header.get("BZERO", 0)
+    bscale = header.get("BSCALE", 1)
+    if header["BITPIX"] == 16 and bzero == 32768 and bscale == 1:
+        if out is None:
+            out = np.empty(raw.shape, FLOAT)
+        return np.add(raw, FLOAT(32768), out=out)
+    if bzero == 0 and bscale == 1:
+        return _into(np.asarray(raw, dtype=FLOAT), out)
+    return _into((np.asarray(raw, dtype=np.float64) * bscale + bzero).astype(FLOAT), out)
+
+
+@dataclass(frozen=True)
+class RawRead:
+    """A raw frame read whole, once: its pixels, its headers, and the digest of its bytes.
+
+    ``stat`` is the file's status before the read, or None when the file changed while it
+    was read (its digest then vouches for nothing).
+    """
+
+    data: np.ndarray  # float32, the whole image HDU
+    header: fits.Header  # the primary header, updated with the image HDU's own cards
+    digest: str  # SHA-256 of the file's bytes, first 16 hex digits (content_digest's)
+    stat: os.stat_result | None
+    checked_ns: int  # when the read began (epoch ns)
+    gz_size: int | None = None  # a gzip file: the size of its inflated stream
+
+
+def read_raw(path: str | Path, hdu: int) -> RawRead:
+    """Read a raw file's bytes once (one ``read``), hash them, and decode the image HDU
+    ``hdu`` from them: the frame's content digest costs no second pass over the file.
+
+    Plain, gzip and tile-compressed FITS files are read. Raises ``OSError`` or
+    ``ValueError`` (astropy's) for a file that cannot be read or decoded.
+    """
+    path = Path(path)
+    started = time.time_ns()
+    with open(path, "rb") as fh:
+        before = os.fstat(fh.fileno())
+        data = fh.read()
+        after = os.fstat(fh.fileno())
+    same = (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == \
+        (after.st_size, after.st_mtime_ns, after.st_ctime_ns)
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    gz_size = None
+    if data[:2] == b"\x1f\x8b":  # gzip: inflated in memory (only the image is kept)
+        data = gzip.decompress(data)
+        gz_size = len(data)
+    with fits.open(io.BytesIO(data), memmap=False, do_not_scale_image_data=True) as hdul:
+        compressed = isinstance(hdul[hdu], fits.CompImageHDU)
+        if not compressed:
+            pixels, header = _float32(hdul[hdu], slice(None), slice(None)), _merged(hdul, hdu)
+    if compressed:  # astropy scales tile-compressed data as it decompresses it
+        with fits.open(io.BytesIO(data), memmap=False) as hdul:
+            pixels = np.asarray(hdul[hdu].section[:, :], dtype=FLOAT)
+            header = _merged(hdul, hdu)
+    return RawRead(pixels, header, digest, before if same else None, started, gz_size)
+
+
+def _merged(hdul: fits.HDUList, hdu: int) -> fits.Header:
+    """The primary header updated with image HDU ``hdu``'s own cards."""
+    header = hdul[0].header.copy()
+    if hdu:
+        header.update(hdul[hdu].header)
+    return header
 
 
 def _into(values: np.ndarray, out: np.ndarray | None) -> np.ndarray:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import dask
@@ -23,11 +24,12 @@ from astep_dask.config import Settings
 from astep_dask.core.badpix import bad_pixel_mask
 from astep_dask.core.bits import MASK_DTYPE, Bit
 from astep_dask.core.combine import Combined, NoiseModel
-from astep_dask.core.darks import DarkSolution, dark_for_exptime, darks_needed
+from astep_dask.core.darks import DarkSolution, dark_for_exptime, dark_how, darks_needed
 from astep_dask.core.illumination import transfer_correction
 from astep_dask.core.stats import median, robust_sigma
 from astep_dask.errors import CalibrationError
 from astep_dask.io.headers import FrameType
+from astep_dask.io.index import FileIndex
 from astep_dask.io.layout import FrameRecord, Inventory
 from astep_dask.io.products import master_name
 from astep_dask.io.provenance import digest_of, input_identity
@@ -83,6 +85,13 @@ def frame_needs(steps: Sequence[MasterStep], exptime: float, filt: str) -> tuple
             *(s.name for s in by_role.get("mask", [])))
 
 
+def _solutions(exptimes: Sequence[float], bias: Master | None,
+               darks: dict[float, Master]) -> dict[float, DarkSolution]:
+    """The darks to subtract for each exposure time: called only when a master that needs
+    them is built, so that a run reusing its masters reads none of the darks' pixels."""
+    return {et: dark_for_exptime(et, bias, darks) for et in exptimes}
+
+
 class MasterBuilder:
     """The master recipe of one night: bias → darks per exposure time → flat per filter →
     bad-pixel mask (which also normalises the new flats) → illumination correction per
@@ -97,18 +106,20 @@ class MasterBuilder:
         The night's output folder.
     settings
         Combination, flat, mask and detector settings (their hash is in every master's).
-    reuse_foreign, fallbacks
+    reuse_foreign, fallbacks, index
         As :class:`~astep_dask.masters.store.MasterStore`.
     """
 
     def __init__(self, inventory: Inventory, out_dir: Path, settings: Settings,
                  reuse_foreign: bool = False, fallbacks: Sequence[Path] = (),
-                 progress: Callable[[int, int, dict], None] | None = None):
+                 progress: Callable[[int, int, dict], None] | None = None,
+                 index: FileIndex | None = None):
         self.inv = inventory
         self.progress = progress
         self.out = Path(out_dir)
         self.settings = settings
-        self.store = MasterStore(self.out, reuse_foreign, fallbacks, settings.resume.verify)
+        self.store = MasterStore(self.out, reuse_foreign, fallbacks, settings.resume.verify,
+                                 index)
         self.report = self.store.report
         sci = inventory.exptimes(FrameType.SCIENCE)
         flat = inventory.exptimes(FrameType.FLAT)
@@ -270,28 +281,33 @@ class MasterBuilder:
         for filt in self.inv.filters(FrameType.FLAT):
             recs = self.inv.select(FrameType.FLAT, filter=filt)
             suffix = self._name("flat", filter=filt).split("_", 1)[1]
-            try:
-                dark_info = {et: dark_for_exptime(et, bias, darks)
-                             for et in sorted({r.exptime for r in recs})}
+            exptimes = sorted({r.exptime for r in recs})
+            try:  # can a dark be made for each? (without the darks' pixels)
+                for et in exptimes:
+                    dark_how(et, darks, bias is not None)
             except CalibrationError as exc:
                 self.report.notes.append(f"flat {filt}: {exc}")
                 m = self._fallback(suffix, "flat", str(exc))
             else:
-                m = self._flat(filt, recs, dark_info, bias, darks)
+                m = self._flat(filt, recs, partial(_solutions, exptimes, bias, darks), bias,
+                               darks)
             if m is not None:
                 out[filt] = m
         return out
 
-    def _flat(self, filt: str, recs: list[FrameRecord], dark_info: dict[float, DarkSolution],
+    def _flat(self, filt: str, recs: list[FrameRecord],
+              solve: Callable[[], dict[float, DarkSolution]],
               bias: Master | None, darks: dict[float, Master]) -> Master | None:
-        """The master flat of one filter: reused, built from its usable flats, or taken
-        from another night when too few are usable."""
+        """The master flat of one filter: reused, built from its usable flats (the darks
+        to subtract from ``solve()``), or taken from another night when too few are
+        usable."""
         dark_digest = sorted([bias.digest if bias else ""] + [d.digest for d in darks.values()])
         digest = digest_of("flat", filt, input_identity(recs), dark_digest,
                            self._settings_digest(), __version__)
         name = self._name("flat", filter=filt)
         if (m := self.store.existing(self.out / name, digest)) is not None:
             return m
+        dark_info = solve()
         fs = self.settings.flat
         box = central_box(recs[0], fs)
         dark_boxes = {et: dask.delayed(np.ascontiguousarray(d.total[box]))
@@ -324,13 +340,13 @@ class MasterBuilder:
              flats: dict[str, Master]) -> Master:
         """Bad-pixel mask (hot pixels from the longest dark, dead ones from the flats);
         then the new flats are normalised over its good pixels and written."""
-        hot_source = darks[max(darks)].data if darks else None
         digest = digest_of("mask", sorted(m.digest for m in flats.values()),
                            sorted(d.digest for d in darks.values()),
                            self._settings_digest(), __version__)
         path = self.out / self._name("mask")
         mask = self.store.existing(path, digest)
         if mask is None:
+            hot_source = darks[max(darks)].data if darks else None
             mask = self._bad_pixels(hot_source, flats, digest)
             self._new(mask, path)
         for filt, f in flats.items():
@@ -374,14 +390,15 @@ class MasterBuilder:
         for filt, flat in flats.items():
             recs = self.inv.select(FrameType.SCIENCE, filter=filt)
             name = self._name("illum", filter=filt)
-            dark_info = {}
+            hows = {}
             for et in sorted({r.exptime for r in recs}):
                 try:
-                    dark_info[et] = dark_for_exptime(et, bias, darks)
+                    hows[et] = dark_how(et, darks, bias is not None)
                 except CalibrationError:
                     continue
-            usable = [r for r in recs if r.exptime in dark_info]
-            if (m := self._illum(filt, usable, dark_info, flat, mask)) is None:
+            usable = [r for r in recs if r.exptime in hows]
+            solve = partial(_solutions, tuple(hows), bias, darks)
+            if (m := self._illum(filt, usable, hows, solve, flat, mask)) is None:
                 m = self._fallback(name.split("_", 1)[1], "illum",
                                    "too few usable science frames")
                 if m is not None and (m := self._transfer(m, flat, mask)) is not None:
@@ -390,19 +407,21 @@ class MasterBuilder:
                 out[filt] = m
         return out
 
-    def _illum(self, filt: str, recs: list[FrameRecord], dark_info: dict[float, DarkSolution],
-               flat: Master, mask: Master) -> Master | None:
+    def _illum(self, filt: str, recs: list[FrameRecord], hows: dict[float, str],
+               solve: Callable[[], dict[float, DarkSolution]], flat: Master,
+               mask: Master) -> Master | None:
         il = self.settings.illum
         what = f"illumination {filt}"
         if not self._enough(recs, what, il.min_frames):
             return None
         digest = digest_of("illum", filt, input_identity(recs), flat.digest, mask.digest,
-                           sorted(f"{et:g}:{d.how}" for et, d in dark_info.items()),
+                           sorted(f"{et:g}:{how}" for et, how in hows.items()),
                            self.settings.digest("illum", "detector"), __version__)
         path = self.out / self._name("illum", filter=filt)
         if (m := self.store.existing(path, digest)) is not None:
             self.report.illum[filt] = _illum_summary(m)
             return m
+        dark_info = solve()
         result, used = compute_illumination(recs, {et: d.total for et, d in dark_info.items()},
                                             flat.data, mask.data, self.settings)
         if result.correction is None:

@@ -9,6 +9,7 @@ than receiving the arrays with every task: a frame task carries only paths
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -30,9 +31,11 @@ from astep_dask.io.fitsio import (
     extension_header,
     header_cards,
     image_hdu,
+    image_header,
     image_of,
     verify_file,
 )
+from astep_dask.io.index import FileIndex
 from astep_dask.io.provenance import file_digest, stamp
 
 __all__ = [
@@ -40,11 +43,13 @@ __all__ = [
     "MasterPaths",
     "MasterReport",
     "MasterStore",
+    "StoredMaster",
     "corrected_flat",
     "frame_masters",
     "is_current_layout",
     "load_cached",
     "no_flat_reason",
+    "open_master",
     "read_master",
     "write_master",
 ]
@@ -137,21 +142,52 @@ def read_master(path: Path, role: str | None = None) -> Master:
         names = [h.name for h in hdul]
         var = np.asarray(hdul["VAR"].data, np.float32) if "VAR" in names else None
         count = np.asarray(hdul["COUNT"].data) if "COUNT" in names else None
+    role, digest, cards = _described(header, role)
+    dtype = MASK_DTYPE if role == "mask" else np.float32
+    return Master(role=role, data=data.astype(dtype), var=var, count=count, digest=digest,
+                  cards=cards, path=Path(path))
+
+
+def _described(header: fits.Header, role: str | None) -> tuple[str, str, dict[str, tuple]]:
+    """A master's role, provenance hash and provenance cards, from its image's header."""
     # By card, not by keyword: looking up a HIERARCH keyword (MP_SUSPECT) by its bare name
     # makes astropy warn on the console of every worker.
     cards = {c.keyword: (c.value, c.comment) for c in header.cards
              if c.keyword not in _NOT_CARDS}
-    dtype = MASK_DTYPE if (role or str(header.get("MASTTYPE", "")).lower()) == "mask" else (
-        np.float32)
-    return Master(
-        role=role or str(header.get("MASTTYPE", "")).lower(),
-        data=data.astype(dtype),
-        var=var,
-        count=count,
-        digest=str(header.get("ADHASH", "")),
-        cards=cards,
-        path=Path(path),
-    )
+    role = role or str(header.get("MASTTYPE", "")).lower()
+    return role, str(header.get("ADHASH", "")), cards
+
+
+_UNREAD = object()
+
+
+class StoredMaster(Master):
+    """A master in its file, read by its headers (:func:`open_master`): its images are
+    read the first time they are used, so that a run that reuses it and needs none of its
+    pixels (every frame already done) reads none of them."""
+
+    def _image(self, name: str) -> np.ndarray | None:
+        if self.__dict__.get(name, _UNREAD) is _UNREAD:
+            full = read_master(self.path, self.role)
+            self.__dict__.update(_data=full.data, _var=full.var, _count=full.count)
+        return self.__dict__[name]
+
+    def _set(self, name: str, value: object) -> None:
+        self.__dict__[name] = value
+
+    data = property(lambda self: self._image("_data"), lambda self, v: self._set("_data", v))
+    var = property(lambda self: self._image("_var"), lambda self, v: self._set("_var", v))
+    count = property(lambda self: self._image("_count"),
+                     lambda self, v: self._set("_count", v))
+
+
+def open_master(path: Path, role: str | None = None) -> Master:
+    """A master by its headers only (:class:`StoredMaster`; the images on first use)."""
+    with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
+        header = image_header(hdul)
+    role, digest, cards = _described(header, role)
+    return StoredMaster(role=role, data=_UNREAD, var=_UNREAD, count=_UNREAD,  # type: ignore[arg-type]
+                        digest=digest, cards=cards, path=Path(path))
 
 
 def is_current_layout(path: Path) -> bool:
@@ -174,11 +210,24 @@ class MasterPaths:
     mask: Path
     illums: tuple[tuple[str, Path], ...] = ()  # illumination correction per filter
 
-    def digests(self) -> dict[str, str]:
-        """File digests of every master, named by file: the provenance of a frame."""
+    def digests(self, index: FileIndex | None = None) -> dict[str, str]:
+        """File digests of every master, named by file: the provenance of a frame. With the
+        night's ``index``, a master it knows unchanged is not read (one that is read is
+        recorded there)."""
         paths = [self.bias, *(p for _, p in self.darks), *(p for _, p in self.flats), self.mask,
                  *(p for _, p in self.illums)]
-        return {p.name: file_digest(p) for p in paths if p is not None}
+        out = {}
+        for p in paths:
+            if p is None:
+                continue
+            known = index.known(p) if index is not None else None
+            if known is None:
+                st = os.stat(p)
+                digest = file_digest(p)
+                if index is not None:
+                    index.record(p, st, digest, written=True)
+            out[p.name] = known.digest if known is not None else digest
+        return out
 
 
 @functools.lru_cache(maxsize=16)
@@ -296,13 +345,18 @@ class MasterStore:
         night cannot make.
     verify
         Check a master's data checksums before reusing it (a damaged one is rebuilt).
+    index
+        The night's :class:`~astep_dask.io.index.FileIndex`: a master it knows unchanged
+        since it was written or verified is not verified again (not read).
     """
 
     def __init__(self, out_dir: Path, reuse_foreign: bool = False,
-                 fallbacks: Sequence[Path] = (), verify: bool = True):
+                 fallbacks: Sequence[Path] = (), verify: bool = True,
+                 index: FileIndex | None = None):
         self.out = Path(out_dir)
         self.reuse_foreign = reuse_foreign
         self.verify = verify
+        self.index = index
         self.fallbacks = list(fallbacks)
         self.report = MasterReport()
         self._writer: ThreadPoolExecutor | None = None  # set while writing() is open
@@ -314,7 +368,7 @@ class MasterStore:
         if not path.exists():
             return None
         try:
-            m = read_master(path)
+            m = open_master(path)
         except (OSError, ValueError) as exc:
             self.report.notes.append(f"{path.name}: unreadable ({exc}); rebuilt")
             return None
@@ -324,7 +378,8 @@ class MasterStore:
             self.report.notes.append(f"{path.name}: written in an earlier layout (image in "
                                      "PRIMARY); rebuilt")
             return None
-        if self.verify and (damage := verify_file(path)):
+        unchanged = self.index is not None and self.index.known(path) is not None
+        if self.verify and not unchanged and (damage := verify_file(path)):
             self.report.notes.append(f"{path.name}: damaged ({damage}); rebuilt")
             return None
         if m.digest == digest:

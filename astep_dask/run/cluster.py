@@ -298,7 +298,7 @@ def _join(settings: ClusterSettings) -> Client:
         raise RunError(f"cannot join scheduler {address}: {reason}") from None
 
 
-# --- the default local layout (issue 16) ---------------------------------------------------
+# --- the default local layout (when none is configured) -------------------------------
 PROCESS_MEMORY = 2 * 1024**3  # bytes a worker process may need: ~1.9 GB measured at 4096²
 MANY_CORES = 4  # above this many cores, worker processes of 2 threads
 
@@ -317,7 +317,7 @@ def default_layout(cores: int, memory: int) -> tuple[bool, int, int]:
     Up to ``MANY_CORES`` cores, one in-process worker with a thread per core (no start-up,
     masters held once). Above, worker processes of 2 threads, as many as the cores and
     the memory (``PROCESS_MEMORY`` each) allow: measured on a 16-core node (2048², 64
-    frames, issue 16) all cores as threads of one process took 43.6 s, 8 processes × 2
+    frames) all cores as threads of one process took 43.6 s, 8 processes × 2
     threads 11.7 s, 16 × 1 thread 11.6 s with 1.5 times the memory. Where the memory
     holds fewer than 2 processes, threads of one process.
     """

@@ -19,16 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from astropy.io import fits
 from distributed import Client
 
 from astep_dask.config import Settings
 from astep_dask.core.calibrate import Detector, calibrate_frame
 from astep_dask.errors import CalibrationError
-from astep_dask.io.fitsio import atomic_write, calibrated_hdul, verify_file
+from astep_dask.io.fitsio import atomic_write_digest, calibrated_hdul, verify_file
+from astep_dask.io.index import stamp_of
 from astep_dask.io.layout import FrameRecord
-from astep_dask.io.provenance import read_provenance
-from astep_dask.io.stack import read_section
+from astep_dask.io.provenance import frame_provenance, read_provenance
+from astep_dask.io.rawfiles import content_digest
+from astep_dask.io.stack import read_raw
 from astep_dask.masters.shared import SharedMasters, load_shared, share_frame_masters
 from astep_dask.masters.store import MasterPaths, frame_masters
 
@@ -43,10 +44,14 @@ class FrameJob:
     record: FrameRecord
     output: Path
     masters: MasterPaths
+    # The frame's provenance hash when the driver knows the raw file's digest (the night's
+    # index knew it unchanged); else "": the worker takes the digest as it reads the file
+    # and completes the hash from ``masters_digest``.
     provenance: str
     settings: Settings
     force: bool = False
     shared: SharedMasters | None = None  # the planes made once for the run, if any
+    masters_digest: str = ""
 
 
 @functools.lru_cache(maxsize=4)
@@ -142,21 +147,29 @@ def process_frame(job: FrameJob) -> dict:
 def _process(job: FrameJob, row: dict) -> dict:
     """:func:`process_frame` without its catch-all."""
     rec = job.record
-    if not job.force and read_provenance(job.output) == job.provenance:
+    t0 = time.perf_counter()
+    try:  # one read of the raw file: its pixels, headers and content digest
+        raw_read = read_raw(rec.path, rec.hdu)
+    except (OSError, ValueError, TypeError) as exc:
+        return {**row, "status": "failed", "reason": f"cannot read raw frame: {_reason(exc)}"}
+    provenance = job.provenance or frame_provenance(rec, job.masters_digest, job.settings,
+                                                    raw_read.digest)
+    row.update(provenance=provenance, raw_digest=raw_read.digest,
+               raw_stamp=stamp_of(raw_read.stat).to_list() if raw_read.stat else None,
+               raw_checked_ns=raw_read.checked_ns, raw_gz_size=raw_read.gz_size)
+    if not job.force and read_provenance(job.output) == provenance:
+        # An output the night's index does not vouch for (an earlier version's, a copied
+        # archive's): kept when its data verify, and its digest and status recorded.
         damage = verify_file(job.output) if job.settings.resume.verify else None
         if damage is None:
-            return {**row, "status": "skipped"}
+            return {**row, "status": "skipped", **_product_facts(job.output)}
         row["note"] = f"previous output damaged ({damage}); remade"
-    t0 = time.perf_counter()
     try:
         fm, cards = job_masters(job)
-        raw = read_section(rec.path, rec.hdu, slice(None), slice(None))
+        raw = raw_read.data
         if problem := raw_problem(raw):
             return {**row, "status": "failed", "reason": problem}
-        with fits.open(rec.path, memmap=False, lazy_load_hdus=True) as hdul:
-            raw_header = hdul[0].header.copy()
-            if rec.hdu:
-                raw_header.update(hdul[rec.hdu].header)
+        raw_header = raw_read.header
     except CalibrationError as exc:
         return {**row, "status": "failed", "reason": str(exc)}
     except (OSError, ValueError, TypeError) as exc:
@@ -179,7 +192,7 @@ def _process(job: FrameJob, row: dict) -> dict:
                 "reason": f"every pixel is masked ({why}): nothing to calibrate"}
     cs = job.settings.cosmics
     cards.update({
-        "ADPROV": (job.provenance, "hash of input, masters and settings"),
+        "ADPROV": (provenance, "hash of input, masters and settings"),
         "RAWFILE": (rec.path.name, "raw frame"),
         "GAIN": (detector.gain, "[e-/ADU] gain applied"),
         "RDNOISE": (detector.read_noise, "[e-] read noise used for VAR"),
@@ -201,7 +214,8 @@ def _process(job: FrameJob, row: dict) -> dict:
     hdul = calibrated_hdul(raw_header, sci, var, mask, finite_cards(cards), quantize, trim)
     t2 = time.perf_counter()
     try:
-        atomic_write(hdul, job.output)
+        digest = atomic_write_digest(hdul, job.output)
+        written = os.stat(job.output)
     except Exception as exc:
         if (err := _os_error(exc)) is None:
             raise
@@ -210,7 +224,14 @@ def _process(job: FrameJob, row: dict) -> dict:
     t3 = time.perf_counter()
     return {**row, "status": "done", **summary, "t_read": t1 - t0, "t_write": t3 - t2,
             "t_total": t3 - t0, "finished": time.time(),
-            "worker": f"{socket.gethostname()}:{os.getpid()}"}
+            "worker": f"{socket.gethostname()}:{os.getpid()}",
+            "product_digest": digest, "product_stamp": stamp_of(written).to_list()}
+
+
+def _product_facts(path: Path) -> dict:
+    """The content digest and status of an existing product (it is read once)."""
+    st = os.stat(path)
+    return {"product_digest": content_digest(path), "product_stamp": stamp_of(st).to_list()}
 
 
 def finite_cards(cards: dict[str, tuple]) -> dict[str, tuple]:

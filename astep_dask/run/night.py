@@ -28,6 +28,7 @@ from astep_dask.config import Settings
 from astep_dask.errors import CalibrationError
 from astep_dask.io.fitsio import remove_stale_temps, write_json
 from astep_dask.io.headers import FrameType
+from astep_dask.io.index import FileIndex, Stamp
 from astep_dask.io.layout import Inventory, scan_night
 from astep_dask.io.products import (
     CAL_SUFFIX,
@@ -40,7 +41,7 @@ from astep_dask.io.products import (
     sibling_outputs,
 )
 from astep_dask.io.provenance import digest_of, frame_provenance, night_provenance
-from astep_dask.io.rawfiles import stem
+from astep_dask.io.rawfiles import content_digest, stem
 from astep_dask.masters.builder import MasterBuilder
 from astep_dask.masters.shared import remove_shared
 from astep_dask.masters.store import MasterPaths, no_flat_reason
@@ -50,7 +51,9 @@ from astep_dask.run.tasks import cluster_window, map_bounded
 from astep_dask.version import __version__
 
 __all__ = [
+    "already_done",
     "calibrate_night",
+    "load_index",
     "night_is_current",
     "resume_rows",
     "run_frames",
@@ -106,8 +109,9 @@ def calibrate_night(
     settings = settings or Settings()
     night_dir = Path(night_dir).absolute()  # the manifest names files wherever it is read
     out = out.absolute() if out is not None else None
-    inv = inventory or scan_night(night_dir)
     out_dir = output_dir(night_dir, out)
+    index = load_index(out_dir)  # before the inventory: unchanged files are not read
+    inv = inventory or scan_night(night_dir)
     check_writable(out_dir)
     result = StageResult("calibrate", inv.night, out_dir, started=time.time())
     result.unusable = [{"path": str(f.path), "reason": f.problem} for f in inv.problems]
@@ -117,12 +121,12 @@ def calibrate_night(
             fallbacks = sibling_outputs(night_dir, out) if settings.masters.fallback else []
             builder = MasterBuilder(inv, out_dir, settings,
                                     reuse_foreign=settings.masters.reuse_foreign,
-                                    fallbacks=fallbacks, progress=progress)
+                                    fallbacks=fallbacks, progress=progress, index=index)
             masters = builder.build()
         except CalibrationError as exc:
             result.error = f"masters: {exc}"
             result.finished = time.time()
-            write_manifest(result, inv, settings, None)
+            write_manifest(result, inv, settings, None, _remembered(index, inv, [], out_dir))
             return result
         result.details["masters"] = {
             "paths": {"bias": str(masters.bias) if masters.bias else None,
@@ -140,11 +144,14 @@ def calibrate_night(
         result.rejected = builder.report.rejected + _rejected_still(previous, inv, masters,
                                                                     builder.report.reused)
         result.details["masters"]["rejected"] = result.rejected
-        masters_digest = digest_of(sorted(masters.digests().items()))
+        masters_digest = digest_of(sorted(masters.digests(index).items()))
         science = inv.select(FrameType.SCIENCE)
+        # A frame's provenance is known here when its raw digest is (the index knew the
+        # file unchanged); otherwise the worker completes it as it reads the file.
         jobs = [
             FrameJob(rec, out_dir / f"{rec.out_stem or stem(rec.path)}{CAL_SUFFIX}", masters,
-                     frame_provenance(rec, masters_digest, settings), settings, force)
+                     frame_provenance(rec, masters_digest, settings) if rec.digest else "",
+                     settings, force, masters_digest=masters_digest)
             for rec in science
         ]
         # A filter with no flat fails its frames here, once, not in every frame's task.
@@ -153,6 +160,8 @@ def calibrate_night(
             {**_row(j, no_flat_reason(masters, j.record.filter)), "no_flat": True}
             for j in jobs if j.record.filter not in flat_filters)
         jobs = [j for j in jobs if j.record.filter in flat_filters]
+        done, jobs = already_done(jobs, previous, index)
+        result.frames.extend(done)  # never sent to the cluster
         shared_dir = out_dir / SHARED_MASTERS_FOLDER
         try:
             remove_shared(shared_dir)  # a killed run's
@@ -164,7 +173,7 @@ def calibrate_night(
                             else f"{type(exc).__name__}: {exc}")
             result.frames[:] = resume_rows(result.frames, previous, jobs)
             result.finished = time.time()
-            _manifest(result, inv, settings, masters)
+            _manifest(result, inv, settings, masters, index)
             raise
         finally:
             # A worker killed while writing leaves its temporary file; every task of this
@@ -173,8 +182,85 @@ def calibrate_night(
             remove_shared(shared_dir)
         result.frames[:] = resume_rows(result.frames, previous, jobs)
         result.finished = time.time()
-        _manifest(result, inv, settings, masters)
+        _manifest(result, inv, settings, masters, index)
     return result
+
+
+def load_index(out_dir: Path) -> FileIndex:
+    """The night's :class:`~astep_dask.io.index.FileIndex` (the ``files`` table of its
+    manifest), told to this process's raw-file reader: an inventory taken after it reads
+    no unchanged file's bytes."""
+    index = FileIndex.load(out_dir)
+    index.seed()
+    return index
+
+
+def already_done(jobs: list[FrameJob], previous: dict, index: FileIndex
+                 ) -> tuple[list[dict], list[FrameJob]]:
+    """Split the jobs into the frames already done (their ``skipped`` rows, from the
+    previous manifest) and those to send to the cluster, from metadata alone.
+
+    A frame is done when the previous run calibrated it with the same provenance (the
+    raw file's digest known unchanged, the same masters and settings) and its product is
+    unchanged: its status is the one recorded when it was written, or, when the status
+    changed (a copied archive), its bytes hash to the recorded digest (read once, then
+    recorded again). Anything else goes to a worker, which decides from the files
+    (an output an earlier version wrote, one the index does not know).
+    """
+    earlier = {r.get("file"): r for r in previous.get("frames") or []
+               if isinstance(r, dict) and r.get("status") in ("done", "skipped")}
+    done, todo = [], []
+    for job in jobs:
+        row = earlier.get(job.record.path.name)
+        if (not job.force and job.provenance and row is not None
+                and row.get("output") == job.output.name
+                and row.get("provenance") == job.provenance
+                and _unchanged(job.output, index)):
+            done.append({**row, "status": "skipped", "note": ""})
+        else:
+            todo.append(job)
+    return done, todo
+
+
+def _unchanged(path: Path, index: FileIndex) -> bool:
+    """Whether a product is the one the index recorded (by status, else by content)."""
+    if index.known(path) is not None:
+        return True
+    entry = index.recorded(path)
+    try:
+        st = path.stat()
+        if entry is None or st.st_size != entry.stamp.size:
+            return False
+        digest = content_digest(path)
+    except OSError:
+        return False
+    if digest != entry.digest:
+        return False
+    index.record(path, st, digest, written=True)
+    return True
+
+
+def _remembered(index: FileIndex, inv: Inventory, rows: list[dict], out_dir: Path
+                ) -> FileIndex:
+    """``index`` updated with what this run learnt: the digests of the raw files this
+    process read (calibration frames, copies), those the workers took as they read the
+    science frames, and those of the products they wrote; the rows keep the digests,
+    not the status."""
+    for rec in inv.frames:
+        index.record_read(rec.path)
+    paths = {rec.path.name: rec.path for rec in inv.select(FrameType.SCIENCE)}
+    for row in rows:
+        raw, stamp = paths.get(row.get("file")), row.pop("raw_stamp", None)
+        checked, gz_size = row.pop("raw_checked_ns", None), row.pop("raw_gz_size", None)
+        if raw is not None and stamp and row.get("raw_digest"):
+            index.record(raw, Stamp.from_list(stamp), row["raw_digest"], checked_ns=checked,
+                         gz_size=gz_size)
+        product = row.pop("product_stamp", None)
+        if product and row.get("product_digest"):
+            index.record(out_dir / row["output"], Stamp.from_list(product),
+                         row["product_digest"], written=True)
+    index.seed(racy=True)  # this run's night_provenance reads none of them again
+    return index
 
 
 def _with_shared(client: Client, jobs: list[FrameJob], masters: MasterPaths, folder: Path,
@@ -194,10 +280,11 @@ def _with_shared(client: Client, jobs: list[FrameJob], masters: MasterPaths, fol
 
 
 def _manifest(result: StageResult, inv: Inventory, settings: Settings,
-              masters: MasterPaths | None) -> None:
+              masters: MasterPaths | None, index: FileIndex) -> None:
     """:func:`write_manifest`; a write error (disk full) is the result's error, one line."""
     try:
-        write_manifest(result, inv, settings, masters)
+        write_manifest(result, inv, settings, masters,
+                       _remembered(index, inv, result.frames, result.out_dir))
     except OSError as exc:
         done = result.counts["done"]
         result.error = "; ".join(filter(None, [
@@ -242,8 +329,9 @@ def resume_rows(rows: list[dict], previous: dict, jobs: list[FrameJob]) -> list[
 
 
 def write_manifest(result: StageResult, inv: Inventory, settings: Settings,
-                   masters: MasterPaths | None) -> Path:
-    """Write ``manifest.json`` of a night atomically."""
+                   masters: MasterPaths | None, index: FileIndex | None = None) -> Path:
+    """Write ``manifest.json`` of a night atomically, with ``index`` as its ``files``
+    table (the digests and status of its inputs and products)."""
     data = {
         "night": result.night,
         "status": result.status,
@@ -266,6 +354,7 @@ def write_manifest(result: StageResult, inv: Inventory, settings: Settings,
         "unusable": result.unusable,
         "frames": result.frames,
         "inventory": inv.groups(),
+        "files": (index or FileIndex()).to_manifest(),
     }
     path = result.out_dir / MANIFEST
     write_json(path, data)
@@ -279,6 +368,7 @@ def night_is_current(night_dir: Path, out: Path | None, settings: Settings) -> b
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
+    FileIndex.from_manifest(data).seed()  # unchanged raw files are not read
     return (data.get("status") == "complete"
             and data.get("provenance") == night_provenance(night_dir, settings))
 
