@@ -451,11 +451,18 @@ class Settings:
         return dataclasses.asdict(self)
 
     def digest(self, *groups: str) -> str:
-        """Short stable hash of the named groups (all groups when none are named)."""
-        data = self.to_dict()
-        chosen = {g: data[g] for g in (groups or tuple(data))}
-        text = json.dumps(chosen, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        """Short stable hash of the named groups (all groups when none are named).
+
+        Kept once computed (the settings are immutable): every frame's provenance asks
+        for the same hash, and a night of thousands of frames would otherwise spend
+        seconds turning the settings into JSON."""
+        memo = self.__dict__.setdefault("_digests", {})
+        if groups not in memo:
+            data = self.to_dict()
+            chosen = {g: data[g] for g in (groups or tuple(data))}
+            text = json.dumps(chosen, sort_keys=True)
+            memo[groups] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return memo[groups]
 
 
 def machine_cores() -> int:

@@ -229,7 +229,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from astep_dask.errors import RunError
     from astep_dask.io.layout import check_night, scan_night
     from astep_dask.io.products import check_writable, output_dir
-    from astep_dask.run.night import calibrate_night, load_index
+    from astep_dask.run.night import calibrate_night, current_result, load_index
 
     settings = _settings(args)
     night = args.night
@@ -239,6 +239,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     except RunError as exc:
         print(f"astep-dask: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    if not (args.force or args.kbmod) and (done := current_result(night, args.out, settings)):
+        _show(args, _summary(done), _problems(done))  # nothing to do: no cluster started
+        return _exit(done.status)
+
     def inventory():
         load_index(output_dir(night, args.out))  # unchanged files: headers only
         return scan_night(night)

@@ -26,13 +26,16 @@ Silent corruption that leaves the status untouched (a disk's bit rot) is what
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from astep_dask.io.layout import known_record, remember_record
 from astep_dask.io.products import read_manifest
-from astep_dask.io.rawfiles import Content, is_gzip, known_content, remember
+from astep_dask.io.rawfiles import Content, known_content, remember
+from astep_dask.version import __version__
 
 __all__ = ["RACY_NS", "FileIndex", "Stamp", "stamp_of"]
 
@@ -53,6 +56,10 @@ class Stamp:
     def to_list(self) -> list[int]:
         return [self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns]
 
+    def key(self) -> tuple[int, int, int, int, int]:
+        """The status as the in-process caches of io.rawfiles and io.layout key it."""
+        return (self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns)
+
     @classmethod
     def from_list(cls, values: list[int]) -> Stamp:
         return cls(*(int(v) for v in values))
@@ -72,6 +79,7 @@ class Entry:
     checked_ns: int  # when the digest was taken (epoch ns)
     written: bool = False  # a product written by the pipeline (exempt from the racy rule)
     gz_size: int | None = None  # gzip inputs: the inflated size (None: unknown or broken)
+    record: dict | None = None  # an input: what the inventory found in its header
 
     @property
     def racy(self) -> bool:
@@ -95,11 +103,14 @@ class FileIndex:
         entries = {}
         try:
             table = manifest.get("files") or {}
+            # Header facts are read by this version's rules only (a new version may
+            # classify or check a header otherwise); digests hold whatever the version.
+            same = table.get("pipeline") == __version__
             if table.get("version") == _VERSION:
                 for name, e in table["entries"].items():
                     entries[name] = Entry(Stamp.from_list(e["stamp"]), str(e["digest"]),
                                           int(e["checked_ns"]), bool(e.get("written")),
-                                          e.get("gz_size"))
+                                          e.get("gz_size"), e.get("record") if same else None)
         except (ValueError, KeyError, TypeError, AttributeError):
             entries = {}
         return cls(entries)
@@ -111,10 +122,12 @@ class FileIndex:
 
     def to_manifest(self) -> dict:
         """The ``files`` table (entries of files that no longer exist left out)."""
-        return {"version": _VERSION, "racy_ns": RACY_NS, "entries": {
-            name: {"stamp": e.stamp.to_list(), "digest": e.digest,
-                   "checked_ns": e.checked_ns, "written": e.written, "gz_size": e.gz_size}
-            for name, e in sorted(self.entries.items()) if os.path.lexists(name)}}
+        return {"version": _VERSION, "pipeline": __version__, "racy_ns": RACY_NS,
+                "entries": {
+                    name: {"stamp": e.stamp.to_list(), "digest": e.digest,
+                           "checked_ns": e.checked_ns, "written": e.written,
+                           "gz_size": e.gz_size, "record": e.record}
+                    for name, e in sorted(self.entries.items()) if os.path.lexists(name)}}
 
     def known(self, path: str | Path, st: os.stat_result | None = None) -> Entry | None:
         """The entry of ``path`` when its status is the recorded one and the entry is not
@@ -148,15 +161,24 @@ class FileIndex:
         ``racy`` (within one run: a digest just taken is good for the status it was taken
         with). Returns how many were told."""
         told = 0
-        for name, e in self.entries.items():
-            if is_gzip(Path(name)) and e.gz_size is None:
+        for name, e in self.entries.items():  # names are absolute paths already
+            if e.written or not (racy or not e.racy):
+                continue
+            if e.gz_size is None and name.lower().endswith(".gz"):
                 continue  # the inventory checks such a stream again: it may be broken
-            if not e.written and (racy or not e.racy):
-                s = e.stamp
-                remember(Path(name), (s.dev, s.ino, s.size, s.mtime_ns, s.ctime_ns),
-                         Content(e.digest, e.gz_size, e.checked_ns))
-                told += 1
+            key = e.stamp.key()
+            remember(name, key, Content(e.digest, e.gz_size, e.checked_ns))
+            if e.record is not None:
+                remember_record(name, key, e.record)
+            told += 1
         return told
+
+    def keep_records(self) -> None:
+        """Attach to each input's entry what the inventory of this process found in its
+        header for the recorded status (:func:`~astep_dask.io.layout.known_record`)."""
+        for name, e in list(self.entries.items()):
+            if not e.written and (record := known_record(Path(name), e.stamp.key())):
+                self.entries[name] = dataclasses.replace(e, record=record)
 
     def record_read(self, path: str | Path) -> bool:
         """Record ``path``'s digest if this process read it (or was told it) for its

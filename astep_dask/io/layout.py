@@ -19,8 +19,10 @@ reads headers only.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import stat
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -71,8 +73,10 @@ __all__ = [
     "inventory_threads",
     "is_night",
     "iter_fits",
+    "known_record",
     "night_folders",
     "read_record",
+    "remember_record",
     "scan",
     "scan_night",
 ]
@@ -137,6 +141,19 @@ class FrameRecord:
         """MJD (UTC) at mid-exposure."""
         return self.mjd + self.exptime / 2.0 / 86400.0
 
+    @classmethod
+    def from_dict(cls, d: dict) -> FrameRecord:
+        """The record :meth:`to_dict` made."""
+        values = {k: d[k] for k in d if k in cls.__dataclass_fields__}
+        values["path"] = Path(d["path"])
+        values["kind"] = FrameType(d.get("kind", FrameType.UNKNOWN))
+        values["shape"] = tuple(d.get("shape") or (0, 0))
+        for key in ("trim", "overscan"):
+            values[key] = Section.from_fits(d[key]) if d.get(key) else None
+        for key in ("exptime", "mjd"):
+            values[key] = float("nan") if d.get(key) is None else float(d[key])
+        return cls(**values)
+
     def to_dict(self) -> dict:
         """JSON-ready dict."""
         d = asdict(self)
@@ -174,7 +191,7 @@ class Inventory:
             and (exptime is None or np.isclose(f.exptime, exptime))
             and (filter is None or f.filter == filter)
         ]
-        return sorted(out, key=lambda f: (np.nan_to_num(f.mjd, nan=np.inf), str(f.path)))
+        return sorted(out, key=lambda f: (f.mjd if f.mjd == f.mjd else math.inf, str(f.path)))
 
     @property
     def problems(self) -> list[FrameRecord]:
@@ -281,7 +298,50 @@ def _header_problem(rec: FrameRecord, exptime: float | None, mjd: float | None) 
     return ""
 
 
+# What read_record found in a file, keyed by what changes when the file is rewritten (its
+# path and status, as the content cache of io.rawfiles): a file read once, in this process
+# or (told by the night's index) in an earlier run, is not opened again while unchanged.
+_RECORDS: dict[tuple, dict] = {}
+
+
+def known_record(path: Path, key: tuple[int, int, int, int, int]) -> dict | None:
+    """What :func:`read_record` found in ``path`` while its status was ``key`` (device,
+    inode, size, modification and inode-change times), as :meth:`FrameRecord.to_dict`
+    without its content digest; None when it was not read for that status."""
+    return _RECORDS.get((os.path.abspath(path), *key))
+
+
+def remember_record(path: str | Path, key: tuple[int, int, int, int, int],
+                    record: dict) -> None:
+    """Take ``record`` (:meth:`FrameRecord.to_dict`) as what ``path``'s header says while its
+    status is ``key``: the night's index knows it from an earlier run."""
+    if len(_RECORDS) > 100_000:
+        _RECORDS.clear()
+    _RECORDS[(os.path.abspath(path), *key)] = record
+
+
 def read_record(path: Path, night: str = "", folder: str = "") -> FrameRecord:
+    """:func:`_read_record`, or what it found when this file, unchanged, was read before
+    (in this process, or in an earlier run whose index told it): then nothing is read
+    but the file's status. The content digest comes from the content cache."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISREG(st.st_mode):
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if (known := known_record(path, key)) is not None:
+            content = known_content(path, st)
+            rec = FrameRecord.from_dict({**known, "path": str(path), "night": night,
+                                         "folder": folder})
+            return replace(rec, digest=content.digest if content else "")
+    rec = _read_record(path, night, folder)
+    if st is not None and stat.S_ISREG(st.st_mode):
+        remember_record(path, key, {**rec.to_dict(), "digest": ""})
+    return rec
+
+
+def _read_record(path: Path, night: str = "", folder: str = "") -> FrameRecord:
     """Build the inventory record of one file from its header (no pixel data read).
 
     A file that cannot be used gets a record whose ``problem`` says why (not a regular

@@ -63,7 +63,7 @@ def known_content(path: Path, st: os.stat_result) -> Content | None:
     return _CONTENT.get(_key(path, st))
 
 
-def remember(path: Path, key: tuple[int, int, int, int, int], content: Content) -> None:
+def remember(path: str | Path, key: tuple[int, int, int, int, int], content: Content) -> None:
     """Take ``content`` as what ``path`` holds while its status is ``key`` (device, inode,
     size, modification and inode-change times): the night's index
     (:class:`~astep_dask.io.index.FileIndex`) knows it from an earlier run."""

@@ -108,13 +108,17 @@ class MasterBuilder:
         Combination, flat, mask and detector settings (their hash is in every master's).
     reuse_foreign, fallbacks, index
         As :class:`~astep_dask.masters.store.MasterStore`.
+    failed
+        The masters an earlier run could not make (:attr:`MasterReport.failed`): one with
+        the same provenance hash is not tried again.
     """
 
     def __init__(self, inventory: Inventory, out_dir: Path, settings: Settings,
                  reuse_foreign: bool = False, fallbacks: Sequence[Path] = (),
                  progress: Callable[[int, int, dict], None] | None = None,
-                 index: FileIndex | None = None):
+                 index: FileIndex | None = None, failed: dict[str, str] | None = None):
         self.inv = inventory
+        self.failed_before = dict(failed or {})  # an earlier run's MasterReport.failed
         self.progress = progress
         self.out = Path(out_dir)
         self.settings = settings
@@ -421,12 +425,18 @@ class MasterBuilder:
         if (m := self.store.existing(path, digest)) is not None:
             self.report.illum[filt] = _illum_summary(m)
             return m
+        if (why := self.failed_before.get(digest)) is not None:
+            self.report.failed[digest] = why
+            self.report.notes.append(f"{what}: {why}")
+            return None
         dark_info = solve()
         result, used = compute_illumination(recs, {et: d.total for et, d in dark_info.items()},
                                             flat.data, mask.data, self.settings)
         if result.correction is None:
-            self.report.notes.append(f"{what}: " + (result.why or (
-                f"{result.n_used} usable frame(s) of {len(used)}, need {il.min_frames}")))
+            why = result.why or (f"{result.n_used} usable frame(s) of {len(used)}, need "
+                                 f"{il.min_frames}")
+            self.report.failed[digest] = why
+            self.report.notes.append(f"{what}: {why}")
             return None
         m = Master("illum", result.correction, None, None, digest,
                    illum_cards(result, self.settings, filt, self._name("flat", filter=filt)),

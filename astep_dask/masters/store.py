@@ -328,6 +328,9 @@ class MasterReport:
     notes: list[str] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
     illum: dict[str, dict] = field(default_factory=dict)  # per filter: frames, amplitude
+    # Masters that could not be made from their inputs, by provenance hash: why. A re-run
+    # with the same inputs and settings says so again without trying (reading) again.
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 class MasterStore:

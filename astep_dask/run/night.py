@@ -53,6 +53,7 @@ from astep_dask.version import __version__
 __all__ = [
     "already_done",
     "calibrate_night",
+    "current_result",
     "load_index",
     "night_is_current",
     "resume_rows",
@@ -110,7 +111,8 @@ def calibrate_night(
     night_dir = Path(night_dir).absolute()  # the manifest names files wherever it is read
     out = out.absolute() if out is not None else None
     out_dir = output_dir(night_dir, out)
-    index = load_index(out_dir)  # before the inventory: unchanged files are not read
+    previous = read_manifest(out_dir)  # what an earlier run did (empty: none)
+    index = load_index(out_dir, previous)  # before the inventory: unchanged files not read
     inv = inventory or scan_night(night_dir)
     check_writable(out_dir)
     result = StageResult("calibrate", inv.night, out_dir, started=time.time())
@@ -119,9 +121,11 @@ def calibrate_night(
         remove_stale_temps(out_dir)
         try:
             fallbacks = sibling_outputs(night_dir, out) if settings.masters.fallback else []
+            before = (previous.get("masters") or {}).get("failed") or {}
             builder = MasterBuilder(inv, out_dir, settings,
                                     reuse_foreign=settings.masters.reuse_foreign,
-                                    fallbacks=fallbacks, progress=progress, index=index)
+                                    fallbacks=fallbacks, progress=progress, index=index,
+                                    failed=before if not force else {})
             masters = builder.build()
         except CalibrationError as exc:
             result.error = f"masters: {exc}"
@@ -139,8 +143,8 @@ def calibrate_night(
             "notes": builder.report.notes,
             "rejected": builder.report.rejected,
             "illum": builder.report.illum,
+            "failed": builder.report.failed,
         }
-        previous = read_manifest(out_dir)
         result.rejected = builder.report.rejected + _rejected_still(previous, inv, masters,
                                                                     builder.report.reused)
         result.details["masters"]["rejected"] = result.rejected
@@ -186,11 +190,12 @@ def calibrate_night(
     return result
 
 
-def load_index(out_dir: Path) -> FileIndex:
+def load_index(out_dir: Path, manifest: dict | None = None) -> FileIndex:
     """The night's :class:`~astep_dask.io.index.FileIndex` (the ``files`` table of its
-    manifest), told to this process's raw-file reader: an inventory taken after it reads
-    no unchanged file's bytes."""
-    index = FileIndex.load(out_dir)
+    manifest, read unless given), told to this process's raw-file reader: an inventory
+    taken after it reads no unchanged file's bytes."""
+    index = (FileIndex.from_manifest(manifest) if manifest is not None
+             else FileIndex.load(out_dir))
     index.seed()
     return index
 
@@ -259,6 +264,7 @@ def _remembered(index: FileIndex, inv: Inventory, rows: list[dict], out_dir: Pat
         if product and row.get("product_digest"):
             index.record(out_dir / row["output"], Stamp.from_list(product),
                          row["product_digest"], written=True)
+    index.keep_records()  # a re-run's inventory opens no unchanged file
     index.seed(racy=True)  # this run's night_provenance reads none of them again
     return index
 
@@ -357,20 +363,53 @@ def write_manifest(result: StageResult, inv: Inventory, settings: Settings,
         "files": (index or FileIndex()).to_manifest(),
     }
     path = result.out_dir / MANIFEST
-    write_json(path, data)
+    write_json(path, data, compact=len(result.frames) > COMPACT_ROWS)
     return path
 
 
+COMPACT_ROWS = 200  # a manifest of more frames is written on one line (write_json)
+
+
 def night_is_current(night_dir: Path, out: Path | None, settings: Settings) -> bool:
-    """True when the night's manifest says complete for the same raw files and settings."""
-    path = output_dir(night_dir, out) / MANIFEST
+    """True when the night's manifest says complete for the same raw files and settings,
+    and every product it names is unchanged (:func:`current_result`)."""
+    return current_result(night_dir, out, settings) is not None
+
+
+def current_result(night_dir: str | Path, out: Path | None, settings: Settings
+                   ) -> StageResult | None:
+    """What :func:`calibrate_night` would find with nothing to do, from metadata alone:
+    the night's manifest says complete, its raw files are the same (names, sizes,
+    modification times, digests: :func:`~astep_dask.io.provenance.night_provenance`, which
+    hashes only the files whose status changed) with the same settings, and each product
+    it names (frames and masters) has the status recorded when it was written. Then a
+    result whose frames are all ``skipped`` (with their earlier figures); else None.
+    Nothing is written and no cluster is needed."""
+    night_dir = Path(night_dir).absolute()
+    out_dir = output_dir(night_dir, out.absolute() if out is not None else None)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads((out_dir / MANIFEST).read_text())
     except (OSError, ValueError):
-        return False
-    FileIndex.from_manifest(data).seed()  # unchanged raw files are not read
-    return (data.get("status") == "complete"
-            and data.get("provenance") == night_provenance(night_dir, settings))
+        return None
+    if data.get("status") != "complete":
+        return None
+    index = FileIndex.from_manifest(data)
+    index.seed()  # unchanged raw files are not read
+    if data.get("provenance") != night_provenance(night_dir, settings):
+        return None
+    rows = [r for r in data.get("frames") or [] if isinstance(r, dict)]
+    paths = (data.get("masters") or {}).get("paths") or {}
+    masters = [paths.get("bias"), paths.get("mask"), *(paths.get("darks") or {}).values(),
+               *(paths.get("flats") or {}).values(), *(paths.get("illums") or {}).values()]
+    products = [out_dir / r["output"] for r in rows] + [Path(m) for m in masters if m]
+    if any(index.known(p) is None for p in products):
+        return None
+    now = time.time()
+    result = StageResult("calibrate", str(data.get("night") or night_dir.name), out_dir,
+                         frames=[{**r, "status": "skipped", "note": ""} for r in rows],
+                         unusable=data.get("unusable") or [], started=now, finished=now)
+    result.details["masters"] = {**(data.get("masters") or {}), "built": []}
+    return result
 
 
 # The settings groups that shape a night's products: those night_provenance hashes (the

@@ -107,8 +107,8 @@ def test_inventory_of_bad_night_names_every_bad_file(bad_night):
 
 
 def test_inventory_read_by_threads_is_the_inventory_read_in_order(bad_night, monkeypatch):
-    """The threads that read the files (issue 16) give the records of one reader, in the
-    same order, bad files included, and leave the warning filters as they found them."""
+    """The threads that read the files give the records of one reader, in the same order,
+    bad files included, and leave the warning filters as they found them."""
     import warnings
 
     from astep_dask.io import layout, rawfiles
@@ -117,9 +117,12 @@ def test_inventory_read_by_threads_is_the_inventory_read_in_order(bad_night, mon
     monkeypatch.setattr(layout, "INVENTORY_THREADS", 8)
     monkeypatch.setattr(layout.os, "sched_getaffinity", lambda _: set(range(8)))
     assert layout.inventory_threads() == 8
+    rawfiles._CONTENT.clear()  # nothing known from earlier tests: every file read
+    layout._RECORDS.clear()
     threaded = scan_night(bad_night)
     assert warnings.filters == filters
     rawfiles._CONTENT.clear()  # read again, by one thread
+    layout._RECORDS.clear()
     monkeypatch.setattr(layout, "INVENTORY_THREADS", 1)
     assert layout.inventory_threads() == 1
     one = scan_night(bad_night)
