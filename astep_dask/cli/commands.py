@@ -516,6 +516,36 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from astep_dask.io.layout import find_nights
+    from astep_dask.run.cluster import connect
+    from astep_dask.run.verify import verify_many
+
+    settings = _settings(args)
+    nights = find_nights(args.path)
+    with connect(settings.cluster, log=_log(args)) as client:
+        progress = _progress(args, "verify")
+        try:
+            checks = verify_many(nights, client, settings, args.out, args.repair, progress)
+        finally:
+            progress.close()
+    lines, problems = [], []
+    for c in checks:
+        repaired = f", {len(c.repaired)} repaired" if c.repaired else ""
+        lines.append(f"verify {c.night}: {c.status}  ({c.checked} files, "
+                     f"{c.bytes_read / 1e6:.0f} MB read, {len(c.damaged)} damaged{repaired}) "
+                     f"in {c.seconds:.1f} s")
+        for d in c.damaged:
+            fixed = " (repaired)" if d.path in c.repaired else ""
+            problems.append(f"  damaged {d.kind}: {d.path}: {d.reason}{fixed}")
+        if c.error:
+            problems.append(f"  error: {c.error}")
+    _show(args, "\n".join(lines + problems), problems)
+    statuses = [c.status for c in checks]
+    return _exit("failed" if statuses and all(s == "failed" for s in statuses) else
+                 "partial" if any(s != "complete" for s in statuses) else "complete")
+
+
 def cmd_graph(args: argparse.Namespace) -> int:
     from astep_dask.io.layout import find_nights
     from astep_dask.report.graph import flow_chart

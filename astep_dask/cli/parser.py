@@ -20,6 +20,7 @@ from astep_dask.cli.commands import (
     cmd_search,
     cmd_season,
     cmd_simulate,
+    cmd_verify,
 )
 from astep_dask.run.stages import STAGES
 from astep_dask.version import __version__
@@ -286,6 +287,27 @@ def _add_report(sub) -> None:
     _run_options(p)
 
 
+def _add_verify(sub) -> None:
+    """The ``verify`` subcommand."""
+    p = _subcommand(
+        sub, "verify",
+        help="hash every input and product of a night (or a season) again, on the cluster",
+        description="A full scrub. A re-run trusts a file whose file-system status (size, "
+        "times, inode) is the one recorded with its digest, and reads nothing; corruption "
+        "that leaves the status alone (bit rot, a bad disk or copy) is found here: every "
+        "raw file, master and calibrated frame the manifest records is read on the workers "
+        "and hashed again, and those whose bytes differ are named (and whether their status "
+        "changed). --repair moves damaged products aside (NAME.damaged) and calibrates the "
+        "night again, which remakes them; damaged raw files are only named. Exit 0 when "
+        "everything is as recorded (or repaired), 3 when something is damaged.",
+        func=cmd_verify,
+    )
+    p.add_argument("path", type=Path, help="a night ROOT/YYYY-MM-DD/ or a season root")
+    p.add_argument("--repair", action="store_true",
+                   help="move damaged products aside and calibrate them again")
+    _run_options(p)
+
+
 def _add_graph(sub) -> None:
     """The ``graph`` subcommand."""
     p = _subcommand(
@@ -317,6 +339,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"astep-dask {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_simulate, _add_inspect, _add_calibrate, _add_kbmod, _add_search,
-                _add_season, _add_report, _add_graph):
+                _add_season, _add_report, _add_verify, _add_graph):
         add(sub)
     return parser

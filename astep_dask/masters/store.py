@@ -27,7 +27,7 @@ from astep_dask.errors import CalibrationError
 from astep_dask.io.fitsio import (
     IMAGETYP_MASTER,
     UTYPE_VARIANCE,
-    atomic_write,
+    atomic_write_digest,
     extension_header,
     header_cards,
     image_hdu,
@@ -67,6 +67,7 @@ class Master:
     cards: dict[str, tuple] = field(default_factory=dict)
     inputs: list[dict] = field(default_factory=list)
     path: Path | None = None
+    file_digest: str = ""  # content digest of the file written (taken as it was written)
 
     @property
     def exptime(self) -> float:
@@ -124,7 +125,8 @@ def write_master(master: Master, path: Path) -> Path:
         hdus.append(image_hdu(master.count, "COUNT", dtype=np.int16))
     if master.inputs:
         hdus.append(fits.BinTableHDU(Table(rows=master.inputs), name="INPUTS"))
-    master.path = atomic_write(fits.HDUList(hdus), path)
+    master.file_digest = atomic_write_digest(fits.HDUList(hdus), path)
+    master.path = Path(path)
     return master.path
 
 
@@ -420,10 +422,17 @@ class MasterStore:
         the FITS encoding and fsync overlap the next master's computation. The master's
         ``path`` is set either way."""
         if self._writer is None:
-            write_master(master, path)
+            self._written(master, path)
             return
         master.path = Path(path)
-        self._writes.append(self._writer.submit(write_master, master, path))
+        self._writes.append(self._writer.submit(self._written, master, path))
+
+    def _written(self, master: Master, path: Path) -> None:
+        """:func:`write_master`, and the file's digest and status recorded in the index
+        (so that nothing reads it back to know its digest)."""
+        write_master(master, path)
+        if self.index is not None:
+            self.index.record(path, os.stat(path), master.file_digest, written=True)
 
     @contextmanager
     def writing(self) -> Iterator[None]:
