@@ -30,7 +30,7 @@ import numpy as np
 from astep_dask.core.calibrate import FrameMasters
 from astep_dask.io.fitsio import atomic_open
 from astep_dask.io.provenance import digest_of
-from astep_dask.masters.store import MasterPaths, frame_masters
+from astep_dask.masters.store import Master, MasterPaths, frame_masters
 
 __all__ = ["PLANES", "SharedMasters", "load_shared", "remove_shared", "share_frame_masters"]
 
@@ -58,10 +58,12 @@ class SharedMasters:
 
 
 def share_frame_masters(paths: MasterPaths, exptime: float, filter: str, folder: Path,
-                        masters_digest: str) -> SharedMasters:
-    """Make the planes of frames of this exposure time and filter from the master files
-    (:func:`~astep_dask.masters.store.frame_masters`) and write them into ``folder``, each
-    plane atomically (runs as one task on a worker).
+                        masters_digest: str, loaded: dict[str, Master] | None = None
+                        ) -> SharedMasters:
+    """Make the planes of frames of this exposure time and filter from the masters
+    (:func:`~astep_dask.masters.store.frame_masters`: those in ``loaded``, else their
+    files) and write them into ``folder``, each plane atomically (one task on a worker, or
+    in the driver from the masters it holds).
 
     Raises
     ------
@@ -71,7 +73,8 @@ def share_frame_masters(paths: MasterPaths, exptime: float, filter: str, folder:
     OSError
         When a file cannot be written.
     """
-    fm, cards = frame_masters(paths, exptime, filter, cache=False)  # not kept: mapped now
+    fm, cards = frame_masters(paths, exptime, filter, cache=False,  # not kept: mapped now
+                              loaded=loaded)
     shared = SharedMasters(Path(folder), digest_of([masters_digest, float(exptime), filter]),
                            float(exptime), filter, tuple(cards.items()))
     for plane in PLANES:

@@ -276,18 +276,25 @@ def _divide_illum(flat: Master, mask: Master, illum_master: Master
 
 
 def frame_masters(
-    paths: MasterPaths, exptime: float, filter: str, cache: bool = True
+    paths: MasterPaths, exptime: float, filter: str, cache: bool = True,
+    loaded: dict[str, Master] | None = None,
 ) -> tuple[FrameMasters, dict[str, tuple]]:
     """The masters one frame needs, loaded from their files (once per worker process,
-    :func:`load_cached`; read afresh and not kept without ``cache``), and the header cards
-    that name them (file and hash) and say how the dark was made.
+    :func:`load_cached`; read afresh and not kept without ``cache``) unless ``loaded``
+    holds them already (by path: the masters the night's builder has in memory), and the
+    header cards that name them (file and hash) and say how the dark was made.
 
     Raises
     ------
     CalibrationError
         When there is no flat for the filter or no way to make the dark.
     """
-    load = load_cached if cache else read_master
+    base = load_cached if cache else read_master
+    held = dict(loaded or {})
+
+    def load(path: Path) -> Master:
+        return held.get(str(path)) or base(path)
+
     flats = dict(paths.flats)
     if filter not in flats:
         raise CalibrationError(no_flat_reason(paths, filter))
@@ -362,6 +369,9 @@ class MasterStore:
         self.reuse_foreign = reuse_foreign
         self.verify = verify
         self.index = index
+        # This night's masters the store wrote or reused, by path: what a frame's planes
+        # are made from without reading the files back (fallbacks of other nights aside).
+        self.loaded: dict[str, Master] = {}
         self.fallbacks = list(fallbacks)
         self.report = MasterReport()
         self._writer: ThreadPoolExecutor | None = None  # set while writing() is open
@@ -392,6 +402,7 @@ class MasterStore:
         else:
             self.report.reused.append(f"{path.name} (written by another tool)")
             m.digest = digest
+        self.loaded[str(path)] = m
         return m
 
     def fallback(self, night: str, name_suffix: str, role: str, why: str) -> Master | None:
@@ -421,6 +432,7 @@ class MasterStore:
         """Write a master: at once, or (inside :meth:`writing`) on a background thread, so
         the FITS encoding and fsync overlap the next master's computation. The master's
         ``path`` is set either way."""
+        self.loaded[str(path)] = master
         if self._writer is None:
             self._written(master, path)
             return

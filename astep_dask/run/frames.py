@@ -31,7 +31,7 @@ from astep_dask.io.provenance import frame_provenance, read_provenance
 from astep_dask.io.rawfiles import content_digest
 from astep_dask.io.stack import read_raw
 from astep_dask.masters.shared import SharedMasters, load_shared, share_frame_masters
-from astep_dask.masters.store import MasterPaths, frame_masters
+from astep_dask.masters.store import Master, MasterPaths, frame_masters
 
 __all__ = ["FrameJob", "cached_frame_masters", "finite_cards", "job_masters", "process_frame",
            "raw_problem", "share_masters"]
@@ -84,10 +84,12 @@ def job_masters(job: FrameJob) -> tuple:
 
 
 def share_masters(client: Client, masters: MasterPaths, jobs: Sequence[FrameJob],
-                  folder: Path, masters_digest: str
+                  folder: Path, masters_digest: str, loaded: dict[str, Master] | None = None
                   ) -> tuple[dict[tuple[float, str], SharedMasters], dict[tuple[float, str], str]]:
-    """Make the shared planes of every exposure time and filter of ``jobs``, one task each
-    on the cluster (:func:`~astep_dask.masters.shared.share_frame_masters`).
+    """Make the shared planes of every exposure time and filter of ``jobs``
+    (:func:`~astep_dask.masters.shared.share_frame_masters`): here, from ``loaded`` (the
+    masters the night's builder holds in memory, so that no master file is read back),
+    or one task each on the cluster from the master files.
 
     Returns
     -------
@@ -99,12 +101,16 @@ def share_masters(client: Client, masters: MasterPaths, jobs: Sequence[FrameJob]
         them: those frames make their own planes.
     """
     combos = sorted({(j.record.exptime, j.record.filter) for j in jobs})
-    futures = [client.submit(_share, masters, et, f, folder, masters_digest, pure=False,
-                             key=f"share-masters-{et:g}-{f}-{time.time_ns()}")
-               for et, f in combos]
+    if loaded is not None:
+        results = [_share(masters, et, f, folder, masters_digest, loaded) for et, f in combos]
+    else:
+        results = client.gather([
+            client.submit(_share, masters, et, f, folder, masters_digest, pure=False,
+                          key=f"share-masters-{et:g}-{f}-{time.time_ns()}")
+            for et, f in combos])
     shared: dict[tuple[float, str], SharedMasters] = {}
     reasons: dict[tuple[float, str], str] = {}
-    for combo, result in zip(combos, client.gather(futures), strict=True):
+    for combo, result in zip(combos, results, strict=True):
         if isinstance(result, SharedMasters):
             shared[combo] = result
         elif result is not None:
@@ -113,11 +119,12 @@ def share_masters(client: Client, masters: MasterPaths, jobs: Sequence[FrameJob]
 
 
 def _share(masters: MasterPaths, exptime: float, filter: str, folder: Path,
-           masters_digest: str) -> SharedMasters | str | None:
+           masters_digest: str, loaded: dict[str, Master] | None = None
+           ) -> SharedMasters | str | None:
     """:func:`share_frame_masters` as a task: the planes, or why they cannot be made (a
     :class:`CalibrationError`), or None when they could not be written."""
     try:
-        return share_frame_masters(masters, exptime, filter, folder, masters_digest)
+        return share_frame_masters(masters, exptime, filter, folder, masters_digest, loaded)
     except CalibrationError as exc:
         return str(exc)
     except OSError:

@@ -170,7 +170,8 @@ def calibrate_night(
         try:
             remove_shared(shared_dir)  # a killed run's
             jobs = _with_shared(client, jobs, masters, shared_dir, masters_digest,
-                                result.frames)
+                                result.frames, builder.store.loaded)
+            builder.store.loaded.clear()  # the planes are on disk: the driver keeps none
             run_frames(client, jobs, settings, progress, sink=result.frames)
         except BaseException as exc:  # interrupted (or a bug): record what was done, re-raise
             result.error = ("interrupted" if isinstance(exc, KeyboardInterrupt)
@@ -270,13 +271,13 @@ def _remembered(index: FileIndex, inv: Inventory, rows: list[dict], out_dir: Pat
 
 
 def _with_shared(client: Client, jobs: list[FrameJob], masters: MasterPaths, folder: Path,
-                 masters_digest: str, sink: list[dict]) -> list[FrameJob]:
+                 masters_digest: str, sink: list[dict], loaded: dict) -> list[FrameJob]:
     """The jobs, each with the planes shared for its exposure time and filter
     (:func:`~astep_dask.run.frames.share_masters`). The frames whose planes cannot be made
     (no way to make their dark) fail here, once, with the reason, and are not sent."""
     if not jobs:
         return jobs
-    shared, reasons = share_masters(client, masters, jobs, folder, masters_digest)
+    shared, reasons = share_masters(client, masters, jobs, folder, masters_digest, loaded)
 
     def combo(job: FrameJob) -> tuple[float, str]:
         return job.record.exptime, job.record.filter
