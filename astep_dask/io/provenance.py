@@ -42,12 +42,20 @@ def _digest(record: FrameRecord) -> str:
     return record.digest or content_digest(record.path)
 
 
-def input_identity(records: Sequence[FrameRecord]) -> list[str]:
-    """Stable identities of input files: name, size, start time, exposure and content."""
+def input_identity(records: Sequence[FrameRecord], content: bool = True) -> list[str]:
+    """Stable identities of input files: name, size, start time, exposure and content.
+
+    ``content=False``: the modification time instead of the content digest, for a product
+    made from a sample of many files' pixels (the illumination correction reads a few rows
+    of up to hundreds of science frames): their digests are taken only as the frames are
+    calibrated, later, and hashing them all first would read every science frame twice.
+    A file rewritten with its modification time set back is then not seen there (its
+    frame still is, by its digest)."""
     out = []
     for r in records:
-        size = r.path.stat().st_size
-        out.append(f"{r.path.name}|{size}|{r.date_obs}|{r.exptime:g}|{_digest(r)}")
+        st = r.path.stat()
+        what = _digest(r) if content else f"mtime {st.st_mtime_ns}"
+        out.append(f"{r.path.name}|{st.st_size}|{r.date_obs}|{r.exptime:g}|{what}")
     return sorted(out)
 
 

@@ -418,7 +418,8 @@ class MasterBuilder:
         what = f"illumination {filt}"
         if not self._enough(recs, what, il.min_frames):
             return None
-        digest = digest_of("illum", filt, input_identity(recs), flat.digest, mask.digest,
+        digest = digest_of("illum", filt, input_identity(recs, content=False), flat.digest,
+                           mask.digest,
                            sorted(f"{et:g}:{how}" for et, how in hows.items()),
                            self.settings.digest("illum", "detector"), __version__)
         path = self.out / self._name("illum", filter=filt)
