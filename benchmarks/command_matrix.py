@@ -215,12 +215,15 @@ def run_kind(kind: Kind, data: dict[str, Path], out: Path, cwd: Path) -> list[di
 
 
 # Keys of the JSON reports that are not the product: when and how long (any key holding
-# one of _TIMING), where and by whom (_PLACE), and how the work was cut into tasks
+# one of _TIMING), where, by whom and as which files (_PLACE), and how the work was cut into tasks
 # (_EXECUTION: the search's task count and the raw candidates and trajectories its tasks
 # kept, which follow the number of worker threads; its candidates do not).
 _TIMING = ("seconds", "generated", "started", "finished", "t_", "time")
 _PLACE = {"worker", "worker_threads", "host", "pid", "versions", "cluster", "provenance",
-          "provenance_registered"}
+          "provenance_registered",
+          # the manifest's file index (inodes, times) and the products' file digests
+          # (their headers hold the date they were written)
+          "files", "product_digest"}
 _EXECUTION = {"tasks", "n_raw", "tested"}
 
 

@@ -333,7 +333,8 @@ class MasterReport:
     """What was built, reused or could not be made, for the manifest."""
 
     built: list[str] = field(default_factory=list)
-    reused: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)  # for people: "name (why)"
+    reused_files: list[str] = field(default_factory=list)  # the same, file names only
     notes: list[str] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
     illum: dict[str, dict] = field(default_factory=dict)  # per filter: frames, amplitude
@@ -397,6 +398,7 @@ class MasterStore:
         if self.verify and not unchanged and (damage := verify_file(path)):
             self.report.notes.append(f"{path.name}: damaged ({damage}); rebuilt")
             return None
+        self.report.reused_files.append(path.name)
         if m.digest == digest:
             self.report.reused.append(path.name)
         else:

@@ -145,8 +145,8 @@ def calibrate_night(
             "illum": builder.report.illum,
             "failed": builder.report.failed,
         }
-        result.rejected = builder.report.rejected + _rejected_still(previous, inv, masters,
-                                                                    builder.report.reused)
+        result.rejected = builder.report.rejected + _rejected_still(
+            previous, inv, masters, builder.report.reused_files)
         result.details["masters"]["rejected"] = result.rejected
         masters_digest = digest_of(sorted(masters.digests(index).items()))
         science = inv.select(FrameType.SCIENCE)
@@ -304,9 +304,8 @@ def _manifest(result: StageResult, inv: Inventory, settings: Settings,
 def _rejected_still(previous: dict, inv: Inventory, masters: MasterPaths,
                     reused: list[str]) -> list[dict]:
     """The flats an earlier run rejected whose master flat this run reused (so it did not
-    screen them again): still rejected, still reported."""
-    reused_names = {name.split(" ")[0] for name in reused}
-    filters = {f for f, p in masters.flats if p.name in reused_names}
+    screen them again): still rejected, still reported. ``reused``: file names."""
+    filters = {f for f, p in masters.flats if p.name in set(reused)}
     flats = {str(r.path): r.filter for r in inv.select(FrameType.FLAT)}
     return [r for r in (previous.get("masters") or {}).get("rejected") or []
             if flats.get(str(r.get("path"))) in filters]

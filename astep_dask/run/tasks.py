@@ -13,6 +13,7 @@ Each loop also stops at its next finished task once a signal has asked for it
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -31,8 +32,27 @@ R = TypeVar("R")
 
 def cluster_window(client: Client, settings: ClusterSettings) -> Callable[[], int]:
     """How many tasks to keep in flight, re-read as workers come and go: the configured
-    ``frames_in_flight``, or two per thread the cluster can have (:func:`capacity`)."""
-    return lambda: settings.frames_in_flight or 2 * capacity(client, settings)
+    ``frames_in_flight``, or two per thread the cluster can have (:func:`capacity`).
+
+    The scheduler is asked at most once every :data:`REFRESH_S` seconds, not once per
+    task submitted (a round trip per frame: 2,000 frames spent seconds on it). An
+    adaptive cluster's workers arrive over seconds to minutes, so a window a second old
+    loses nothing. (Subscribing to the scheduler's worker events would avoid even that,
+    but a subscribed client makes the scheduler log a CRITICAL error when it closes.)"""
+    if settings.frames_in_flight:
+        return lambda: settings.frames_in_flight
+    last = {"at": -math.inf, "value": 1}
+
+    def window() -> int:
+        now = time.monotonic()
+        if now - last["at"] > REFRESH_S:
+            last["at"], last["value"] = now, 2 * capacity(client, settings)
+        return last["value"]
+
+    return window
+
+
+REFRESH_S = 1.0  # s: how old the cluster's thread count may be when sizing the window
 
 
 def map_bounded(
