@@ -516,6 +516,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from astep_dask.config import load_settings
+    from astep_dask.io.layout import check_night
+    from astep_dask.run.plan import plan_night
+
+    settings = load_settings(args.config)
+    if args.no_cosmics:
+        settings = settings.replace(cosmics={"enabled": False})
+    check_night(args.night)
+    plan = plan_night(args.night, settings, out=args.out, force=args.force)
+    print(json.dumps(plan.to_dict(), indent=1) if args.json else plan.text())
+    return EXIT_PARTIAL if plan.unusable else EXIT_OK
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from astep_dask.io.layout import find_nights
     from astep_dask.run.cluster import connect

@@ -16,6 +16,7 @@ from astep_dask.cli.commands import (
     cmd_graph,
     cmd_inspect,
     cmd_kbmod,
+    cmd_plan,
     cmd_report,
     cmd_search,
     cmd_season,
@@ -287,6 +288,26 @@ def _add_report(sub) -> None:
     _run_options(p)
 
 
+def _add_plan(sub) -> None:
+    """The ``plan`` subcommand."""
+    p = _subcommand(
+        sub, "plan",
+        help="what calibrate would do with a night, and why, without doing it",
+        description="A dry run from metadata alone (headers, the manifest, the masters' "
+        "headers, the status of every file): every master to build or reuse and every "
+        "science frame to calibrate, leave (done) or fail, each with the reason, decided "
+        "by the functions calibrate itself uses. Reads no pixel, starts no cluster, "
+        "writes nothing.",
+        func=cmd_plan,
+    )
+    p.add_argument("night", type=Path, help="night folder ROOT/YYYY-MM-DD/")
+    p.add_argument("--out", type=Path, help="output root (default: beside the raw night)")
+    p.add_argument("--config", type=Path, help="settings file (TOML), as for calibrate")
+    p.add_argument("--force", action="store_true", help="plan as calibrate --force")
+    p.add_argument("--no-cosmics", action="store_true", help="plan as calibrate --no-cosmics")
+    p.add_argument("--json", action="store_true", help="the plan as JSON")
+
+
 def _add_verify(sub) -> None:
     """The ``verify`` subcommand."""
     p = _subcommand(
@@ -339,6 +360,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"astep-dask {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_simulate, _add_inspect, _add_calibrate, _add_kbmod, _add_search,
-                _add_season, _add_report, _add_verify, _add_graph):
+                _add_season, _add_report, _add_plan, _add_verify, _add_graph):
         add(sub)
     return parser

@@ -66,6 +66,7 @@ class MasterStep:
     needs: tuple[str, ...] = ()
     exptime: float | None = None
     filter: str = ""
+    digest: str = ""  # the provenance hash (ADHASH) the master made from these will have
 
 
 def frame_needs(steps: Sequence[MasterStep], exptime: float, filt: str) -> tuple[str, ...]:
@@ -138,15 +139,19 @@ class MasterBuilder:
         another night are decided while building; the flow chart draws this plan."""
         need = self.settings.combine.min_frames
         bias_recs = self.inv.select(FrameType.BIAS)
-        bias = (MasterStep("bias", self._name("bias"), tuple(bias_recs))
+        bias = (MasterStep("bias", self._name("bias"), tuple(bias_recs),
+                           digest=self.bias_digest(bias_recs))
                 if bias_recs and len(bias_recs) >= need else None)
         after_bias = (bias.name,) if bias else ()
+        bias_digest = bias.digest if bias else None
         darks: dict[float, MasterStep] = {}
         for et in self.inv.exptimes(FrameType.DARK):
             recs = self.inv.select(FrameType.DARK, exptime=et)
             if len(recs) >= need:
                 darks[et] = MasterStep("dark", self._name("dark", et), tuple(recs), after_bias,
-                                       exptime=et)
+                                       exptime=et,
+                                       digest=self.dark_digest(et, recs, bias_digest))
+        dark_digests = [d.digest for d in darks.values()]
         flats = []
         for filt in self.inv.filters(FrameType.FLAT):
             recs = self.inv.select(FrameType.FLAT, filter=filt)
@@ -157,12 +162,14 @@ class MasterBuilder:
             ets = sorted({et for u in used for et in u})
             flats.append(MasterStep("flat", self._name("flat", filter=filt), tuple(recs),
                                     (*after_bias, *(darks[et].name for et in ets)),
-                                    filter=filt))
+                                    filter=filt, digest=self.flat_digest(
+                                        filt, recs, bias_digest, dark_digests)))
         steps = [*([bias] if bias else []), *darks.values(), *flats]
+        mask_digest = self.mask_digest([f.digest for f in flats], dark_digests)
         if flats or darks:
             hot = (darks[max(darks)].name,) if darks else ()
             steps.append(MasterStep("mask", self._name("mask"), (),
-                                    (*hot, *(f.name for f in flats))))
+                                    (*hot, *(f.name for f in flats)), digest=mask_digest))
         il = self.settings.illum
         for f in flats if il.enabled else ():
             sci = [r for r in self.inv.select(FrameType.SCIENCE, filter=f.filter)
@@ -171,10 +178,14 @@ class MasterBuilder:
                 continue
             ets = sorted({et for r in sci for et in darks_needed(r.exptime, darks,
                                                                  bias is not None) or ()})
+            hows = {et: dark_how(et, darks, bias is not None)
+                    for et in sorted({r.exptime for r in sci})}
             steps.append(MasterStep("illum", self._name("illum", filter=f.filter),
                                     tuple(choose_frames(sci, il.max_frames)),
                                     (*after_bias, *(darks[et].name for et in ets), f.name,
-                                     self._name("mask")), filter=f.filter))
+                                     self._name("mask")), filter=f.filter,
+                                    digest=self.illum_digest(f.filter, sci, f.digest,
+                                                             mask_digest, hows)))
         return steps
 
     # -- helpers ---------------------------------------------------------------------
@@ -224,13 +235,42 @@ class MasterBuilder:
     def _settings_digest(self) -> str:
         return self.settings.digest("combine", "flat", "mask", "detector")
 
+    # -- provenance hashes (ADHASH): one formula per master, for the build and the plan --
+    def bias_digest(self, recs: Sequence[FrameRecord]) -> str:
+        """The provenance hash of the master bias made from ``recs``."""
+        return digest_of("bias", input_identity(recs), self._settings_digest(), __version__)
+
+    def dark_digest(self, et: float, recs: Sequence[FrameRecord], bias: str | None) -> str:
+        """... of the master dark of exposure ``et`` (``bias``: the bias's hash, if any)."""
+        return digest_of("dark", et, input_identity(recs), bias, self._settings_digest(),
+                         __version__)
+
+    def flat_digest(self, filt: str, recs: Sequence[FrameRecord], bias: str | None,
+                    darks: Sequence[str]) -> str:
+        """... of the master flat of ``filt`` (the night's bias and darks' hashes)."""
+        dark_digest = sorted([bias or "", *darks])
+        return digest_of("flat", filt, input_identity(recs), dark_digest,
+                         self._settings_digest(), __version__)
+
+    def mask_digest(self, flats: Sequence[str], darks: Sequence[str]) -> str:
+        """... of the bad-pixel mask (the flats' and darks' hashes)."""
+        return digest_of("mask", sorted(flats), sorted(darks), self._settings_digest(),
+                         __version__)
+
+    def illum_digest(self, filt: str, recs: Sequence[FrameRecord], flat: str, mask: str,
+                     hows: dict[float, str]) -> str:
+        """... of the illumination correction of ``filt`` from the science ``recs``."""
+        return digest_of("illum", filt, input_identity(recs, content=False), flat, mask,
+                         sorted(f"{et:g}:{how}" for et, how in hows.items()),
+                         self.settings.digest("illum", "detector"), __version__)
+
     # -- masters ---------------------------------------------------------------------
     def bias(self) -> Master | None:
         """Master bias, when the night has enough bias frames."""
         recs = self.inv.select(FrameType.BIAS)
         if not recs or not self._enough(recs, "bias"):
             return None
-        digest = digest_of("bias", input_identity(recs), self._settings_digest(), __version__)
+        digest = self.bias_digest(recs)
         path = self.out / self._name("bias")
         if (m := self.store.existing(path, digest)) is not None:
             return m
@@ -252,8 +292,7 @@ class MasterBuilder:
                 if fb is not None:
                     out[et] = fb
                 continue
-            digest = digest_of("dark", et, input_identity(recs), bias.digest if bias else None,
-                               self._settings_digest(), __version__)
+            digest = self.dark_digest(et, recs, bias.digest if bias else None)
             path = self.out / name
             if (m := self.store.existing(path, digest)) is None:
                 todo.append((et, recs, digest, path))
@@ -305,9 +344,8 @@ class MasterBuilder:
         """The master flat of one filter: reused, built from its usable flats (the darks
         to subtract from ``solve()``), or taken from another night when too few are
         usable."""
-        dark_digest = sorted([bias.digest if bias else ""] + [d.digest for d in darks.values()])
-        digest = digest_of("flat", filt, input_identity(recs), dark_digest,
-                           self._settings_digest(), __version__)
+        digest = self.flat_digest(filt, recs, bias.digest if bias else None,
+                                  [d.digest for d in darks.values()])
         name = self._name("flat", filter=filt)
         if (m := self.store.existing(self.out / name, digest)) is not None:
             return m
@@ -344,9 +382,8 @@ class MasterBuilder:
              flats: dict[str, Master]) -> Master:
         """Bad-pixel mask (hot pixels from the longest dark, dead ones from the flats);
         then the new flats are normalised over its good pixels and written."""
-        digest = digest_of("mask", sorted(m.digest for m in flats.values()),
-                           sorted(d.digest for d in darks.values()),
-                           self._settings_digest(), __version__)
+        digest = self.mask_digest([m.digest for m in flats.values()],
+                                  [d.digest for d in darks.values()])
         path = self.out / self._name("mask")
         mask = self.store.existing(path, digest)
         if mask is None:
@@ -418,10 +455,7 @@ class MasterBuilder:
         what = f"illumination {filt}"
         if not self._enough(recs, what, il.min_frames):
             return None
-        digest = digest_of("illum", filt, input_identity(recs, content=False), flat.digest,
-                           mask.digest,
-                           sorted(f"{et:g}:{how}" for et, how in hows.items()),
-                           self.settings.digest("illum", "detector"), __version__)
+        digest = self.illum_digest(filt, recs, flat.digest, mask.digest, hows)
         path = self.out / self._name("illum", filter=filt)
         if (m := self.store.existing(path, digest)) is not None:
             self.report.illum[filt] = _illum_summary(m)

@@ -44,7 +44,7 @@ from astep_dask.io.rawfiles import stem
 from astep_dask.masters.builder import MasterBuilder, MasterStep, frame_needs
 from astep_dask.masters.reduce import combine_lazy, prepared_stack
 from astep_dask.report.metrics import measure_file
-from astep_dask.run.frames import process_frame
+from astep_dask.run.frames import process_frame, share_masters
 
 __all__ = [
     "GROUP_STYLE",
@@ -336,11 +336,27 @@ class _GraphBuilder:
         self.file_edges.append((f"input {science[0].folder}", frame_stage))
         cal = self.add("file cal", f"<stem>_CAL.fits\none per frame (up to {len(science)})",
                        "file")
+        # The planes a frame reads are made once per exposure time and filter from the
+        # masters and memory-mapped by the workers (run.frames.share_masters).
+        shared_stage = self.add("shared planes", "frame planes (one task per\nexposure "
+                                "time and filter)\ndark, flat, mask", "master")
+        shared_file = self.add("file shared", ".frame-masters/*.npy\nmemory-mapped by "
+                               "the workers", "file")
+        planes = {}
+        for rec in science:
+            combo = (rec.exptime, rec.filter)
+            if combo not in planes:
+                needs = [self.files[n] for n in frame_needs(steps, rec.exptime, rec.filter)]
+                planes[combo] = dask.delayed(share_masters, pure=True)(
+                    *needs, dask_key_name=f"share-masters-{rec.exptime:g}-{rec.filter}")
+                self.assign(planes[combo], shared_stage, shared_stage)
+        self.file_edges.append((shared_stage, shared_file))
+        self.file_edges.append((shared_file, frame_stage))
         rows = []
         for rec in science:
-            needs = [self.files[n] for n in frame_needs(steps, rec.exptime, rec.filter)]
             row = dask.delayed(process_frame, pure=True)(
-                str(rec.path), *needs, dask_key_name=f"calibrate-{stem(rec.path)}")
+                str(rec.path), planes[(rec.exptime, rec.filter)],
+                dask_key_name=f"calibrate-{stem(rec.path)}")
             self.assign(row, frame_stage, frame_stage)
             rows.append(row)
         self.file_edges.append((frame_stage, cal))

@@ -41,11 +41,12 @@ from astep_dask.io.products import (
     sibling_outputs,
 )
 from astep_dask.io.provenance import digest_of, frame_provenance, night_provenance
-from astep_dask.io.rawfiles import content_digest, stem
+from astep_dask.io.rawfiles import stem
 from astep_dask.masters.builder import MasterBuilder
 from astep_dask.masters.shared import remove_shared
 from astep_dask.masters.store import MasterPaths, no_flat_reason
 from astep_dask.run.frames import FrameJob, process_frame, share_masters
+from astep_dask.run.plan import already_done, load_index, plan_night
 from astep_dask.run.results import Progress, StageResult
 from astep_dask.run.tasks import cluster_window, map_bounded
 from astep_dask.version import __version__
@@ -115,7 +116,9 @@ def calibrate_night(
     index = load_index(out_dir, previous)  # before the inventory: unchanged files not read
     inv = inventory or scan_night(night_dir)
     check_writable(out_dir)
+    plan = plan_night(night_dir, settings, out, force, inv, manifest=previous, index=index)
     result = StageResult("calibrate", inv.night, out_dir, started=time.time())
+    result.details["plan"] = plan.to_dict()
     result.unusable = [{"path": str(f.path), "reason": f.problem} for f in inv.problems]
     with night_lock(out_dir):
         remove_stale_temps(out_dir)
@@ -189,61 +192,6 @@ def calibrate_night(
         result.finished = time.time()
         _manifest(result, inv, settings, masters, index)
     return result
-
-
-def load_index(out_dir: Path, manifest: dict | None = None) -> FileIndex:
-    """The night's :class:`~astep_dask.io.index.FileIndex` (the ``files`` table of its
-    manifest, read unless given), told to this process's raw-file reader: an inventory
-    taken after it reads no unchanged file's bytes."""
-    index = (FileIndex.from_manifest(manifest) if manifest is not None
-             else FileIndex.load(out_dir))
-    index.seed()
-    return index
-
-
-def already_done(jobs: list[FrameJob], previous: dict, index: FileIndex
-                 ) -> tuple[list[dict], list[FrameJob]]:
-    """Split the jobs into the frames already done (their ``skipped`` rows, from the
-    previous manifest) and those to send to the cluster, from metadata alone.
-
-    A frame is done when the previous run calibrated it with the same provenance (the
-    raw file's digest known unchanged, the same masters and settings) and its product is
-    unchanged: its status is the one recorded when it was written, or, when the status
-    changed (a copied archive), its bytes hash to the recorded digest (read once, then
-    recorded again). Anything else goes to a worker, which decides from the files
-    (an output an earlier version wrote, one the index does not know).
-    """
-    earlier = {r.get("file"): r for r in previous.get("frames") or []
-               if isinstance(r, dict) and r.get("status") in ("done", "skipped")}
-    done, todo = [], []
-    for job in jobs:
-        row = earlier.get(job.record.path.name)
-        if (not job.force and job.provenance and row is not None
-                and row.get("output") == job.output.name
-                and row.get("provenance") == job.provenance
-                and _unchanged(job.output, index)):
-            done.append({**row, "status": "skipped", "note": ""})
-        else:
-            todo.append(job)
-    return done, todo
-
-
-def _unchanged(path: Path, index: FileIndex) -> bool:
-    """Whether a product is the one the index recorded (by status, else by content)."""
-    if index.known(path) is not None:
-        return True
-    entry = index.recorded(path)
-    try:
-        st = path.stat()
-        if entry is None or st.st_size != entry.stamp.size:
-            return False
-        digest = content_digest(path)
-    except OSError:
-        return False
-    if digest != entry.digest:
-        return False
-    index.record(path, st, digest, written=True)
-    return True
 
 
 def _remembered(index: FileIndex, inv: Inventory, rows: list[dict], out_dir: Path
@@ -360,6 +308,7 @@ def write_manifest(result: StageResult, inv: Inventory, settings: Settings,
         "unusable": result.unusable,
         "frames": result.frames,
         "inventory": inv.groups(),
+        "plan": result.details.get("plan"),
         "files": (index or FileIndex()).to_manifest(),
     }
     path = result.out_dir / MANIFEST

@@ -370,13 +370,16 @@ def test_flow_graph_of_a_night(injected, tmp_path):
                      "file 2026-06-15_MASTERFLAT_RC.fits", "file 2026-06-15_MASK.fits",
                      "file cal", "file manifest", "input CAMS", "input CAMS_SKYFLAT"):
         assert expected in names, expected
-    # the frames read the master files they need, each frame task one edge
+    # the frames' planes are made once per exposure time and filter from the master
+    # files they need (one task here), and every frame task reads them
     for f in ("2026-06-15_MASTERDARK.fits", "2026-06-15_MASTERFLAT_RC.fits",
               "2026-06-15_MASK.fits"):
-        assert flow.edges[(f"file {f}", "calibrate")] == n_sci
+        assert flow.edges[(f"file {f}", "shared planes")] == 1
+    assert flow.stages["shared planes"].tasks == 1
+    assert flow.edges[("shared planes", "calibrate")] == n_sci
     # Without a bias, a frame's dark current is the 90 s dark less the offset fitted
-    # through the 10 s and 90 s darks (core.darks.darks_needed): the frames read both.
-    assert flow.edges[("file 2026-06-15_MASTERDARK_FLAT.fits", "calibrate")] == n_sci
+    # through the 10 s and 90 s darks (core.darks.darks_needed): the planes read both.
+    assert flow.edges[("file 2026-06-15_MASTERDARK_FLAT.fits", "shared planes")] == 1
     # the flats subtract the 10 s dark; the chart has no cycle and ends in the products
     assert ("combine dark 10 s", "combine flat RC") in flow.edges
     depth = layers(flow)
