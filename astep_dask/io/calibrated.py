@@ -20,7 +20,7 @@ from astropy.io import fits
 from astropy.time import Time
 
 from astep_dask.core.bits import MASK_DTYPE, Bit
-from astep_dask.io.headers import FrameType
+from astep_dask.io.headers import FrameType, exposure_time
 from astep_dask.io.products import CAL_SUFFIX, output_dir
 from astep_dask.io.stack import frame_coords
 
@@ -85,7 +85,7 @@ def _read_frame(path: Path) -> CalibratedFrame:
             h = hdul[0].header
             shape = tuple(int(n) for n in hdul["SCI"].shape)
             return CalibratedFrame(
-                path=path, mjd=_start_mjd(h), exptime=float(h.get("EXPTIME", np.nan)),
+                path=path, mjd=_start_mjd(h), exptime=exposure_time(h),
                 filter=str(h.get("FILTER", "")).strip(), raw=str(h.get("RAWFILE", "")),
                 shape=(shape[0], shape[1]),
             )

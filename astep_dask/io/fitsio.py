@@ -27,6 +27,7 @@ from astropy.time import Time, TimeDelta
 
 from astep_dask.core.bits import MASK_DTYPE, Bit
 from astep_dask.core.calibrate import Section
+from astep_dask.io.headers import exposure_time
 from astep_dask.io.provenance import stamp
 
 __all__ = [
@@ -484,6 +485,7 @@ def mid_exposure(header: fits.Header) -> tuple[float, str, str]:
         start = Time(float(header["MJD-OBS"]), format="mjd", scale=scale)
     else:
         raise ValueError("no DATE-OBS or MJD-OBS: the frame has no time")
-    mid = start + TimeDelta(float(header.get("EXPTIME", 0.0)) / 2.0, format="sec")
+    exptime = exposure_time(header)  # none (never in our products): the start itself
+    mid = start + TimeDelta((exptime if exptime == exptime else 0.0) / 2.0, format="sec")
     mid.precision = 3
     return float(mid.utc.mjd), str(mid.isot), scale.upper()

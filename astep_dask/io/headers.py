@@ -25,6 +25,7 @@ __all__ = [
     "SATURATE_KEYS",
     "FrameType",
     "classify",
+    "exposure_time",
     "header_float",
     "header_section",
     "image_hdu_index",
@@ -105,6 +106,14 @@ def header_float(header: fits.Header, *keys: str) -> float | None:
         if np.isfinite(out):
             return out
     return None
+
+
+def exposure_time(header: fits.Header) -> float:
+    """The one reader of a frame's exposure time, raw or calibrated: ``EXPTIME`` (else
+    ``EXPOSURE``, ``ITIME``) in seconds, NaN when none is a finite number. (The inventory
+    refuses a raw frame without one, so every product has it.)"""
+    value = header_float(header, *EXPTIME_KEYS)
+    return float("nan") if value is None else value
 
 
 def header_section(header: fits.Header, *keys: str) -> Section | None:

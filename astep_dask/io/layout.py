@@ -35,16 +35,16 @@ from astropy.io import fits
 from astropy.time import Time
 from astropy.utils.exceptions import AstropyUserWarning
 
-from astep_dask.config import machine_cores
+from astep_dask.config import DetectorSettings, machine_cores
 from astep_dask.core.calibrate import Section
 from astep_dask.errors import ArchiveError
 from astep_dask.io.headers import (
-    EXPTIME_KEYS,
     GAIN_KEYS,
     RDNOISE_KEYS,
     SATURATE_KEYS,
     FrameType,
     classify,
+    exposure_time,
     header_float,
     header_section,
     image_hdu_index,
@@ -65,9 +65,11 @@ __all__ = [
     "FLAT_FOLDER",
     "INVENTORY_THREADS",
     "SCIENCE_FOLDER",
+    "DetectorValues",
     "FrameRecord",
     "Inventory",
     "check_night",
+    "detector_values",
     "find_nights",
     "format_table",
     "inventory_threads",
@@ -165,6 +167,33 @@ class FrameRecord:
             if isinstance(d[key], float) and not np.isfinite(d[key]):
                 d[key] = None
         return d
+
+
+@dataclass(frozen=True)
+class DetectorValues:
+    """A frame's gain, read noise and saturation level, and where each came from
+    (``header`` or ``setting``): :func:`detector_values`."""
+
+    gain: float  # e-/ADU
+    read_noise: float  # e-
+    saturation: float  # ADU
+    sources: tuple[tuple[str, str], ...]  # (value name, "header" or "setting")
+
+    def source(self, name: str) -> str:
+        return dict(self.sources)[name]
+
+
+def detector_values(record: FrameRecord, detector: DetectorSettings) -> DetectorValues:
+    """The one place where a header value and its setting meet: the frame's header
+    (``GAIN``, ``RDNOISE``, ``SATURATE`` and their aliases, validated by the inventory)
+    when it has one, else the ``[detector]`` setting; each with its source."""
+    chosen = {name: (value, "header") if value is not None else (fallback, "setting")
+              for name, value, fallback in (
+                  ("gain", record.gain, detector.gain),
+                  ("read_noise", record.read_noise, detector.read_noise),
+                  ("saturation", record.saturation, detector.saturation_adu))}
+    return DetectorValues(*(float(v) for v, _ in chosen.values()),
+                          tuple((name, src) for name, (_, src) in chosen.items()))
 
 
 @dataclass
@@ -388,7 +417,8 @@ def _read_record(path: Path, night: str = "", folder: str = "") -> FrameRecord:
             return replace(rec, problem=f"cannot read: {exc.strerror or exc}")
     value_problem, value_notes = value_problems(merged, kind)
     note = "; ".join([n for n in (note, *value_notes) if n])
-    exptime = header_float(merged, *EXPTIME_KEYS)
+    exptime = exposure_time(merged)
+    exptime = None if exptime != exptime else exptime
     date_obs = merged.get("DATE-OBS")
     mjd = header_float(merged, "MJD-OBS")
     if mjd is None and isinstance(date_obs, str) and date_obs.strip():

@@ -40,6 +40,7 @@ from astep_dask.io.fitsio import (
     verify_file,
     write_json,
 )
+from astep_dask.io.headers import exposure_time
 from astep_dask.io.products import CAL_SUFFIX
 from astep_dask.io.provenance import digest_of, stamp
 from astep_dask.version import __version__
@@ -58,10 +59,10 @@ __all__ = [
     "CalFrame",
     "Layers",
     "Reference",
-    "calibrated_frames",
     "card_float",
     "clean_layers",
     "existing_row",
+    "export_frames",
     "frames_table",
     "header_value",
     "kbmod_hdul",
@@ -243,9 +244,11 @@ class CalFrame:
     adprov: str
 
 
-def calibrated_frames(cal_dir: Path) -> tuple[list[CalFrame], list[dict]]:
-    """The calibrated frames of a night's output folder in time order, and rows for files
-    that cannot be used (unreadable header, no time)."""
+def export_frames(cal_dir: Path) -> tuple[list[CalFrame], list[dict]]:
+    """The calibrated frames of a night's output folder as the KBMOD export lists them:
+    in mid-exposure order, with their provenance hashes, and rows for files that cannot
+    be used (unreadable header, no time) instead of an error. (The lazy dataset of a
+    night's frames is :func:`astep_dask.io.calibrated.open_calibrated`.)"""
     frames, problems = [], []
     for path in sorted(cal_dir.glob(f"*{CAL_SUFFIX}")):
         try:
@@ -258,7 +261,7 @@ def calibrated_frames(cal_dir: Path) -> tuple[list[CalFrame], list[dict]]:
         adprov = str(header.get("ADPROV") or "")
         frames.append(CalFrame(
             path=path, stem=path.name.removesuffix(CAL_SUFFIX), mjd=mjd, date_avg=date_avg,
-            timesys=timesys, exptime=float(header.get("EXPTIME", 0.0)),
+            timesys=timesys, exptime=exposure_time(header),
             filter=str(header.get("FILTER", "")), raw=str(header.get("RAWFILE", "")),
             adprov=adprov or f"size{path.stat().st_size}-mtime{path.stat().st_mtime_ns}",
         ))

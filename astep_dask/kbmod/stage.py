@@ -62,7 +62,7 @@ from astep_dask.kbmod.export import (
 from astep_dask.kbmod.products import (
     CalFrame,
     Reference,
-    calibrated_frames,
+    export_frames,
     header_value,
     read_reference,
     reference_path,
@@ -164,7 +164,7 @@ def export_night(
     night = night_dir.name
     out = Path(out) if out is not None else None
     cal_dir = output_dir(night_dir, out)
-    frames, problems = calibrated_frames(cal_dir) if cal_dir.is_dir() else ([], [])
+    frames, problems = export_frames(cal_dir) if cal_dir.is_dir() else ([], [])
     if not frames:
         raise RunError(f"{cal_dir}: no calibrated frame (*{CAL_SUFFIX}); "
                        f"run astep-dask calibrate first")

@@ -81,7 +81,7 @@ from astep_dask.kbmod.products import (
     OBS_LONG,
     OBSERVATORY,
     Layers,
-    calibrated_frames,
+    export_frames,
 )
 from astep_dask.version import __version__
 
@@ -523,7 +523,7 @@ def neighbour_nights(night_dir: Path, out: Path | None, n: int, field: str, filt
         cal = output_dir(night_dir.parent / name, Path(out) if out is not None else None)
         if not cal.is_dir():
             continue
-        frames, _ = calibrated_frames(cal)
+        frames, _ = export_frames(cal)
         if not frames:
             continue
         other = str(fits.getheader(frames[0].path, 0).get("OBJECT", "") or "").strip()

@@ -30,7 +30,7 @@ from astep_dask.core.stats import median, robust_sigma
 from astep_dask.errors import CalibrationError
 from astep_dask.io.headers import FrameType
 from astep_dask.io.index import FileIndex
-from astep_dask.io.layout import FrameRecord, Inventory
+from astep_dask.io.layout import FrameRecord, Inventory, detector_values
 from astep_dask.io.products import master_name
 from astep_dask.io.provenance import digest_of, input_identity
 from astep_dask.masters.flats import central_box, normalise_flat, screen_flats
@@ -223,10 +223,10 @@ class MasterBuilder:
             stack = stack / xr.DataArray(np.asarray(levels, np.float32), dims="frame")
         noise = None
         if self.settings.combine.noise_clip:
-            det = self.settings.detector
+            values = detector_values(records[0], self.settings.detector)
             noise = NoiseModel(
-                gain=records[0].gain or det.gain,
-                read_noise=records[0].read_noise or det.read_noise,
+                gain=values.gain,
+                read_noise=values.read_noise,
                 levels=tuple(float(v) for v in levels) if levels is not None else (),
                 pedestal=0.0 if (levels is not None or subtract is not None) else None,
             )

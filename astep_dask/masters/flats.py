@@ -16,7 +16,7 @@ import numpy as np
 
 from astep_dask.config import DetectorSettings, FlatSettings
 from astep_dask.core.stats import median
-from astep_dask.io.layout import FrameRecord
+from astep_dask.io.layout import FrameRecord, detector_values
 from astep_dask.io.stack import frame_section
 from astep_dask.masters.store import Master
 
@@ -49,7 +49,7 @@ def screen_flats(
     keep, kept_levels, rejected = [], [], []
     for r, level in zip(recs, levels, strict=True):
         dark_level = dark_levels[r.exptime]
-        sat = r.saturation or det.saturation_adu
+        sat = detector_values(r, det).saturation
         if not np.isfinite(level):
             reason = "no finite pixels in the central region"
         elif level < fs.min_level_adu:

@@ -21,7 +21,7 @@ import numpy as np
 from astep_dask.config import Settings
 from astep_dask.core.calibrate import overscan_level
 from astep_dask.core.illumination import IllumResult, SkyGrid, illumination_correction, sky_grid
-from astep_dask.io.layout import FrameRecord
+from astep_dask.io.layout import FrameRecord, detector_values
 from astep_dask.io.stack import frame_section, read_section
 
 __all__ = ["choose_frames", "compute_illumination", "frame_sky_grid", "illum_cards",
@@ -98,8 +98,9 @@ def compute_illumination(records: Sequence[FrameRecord], darks: dict[float, np.n
     overscan = det.overscan == "auto"
     tasks = [
         dask.delayed(frame_sky_grid, pure=True)(
-            r, shared_dark[r.exptime], shared_flat, shared_bad, rows, r.gain or det.gain,
-            r.saturation or det.saturation_adu, overscan, settings)
+            r, shared_dark[r.exptime], shared_flat, shared_bad, rows,
+            detector_values(r, det).gain, detector_values(r, det).saturation, overscan,
+            settings)
         for r in chosen
     ]
     grids: Sequence[SkyGrid] = dask.compute(*tasks) if tasks else ()

@@ -27,6 +27,7 @@ from astep_dask.config import QaSettings
 from astep_dask.core.bits import Bit, flag
 from astep_dask.core.stats import robust_sigma
 from astep_dask.io.fitsio import atomic_open, image_of, read_calibrated, read_image
+from astep_dask.io.headers import exposure_time
 from astep_dask.io.products import CAL_SUFFIX
 from astep_dask.io.stack import read_section
 from astep_dask.report.metrics import block_reduce, plane_gradient
@@ -96,7 +97,7 @@ def master_figures(label: str, path: Path, mask: np.ndarray | None = None) -> di
         p99=float(np.percentile(values, 99)) if values.size else float("nan"),
     )
     if role == "dark":
-        row["exptime"] = float(header.get("EXPTIME", np.nan))
+        row["exptime"] = exposure_time(header)
     if role == "illum":
         row.update(amplitude=float(header.get("ILLAMP", np.nan)),
                    correction_noise=float(header.get("ILLNOISE", np.nan)),

@@ -37,6 +37,7 @@ from astep_dask.core.register import (
 )
 from astep_dask.core.stats import robust_sigma
 from astep_dask.io.fitsio import mid_exposure, read_calibrated
+from astep_dask.io.headers import exposure_time
 
 __all__ = [
     "KEEP_STARS",
@@ -422,7 +423,7 @@ def measure_file(path: str | Path, settings: QaSettings | None = None) -> dict:
         except ValueError:  # no (readable) DATE-OBS nor MJD-OBS: the row has no time
             mjd, iso = float("nan"), ""
         row.update(raw=str(header.get("RAWFILE", "")), mjd=mjd, time=iso,
-                   exptime=float(header.get("EXPTIME", np.nan)),
+                   exptime=exposure_time(header),
                    filter=str(header.get("FILTER", "")), shape=list(sci.shape),
                    side=int(min(sci.shape)))
         figures, stars = measure_planes(sci, var, mask, settings)

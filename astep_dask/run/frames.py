@@ -26,7 +26,7 @@ from astep_dask.core.calibrate import Detector, calibrate_frame
 from astep_dask.errors import CalibrationError
 from astep_dask.io.fitsio import atomic_write_digest, calibrated_hdul, verify_file
 from astep_dask.io.index import stamp_of
-from astep_dask.io.layout import FrameRecord
+from astep_dask.io.layout import FrameRecord, detector_values
 from astep_dask.io.provenance import frame_provenance, read_provenance
 from astep_dask.io.rawfiles import content_digest
 from astep_dask.io.stack import read_raw
@@ -182,11 +182,9 @@ def _process(job: FrameJob, row: dict) -> dict:
     except (OSError, ValueError, TypeError) as exc:
         return {**row, "status": "failed", "reason": f"cannot read raw frame: {_reason(exc)}"}
     det_s = job.settings.detector
-    detector = Detector(
-        gain=rec.gain or det_s.gain,
-        read_noise=rec.read_noise or det_s.read_noise,
-        saturation=rec.saturation or det_s.saturation_adu,
-    )
+    values = detector_values(rec, det_s)
+    detector = Detector(gain=values.gain, read_noise=values.read_noise,
+                        saturation=values.saturation)
     overscan = rec.overscan if det_s.overscan == "auto" else None
     trim = rec.trim if det_s.overscan == "auto" else None
     t1 = time.perf_counter()
@@ -204,6 +202,9 @@ def _process(job: FrameJob, row: dict) -> dict:
         "GAIN": (detector.gain, "[e-/ADU] gain applied"),
         "RDNOISE": (detector.read_noise, "[e-] read noise used for VAR"),
         "SATURATE": (detector.saturation, "[adu] raw level flagged SAT"),
+        "GAINSRC": (values.source("gain"), "GAIN from the raw header or a setting"),
+        "RDNSRC": (values.source("read_noise"), "RDNOISE from the raw header or a setting"),
+        "SATSRC": (values.source("saturation"), "SATURATE from the raw header or a setting"),
         "OVERSCAN": (overscan.to_fits() if overscan else "none", "overscan subtracted"),
         "FLATNORM": ("median of unmasked pixels = 1", "flat normalisation"),
         "CRMETH": ("astroscrappy" if cs.enabled else "none", "cosmic-ray detection"),
