@@ -10,8 +10,10 @@ and the list of masters back for the products built on a calibrated night.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -32,13 +34,51 @@ __all__ = [
     "REPORT_INDEX",
     "SHARED_MASTERS_FOLDER",
     "check_writable",
+    "inside",
     "master_files",
     "master_name",
     "night_lock",
     "output_dir",
     "read_manifest",
+    "safe_part",
     "sibling_outputs",
 ]
+
+
+_SAFE = re.compile(r"[A-Za-z0-9._+-]")
+
+
+def safe_part(text: str) -> str:
+    """A header value (``FILTER``, ``OBJECT``) made fit to be part of a file name.
+
+    A header must never steer where a file is written (``FILTER = '../../x'``). Every
+    character outside ``[A-Za-z0-9._+-]`` becomes ``_`` and a leading dot ``_`` (no
+    hidden file, no ``..``); when anything was changed, a short hash of the original
+    value is appended, so that two values that differ only in such characters still give
+    two names. ``RC`` stays ``RC``."""
+    text = str(text)
+    safe = "".join(c if _SAFE.fullmatch(c) else "_" for c in text)
+    if safe.startswith("."):
+        safe = "_" + safe[1:]
+    if safe != text or not safe:
+        safe = f"{safe[:40]}-{hashlib.sha256(text.encode()).hexdigest()[:6]}"
+    return safe
+
+
+def inside(folder: Path, name: str) -> Path:
+    """``folder / name``, checked to land inside ``folder``: ``name`` is one plain file
+    name (no separator, not ``.`` or ``..``) and the path is not a symbolic link.
+
+    Raises
+    ------
+    RunError
+        When it would not land there (the message names the path).
+    """
+    path = Path(folder) / name
+    if (not name or name in (".", "..") or os.sep in name or (os.altsep and os.altsep in name)
+            or path.is_symlink()):
+        raise RunError(f"{path}: refused: a product must be a plain file inside {folder}")
+    return path
 
 
 def master_name(night: str, role: str, exptime: float | None = None, filter: str = "",
@@ -53,11 +93,12 @@ def master_name(night: str, role: str, exptime: float | None = None, filter: str
             return f"{night}_MASTERDARK_FLAT.fits"
         return f"{night}_MASTERDARK_{exptime:g}S.fits"
     if role == "flat":
-        return f"{night}_MASTERFLAT_{filter}.fits" if filter else f"{night}_MASTERFLAT.fits"
+        return (f"{night}_MASTERFLAT_{safe_part(filter)}.fits" if filter
+                else f"{night}_MASTERFLAT.fits")
     if role == "mask":
         return f"{night}_MASK.fits"
     if role == "illum":
-        return f"{night}_ILLUM_{filter}.fits" if filter else f"{night}_ILLUM.fits"
+        return f"{night}_ILLUM_{safe_part(filter)}.fits" if filter else f"{night}_ILLUM.fits"
     raise ValueError(role)
 
 

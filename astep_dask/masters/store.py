@@ -23,7 +23,7 @@ from astropy.table import Table
 from astep_dask.core.bits import MASK_DTYPE
 from astep_dask.core.calibrate import FrameMasters
 from astep_dask.core.darks import dark_for_exptime, variance_of
-from astep_dask.errors import CalibrationError
+from astep_dask.errors import CalibrationError, RunError
 from astep_dask.io.fitsio import (
     IMAGETYP_MASTER,
     UTYPE_VARIANCE,
@@ -36,6 +36,7 @@ from astep_dask.io.fitsio import (
     verify_file,
 )
 from astep_dask.io.index import FileIndex
+from astep_dask.io.products import inside
 from astep_dask.io.provenance import file_digest, stamp
 
 __all__ = [
@@ -434,6 +435,9 @@ class MasterStore:
         """Write a master: at once, or (inside :meth:`writing`) on a background thread, so
         the FITS encoding and fsync overlap the next master's computation. The master's
         ``path`` is set either way."""
+        if Path(path).parent != self.out:  # a name from a header never climbs out
+            raise RunError(f"{path}: refused: masters are written inside {self.out} only")
+        path = inside(self.out, Path(path).name)
         self.loaded[str(path)] = master
         if self._writer is None:
             self._written(master, path)

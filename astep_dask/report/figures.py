@@ -28,7 +28,7 @@ from astep_dask.core.bits import Bit, flag
 from astep_dask.core.stats import robust_sigma
 from astep_dask.io.fitsio import atomic_open, image_of, read_calibrated, read_image
 from astep_dask.io.headers import exposure_time
-from astep_dask.io.products import CAL_SUFFIX
+from astep_dask.io.products import CAL_SUFFIX, safe_part
 from astep_dask.io.stack import read_section
 from astep_dask.report.metrics import block_reduce, plane_gradient
 
@@ -446,7 +446,7 @@ def write_plots(report: dict, out_dir: Path, folder: Path, settings: QaSettings)
     for label, path in masters.items():
         if not path.exists():
             continue
-        name = "mask.png" if label == "mask" else f"master_{label.replace(' ', '_')}.png"
+        name = "mask.png" if label == "mask" else f"master_{safe_part(label.replace(' ', '_'))}.png"
         fig = (fig_mask(path, settings) if label == "mask"
                else fig_illum(path, label, settings) if label.startswith("illum")
                else fig_master(path, label, settings))

@@ -19,7 +19,11 @@ from astep_dask.io.products import QA_JSON
 
 __all__ = ["CSS", "fmt_value", "render_html"]
 
-_e = html.escape  # every text taken from the data goes through it
+_e = html.escape  # every text taken from the data goes through it (quotes included)
+# The page runs no script and loads nothing from elsewhere: even a text that escaped
+# escaping could not act (images and styles from the report's own folder only).
+CSP = ("<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; "
+       "img-src 'self'; style-src 'unsafe-inline'\">")
 
 
 def fmt_value(value: object, digits: int = 3) -> str:
@@ -70,7 +74,7 @@ def render_html(report: dict) -> str:
 def _head(report: dict) -> list[str]:
     """Page head, title, provenance note and the summary table."""
     s = report["summary"]
-    out = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+    out = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>{CSP}"
            f"<title>QA {_e(report['night'])}</title><style>{CSS}</style></head><body>",
            f"<h1>Night {_e(report['night'])}: quality report</h1>",
            f"<p class='note'>Output folder {_e(report['output'])}; generated "
@@ -105,7 +109,7 @@ def _flagged_section(report: dict) -> list[str]:
                        f"</td><td class='l'>{_e(fl['detail'])}</td></tr>")
     out.append("</table>")
     if "flagged" in plots:
-        out.append(f"<img class='wide' src='{plots['flagged']}' alt='flagged frames'>")
+        out.append(f"<img class='wide' src='{_e(plots['flagged'])}' alt='flagged frames'>")
     return out
 
 
@@ -115,10 +119,10 @@ def _plots_section(report: dict) -> list[str]:
     out = []
     if "timeseries" in plots:
         out.append("<h2>Per-frame figures</h2>"
-                   f"<img class='wide' src='{plots['timeseries']}' alt='time series'>")
+                   f"<img class='wide' src='{_e(plots['timeseries'])}' alt='time series'>")
     if "frame" in plots:
         out.append(f"<h2>A calibrated frame: {_e(report['summary'].get('frame_shown', ''))}"
-                   f"</h2><img class='wide' src='{plots['frame']}' alt='calibrated frame'>")
+                   f"</h2><img class='wide' src='{_e(plots['frame'])}' alt='calibrated frame'>")
     return out
 
 
@@ -128,7 +132,7 @@ def _masters_section(report: dict) -> list[str]:
     out = ["<h2>Masters and bad-pixel mask</h2><div class='grid'>"]
     for m in report["masters"]:
         if m["label"] in plots:
-            out.append(f"<img src='{plots[m['label']]}' alt='{_e(m['label'])}'>")
+            out.append(f"<img src='{_e(plots[m['label']])}' alt='{_e(m['label'])}'>")
     out.append("</div>")
     out.append("<table><tr><th>master</th><th>file</th><th>frames</th><th>level</th>"
                "<th>scatter</th><th>pixel noise</th><th>1%–99%</th><th>unit</th>"

@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import ssl
+import stat as stat_module
 import struct
 import subprocess
 import sys
@@ -51,7 +52,7 @@ WORKER_PRELOAD = ("astep_dask.run.frames",)
 
 __all__ = ["capacity", "check_frames_in_flight", "check_layout", "connect", "default_layout",
            "load_security", "local_cluster", "local_layout", "machine_cores", "machine_memory",
-           "probe_scheduler", "queue_state", "run_security", "worker_threads"]
+           "private_scratch", "probe_scheduler", "queue_state", "run_security", "worker_threads"]
 
 
 def local_layout(settings: ClusterSettings) -> tuple[int, int]:
@@ -572,6 +573,49 @@ def local_cluster(settings: ClusterSettings) -> LocalCluster:
 
 
 @contextmanager
+def private_scratch() -> Iterator[Path]:
+    """A scratch folder of this run's own (``mkdtemp``: mode 0700, a random name), made
+    in dask's ``temporary-directory`` (else the system's temporary folder) and removed
+    with everything in it on exit.
+
+    Every dask server (scheduler, worker, nanny) puts its scratch folder on ``sys.path``;
+    dask's default, ``$TMPDIR/dask-scratch-space``, may have been made by another user of
+    a shared machine, world-writable, with modules planted in it that our processes would
+    then import. So the run's servers get this folder instead.
+
+    Raises
+    ------
+    RunError
+        When a configured ``temporary-directory`` is not ours, or others may write in it
+        (group or world-writable without the sticky bit), or a folder cannot be made.
+    """
+    configured = dask.config.get("temporary-directory", default=None)
+    parent = Path(os.path.expandvars(str(configured))).expanduser() if configured \
+        else Path(tempfile.gettempdir())
+    if configured:
+        try:
+            st = parent.stat()
+        except OSError as exc:
+            raise RunError(f"temporary-directory {parent}: {exc.strerror or exc}") from None
+        others = st.st_mode & 0o022 and not st.st_mode & stat_module.S_ISVTX
+        if st.st_uid != os.getuid() or others:
+            raise RunError(f"temporary-directory {parent}: refused: "
+                           + ("not yours" if st.st_uid != os.getuid()
+                              else "others may write in it")
+                           + " (a scratch folder's modules are importable by the workers)")
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="astep-dask-", dir=parent))
+    except OSError as exc:
+        raise RunError(f"{parent}: cannot make the run's scratch folder there: "
+                       f"{exc.strerror or exc}") from None
+    try:
+        with dask.config.set({"temporary-directory": str(folder)}):
+            yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
 def connect(settings: ClusterSettings, log: Callable[[str], None] = print) -> Iterator[Client]:
     """A client for the configured cluster, closed (with any cluster it started) on exit.
 
@@ -591,6 +635,7 @@ def connect(settings: ClusterSettings, log: Callable[[str], None] = print) -> It
     """
     with ExitStack() as stack:
         cluster = None
+        stack.enter_context(private_scratch())  # before any dask server is made
         if settings.scheduler:
             client = stack.enter_context(_join(settings))
             log(f"joined scheduler {settings.scheduler}")

@@ -1,0 +1,117 @@
+"""Hostile headers and shared machines: a header or another user must never steer our
+writes or run code as us. Each test reproduces an attack and asserts that nothing is
+written outside the output root, the raw files and any other folder are byte-identical,
+and the planted code never runs."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from astropy.io import fits
+
+from astep_dask.cli import main
+from astep_dask.io.products import output_dir, safe_part
+from astep_dask.testing.simulate import SimConfig, simulate_night
+
+pytestmark = pytest.mark.slow  # whole nights
+
+SIM = SimConfig(size=64, n_science=3, n_darks=3, n_flats=3, seed=21)
+SCRIPT = str(Path(sys.executable).with_name("astep-dask"))
+
+
+def _snapshot(*folders: Path) -> dict:
+    return {p: p.read_bytes() for f in folders for p in f.rglob("*") if p.is_file()}
+
+
+def _set_filter(night: Path, value: str) -> None:
+    """FILTER of every flat and science frame (raw files are ours to spoil in a test)."""
+    for p in night.rglob("*.fits"):
+        if p.name.endswith(("_SKYFLAT.fits", "_SCIENCE.fits")):
+            with fits.open(p, mode="update") as hdul:
+                hdul[0].header["FILTER"] = value
+
+
+def test_safe_part_keeps_plain_names_and_defuses_the_rest():
+    assert safe_part("RC") == "RC" and safe_part("g+r.1-2") == "g+r.1-2"
+    for hostile in ("../../../../victim/x", "..", ".hidden", "a/b", "x'onerror='alert(1)",
+                    "é", ""):
+        name = safe_part(hostile)
+        assert "/" not in name and not name.startswith(".") and "'" not in name, name
+        assert all(c.isalnum() or c in "._+-" for c in name), name
+    assert safe_part("a/b") != safe_part("a_b")  # a hash keeps them apart
+
+
+def test_a_filter_header_cannot_write_outside_the_output(tmp_path, capsys):
+    night = simulate_night(tmp_path / "archive", SIM)
+    _set_filter(night, "../../../../victim/x")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "x.fits").write_bytes(b"precious")
+    (victim / "x.fits").chmod(0o444)
+    raw, others = _snapshot(night), _snapshot(victim)
+    out = tmp_path / "out"
+    code = main(["calibrate", str(night), "--out", str(out), "--no-cosmics", "-q",
+                 "--dashboard-address", "127.0.0.1:0"])
+    assert code == 0, capsys.readouterr()
+    assert _snapshot(victim) == others and _snapshot(night) == raw
+    written = {p for p in tmp_path.rglob("*") if p.is_file()} - set(raw) - set(others)
+    assert all(out in p.parents for p in written), sorted(written)
+    flats = list(output_dir(night, out).glob("*_MASTERFLAT_*.fits"))
+    assert len(flats) == 1 and flats[0].parent == output_dir(night, out)
+
+
+def test_a_filter_header_cannot_put_script_in_the_report(tmp_path, capsys):
+    night = simulate_night(tmp_path / "archive", SIM)
+    _set_filter(night, "x'onerror='alert(1)")
+    out = tmp_path / "out"
+    assert main(["calibrate", str(night), "--out", str(out), "--no-cosmics", "-q",
+                 "--dashboard-address", "127.0.0.1:0"]) == 0
+    assert main(["report", str(night), "--out", str(out), "--no-cluster", "-q"]) == 0
+    page = (output_dir(night, out) / "report" / "index.html").read_text()
+    assert "onerror='alert" not in page and "x'onerror" not in page
+    assert "Content-Security-Policy" in page and "default-src 'none'" in page
+
+
+def test_a_planted_scratch_folder_runs_no_code(tmp_path):
+    """Another user made ``$TMPDIR/dask-scratch-space`` first, world-writable, with
+    modules named like the optional imports dask tries; a run with worker processes
+    must import none of them (the run's servers use a private folder of their own)."""
+    night = simulate_night(tmp_path / "archive", SIM)
+    tmp = tmp_path / "tmp"
+    planted = tmp / "dask-scratch-space"
+    planted.mkdir(parents=True)
+    planted.chmod(0o777)
+    marker = tmp_path / "planted-code-ran.txt"
+    for module in ("gilknocker", "pint", "sparse", "cupy", "prometheus_client"):
+        (planted / f"{module}.py").write_text(
+            f"open({str(marker)!r}, 'a').write({module!r} + '\\n')\n")
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    env.pop("DASK_TEMPORARY_DIRECTORY", None)
+    r = subprocess.run([SCRIPT, "calibrate", str(night), "--out", str(tmp_path / "out"),
+                        "--no-cosmics", "--processes", "--workers", "2", "--threads", "1",
+                        "--dashboard-address", "127.0.0.1:0"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not marker.exists(), marker.read_text()
+    assert [p.name for p in tmp.iterdir()] == ["dask-scratch-space"]  # ours removed
+
+
+def test_a_configured_scratch_folder_others_may_write_is_refused(tmp_path):
+    night = simulate_night(tmp_path / "archive", SIM)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # no sticky bit: anyone may replace what is in it
+    env = {**os.environ, "DASK_TEMPORARY_DIRECTORY": str(shared)}
+    r = subprocess.run([SCRIPT, "calibrate", str(night), "--out", str(tmp_path / "out"),
+                        "--no-cosmics", "--dashboard-address", "127.0.0.1:0"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert f"temporary-directory {shared}: refused: others may write in it" in lines[0]
+    assert not any(shared.iterdir())
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o777
