@@ -49,6 +49,7 @@ __all__ = [
     "image_hdu",
     "image_header",
     "image_of",
+    "mark_long_strings",
     "mid_exposure",
     "read_calibrated",
     "read_image",
@@ -164,9 +165,31 @@ def write_json(path: str | Path, obj: object, finite: bool = False,
     return atomic_write_text(path, text)
 
 
+LONGSTRN = ("OGIP 1.0", "long strings continue on CONTINUE cards")
+
+
+def mark_long_strings(hdul: fits.HDUList) -> fits.HDUList:
+    """Declare the long-string convention in every header that uses it.
+
+    A string value longer than a card holds (68 characters; less after a long or
+    ``HIERARCH`` keyword) is written whole by astropy over ``CONTINUE`` cards (the OGIP
+    long-string convention), never cut; FITS readers that follow the convention (astropy,
+    CFITSIO) read it back whole. The convention asks for a ``LONGSTRN`` card in such a
+    header (``fitsverify`` warns without it): added here, in place, where needed."""
+    for hdu in hdul:
+        h = hdu.header
+        if "LONGSTRN" in h:
+            continue
+        if any(isinstance(c.value, str) and len(c.image) > fits.Card.length
+               for c in h.cards if c.keyword not in ("COMMENT", "HISTORY", "")):
+            h["LONGSTRN"] = LONGSTRN
+    return hdul
+
+
 def atomic_write(hdul: fits.HDUList, path: str | Path, checksum: bool = True) -> Path:
     """Write an HDUList to ``path`` atomically (:func:`atomic_path`), with CHECKSUM and
-    DATASUM cards unless ``checksum`` is false.
+    DATASUM cards unless ``checksum`` is false; string cards longer than a card are
+    written whole (:func:`mark_long_strings`).
 
     Raises
     ------
@@ -176,7 +199,7 @@ def atomic_write(hdul: fits.HDUList, path: str | Path, checksum: bool = True) ->
     """
     with atomic_open(path) as fh, warnings.catch_warnings():
         warnings.simplefilter("ignore", VerifyWarning)
-        hdul.writeto(fh, checksum=checksum, output_verify="fix")
+        mark_long_strings(hdul).writeto(fh, checksum=checksum, output_verify="fix")
     return Path(path)
 
 
@@ -222,7 +245,7 @@ def atomic_write_digest(hdul: fits.HDUList, path: str | Path) -> str:
     with atomic_open(path) as fh, warnings.catch_warnings():
         warnings.simplefilter("ignore", VerifyWarning)
         sink = _Hashing(fh)
-        hdul.writeto(sink, checksum=True, output_verify="fix")
+        mark_long_strings(hdul).writeto(sink, checksum=True, output_verify="fix")
         fh.flush()
         if sink.tell() != os.fstat(fh.fileno()).st_size:  # never seen: bytes went around
             raise OSError(f"{path}: {os.fstat(fh.fileno()).st_size} bytes written, "

@@ -373,7 +373,7 @@ class MasterBuilder:
         res = self._combine(keep, subtract=dark_stack, levels=kept_levels)
         cards = combine_cards(self.settings, len(keep), res)
         cards["FILTER"] = (filt, "filter")
-        cards["DARKMODE"] = ("; ".join(sorted(how))[:68], "dark subtracted from the flats")
+        cards["DARKMODE"] = ("; ".join(sorted(how)), "dark subtracted from the flats")
         cards["NREJECT"] = (len(recs) - len(keep), "flats rejected (see manifest)")
         return Master("flat", res.data, res.var, res.count, digest, cards,
                       inputs_table(keep, kept_levels))
@@ -496,7 +496,7 @@ class MasterBuilder:
             return None
         m.data = transfer_correction(m.data, flat_from, flat.data, mask.data == 0,
                                      self.settings.illum)
-        m.cards["ILLXFER"] = (source.name[:68], "fitted to this flat through this one")
+        m.cards["ILLXFER"] = (source.name, "fitted to this flat through this one")
         m.cards["ILLFLAT"] = (self._name("flat", filter=str(m.cards["FILTER"][0])),
                               "master flat this corrects (divide it by this)")
         m.digest = digest_of("illum-transfer", m.digest, flat.digest, mask.digest)

@@ -76,9 +76,17 @@ class Master:
         return float(self.cards.get("EXPTIME", (np.nan,))[0])
 
 
-# Units of a master's image (its VAR in these units squared); a flat (relative response)
-# and a mask (bits) have none: no BUNIT, as astropy writes a dimensionless CCDData.
-MASTER_UNITS = {"bias": "adu", "dark": "adu"}
+# A dimensionless image's BUNIT: astropy writes none for a dimensionless CCDData, and then
+# cannot read it back (``CCDData.read`` needs a unit), nor can ccdproc without ``unit=``;
+# ``adu/adu`` is a valid FITS unit string that astropy reads as dimensionless.
+DIMENSIONLESS = "adu/adu"
+
+# Units of a master's image and of its VAR: ADU for a bias or dark; a flat and an
+# illumination correction (relative responses) and a bad-pixel mask (bits) are
+# dimensionless. Every kind carries BUNIT, so ``CCDData.read(f, hdu="SCI",
+# hdu_uncertainty="VAR")`` reads each without a ``unit`` argument.
+MASTER_UNITS = {"bias": ("adu", "adu2"), "dark": ("adu", "adu2")}
+DIMENSIONLESS_UNITS = (DIMENSIONLESS, DIMENSIONLESS)
 
 # Cards of a master's primary header that its image extensions repeat (ccdproc's
 # ImageFileCollection(ext="SCI") reads that extension's header only).
@@ -95,31 +103,29 @@ def write_master(master: Master, path: Path) -> Path:
     ``MASTER DARK``, ``MASTER FLAT``, ``BAD PIXEL MASK``) in PRIMARY and SCI, so
     ``ccdproc.ImageFileCollection(out, ext="SCI")`` lists masters and frames together."""
     imagetyp = IMAGETYP_MASTER.get(master.role, f"MASTER {master.role.upper()}")
-    unit = MASTER_UNITS.get(master.role)
+    unit, var_unit = MASTER_UNITS.get(master.role, DIMENSIONLESS_UNITS)
+    what = "unit of the SCI extension" if unit != DIMENSIONLESS else "dimensionless"
     header = fits.Header()
     header["MASTTYPE"] = (master.role.upper(), "kind of master frame")
     header["IMAGETYP"] = (imagetyp, "type of image (astep-dask product)")
     header["ADHASH"] = (master.digest, "hash of inputs and settings (astep-dask)")
     for key, value in master.cards.items():
         header[key] = value
-    if unit:
-        header["BUNIT"] = (unit, "unit of the SCI extension")
+    header["BUNIT"] = (unit, what)
     if master.role == "mask":
         header_cards(header)
     stamp(header)
     common = extension_header(header, imagetyp, keys=MASTER_KEYS)
     sci = image_hdu(master.data, "SCI")
     sci.header.extend(common)
-    if unit:
-        sci.header["BUNIT"] = (unit, "unit of the image")
+    sci.header["BUNIT"] = (unit, what)
     if master.role == "mask":
         header_cards(sci.header)
     hdus: list[fits.hdu.base.ExtensionHDU] = [fits.PrimaryHDU(header=header), sci]
     if master.var is not None:
         var = image_hdu(master.var, "VAR", dtype=np.float32)
         var.header.extend(common)
-        if unit:
-            var.header["BUNIT"] = (f"{unit}2", "variance of SCI")
+        var.header["BUNIT"] = (var_unit, "variance of SCI")
         var.header["UTYPE"] = (UTYPE_VARIANCE, "VAR is the variance of SCI")
         hdus.append(var)
     if master.count is not None:
@@ -134,7 +140,7 @@ def write_master(master: Master, path: Path) -> Path:
 # Cards of a master's header that are the file's structure, not its provenance.
 _NOT_CARDS = ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND", "COMMENT",
               "HISTORY", "", "CHECKSUM", "DATASUM", "EXTNAME", "INHERIT", "IMAGETYP", "BUNIT",
-              "DATE-AVG", "MJD-AVG")
+              "DATE-AVG", "MJD-AVG", "LONGSTRN")
 
 
 def read_master(path: Path, role: str | None = None) -> Master:
@@ -306,7 +312,7 @@ def frame_masters(
     mask = load(paths.mask)
     illum_path = dict(paths.illums).get(filter)
     sol = dark_for_exptime(exptime, bias, darks)
-    cards: dict[str, tuple] = {"DARKMETH": (sol.how[:68], "how the dark was subtracted")}
+    cards: dict[str, tuple] = {"DARKMETH": (sol.how, "how the dark was subtracted")}
     if sol.bias_used and bias is not None:
         cards["MBIAS"] = (bias.path.name, "master bias used")
         cards["MBIASH"] = (bias.digest, "its ADHASH")
