@@ -9,6 +9,7 @@ import os
 import stat
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,52 @@ def test_a_configured_scratch_folder_others_may_write_is_refused(tmp_path):
     assert f"temporary-directory {shared}: refused: others may write in it" in lines[0]
     assert not any(shared.iterdir())
     assert stat.S_IMODE(shared.stat().st_mode) == 0o777
+
+
+def test_products_honour_the_umask_and_a_planted_symlink_is_not_followed(tmp_path):
+    """Under umask 077 no product is readable by others; a symbolic link planted in the
+    output tree where the run's planes folder goes is removed, not written through."""
+    night = simulate_night(tmp_path / "archive", SIM)
+    out = tmp_path / "out"
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    night_out = output_dir(night, out)
+    night_out.mkdir(parents=True)
+    (night_out / ".frame-masters").symlink_to(victim, target_is_directory=True)
+    r = subprocess.run(["sh", "-c", 'umask 077 && exec "$0" "$@"', SCRIPT, "calibrate",
+                        str(night), "--out", str(out), "--no-cosmics", "-q",
+                        "--dashboard-address", "127.0.0.1:0"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not any(victim.iterdir())
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name.endswith("_CAL.fits") for p in files)
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {oct(0o600)}
+
+
+def test_raw_names_like_our_temporaries_or_not_ascii_are_calibrated(tmp_path, capsys):
+    """A raw frame named like a temporary file of ours (``.tmp-…``) or with non-ASCII
+    characters in its name is calibrated like any other, its name kept (escaped in
+    headers), never a reason to lose the frame."""
+    night = simulate_night(tmp_path / "archive", SIM)
+    science = sorted(night.rglob("*_SCIENCE.fits"))
+    renamed = [science[0].with_name(".tmp-" + science[0].name),
+               science[1].with_name("Dôme_C_nuit_" + science[1].name)]
+    for old, new in zip(science, renamed, strict=False):
+        old.rename(new)
+    for flat in sorted(night.rglob("*_SKYFLAT.fits"))[:2]:  # into the master flat
+        flat.rename(flat.with_name("Dôme_" + flat.name))
+    out = tmp_path / "out"
+    code = main(["calibrate", str(night), "--out", str(out), "--no-cosmics", "-q",
+                 "--dashboard-address", "127.0.0.1:0"])
+    assert code == 0, capsys.readouterr()
+    folder = output_dir(night, out)
+    for raw in renamed:
+        product = folder / (raw.name.removesuffix(".fits") + "_CAL.fits")
+        assert product.exists(), sorted(p.name for p in folder.iterdir())
+        with fits.open(product) as hdul:
+            written = hdul[0].header["RAWFILE"]
+        assert urllib.parse.unquote(written) == raw.name
+        check = subprocess.run(["fitsverify", "-q", str(product)], capture_output=True,
+                               text=True)
+        assert "OK" in check.stdout or check.returncode == 0, check.stdout

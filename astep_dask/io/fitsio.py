@@ -8,12 +8,14 @@ a half-written file under a real name, and a re-run finds either a whole file or
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
 import re
 import tempfile
+import urllib.parse
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -36,6 +38,7 @@ __all__ = [
     "IMAGETYP_MASTER",
     "TMP_PREFIX",
     "UTYPE_VARIANCE",
+    "ascii_text",
     "atomic_open",
     "atomic_path",
     "atomic_write",
@@ -71,6 +74,22 @@ def header_cards(header: fits.Header) -> fits.Header:
 
 TMP_PREFIX = ".tmp-"
 
+# A temporary file of atomic_path: TMP_PREFIX, the final name, "." and mkstemp's 8 random
+# characters. A raw frame named ".tmp-….fits" (and its product) is none of them.
+_TEMP_RE = re.compile(re.escape(TMP_PREFIX) + r".+\.[a-z0-9_]{8}")
+
+
+def ascii_text(value: str) -> str:
+    """A text as a FITS header value may hold it: printable ASCII unchanged, any other
+    character percent-encoded as its UTF-8 bytes (``Dôme`` → ``D%C3%B4me``; read back
+    with :func:`urllib.parse.unquote`). File names go into headers this way, so that a
+    frame whose name is not ASCII is calibrated like any other."""
+    if value.isascii() and value.isprintable():
+        return value
+    return urllib.parse.quote(value, safe="".join(
+        chr(c) for c in range(32, 127) if chr(c) != "%"))
+
+
 
 # Structural keywords of a raw primary header that must not be copied onto other HDUs.
 STRUCTURAL = {
@@ -81,6 +100,18 @@ STRUCTURAL = {
 }
 
 
+def process_umask() -> int:
+    """The process's file-mode creation mask, read from ``/proc`` (setting the mask to
+    read it back is not thread-safe); where there is no ``/proc``, set and restored."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            return next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 @contextmanager
 def atomic_path(path: str | Path, sync: bool = True) -> Iterator[Path]:
     """A temporary path beside ``path`` to write a file to; renamed to ``path`` when done.
@@ -88,8 +119,9 @@ def atomic_path(path: str | Path, sync: bool = True) -> Iterator[Path]:
     The one way this package writes a file: the caller writes the temporary file (by its
     own means: astropy, matplotlib, a subprocess); when the block ends without error the
     file is flushed to disk (fsync; not with ``sync=False``, for a scratch file that a
-    crash may lose), made world-readable and renamed into place, atomically. On any error
-    it is removed, and nothing appears at ``path``.
+    crash may lose), given the mode the user's umask allows (as :func:`open` would) and
+    renamed into place, atomically. On any error it is removed, and nothing appears at
+    ``path``.
 
     Examples
     --------
@@ -98,6 +130,9 @@ def atomic_path(path: str | Path, sync: bool = True) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.parent.is_symlink():  # planted in our output tree: it would steer the write
+        raise OSError(errno.ELOOP, "refusing to write through a symbolic link (not made by "
+                      "astep-dask; remove it)", str(path.parent))
     fd, name = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
@@ -109,7 +144,7 @@ def atomic_path(path: str | Path, sync: bool = True) -> Iterator[Path]:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o666 & ~process_umask())  # as open() would have made it
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -260,6 +295,8 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
         return []
     removed = []
     for p in folder.glob(TMP_PREFIX + "*"):
+        if not _TEMP_RE.fullmatch(p.name):
+            continue  # a product of a raw frame named ".tmp-…"
         try:
             p.unlink()
             removed.append(p)

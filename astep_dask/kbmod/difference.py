@@ -22,7 +22,7 @@ from astropy.io import fits
 
 from astep_dask.config import TemplateSettings
 from astep_dask.core.bits import MASK_DTYPE
-from astep_dask.io.fitsio import atomic_write
+from astep_dask.io.fitsio import ascii_text, atomic_write
 from astep_dask.io.products import KBMOD_REGISTERED_FOLDER
 from astep_dask.kbmod.kernels import filter_factor
 from astep_dask.kbmod.products import (
@@ -136,12 +136,12 @@ def difference_task(job: DifferenceJob) -> dict:
     cards = {
         PROV_KEY: (job.provenance, "hash of registered frame, template and settings"),
         "KBPLANE": ("difference", "SCI = registered frame - static-sky template"),
-        "TEMPLATE": (job.template.name, "static-sky template subtracted"),
+        "TEMPLATE": (ascii_text(job.template.name), "static-sky template subtracted"),
         "TPLPROV": (job.template_provenance, "provenance hash of the template"),
         "TPLMODE": (job.mode, "template: this night (leave-one-out) or other nights"),
         "TPLLOO": (job.weight is not None, "T: this frame left out of its template"),
         "TPLFLOOR": (ts.residual_floor, "fraction of |template| added to VAR (quadr.)"),
-        "REGFILE": (f"{KBMOD_REGISTERED_FOLDER}/{job.registered.name}",
+        "REGFILE": (ascii_text(f"{KBMOD_REGISTERED_FOLDER}/{job.registered.name}"),
                     "registered sky-subtracted frame"),
         "PSFMATCH": (ts.psf_match, "T: PSF matched to the template's (Gaussian var)"),
         "PSFKVARX": (float(job.kernel_var[0]), "[px2] x variance of the matching kernel"),

@@ -69,7 +69,7 @@ from astep_dask.core.register import (
     stars_psf_sigma,
     windowed_centroids,
 )
-from astep_dask.io.fitsio import atomic_write
+from astep_dask.io.fitsio import ascii_text, atomic_write
 from astep_dask.io.provenance import digest_of
 from astep_dask.kbmod.kernels import filter_factor
 from astep_dask.kbmod.products import (
@@ -310,7 +310,7 @@ def frame_cards(f: CalFrame, job: ExportJob, offset: Offset, bkg: Background, in
         "OBSGEO-H": (OBS_ELEV, "[m] observatory height"),
         "BUNIT": ("electron", "unit of SCI"),
         "KBLAYOUT": ("SCI,MASK,VAR", "HDUs 1,2,3 as KBMOD's FITS loader reads them"),
-        "CALFILE": (f.path.name, "calibrated frame exported"),
+        "CALFILE": (ascii_text(f.path.name), "calibrated frame exported"),
         "REFFRAME": (job.reference.stem, "reference frame: its grid is this grid"),
         "REFADPRV": (job.reference.adprov, "ADPROV of the reference frame"),
         PROV_KEY: (job.provenance, "hash of input, reference and export settings"),

@@ -20,6 +20,7 @@ import xarray as xr
 from astep_dask.config import CombineSettings, Settings
 from astep_dask.core.calibrate import overscan_level
 from astep_dask.core.combine import Combined, NoiseModel, clip_combine
+from astep_dask.io.fitsio import ascii_text
 from astep_dask.io.layout import FrameRecord
 from astep_dask.io.stack import frame_section, open_strips, read_section
 
@@ -120,10 +121,12 @@ def combine_cards(settings: Settings, n: int, result: Combined) -> dict[str, tup
 
 
 def inputs_table(records: Sequence[FrameRecord], levels: Sequence[float] | None = None):
-    """The master's INPUTS table rows: file, exposure, start time (and level, for flats)."""
+    """The master's INPUTS table rows: file (non-ASCII %-encoded,
+    :func:`~astep_dask.io.fitsio.ascii_text`), exposure, start time (and level, for
+    flats)."""
     rows = []
     for i, r in enumerate(records):
-        row = {"FILE": r.path.name, "EXPTIME": float(r.exptime), "DATE_OBS": r.date_obs}
+        row = {"FILE": ascii_text(r.path.name), "EXPTIME": float(r.exptime), "DATE_OBS": r.date_obs}
         if levels is not None:
             row["LEVEL"] = float(levels[i])
         rows.append(row)

@@ -9,6 +9,8 @@ than receiving the arrays with every task: a frame task carries only paths
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +29,7 @@ from astep_dask.errors import CalibrationError, RunError
 from astep_dask.io.fitsio import (
     IMAGETYP_MASTER,
     UTYPE_VARIANCE,
+    ascii_text,
     atomic_write_digest,
     extension_header,
     header_cards,
@@ -143,10 +146,29 @@ _NOT_CARDS = ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND", "COMMEN
               "DATE-AVG", "MJD-AVG", "LONGSTRN")
 
 
-def read_master(path: Path, role: str | None = None) -> Master:
+def read_master(path: Path, role: str | None = None, expect: str | None = None) -> Master:
     """Read a master written by :func:`write_master`; also one of an earlier version or
-    another tool, whose image is in PRIMARY (see :func:`is_current_layout`)."""
-    with fits.open(path, memmap=False) as hdul:
+    another tool, whose image is in PRIMARY (see :func:`is_current_layout`).
+
+    With ``expect`` (the file digest, :func:`~astep_dask.io.provenance.file_digest`, the
+    run planned with), the bytes read are the bytes checked: a master replaced or
+    rewritten since is refused.
+
+    Raises
+    ------
+    CalibrationError
+        When the file's digest is not ``expect``.
+    """
+    source: Path | io.BytesIO = path
+    if expect:
+        data = Path(path).read_bytes()
+        got = hashlib.sha256(data).hexdigest()[:16]
+        if got != expect:
+            raise CalibrationError(
+                f"master {Path(path).name} changed since the run planned with it (file "
+                f"digest {got}, planned {expect}): re-run to calibrate with it")
+        source = io.BytesIO(data)
+    with fits.open(source, memmap=False) as hdul:
         header, data = image_of(hdul)
         names = [h.name for h in hdul]
         var = np.asarray(hdul["VAR"].data, np.float32) if "VAR" in names else None
@@ -175,9 +197,15 @@ class StoredMaster(Master):
     read the first time they are used, so that a run that reuses it and needs none of its
     pixels (every frame already done) reads none of them."""
 
+    def expecting(self, digest: str | None) -> StoredMaster:
+        """Check the file against this digest when its images are read (:func:`read_master`
+        ``expect``); returns itself."""
+        self.__dict__["_expect"] = digest
+        return self
+
     def _image(self, name: str) -> np.ndarray | None:
         if self.__dict__.get(name, _UNREAD) is _UNREAD:
-            full = read_master(self.path, self.role)
+            full = read_master(self.path, self.role, self.__dict__.get("_expect"))
             self.__dict__.update(_data=full.data, _var=full.var, _count=full.count)
         return self.__dict__[name]
 
@@ -218,6 +246,9 @@ class MasterPaths:
     flats: tuple[tuple[str, Path], ...]
     mask: Path
     illums: tuple[tuple[str, Path], ...] = ()  # illumination correction per filter
+    # The file digest of each master (by file name) the run planned with: a master read
+    # for a frame is checked against it (read_master's ``expect``). Empty: not checked.
+    expect: tuple[tuple[str, str], ...] = ()
 
     def digests(self, index: FileIndex | None = None) -> dict[str, str]:
         """File digests of every master, named by file: the provenance of a frame. With the
@@ -240,13 +271,14 @@ class MasterPaths:
 
 
 @functools.lru_cache(maxsize=16)
-def _load(path: str, mtime_ns: int) -> Master:
-    return read_master(Path(path))
+def _load(path: str, mtime_ns: int, expect: str | None) -> Master:
+    return read_master(Path(path), expect=expect)
 
 
-def load_cached(path: Path) -> Master:
-    """A master read once per process (cached by path and modification time)."""
-    return _load(str(path), path.stat().st_mtime_ns)
+def load_cached(path: Path, expect: str | None = None) -> Master:
+    """A master read once per process (cached by path and modification time; ``expect``
+    as :func:`read_master`)."""
+    return _load(str(path), path.stat().st_mtime_ns, expect)
 
 
 def no_flat_reason(paths: MasterPaths, filter: str) -> str:
@@ -296,11 +328,17 @@ def frame_masters(
     CalibrationError
         When there is no flat for the filter or no way to make the dark.
     """
-    base = load_cached if cache else read_master
     held = dict(loaded or {})
+    expect = dict(paths.expect)
 
     def load(path: Path) -> Master:
-        return held.get(str(path)) or base(path)
+        master = held.get(str(path))
+        if isinstance(master, StoredMaster):  # its images not read yet, maybe
+            return master.expecting(expect.get(path.name))
+        if master is not None:  # made by this run, in memory
+            return master
+        digest = expect.get(path.name)
+        return load_cached(path, digest) if cache else read_master(path, expect=digest)
 
     flats = dict(paths.flats)
     if filter not in flats:
@@ -326,8 +364,7 @@ def frame_masters(
     flat_data, flat_var = flat.data, variance_of(flat)
     if illum_path is not None:
         illum = load(illum_path)
-        flat_data, flat_var = (corrected_flat(flats[filter], paths.mask, illum_path) if cache
-                               else _divide_illum(flat, mask, illum))
+        flat_data, flat_var = _divide_illum(flat, mask, illum)  # the masters checked above
         cards["MILLUM"] = (illum.path.name, "illumination correction (flat divided by it)")
         cards["MILLUMH"] = (illum.digest, "its ADHASH")
     fm = FrameMasters(dark=sol.total, dark_var=sol.var, dark_current=sol.current,
@@ -433,7 +470,7 @@ class MasterStore:
             return None
         _, path = min(candidates)
         m = read_master(path, role)
-        m.cards["FALLBACK"] = (path.name, "master taken from another night")
+        m.cards["FALLBACK"] = (ascii_text(path.name), "master taken from another night")
         self.report.notes.append(f"{role} {name_suffix}: {why}; using {path}")
         return m
 

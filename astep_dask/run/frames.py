@@ -24,7 +24,7 @@ from distributed import Client
 from astep_dask.config import Settings
 from astep_dask.core.calibrate import Detector, calibrate_frame
 from astep_dask.errors import CalibrationError
-from astep_dask.io.fitsio import atomic_write_digest, calibrated_hdul, verify_file
+from astep_dask.io.fitsio import ascii_text, atomic_write_digest, calibrated_hdul, verify_file
 from astep_dask.io.index import stamp_of
 from astep_dask.io.layout import FrameRecord, detector_values
 from astep_dask.io.provenance import frame_provenance, read_provenance
@@ -198,7 +198,7 @@ def _process(job: FrameJob, row: dict) -> dict:
     cs = job.settings.cosmics
     cards.update({
         "ADPROV": (provenance, "hash of input, masters and settings"),
-        "RAWFILE": (rec.path.name, "raw frame"),
+        "RAWFILE": (ascii_text(rec.path.name), "raw frame (non-ASCII %-encoded)"),
         "GAIN": (detector.gain, "[e-/ADU] gain applied"),
         "RDNOISE": (detector.read_noise, "[e-] read noise used for VAR"),
         "SATURATE": (detector.saturation, "[adu] raw level flagged SAT"),

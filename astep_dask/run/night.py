@@ -43,7 +43,7 @@ from astep_dask.io.products import (
 from astep_dask.io.provenance import digest_of, frame_provenance, night_provenance
 from astep_dask.io.rawfiles import stem
 from astep_dask.masters.builder import MasterBuilder
-from astep_dask.masters.shared import remove_shared
+from astep_dask.masters.shared import make_shared_folder, remove_shared
 from astep_dask.masters.store import MasterPaths, no_flat_reason
 from astep_dask.run.frames import FrameJob, process_frame, share_masters
 from astep_dask.run.plan import already_done, load_index, plan_night
@@ -151,7 +151,10 @@ def calibrate_night(
         result.rejected = builder.report.rejected + _rejected_still(
             previous, inv, masters, builder.report.reused_files)
         result.details["masters"]["rejected"] = result.rejected
-        masters_digest = digest_of(sorted(masters.digests(index).items()))
+        planned = masters.digests(index)
+        masters_digest = digest_of(sorted(planned.items()))
+        # Every master read for a frame from here on is checked against these digests.
+        masters = replace(masters, expect=tuple(sorted(planned.items())))
         science = inv.select(FrameType.SCIENCE)
         # A frame's provenance is known here when its raw digest is (the index knew the
         # file unchanged); otherwise the worker completes it as it reads the file.
@@ -171,7 +174,7 @@ def calibrate_night(
         result.frames.extend(done)  # never sent to the cluster
         shared_dir = out_dir / SHARED_MASTERS_FOLDER
         try:
-            remove_shared(shared_dir)  # a killed run's
+            make_shared_folder(shared_dir)  # afresh: a killed run's planes removed
             jobs = _with_shared(client, jobs, masters, shared_dir, masters_digest,
                                 result.frames, builder.store.loaded)
             builder.store.loaded.clear()  # the planes are on disk: the driver keeps none

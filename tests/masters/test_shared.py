@@ -20,7 +20,9 @@ from astep_dask.masters import store
 from astep_dask.masters.builder import MasterBuilder
 from astep_dask.masters.shared import (
     PLANES,
+    PlaneChanged,
     load_shared,
+    make_shared_folder,
     remove_shared,
     share_frame_masters,
 )
@@ -104,3 +106,83 @@ def test_frames_whose_dark_cannot_be_made_get_the_reason(built, client, tmp_path
     shared, reasons = share_masters(client, masters, jobs, tmp_path / "sh", digest)
     assert reasons == {} and list(shared) == [(recs[0].exptime, recs[0].filter)]
     assert Path(shared[(recs[0].exptime, recs[0].filter)].path("dark")).exists()
+
+
+def _fresh(shared):
+    """The planes as a new worker process would see them (nothing mapped yet)."""
+    from astep_dask.masters import shared as module
+    module._mapped.cache_clear()
+    return shared
+
+
+def test_a_truncated_or_replaced_plane_is_never_mapped(built, tmp_path):
+    inv, masters, digest, _ = built
+    rec = inv.select(FrameType.SCIENCE)[0]
+    shared = share_frame_masters(masters, rec.exptime, rec.filter, tmp_path, digest)
+    flat = shared.path("flat")
+    whole = flat.read_bytes()
+    flat.write_bytes(whole[: len(whole) // 2])  # mapped, it would kill the worker (SIGBUS)
+    with pytest.raises(PlaneChanged, match="bytes"):
+        load_shared(_fresh(shared))
+    spoiled = bytearray(whole)
+    spoiled[-4:] = np.float32(7.0).tobytes()  # same size, another flat value
+    flat.write_bytes(bytes(spoiled))
+    with pytest.raises(PlaneChanged, match="changed since it was written"):
+        load_shared(_fresh(shared))
+
+
+def test_a_plane_rewritten_while_mapped_is_not_used_for_the_next_frame(built, tmp_path):
+    inv, masters, digest, _ = built
+    rec = inv.select(FrameType.SCIENCE)[0]
+    shared = share_frame_masters(masters, rec.exptime, rec.filter, tmp_path / "sh", digest)
+    job = FrameJob(rec, tmp_path / "a_CAL.fits", masters, "p", SETTINGS, True, _fresh(shared))
+    assert process_frame(job)["status"] == "done"
+    dark = shared.path("dark")
+    values = np.load(dark)
+    dark.unlink()  # replaced under the same name: what the mapped file no longer is
+    np.save(dark, values + np.float32(100))
+    with pytest.raises(PlaneChanged, match="replaced or rewritten during the run"):
+        load_shared(shared)
+    # The frame is made from the master files instead: the numbers of the first frame.
+    again = dataclasses.replace(job, output=tmp_path / "b_CAL.fits")
+    assert process_frame(again)["status"] == "done"
+    with fits.open(job.output) as one, fits.open(again.output) as two:
+        assert np.array_equal(one["SCI"].data, two["SCI"].data, equal_nan=True)
+
+
+def test_a_master_changed_after_the_plan_fails_its_frames_with_the_reason(built, tmp_path):
+    inv, masters, _, _ = built
+    rec = inv.select(FrameType.SCIENCE)[0]
+    copies = tmp_path / "masters"
+    copies.mkdir()
+    flat_path = dict(masters.flats)[rec.filter]
+    copy = copies / flat_path.name
+    copy.write_bytes(flat_path.read_bytes())
+    planned = dict(masters.digests())
+    mine = dataclasses.replace(masters, flats=((rec.filter, copy),),
+                               expect=tuple(sorted(planned.items())))
+    job = FrameJob(rec, tmp_path / "a_CAL.fits", mine, "p", SETTINGS, True)
+    assert process_frame(job)["status"] == "done"  # the master the run planned with
+    with fits.open(copy, mode="update") as hdul:  # then rewritten, valid FITS
+        hdul["SCI"].data[0, 0] *= 2
+    row = process_frame(dataclasses.replace(job, output=tmp_path / "b_CAL.fits"))
+    assert row["status"] == "failed", row
+    assert f"master {copy.name} changed since the run planned with it" in row["reason"]
+    assert not (tmp_path / "b_CAL.fits").exists()
+
+
+def test_a_symlink_in_place_of_the_planes_folder_is_removed_not_followed(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("precious")
+    folder = tmp_path / "night" / ".frame-masters"
+    folder.parent.mkdir()
+    folder.symlink_to(victim, target_is_directory=True)
+    made = make_shared_folder(folder)
+    assert made.is_dir() and not made.is_symlink()
+    assert (made.stat().st_mode & 0o777) == 0o700
+    assert [p.name for p in victim.iterdir()] == ["keep.txt"]
+    folder.rmdir()
+    folder.symlink_to(victim, target_is_directory=True)
+    remove_shared(folder)
+    assert not folder.exists() and (victim / "keep.txt").read_text() == "precious"
