@@ -38,6 +38,7 @@ __all__ = [
     "IMAGETYP_MASTER",
     "TMP_PREFIX",
     "UTYPE_VARIANCE",
+    "add_checksums",
     "ascii_text",
     "atomic_open",
     "atomic_path",
@@ -485,6 +486,20 @@ def image_header(hdul: fits.HDUList) -> fits.Header:
                        if c.keyword not in STRUCTURAL
                        and c.keyword not in ("COMMENT", "HISTORY", "")])
     return header
+
+
+def add_checksums(path: str | Path) -> Path:
+    """Add ``DATASUM`` and ``CHECKSUM`` to every HDU of a FITS file written by other means
+    than :func:`atomic_write` (streamed cubes, HDUs appended one at a time), so that
+    :func:`verify_file` checks it like any other product. Meant for the temporary file of
+    :func:`atomic_path`, before it is renamed into place; reads the file once."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", VerifyWarning)
+        # memory-mapped: a night's stacked cubes are summed through the page cache
+        with fits.open(path, mode="update", memmap=True) as hdul:
+            for hdu in hdul:
+                hdu.add_checksum()
+    return Path(path)
 
 
 def verify_file(path: str | Path) -> str | None:

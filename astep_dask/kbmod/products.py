@@ -30,6 +30,7 @@ from astep_dask.core.background import Background
 from astep_dask.core.bits import MASK_DTYPE, Bit, flag
 from astep_dask.core.register import STAR_DTYPE
 from astep_dask.io.fitsio import (
+    add_checksums,
     atomic_path,
     atomic_write,
     copy_header,
@@ -74,6 +75,7 @@ __all__ = [
     "sky_subtract",
     "stack_provenance",
     "strip_wcs",
+    "trusted",
     "wcs_signature",
     "write_manifest",
     "write_offsets",
@@ -290,6 +292,15 @@ def header_value(path: Path, key: str, ext: int = 0) -> str | None:
         return None
 
 
+def trusted(path: Path, key: str, provenance: str, *more: Path) -> bool:
+    """True when a night-level product (template, stack, WorkUnit) may be reused: its
+    ``key`` card is ``provenance`` and it verifies (:func:`~astep_dask.io.fitsio.verify_file`:
+    every byte there, every DATASUM and CHECKSUM), as do the files in ``more`` (the shards
+    of a WorkUnit). A damaged one is remade, whatever its provenance says."""
+    return (header_value(path, key) == provenance
+            and all(verify_file(p) is None for p in (path, *more)))
+
+
 def existing_row(path: Path, provenance: str) -> dict | None:
     """The table row of an existing KBMOD file whose provenance matches and whose data
     verify (:func:`~astep_dask.io.fitsio.verify_file`), else None: a file that is
@@ -453,6 +464,7 @@ def write_stack(path: Path, rows: list[dict], kdir: Path, reference: Reference,
                 shdu.close()
         table = frames_table(rows)
         fits.append(tmp, table.data, table.header, checksum=True)
+        add_checksums(tmp)  # the streamed cubes too: a re-run verifies before it reuses
     return path
 
 

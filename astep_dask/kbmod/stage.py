@@ -68,6 +68,7 @@ from astep_dask.kbmod.products import (
     reference_path,
     reference_wcs,
     stack_provenance,
+    trusted,
     write_manifest,
     write_offsets,
     write_reference,
@@ -203,7 +204,7 @@ def export_night(
         if ts.enabled and result["error"] is None:
             rows = _difference_stage(run, result, rows, frames, reference, night_dir=night_dir,
                                      out=out, ks=ks, ts=ts, force=force)
-        return _unusable_apart(_finish(result, rows, failed, ks, started, reference),
+        return _unusable_apart(_finish(result, rows, failed, ks, started, reference, force),
                                problems, cal_dir)
 
 
@@ -352,9 +353,12 @@ def _recorded_status(manifest: Path) -> str | None:
 
 
 def _finish(result: dict, rows: list[dict], failed: list[dict], ks: KbmodSettings,
-            started: float, reference: Reference | None = None) -> StageResult:
+            started: float, reference: Reference | None = None, force: bool = False
+            ) -> StageResult:
     """Write the stack, offsets table and manifest (when there is something to write),
-    complete the summary (what ``kbmod.json`` holds) and return it as the stage's result."""
+    complete the summary (what ``kbmod.json`` holds) and return it as the stage's result.
+    The stack and the WorkUnit already there are kept when their provenance matches and
+    they verify (:func:`~astep_dask.kbmod.products.trusted`), unless ``force``."""
     kdir: Path = result["kbmod_dir"]
     night = result["night"]
     all_rows = sorted([*rows, *[r for r in failed if r not in rows]],
@@ -368,7 +372,7 @@ def _finish(result: dict, rows: list[dict], failed: list[dict], ks: KbmodSetting
             result["offsets"] = write_offsets(kdir / f"{night}_OFFSETS.csv", all_rows)
             stack = kdir / f"{night}_STACK.fits"
             prov = stack_provenance(good, ks)
-            if counts["done"] or header_value(stack, "STKPROV") != prov:
+            if force or counts["done"] or not trusted(stack, "STKPROV", prov):
                 write_stack(stack, good, kdir, reference, ks, prov)
             result["stack"] = stack
             wu = kdir / f"{night}{KBMOD_WORKUNIT_SUFFIX}"
@@ -376,7 +380,8 @@ def _finish(result: dict, rows: list[dict], failed: list[dict], ks: KbmodSetting
                                                                        reference.shape)
             wprov = workunit_provenance(good, reference)
             at = kdir / WORKUNIT_SHARD_FOLDER / wu.name if shard else wu
-            if header_value(at, WORKUNIT_PROV) != wprov:
+            shards = [at.parent / f"{i}_{at.name}" for i in range(len(good))] if shard else []
+            if force or not trusted(at, WORKUNIT_PROV, wprov, *shards):
                 write_workunit(wu, good, kdir, reference, night, wprov, sharded=shard)
             result["workunit"], result["workunit_sharded"] = at, shard
         except OSError as exc:

@@ -32,7 +32,7 @@ from astep_dask.kbmod.kernels import effective_psf_variance, halo, matching_vari
 from astep_dask.kbmod.products import (
     Reference,
     card_float,
-    header_value,
+    trusted,
 )
 from astep_dask.kbmod.template import (
     StripJob,
@@ -103,7 +103,7 @@ def run_template_stage(run: Dispatch, *, night_dir: Path, out: Path | None, kdir
     tpath = template_path(kdir, run.night)
     info.update(file=tpath, frames=len(tframes), provenance=tprov,
                 psf_sigma=float(np.sqrt(target)))
-    if force or header_value(tpath, "TPLPROV") != tprov:
+    if force or not trusted(tpath, "TPLPROV", tprov):
         _combine_template(run, tpath, tframes, target, reference, ts, info["mode"], tprov)
     weights = {f.stem: f.weight for f in tframes if f.own}
     jobs = [

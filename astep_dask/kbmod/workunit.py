@@ -46,7 +46,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 
 from astep_dask.core.bits import SEARCH_IGNORED, Bit, flag
 from astep_dask.core.psf import gaussian_images
-from astep_dask.io.fitsio import atomic_path, header_cards, image_hdu
+from astep_dask.io.fitsio import add_checksums, atomic_path, header_cards, image_hdu
 from astep_dask.io.provenance import digest_of, stamp
 from astep_dask.kbmod.products import (
     OBS_ELEV,
@@ -257,10 +257,10 @@ def write_workunit(path: Path, rows: list[dict], kdir: Path, reference: Referenc
                 hdus = _image_hdus(i, h, hdul[1].data, hdul[3].data, hdul[2].data,
                                    reference.wcs, reference.shape)
             with atomic_path(folder / f"{i}_{path.name}") as tmp:
-                fits.HDUList([fits.PrimaryHDU(), *hdus]).writeto(tmp)
+                fits.HDUList([fits.PrimaryHDU(), *hdus]).writeto(tmp, checksum=True)
         # the primary last: its WUPROV says the shards are complete
         with atomic_path(path) as tmp:
-            fits.HDUList(meta).writeto(tmp)
+            fits.HDUList(meta).writeto(tmp, checksum=True)
         return path
     with atomic_path(path) as tmp:
         fits.HDUList(meta).writeto(tmp)
@@ -271,6 +271,7 @@ def write_workunit(path: Path, rows: list[dict], kdir: Path, reference: Referenc
             with fits.open(tmp, mode="append") as out:
                 for hdu in hdus:
                     out.append(hdu)
+        add_checksums(tmp)  # a re-run verifies the WorkUnit before it reuses it
     return path
 
 

@@ -24,6 +24,7 @@ from astep_dask.config import AstrometrySettings, Settings
 from astep_dask.core.astrometry import AstrometryError, fit_wcs, guess_wcs
 from astep_dask.core.bits import Bit, flag
 from astep_dask.io.catalog import pointing, read_catalog
+from astep_dask.io.fitsio import verify_file
 from astep_dask.kbmod.candidates import read_candidates
 from astep_dask.kbmod.search import search_night
 from astep_dask.kbmod.stage import export_night
@@ -385,3 +386,38 @@ def test_kbmod_image_collection_reads_the_frames(exported):
     print(f"\nImageCollection default masking (whole, inside the registration edges): "
           f"{np.round(masked, 3).tolist()}")
     assert len(masked) == len(paths) and max(i for _, i in masked) <= 0.05
+
+
+def _flip(path, hdu: int = 1) -> None:
+    """Flip one bit in the data of ``hdu`` (a damaged disk or copy; the header intact)."""
+    with fits.open(path) as hdul:
+        at = hdul.fileinfo(hdu)["datLoc"] + 17
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_night_products_are_remade_and_force_remakes_them(exported, night, client):
+    """The template, the stack and the WorkUnit are reused only when they verify
+    (DATASUM/CHECKSUM), whatever their provenance card says; ``force`` remakes them."""
+    night_dir, cat = night
+    settings = Settings().replace(cluster={"dashboard_address": ":0"},
+                                  astrometry=_guess(str(cat)))
+    out = exported.details["test_out"]
+    first = export_night(night_dir, client, settings, out=out)
+    products = [first.details["template"]["file"], first.details["stack"],
+                first.details["workunit"]]
+    for p in products:
+        assert verify_file(p) is None, p
+        _flip(p)
+        assert verify_file(p) is not None, p
+    again = export_night(night_dir, client, settings, out=out)
+    assert again.status == "complete", again.error
+    for p in products:
+        assert verify_file(p) is None, p  # remade, not trusted on its card
+    before = {p: p.stat().st_mtime_ns for p in products}
+    kept = export_night(night_dir, client, settings, out=out)
+    assert {p: p.stat().st_mtime_ns for p in products} == before  # intact: kept
+    forced = export_night(night_dir, client, settings, out=out, force=True)
+    assert forced.status == "complete", forced.error
+    assert all(p.stat().st_mtime_ns != before[p] for p in products), kept.details
