@@ -44,6 +44,7 @@ __all__ = [
     "SearchSettings",
     "Settings",
     "SettingsError",
+    "SiteSettings",
     "StarSettings",
     "TemplateSettings",
     "load_settings",
@@ -180,6 +181,18 @@ class DetectorSettings:
     read_noise: float = 10.0  # e-, when the header has no RDNOISE
     saturation_adu: float = 65535.0  # raw level at and above which a pixel is saturated
     overscan: str = "auto"  # "auto" (BIASSEC/TRIMSEC headers), "none"
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """Where the telescope is, for frames whose header names no site (``SITELAT``/
+    ``SITELONG``/``SITEELEV``, ``LATITUDE``/``LONGITUD``, ``OBSGEO-*``): the mid-exposure
+    ``BJD_TDB``, ``CENTALT`` and ``AIRMASS`` of calibrated frames (:mod:`astep_dask.io.times`).
+    Default: Concordia, Dome C."""
+
+    latitude: float = -75.1  # deg, geodetic, north positive
+    longitude: float = 123.35  # deg, east positive
+    elevation: float = 3233.0  # m above the WGS84 ellipsoid
 
 
 @dataclass(frozen=True)
@@ -392,13 +405,10 @@ class ClusterSettings:
     # this the run stops and says what squeue/qstat said of the jobs. 0: wait for ever
     # (a driver that is itself a batch job then waits until its walltime).
     job_start_timeout: float = 1800.0
-    # Dashboard of a cluster we start. "auto": a local cluster's on the loopback interface
-    # (127.0.0.1:8787; tunnel to it with SSH, see deploy/README.md), none for a batch
-    # cluster (slurm, pbs: an unattended job); "off": none; else the address, e.g.
-    # "127.0.0.1:8787" to have a batch run's, ":8787" for every interface. Every user of
-    # the machine can read a dashboard (task names, file paths, worker logs; it runs no
-    # code). A busy port makes dask pick another.
-    dashboard_address: str = "auto"
+    # Dashboard of a cluster we start (local or batch): the loopback interface only by
+    # default (tunnel to it with SSH, see deploy/README.md); ":8787" opens it on every
+    # interface. A busy port makes dask pick another.
+    dashboard_address: str = "127.0.0.1:8787"
     # Clusters we start with worker processes or batch jobs talk TLS with credentials made
     # for the run (nobody else can connect and run code). false only to measure its cost.
     tls: bool = True
@@ -420,6 +430,7 @@ class Settings:
     mask: MaskSettings = field(default_factory=MaskSettings)
     cosmics: CosmicSettings = field(default_factory=CosmicSettings)
     detector: DetectorSettings = field(default_factory=DetectorSettings)
+    site: SiteSettings = field(default_factory=SiteSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
     resume: ResumeSettings = field(default_factory=ResumeSettings)
     kbmod: KbmodSettings = field(default_factory=KbmodSettings)
@@ -532,6 +543,7 @@ _RULES: dict[str, str | tuple[str, ...]] = {
     "detector.gain": "pos", "detector.read_noise": "pos", "detector.saturation_adu": "pos",
     "detector.overscan": ("auto", "none"),
     "output.quantize_level": "pos",
+    "site.latitude": "any", "site.longitude": "any", "site.elevation": "any",
     "kbmod.mesh": "pos", "kbmod.bkg_sigma": "pos", "kbmod.bkg_filter": "pos",
     "kbmod.psf_sigma_guess": "pos", "kbmod.detect_sigma": "pos", "kbmod.max_stars": "pos",
     "kbmod.match_radius": "pos", "kbmod.min_matches": "pos",
@@ -569,6 +581,9 @@ _RANGES: dict[str, tuple[float, float]] = {
     "cluster.min_jobs": (0, 10_000),
     "cluster.max_jobs": (1, 10_000),
     "combine.iterations": (1, 100),
+    "site.latitude": (-90, 90),
+    "site.longitude": (-180, 360),
+    "site.elevation": (-500, 10_000),
     "combine.memory_budget_mb": (1, 1_048_576),
     "combine.min_frames": (1, 100_000),
     "cosmics.niter": (1, 100),

@@ -17,12 +17,12 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 from astropy.io import fits
-from astropy.time import Time
 
 from astep_dask.core.bits import MASK_DTYPE, Bit
 from astep_dask.io.headers import FrameType, exposure_time
 from astep_dask.io.products import CAL_SUFFIX, output_dir
 from astep_dask.io.stack import frame_coords
+from astep_dask.io.times import frame_start, product_follow
 
 __all__ = ["CalibratedFrame", "ExtensionImage", "calibrated_folder", "calibrated_frames",
            "open_calibrated"]
@@ -66,16 +66,10 @@ class CalibratedFrame:
 
 
 def _start_mjd(header: fits.Header) -> float:
-    """Start of exposure as an MJD (UTC), as the inventory reads a raw frame's: MJD-OBS,
-    else DATE-OBS; NaN when neither is there."""
-    if header.get("MJD-OBS") is not None:
-        return float(header["MJD-OBS"])
-    if header.get("DATE-OBS"):
-        try:
-            return float(Time(str(header["DATE-OBS"]).strip(), scale="utc").mjd)
-        except ValueError:
-            pass
-    return float("nan")
+    """Start of exposure as an MJD (UTC), read as the inventory reads a raw frame's
+    (:func:`astep_dask.io.times.frame_start`, following the product's ``TIMEFROM``); NaN
+    when the header has no usable time."""
+    return frame_start(header, follow=product_follow(header)).mjd
 
 
 def _read_frame(path: Path) -> CalibratedFrame:

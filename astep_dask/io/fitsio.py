@@ -25,12 +25,13 @@ from typing import IO, Any
 import numpy as np
 from astropy.io import fits
 from astropy.io.fits.verify import VerifyWarning
-from astropy.time import Time, TimeDelta
+from erfa import ErfaWarning
 
 from astep_dask.core.bits import MASK_DTYPE, Bit
 from astep_dask.core.calibrate import Section
 from astep_dask.io.headers import exposure_time
 from astep_dask.io.provenance import stamp
+from astep_dask.io.times import frame_start, product_follow
 
 __all__ = [
     "FRAME_KEYS",
@@ -354,7 +355,8 @@ def image_hdu(data: np.ndarray, name: str, quantize: float | None = None,
 # sees the frame's time, exposure, filter and gain without the primary (``INHERIT = T``
 # says so to readers that do merge).
 FRAME_KEYS = ("OBJECT", "TELESCOP", "INSTRUME", "EXPTIME", "DATE-OBS", "MJD-OBS", "TIMESYS",
-              "FILTER", "GAIN", "RDNOISE", "RAWFILE")
+              "FILTER", "GAIN", "RDNOISE", "RAWFILE", "MJD-MID", "BJD_TDB", "CENTALT",
+              "AIRMASS")
 
 # The world coordinate keywords of a header (primary and alternate descriptions), FITS WCS
 # papers I-III and the SIP convention: copied verbatim to each image extension.
@@ -544,23 +546,20 @@ def read_calibrated(path: str | Path) -> tuple[fits.Header, np.ndarray, np.ndarr
 
 def mid_exposure(header: fits.Header) -> tuple[float, str, str]:
     """Mid-exposure time of a frame: (MJD in UTC, ISO date in the header's time scale,
-    that scale), from ``DATE-OBS`` (else ``MJD-OBS``) + ``EXPTIME`` / 2.
+    that scale), from its start (:func:`astep_dask.io.times.frame_start`, the one reader
+    of ``DATE-OBS``, ``MJD-OBS`` and ``TIMESYS`` that the inventory uses too) +
+    ``EXPTIME`` / 2.
 
     Raises
     ------
     ValueError
-        When the header has neither ``DATE-OBS`` nor ``MJD-OBS``, or an unreadable one.
+        When the header has neither ``DATE-OBS`` nor ``MJD-OBS``, or an unusable one
+        (unreadable, implausible, or the two in conflict): the reason.
     """
-    scale = str(header.get("TIMESYS", "UTC")).strip().lower()
-    if scale not in Time.SCALES:
-        scale = "utc"
-    if header.get("DATE-OBS"):
-        start = Time(str(header["DATE-OBS"]).strip(), scale=scale)
-    elif header.get("MJD-OBS") is not None:
-        start = Time(float(header["MJD-OBS"]), format="mjd", scale=scale)
-    else:
-        raise ValueError("no DATE-OBS or MJD-OBS: the frame has no time")
+    start = frame_start(header, follow=product_follow(header))
     exptime = exposure_time(header)  # none (never in our products): the start itself
-    mid = start + TimeDelta((exptime if exptime == exptime else 0.0) / 2.0, format="sec")
+    mid = start.mid(exptime)
     mid.precision = 3
-    return float(mid.utc.mjd), str(mid.isot), scale.upper()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ErfaWarning)  # "dubious year" far from today
+        return float(mid.utc.mjd), str(mid.isot), start.scale

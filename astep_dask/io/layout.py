@@ -60,6 +60,7 @@ from astep_dask.io.rawfiles import (
     read_content,
     stem,
 )
+from astep_dask.io.times import frame_start
 
 __all__ = [
     "FLAT_FOLDER",
@@ -375,8 +376,9 @@ def _read_record(path: Path, night: str = "", folder: str = "") -> FrameRecord:
 
     A file that cannot be used gets a record whose ``problem`` says why (not a regular
     file, empty, unreadable, truncated, not a FITS image, no or a bad exposure time, a bad
-    GAIN, RDNOISE or SATURATE, unknown type, a science frame without a time, a bad section
-    keyword); nothing is raised. The file's bytes are read once for its content digest
+    GAIN, RDNOISE or SATURATE, unknown type, a science frame without a time, a time that is
+    unreadable, implausible or in conflict (:func:`astep_dask.io.times.frame_start`), a
+    bad section keyword); nothing is raised. The file's bytes are read once for its content digest
     (headers aside, no pixel data is decoded; a gzip file is decompressed to check it is
     whole).
     """
@@ -420,12 +422,9 @@ def _read_record(path: Path, night: str = "", folder: str = "") -> FrameRecord:
     exptime = exposure_time(merged)
     exptime = None if exptime != exptime else exptime
     date_obs = merged.get("DATE-OBS")
-    mjd = header_float(merged, "MJD-OBS")
-    if mjd is None and isinstance(date_obs, str) and date_obs.strip():
-        try:
-            mjd = float(Time(date_obs.strip(), scale="utc").mjd)
-        except ValueError:
-            mjd = None
+    start = frame_start(merged)  # the one reader of a frame's time (io.times)
+    mjd = start.mjd if start.time is not None else None
+    note = "; ".join([n for n in (note, start.note) if n])
     filt = merged.get("FILTER", "")
     rec = replace(
         rec,
@@ -444,6 +443,8 @@ def _read_record(path: Path, night: str = "", folder: str = "") -> FrameRecord:
     )
     if value_problem:
         return replace(rec, problem=value_problem)
+    if start.problem:  # a time there but unusable (unreadable, implausible, in conflict)
+        return replace(rec, problem=start.problem)
     try:
         rec = replace(
             rec,

@@ -30,6 +30,7 @@ from astep_dask.io.layout import FrameRecord, detector_values
 from astep_dask.io.provenance import frame_provenance, read_provenance
 from astep_dask.io.rawfiles import content_digest
 from astep_dask.io.stack import read_raw
+from astep_dask.io.times import exposure_cards
 from astep_dask.masters.shared import SharedMasters, load_shared, share_frame_masters
 from astep_dask.masters.store import Master, MasterPaths, frame_masters
 
@@ -217,6 +218,12 @@ def _process(job: FrameJob, row: dict) -> dict:
     })
     if trim is not None:
         cards["TRIMSEC"] = (trim.to_fits(), "raw section kept")
+    site = job.settings.site  # MJD-MID, BJD_TDB, CENTALT, AIRMASS (io.times)
+    t_cards, t_notes = exposure_cards(raw_header, rec.exptime, site.latitude,
+                                      site.longitude, site.elevation)
+    cards.update(t_cards)
+    if t_notes:
+        row["note"] = "; ".join(n for n in (row.get("note", ""), *t_notes) if n)
     out_s = job.settings.output
     quantize = out_s.quantize_level if out_s.compress else None
     hdul = calibrated_hdul(raw_header, sci, var, mask, finite_cards(cards), quantize, trim)
