@@ -405,10 +405,13 @@ class ClusterSettings:
     # this the run stops and says what squeue/qstat said of the jobs. 0: wait for ever
     # (a driver that is itself a batch job then waits until its walltime).
     job_start_timeout: float = 1800.0
-    # Dashboard of a cluster we start (local or batch): the loopback interface only by
-    # default (tunnel to it with SSH, see deploy/README.md); ":8787" opens it on every
-    # interface. A busy port makes dask pick another.
-    dashboard_address: str = "127.0.0.1:8787"
+    # Dashboard of a cluster we start. "auto": a local cluster's on the loopback interface
+    # (127.0.0.1:8787; tunnel to it with SSH, see deploy/README.md), none for a batch
+    # cluster (slurm, pbs: an unattended job); "off": none; else the address, e.g.
+    # "127.0.0.1:8787" to have a batch run's, ":8787" for every interface. Every user of
+    # the machine can read a dashboard (task names, file paths, worker logs; it runs no
+    # code). A busy port makes dask pick another.
+    dashboard_address: str = "auto"
     # Clusters we start with worker processes or batch jobs talk TLS with credentials made
     # for the run (nobody else can connect and run code). false only to measure its cost.
     tls: bool = True

@@ -15,8 +15,9 @@ searched recursively; ``.fits``, ``.fit``, ``.fts``, optionally ``.gz``) or an a
    exposure, photon transfer with the second flat scaled to the first's level);
 4. runs the installed console script, ``astep-dask inspect`` and ``astep-dask calibrate``,
    with a settings file that gives ``[detector] gain`` and ``read_noise`` when the headers
-   lack them (``--gain``/``--read-noise``, e.g. the camera's data sheet; else the values
-   measured in 3.), and times them;
+   lack them and ``--gain``/``--read-noise`` are given (e.g. the camera's data sheet; not
+   given: left to astep-dask, whose ``GAINSRC``/``RDNSRC`` cards say what it did), and
+   times them;
 5. measures chi on consecutive science frames of one filter and exposure: the scatter of
    ``SCI_i - SCI_j`` (star-free, unmasked pixels, large-scale sky difference removed,
    sigma-clipped) over ``sqrt(VAR_i + VAR_j - 2 C)``, where ``C`` is the noise the two
@@ -30,6 +31,10 @@ searched recursively; ``.fits``, ``.fit``, ``.fts``, optionally ``.gz``) or an a
    median, electrons with the gain used) and compares the master flat and each science
    frame with ours (median ratio and its robust scatter; ours also with the illumination
    correction taken out, since ccdproc has none).
+
+Where no real night can be had, ``--stand-in SIZE`` simulates one written as a small
+telescope's camera writes it (one folder, SBIG-style types, no GAIN/RDNOISE/MJD-OBS, bias +
+darks of other exposures; truth gain 1.5 e-/ADU, read noise 10 e-) and runs on that.
 
 Everything it writes goes under ``--work`` (default: a new folder in ``$TMPDIR``); nothing is
 written next to the raw files. It prints the figures and, as the last line, one JSON object::
@@ -599,6 +604,41 @@ def ccdproc_compare(cal_frames: dict[str, list[Raw]], science: list[Raw], out_ni
     return out
 
 
+# --------------------------------------------------------------------------- stand-in
+
+
+SBIG_TYPES = {"LIGHT": "Light Frame", "BIAS": "Bias Frame", "DARK": "Dark Frame",
+              "FLAT": "Flat Field"}
+
+
+def write_stand_in(folder: Path, size: int, seed: int) -> Path:
+    """A simulated night written as a small telescope's camera writes one, to try this
+    script where no real night can be had: one folder, SBIG-style ``IMAGETYP`` values, no
+    ``ACQTYPE``, ``GAIN``, ``RDNOISE`` or ``MJD-OBS``, bias frames and darks of 10 and 300 s
+    only (science 90 s: bias + scaled dark). The truth is gain 1.5 e-/ADU, read noise 10 e-.
+    """
+    from astep_dask.testing.simulate import SimConfig, simulate_night
+
+    cfg = SimConfig(size=size, n_science=6, n_bias=5, n_darks=5, n_flats=7,
+                    extra_dark_exptimes=(300.0,), seed=seed)
+    night = simulate_night(folder / "simulated", cfg)
+    raw = folder / "camera"
+    raw.mkdir(parents=True, exist_ok=True)
+    for path in sorted(night.rglob("*.fits")):
+        if "truth" in path.parts:
+            continue
+        with fits.open(path) as hdul:
+            head = hdul[0].header
+            if head["IMAGETYP"] == "DARK" and head["EXPTIME"] == cfg.science_exptime:
+                continue
+            for key in ("GAIN", "RDNOISE", "ACQTYPE", "MJD-OBS"):
+                head.remove(key, ignore_missing=True)
+            head["IMAGETYP"] = SBIG_TYPES[head["IMAGETYP"]]
+            stem = re.sub(r"_(SCIENCE|SKYFLAT|DARK|BIAS)$", "", path.name.split(".")[0])
+            hdul.writeto(raw / f"{stem}.fit")
+    return raw
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -616,21 +656,20 @@ def summarise_raws(raws: list[Raw], report: Report) -> None:
         report.problems.append(f"{n} files: {note}")
 
 
-def detector_settings(raws: list[Raw], args: argparse.Namespace, measured: dict,
-                      report: Report) -> dict:
-    """GAIN and RDNOISE as the run gets them: header, else a given value, else measured."""
+def detector_settings(raws: list[Raw], args: argparse.Namespace, report: Report) -> dict:
+    """GAIN and RDNOISE as the run gets them: the header, else a value given here (written as
+    a setting), else whatever astep-dask does without one (the products' cards say)."""
     out = {}
-    for name, attr, given, meas in (("gain", "gain", args.gain, measured["gain"]),
-                                    ("read_noise", "read_noise", args.read_noise,
-                                     measured["read_noise_e"])):
+    for name, attr, given in (("gain", "gain", args.gain),
+                              ("read_noise", "read_noise", args.read_noise)):
         values = {getattr(r, attr) for r in raws if not r.problem}
         if None not in values:
             out[name] = {"value": sorted(values)[0], "source": "header", "setting": False}
         elif given is not None:
             out[name] = {"value": given, "source": args.gain_source, "setting": True}
-        else:
-            out[name] = {"value": meas, "source": "measured here from the raw frames",
-                         "setting": True}
+        else:  # left to astep-dask (its own measurement or default; its card says which)
+            out[name] = {"value": float("nan"), "source": "not given: left to astep-dask",
+                         "setting": False}
     if any(v["setting"] for v in out.values()):
         report.by_hand.append(
             "wrote a settings file with [detector] "
@@ -644,7 +683,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; see the module docstring."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", type=Path, help="folder of raw FITS files, or ROOT/DATE night")
+    p.add_argument("source", type=Path, nargs="?",
+                   help="folder of raw FITS files, or ROOT/DATE night")
+    p.add_argument("--stand-in", type=int, metavar="SIZE",
+                   help="no real night: simulate one of SIZE² px as a small telescope's camera "
+                        "writes it (under --work) and run on that")
     p.add_argument("--work", type=Path, help="where the layout and products go (new)")
     p.add_argument("--gain", type=float, help="e-/ADU when the headers have none")
     p.add_argument("--read-noise", type=float, help="e- when the headers have none")
@@ -657,13 +700,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="further arguments for astep-dask calibrate (after --extra)")
     args = p.parse_args(argv)
 
-    src = args.source.resolve()
-    report = Report(source=str(src))
     work = (args.work or Path(tempfile.mkdtemp(prefix="real-night-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    if args.stand_in:
+        args.source = write_stand_in(work / "stand-in", args.stand_in, seed=3)
+    elif args.source is None:
+        p.error("give a SOURCE folder or --stand-in SIZE")
+    src = args.source.resolve()
+    report = Report(source=str(src) + (" (simulated stand-in)" if args.stand_in else ""))
     is_night = any(src.glob(f"{src.name}-CAMS*"))
     files = sorted(q for q in (src.rglob("*") if src.is_dir() else [src])
-                   if q.is_file() and is_raw_name(q) and work not in q.parents)
+                   if q.is_file() and is_raw_name(q)
+                   and not {work / "archive", work / "out"} & set(q.parents))
     raws = [read_raw(q) for q in files]
     summarise_raws(raws, report)
     usable = [r for r in raws if not r.problem]
@@ -685,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
     report.measured = {"read_noise_adu": rn_adu, "read_noise_source": rn_src, "gain": g,
                        "gain_source": g_src, "gain_pairs": g_all,
                        "read_noise_e": rn_adu * g if np.isfinite(g) else float("nan")}
-    det = detector_settings(raws, args, report.measured, report)
+    det = detector_settings(raws, args, report)
     report.detector = det
     settings = work / "settings.toml"
     lines = ["[detector]"]
@@ -734,13 +782,17 @@ def print_report(r: Report) -> None:
     print(f"measured from the raw frames: read noise {m['read_noise_adu']:.3f} ADU "
           f"({m['read_noise_source']}), gain {m['gain']:.3f} e-/ADU ({m['gain_source']}), "
           f"read noise {m['read_noise_e']:.2f} e-")
+    cards = r.products.get("cards", {})
     for k, v in r.detector.items():
-        print(f"  {k} used: {v['value']:.4g} ({v['source']})")
+        got = f"{v['value']:.4g}" if np.isfinite(v["value"]) else "-"
+        print(f"  {k} given: {got} ({v['source']})")
+    print(f"  in the products: GAIN {cards.get('GAIN')} ({cards.get('GAINSRC')}), "
+          f"RDNOISE {cards.get('RDNOISE')} ({cards.get('RDNSRC')})")
     for name, c in r.commands.items():
         print(f"{name}: exit {c['rc']} in {c['seconds']} s; {len(c['notes'])} distinct notes")
         for n in c["notes"][:8]:
             print(f"    {n}")
-    print(f"products: {r.products}")
+    print(f"products: { {k: v for k, v in r.products.items() if k != 'cards'} }")
     if r.chi.get("pairs"):
         c = r.chi
         print(f"chi over {c['pairs']} pairs: pipeline VAR (common master noise out) "

@@ -82,9 +82,11 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
                    "after which that frame fails and the night goes on; an error of the "
                    "frame itself is never retried (default 2)")
     g.add_argument("--dashboard-address", metavar="ADDR",
-                   help="dashboard address of a cluster we start (default 127.0.0.1:8787, "
-                   "this machine only: reach it through an SSH tunnel; :8787 opens it on "
-                   "every interface)")
+                   help="dashboard address of a cluster we start: 'auto' (default: "
+                   "127.0.0.1:8787 for a local cluster, this machine only, reached through "
+                   "an SSH tunnel; none for --cluster slurm|pbs), 'off', or an address "
+                   "(127.0.0.1:8787 to have a batch run's; :8787 opens it on every "
+                   "interface). Every user of the machine can read it")
     g.add_argument("--security", type=Path, metavar="FILE",
                    help="TLS credentials to join a tls:// --scheduler: a TOML or YAML file "
                    "with ca, cert, key (PEM paths); default: dask config "

@@ -463,11 +463,27 @@ def check_frames_in_flight(settings: ClusterSettings, threads: int) -> None:
             "threads (each frame in flight holds its memory)")
 
 
+LOCAL_DASHBOARD = "127.0.0.1:8787"  # "auto" for a local cluster
+
+
+def dashboard_of(settings: ClusterSettings) -> tuple[str, bool]:
+    """Where a cluster we start listens for HTTP and whether it serves the dashboard there:
+    ``dashboard_address`` "auto" is the loopback's port 8787 for a local cluster and no
+    dashboard for a batch one (the scheduler's HTTP server, health and metrics only, then
+    on a free loopback port); "off" is no dashboard anywhere."""
+    address = settings.dashboard_address.strip()
+    if address.lower() == "auto":
+        address = "off" if settings.kind in ("slurm", "pbs") else LOCAL_DASHBOARD
+    if address.lower() in ("off", "none", ""):
+        return "127.0.0.1:0", False
+    return address, True
+
+
 def _jobqueue_cluster(settings: ClusterSettings, security: Security | None):
     dask_jobqueue = _import_jobqueue(settings.kind)
     cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[settings.kind]
     options = dict(dask.config.get(f"jobqueue.{settings.kind}.scheduler-options", {}) or {})
-    options["dashboard_address"] = settings.dashboard_address
+    options["dashboard_address"], options["dashboard"] = dashboard_of(settings)
     kwargs = {"security": security, "protocol": "tls://"} if security is not None else {}
     # Each worker's own HTTP server (metrics, its dashboard) on its node's loopback unless
     # worker-extra-args says otherwise (a later --dashboard-address wins).
@@ -483,8 +499,12 @@ def _dashboard_link(client: Client, settings: ClusterSettings, ours: bool) -> st
     """The dashboard's link as it is bound: dask names the scheduler's host, but a cluster
     we start binds the dashboard to ``dashboard_address`` (the loopback by default), which
     other machines reach through an SSH tunnel to this one."""
+    address, shown = dashboard_of(settings)
+    if ours and not shown:
+        return ("off (a batch run's by default; --dashboard-address 127.0.0.1:8787 to have "
+                "it)" if settings.kind in ("slurm", "pbs") else "off")
     link = client.dashboard_link
-    host = settings.dashboard_address.rpartition(":")[0].strip("[]")
+    host = address.rpartition(":")[0].strip("[]")
     if not (ours and link and host):
         return link
     parts = urlsplit(link)
@@ -557,14 +577,15 @@ def local_cluster(settings: ClusterSettings) -> LocalCluster:
     if settings.processes and settings.tls:
         with run_security() as security:  # in memory only: nothing to remove afterwards
             tls = {"security": security, "protocol": "tls://"}
+    dashboard_address, shown = dashboard_of(settings)
     with _forked_workers() if settings.processes else nullcontext():
         return LocalCluster(
             n_workers=workers,
             threads_per_worker=threads,
             processes=settings.processes,
             memory_limit=_memory_limit(settings.memory_limit),
-            dashboard_address=settings.dashboard_address,
-            scheduler_kwargs={"allowed_failures": settings.retries},
+            dashboard_address=dashboard_address,
+            scheduler_kwargs={"allowed_failures": settings.retries, "dashboard": shown},
             # in-process workers' HTTP servers would listen on every interface
             worker_dashboard_address=None if settings.processes else WORKER_HTTP,
             preload=list(WORKER_PRELOAD) if settings.processes else [],
@@ -631,7 +652,8 @@ def connect(settings: ClusterSettings, log: Callable[[str], None] = print) -> It
     Worker processes and batch jobs talk TLS with credentials made for this run
     (:func:`run_security`; ``tls = false`` turns it off, for measurements only); a batch
     cluster's credential files are removed after it closes. In-process workers need none.
-    The dashboard listens on ``dashboard_address`` (loopback by default).
+    The dashboard listens where :func:`dashboard_of` says (a local cluster's on the
+    loopback by default, a batch cluster's off).
     """
     with ExitStack() as stack:
         cluster = None

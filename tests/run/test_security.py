@@ -9,6 +9,8 @@ import dataclasses
 import ipaddress
 import os
 import stat
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import dask
@@ -21,7 +23,7 @@ from astep_dask.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 from astep_dask.config import ClusterSettings
 from astep_dask.errors import RunError
 from astep_dask.io.products import output_dir
-from astep_dask.run.cluster import connect, load_security, run_security
+from astep_dask.run.cluster import connect, dashboard_of, load_security, run_security
 from astep_dask.testing.simulate import SimConfig, simulate_night
 from tests.run.intruder import MARK, listening, probe_while_running
 
@@ -120,8 +122,13 @@ def test_join_tls_scheduler_with_security_file(tmp_path, tiny_night, capsys):
 def test_dashboard_on_loopback_by_default():
     """The default dashboard address is the loopback; so is everything a default
     (in-process) cluster listens on."""
-    host = ClusterSettings().dashboard_address.rsplit(":", 1)[0]
-    assert ipaddress.ip_address(host).is_loopback
+    address, shown = dashboard_of(ClusterSettings())
+    assert shown and ipaddress.ip_address(address.rsplit(":", 1)[0]).is_loopback
+    # an unattended batch run has none unless asked; "off" is none anywhere
+    assert dashboard_of(ClusterSettings(kind="slurm")) == ("127.0.0.1:0", False)
+    assert dashboard_of(ClusterSettings(kind="pbs", dashboard_address="127.0.0.1:8787")) == (
+        "127.0.0.1:8787", True)
+    assert not dashboard_of(ClusterSettings(dashboard_address="off"))[1]
     before = listening({os.getpid()})
     logged: list[str] = []
     with connect(ClusterSettings(n_workers=1, threads_per_worker=1), log=logged.append):
@@ -132,6 +139,15 @@ def test_dashboard_on_loopback_by_default():
         link = next(m for m in logged if m.startswith("dask dashboard:"))
         port = int(link.split("http://127.0.0.1:")[1].split("/")[0])
         assert ("127.0.0.1", port) in opened and "ssh -N -L" in link
+    # "off": the log says so, and the scheduler serves no dashboard page
+    logged.clear()
+    with connect(ClusterSettings(n_workers=1, threads_per_worker=1, dashboard_address="off"),
+                 log=logged.append) as client:
+        assert "dask dashboard: off" in logged
+        port = client.scheduler_info()["services"]["dashboard"]  # its HTTP server
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            opener.open(f"http://127.0.0.1:{port}/status", timeout=10)
     # asked for, it opens where the user says (every interface here)
     with connect(ClusterSettings(n_workers=1, threads_per_worker=1, dashboard_address=":0"),
                  log=lambda m: None):
