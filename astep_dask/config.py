@@ -175,10 +175,12 @@ class CosmicSettings:
 
 @dataclass(frozen=True)
 class DetectorSettings:
-    """Fallbacks for values normally read from the raw header."""
+    """Values normally read from the raw header. Gain and read noise: a frame's header
+    wins, then these settings, then what the night's own frames measure (flat pairs,
+    bias or dark pairs: :mod:`astep_dask.masters.detector`); None: not given."""
 
-    gain: float = 1.0  # e-/ADU, when the header has no GAIN
-    read_noise: float = 10.0  # e-, when the header has no RDNOISE
+    gain: float | None = None  # e-/ADU, for frames without GAIN; None: measured
+    read_noise: float | None = None  # e-, for frames without RDNOISE; None: measured
     saturation_adu: float = 65535.0  # raw level at and above which a pixel is saturated
     overscan: str = "auto"  # "auto" (BIASSEC/TRIMSEC headers), "none"
 
@@ -576,6 +578,8 @@ _RULES: dict[str, str | tuple[str, ...]] = {
 # run.cluster.check_layout). Generous: no real night, node or cluster comes near them.
 _RANGES: dict[str, tuple[float, float]] = {
     "cluster.n_workers": (1, 4096),
+    "detector.gain": (0.01, 100),  # e-/ADU (io.headers.GAIN_RANGE)
+    "detector.read_noise": (0.01, 1000),  # e- (io.headers.RDNOISE_RANGE)
     "cluster.threads_per_worker": (0, 1024),
     "cluster.frames_in_flight": (0, 100_000),
     "cluster.retries": (0, 100),

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from astep_dask.cli.progress import PhaseProgress
-from astep_dask.io.layout import format_table, scan
+from astep_dask.io.layout import Inventory, format_table, scan
 from astep_dask.io.products import MANIFEST
 
 if TYPE_CHECKING:
@@ -73,9 +73,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"  {len(inv.frames)} files, {usable} usable"
                   + (f", {span[0]} .. {span[1]} UTC" if span else ""))
             print(format_table(inv.groups(), ["folder", "type", "exptime", "filter", "count"]))
-            notes = [f for f in inv.frames if f.note and f.usable]
-            for f in notes:
-                print(f"  note: {f.path.name}: {f.note}")
+            for text, n, example in distinct_notes(inv):
+                files = f"{n} files, e.g. {example}" if n > 1 else f"1 file: {example}"
+                print(f"  note: {text} ({files})")
             if inv.problems:
                 print(f"  unusable files ({len(inv.problems)}):")
                 for f in inv.problems:
@@ -86,6 +86,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     # Partial, as for every command (README, exit codes): some files cannot be used.
     return EXIT_PARTIAL if any(inv.problems for inv in inventories) else EXIT_OK
+
+
+def distinct_notes(inv: Inventory) -> list[tuple[str, int, str]]:
+    """The inventory's notes on usable files, each once: ``(note, how many files, the
+    first file's name)``, the most frequent first (a night whose 96 frames lack GAIN
+    gives one line, not 96)."""
+    seen: dict[str, list] = {}
+    for f in inv.frames:
+        if f.usable and f.note:
+            for text in dict.fromkeys(t.strip() for t in f.note.split("; ") if t.strip()):
+                entry = seen.setdefault(text, [0, f.path.name])
+                entry[0] += 1
+    return sorted(((t, n, ex) for t, (n, ex) in seen.items()), key=lambda e: -e[1])
 
 
 def _settings(args: argparse.Namespace) -> Settings:

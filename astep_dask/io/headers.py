@@ -21,8 +21,11 @@ from astep_dask.io.rawfiles import stem
 __all__ = [
     "EXPTIME_KEYS",
     "GAIN_KEYS",
+    "GAIN_RANGE",
     "RDNOISE_KEYS",
+    "RDNOISE_RANGE",
     "SATURATE_KEYS",
+    "SATURATE_RANGE",
     "FrameType",
     "classify",
     "exposure_time",
@@ -155,6 +158,14 @@ SATURATE_KEYS = ("SATURATE", "SATLEVEL")
 MAX_EXPTIME = 86400.0  # s: an exposure longer than a day is a broken header
 
 
+# Plausible ranges (inclusive) of the detector values a header gives: outside them a
+# value is a broken header, and the frame is unusable with the value named (a GAIN of
+# 1e-300 or 1e6 would "calibrate" to absurd electrons).
+GAIN_RANGE = (0.01, 100.0)  # e-/ADU
+RDNOISE_RANGE = (0.0, 1000.0)  # e-
+SATURATE_RANGE = (100.0, 2.0**32)  # ADU: below a bias level, every pixel would be SAT
+
+
 # Kinds whose exposure time must be positive (a bias is a zero-second exposure).
 _EXPOSED = (FrameType.SCIENCE, FrameType.FLAT, FrameType.DARK)
 
@@ -183,8 +194,11 @@ def value_problems(header: fits.Header, kind: FrameType) -> tuple[str, list[str]
     they do not), and notes on the values the calibration will take from the settings.
 
     EXPTIME must be a number, positive for science, flat and dark frames (zero for a bias)
-    and at most a day; GAIN and SATURATE numbers > 0; RDNOISE a number ≥ 0. A missing
-    GAIN, RDNOISE or SATURATE is no problem: the settings' value is used, and noted.
+    and at most a day; GAIN, RDNOISE and SATURATE numbers within :data:`GAIN_RANGE`,
+    :data:`RDNOISE_RANGE` and :data:`SATURATE_RANGE`. A missing GAIN or RDNOISE is no
+    problem: the ``[detector]`` setting is used, else the night's own frames measure it
+    (:mod:`astep_dask.masters.detector`); a missing SATURATE takes the setting. Each is
+    noted.
     """
     notes = []
     found = _first(header, EXPTIME_KEYS)
@@ -199,18 +213,25 @@ def value_problems(header: fits.Header, kind: FrameType) -> tuple[str, list[str]
             return f"{key} {t:g} s for a {kind} frame (must be > 0)", notes
         if t > MAX_EXPTIME:
             return f"{key} {t:g} s is longer than a day", notes
-    for keys, name, minimum, strict, what in (
-        (GAIN_KEYS, "GAIN", 0.0, True, "gain"),
-        (RDNOISE_KEYS, "RDNOISE", 0.0, False, "read noise"),
-        (SATURATE_KEYS, "SATURATE", 0.0, True, "saturation level"),
+    for keys, name, strict, (low, high), unit, fallback in (
+        (GAIN_KEYS, "GAIN", True, GAIN_RANGE, "e-/ADU",
+         "the settings' gain is used if given, else the night's flat pairs measure it"),
+        (RDNOISE_KEYS, "RDNOISE", False, RDNOISE_RANGE, "e-",
+         "the settings' read noise is used if given, else the night's bias or dark "
+         "pairs measure it"),
+        (SATURATE_KEYS, "SATURATE", True, SATURATE_RANGE, "ADU",
+         "the settings' saturation level is used"),
     ):
         found = _first(header, keys)
         if found is None:
-            notes.append(f"no {name} in header: the settings' {what} is used")
+            notes.append(f"no {name} in header: {fallback}")
             continue
         key, value = found
         v = _number(value)
-        if v is None or v < minimum or (strict and v == minimum):
+        if v is None or v < 0 or (strict and v == 0):
             bound = ">" if strict else "≥"
-            return f"bad {key} {value!r} (must be a number {bound} {minimum:g})", notes
+            return f"bad {key} {value!r} (must be a number {bound} 0)", notes
+        if not low <= v <= high:
+            return (f"implausible {key} {v:g} {unit} (a plausible value lies between "
+                    f"{low:g} and {high:g})"), notes
     return "", notes

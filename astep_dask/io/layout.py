@@ -37,7 +37,7 @@ from astropy.utils.exceptions import AstropyUserWarning
 
 from astep_dask.config import DetectorSettings, machine_cores
 from astep_dask.core.calibrate import Section
-from astep_dask.errors import ArchiveError
+from astep_dask.errors import ArchiveError, CalibrationError
 from astep_dask.io.headers import (
     GAIN_KEYS,
     RDNOISE_KEYS,
@@ -65,6 +65,8 @@ from astep_dask.io.times import frame_start
 __all__ = [
     "FLAT_FOLDER",
     "INVENTORY_THREADS",
+    "NO_GAIN",
+    "NO_READ_NOISE",
     "SCIENCE_FOLDER",
     "DetectorValues",
     "FrameRecord",
@@ -123,6 +125,13 @@ class FrameRecord:
     size: int = 0
     digest: str = ""
     out_stem: str = ""
+    # What the night's own frames measured (masters.detector), for frames whose header
+    # and settings give no gain or read noise: the gain (e-/ADU) and the read noise in
+    # ADU, each with how it was measured ("flat pairs, 4 pairs").
+    gain_measured: float | None = None
+    gain_method: str = ""
+    read_noise_adu_measured: float | None = None
+    read_noise_method: str = ""
 
     @property
     def usable(self) -> bool:
@@ -173,28 +182,67 @@ class FrameRecord:
 @dataclass(frozen=True)
 class DetectorValues:
     """A frame's gain, read noise and saturation level, and where each came from
-    (``header`` or ``setting``): :func:`detector_values`."""
+    (``header``, ``setting`` or how the night's frames measured it, e.g.
+    ``flat pairs, 4 pairs``): :func:`detector_values`."""
 
     gain: float  # e-/ADU
     read_noise: float  # e-
     saturation: float  # ADU
-    sources: tuple[tuple[str, str], ...]  # (value name, "header" or "setting")
+    sources: tuple[tuple[str, str], ...]  # (value name, source)
 
     def source(self, name: str) -> str:
         return dict(self.sources)[name]
 
 
+NO_GAIN = ("no gain for {name}: no GAIN in its header, no [detector] gain setting and no "
+           "pair of flats of one exposure time to measure it; give [detector] gain = "
+           "<e-/ADU> in the settings file (--config)")
+NO_READ_NOISE = ("no read noise for {name}: no RDNOISE in its header, no [detector] "
+                 "read_noise setting and no pair of bias or dark frames to measure it; give "
+                 "[detector] read_noise = <e-> in the settings file (--config)")
+
+
 def detector_values(record: FrameRecord, detector: DetectorSettings) -> DetectorValues:
-    """The one place where a header value and its setting meet: the frame's header
-    (``GAIN``, ``RDNOISE``, ``SATURATE`` and their aliases, validated by the inventory)
-    when it has one, else the ``[detector]`` setting; each with its source."""
-    chosen = {name: (value, "header") if value is not None else (fallback, "setting")
-              for name, value, fallback in (
-                  ("gain", record.gain, detector.gain),
-                  ("read_noise", record.read_noise, detector.read_noise),
-                  ("saturation", record.saturation, detector.saturation_adu))}
-    return DetectorValues(*(float(v) for v, _ in chosen.values()),
-                          tuple((name, src) for name, (_, src) in chosen.items()))
+    """The one place where a header value, its setting and the night's measurement meet.
+
+    Each of gain and read noise comes from the frame's header (``GAIN``, ``RDNOISE`` and
+    their aliases, validated by the inventory) when it has one, else from the
+    ``[detector]`` setting when one is given, else from what the night's frames measured
+    (:mod:`astep_dask.masters.detector`, kept on the record: a measured read noise is in
+    ADU, and is converted with the frame's gain); the saturation level from the header,
+    else its setting. Each comes with its source.
+
+    Raises
+    ------
+    CalibrationError
+        When nothing gives the gain or the read noise (the line names the setting to
+        give).
+    """
+    name = record.path.name
+    if record.gain is not None:
+        gain, gain_src = record.gain, "header"
+    elif detector.gain is not None:
+        gain, gain_src = detector.gain, "setting"
+    elif record.gain_measured is not None:
+        gain, gain_src = record.gain_measured, record.gain_method or "measured"
+    else:
+        raise CalibrationError(NO_GAIN.format(name=name))
+    if record.read_noise is not None:
+        rn, rn_src = record.read_noise, "header"
+    elif detector.read_noise is not None:
+        rn, rn_src = detector.read_noise, "setting"
+    elif record.read_noise_adu_measured is not None:
+        rn = record.read_noise_adu_measured * gain
+        rn_src = record.read_noise_method or "measured"
+    else:
+        raise CalibrationError(NO_READ_NOISE.format(name=name))
+    if record.saturation is not None:
+        sat, sat_src = record.saturation, "header"
+    else:
+        sat, sat_src = detector.saturation_adu, "setting"
+    return DetectorValues(float(gain), float(rn), float(sat),
+                          (("gain", gain_src), ("read_noise", rn_src),
+                           ("saturation", sat_src)))
 
 
 @dataclass

@@ -43,6 +43,7 @@ from astep_dask.io.products import (
 from astep_dask.io.provenance import digest_of, frame_provenance, night_provenance
 from astep_dask.io.rawfiles import stem
 from astep_dask.masters.builder import MasterBuilder
+from astep_dask.masters.detector import night_detector
 from astep_dask.masters.shared import make_shared_folder, remove_shared
 from astep_dask.masters.store import MasterPaths, no_flat_reason
 from astep_dask.run.frames import FrameJob, process_frame, share_masters
@@ -123,12 +124,17 @@ def calibrate_night(
     with night_lock(out_dir):
         remove_stale_temps(out_dir)
         try:
+            # Gain and read noise measured from the night's frames (used where headers
+            # and settings give none; a night where nothing gives them is refused here).
+            inv, result.details["detector"] = night_detector(inv, settings,
+                                                             previous.get("detector"))
             fallbacks = sibling_outputs(night_dir, out) if settings.masters.fallback else []
             before = (previous.get("masters") or {}).get("failed") or {}
             builder = MasterBuilder(inv, out_dir, settings,
                                     reuse_foreign=settings.masters.reuse_foreign,
                                     fallbacks=fallbacks, progress=progress, index=index,
                                     failed=before if not force else {})
+            builder.report.notes.extend(result.details["detector"]["header_notes"])
             masters = builder.build()
         except CalibrationError as exc:
             result.error = f"masters: {exc}"
@@ -312,6 +318,7 @@ def write_manifest(result: StageResult, inv: Inventory, settings: Settings,
         "frames": result.frames,
         "inventory": inv.groups(),
         "plan": result.details.get("plan"),
+        "detector": result.details.get("detector"),
         "files": (index or FileIndex()).to_manifest(),
     }
     path = result.out_dir / MANIFEST

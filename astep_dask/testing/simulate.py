@@ -108,6 +108,9 @@ class SimConfig:
     # reference frame's centre (RA, Dec) in degrees; None (default): none.
     wcs_center: tuple[float, float] | None = None
     pixel_scale: float = 0.93  # arcsec per pixel (ASTEP's, about)
+    # Header keywords left out of every frame (e.g. ("GAIN", "RDNOISE"): a camera that
+    # writes none, whose night must measure them).
+    omit_keys: tuple[str, ...] = ()
     seed: int = 1
 
 
@@ -153,6 +156,7 @@ def load_truth(night_dir: str | Path) -> Truth:
     cfg["movers"] = tuple(tuple(m) for m in cfg["movers"])
     for key in ("hot_rate", "star_flux", "drift", "flat_levels", "extra_dark_exptimes"):
         cfg[key] = tuple(cfg[key])
+    cfg["omit_keys"] = tuple(cfg.get("omit_keys", ()))
     if cfg.get("wcs_center") is not None:
         cfg["wcs_center"] = tuple(cfg["wcs_center"])
     return Truth(config=SimConfig(**cfg), frames=meta["frames"], **{k: arrays[k] for k in arrays})
@@ -356,6 +360,8 @@ def _header(cfg: SimConfig, kind: str, exptime: float, mjd: float, extra: dict) 
     h["SIMSEED"] = (cfg.seed, "simulation seed")
     for key, value in extra.items():
         h[key] = value
+    for key in cfg.omit_keys:
+        h.remove(key, ignore_missing=True)
     return h
 
 

@@ -315,7 +315,7 @@ def test_missing_gain_and_read_noise_are_noted(night, capsys):
     assert "no RDNOISE in header: the settings' read noise is used" in rec.note
     code, out = _inspect(night, capsys)
     assert code == EXIT_OK
-    assert "no GAIN in header" in _line(out, "note:", path.name)
+    assert "1 file: " in _line(out, "note:", "no GAIN in header", path.name)
 
 
 def test_bias_may_have_zero_exposure(tmp_path):
