@@ -302,3 +302,33 @@ def test_pointing_keywords_text_and_numbers():
         where, why = frame_pointing(_h(OBJCTRA=ra, OBJCTDEC=dec))
         assert why == "" and where.ra == pytest.approx(100.0) and where.dec == -60.0, (ra, dec)
     assert frame_pointing(_h(RA="x", DEC=0.0))[0] is None
+
+
+OFFLINE = """
+import socket, urllib.request, astropy.utils.data as data
+tried = []
+def refuse(*a, **k):
+    tried.append(a[:1])
+    raise OSError("no network here")
+data.download_file = refuse
+urllib.request.urlopen = refuse
+socket.create_connection = refuse
+from astropy.io import fits
+from astep_dask.io.times import exposure_cards
+for when in ("2026-06-15T20:00:00", "2035-01-01T00:00:00", "1991-01-01T00:00:00"):
+    h = fits.Header({"DATE-OBS": when, "RA": 100.0, "DEC": -60.0})
+    cards, notes = exposure_cards(h, 60.0, -75.1, 123.35, 3233.0)
+    assert {"BJD_TDB", "CENTALT", "AIRMASS"} <= set(cards), (when, cards, notes)
+assert not tried, tried
+print("offline ok")
+"""
+
+
+def test_a_fresh_process_computes_offline():
+    """In a new interpreter (no Earth-orientation table loaded yet), with every way to the
+    network refused: the cards are made, for dates inside and beyond the bundled tables."""
+    import sys
+
+    r = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", OFFLINE],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "offline ok" in r.stdout, r.stderr[-2000:]
