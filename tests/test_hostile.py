@@ -5,6 +5,8 @@ and the planted code never runs."""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import stat
 import subprocess
@@ -17,6 +19,7 @@ from astropy.io import fits
 
 from astep_dask.cli import main
 from astep_dask.io.products import output_dir, safe_part
+from astep_dask.masters import store
 from astep_dask.testing.simulate import SimConfig, simulate_night
 
 pytestmark = pytest.mark.slow  # whole nights
@@ -165,3 +168,50 @@ def test_raw_names_like_our_temporaries_or_not_ascii_are_calibrated(tmp_path, ca
         check = subprocess.run(["fitsverify", "-q", str(product)], capture_output=True,
                                text=True)
         assert "OK" in check.stdout or check.returncode == 0, check.stdout
+
+
+def test_a_corrupt_manifest_is_kept_aside_and_rebuilt_from_the_products(tmp_path, capsys):
+    """A half-truncated manifest is named, kept as ``manifest.json.corrupt`` and rebuilt
+    from the products, each frame's figures with it; nothing is calibrated again."""
+    night = simulate_night(tmp_path / "archive", SIM)
+    out = tmp_path / "out"
+    args = ["calibrate", str(night), "--out", str(out), "--no-cosmics",
+            "--dashboard-address", "127.0.0.1:0"]
+    assert main(args) == 0, capsys.readouterr()
+    folder = output_dir(night, out)
+    manifest = folder / "manifest.json"
+    whole = manifest.read_bytes()
+    first = {r["file"]: r for r in json.loads(whole)["frames"]}
+    manifest.write_bytes(whole[: len(whole) // 2])
+    capsys.readouterr()
+    assert main(args) == 0
+    said = "".join(capsys.readouterr())
+    assert "note: manifest.json was not valid JSON" in said, said
+    assert "kept as manifest.json.corrupt" in said
+    assert (folder / "manifest.json.corrupt").read_bytes() == whole[: len(whole) // 2]
+    again = {r["file"]: r for r in json.loads(manifest.read_text())["frames"]}
+    assert set(again) == set(first)
+    for name, row in again.items():
+        assert row["status"] == "skipped", row  # kept from its product, not redone
+        for key in ("median", "mad_sigma", "n_cr"):
+            assert row[key] == pytest.approx(first[name][key], rel=1e-6), (name, key)
+
+
+def test_a_full_disk_in_the_masters_phase_names_the_file(tmp_path, capsys, monkeypatch):
+    night = simulate_night(tmp_path / "archive", SIM)
+    out = tmp_path / "out"
+    real = store.atomic_write_digest
+
+    def full(hdul, path):
+        if "flat" in Path(path).name.lower():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(hdul, path)
+
+    monkeypatch.setattr(store, "atomic_write_digest", full)
+    code = main(["calibrate", str(night), "--out", str(out), "--no-cosmics", "-q",
+                 "--dashboard-address", "127.0.0.1:0"])
+    said = "".join(capsys.readouterr())
+    assert code != 0
+    line = next(ln for ln in said.splitlines() if "masters:" in ln)
+    assert "cannot write " in line and "No space left on device" in line, said
+    assert str(output_dir(night, out)) in line and "flat" in line.lower(), line

@@ -41,6 +41,7 @@ __all__ = [
     "output_dir",
     "read_manifest",
     "safe_part",
+    "set_aside_corrupt_manifest",
     "sibling_outputs",
 ]
 
@@ -242,6 +243,34 @@ def sibling_outputs(night_dir: Path, out: Path | None) -> list[Path]:
         if folder.is_dir():
             folders.append(folder)
     return folders
+
+
+def set_aside_corrupt_manifest(out_dir: Path) -> str | None:
+    """Move an unreadable ``manifest.json`` (truncated, not JSON, not an object) aside as
+    ``manifest.json.corrupt`` (``.corrupt.1``, … when one is there already), so that the
+    run that rebuilds it from the products does not replace it silently; returns the note
+    that says so, or None when the manifest is missing or reads."""
+    path = out_dir / MANIFEST
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"{path}: unreadable ({exc.strerror or exc}); its figures are lost"
+    try:
+        if isinstance(json.loads(data), dict):
+            return None
+        why = "not a JSON object"
+    except ValueError as exc:  # UnicodeDecodeError included
+        why = f"not valid JSON ({str(exc).splitlines()[0]})"
+    aside = path.with_name(path.name + ".corrupt")
+    n = 0
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.corrupt.{n}")
+    os.replace(path, aside)
+    return (f"{path.name} was {why}: kept as {aside.name}; this run rebuilds it from the "
+            "products")
 
 
 def read_manifest(out_dir: Path) -> dict:

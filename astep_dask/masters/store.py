@@ -135,7 +135,12 @@ def write_master(master: Master, path: Path) -> Path:
         hdus.append(image_hdu(master.count, "COUNT", dtype=np.int16))
     if master.inputs:
         hdus.append(fits.BinTableHDU(Table(rows=master.inputs), name="INPUTS"))
-    master.file_digest = atomic_write_digest(fits.HDUList(hdus), path)
+    try:
+        master.file_digest = atomic_write_digest(fits.HDUList(hdus), path)
+    except OSError as exc:  # a full disk: name the file
+        if exc.filename:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     master.path = Path(path)
     return master.path
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from astropy.io import fits
 from distributed import Client
 
 from astep_dask.config import Settings
@@ -243,10 +244,22 @@ def _process(job: FrameJob, row: dict) -> dict:
             "product_digest": digest, "product_stamp": stamp_of(written).to_list()}
 
 
+# A product's header cards that hold the figures of its manifest row (calibrate_frame's
+# summary): a frame kept from its product (no manifest row to take them from) has them.
+_FIGURE_CARDS = {"median": "SCIMED", "mad_sigma": "SCIMAD", "n_cr": "NCRPIX"}
+
+
 def _product_facts(path: Path) -> dict:
-    """The content digest and status of an existing product (it is read once)."""
+    """The content digest and status of an existing product (it is read once) and the
+    figures its header holds."""
     st = os.stat(path)
-    return {"product_digest": content_digest(path), "product_stamp": stamp_of(st).to_list()}
+    facts = {"product_digest": content_digest(path), "product_stamp": stamp_of(st).to_list()}
+    try:
+        header = fits.getheader(path, 0)
+    except (OSError, ValueError):
+        return facts
+    facts.update({k: header[card] for k, card in _FIGURE_CARDS.items() if card in header})
+    return facts
 
 
 def finite_cards(cards: dict[str, tuple]) -> dict[str, tuple]:

@@ -38,6 +38,7 @@ from astep_dask.io.products import (
     night_lock,
     output_dir,
     read_manifest,
+    set_aside_corrupt_manifest,
     sibling_outputs,
 )
 from astep_dask.io.provenance import digest_of, frame_provenance, night_provenance
@@ -123,6 +124,7 @@ def calibrate_night(
     result.unusable = [{"path": str(f.path), "reason": f.problem} for f in inv.problems]
     with night_lock(out_dir):
         remove_stale_temps(out_dir)
+        corrupt = set_aside_corrupt_manifest(out_dir)
         try:
             # Gain and read noise measured from the night's frames (used where headers
             # and settings give none; a night where nothing gives them is refused here).
@@ -135,9 +137,11 @@ def calibrate_night(
                                     fallbacks=fallbacks, progress=progress, index=index,
                                     failed=before if not force else {})
             builder.report.notes.extend(result.details["detector"]["header_notes"])
+            if corrupt:
+                builder.report.notes.append(corrupt)
             masters = builder.build()
-        except CalibrationError as exc:
-            result.error = f"masters: {exc}"
+        except (CalibrationError, KilledWorker, OSError) as exc:
+            result.error = f"masters: {_masters_failure(exc, out_dir, settings)}"
             result.finished = time.time()
             write_manifest(result, inv, settings, None, _remembered(index, inv, [], out_dir))
             return result
@@ -479,6 +483,20 @@ def run_frames(client: Client, jobs: list[FrameJob], settings: Settings,
             break
     rows.sort(key=lambda r: (r["mjd"], r["file"]))
     return rows
+
+
+def _masters_failure(exc: BaseException, out_dir: Path, settings: Settings) -> str:
+    """Why the masters could not be made, in one line that names the file or the setting
+    to look at (a full disk, a worker killed for its memory)."""
+    if isinstance(exc, KilledWorker):
+        return (f"a worker died {exc.allowed_failures + 1} times while making them (task "
+                f"{exc.task}); if it ran out of memory, give workers more ([cluster] "
+                f"memory_limit = {settings.cluster.memory_limit!r}) or fewer threads each "
+                "(--threads), or raise --retries")
+    if isinstance(exc, OSError):
+        where = exc.filename or out_dir
+        return f"cannot write {where}: {exc.strerror or exc}"
+    return str(exc)
 
 
 def _row(job: FrameJob, reason: str) -> dict:
