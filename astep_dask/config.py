@@ -171,6 +171,15 @@ class CosmicSettings:
     candidate_sigma: float = 4.5  # candidate: excess over its 8 neighbours, in noise sigmas
     candidate_sharpness: float = 0.5  # ... and that excess over its excess above the sky
     openmp_threads: int = 1  # astroscrappy's OpenMP threads per calling thread (0: its own)
+    # Warm pixels: flagged as cosmic rays in more than warm_fraction of a sample of the
+    # night's science frames (warm_frames, spread in time; 0: no sample) and in at least
+    # warm_min_count of them, they get the WARM bit in every frame's mask instead. A night
+    # with fewer than warm_min_frames science frames gets no such sample (it would be a
+    # large part of the night, read twice).
+    warm_frames: int = 30
+    warm_fraction: float = 0.05
+    warm_min_count: int = 3
+    warm_min_frames: int = 100
 
 
 @dataclass(frozen=True)
@@ -545,6 +554,7 @@ _RULES: dict[str, str | tuple[str, ...]] = {
     "mask.smooth_box": "pos", "mask.column_sigma": "pos",
     "cosmics.sigclip": "pos", "cosmics.sigfrac": "pos", "cosmics.objlim": "pos",
     "cosmics.niter": "pos", "cosmics.candidate_sigma": "pos",
+    "cosmics.warm_fraction": "frac",
     "detector.gain": "pos", "detector.read_noise": "pos", "detector.saturation_adu": "pos",
     "detector.overscan": ("auto", "none"),
     "output.quantize_level": "pos",
@@ -595,6 +605,10 @@ _RANGES: dict[str, tuple[float, float]] = {
     "combine.min_frames": (1, 100_000),
     "cosmics.niter": (1, 100),
     "cosmics.openmp_threads": (0, 1024),
+    "cosmics.warm_frames": (0, 10_000),
+    "cosmics.warm_fraction": (0.001, 1),
+    "cosmics.warm_min_count": (2, 10_000),
+    "cosmics.warm_min_frames": (1, 100_000),
     "template.max_frames": (0, 100_000),
     "template.memory_mb": (1, 1_048_576),
     "search.memory_mb": (1, 1_048_576),

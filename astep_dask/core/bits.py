@@ -6,7 +6,12 @@ dark subtraction and a low-response pixel by the flat (their noise is in VAR), s
 BAD too only when really unusable (a response below ``mask.bad_response``). KBMOD's readers
 mask BAD, EDGE, NO_DATA, SUSPECT (and grow them); they ignore HOT and DEAD
 (:data:`SEARCH_IGNORED`). Our own measurements still leave out every flagged pixel.
-:data:`UNUSABLE` is the set of bits whose pixels astroscrappy must not see as data.
+WARM marks a warm pixel the bad-pixel mask missed: one that astroscrappy flags as a cosmic
+ray in many of a night's science frames (:func:`astep_dask.core.cosmics.warm_pixels`). Its
+excess is not in the dark, so nothing repairs it: KBMOD's readers do not know the bit, and
+our KBMOD export masks it (it is not in :data:`SEARCH_IGNORED`); it is never counted as a
+cosmic ray. :data:`UNUSABLE` is the set of bits whose pixels astroscrappy must not see as
+data.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class Bit(enum.IntEnum):
     NO_DATA = 8
     HOT = 16
     DEAD = 17
+    WARM = 18
 
 
 def flag(*bits: Bit) -> int:
@@ -43,7 +49,7 @@ def flag(*bits: Bit) -> int:
 
 
 # Pixels that astroscrappy must not see as data: filled from their neighbours first.
-UNUSABLE = flag(Bit.BAD, Bit.NO_DATA, Bit.SAT, Bit.HOT, Bit.DEAD)
+UNUSABLE = flag(Bit.BAD, Bit.NO_DATA, Bit.SAT, Bit.HOT, Bit.DEAD, Bit.WARM)
 
 # Diagnostic bits: pixels the calibration repaired; a moving-object search may use them.
 SEARCH_IGNORED = flag(Bit.HOT, Bit.DEAD)

@@ -50,6 +50,7 @@ from astep_dask.masters.reduce import (
     strip_chunked,
 )
 from astep_dask.masters.store import Master, MasterPaths, MasterStore, read_master
+from astep_dask.masters.warm import WARM_FROM, build_warm, warm_digest, warm_name, warm_records
 from astep_dask.version import __version__
 
 __all__ = ["MasterBuilder", "MasterStep", "frame_needs"]
@@ -83,7 +84,8 @@ def frame_needs(steps: Sequence[MasterStep], exptime: float, filt: str) -> tuple
     return (*bias, *(darks[et] for et in used),
             *(s.name for s in by_role.get("flat", []) if s.filter == filt),
             *(s.name for s in by_role.get("illum", []) if s.filter == filt),
-            *(s.name for s in by_role.get("mask", [])))
+            *(s.name for s in by_role.get("mask", [])),
+            *(s.name for s in by_role.get("warm", [])))
 
 
 def _solutions(exptimes: Sequence[float], bias: Master | None,
@@ -186,6 +188,12 @@ class MasterBuilder:
                                      self._name("mask")), filter=f.filter,
                                     digest=self.illum_digest(f.filter, sci, f.digest,
                                                              mask_digest, hows)))
+        science = self.inv.select(FrameType.SCIENCE)
+        if sample := warm_records(science, {f.filter for f in flats}, self.settings):
+            used = [s for s in steps if s.role in WARM_FROM]
+            steps.append(MasterStep("warm", warm_name(self.inv.night), tuple(sample),
+                                    tuple(s.name for s in used), digest=warm_digest(
+                                        sample, [s.digest for s in used], self.settings)))
         return steps
 
     # -- helpers ---------------------------------------------------------------------
@@ -543,13 +551,16 @@ class MasterBuilder:
                                   str(m.cards.get("FILTER", ("",))[0])
                                   if role in ("flat", "illum") else "")
                 self.store.write(m, self.out / name)
-        return MasterPaths(
+        paths = MasterPaths(
             bias=bias.path if bias else None,
             darks=tuple(sorted((et, m.path) for et, m in darks.items())),
             flats=tuple(sorted((f, m.path) for f, m in flats.items())),
             mask=mask.path,
             illums=tuple(sorted((f, m.path) for f, m in illums.items())),
         )
+        # Warm pixels, from cosmic-ray flags on a sample of science frames (masters.warm).
+        return build_warm(self.store, self.inv, self.settings, paths,
+                          [bias, *darks.values(), *flats.values(), mask], self.failed_before)
 
 
 def _illum_summary(m: Master) -> dict:

@@ -88,6 +88,11 @@ class SimConfig:
     # cm² per minute at sea level, a few times more at Dome C's 3,200 m; 1 Mpx of 13.5 µm
     # pixels is 1.8 cm², so ~10-30 per Mpx in 90 s. Tests raise it for statistics.
     cr_per_mpix: float = 30.0
+    # Warm pixels that the darks do not show (warm at the science frames' temperature):
+    # each adds warm_charge (x 0.5-1.5) e- to every science frame; the bad-pixel mask
+    # misses them, astroscrappy flags them frame after frame. 0: none.
+    n_warm: int = 0
+    warm_charge: float = 1500.0
     vignetting: float = 0.08  # fractional loss at the field corner
     prnu: float = 0.008  # pixel-to-pixel response scatter
     n_dust: int = 3
@@ -127,6 +132,7 @@ class Truth:
     dead: np.ndarray  # bool (dead pixels and dead columns)
     stars: np.ndarray  # (n, 3): x, y, flux in the sky (reference-frame) grid
     flat_stars: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))  # flat, x, y, e-
+    warm: np.ndarray | None = None  # e- each warm pixel adds to a science frame (n_warm)
     frames: list[dict] = field(default_factory=list)
 
     def save(self, folder: Path) -> None:
@@ -142,6 +148,7 @@ class Truth:
             dead=self.dead,
             stars=self.stars,
             flat_stars=self.flat_stars,
+            **({"warm": self.warm} if self.warm is not None else {}),
         )
         meta = {"config": asdict(self.config), "frames": self.frames}
         (folder / "truth.json").write_text(json.dumps(meta, indent=1))
@@ -308,6 +315,18 @@ def make_static_truth(cfg: SimConfig, rng: np.random.Generator) -> Truth:
         dead=dead,
         stars=stars,
     )
+
+
+def _warm_pixels(cfg: SimConfig, truth: Truth, rng: np.random.Generator) -> np.ndarray:
+    """Charge (e- per science frame) of ``cfg.n_warm`` warm pixels, away from the edges
+    and from the hot and dead pixels (which the mask flags anyway); 0 elsewhere."""
+    n = cfg.size
+    free = ~(truth.hot | truth.dead)
+    free[:4], free[-4:], free[:, :4], free[:, -4:] = False, False, False, False
+    picks = rng.choice(np.flatnonzero(free), cfg.n_warm, replace=False)
+    warm = np.zeros((n, n), np.float32)
+    warm.flat[picks] = cfg.warm_charge * rng.uniform(0.5, 1.5, cfg.n_warm)
+    return warm
 
 
 def _illumination(cfg: SimConfig, amplitude: float, angle: float) -> np.ndarray:
@@ -486,7 +505,8 @@ def _science(cfg: SimConfig, cam: _Camera, truth: Truth, rng_sci: np.random.Gene
             mover_pos.append([mx, my, flux])
         n_cr = rng_cr.poisson(cfg.cr_per_mpix * n * n / 1e6)
         cr = cosmic_rays((n, n), n_cr, rng_cr)
-        adu, osc = cam.expose(rng_sci, truth.flat * model, cfg.science_exptime, extra_e=cr)
+        extra = cr if truth.warm is None else cr + truth.warm
+        adu, osc = cam.expose(rng_sci, truth.flat * model, cfg.science_exptime, extra_e=extra)
         name = _name(cfg.date, t, "SCIENCE")
         cam.write(cam.cams, name, "SCIENCE", cfg.science_exptime, t, adu, osc,
                   extra=wcs_cards(cfg, offset))
@@ -527,6 +547,9 @@ def simulate_night(root: str | Path, cfg: SimConfig | None = None) -> Path:
         np.random.default_rng(s) for s in seeds
     )
     truth = make_static_truth(cfg, rng_static)
+    if cfg.n_warm:  # from a stream of its own: the other streams stay as they were
+        truth.warm = _warm_pixels(cfg, truth, np.random.default_rng(
+            np.random.SeedSequence(cfg.seed).spawn(9)[8]))
     cam = _Camera(cfg, truth, night)
     start = Time(f"{cfg.date}T18:00:00", scale="utc").mjd
     tfolder = night / TRUTH_FOLDER
