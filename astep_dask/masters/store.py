@@ -91,6 +91,9 @@ DIMENSIONLESS = "adu/adu"
 MASTER_UNITS = {"bias": ("adu", "adu2"), "dark": ("adu", "adu2")}
 DIMENSIONLESS_UNITS = (DIMENSIONLESS, DIMENSIONLESS)
 
+# Masters whose image is mask bits: the bad-pixel mask and the warm pixels.
+BIT_ROLES = ("mask", "warm")
+
 # Cards of a master's primary header that its image extensions repeat (ccdproc's
 # ImageFileCollection(ext="SCI") reads that extension's header only).
 MASTER_KEYS = ("MASTTYPE", "EXPTIME", "FILTER", "NCOMBINE", "COMBMETH", "NOISE", "ADHASH",
@@ -115,14 +118,14 @@ def write_master(master: Master, path: Path) -> Path:
     for key, value in master.cards.items():
         header[key] = value
     header["BUNIT"] = (unit, what)
-    if master.role == "mask":
+    if master.role in BIT_ROLES:
         header_cards(header)
     stamp(header)
     common = extension_header(header, imagetyp, keys=MASTER_KEYS)
     sci = image_hdu(master.data, "SCI")
     sci.header.extend(common)
     sci.header["BUNIT"] = (unit, what)
-    if master.role == "mask":
+    if master.role in BIT_ROLES:
         header_cards(sci.header)
     hdus: list[fits.hdu.base.ExtensionHDU] = [fits.PrimaryHDU(header=header), sci]
     if master.var is not None:
@@ -179,7 +182,7 @@ def read_master(path: Path, role: str | None = None, expect: str | None = None) 
         var = np.asarray(hdul["VAR"].data, np.float32) if "VAR" in names else None
         count = np.asarray(hdul["COUNT"].data) if "COUNT" in names else None
     role, digest, cards = _described(header, role)
-    dtype = MASK_DTYPE if role == "mask" else np.float32
+    dtype = MASK_DTYPE if role in BIT_ROLES else np.float32
     return Master(role=role, data=data.astype(dtype), var=var, count=count, digest=digest,
                   cards=cards, path=Path(path))
 
@@ -251,6 +254,7 @@ class MasterPaths:
     flats: tuple[tuple[str, Path], ...]
     mask: Path
     illums: tuple[tuple[str, Path], ...] = ()  # illumination correction per filter
+    warm: Path | None = None  # warm pixels (bit WARM) from cosmic-ray flags (masters.warm)
     # The file digest of each master (by file name) the run planned with: a master read
     # for a frame is checked against it (read_master's ``expect``). Empty: not checked.
     expect: tuple[tuple[str, str], ...] = ()
@@ -260,7 +264,7 @@ class MasterPaths:
         night's ``index``, a master it knows unchanged is not read (one that is read is
         recorded there)."""
         paths = [self.bias, *(p for _, p in self.darks), *(p for _, p in self.flats), self.mask,
-                 *(p for _, p in self.illums)]
+                 *(p for _, p in self.illums), self.warm]
         out = {}
         for p in paths:
             if p is None:
@@ -366,6 +370,12 @@ def frame_masters(
     cards["MFLATH"] = (flat.digest, "its ADHASH")
     cards["MMASK"] = (mask.path.name, "bad-pixel mask used")
     cards["MMASKH"] = (mask.digest, "its ADHASH")
+    bits = mask.data
+    if paths.warm is not None:
+        warm = load(paths.warm)
+        bits = mask.data | warm.data.astype(MASK_DTYPE, copy=False)
+        cards["MWARM"] = (warm.path.name, "warm pixels (MASK bit WARM) used")
+        cards["MWARMH"] = (warm.digest, "its ADHASH")
     flat_data, flat_var = flat.data, variance_of(flat)
     if illum_path is not None:
         illum = load(illum_path)
@@ -373,7 +383,7 @@ def frame_masters(
         cards["MILLUM"] = (illum.path.name, "illumination correction (flat divided by it)")
         cards["MILLUMH"] = (illum.digest, "its ADHASH")
     fm = FrameMasters(dark=sol.total, dark_var=sol.var, dark_current=sol.current,
-                      flat=flat_data, flat_var=flat_var, mask=mask.data)
+                      flat=flat_data, flat_var=flat_var, mask=bits)
     return fm, cards
 
 

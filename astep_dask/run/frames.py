@@ -67,7 +67,7 @@ def cached_frame_masters(paths: MasterPaths, exptime: float, filter: str) -> tup
     and filter (and again if a master file changes): the dark solution costs as much as
     the rest of a frame's arithmetic. The arrays are shared between frames, read only."""
     files = [paths.bias, *(p for _, p in paths.darks), *(p for _, p in paths.flats),
-             paths.mask, *(p for _, p in paths.illums)]
+             paths.mask, *(p for _, p in paths.illums), paths.warm]
     stamps = tuple(p.stat().st_mtime_ns for p in files if p is not None)
     fm, cards = _frame_masters(paths, exptime, filter, stamps)
     return fm, dict(cards)

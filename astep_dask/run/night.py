@@ -150,7 +150,8 @@ def calibrate_night(
                       "darks": {f"{et:g}": str(p) for et, p in masters.darks},
                       "flats": {f: str(p) for f, p in masters.flats},
                       "mask": str(masters.mask),
-                      "illums": {f: str(p) for f, p in masters.illums}},
+                      "illums": {f: str(p) for f, p in masters.illums},
+                      "warm": str(masters.warm) if masters.warm else None},
             "built": builder.report.built,
             "reused": builder.report.reused,
             "notes": builder.report.notes,
@@ -363,7 +364,8 @@ def current_result(night_dir: str | Path, out: Path | None, settings: Settings
     rows = [r for r in data.get("frames") or [] if isinstance(r, dict)]
     paths = (data.get("masters") or {}).get("paths") or {}
     masters = [paths.get("bias"), paths.get("mask"), *(paths.get("darks") or {}).values(),
-               *(paths.get("flats") or {}).values(), *(paths.get("illums") or {}).values()]
+               *(paths.get("flats") or {}).values(), *(paths.get("illums") or {}).values(),
+               paths.get("warm")]
     products = [out_dir / r["output"] for r in rows] + [Path(m) for m in masters if m]
     if any(index.known(p) is None for p in products):
         return None
