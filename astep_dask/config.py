@@ -90,6 +90,11 @@ class CombineSettings:
     # per worker thread
     min_frames: int = 3
     noise_clip: bool = True  # clip with the frames' Poisson + read noise (GAIN, RDNOISE)
+    # Exposure times within max(exptime_rtol x t, exptime_atol s) of a group's shortest are
+    # one exposure: flats or darks at 10.00 s and 10.01 s make one master (its EXPTIMES card
+    # lists the times it holds), and a frame uses the dark of its group unscaled.
+    exptime_rtol: float = 0.01
+    exptime_atol: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -603,6 +608,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "site.elevation": (-500, 10_000),
     "combine.memory_budget_mb": (1, 1_048_576),
     "combine.min_frames": (1, 100_000),
+    "combine.exptime_rtol": (0, 0.2),
+    "combine.exptime_atol": (0, 10),
     "cosmics.niter": (1, 100),
     "cosmics.openmp_threads": (0, 1024),
     "cosmics.warm_frames": (0, 10_000),

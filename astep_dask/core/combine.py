@@ -431,6 +431,14 @@ def _sigma_clip(data, sigma_low, sigma_high, iterations, noise,
             hit = np.logical_or.reduce(reject, axis=0)
             if not hit.any():
                 continue
+            # A pixel whose every value is off its centre (two pairs far apart, the
+            # median of an even count between them) keeps them: never clipped to nothing.
+            emptied = hit & np.logical_and.reduce(reject | np.isnan(sub), axis=0)
+            if emptied.any():
+                reject[:, emptied] = False
+                hit &= ~emptied
+                if not hit.any():
+                    continue
             sub[reject] = np.nan
             if isinstance(sel, slice):
                 hits.append(np.flatnonzero(hit) + sel.start)

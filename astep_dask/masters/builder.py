@@ -24,7 +24,14 @@ from astep_dask.config import Settings
 from astep_dask.core.badpix import bad_pixel_mask
 from astep_dask.core.bits import MASK_DTYPE, Bit
 from astep_dask.core.combine import Combined, NoiseModel
-from astep_dask.core.darks import DarkSolution, dark_for_exptime, dark_how, darks_needed
+from astep_dask.core.darks import (
+    DarkSolution,
+    bias_level,
+    dark_for_exptime,
+    dark_how,
+    darks_needed,
+)
+from astep_dask.core.exptimes import ExptimeTolerance, exptime_groups, format_exptimes
 from astep_dask.core.illumination import transfer_correction
 from astep_dask.core.stats import median, robust_sigma
 from astep_dask.errors import CalibrationError
@@ -70,7 +77,8 @@ class MasterStep:
     digest: str = ""  # the provenance hash (ADHASH) the master made from these will have
 
 
-def frame_needs(steps: Sequence[MasterStep], exptime: float, filt: str) -> tuple[str, ...]:
+def frame_needs(steps: Sequence[MasterStep], exptime: float, filt: str,
+                tol: ExptimeTolerance | None = None) -> tuple[str, ...]:
     """File names of the masters of ``steps`` that calibrate a science frame of this
     exposure time and filter (as :func:`~astep_dask.masters.store.frame_masters` reads
     them: the darks :func:`~astep_dask.core.darks.darks_needed` names, the flat, the
@@ -80,7 +88,7 @@ def frame_needs(steps: Sequence[MasterStep], exptime: float, filt: str) -> tuple
         by_role.setdefault(s.role, []).append(s)
     darks = {s.exptime: s.name for s in by_role.get("dark", [])}
     bias = [s.name for s in by_role.get("bias", [])]
-    used = darks_needed(exptime, darks, bool(bias)) or ()
+    used = darks_needed(exptime, darks, bool(bias), tol) or ()
     return (*bias, *(darks[et] for et in used),
             *(s.name for s in by_role.get("flat", []) if s.filter == filt),
             *(s.name for s in by_role.get("illum", []) if s.filter == filt),
@@ -88,11 +96,11 @@ def frame_needs(steps: Sequence[MasterStep], exptime: float, filt: str) -> tuple
             *(s.name for s in by_role.get("warm", [])))
 
 
-def _solutions(exptimes: Sequence[float], bias: Master | None,
-               darks: dict[float, Master]) -> dict[float, DarkSolution]:
+def _solutions(exptimes: Sequence[float], bias: Master | None, darks: dict[float, Master],
+               tol: ExptimeTolerance | None = None) -> dict[float, DarkSolution]:
     """The darks to subtract for each exposure time: called only when a master that needs
     them is built, so that a run reusing its masters reads none of the darks' pixels."""
-    return {et: dark_for_exptime(et, bias, darks) for et in exptimes}
+    return {et: dark_for_exptime(et, bias, darks, tol) for et in exptimes}
 
 
 class MasterBuilder:
@@ -129,7 +137,7 @@ class MasterBuilder:
                                  index)
         self.report = self.store.report
         sci = inventory.exptimes(FrameType.SCIENCE)
-        flat = inventory.exptimes(FrameType.FLAT)
+        flat = sorted(set(self._exptime_of(inventory.select(FrameType.FLAT)).values()))
         self.science_exptime = sci[0] if sci else None
         self.flat_exptime = flat[0] if flat else None
 
@@ -147,8 +155,7 @@ class MasterBuilder:
         after_bias = (bias.name,) if bias else ()
         bias_digest = bias.digest if bias else None
         darks: dict[float, MasterStep] = {}
-        for et in self.inv.exptimes(FrameType.DARK):
-            recs = self.inv.select(FrameType.DARK, exptime=et)
+        for et, recs in self._groups(self.inv.select(FrameType.DARK)).items():
             if len(recs) >= need:
                 darks[et] = MasterStep("dark", self._name("dark", et), tuple(recs), after_bias,
                                        exptime=et,
@@ -157,8 +164,8 @@ class MasterBuilder:
         flats = []
         for filt in self.inv.filters(FrameType.FLAT):
             recs = self.inv.select(FrameType.FLAT, filter=filt)
-            used = [darks_needed(et, darks, bias is not None)
-                    for et in sorted({r.exptime for r in recs})]
+            used = [darks_needed(et, darks, bias is not None, self.tol)
+                    for et in sorted(set(self._exptime_of(recs).values()))]
             if len(recs) < need or any(u is None for u in used):
                 continue
             ets = sorted({et for u in used for et in u})
@@ -175,12 +182,12 @@ class MasterBuilder:
         il = self.settings.illum
         for f in flats if il.enabled else ():
             sci = [r for r in self.inv.select(FrameType.SCIENCE, filter=f.filter)
-                   if darks_needed(r.exptime, darks, bias is not None) is not None]
+                   if darks_needed(r.exptime, darks, bias is not None, self.tol) is not None]
             if len(sci) < il.min_frames:
                 continue
-            ets = sorted({et for r in sci for et in darks_needed(r.exptime, darks,
-                                                                 bias is not None) or ()})
-            hows = {et: dark_how(et, darks, bias is not None)
+            ets = sorted({et for r in sci for et in darks_needed(
+                r.exptime, darks, bias is not None, self.tol) or ()})
+            hows = {et: dark_how(et, darks, bias is not None, self.tol)
                     for et in sorted({r.exptime for r in sci})}
             steps.append(MasterStep("illum", self._name("illum", filter=f.filter),
                                     tuple(choose_frames(sci, il.max_frames)),
@@ -197,6 +204,24 @@ class MasterBuilder:
         return steps
 
     # -- helpers ---------------------------------------------------------------------
+    @property
+    def tol(self) -> ExptimeTolerance:
+        """When two exposure times are the same (``[combine] exptime_rtol``, ``_atol``)."""
+        return ExptimeTolerance.of(self.settings.combine)
+
+    def _groups(self, recs: Sequence[FrameRecord]) -> dict[float, list[FrameRecord]]:
+        """``recs`` by exposure-time group (:func:`~astep_dask.core.exptimes.exptime_groups`),
+        each named by its median time, in the order of ``recs`` within a group."""
+        names = exptime_groups([r.exptime for r in recs], self.tol)
+        out: dict[float, list[FrameRecord]] = {}
+        for r in recs:
+            out.setdefault(names[float(r.exptime)], []).append(r)
+        return dict(sorted(out.items()))
+
+    def _exptime_of(self, recs: Sequence[FrameRecord]) -> dict[float, float]:
+        """Each of ``recs``' exposure times mapped to its group's name."""
+        return exptime_groups([r.exptime for r in recs], self.tol)
+
     def _name(self, role: str, exptime: float | None = None, filter: str = "") -> str:
         return master_name(self.inv.night, role, exptime, filter, self.science_exptime,
                            self.flat_exptime)
@@ -222,8 +247,10 @@ class MasterBuilder:
         return compute_combined(self._combine_lazy(records, subtract, levels))[0]
 
     def _combine_lazy(self, records: Sequence[FrameRecord], subtract=None,
-                      levels=None) -> da.Array:
-        """The lazy robust combination of ``records`` (see :func:`compute_combined`)."""
+                      levels=None, pedestal: float | None = None) -> da.Array:
+        """The lazy robust combination of ``records`` (see :func:`compute_combined`);
+        ``pedestal``: the zero of the noise model's Poisson term for frames that carry the
+        bias (default: their median level)."""
         stack = prepared_stack(records, self.settings)
         if subtract is not None:
             stack = stack - strip_chunked(subtract, stack)
@@ -236,7 +263,7 @@ class MasterBuilder:
                 gain=values.gain,
                 read_noise=values.read_noise,
                 levels=tuple(float(v) for v in levels) if levels is not None else (),
-                pedestal=0.0 if (levels is not None or subtract is not None) else None,
+                pedestal=0.0 if (levels is not None or subtract is not None) else pedestal,
             )
         return combine_blocks(stack, self.settings.combine, noise)
 
@@ -292,8 +319,8 @@ class MasterBuilder:
         """Master dark per exposure time (bias-subtracted when there is a bias)."""
         out: dict[float, Master] = {}
         todo = []  # darks to build, all in one graph
-        for et in self.inv.exptimes(FrameType.DARK):
-            recs = self.inv.select(FrameType.DARK, exptime=et)
+        groups = self._groups(self.inv.select(FrameType.DARK))
+        for et, recs in groups.items():
             name = self._name("dark", et)
             if not self._enough(recs, f"dark {et:g}s"):
                 fb = self._fallback(name.split("_", 1)[1], "dark", "too few frames")
@@ -306,24 +333,47 @@ class MasterBuilder:
                 todo.append((et, recs, digest, path))
             else:
                 out[et] = m
-        lazy = [self._combine_lazy(recs, subtract=bias.data if bias is not None else None)
+        zero = self._carried_bias(groups) if todo and bias is None else None
+        lazy = [self._combine_lazy(recs, subtract=bias.data if bias is not None else None,
+                                   pedestal=zero)
                 for _, recs, _, _ in todo]
-        for (et, recs, digest, path), res in zip(todo, compute_combined(*lazy), strict=True):
+        for (et, recs, digest, _), res in zip(todo, compute_combined(*lazy), strict=True):
             cards = combine_cards(self.settings, len(recs), res)
             cards["EXPTIME"] = (float(et), "[s] exposure time of the darks")
+            cards["EXPTIMES"] = (format_exptimes(r.exptime for r in recs),
+                                 "[s] exposure times of the darks combined")
             cards["DARKBIAS"] = (bias is not None,
                                  "bias subtracted (F: the dark carries the bias)")
-            m = Master("dark", res.data, res.var, res.count, digest, cards,
-                       inputs_table(recs))
-            self._new(m, path)
-            out[et] = m
+            if bias is not None:
+                cards["BIASHASH"] = (bias.digest, "ADHASH of the bias subtracted")
+            if zero is not None:
+                cards["DARKZERO"] = (zero, "[adu] bias level, zero of dark current noise")
+            out[et] = Master("dark", res.data, res.var, res.count, digest, cards,
+                             inputs_table(recs))
         out = dict(sorted(out.items()))
+        for et, _, _, path in todo:
+            self._new(out[et], path)
         if not out and self.science_exptime is not None:
             fb = self._fallback(self._name("dark", self.science_exptime).split("_", 1)[1],
                                 "dark", "no usable darks")
             if fb is not None:
                 out[self.science_exptime] = fb
         return out
+
+    def _carried_bias(self, groups: dict[float, list[FrameRecord]]) -> float | None:
+        """The bias level of darks that carry the bias (no bias frames), for their noise
+        model: :func:`~astep_dask.core.darks.bias_level` from the median of a central box
+        of one dark of each of the shortest and longest exposure times (read sparsely,
+        :func:`~astep_dask.masters.flats.central_box`); None with one exposure time."""
+        if len(groups) < 2 or not self.settings.combine.noise_clip:
+            return None
+        ends = {et: recs[len(recs) // 2] for et, recs in groups.items()
+                if et in (min(groups), max(groups))}
+        box = central_box(next(iter(ends.values())), self.settings.flat)
+        overscan = self.settings.detector.overscan == "auto"
+        levels = dask.compute(*[dask.delayed(flat_level)(r, box, np.float32(0), overscan)
+                                for r in ends.values()])
+        return bias_level(dict(zip(ends, levels, strict=True)))
 
     def flats(self, bias: Master | None, darks: dict[float, Master]) -> dict[str, Master]:
         """Master flat per filter: dark-subtracted, level-scaled, clipped. New flats are
@@ -332,15 +382,16 @@ class MasterBuilder:
         for filt in self.inv.filters(FrameType.FLAT):
             recs = self.inv.select(FrameType.FLAT, filter=filt)
             suffix = self._name("flat", filter=filt).split("_", 1)[1]
-            exptimes = sorted({r.exptime for r in recs})
+            exptimes = sorted(set(self._exptime_of(recs).values()))
             try:  # can a dark be made for each? (without the darks' pixels)
                 for et in exptimes:
-                    dark_how(et, darks, bias is not None)
+                    dark_how(et, darks, bias is not None, self.tol)
             except CalibrationError as exc:
                 self.report.notes.append(f"flat {filt}: {exc}")
                 m = self._fallback(suffix, "flat", str(exc))
             else:
-                m = self._flat(filt, recs, partial(_solutions, exptimes, bias, darks), bias,
+                m = self._flat(filt, recs,
+                               partial(_solutions, exptimes, bias, darks, self.tol), bias,
                                darks)
             if m is not None:
                 out[filt] = m
@@ -358,24 +409,26 @@ class MasterBuilder:
         if (m := self.store.existing(self.out / name, digest)) is not None:
             return m
         dark_info = solve()
+        group = self._exptime_of(recs)  # a flat's exposure time -> its group's
         fs = self.settings.flat
         box = central_box(recs[0], fs)
         dark_boxes = {et: dask.delayed(np.ascontiguousarray(d.total[box]))
                       for et, d in dark_info.items()}
         overscan = self.settings.detector.overscan == "auto"
         levels = dask.compute(*[
-            dask.delayed(flat_level)(r, box, dark_boxes[r.exptime], overscan) for r in recs
+            dask.delayed(flat_level)(r, box, dark_boxes[group[r.exptime]], overscan)
+            for r in recs
         ])
-        dark_levels = {et: median(d.total) for et, d in dark_info.items()}
+        dark_levels = {r.exptime: median(dark_info[group[r.exptime]].total) for r in recs}
         keep, kept_levels, rejected = screen_flats(recs, levels, dark_levels, fs,
                                                    self.settings.detector)
         self.report.rejected.extend(rejected)
         if not self._enough(keep, f"flat {filt}"):
             return self._fallback(name.split("_", 1)[1], "flat", "too few usable flats")
-        how = {dark_info[et].how for et in {r.exptime for r in keep}}
+        how = {dark_info[group[r.exptime]].how for r in keep}
         dark_stack = xr.DataArray(
-            np.stack([dark_info[r.exptime].total for r in keep]) if len(how) > 1
-            else dark_info[keep[0].exptime].total,
+            np.stack([dark_info[group[r.exptime]].total for r in keep]) if len(how) > 1
+            else dark_info[group[keep[0].exptime]].total,
             dims=("frame", "y", "x") if len(how) > 1 else ("y", "x"),
         )
         res = self._combine(keep, subtract=dark_stack, levels=kept_levels)
@@ -383,6 +436,8 @@ class MasterBuilder:
         cards["FILTER"] = (filt, "filter")
         cards["DARKMODE"] = ("; ".join(sorted(how)), "dark subtracted from the flats")
         cards["NREJECT"] = (len(recs) - len(keep), "flats rejected (see manifest)")
+        cards["EXPTIMES"] = (format_exptimes(r.exptime for r in keep),
+                             "[s] exposure times of the flats combined")
         return Master("flat", res.data, res.var, res.count, digest, cards,
                       inputs_table(keep, kept_levels))
 
@@ -442,11 +497,11 @@ class MasterBuilder:
             hows = {}
             for et in sorted({r.exptime for r in recs}):
                 try:
-                    hows[et] = dark_how(et, darks, bias is not None)
+                    hows[et] = dark_how(et, darks, bias is not None, self.tol)
                 except CalibrationError:
                     continue
             usable = [r for r in recs if r.exptime in hows]
-            solve = partial(_solutions, tuple(hows), bias, darks)
+            solve = partial(_solutions, tuple(hows), bias, darks, self.tol)
             if (m := self._illum(filt, usable, hows, solve, flat, mask)) is None:
                 m = self._fallback(name.split("_", 1)[1], "illum",
                                    "too few usable science frames")

@@ -64,6 +64,7 @@ class SimConfig:
     science_exptime: float = 90.0
     flat_exptime: float = 10.0
     extra_dark_exptimes: tuple[float, ...] = ()
+    science_darks: bool = True  # darks of the science exposure (False: only the extra ones)
     filter: str = "RC"
     cadence_s: float = 100.0
     gain: float = 1.5  # e-/ADU
@@ -557,7 +558,8 @@ def simulate_night(root: str | Path, cfg: SimConfig | None = None) -> Path:
     _twilight(cfg, cam, truth, rng_flat, rng_dark, rng_bias, start)
     science_start = start + 1800 / 86400
     t = _science(cfg, cam, truth, rng_sci, rng_cr, rng_mov, science_start, tfolder)
-    for exptime in (cfg.science_exptime, *cfg.extra_dark_exptimes):
+    for exptime in ((cfg.science_exptime,) if cfg.science_darks else ()) + tuple(
+            cfg.extra_dark_exptimes):
         for _ in range(cfg.n_darks):
             adu, osc = cam.expose(rng_dark, None, exptime)
             cam.write(cam.cams, _name(cfg.date, t, "DARK"), "DARK", exptime, t, adu, osc)
