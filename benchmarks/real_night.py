@@ -66,9 +66,9 @@ from astropy.time import Time, TimeDelta
 from astropy.utils.exceptions import AstropyWarning
 from scipy import ndimage
 
+from astep_dask.io.headers import GAIN_KEYS, RDNOISE_KEYS, header_float
+
 SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz")
-GAIN_KEYS = ("GAIN", "EGAIN")
-RDNOISE_KEYS = ("RDNOISE", "READNOIS", "RON")
 
 
 @dataclass
@@ -128,21 +128,6 @@ def header_of(path: Path) -> tuple[fits.Header, tuple[int, int]]:
     raise ValueError("no 2-D image")
 
 
-def first_float(header: fits.Header, keys: tuple[str, ...]) -> float | None:
-    """The first of ``keys`` holding a finite number."""
-    for key in keys:
-        value = header.get(key)
-        if isinstance(value, bool) or value is None:
-            continue
-        try:
-            out = float(value)
-        except (TypeError, ValueError):
-            continue
-        if np.isfinite(out):
-            return out
-    return None
-
-
 def read_raw(path: Path) -> Raw:
     """What the package makes of one raw file's header (its own classifier is used)."""
     from astep_dask.io.headers import classify, exposure_time
@@ -154,7 +139,7 @@ def read_raw(path: Path) -> Raw:
                    None, problem=f"unreadable: {exc}")
     kind, note = classify(header, path)
     date_obs = str(header.get("DATE-OBS", "") or "").strip()
-    mjd = first_float(header, ("MJD-OBS",))
+    mjd = header_float(header, "MJD-OBS")
     if mjd is None and date_obs:
         try:
             mjd = float(Time(date_obs, scale="utc").mjd)
@@ -162,7 +147,7 @@ def read_raw(path: Path) -> Raw:
             mjd = None
     raw = Raw(path, str(kind), note, exposure_time(header), str(header.get("FILTER", "")).strip(),
               date_obs, float("nan") if mjd is None else mjd, shape,
-              first_float(header, GAIN_KEYS), first_float(header, RDNOISE_KEYS))
+              header_float(header, *GAIN_KEYS), header_float(header, *RDNOISE_KEYS))
     if raw.kind == "unknown":
         raw.problem = "frame type not understood (IMAGETYP/OBSTYPE/ACQTYPE, file name)"
     elif not np.isfinite(raw.exptime):
