@@ -129,6 +129,10 @@ def _illum_grid_stub(*_: object) -> None:  # pragma: no cover - never computed
     """Stands for one science frame's star-masked sky grid (masters.illum)."""
 
 
+def _warm_flags_stub(*_: object) -> None:  # pragma: no cover - never computed
+    """Stands for one sampled science frame's cosmic-ray flags (masters.warm)."""
+
+
 def _manifest_stub(*_: object) -> None:  # pragma: no cover - never computed
     """Stands for write_manifest."""
 
@@ -266,6 +270,9 @@ class _GraphBuilder:
         if step.role == "illum":
             self._add_illum(step)
             return
+        if step.role == "warm":
+            self._add_warm(step)
+            return
         recs = list(step.records)
         what = {"bias": "bias", "dark": f"dark {step.exptime or 0:g} s",
                 "flat": f"flat {step.filter}"}[step.role]
@@ -323,6 +330,22 @@ class _GraphBuilder:
         task = dask.delayed(_write_stub, pure=True)(*grids,
                                                     dask_key_name=f"illum-{step.filter}")
         self.assign(task, comb, comb)
+        self.write(task, step.name)
+
+    def _add_warm(self, step: MasterStep) -> None:
+        """The warm pixels: one task per sampled science frame (calibrated with the
+        master files it needs, cosmic rays included; its flags kept), their count, and
+        its file (masters.warm)."""
+        recs = list(step.records)
+        read = self.add("read warm", f"read science frames\n{_plural(len(recs), 'file')}, "
+                        "a sample in time", "read")
+        count = self.add("warm", "warm pixels\ncosmic-ray flags counted\nover the sample",
+                         "master")
+        self.file_edges.append((f"input {recs[0].folder}", read))
+        needs = [self.files[n] for n in step.needs]
+        flags = self.per_file(_warm_flags_stub, recs, needs, "warm-flags", read)
+        task = dask.delayed(_write_stub, pure=True)(*flags, dask_key_name=f"warm-{self.night}")
+        self.assign(task, count, count)
         self.write(task, step.name)
 
     def add_calibration(self, science: list[FrameRecord],

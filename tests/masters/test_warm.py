@@ -22,6 +22,7 @@ from astep_dask.io.layout import scan_night
 from astep_dask.io.products import output_dir
 from astep_dask.masters.store import MasterPaths, frame_masters, read_master
 from astep_dask.masters.warm import frame_cosmics, warm_name, warm_records
+from astep_dask.report.graph import collapse, night_graph
 from astep_dask.run.night import calibrate_night
 from astep_dask.run.plan import plan_night
 from astep_dask.testing.simulate import (
@@ -160,6 +161,21 @@ def test_a_rerun_reuses_the_warm_map(night):
     assert steps[warm_name(SIM.date)].action == "reuse"
     assert all(s.action == "done" for s in plan.frames())
     assert all(warm_name(SIM.date) in s.needs for s in plan.frames())
+
+
+def test_flow_chart_draws_the_warm_step(night):
+    """The flow chart (drawn from the same plan) reads the sample and writes the map, and
+    every frame's calibration reads it."""
+    night_dir, _, _ = night
+    inv = scan_night(night_dir)
+    g = night_graph(inv, SETTINGS)
+    flow = collapse(g.dependencies, g.stage_of, g.stages, g.file_edges, g.night)
+    assert flow.stages["read warm"].tasks == SIM.n_science
+    name = f"file {warm_name(SIM.date)}"
+    assert name in flow.stages
+    assert any(a == name for a, _ in flow.edges)  # read by the frames' planes
+    off = night_graph(inv, SETTINGS.replace(cosmics={"enabled": False}))
+    assert "read warm" not in off.stages
 
 
 def test_small_nights_and_disabled_cosmics_make_none(tmp_path):
