@@ -151,8 +151,13 @@ def _choose(inv: Inventory) -> _Inputs:
 
 
 def _key(inputs: _Inputs, settings: Settings) -> str:
-    return digest_of("detector", METHOD_VERSION, input_identity(inputs.records()),
-                     settings.detector.overscan)
+    """The identity of the inputs and method ("" when a file is gone since the scan: then
+    nothing earlier is reused, and the pairs it is in say why they are not used)."""
+    try:
+        identity = input_identity(inputs.records())
+    except OSError:
+        return ""
+    return digest_of("detector", METHOD_VERSION, identity, settings.detector.overscan)
 
 
 def _region(rec: FrameRecord, overscan: bool) -> np.ndarray:
@@ -168,17 +173,36 @@ def _region(rec: FrameRecord, overscan: bool) -> np.ndarray:
     return data
 
 
-def _mean(*frames: np.ndarray) -> np.ndarray:
+def _read(rec: FrameRecord, overscan: bool) -> np.ndarray | str:
+    """:func:`_region`, or why the frame could not be read (it changed since the scan):
+    the pairs it is in are then not used, and say why."""
+    try:
+        return _region(rec, overscan)
+    except (OSError, ValueError, TypeError) as exc:
+        return f"cannot read {rec.path.name}: {exc}"
+
+
+def _mean(*frames: np.ndarray | str) -> np.ndarray | str:
+    if why := next((f for f in frames if isinstance(f, str)), None):
+        return why
     return np.mean(np.stack(frames).astype(np.float64), axis=0)
 
 
-def _noise_pair(a: np.ndarray, b: np.ndarray) -> PairStat:
-    return pair_stat(a, b, scale=False)
+def _noise_pair(a: np.ndarray | str, b: np.ndarray | str) -> PairStat | str:
+    """A bias or dark pair's figures, or why it is not used."""
+    if why := next((f for f in (a, b) if isinstance(f, str)), None):
+        return why
+    try:
+        return pair_stat(a, b, scale=False)
+    except ValueError as exc:
+        return str(exc)
 
 
-def _flat_pair(a: np.ndarray, b: np.ndarray, level: np.ndarray, saturation: float
-               ) -> PairStat | str:
+def _flat_pair(a: np.ndarray | str, b: np.ndarray | str, level: np.ndarray | str,
+               saturation: float) -> PairStat | str:
     """A flat pair's figures, or why it is not used."""
+    if why := next((f for f in (a, b, level) if isinstance(f, str)), None):
+        return why
     top = max(float(np.median(a)), float(np.median(b)))
     if top > MAX_SATURATION * saturation:
         return f"level {top:.0f} adu near saturation ({saturation:g})"
@@ -206,13 +230,13 @@ def measure_detector(inv: Inventory, settings: Settings, previous: dict | None =
     """
     inputs = _choose(inv)
     key = _key(inputs, settings)
-    if isinstance(previous, dict) and previous.get("key") == key:
+    if key and isinstance(previous, dict) and previous.get("key") == key:
         try:
             return DetectorMeasurement.from_dict(previous)
         except (TypeError, ValueError):
             pass  # a damaged manifest entry: measured again
     overscan = settings.detector.overscan == "auto"
-    read = {r.path: dask.delayed(_region, pure=True)(r, overscan) for r in inputs.records()}
+    read = {r.path: dask.delayed(_read, pure=True)(r, overscan) for r in inputs.records()}
     noise = [dask.delayed(_noise_pair)(read[a.path], read[b.path])
              for a, b in inputs.noise_pairs]
     flats, labels = [], []
@@ -225,8 +249,9 @@ def measure_detector(inv: Inventory, settings: Settings, previous: dict | None =
     noise_stats, flat_stats = dask.compute(noise, flats) if (noise or flats) else ([], [])
     notes = list(inputs.notes)
     rows: list[dict] = [{"kind": inputs.noise_kind, "files": [a.path.name, b.path.name],
-                         **asdict(s)} for (a, b), s in zip(inputs.noise_pairs, noise_stats,
-                                                           strict=True)]
+                         **({"unused": s} if isinstance(s, str) else asdict(s))}
+                        for (a, b), s in zip(inputs.noise_pairs, noise_stats, strict=True)]
+    noise_stats = [s for s in noise_stats if not isinstance(s, str)]
     read_var = read_variance(noise_stats) if noise_stats else float("nan")
     read_method = (f"{inputs.noise_kind} pairs, {len(noise_stats)} pair"
                    f"{'s' if len(noise_stats) != 1 else ''}") if noise_stats else ""

@@ -4,6 +4,7 @@ nights whose headers give none, against the simulator's truth."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import dask
@@ -137,3 +138,19 @@ def test_no_gain_anywhere_is_refused(tmp_path, client):
     with dask.config.set(scheduler="threads"):
         inv2, _ = night_detector(inv, given)
     assert detector_values(inv2.select()[0], given.detector).source("gain") == "setting"
+
+
+def test_a_frame_gone_since_the_scan_costs_only_its_pair(nights, tmp_path):
+    """A flat removed between the scan and the measurement: its pair is not used (and
+    says why), the others still measure the gain."""
+    night = tmp_path / nights[1.5].name
+    shutil.copytree(nights[1.5], night)
+    inv = scan_night(night)
+    first_flat = sorted(night.rglob("*_SKYFLAT.fits"))[0]
+    first_flat.unlink()
+    with dask.config.set(scheduler="threads"):
+        m = measure_detector(inv, Settings())
+    unused = [p for p in m.pairs if "unused" in p]
+    assert len(unused) == 1 and unused[0]["unused"].startswith(f"cannot read {first_flat.name}")
+    assert m.gain_method == "flat pairs, 2 pairs"
+    assert m.gain == pytest.approx(1.5, rel=0.03)
