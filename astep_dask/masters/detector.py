@@ -76,9 +76,12 @@ class DetectorMeasurement:
     notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
-        """JSON-ready dict (the manifest's ``detector``)."""
+        """JSON-ready dict (the manifest's ``detector``; a figure that is not a finite
+        number is None)."""
         d = asdict(self)
-        d["pairs"], d["notes"] = list(self.pairs), list(self.notes)
+        d["pairs"] = [{k: None if isinstance(v, float) and not math.isfinite(v) else v
+                       for k, v in row.items()} for row in self.pairs]
+        d["notes"] = list(self.notes)
         return d
 
     @classmethod

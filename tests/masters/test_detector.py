@@ -44,7 +44,7 @@ def test_measured_within_3_percent_of_truth(nights, gain):
     assert m.read_noise_adu * m.gain == pytest.approx(truth.read_noise, rel=0.03)
     assert m.gain_method == "flat pairs, 3 pairs"
     assert m.read_noise_method == "dark (10 s) pairs, 2 pairs"
-    assert json.loads(json.dumps(m.to_dict())) == m.to_dict()  # for the manifest
+    assert json.loads(json.dumps(m.to_dict(), allow_nan=False)) == m.to_dict()  # manifest
 
 
 def test_night_calibrated_with_measured_gain(nights, client, tmp_path):
@@ -154,3 +154,17 @@ def test_a_frame_gone_since_the_scan_costs_only_its_pair(nights, tmp_path):
     assert len(unused) == 1 and unused[0]["unused"].startswith(f"cannot read {first_flat.name}")
     assert m.gain_method == "flat pairs, 2 pairs"
     assert m.gain == pytest.approx(1.5, rel=0.03)
+
+
+@pytest.mark.parametrize(("extra", "method"), [
+    ({"n_bias": 4}, "bias pairs, 2 pairs"),  # bias frames: the read noise from them
+    ({"overscan": 8}, "dark (10 s) pairs, 2 pairs"),  # trimmed data, overscan subtracted
+])
+def test_bias_frames_and_overscan(tmp_path, extra, method):
+    cfg = replace(BARE, gain=2.5, **extra)
+    night = simulate_night(tmp_path, cfg)
+    with dask.config.set(scheduler="threads"):
+        m = measure_detector(scan_night(night), Settings())
+    assert m.read_noise_method == method
+    assert m.gain == pytest.approx(cfg.gain, rel=0.03)
+    assert m.read_noise_adu * m.gain == pytest.approx(cfg.read_noise, rel=0.03)
