@@ -5,11 +5,15 @@ the real cosmic rays (the simulator's truth), from one extra read of a sample of
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
+import astropy.units as u
 import numpy as np
 import pytest
+from astropy.nddata import CCDData
 from scipy import ndimage
 from scipy.stats import binom
 
@@ -120,6 +124,13 @@ def test_warm_pixels_flagged_warm_not_cosmic_rays(night):
     assert result.details["masters"]["paths"]["warm"] == str(path)
     m = read_master(path)
     assert m.role == "warm" and m.cards["NSAMPLE"][0] == SIM.n_science
+    # A product like the other masters: CCDData reads it, fitsverify passes it.
+    ccd = CCDData.read(path, hdu="SCI", hdu_uncertainty="VAR", hdu_mask="MASK")
+    assert ccd.unit == u.dimensionless_unscaled and ccd.uncertainty is None
+    np.testing.assert_array_equal(ccd.data, m.data)
+    if shutil.which("fitsverify"):
+        verdict = subprocess.run(["fitsverify", str(path)], capture_output=True, text=True)
+        assert "0 warning(s) and 0 error(s)" in verdict.stdout, verdict.stdout
     found = (m.data & WARM) != 0
     assert found[truth_warm].all()  # every one
     # Nothing else but a few of their neighbours, which astroscrappy's growth of each
