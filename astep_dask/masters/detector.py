@@ -45,6 +45,7 @@ from astep_dask.io.stack import frame_section, read_section
 __all__ = [
     "DetectorMeasurement",
     "apply_measurement",
+    "detector_plan",
     "measure_detector",
     "missing_values",
     "night_detector",
@@ -297,6 +298,39 @@ def measure_detector(inv: Inventory, settings: Settings, previous: dict | None =
         read_noise_adu=math.sqrt(read_var) if math.isfinite(read_var) else None,
         read_noise_method=read_method if math.isfinite(read_var) else "",
         pairs=tuple(rows), notes=tuple(notes))
+
+
+def detector_plan(inv: Inventory, settings: Settings, previous: dict | None = None) -> dict:
+    """What a run will do about the night's gain and read noise, from metadata (nothing
+    read): ``action`` ``measure`` (the frames it reads: ``files``), ``reuse`` (the
+    earlier manifest's measurement, same frames), ``none`` (nothing to measure from) or
+    ``refuse`` (and why: a frame needs a gain or read noise nothing can give), with a
+    ``reason``."""
+    inputs = _choose(inv)
+    files = sorted(r.path.name for r in inputs.records())
+    det = settings.detector
+    usable = [f for f in inv.frames if f.usable and f.kind is not FrameType.UNKNOWN]
+    need_gain = [f for f in usable if f.gain is None] if det.gain is None else []
+    need_rn = [f for f in usable if f.read_noise is None] if det.read_noise is None else []
+    n_flat = sum(len(pairs) for pairs, _ in inputs.flat_groups)
+    n_noise = len(inputs.noise_pairs)
+    if need_gain and not n_flat:
+        return {"action": "refuse", "reason": NO_GAIN.format(
+            name=f"{len(need_gain)} frame(s) (e.g. {need_gain[0].path.name})"), "files": []}
+    if need_rn and not (n_noise or n_flat > 1):
+        return {"action": "refuse", "reason": NO_READ_NOISE.format(
+            name=f"{len(need_rn)} frame(s) (e.g. {need_rn[0].path.name})"), "files": []}
+    why = (f"used by {len({f.path for f in need_gain + need_rn})} frame(s) whose headers give "
+           "none" if need_gain or need_rn else "to check the values given")
+    if not files:
+        return {"action": "none", "reason": "no pair of bias, dark or flat frames", "files": []}
+    key = _key(inputs, settings)
+    if key and isinstance(previous, dict) and previous.get("key") == key:
+        return {"action": "reuse", "reason": f"measured from the same frames before ({why})",
+                "files": files}
+    return {"action": "measure",
+            "reason": f"{n_flat} flat pair(s), {n_noise} {inputs.noise_kind} pair(s): the "
+                      f"central region of {len(files)} frames ({why})", "files": files}
 
 
 def apply_measurement(inv: Inventory, m: DetectorMeasurement) -> Inventory:

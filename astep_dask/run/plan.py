@@ -26,6 +26,7 @@ from astep_dask.io.products import CAL_SUFFIX, output_dir, read_manifest
 from astep_dask.io.provenance import digest_of, frame_provenance
 from astep_dask.io.rawfiles import content_digest, stem
 from astep_dask.masters.builder import MasterBuilder, MasterStep, frame_needs
+from astep_dask.masters.detector import detector_plan
 from astep_dask.masters.store import MasterPaths, open_master
 from astep_dask.run.frames import FrameJob
 
@@ -58,6 +59,7 @@ class NightPlan:
     out_dir: Path
     steps: list[Step] = field(default_factory=list)
     unusable: list[dict] = field(default_factory=list)
+    detector: dict = field(default_factory=dict)  # gain and read noise (detector_plan)
 
     def masters(self) -> list[Step]:
         return [s for s in self.steps if s.kind == "master"]
@@ -75,13 +77,17 @@ class NightPlan:
     def to_dict(self) -> dict:
         """JSON-ready."""
         return {"night": self.night, "out_dir": str(self.out_dir), "counts": self.counts(),
-                "steps": [asdict(s) for s in self.steps], "unusable": self.unusable}
+                "steps": [asdict(s) for s in self.steps], "unusable": self.unusable,
+                "detector": self.detector}
 
     def text(self, most: int = 20) -> str:
         """The plan in a few lines: the masters one by one, the frames grouped by action
         and reason (a night of thousands of frames stays short)."""
         counts = ", ".join(f"{n} {a}" for a, n in sorted(self.counts().items()))
         lines = [f"plan {self.night}: {counts}  -> {self.out_dir}"]
+        if self.detector:
+            lines.append(f"  {self.detector['action']:<9} gain and read noise: "
+                         f"{self.detector['reason']}")
         for s in self.masters():
             needs = f" (from {', '.join(s.needs)})" if s.needs else ""
             lines.append(f"  {s.action:<9} {s.name}: {s.reason}{needs}")
@@ -137,6 +143,7 @@ def plan_night(night_dir: str | Path, settings: Settings | None = None,
         plan.steps.append(Step("master", step.name, action, reason, step.role,
                                tuple(r.path.name for r in step.records), step.needs))
     plan.steps += _frames(inv, recipe, actions, out_dir, settings, previous, index, force)
+    plan.detector = detector_plan(inv, settings, previous.get("detector"))
     return plan
 
 

@@ -19,6 +19,7 @@ from astep_dask.io.products import MANIFEST, output_dir
 from astep_dask.masters import detector as mdet
 from astep_dask.masters.detector import measure_detector, night_detector
 from astep_dask.run.night import calibrate_night
+from astep_dask.run.plan import plan_night
 from astep_dask.testing.simulate import SimConfig, load_truth, simulate_night
 
 BARE = SimConfig(size=256, n_science=2, n_darks=4, n_flats=6, movers=(),
@@ -51,8 +52,15 @@ def test_night_calibrated_with_measured_gain(nights, client, tmp_path):
     """The whole run: every product says where its gain came from, the manifest holds the
     measurement, and the electrons are right (sky of the truth)."""
     night = nights[4.0]
+    before = plan_night(night, SETTINGS, out=tmp_path).detector
+    assert before["action"] == "measure" and len(before["files"]) == 10  # 6 flats, 4 darks
+    n_frames = BARE.n_science + 2 * BARE.n_darks + BARE.n_flats  # none has a GAIN card
+    assert f"used by {n_frames} frame(s) whose headers give none" in before["reason"]
     result = calibrate_night(night, client, SETTINGS, out=tmp_path)
     assert result.status == "complete", result.error
+    after = plan_night(night, SETTINGS, out=tmp_path)
+    assert after.detector["action"] == "reuse"  # the manifest holds it: nothing read
+    assert "reuse     gain and read noise: measured from the same frames" in after.text()
     folder = output_dir(night, tmp_path)
     manifest = json.loads((folder / MANIFEST).read_text())
     assert manifest["detector"]["gain"] == pytest.approx(4.0, rel=0.03)
@@ -126,6 +134,8 @@ def test_no_gain_anywhere_is_refused(tmp_path, client):
     night = simulate_night(tmp_path / "raw", replace(BARE, size=64, n_flats=0,
                                                      omit_keys=("GAIN",)))
     inv = scan_night(night)
+    planned = plan_night(night, SETTINGS, out=tmp_path / "out").detector
+    assert planned["action"] == "refuse" and "[detector] gain = <e-/ADU>" in planned["reason"]
     with pytest.raises(CalibrationError, match=r"give \[detector\] gain = <e-/ADU>"):
         with dask.config.set(scheduler="threads"):
             night_detector(inv, Settings())
