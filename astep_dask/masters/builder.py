@@ -576,7 +576,9 @@ class MasterBuilder:
         """
         with self.store.writing():
             paths = self._build()
-        return paths
+        # Warm pixels: cosmic-ray flags on a sample of science frames, calibrated by the
+        # workers with the master files, now written (masters.warm).
+        return build_warm(self.store, self.inv, self.settings, paths, self.failed_before)
 
     def _tell(self, done: int, what: str) -> None:
         """Progress of the master stage: bias, darks, flats, mask, illumination (5 steps)."""
@@ -606,16 +608,13 @@ class MasterBuilder:
                                   str(m.cards.get("FILTER", ("",))[0])
                                   if role in ("flat", "illum") else "")
                 self.store.write(m, self.out / name)
-        paths = MasterPaths(
+        return MasterPaths(
             bias=bias.path if bias else None,
             darks=tuple(sorted((et, m.path) for et, m in darks.items())),
             flats=tuple(sorted((f, m.path) for f, m in flats.items())),
             mask=mask.path,
             illums=tuple(sorted((f, m.path) for f, m in illums.items())),
         )
-        # Warm pixels, from cosmic-ray flags on a sample of science frames (masters.warm).
-        return build_warm(self.store, self.inv, self.settings, paths,
-                          [bias, *darks.values(), *flats.values(), mask], self.failed_before)
 
 
 def _illum_summary(m: Master) -> dict:

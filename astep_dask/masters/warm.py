@@ -3,10 +3,12 @@
 
 A warm pixel shows in the science frames only (it may be warm at the science frames'
 temperature, or switch on and off), so it is found where it shows: once per night, with
-the masters, a sample of the science frames spread in time (``[cosmics] warm_frames``) is
-calibrated in full, cosmic rays included, one task per frame; each task returns only the
-flat indices of its pixels flagged as cosmic rays. A pixel flagged in more than
-``warm_fraction`` of the sample (and in at least ``warm_min_count`` frames) is warm
+the master files (once they are written), a sample of the science frames spread in time
+(``[cosmics] warm_frames``) is calibrated in full, cosmic rays included, one task per frame
+on the workers (which read the master files once per process, as the frames' tasks would
+without the shared planes); each task returns only the flat indices of its pixels flagged
+as cosmic rays. A pixel flagged in more than ``warm_fraction`` of the sample (and in at
+least ``warm_min_count`` frames, more often than chance) is warm
 (:func:`astep_dask.core.cosmics.warm_pixels`). The warm pixels are written as a master,
 ``DATE_WARM.fits`` (``SCI``: the bit WARM; ``COUNT``: in how many sampled frames each
 pixel was flagged; ``INPUTS``: the frames), and every frame's mask takes them
@@ -28,9 +30,8 @@ import numpy as np
 
 from astep_dask.config import Settings
 from astep_dask.core.bits import MASK_DTYPE, Bit, flag
-from astep_dask.core.calibrate import Detector, FrameMasters, calibrate_frame
+from astep_dask.core.calibrate import Detector, calibrate_frame
 from astep_dask.core.cosmics import warm_pixels, warm_threshold
-from astep_dask.errors import CalibrationError
 from astep_dask.io.headers import FrameType
 from astep_dask.io.layout import FrameRecord, Inventory, detector_values
 from astep_dask.io.provenance import digest_of, input_identity
@@ -74,12 +75,15 @@ def warm_digest(records: Sequence[FrameRecord], master_digests: Sequence[str],
                      settings.digest("cosmics", "detector"), __version__)
 
 
-def frame_cosmics(rec: FrameRecord, masters: FrameMasters, settings: Settings
-                  ) -> np.ndarray | None:
-    """The flat indices of the pixels of one raw frame flagged as cosmic rays once it is
-    calibrated with ``masters`` as a frame task would (a task on a worker); None when the
-    frame cannot be read or calibrated (it is left out of the sample)."""
+def frame_cosmics(rec: FrameRecord, paths: MasterPaths, settings: Settings
+                  ) -> tuple[tuple[int, ...], np.ndarray] | None:
+    """One sampled frame, as a task on a worker: calibrated with the master files of
+    ``paths`` (read once per worker process, :func:`frame_masters`) as a frame task would,
+    cosmic rays included. Returns the image's shape and the flat indices of its pixels
+    flagged as cosmic rays, or None when the frame cannot be read or calibrated (it is
+    left out of the sample)."""
     try:
+        masters, _ = frame_masters(paths, rec.exptime, rec.filter)
         raw = read_raw(rec.path, rec.hdu).data
         det = settings.detector
         values = detector_values(rec, det)
@@ -91,49 +95,31 @@ def frame_cosmics(rec: FrameRecord, masters: FrameMasters, settings: Settings
                                         rec.trim if auto else None)
     except Exception:  # a broken frame of the sample is not the night's problem
         return None
-    return np.flatnonzero(mask & flag(Bit.CR)).astype(np.int64)
+    return mask.shape, np.flatnonzero(mask & flag(Bit.CR)).astype(np.int64)
 
 
-def make_warm(records: Sequence[FrameRecord], paths: MasterPaths, loaded: dict[str, Master],
-              settings: Settings, digest: str) -> Master | str:
-    """The warm-pixel master from ``records``, calibrated with the masters of ``paths``
-    (those in ``loaded`` from memory) as dask tasks, or why none could be made.
-
-    The planes of each exposure time and filter are made once here and given to the
-    tasks as one dask object each (sent once per worker, not once per frame)."""
+def make_warm(records: Sequence[FrameRecord], paths: MasterPaths, settings: Settings,
+              digest: str) -> Master | str:
+    """The warm-pixel master from ``records``, calibrated with the master files of
+    ``paths`` (its illumination corrections aside), one dask task per frame that returns
+    only its flags (:func:`frame_cosmics`), or why none could be made."""
     base = replace(paths, illums=(), warm=None)
-    planes: dict[tuple[float, str], object] = {}
-    tasks, used = [], []
-    shape = None
-    for rec in records:
-        key = (rec.exptime, rec.filter)
-        if key not in planes:
-            try:
-                fm, _ = frame_masters(base, rec.exptime, rec.filter, cache=False,
-                                      loaded=loaded)
-            except CalibrationError:
-                planes[key] = None
-            else:
-                shape = fm.mask.shape
-                planes[key] = dask.delayed(fm, traverse=False)
-        if planes[key] is None:
-            continue
-        tasks.append(dask.delayed(frame_cosmics, pure=False)(rec, planes[key], settings))
-        used.append(rec)
-    flagged = dask.compute(*tasks) if tasks else ()
-    kept = [(r, f) for r, f in zip(used, flagged, strict=True) if f is not None]
+    tasks = [dask.delayed(frame_cosmics, pure=False)(rec, base, settings) for rec in records]
+    results = dask.compute(*tasks) if tasks else ()
+    kept = [(r, res) for r, res in zip(records, results, strict=True) if res is not None]
     cs = settings.cosmics
-    if shape is None or len(kept) < cs.warm_min_count:
+    if len(kept) < cs.warm_min_count:
         return f"{len(kept)} of {len(records)} sampled frames could be calibrated"
-    n = len(kept)
-    n_pixels = int(np.prod(shape))
-    pixels, _ = warm_pixels([f for _, f in kept], n, cs, n_pixels)
+    shape = kept[0][1][0]
+    flagged = [f for _, (_, f) in kept]
+    n, n_pixels = len(kept), int(np.prod(shape))
+    pixels, _ = warm_pixels(flagged, n, cs, n_pixels)
     data = np.zeros(shape, MASK_DTYPE)
     data.flat[pixels] = flag(Bit.WARM)
-    seen, times = np.unique(np.concatenate([f for _, f in kept]), return_counts=True)
+    seen, times = np.unique(np.concatenate(flagged), return_counts=True)
     count = np.zeros(shape, np.int16)
     count.flat[seen] = np.minimum(times, np.iinfo(np.int16).max)
-    rate = sum(int(np.unique(f).size) for _, f in kept) / (n * n_pixels)
+    rate = sum(int(np.unique(f).size) for f in flagged) / (n * n_pixels)
     threshold = warm_threshold(n, cs, rate, n_pixels)
     cards = {
         "NSAMPLE": (n, "science frames searched for cosmic rays"),
@@ -143,31 +129,34 @@ def make_warm(records: Sequence[FrameRecord], paths: MasterPaths, loaded: dict[s
         "NWARM": (int(pixels.size), "warm pixels (MASK bit WARM)"),
     }
     inputs = [{"file": r.path.name, "mjd": float(r.mjd), "n_cr": int(f.size)}
-              for r, f in kept]
+              for r, (_, f) in kept]
     return Master("warm", data, None, count, digest, cards, inputs)
 
 
 def build_warm(store: MasterStore, inv: Inventory, settings: Settings, paths: MasterPaths,
-               masters: Sequence[Master | None], failed_before: dict[str, str] | None = None
-               ) -> MasterPaths:
+               failed_before: dict[str, str] | None = None) -> MasterPaths:
     """``paths`` with the night's warm-pixel master: reused when its file in the store's
-    folder holds the same provenance hash, else made (:func:`make_warm`, with the
-    ``masters`` the store holds) and written by ``store``; ``paths`` unchanged when the
-    night has no sample (:func:`warm_records`) or none could be made (a note; not tried
-    again with the same inputs when ``failed_before``, an earlier run's
+    folder holds the same provenance hash, else made (:func:`make_warm`, from the master
+    files of ``paths``, written by then) and written by ``store``; ``paths`` unchanged
+    when the night has no sample (:func:`warm_records`) or none could be made (a note;
+    not tried again with the same inputs when ``failed_before``, an earlier run's
     :attr:`~astep_dask.masters.store.MasterReport.failed`, says so)."""
     records = warm_records(inv.select(FrameType.SCIENCE), {f for f, _ in paths.flats},
                            settings)
     if not records:
         return paths
-    digest = warm_digest(records, [m.digest for m in masters if m is not None], settings)
+    held = {str(m.path): m.digest for m in store.loaded.values() if m.path is not None}
+    used = [paths.bias, *(p for _, p in paths.darks), *(p for _, p in paths.flats),
+            paths.mask]
+    digest = warm_digest(records, [held.get(str(p), "") for p in used if p is not None],
+                         settings)
     path = store.out / warm_name(inv.night)
     report = store.report
     if store.existing(path, digest) is not None:
         return replace(paths, warm=path)
     why = (failed_before or {}).get(digest)
     if why is None:
-        made = make_warm(records, paths, store.loaded, settings, digest)
+        made = make_warm(records, paths, settings, digest)
         if isinstance(made, Master):
             store.write(made, path)
             report.built.append(path.name)

@@ -112,7 +112,8 @@ def test_without_the_warm_map_they_are_cosmic_rays(night):
     for rec in science:
         fm, _ = frame_masters(paths, rec.exptime, rec.filter, cache=False)
         assert not (fm.mask.flat[warm] & UNUSABLE).any()  # the mask misses them
-        flagged = frame_cosmics(rec, fm, SETTINGS)
+        shape, flagged = frame_cosmics(rec, paths, SETTINGS)
+        assert shape == (SIM.size, SIM.size)
         assert np.isin(warm, flagged).mean() >= 0.75
 
 
