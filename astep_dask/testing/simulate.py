@@ -94,6 +94,7 @@ class SimConfig:
     # misses them, astroscrappy flags them frame after frame. 0: none.
     n_warm: int = 0
     warm_charge: float = 1500.0
+    warm_corner: int = 0  # the last pixels of row 0 warm too (a warm corner, as seen)
     vignetting: float = 0.08  # fractional loss at the field corner
     prnu: float = 0.008  # pixel-to-pixel response scatter
     n_dust: int = 3
@@ -320,13 +321,17 @@ def make_static_truth(cfg: SimConfig, rng: np.random.Generator) -> Truth:
 
 def _warm_pixels(cfg: SimConfig, truth: Truth, rng: np.random.Generator) -> np.ndarray:
     """Charge (e- per science frame) of ``cfg.n_warm`` warm pixels, away from the edges
-    and from the hot and dead pixels (which the mask flags anyway); 0 elsewhere."""
+    and from the hot and dead pixels (which the mask flags anyway), and of the
+    ``cfg.warm_corner`` last pixels of row 0; 0 elsewhere."""
     n = cfg.size
     free = ~(truth.hot | truth.dead)
     free[:4], free[-4:], free[:, :4], free[:, -4:] = False, False, False, False
     picks = rng.choice(np.flatnonzero(free), cfg.n_warm, replace=False)
     warm = np.zeros((n, n), np.float32)
     warm.flat[picks] = cfg.warm_charge * rng.uniform(0.5, 1.5, cfg.n_warm)
+    if cfg.warm_corner:  # adjacent, on the frame's edge: a cosmic-ray track each frame
+        warm[0, n - cfg.warm_corner:] = cfg.warm_charge * rng.uniform(0.5, 1.5,
+                                                                      cfg.warm_corner)
     return warm
 
 
@@ -548,7 +553,7 @@ def simulate_night(root: str | Path, cfg: SimConfig | None = None) -> Path:
         np.random.default_rng(s) for s in seeds
     )
     truth = make_static_truth(cfg, rng_static)
-    if cfg.n_warm:  # from a stream of its own: the other streams stay as they were
+    if cfg.n_warm or cfg.warm_corner:  # a stream of its own: the others stay as they were
         truth.warm = _warm_pixels(cfg, truth, np.random.default_rng(
             np.random.SeedSequence(cfg.seed).spawn(9)[8]))
     cam = _Camera(cfg, truth, night)

@@ -79,9 +79,10 @@ def test_warm_pixels_from_random_flags():
 
 
 # 20 science frames (all sampled; the default needs 100 for a sample), 8 warm pixels that
-# only the science frames show, a cosmic-ray rate that gives the recall statistics.
-SIM = SimConfig(size=128, n_science=20, n_darks=5, n_flats=5, n_warm=8, cr_per_mpix=300.0,
-                seed=29)
+# only the science frames show and a warm corner (the last 4 pixels of row 0, as a real
+# camera showed), a cosmic-ray rate that gives the recall statistics.
+SIM = SimConfig(size=128, n_science=20, n_darks=5, n_flats=5, n_warm=8, warm_corner=4,
+                cr_per_mpix=300.0, seed=29)
 SETTINGS = Settings().replace(cluster={"dashboard_address": ":0"}, illum={"enabled": False},
                               cosmics={"warm_min_frames": 20})
 
@@ -96,7 +97,9 @@ def night(tmp_path_factory, client):
 
 def _truth_warm(night: Path) -> np.ndarray:
     truth = load_truth(night)
-    assert truth.warm is not None and (truth.warm > 0).sum() == SIM.n_warm
+    assert truth.warm is not None
+    assert (truth.warm > 0).sum() == SIM.n_warm + SIM.warm_corner
+    assert not (truth.hot | truth.dead)[truth.warm > 0].any()  # none the mask could find
     return truth.warm > 0
 
 
@@ -138,7 +141,7 @@ def test_warm_pixels_flagged_warm_not_cosmic_rays(night):
     # detection flags with them in a good part of the frames (by the rule, warm too).
     near = ndimage.binary_dilation(truth_warm, structure=np.ones((3, 3), bool))
     assert not (found & ~near).any()
-    assert (found & ~truth_warm).sum() <= SIM.n_warm
+    assert (found & ~truth_warm).sum() <= SIM.n_warm + SIM.warm_corner
     frames = sorted(out.glob("*_CAL.fits"))
     assert len(frames) == SIM.n_science
     for f in frames:
@@ -193,7 +196,7 @@ def test_flow_chart_draws_the_warm_step(night):
 def test_small_nights_and_disabled_cosmics_make_none(tmp_path):
     """Fewer science frames than warm_min_frames, or no cosmic-ray search: no sample."""
     night = simulate_night(tmp_path, replace(SIM, n_science=3, size=32, n_darks=2,
-                                             n_flats=2, n_warm=0))
+                                             n_flats=2, n_warm=0, warm_corner=0))
     science = scan_night(night).select(FrameType.SCIENCE)
     assert len(science) == 3
     assert warm_records(science, {SIM.filter}, Settings()) == []
