@@ -614,6 +614,7 @@ class MasterBuilder:
             flats=tuple(sorted((f, m.path) for f, m in flats.items())),
             mask=mask.path,
             illums=tuple(sorted((f, m.path) for f, m in illums.items())),
+            tol=self.tol,
         )
 
 

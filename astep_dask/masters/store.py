@@ -25,6 +25,7 @@ from astropy.table import Table
 from astep_dask.core.bits import MASK_DTYPE
 from astep_dask.core.calibrate import FrameMasters
 from astep_dask.core.darks import dark_for_exptime, variance_of
+from astep_dask.core.exptimes import ExptimeTolerance
 from astep_dask.errors import CalibrationError, RunError
 from astep_dask.io.fitsio import (
     IMAGETYP_MASTER,
@@ -258,6 +259,9 @@ class MasterPaths:
     # The file digest of each master (by file name) the run planned with: a master read
     # for a frame is checked against it (read_master's ``expect``). Empty: not checked.
     expect: tuple[tuple[str, str], ...] = ()
+    # When a frame's exposure time is a dark's ([combine] exptime_rtol, exptime_atol): the
+    # tolerance the masters were planned with, so that frames match darks as they did.
+    tol: ExptimeTolerance = field(default_factory=ExptimeTolerance)
 
     def digests(self, index: FileIndex | None = None) -> dict[str, str]:
         """File digests of every master, named by file: the provenance of a frame. With the
@@ -358,7 +362,7 @@ def frame_masters(
     flat = load(flats[filter])
     mask = load(paths.mask)
     illum_path = dict(paths.illums).get(filter)
-    sol = dark_for_exptime(exptime, bias, darks)
+    sol = dark_for_exptime(exptime, bias, darks, paths.tol)
     cards: dict[str, tuple] = {"DARKMETH": (sol.how, "how the dark was subtracted")}
     if sol.bias_used and bias is not None:
         cards["MBIAS"] = (bias.path.name, "master bias used")

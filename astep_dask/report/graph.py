@@ -36,6 +36,7 @@ from dask.highlevelgraph import HighLevelGraph
 from dask.utils import key_split
 
 from astep_dask.config import Settings
+from astep_dask.core.exptimes import ExptimeTolerance
 from astep_dask.io.fitsio import atomic_open, atomic_path, atomic_write_text
 from astep_dask.io.headers import FrameType
 from astep_dask.io.layout import FrameRecord, Inventory, scan_night
@@ -369,7 +370,8 @@ class _GraphBuilder:
         for rec in science:
             combo = (rec.exptime, rec.filter)
             if combo not in planes:
-                needs = [self.files[n] for n in frame_needs(steps, rec.exptime, rec.filter)]
+                needs = [self.files[n] for n in frame_needs(
+                    steps, rec.exptime, rec.filter, ExptimeTolerance.of(self.settings.combine))]
                 planes[combo] = dask.delayed(share_masters, pure=True)(
                     *needs, dask_key_name=f"share-masters-{rec.exptime:g}-{rec.filter}")
                 self.assign(planes[combo], shared_stage, shared_stage)

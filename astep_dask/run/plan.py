@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from astep_dask.config import Settings
+from astep_dask.core.exptimes import ExptimeTolerance
 from astep_dask.io.headers import FrameType
 from astep_dask.io.index import FileIndex
 from astep_dask.io.layout import Inventory, scan_night
@@ -176,7 +177,8 @@ def _frames(inv: Inventory, recipe: list[MasterStep], actions: dict[str, str],
     steps, jobs = [], []
     for rec in inv.select(FrameType.SCIENCE):
         output = out_dir / f"{rec.out_stem or stem(rec.path)}{CAL_SUFFIX}"
-        needs = frame_needs(recipe, rec.exptime, rec.filter)
+        needs = frame_needs(recipe, rec.exptime, rec.filter,
+                            ExptimeTolerance.of(settings.combine))
         if rec.filter not in flats:
             steps.append(Step("frame", output.name, "fail",
                               f"no master flat for filter {rec.filter!r} can be made here "

@@ -4,6 +4,8 @@ says what the build does."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -18,7 +20,8 @@ from astep_dask.core.exptimes import (
 )
 from astep_dask.io.headers import FrameType
 from astep_dask.io.layout import scan_night
-from astep_dask.masters.builder import MasterBuilder
+from astep_dask.masters.builder import MasterBuilder, frame_needs
+from astep_dask.masters.store import frame_masters
 from astep_dask.testing.simulate import SimConfig, simulate_night
 
 TOL = ExptimeTolerance()  # 1 % or 0.05 s, whichever larger
@@ -104,3 +107,21 @@ def test_near_exposure_times_make_one_master_and_the_plan_agrees(jittered_night,
     flat = fits.getheader(dict(paths.flats)["RC"])
     assert flat["EXPTIMES"] == "10 10.01" and flat["NCOMBINE"] == 5
     assert flat["DARKMODE"] == "dark 10s (carries the bias)"  # one dark for all five
+
+
+def test_science_frames_match_darks_with_the_runs_tolerance(jittered_night, tmp_path):
+    """A 91.5 s frame is not the 90 s dark's exposure by default (1.7 % apart: no bias, so
+    a fit through the darks), but it is with ``exptime_rtol = 0.03``: the frames, the plan
+    and the masters all take the setting."""
+    settings = Settings().replace(combine={"exptime_rtol": 0.03})
+    inv = scan_night(jittered_night)
+    paths = MasterBuilder(inv, tmp_path, settings).build()
+    assert paths.tol == ExptimeTolerance.of(settings.combine)
+    _, cards = frame_masters(paths, 91.5, "RC")
+    assert cards["DARKMETH"][0] == "dark 90s (carries the bias)"
+    _, default = frame_masters(dataclasses.replace(paths, tol=TOL), 91.5, "RC")
+    assert default["DARKMETH"][0] != cards["DARKMETH"][0]
+    assert "MDARK2" in default and "MDARK2" not in cards  # a fit through both darks
+    steps = MasterBuilder(inv, tmp_path, settings).plan()
+    dark_90 = next(s.name for s in steps if s.role == "dark" and s.exptime == 90.0)
+    assert dark_90 in frame_needs(steps, 91.5, "RC", ExptimeTolerance.of(settings.combine))
