@@ -315,6 +315,10 @@ class TemplateSettings:
     iterations: int = 3
     min_frames: int = 2  # fewer kept frames at a pixel: NO_DATA in the template
     grow: float = 1.5  # a pixel above the centre rejects its frame within this × PSF σ
+    # A window of 1, 3, 7, ... consecutive frames whose matched-filter contrast against the
+    # other frames is above this SNR holds a mover: its frames are left out of the template
+    # at the mover's pixels, so a slow mover does not subtract itself. 0: off.
+    mover_sigma: float = 4.0
     saturation_halo: float = 2.0  # SUSPECT within this × PSF FWHM of a saturated pixel
     psf_match: bool = True  # bring every frame to the set's largest PSF variance
     residual_floor: float = 0.05  # model error of a static source, fraction of |template|
@@ -617,6 +621,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "cosmics.warm_min_count": (2, 10_000),
     "cosmics.warm_min_frames": (1, 100_000),
     "template.max_frames": (0, 100_000),
+    "template.mover_sigma": (0, 100),
     "template.memory_mb": (1, 1_048_576),
     "search.memory_mb": (1, 1_048_576),
     "search.tile": (16, 65_536),

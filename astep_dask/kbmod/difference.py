@@ -5,7 +5,8 @@ frames the stars fill every result slot).
 The template is combined by :mod:`astep_dask.kbmod.template`; this module turns each
 registered frame of the night into its KBMOD file: PSF-matched as when the template was
 combined, differenced against the template *without it* (:func:`leave_one_out`: exact for
-the clipped weighted mean, so a frame never subtracts part of itself) or against the whole
+the clipped weighted mean, so a frame never subtracts part of itself; where the frame is in
+a mover's run of frames, it was left out of the template already) or against the whole
 template when it is made from other nights, with variance ``frame + template`` and mask
 ``frame OR template`` (:func:`difference`). One worker task per frame
 (:func:`difference_task`), skipped on a re-run when the file has the same provenance.
@@ -37,6 +38,7 @@ from astep_dask.kbmod.template import (
     NO_TEMPLATE,
     Template,
     homogenise,
+    in_run,
     kept,
     read_template,
 )
@@ -45,13 +47,16 @@ __all__ = ["DifferenceJob", "difference", "difference_task", "leave_one_out"]
 
 
 def leave_one_out(template: Template, frame: Layers, weight: float, ts: TemplateSettings,
-                  grow: int = 0) -> Layers:
+                  grow: int = 0, rank: int | None = None) -> Layers:
     """The template without one of its own frames (``frame`` homogenised as it was when the
-    template was combined, ``weight`` its weight there)."""
+    template was combined, ``weight`` its weight there, ``rank`` its place in time among
+    the template's frames: where it is in a mover's run, it was left out already)."""
     usable = (frame.mask == 0) & np.isfinite(frame.sci) & np.isfinite(frame.var) & (
         frame.var > 0)
     mine = kept(frame.sci, frame.var, usable, template.centre, ts.sigma, grow,
                 ts.residual_floor)
+    if rank is not None and template.first is not None and template.last is not None:
+        mine &= ~in_run(rank, template.first, template.last)
     w = float(weight)
     with np.errstate(invalid="ignore", divide="ignore"):
         wsum = template.wsum.astype(np.float64)
@@ -104,6 +109,7 @@ class DifferenceJob:
     mode: str
     force: bool = False
     grow: int = 0
+    rank: int | None = None  # the frame's time rank among the template's frames
 
 
 def difference_task(job: DifferenceJob) -> dict:
@@ -129,7 +135,7 @@ def difference_task(job: DifferenceJob) -> dict:
     if ts.psf_match:
         frame = homogenise(frame, job.kernel_var)
     if job.weight is not None:
-        used = leave_one_out(tpl, frame, job.weight, ts, job.grow)
+        used = leave_one_out(tpl, frame, job.weight, ts, job.grow, job.rank)
     else:
         used = Layers(tpl.sci, tpl.var, tpl.mask)
     out = difference(frame, used, ts.residual_floor)

@@ -38,6 +38,7 @@ from astep_dask.kbmod.template import (
     StripJob,
     TemplateFrame,
     assemble,
+    mover_pad,
     neighbour_nights,
     spread,
     strip_task,
@@ -45,6 +46,7 @@ from astep_dask.kbmod.template import (
     template_cards,
     template_path,
     template_provenance,
+    time_ranks,
     write_template,
 )
 from astep_dask.version import __version__
@@ -106,6 +108,8 @@ def run_template_stage(run: Dispatch, *, night_dir: Path, out: Path | None, kdir
     if force or not trusted(tpath, "TPLPROV", tprov):
         _combine_template(run, tpath, tframes, target, reference, ts, info["mode"], tprov)
     weights = {f.stem: f.weight for f in tframes if f.own}
+    ranks = {f.stem: int(r) for f, r in zip(tframes, time_ranks(tframes), strict=True)
+             if f.own}
     jobs = [
         DifferenceJob(
             stem=r["stem"], registered=reg_dir / r["output"],
@@ -113,7 +117,8 @@ def run_template_stage(run: Dispatch, *, night_dir: Path, out: Path | None, kdir
             kernel_var=kvars.get(r["stem"], (0.0, 0.0)), weight=weights.get(r["stem"]),
             provenance=digest_of(r.get("provenance"), tprov, ts.digest(), __version__),
             template_provenance=tprov, target_sigma=float(np.sqrt(target)), settings=ts,
-            wcs=reference.wcs, mode=info["mode"], force=force, grow=grow)
+            wcs=reference.wcs, mode=info["mode"], force=force, grow=grow,
+            rank=ranks.get(r["stem"]))
         for r in good
     ]
     out_rows = _difference_frames(run, jobs, good)
@@ -208,10 +213,12 @@ def _combine_template(run: Dispatch, path: Path, tframes: list[TemplateFrame], t
     ny, nx = reference.shape
     # a row's result depends on rows within the kernel's half-width, then on the
     # rejections grown by ``grow`` px at each clipping iteration
+    # (and, with the mover rejection, on its matched filter and its grown runs, twice)
+    sigma = float(np.sqrt(target)) if np.isfinite(target) and target > 0 else 0.0
     pad = max([halo(f.kernel_var) for f in tframes] + [0]) + max(
-        (ts.iterations + 1) * grow, sat_halo)
+        (ts.iterations + 1) * grow + mover_pad(ts, sigma), sat_halo)
     jobs = [StripJob(frames=tuple(tframes), y0=a, y1=b, ny=ny, pad=pad, settings=ts,
-                     grow=grow, sat_halo=sat_halo)
+                     grow=grow, sat_halo=sat_halo, psf_sigma=sigma)
             for a, b in strips(ny, nx, len(tframes), ts.memory_mb)]
     parts: list = []
 

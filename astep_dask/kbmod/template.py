@@ -37,17 +37,30 @@ itself (its noise and any mover on it) and its difference would not have the var
 OR template``. Static sources cancel; a stationary trajectory summed over the night is
 identically zero, so a shift-and-stack never finds a static residual.
 
-**Neighbouring nights.** A slow mover (less than a PSF width over the night) is in every
-frame of its own template and subtracts itself. With ``nights = N`` the template is made
+**Movers.** Leaving one frame out is not enough for a mover that moves only a few PSF
+widths over the night: at its pixels in frame i, the frames next to i in time hold it too,
+and a faint one is below the clipping (on a 20-frame night at 0.5 px a frame it kept
+0.59–0.63 of its flux). So, per pixel, the runs of consecutive frames that hold a
+transient excursion are left out as well (``mover_sigma`` > 0, :func:`moving_runs`): the
+matched-filter contrast of windows of 1, 3, 7, ... frames against the rest of the night,
+above ``mover_sigma``, marks the window's frames, grown by one PSF σ in each frame; each
+pixel keeps the time ranks ``[first, last]`` of its marks (planes ``MOVFIRST`` and
+``MOVLAST``; the frames' ranks in the FRAMES table), never leaving fewer than a quarter of
+the frames (or ``min_frames`` + 1), and a frame's leave-one-out knows whether it was in a
+run (:func:`~astep_dask.kbmod.difference.leave_one_out`). A slower mover the longer
+windows see more deeply; on noise alone about 1 % of the values are left out.
+
+**Neighbouring nights.** A mover slower still (less than a PSF width over the night) is in
+every frame of its own template and subtracts itself. With ``nights = N`` the template is made
 instead from the frames of the N nearest other nights of the same field (``OBJECT``),
 registered onto this night's reference grid from their stars (offsets as in
 :mod:`astep_dask.core.register`: any pointing difference, integer part by a vote), where
 the mover is elsewhere.
 
 Products, in the export folder: ``DATE_TEMPLATE.fits`` (HDU 1 SCI, 2 MASK, 3 VAR: the
-template in KBMOD's layout; then CENTRE, WSUM, NKEEP and a FRAMES table), the registered
-sky-subtracted frames in ``registered/`` and, with neighbouring nights, their frames on
-this night's grid in ``template_frames/``.
+template in KBMOD's layout; then CENTRE, WSUM, NKEEP, a FRAMES table, MOVFIRST, MOVLAST),
+the registered sky-subtracted frames in ``registered/`` and, with neighbouring nights,
+their frames on this night's grid in ``template_frames/``.
 
 This module holds the pure steps (PSF matching, combination), the strip task that combines
 rows of the template on a worker, the template file, and the choice of neighbouring
@@ -74,7 +87,7 @@ from astep_dask.core.bits import MASK_DTYPE, SEARCH_IGNORED, Bit, flag
 from astep_dask.io.fitsio import atomic_write, header_cards
 from astep_dask.io.products import KBMOD_TEMPLATE_SUFFIX, output_dir
 from astep_dask.io.provenance import digest_of, stamp
-from astep_dask.kbmod.kernels import kernel_1d
+from astep_dask.kbmod.kernels import kernel_1d, psf_1d
 from astep_dask.kbmod.products import (
     OBS_ELEV,
     OBS_LAT,
@@ -99,16 +112,22 @@ __all__ = [
     "combine_frames",
     "disk",
     "homogenise",
+    "in_run",
     "kept",
+    "mover_pad",
+    "moving_runs",
     "neighbour_nights",
     "read_rows",
     "read_template",
+    "run_grow",
     "spread",
     "strip_task",
     "strips",
     "template_cards",
     "template_path",
     "template_provenance",
+    "time_ranks",
+    "windows",
     "write_template",
 ]
 
@@ -213,6 +232,10 @@ class Template:
     centre: np.ndarray  # float32, the centre the final clipping used
     wsum: np.ndarray  # float32, Σ w of the kept frames
     nkeep: np.ndarray  # int16, kept frames
+    # int16, the time ranks (among the template's frames) of the first and last frame of
+    # a mover's run at each pixel, left out of the template (-1: none)
+    first: np.ndarray | None = None
+    last: np.ndarray | None = None
 
 
 def disk(radius: int) -> np.ndarray:
@@ -245,33 +268,184 @@ def kept(sci: np.ndarray, var: np.ndarray, usable: np.ndarray, centre: np.ndarra
     return usable & ~high & ~low
 
 
+def windows(n_frames: int) -> list[int]:
+    """Half-widths ``h`` of the time windows of :func:`moving_runs` (``2h + 1`` consecutive
+    frames: 1, 3, 7, 15, ... up to half the frames)."""
+    out, h = [0], 1
+    while 2 * h + 1 <= n_frames // 2:
+        out.append(h)
+        h = 2 * h + 1
+    return out
+
+
+def moving_runs(sci: np.ndarray, var: np.ndarray, keep: np.ndarray, centre: np.ndarray,
+                rank: np.ndarray, psf_sigma: float, nsigma: float, grow: int = 0,
+                floor: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """The runs of consecutive frames that hold a transient excursion (a mover), per pixel.
+
+    The residuals ``sci − centre`` of the values ``keep`` go through the matched filter of
+    a Gaussian PSF of σ ``psf_sigma`` (``ψ = Σ g·r``, ``φ = Σ g²·var`` per frame). For
+    windows of 1, 3, 7, ... frames consecutive in time (:func:`windows`; ``rank`` is each
+    frame's place in time order), the contrast is the window's mean ψ minus the mean ψ of
+    the other frames (not the residual from ``centre``: a slow mover is in many frames at a
+    pixel, so in the centre too), its noise from φ, plus ``(floor · ψ_centre)²`` (a static
+    star's model error). A window whose contrast is above ``nsigma`` times its noise marks
+    its frames; the marks are grown by ``grow`` px in each frame (:func:`run_grow`: the
+    mover's wings). A mover of flux F per frame moving v px per frame stays on a pixel for
+    about 2.5 × √2 σ / v frames, which a window of that length sees with √(that many) times
+    its per-frame SNR: the slower it is (the more of its own template it would fill), the
+    fainter it can be and still be seen.
+
+    Returns ``(first, last)``, int16 planes: the time ranks between which (inclusive) the
+    frames are a mover's at each pixel, −1 where none.
+    """
+    n = sci.shape[0]
+    ny, nx = sci.shape[1:]
+    g = psf_1d(psf_sigma)
+    c = np.nan_to_num(centre.astype(np.float32))
+    with np.errstate(invalid="ignore"):
+        r = np.where(keep, sci - c, 0).astype(np.float32)
+        v = np.where(keep, var, 0).astype(np.float32)
+    psi = ndimage.correlate1d(ndimage.correlate1d(r, g, axis=1, mode="constant"), g, axis=2,
+                              mode="constant")
+    g2 = g * g
+    phi = ndimage.correlate1d(ndimage.correlate1d(v, g2, axis=1, mode="constant"), g2, axis=2,
+                              mode="constant")
+    pc = np.abs(ndimage.correlate1d(ndimage.correlate1d(c, g, axis=0, mode="constant"), g,
+                                    axis=1, mode="constant")).astype(np.float64)
+    order = np.argsort(rank, kind="stable")
+
+    def cumulative(a: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.zeros((1, ny, nx)), np.cumsum(a[order], axis=0,
+                                                                 dtype=np.float64)])
+
+    cpsi, cphi, cnum = cumulative(psi), cumulative(phi), cumulative(keep.astype(np.float32))
+    marked = np.zeros((n, ny, nx), bool)  # in time order
+    j = np.arange(n)
+    for h in windows(n):
+        lo, hi = np.maximum(j - h, 0), np.minimum(j + h, n - 1) + 1
+        k = cnum[hi] - cnum[lo]
+        m = cnum[-1][None] - k
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sk, sm = np.where(k > 0, k, 1), np.where(m > 0, m, 1)
+            contrast = (cpsi[hi] - cpsi[lo]) / sk - (cpsi[-1][None] - cpsi[hi] + cpsi[lo]) / sm
+            noise = ((cphi[hi] - cphi[lo]) / sk**2 + (cphi[-1][None] - cphi[hi] + cphi[lo])
+                     / sm**2 + (floor * pc[None]) ** 2)
+            hit = (k > 0) & (m > 0) & (contrast > nsigma * np.sqrt(noise))
+        if hit.any():
+            marked |= ndimage.maximum_filter1d(hit, 2 * h + 1, axis=0, mode="constant") \
+                if h else hit
+    if not marked.any():
+        return np.full((ny, nx), -1, np.int16), np.full((ny, nx), -1, np.int16)
+    if grow > 0:
+        marked = ndimage.binary_dilation(marked, structure=disk(grow)[None])
+    anyof = marked.any(axis=0)
+    first = np.where(anyof, np.argmax(marked, axis=0), -1)
+    last = np.where(anyof, n - 1 - np.argmax(marked[::-1], axis=0), -1)
+    return first.astype(np.int16), last.astype(np.int16)
+
+
+def _shrink(first: np.ndarray, last: np.ndarray, keep: np.ndarray, rank: np.ndarray,
+            need: int) -> tuple[np.ndarray, np.ndarray]:
+    """Narrow the runs, one frame at a time from each end in turn, where they leave fewer
+    than ``need`` of the kept frames: the frames furthest in time from a slow mover's
+    passage, where it is faintest, make the template there."""
+    first, last = first.copy(), last.copy()
+    for step in range(2 * len(rank)):
+        few = (first >= 0) & ((keep & ~in_run(rank, first, last)).sum(axis=0) < need)
+        if not few.any():
+            break
+        if step % 2:
+            first[few] += 1
+        else:
+            last[few] -= 1
+        gone = few & (first > last)
+        first[gone], last[gone] = -1, -1
+    return first, last
+
+
+def run_grow(psf_sigma: float) -> int:
+    """How far (px) a mover's runs are grown: 2.5 PSF σ, where its light is below 1/5 of
+    its peak (within it, it holds 1 − e^(−3.1) = 96 % of its flux)."""
+    return int(np.ceil(1.0 * psf_sigma))
+
+
+def mover_pad(ts: TemplateSettings, psf_sigma: float) -> int:
+    """Rows beyond a strip on which its mover runs depend: the matched filter's half-width
+    and the runs' growth, for each of the two passes (0 without the mover rejection)."""
+    if ts.mover_sigma <= 0 or psf_sigma <= 0:
+        return 0
+    return 2 * (psf_1d(psf_sigma).size // 2 + run_grow(psf_sigma))
+
+
+def in_run(rank: np.ndarray | int, first: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """Whether frames of time rank ``rank`` (one, or an array for a stack) are in the mover
+    runs ``[first, last]`` of each pixel."""
+    r = np.asarray(rank)
+    if r.ndim:
+        r = r.reshape(-1, 1, 1)
+    return (first >= 0) & (r >= first) & (r <= last)
+
+
+def _mean(sci: np.ndarray, var: np.ndarray, keep: np.ndarray, w: np.ndarray
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted mean of the kept values, its variance and the sum of weights."""
+    wk = np.where(keep, w, 0.0)
+    wsum = wk.sum(axis=0)
+    safe = np.where(wsum > 0, wsum, 1)
+    mean = np.where(wsum > 0, np.sum(wk * np.where(keep, sci, 0.0), axis=0) / safe, np.nan)
+    q = np.sum(wk * wk * np.where(keep, var, 0.0), axis=0)
+    return mean, np.where(wsum > 0, q / safe**2, np.nan), wsum
+
+
 def combine_frames(sci: np.ndarray, var: np.ndarray, usable: np.ndarray, weights: np.ndarray,
-                   ts: TemplateSettings, grow: int = 0) -> Template:
+                   ts: TemplateSettings, grow: int = 0, rank: np.ndarray | None = None,
+                   psf_sigma: float = 0.0) -> Template:
     """Clipped weighted mean of a stack ``(frame, y, x)`` (see the module doc); a frame's
     rejection is grown by ``grow`` px (IRAF ``imcombine``'s ``grow``), so the wings of a
-    mover whose core is rejected go with it."""
+    mover whose core is rejected go with it.
+
+    With ``ts.mover_sigma`` > 0 and a PSF σ ``psf_sigma``, the frames that hold a mover at
+    a pixel (:func:`moving_runs`, on the time ranks ``rank``; frame order when None) are
+    left out too, twice (the centre recomputed without them in between), except where that
+    would leave fewer than ``ts.min_frames + 1`` frames; the runs are stored in the
+    template (``first``, ``last``) so that :func:`~astep_dask.kbmod.difference.leave_one_out`
+    knows them."""
     sci = np.asarray(sci, np.float32)
     var = np.asarray(var, np.float32)
+    n = sci.shape[0]
     usable = usable & np.isfinite(sci) & np.isfinite(var) & (var > 0)
     w = np.asarray(weights, np.float64).reshape(-1, 1, 1)
+    rank = np.arange(n) if rank is None else np.asarray(rank)
+    first = np.full(sci.shape[1:], -1, np.int16)
+    last = np.full(sci.shape[1:], -1, np.int16)
     with np.errstate(invalid="ignore", divide="ignore"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             centre = np.nanmedian(np.where(usable, sci, np.nan), axis=0).astype(np.float32)
         for it in range(max(ts.iterations, 1)):
             keep = kept(sci, var, usable, centre, ts.sigma, grow, ts.residual_floor)
-            wk = np.where(keep, w, 0.0)
-            wsum = wk.sum(axis=0)
-            total = np.sum(wk * np.where(keep, sci, 0.0), axis=0)
-            mean = np.where(wsum > 0, total / np.where(wsum > 0, wsum, 1), np.nan)
+            mean, tvar, wsum = _mean(sci, var, keep, w)
             if it < ts.iterations - 1:
                 centre = np.where(wsum > 0, mean, centre).astype(np.float32)
-        q = np.sum(wk * wk * np.where(keep, var, 0.0), axis=0)
-        tvar = np.where(wsum > 0, q / np.where(wsum > 0, wsum, 1) ** 2, np.nan)
+        if ts.mover_sigma > 0 and psf_sigma > 0 and n >= 3:
+            # on every usable value (a bright mover's core, clipped, is the best evidence
+            # of its wings, which the clipping's own grow may not reach)
+            for _ in range(2):
+                f, la = moving_runs(sci, var, usable & ~in_run(rank, first, last),
+                                    np.where(wsum > 0, mean, centre), rank, psf_sigma,
+                                    ts.mover_sigma, run_grow(psf_sigma), ts.residual_floor)
+                first = np.where(first >= 0, np.where(f >= 0, np.minimum(first, f), first),
+                                 f).astype(np.int16)
+                last = np.maximum(last, la).astype(np.int16)
+                first, last = _shrink(first, last, keep, rank, max(ts.min_frames + 1, n // 4))
+                mean, tvar, wsum = _mean(sci, var, keep & ~in_run(rank, first, last), w)
+            keep = keep & ~in_run(rank, first, last)
     nkeep = keep.sum(axis=0).astype(np.int16)
     mask = np.where(nkeep < max(ts.min_frames, 1), NO_TEMPLATE, 0).astype(MASK_DTYPE)
     return Template(sci=mean.astype(np.float32), var=tvar.astype(np.float32), mask=mask,
-                    centre=centre, wsum=wsum.astype(np.float32), nkeep=nkeep)
+                    centre=centre, wsum=wsum.astype(np.float32), nkeep=nkeep,
+                    first=first, last=last)
 
 
 def bright_halo(saturated: np.ndarray, radius: int) -> np.ndarray:
@@ -326,6 +500,15 @@ class StripJob:
     settings: TemplateSettings
     grow: int = 0
     sat_halo: int = 0
+    psf_sigma: float = 0.0  # of the matched frames, for the mover rejection (0: none)
+
+
+def time_ranks(frames: tuple[TemplateFrame, ...] | list[TemplateFrame]) -> np.ndarray:
+    """Each frame's place in time order (by MJD, then by its place in the list)."""
+    order = sorted(range(len(frames)), key=lambda i: (frames[i].mjd, i))
+    rank = np.empty(len(frames), np.int64)
+    rank[order] = np.arange(len(frames))
+    return rank
 
 
 def strip_task(job: StripJob) -> tuple[int, int, Template, float]:
@@ -348,14 +531,15 @@ def strip_task(job: StripJob) -> tuple[int, int, Template, float]:
         sat = (block.mask & SATURATED) != 0
         saturated = sat if saturated is None else saturated | sat
     weights = np.array([fr.weight for fr in job.frames])
-    # The clipping's grown rejections and the saturation halo reach across rows: combine
-    # the extra rows too, keep the strip's own.
+    # The clipping's grown rejections, the movers' filters and the saturation halo reach
+    # across rows: combine the extra rows too, keep the strip's own.
     full = combine_frames(np.array(sci), np.array(var), np.array(usable), weights,
-                          job.settings, job.grow)
+                          job.settings, job.grow, time_ranks(job.frames), job.psf_sigma)
     full.mask[bright_halo(saturated, job.sat_halo)] |= BRIGHT_HALO
     rows = slice(lo, lo + n)
     tpl = Template(**{f.name: np.ascontiguousarray(getattr(full, f.name)[rows])
-                      for f in dataclasses.fields(Template)})
+                      for f in dataclasses.fields(Template)
+                      if getattr(full, f.name) is not None})
     return job.y0, job.y1, tpl, time.perf_counter() - t0
 
 
@@ -378,6 +562,10 @@ def write_template(path: Path, tpl: Template, frames: list[TemplateFrame], cards
         fits.ImageHDU(tpl.var, name="VAR"), fits.ImageHDU(tpl.centre, name="CENTRE"),
         fits.ImageHDU(tpl.wsum, name="WSUM"), fits.ImageHDU(tpl.nkeep, name="NKEEP"),
     ]
+    movers = [fits.ImageHDU(_runs(tpl.first, tpl.sci.shape), name="MOVFIRST"),
+              fits.ImageHDU(_runs(tpl.last, tpl.sci.shape), name="MOVLAST")]
+    movers[0].header["COMMENT"] = "time rank (FRAMES.RANK) of a mover's first frame; -1 none"
+    movers[1].header["COMMENT"] = "time rank (FRAMES.RANK) of a mover's last frame; -1 none"
     planes[0].header["BUNIT"] = ("electron", "static sky, sky-subtracted, PSF-matched")
     planes[1].header["BUNIT"] = ("", "mask bits, value 1<<bit, see MP_* keywords")
     header_cards(planes[1].header)
@@ -385,7 +573,7 @@ def write_template(path: Path, tpl: Template, frames: list[TemplateFrame], cards
     planes[3].header["COMMENT"] = "centre of the final clipping (leave-one-out rebuilds)"
     planes[4].header["COMMENT"] = "sum of the weights of the kept frames"
     planes[5].header["COMMENT"] = "number of kept frames"
-    for hdu in planes:
+    for hdu in planes + movers:
         if wcs is not None:
             hdu.header.update(wcs)
     cols = [
@@ -397,9 +585,15 @@ def write_template(path: Path, tpl: Template, frames: list[TemplateFrame], cards
         fits.Column("KVAR_X", "D", unit="pix2", array=[f.kernel_var[0] for f in frames]),
         fits.Column("KVAR_Y", "D", unit="pix2", array=[f.kernel_var[1] for f in frames]),
         fits.Column("OWN", "L", array=[f.own for f in frames]),
+        fits.Column("RANK", "J", array=time_ranks(frames)),
     ]
     table = fits.BinTableHDU.from_columns(cols, name="FRAMES")
-    return atomic_write(fits.HDUList([primary, *planes, table]), path)
+    return atomic_write(fits.HDUList([primary, *planes, table, *movers]), path)
+
+
+def _runs(plane: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """A mover-run plane, -1 everywhere when there is none."""
+    return np.full(shape, -1, np.int16) if plane is None else plane.astype(np.int16)
 
 
 def _relative(path: Path, base: Path) -> str:
@@ -421,6 +615,8 @@ def read_template(path: Path) -> tuple[fits.Header, Template, dict[str, float]]:
             centre=np.asarray(hdul["CENTRE"].data, np.float32),
             wsum=np.asarray(hdul["WSUM"].data, np.float32),
             nkeep=np.asarray(hdul["NKEEP"].data, np.int16),
+            first=np.asarray(hdul["MOVFIRST"].data, np.int16) if "MOVFIRST" in hdul else None,
+            last=np.asarray(hdul["MOVLAST"].data, np.int16) if "MOVLAST" in hdul else None,
         )
         table = hdul["FRAMES"].data
         weights = {str(s).strip(): float(w) for s, w in zip(table["STEM"], table["WEIGHT"],
@@ -458,10 +654,14 @@ def assemble(parts: list[tuple[int, int, Template]], ny: int, nx: int) -> Templa
     """One template from its strips."""
     out = {name: np.zeros((ny, nx), dtype) for name, dtype in (
         ("sci", np.float32), ("var", np.float32), ("mask", MASK_DTYPE),
-        ("centre", np.float32), ("wsum", np.float32), ("nkeep", np.int16))}
+        ("centre", np.float32), ("wsum", np.float32), ("nkeep", np.int16),
+        ("first", np.int16), ("last", np.int16))}
+    out["first"][:] = -1
+    out["last"][:] = -1
     for y0, y1, t in parts:
         for name in out:
-            out[name][y0:y1] = getattr(t, name)
+            if getattr(t, name) is not None:
+                out[name][y0:y1] = getattr(t, name)
     return Template(**out)
 
 
@@ -481,6 +681,7 @@ def template_cards(night: str, mode: str, frames: list[TemplateFrame], target: f
         "TPLITER": (ts.iterations, "clipping iterations"),
         "TPLMINF": (ts.min_frames, "fewer kept frames: NO_DATA"),
         "TPLGROW": (ts.grow, "rejections grown by this x PSF sigma"),
+        "TPLMOVS": (ts.mover_sigma, "movers' runs left out above this SNR (0: off)"),
         "TPLSATH": (ts.saturation_halo, "SUSPECT within this x FWHM of SAT pixels"),
         "PSFMATCH": (ts.psf_match, "T: frames PSF-matched before combination"),
         "PSFVAR": (round(target, 6), "[px2] PSF variance per axis after matching"),
