@@ -45,10 +45,12 @@ transient excursion are left out as well (``mover_sigma`` > 0, :func:`moving_run
 matched-filter contrast of windows of 1, 3, 7, ... frames against the rest of the night,
 above ``mover_sigma``, marks the window's frames, grown by one PSF σ in each frame; each
 pixel keeps the time ranks ``[first, last]`` of its marks (planes ``MOVFIRST`` and
-``MOVLAST``; the frames' ranks in the FRAMES table), never leaving fewer than a quarter of
-the frames (or ``min_frames`` + 1), and a frame's leave-one-out knows whether it was in a
-run (:func:`~astep_dask.kbmod.difference.leave_one_out`). A slower mover the longer
-windows see more deeply; on noise alone about 1 % of the values are left out.
+``MOVLAST``; the frames' ranks in the FRAMES table), narrowed where they would leave fewer
+than ``min_frames`` + 1 frames (the template there is then made of the frames furthest
+in time from the mover's passage: noisier, its VAR says so, but clean), and a frame's
+leave-one-out knows whether it was in a run
+(:func:`~astep_dask.kbmod.difference.leave_one_out`). A slower mover the longer windows
+see more deeply; on noise alone about 1 % of the values are left out.
 
 **Neighbouring nights.** A mover slower still (less than a PSF width over the night) is in
 every frame of its own template and subtracts itself. With ``nights = N`` the template is made
@@ -438,7 +440,7 @@ def combine_frames(sci: np.ndarray, var: np.ndarray, usable: np.ndarray, weights
                 first = np.where(first >= 0, np.where(f >= 0, np.minimum(first, f), first),
                                  f).astype(np.int16)
                 last = np.maximum(last, la).astype(np.int16)
-                first, last = _shrink(first, last, keep, rank, max(ts.min_frames + 1, n // 4))
+                first, last = _shrink(first, last, keep, rank, ts.min_frames + 1)
                 mean, tvar, wsum = _mean(sci, var, keep & ~in_run(rank, first, last), w)
             keep = keep & ~in_run(rank, first, last)
     nkeep = keep.sum(axis=0).astype(np.int16)
