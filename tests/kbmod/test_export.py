@@ -62,6 +62,7 @@ from astep_dask.kbmod.template import (
     combine_frames,
     homogenise,
     kept,
+    mover_pad,
     read_template,
     strip_task,
 )
@@ -672,7 +673,11 @@ def test_difference_is_frame_minus_its_template(exported):
         reg = Layers(hdul["SCI"].data.astype(np.float32), hdul["VAR"].data.astype(np.float32),
                      hdul["MASK"].data.astype(np.int32))
     frame = homogenise(reg, (h["PSFKVARX"], h["PSFKVARY"]))
-    loo = leave_one_out(tpl, frame, weights[row["stem"]], ts, grow)
+    with fits.open(kdir / f"{SIM.date}_TEMPLATE.fits") as hdul:
+        table = hdul["FRAMES"].data
+        rank = {str(s).strip(): int(r) for s, r in zip(table["STEM"], table["RANK"],
+                                                       strict=True)}
+    loo = leave_one_out(tpl, frame, weights[row["stem"]], ts, grow, rank[row["stem"]])
     want = difference(frame, loo, ts.residual_floor)
     np.testing.assert_array_equal(out["mask"], want.mask)
     good = want.mask == 0
@@ -694,7 +699,7 @@ def test_template_file_and_its_frames(exported):
     assert info["mode"].startswith("night") and info["frames"] == SIM.n_science
     with fits.open(kdir / f"{SIM.date}_TEMPLATE.fits") as hdul:
         assert [h.name for h in hdul] == ["PRIMARY", "SCI", "MASK", "VAR", "CENTRE", "WSUM",
-                                          "NKEEP", "FRAMES"]
+                                          "NKEEP", "FRAMES", "MOVFIRST", "MOVLAST"]
         table = hdul["FRAMES"].data
         assert len(table) == SIM.n_science and table["OWN"].all()
         assert np.mean(table["WEIGHT"]) == pytest.approx(1.0)
@@ -719,9 +724,10 @@ def test_template_strips_give_the_whole_frame_result(exported):
         stored = {name: hdul[name].data for name in ("SCI", "VAR", "MASK", "NKEEP")}
     grow = round(th["TPLGROW"] * np.sqrt(th["PSFVAR"]))
     halo = round(th["TPLSATH"] * 2.354820045 * np.sqrt(th["PSFVAR"]))
-    pad = 4 + (ts.iterations + 1) * grow + halo
+    sigma = float(np.sqrt(th["PSFVAR"]))
+    pad = 4 + (ts.iterations + 1) * grow + mover_pad(ts, sigma) + halo
     parts = [strip_task(StripJob(frames, a, min(a + 37, SIM.size), SIM.size, pad, ts, grow,
-                                 halo))[2] for a in range(0, SIM.size, 37)]
+                                 halo, sigma))[2] for a in range(0, SIM.size, 37)]
     for name, key in (("sci", "SCI"), ("var", "VAR"), ("mask", "MASK"), ("nkeep", "NKEEP")):
         np.testing.assert_array_equal(np.concatenate([getattr(t, name) for t in parts]),
                                       stored[key], err_msg=name)
