@@ -92,7 +92,6 @@ def ascii_text(value: str) -> str:
         chr(c) for c in range(32, 127) if chr(c) != "%"))
 
 
-
 # Structural keywords of a raw primary header that must not be copied onto other HDUs.
 STRUCTURAL = {
     "SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "EXTEND", "BZERO", "BSCALE",

@@ -495,6 +495,24 @@ def _jobqueue_cluster(settings: ClusterSettings, security: Security | None):
         return cls(scheduler_options=options, **kwargs)
 
 
+@contextmanager
+def _closed_after(cluster):
+    """A batch cluster, closed when the block ends. When the block ends with an error (a
+    refused or never-started worker job), a failure to close is not allowed to replace it:
+    dask-jobqueue's close asserts on a job still in its ``created`` state, and that
+    assertion, not the batch system's words, would reach the user."""
+    try:
+        yield cluster
+    except BaseException:
+        try:
+            cluster.close()
+        except Exception as exc:  # the error in flight is the one to report
+            logging.getLogger(__name__).debug("closing the batch cluster after an error: %r",
+                                              exc)
+        raise
+    cluster.close()
+
+
 def _dashboard_link(client: Client, settings: ClusterSettings, ours: bool) -> str:
     """The dashboard's link as it is bound: dask names the scheduler's host, but a cluster
     we start binds the dashboard to ``dashboard_address`` (the loopback by default), which
@@ -671,7 +689,8 @@ def connect(settings: ClusterSettings, log: Callable[[str], None] = print) -> It
         elif settings.kind in ("slurm", "pbs"):
             security = (stack.enter_context(run_security(credentials_folder(settings.kind)))
                         if settings.tls else None)
-            cluster = stack.enter_context(_jobqueue_cluster(settings, security))
+            cluster = stack.enter_context(_closed_after(_jobqueue_cluster(settings,
+                                                                          security)))
             client = stack.enter_context(Client(cluster, security=cluster.security))
             log(f"dask dashboard: {_dashboard_link(client, settings, True)}")
             _await_first_job(client, cluster, settings, log)

@@ -77,7 +77,8 @@ def test_fully_masked_frame_fails_alone_and_is_not_retried(small_night, clean, t
                                                            capsys, monkeypatch):
     night = _copy(small_night, tmp_path)
     bad = _science(night)[2]
-    fits.setval(bad, "SATURATE", value=10.0)  # below every pixel: all masked, sky NaN
+    # the lowest plausible level, below every pixel (bias 1000 adu): all masked, sky NaN
+    fits.setval(bad, "SATURATE", value=100.0)
     calls: dict[str, int] = {}
     real = frames.calibrate_frame
 
