@@ -6,10 +6,9 @@ searched recursively; ``.fits``, ``.fit``, ``.fts``, optionally ``.gz``) or an a
 
 1. reads every header and says what ``astep-dask`` would make of it (frame type, exposure
    time, filter, time, GAIN/RDNOISE) and which files it could not use as they are;
-2. copies the files into the archive layout under ``--work`` (``ROOT/DATE/DATE-CAMS`` for
-   science frames, bias and their darks, ``ROOT/DATE/DATE-CAMS_SKYFLAT`` for flats and
-   theirs; the raw files are only read) unless the input already is a night; the date is
-   the UTC date of the first science frame 12 h earlier (the evening the night began);
+2. arranges the files as an archive night under ``--work`` with the installed
+   ``astep-dask arrange`` (links; the raw files are only read) unless the input already is
+   a night;
 3. measures gain and read noise from the raw frames alone (read noise from consecutive
    bias pairs, else the shortest darks; gain from consecutive flat pairs of one filter and
    exposure, photon transfer with the second flat scaled to the first's level);
@@ -62,7 +61,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 from astropy.stats import mad_std, sigma_clipped_stats
-from astropy.time import Time, TimeDelta
+from astropy.time import Time
 from astropy.utils.exceptions import AstropyWarning
 from scipy import ndimage
 
@@ -157,36 +156,15 @@ def read_raw(path: Path) -> Raw:
     return raw
 
 
-def night_date(science: list[Raw]) -> str:
-    """The date of the evening the night began: first science frame's UTC time - 12 h."""
-    first = min(r.mjd for r in science)
-    return (Time(first, format="mjd", scale="utc") - TimeDelta(0.5, format="jd")).isot[:10]
-
-
-def build_layout(raws: list[Raw], root: Path, date: str, report: Report) -> Path:
-    """Copy the usable raw files into ``root/DATE/DATE-CAMS[_SKYFLAT]`` (read-only source)."""
-    night = root / date
-    cams, flats = night / f"{date}-CAMS", night / f"{date}-CAMS_SKYFLAT"
-    cams.mkdir(parents=True, exist_ok=True)
-    flats.mkdir(parents=True, exist_ok=True)
-    flat_times = {round(r.exptime, 3) for r in raws if r.kind == "flat"}
-    sci_times = {round(r.exptime, 3) for r in raws if r.kind == "science"}
-    taken: set[str] = set()
-    for r in raws:
-        if r.problem:
-            continue
-        dark_for_flats = (r.kind == "dark" and round(r.exptime, 3) in flat_times
-                          and round(r.exptime, 3) not in sci_times)
-        dest = flats if r.kind == "flat" or dark_for_flats else cams
-        name = r.path.name
-        if name in taken:  # the same name in two source folders: keep both
-            name = f"{r.path.parent.name}_{name}"
-        taken.add(name)
-        shutil.copy2(r.path, dest / name)
-    report.by_hand.append(
-        f"made the archive layout {date}/{date}-CAMS and {date}-CAMS_SKYFLAT and copied "
-        f"{sum(1 for r in raws if not r.problem)} files into it (the camera wrote "
-        f"{len({r.path.parent for r in raws})} folder(s) of its own)")
+def build_layout(source: Path, root: Path, report: Report) -> Path:
+    """The installed ``astep-dask arrange SOURCE ROOT`` (links, read-only source): the
+    archive layout the package makes itself from the camera's folder."""
+    res = run([console_script(), "arrange", str(source), str(root)])
+    if res["rc"] not in (0, 3):
+        raise SystemExit(f"astep-dask arrange failed: {res['stderr'] or res['stdout']}")
+    night = Path(res["stdout"].rsplit("next: astep-dask calibrate ", 1)[1].strip())
+    report.by_hand.append("none: `astep-dask arrange` made the archive layout "
+                          f"({night.name}, {res['seconds']:.1f} s)")
     return night
 
 
@@ -708,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     if is_night:
         night = src
     else:
-        night = build_layout(raws, work / "archive", night_date(science), report)
+        night = build_layout(src, work / "archive", report)
     report.night = night.name
     cal_frames = {k: [r for r in usable if r.kind == k] for k in ("bias", "dark", "flat")}
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from astep_dask.cli.progress import PhaseProgress
+from astep_dask.io.arrange import arrange_night
 from astep_dask.io.layout import Inventory, format_table, scan
 from astep_dask.io.products import MANIFEST
 
@@ -59,6 +60,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     night = simulate_night(args.root, cfg)
     print(f"simulated night written to {night} (truth in {night / 'truth'})")
     return EXIT_OK
+
+
+def cmd_arrange(args: argparse.Namespace) -> int:
+    done = arrange_night(args.source, args.root, args.date, copy=args.copy)
+    how = "copied" if args.copy else "linked"
+    print(f"night {done.night.name}  ({done.night})")
+    for folder, files in sorted(done.placed.items()):
+        print(f"  {folder}: {len(files)} files {how}")
+    if done.left_out:
+        print(f"  left out ({len(done.left_out)}):")
+        for path, why in done.left_out:
+            print(f"    {path}: {why}")
+    print(f"next: astep-dask calibrate {done.night}")
+    return EXIT_PARTIAL if done.left_out else EXIT_OK
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from astep_dask.cli.commands import (
     EPILOG,
+    cmd_arrange,
     cmd_calibrate,
     cmd_graph,
     cmd_inspect,
@@ -165,6 +166,27 @@ def _add_simulate(sub) -> None:
     p.add_argument("--overscan", type=count, default=0, help="overscan columns (ASTEP: 0)")
     p.add_argument("--bad-files", action="store_true", help="add unusable files of each kind")
     p.add_argument("--seed", type=int, default=1, help="random seed")
+
+
+def _add_arrange(sub) -> None:
+    """The ``arrange`` subcommand."""
+    p = _subcommand(
+        sub, "arrange",
+        help="arrange a camera's own folder of raw frames as an archive night (by header)",
+        description="Make ROOT/DATE/DATE-CAMS/ and DATE-CAMS_SKYFLAT/ from a folder of raw "
+        "FITS frames (searched recursively) with symbolic links to them (or copies), each "
+        "file placed by its header: flats, and darks of a flat's exposure time that no "
+        "science frame has, to -CAMS_SKYFLAT; the rest to -CAMS. The date is the evening "
+        "the night began (first science frame's UTC time - 12 h) unless given. The raw "
+        "files are only read. Unusable files are listed with the reason and left out. "
+        "Then: astep-dask calibrate ROOT/DATE.",
+        func=cmd_arrange,
+    )
+    p.add_argument("source", type=Path, help="the folder the camera wrote")
+    p.add_argument("root", type=Path, help="archive root; the night goes to ROOT/DATE/")
+    p.add_argument("--date", type=night_date, help="night date YYYY-MM-DD (default: from "
+                   "the frames)")
+    p.add_argument("--copy", action="store_true", help="copy the files instead of linking")
 
 
 def _add_inspect(sub) -> None:
@@ -361,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"astep-dask {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_simulate, _add_inspect, _add_calibrate, _add_kbmod, _add_search,
+    for add in (_add_simulate, _add_arrange, _add_inspect, _add_calibrate, _add_kbmod, _add_search,
                 _add_season, _add_report, _add_plan, _add_verify, _add_graph):
         add(sub)
     return parser
