@@ -171,7 +171,7 @@ def load_shared(shared: SharedMasters) -> tuple[FrameMasters, dict[str, tuple]]:
     now = tuple(_stamp(os.stat(shared.path(plane), follow_symlinks=False))
                 for plane in PLANES)
     if now != stamps:
-        _mapped.cache_clear()  # not mapped again for the next frames either
+        _mapped.cache_clear()  # unmapped: a later frame checks the file afresh
         changed = [p for p, a, b in zip(PLANES, now, stamps, strict=True) if a != b]
         raise PlaneChanged(f"shared plane {shared.key}-{changed[0]}.npy was replaced or "
                            "rewritten during the run")
