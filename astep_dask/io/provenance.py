@@ -108,7 +108,7 @@ def frame_provenance(record: FrameRecord, masters_digest: str, settings: Setting
                 f"|{digest or _digest(record)}")
     return digest_of(identity, masters_digest,
                      settings.digest("cosmics", "detector", "combine", "flat", "mask",
-                                     "output"),
+                                     "output", "site"),  # site: BJD_TDB, AIRMASS cards
                      __version__)
 
 

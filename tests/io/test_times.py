@@ -332,3 +332,17 @@ def test_a_fresh_process_computes_offline():
     r = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", OFFLINE],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "offline ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_a_frame_is_redone_when_the_site_changes(small_night):
+    """The site makes a frame's BJD_TDB, CENTALT and AIRMASS: it is in its provenance, so
+    a re-run with another ``[site]`` remakes the frames rather than keeping stale cards."""
+    from astep_dask.config import Settings
+    from astep_dask.io.headers import FrameType
+    from astep_dask.io.provenance import frame_provenance
+
+    rec = scan_night(small_night).select(FrameType.SCIENCE)[0]
+    here = frame_provenance(rec, "masters", Settings())
+    assert frame_provenance(rec, "masters", Settings()) == here
+    elsewhere = Settings().replace(site={"latitude": -24.6, "longitude": -70.4})
+    assert frame_provenance(rec, "masters", elsewhere) != here
