@@ -167,15 +167,28 @@ def load_shared(shared: SharedMasters) -> tuple[FrameMasters, dict[str, tuple]]:
         When a plane's file cannot be read from this worker (another node that does not
         see the folder, a folder removed): the caller makes the planes itself.
     """
-    planes, stamps = _mapped(shared)
-    now = tuple(_stamp(os.stat(shared.path(plane), follow_symlinks=False))
-                for plane in PLANES)
-    if now != stamps:
-        _mapped.cache_clear()  # unmapped: a later frame checks the file afresh
-        changed = [p for p, a, b in zip(PLANES, now, stamps, strict=True) if a != b]
-        raise PlaneChanged(f"shared plane {shared.key}-{changed[0]}.npy was replaced or "
-                           "rewritten during the run")
+    if (why := _refused.get(shared)) is not None:
+        raise PlaneChanged(why)
+    try:
+        planes, stamps = _mapped(shared)
+        now = tuple(_stamp(os.stat(shared.path(plane), follow_symlinks=False))
+                    for plane in PLANES)
+        if now != stamps:
+            _mapped.cache_clear()  # unmapped
+            changed = [p for p, a, b in zip(PLANES, now, stamps, strict=True) if a != b]
+            raise PlaneChanged(f"shared plane {shared.key}-{changed[0]}.npy was replaced or "
+                               "rewritten during the run")
+    except PlaneChanged as exc:
+        # refused for the rest of the run in this process: later frames go straight to the
+        # master files instead of hashing the planes again, frame after frame
+        _refused[shared] = str(exc)
+        raise
     return planes, dict(shared.cards)
+
+
+# Planes this process refused (PlaneChanged), with the reason: a run's planes never come
+# back once changed (a new run writes new ones, under a new key).
+_refused: dict[SharedMasters, str] = {}
 
 
 def make_shared_folder(folder: Path) -> Path:

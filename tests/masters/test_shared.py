@@ -112,6 +112,7 @@ def _fresh(shared):
     """The planes as a new worker process would see them (nothing mapped yet)."""
     from astep_dask.masters import shared as module
     module._mapped.cache_clear()
+    module._refused.clear()
     return shared
 
 
@@ -143,6 +144,11 @@ def test_a_plane_rewritten_while_mapped_is_not_used_for_the_next_frame(built, tm
     np.save(dark, values + np.float32(100))
     with pytest.raises(PlaneChanged, match="replaced or rewritten during the run"):
         load_shared(shared)
+    # refused for the rest of the run: a later frame does not hash the planes again
+    dark.unlink()
+    with pytest.raises(PlaneChanged, match="replaced or rewritten during the run"):
+        load_shared(shared)
+    np.save(dark, values + np.float32(100))
     # The frame is made from the master files instead: the numbers of the first frame.
     again = dataclasses.replace(job, output=tmp_path / "b_CAL.fits")
     assert process_frame(again)["status"] == "done"
