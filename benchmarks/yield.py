@@ -1,0 +1,967 @@
+"""Small-body yield at the photon limit (issue 31): what KBMOD finds in our WorkUnit
+against what it finds in an ideal WorkUnit made from the simulator's truth.
+
+Simulates one night (default 1024², 20 science frames at 100 s cadence = 32 min, PSF σ
+1.06 px, a WCS, 24 movers of 250–2,500 e- per frame, slow ones of 305–483 px/day and fast
+ones of ~2,000–2,200 px/day, in several directions), calibrates it with the installed
+``astep-dask calibrate NIGHT --kbmod`` (a subprocess, as a user runs it) and reads our
+WorkUnit with KBMOD's ``WorkUnit.from_fits``. The IDEAL WorkUnit is made on the same grid
+(our reference frame's), with our times and WCS: per frame, SCI is the movers alone
+(pixel-integrated Gaussians of the true σ at their true positions) plus Gaussian noise of
+the true per-pixel variance (the frame's noiseless model — sky, stars, movers — plus dark
+current and read noise², flat-fielded, moved onto the reference grid), VAR that variance,
+no mask, PSF_i the true PSF. Both are searched by KBMOD's own CPU search
+(``SearchRunner.run_search_from_work_unit``) with the same ``SearchConfiguration``:
+
+- ``VelocityGridSearch`` over vx, vy in ±2.5 px/frame in steps of 0.25 px/frame (441
+  velocities, in px/day). The simulated movers' velocities are nodes of that grid, so the
+  comparison measures our frames, not the grid's velocity mismatch;
+- ``lh_level`` 5 (so that a mover we lose is still seen with its likelihood); a mover or a
+  result counts as *found* at likelihood ≥ 10, the acceptance threshold;
+- ``num_obs`` half the frames; sigma-G filtering, near-duplicate filtering and clustering
+  as KBMOD's defaults (they apply to both searches alike); ``compute_ra_dec`` off (not
+  needed here) and no result files.
+
+A result matches a mover by its track: within 2 px of the truth at the first and at the
+last frame (KBMOD's ``predict_pixel_locations`` for the result's positions). This is the
+rule of KBMOD's ``trajectory_utils.match_trajectory_sets`` made per end point: that
+function thresholds the *mean* of the distances and assigns results one to one by
+distance, where here each mover takes its highest-likelihood result within 2 px at both
+ends. Printed:
+
+- per mover: flux, speed, the truth's matched-filter SNR, the ideal and our search
+  likelihoods, their ratio, found by each, and the likelihood of the true track evaluated
+  directly (``StackSearch.search_linear_trajectory``, no sigma-G) on each;
+- completeness ours / ideal (movers the ideal finds at ≥ 10) per flux bin and per speed
+  bin (slow ≤ 500 px/day, fast above), the median likelihood ratio over the movers both
+  searches return, false detections: our results ≥ 10 matching no mover and no ideal
+  result by the same track rule, and not a mover's side-lobe (a result whose track lies
+  within 2 px of a mover in ≥ 3 frames: the mover at a neighbouring velocity, which
+  KBMOD's duplicate filters leave in both searches, ~8 per bright mover; they are counted
+  and listed apart);
+- the noise-only calibration: KBMOD's likelihood of 2,000 random trajectories (grid
+  velocities, starts away from the movers and the edges) on ours and on the ideal, its
+  standard deviation (target 1.00 ± 0.05);
+- the blank-sky matched-filter calibration: per frame, psi / sqrt(phi) of the PSF_i
+  weighted sum (psi = Σ P·sci/var, phi = Σ P²/var over the kernel, masked pixels skipped)
+  at random positions away from stars and movers, its standard deviation (target 1.00 ±
+  0.03), and the per-pixel scatter sci / sqrt(var) there;
+- the acceptance lines of issue 31 with PASS / FAIL, and a JSON summary in
+  ``WORK/yield-LABEL.json``.
+
+Everything is kept in ``--work`` (default ``/tmp/yield``): the simulated night (one folder
+per simulation setting), our pipeline's output (one per setting and ``--label``) and the
+ideal search's results; they are reused when present unless ``--fresh``. Two settings
+files compare in one work folder with two labels.
+
+KBMOD is built from source (``shared/kbmod-build.md``, CPU only); run with the Python of
+that build's virtual environment, with our package installed there (``pip install -e .``)
+and KBMOD's ``src`` on the path::
+
+    OMP_NUM_THREADS=2 PYTHONPATH=$KB/kbmod/src $KB/venv/bin/python benchmarks/yield.py \\
+        --work /tmp/yield --label baseline [--config settings.toml]
+    ... benchmarks/yield.py --quick          # 256², 8 movers: a smoke run of ~2 min
+
+The default run takes ~10–15 min on 2 cores (two searches of ~3–4 min each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import itertools
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+import types
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")  # before KBMOD's OpenMP starts
+
+import numpy as np
+from scipy import ndimage
+
+from astep_dask.testing.simulate import (
+    SimConfig,
+    add_sources,
+    load_frame_truth,
+    load_truth,
+    mover_tracks,
+    psf_stamp,
+    simulate_night,
+)
+
+FOUND_LH = 10.0  # a mover or a result counts as found at this likelihood
+SEARCH_LH = 5.0  # the searches' lh_level: weaker results are kept to be measured
+MATCH_PX = 2.0  # track match: within this at the first and at the last frame
+GRID_STEP = 0.25  # px/frame, the velocity grid's step
+GRID_MAX = 2.5  # px/frame, the velocity grid's reach in vx and vy
+SLOW_PX_DAY = 500.0  # slow movers: at most this speed
+FLUX_BINS = (250.0, 500.0, 1000.0, 2500.0)  # e- per frame
+N_RANDOM = 2000  # random trajectories of the noise-only calibration
+BLANK_PER_FRAME = 500  # blank-sky positions per frame
+WCS_CENTER = (97.5, -75.0)  # deg, the simulated frames' WCS centre
+
+# Mover velocities (px/frame), all nodes of the search grid: slow (0.35–0.56 px/frame,
+# 305–483 px/day at 100 s), medium (~1.1–1.3) and fast (2.3–2.5), several directions.
+SLOW = ((0.5, 0.25), (-0.25, 0.5), (0.0, -0.5), (-0.5, -0.25), (0.25, 0.25), (0.5, 0.0),
+        (-0.25, -0.5), (0.25, -0.25))
+MEDIUM = ((1.0, 0.5), (-0.75, 1.0), (1.25, -0.5), (-1.0, -0.75))
+FAST = ((2.0, 1.25), (-1.5, 2.0), (2.25, -0.75), (-2.0, -1.25), (0.75, 2.25), (-2.25, 0.5))
+
+log = logging.getLogger("yield")
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def import_kbmod(src: str | None = None) -> types.SimpleNamespace:
+    """Import the KBMOD pieces the benchmark uses.
+
+    Parameters
+    ----------
+    src
+        KBMOD's ``src`` folder to put first on ``sys.path``; None: as the path has it.
+
+    Returns
+    -------
+    types.SimpleNamespace
+        ``WorkUnit``, ``SearchRunner``, ``SearchConfiguration``, ``ImageStackPy``,
+        ``StackSearch`` and ``predict_pixel_locations``.
+
+    Notes
+    -----
+    ``import kbmod`` imports torchvision (its CNN stamp filter, unused here); the
+    torchvision wheel beside the CPU torch of the build recipe fails on import, so a
+    stand-in module is given when torchvision is missing or broken.
+    """
+    if src:
+        sys.path.insert(0, src)
+    tv_ok = importlib.util.find_spec("torchvision") is not None
+    if tv_ok:
+        try:
+            import torchvision  # noqa: F401
+        except Exception:
+            tv_ok = False
+    if not tv_ok:
+        tv = types.ModuleType("torchvision")
+        tv.models = types.ModuleType("torchvision.models")  # type: ignore[attr-defined]
+        tv.models.__getattr__ = lambda name: None  # type: ignore[attr-defined]
+        sys.modules["torchvision"] = tv
+        sys.modules["torchvision.models"] = tv.models  # type: ignore[attr-defined]
+    try:
+        import kbmod.search as kbs
+        from kbmod.configuration import SearchConfiguration
+        from kbmod.core.image_stack_py import ImageStackPy
+        from kbmod.run_search import SearchRunner
+        from kbmod.trajectory_utils import predict_pixel_locations
+        from kbmod.work_unit import WorkUnit
+    except ImportError as exc:
+        raise SystemExit(f"cannot import KBMOD ({exc}): build it as shared/kbmod-build.md "
+                         "says and put its src folder on PYTHONPATH (or --kbmod-src)") from exc
+    for name in ("kbmod", "kbmod.run_search", "kbmod.work_unit", "kbmod.search"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    return types.SimpleNamespace(
+        WorkUnit=WorkUnit, SearchRunner=SearchRunner, SearchConfiguration=SearchConfiguration,
+        ImageStackPy=ImageStackPy, StackSearch=kbs.StackSearch,
+        predict_pixel_locations=predict_pixel_locations)
+
+
+def default_movers(n: int) -> tuple[tuple[float, float, float], ...]:
+    """``n`` movers ``(vx, vy, flux)`` (px/frame, e- per frame).
+
+    Fluxes are spread geometrically over 250–2,500 e-; the speed classes cycle slow, fast,
+    slow, medium (half of the movers slow), each class cycling through its directions, so
+    every class spans the flux range.
+
+    Parameters
+    ----------
+    n
+        Number of movers.
+
+    Returns
+    -------
+    tuple of (vx, vy, flux)
+    """
+    fluxes = np.geomspace(250.0, 2500.0, n) if n > 1 else np.array([1000.0])
+    pools = {"slow": SLOW, "fast": FAST, "medium": MEDIUM}
+    used = dict.fromkeys(pools, 0)
+    out = []
+    for k in range(n):
+        cls = ("slow", "fast", "slow", "medium")[k % 4]
+        vx, vy = pools[cls][used[cls] % len(pools[cls])]
+        used[cls] += 1
+        out.append((float(vx), float(vy), round(float(fluxes[k]), 1)))
+    return tuple(out)
+
+
+def sim_key(cfg: SimConfig) -> str:
+    """A short name of a simulation setting (its folder in the work folder)."""
+    digest = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()
+    return f"{cfg.size}px-{cfg.n_science}f-{len(cfg.movers)}m-s{cfg.seed}-{digest[:8]}"
+
+
+def ensure_night(work: Path, cfg: SimConfig, fresh: bool) -> Path:
+    """Simulate the night into ``work/night-KEY`` unless it is there already.
+
+    Parameters
+    ----------
+    work
+        The work folder.
+    cfg
+        The simulation setting.
+    fresh
+        Simulate anew even when the night exists.
+
+    Returns
+    -------
+    Path
+        The night folder ``ROOT/DATE``.
+    """
+    root = work / f"night-{sim_key(cfg)}"
+    night = root / cfg.date
+    if fresh and root.exists():
+        shutil.rmtree(root)
+    if (night / "truth" / "truth.json").exists():
+        log.info("reusing the simulated night %s", night)
+        return night
+    if root.exists():
+        shutil.rmtree(root)  # an interrupted simulation
+    t0 = time.perf_counter()
+    simulate_night(root, cfg)
+    log.info("simulated %s in %.0f s", night, time.perf_counter() - t0)
+    return night
+
+
+def astep_command() -> str:
+    """The ``astep-dask`` console script of the environment this Python runs in."""
+    beside = Path(sys.executable).parent / "astep-dask"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("astep-dask")
+    if not found:
+        raise SystemExit("no astep-dask console script beside this Python nor on PATH: "
+                         "pip install -e . in this environment")
+    return found
+
+
+def run_pipeline(night: Path, out: Path, config: str | None, fresh: bool) -> Path:
+    """Calibrate the night and write its KBMOD export with the installed console script.
+
+    Parameters
+    ----------
+    night
+        The night folder.
+    out
+        The output root (``--out``).
+    config
+        Our settings file (TOML), or None.
+    fresh
+        Remove an earlier output first (else a complete one is reused).
+
+    Returns
+    -------
+    Path
+        The export's ``kbmod.json``.
+    """
+    kdir = out / night.name / "kbmod"
+    summary = kdir / "kbmod.json"
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    if summary.exists() and json.loads(summary.read_text()).get("workunit"):
+        log.info("reusing our pipeline's output %s", out)
+        return summary
+    cmd = [astep_command(), "calibrate", str(night), "--kbmod", "--out", str(out), "-q"]
+    if config:
+        cmd += ["--config", str(config)]
+    log.info("running %s", " ".join(cmd))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if proc.returncode not in (0, 3):
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"astep-dask calibrate exited {proc.returncode}")
+    log.info("pipeline: exit %d in %.0f s", proc.returncode, time.perf_counter() - t0)
+    if not summary.exists():
+        raise SystemExit(f"the pipeline wrote no {summary}")
+    return summary
+
+
+# --------------------------------------------------------------------------- WorkUnits
+
+
+@dataclass
+class Night:
+    """Our WorkUnit and what ties it to the simulator's truth."""
+
+    ours: Any  # kbmod WorkUnit
+    stems: list[str]  # raw stems of the WorkUnit's images, in its order
+    reference: str  # raw stem of the reference frame (the grid)
+    tracks: list[dict]  # mover_tracks on the reference grid, in the WorkUnit's frames
+    zeroed: np.ndarray  # days since the first image
+    notes: list[str]  # what looked wrong in our WorkUnit
+
+
+def load_ours(kb: types.SimpleNamespace, night: Path, summary_path: Path) -> Night:
+    """Read our WorkUnit with KBMOD and tie its images to the raw frames by time.
+
+    Parameters
+    ----------
+    kb
+        From :func:`import_kbmod`.
+    night
+        The simulated night folder.
+    summary_path
+        The export's ``kbmod.json``.
+
+    Returns
+    -------
+    Night
+    """
+    summary = json.loads(summary_path.read_text())
+    if summary.get("workunit_sharded"):
+        raise SystemExit("our WorkUnit is sharded; this benchmark reads a single file")
+    path = Path(summary.get("workunit") or summary_path.parent / f"{night.name}_WORKUNIT.fits")
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = kb.WorkUnit.from_fits(str(path), show_progress=False)
+    notes += sorted({" ".join(f"{w.category.__name__}: {w.message}".split()) for w in caught})
+    stack = ours.im_stack
+    by_mjd = [(fr["mjd"], fr["stem"]) for fr in summary["frames"] if fr.get("mjd")]
+    mjds = np.array([m for m, _ in by_mjd])
+    stems = []
+    for t in stack.times:
+        i = int(np.argmin(np.abs(mjds - t)))
+        if abs(mjds[i] - t) * 86400.0 > 1.0:
+            raise SystemExit(f"WorkUnit image at MJD {t} matches no frame of kbmod.json")
+        stems.append(by_mjd[i][1])
+    zeroed = np.asarray(stack.zeroed_times, dtype=float)
+    if np.any(np.diff(zeroed) <= 0):
+        notes.append("images not in increasing time order")
+    if ours.wcs is None:
+        notes.append("no global WCS")
+    if not ours.reprojected:
+        notes.append("REPRJCTD is false")
+    tracks = mover_tracks(night, stems, summary["reference"])
+    shapes = {tuple(np.shape(p)) for p in stack.psfs}
+    if shapes == {(1, 1)}:
+        notes.append("no PSF kernels (1×1 identity)")
+    log.info("our WorkUnit: %d images %dx%d, reference %s", stack.num_times, stack.width,
+             stack.height, summary["reference"])
+    return Night(ours, stems, summary["reference"], tracks, zeroed, notes)
+
+
+def true_psf(sigma: float) -> np.ndarray:
+    """The true PSF as a kernel: a pixel-integrated Gaussian of σ ``sigma`` on an odd square
+    reaching ceil(4σ) from its centre, summing to 1."""
+    stamp, _, _ = psf_stamp(0.0, 0.0, sigma, half=int(np.ceil(4 * sigma)))
+    return (stamp / stamp.sum()).astype(np.float32)
+
+
+def build_ideal(kb: types.SimpleNamespace, night: Path, nt: Night, config: Any,
+                seed: int) -> Any:
+    """The ideal WorkUnit: the movers alone plus photon and read noise, on our grid.
+
+    Parameters
+    ----------
+    kb
+        From :func:`import_kbmod`.
+    night
+        The simulated night folder.
+    nt
+        Our WorkUnit and its ties to the truth (:func:`load_ours`).
+    config
+        The ``SearchConfiguration`` the WorkUnit carries.
+    seed
+        Seed of the ideal frames' noise.
+
+    Returns
+    -------
+    kbmod WorkUnit
+        SCI (movers + noise), VAR (the true variance), no mask, the true PSF per frame, our
+        times, global and per-image WCS and observatory.
+    """
+    truth = load_truth(night)
+    cfg = truth.config
+    frames = {fr["file"].removesuffix(".fits"): fr for fr in truth.frames}
+    ref = np.array(frames[nt.reference]["offset"])
+    flat = truth.flat.astype(np.float64)
+    dark = truth.dark_rate.astype(np.float64) * cfg.science_exptime
+    shape = (nt.ours.im_stack.height, nt.ours.im_stack.width)
+    if shape != flat.shape:
+        raise SystemExit(f"our grid {shape} differs from the raw frames' {flat.shape}")
+    rng = np.random.default_rng(seed)
+    psf = true_psf(cfg.psf_sigma)
+    sci, var = [], []
+    for i, stem in enumerate(nt.stems):
+        model = load_frame_truth(night, stem)["model"].astype(np.float64)
+        v = (flat * model + dark + cfg.read_noise**2) / flat**2  # on the frame's own grid
+        shift = np.array(frames[stem]["offset"]) - ref  # frame = reference grid + shift
+        v = ndimage.shift(v, (-shift[1], -shift[0]), order=1, mode="nearest")
+        img = np.zeros(shape)
+        for k, tr in enumerate(nt.tracks):
+            x, y = tr["positions"][i]
+            add_sources(img, [x], [y], [cfg.movers[k][2]], cfg.psf_sigma)
+        img += rng.standard_normal(shape) * np.sqrt(v)
+        sci.append(img.astype(np.float32))
+        var.append(v.astype(np.float32))
+    ours = nt.ours
+    stack = kb.ImageStackPy(np.array(ours.im_stack.times), sci, var,
+                            psfs=[psf.copy() for _ in nt.stems])
+    return kb.WorkUnit(stack, config, wcs=ours.wcs,
+                       per_image_wcs=list(ours.org_img_meta["per_image_wcs"]),
+                       reprojected=ours.reprojected,
+                       reprojection_frame=ours.reprojection_frame,
+                       observatory=ours.observatory)
+
+
+# --------------------------------------------------------------------------- search
+
+
+def px_per_day(cadence_s: float) -> float:
+    """px/day of a speed of 1 px per frame at ``cadence_s``."""
+    return 86400.0 / cadence_s
+
+
+def search_config(kb: types.SimpleNamespace, n_frames: int, cadence_s: float) -> Any:
+    """The one ``SearchConfiguration`` of both searches (see the module docstring)."""
+    k = px_per_day(cadence_s)
+    steps = round(2 * GRID_MAX / GRID_STEP) + 1
+    c = kb.SearchConfiguration()
+    c.set("generator_config", {
+        "name": "VelocityGridSearch",
+        "vx_steps": steps, "min_vx": -GRID_MAX * k, "max_vx": GRID_MAX * k,
+        "vy_steps": steps, "min_vy": -GRID_MAX * k, "max_vy": GRID_MAX * k,
+    })
+    c.set("lh_level", SEARCH_LH)
+    c.set("num_obs", max(2, n_frames // 2))
+    c.set("cpu_only", True)
+    c.set("compute_ra_dec", False)
+    c.set("save_config", False)
+    c.set("result_filename", None)
+    return c
+
+
+def grid_velocities(cadence_s: float) -> np.ndarray:
+    """The search grid's velocities (px/day), shape (n, 2)."""
+    k = px_per_day(cadence_s)
+    axis = np.linspace(-GRID_MAX, GRID_MAX, round(2 * GRID_MAX / GRID_STEP) + 1) * k
+    vx, vy = np.meshgrid(axis, axis)
+    return np.column_stack([vx.ravel(), vy.ravel()])
+
+
+RESULT_COLUMNS = ("x", "y", "vx", "vy", "likelihood", "flux", "obs_count")
+
+
+def run_search(kb: types.SimpleNamespace, wu: Any, config: Any) -> dict[str, np.ndarray]:
+    """KBMOD's search of one WorkUnit; the results' columns as arrays (likelihood
+    descending)."""
+    import copy
+
+    wu.config = copy.deepcopy(config)  # run_search adjusts num_obs in place
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = kb.SearchRunner().run_search_from_work_unit(wu)
+    out = {c: np.asarray(res[c], dtype=float) for c in RESULT_COLUMNS} if len(res) else {
+        c: np.zeros(0) for c in RESULT_COLUMNS}
+    order = np.argsort(-out["likelihood"])
+    out = {c: v[order] for c, v in out.items()}
+    out["seconds"] = np.array(time.perf_counter() - t0)
+    return out
+
+
+def ends(kb: types.SimpleNamespace, res: dict[str, np.ndarray], t_last: float
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (n, 2) of results at the first and at the last frame."""
+    t = np.array([0.0, t_last])
+    px = kb.predict_pixel_locations(t, res["x"], res["vx"], centered=False, as_int=False)
+    py = kb.predict_pixel_locations(t, res["y"], res["vy"], centered=False, as_int=False)
+    px, py = np.asarray(px).reshape(-1, 2), np.asarray(py).reshape(-1, 2)
+    return np.column_stack([px[:, 0], py[:, 0]]), np.column_stack([px[:, 1], py[:, 1]])
+
+
+def track_hits(start: np.ndarray, end: np.ndarray, p0: np.ndarray, p1: np.ndarray
+               ) -> np.ndarray:
+    """Which of the tracks ``(start, end)`` (n, 2 each) are within :data:`MATCH_PX` of
+    ``p0`` at the first frame and of ``p1`` at the last."""
+    return ((np.hypot(*(start - p0).T) <= MATCH_PX) & (np.hypot(*(end - p1).T) <= MATCH_PX))
+
+
+def match_movers(kb: types.SimpleNamespace, res: dict[str, np.ndarray], tracks: list[dict],
+                 t_last: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each mover's best result by the track rule.
+
+    Parameters
+    ----------
+    kb
+        From :func:`import_kbmod`.
+    res
+        A search's results (:func:`run_search`).
+    tracks
+        The movers (:func:`~astep_dask.testing.simulate.mover_tracks`).
+    t_last
+        The last frame's time, days after the first.
+
+    Returns
+    -------
+    (lh, matched)
+        Per mover, the likelihood of its highest-likelihood matching result (NaN: none);
+        per result, whether it matches any mover.
+    """
+    n = res["x"].size
+    matched = np.zeros(n, bool)
+    lh = np.full(len(tracks), np.nan)
+    if n == 0:
+        return lh, matched
+    start, end = ends(kb, res, t_last)
+    for k, tr in enumerate(tracks):
+        hit = track_hits(start, end, tr["positions"][0], tr["positions"][-1])
+        matched |= hit
+        if hit.any():
+            lh[k] = res["likelihood"][hit].max()
+    return lh, matched
+
+
+def unmatched_in(kb: types.SimpleNamespace, res: dict[str, np.ndarray], mask: np.ndarray,
+                 other: dict[str, np.ndarray], t_last: float) -> np.ndarray:
+    """Of the results ``res[mask]``, which match no result of ``other`` by the track rule
+    (a boolean over all of ``res``)."""
+    out = np.zeros(res["x"].size, bool)
+    if not mask.any():
+        return out
+    s, e = ends(kb, res, t_last)
+    if other["x"].size == 0:
+        out[mask] = True
+        return out
+    os_, oe = ends(kb, other, t_last)
+    for i in np.flatnonzero(mask):
+        out[i] = not track_hits(os_, oe, s[i], e[i]).any()
+    return out
+
+
+def sidelobes(res: dict[str, np.ndarray], sel: np.ndarray, movers: np.ndarray,
+              zeroed: np.ndarray, frames: int = 3) -> np.ndarray:
+    """Which mover each selected result is a side-lobe of: a result whose track passes
+    within :data:`MATCH_PX` of a mover's position at the same time in ≥ ``frames`` frames
+    (the mover found at a neighbouring velocity or start, which KBMOD's duplicate filters
+    left); -1 where none (or not selected).
+    """
+    out = np.full(res["x"].size, -1)
+    if not movers.size:
+        return out
+    for i in np.flatnonzero(sel):
+        xs = res["x"][i] + res["vx"][i] * zeroed
+        ys = res["y"][i] + res["vy"][i] * zeroed
+        near = np.hypot(xs[None, :] - movers[..., 0], ys[None, :] - movers[..., 1]) <= MATCH_PX
+        hits = near.sum(axis=1)
+        if hits.max() >= frames:
+            out[i] = int(np.argmax(hits))
+    return out
+
+
+def reference_stars(night: Path, reference: str) -> np.ndarray:
+    """The simulated stars (x, y, e-) on the reference frame's grid."""
+    truth = load_truth(night)
+    ref = next(fr["offset"] for fr in truth.frames
+               if fr["file"].removesuffix(".fits") == reference)
+    return truth.stars + np.array([ref[0], ref[1], 0.0])
+
+
+def star_note(stars: np.ndarray, xs: np.ndarray, ys: np.ndarray, radius: float = 4.0) -> str:
+    """The brightest star within ``radius`` px of a track, as a note ('' if none)."""
+    d = np.hypot(stars[:, None, 0] - xs[None, :], stars[:, None, 1] - ys[None, :]).min(1)
+    near = np.flatnonzero(d <= radius)
+    if not near.size:
+        return " (no star within 4 px)"
+    j = near[np.argmax(stars[near, 2])]
+    return f" (star of {stars[j, 2]:.0f} e- at {d[j]:.1f} px)"
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def stack_search(kb: types.SimpleNamespace, wu: Any) -> Any:
+    """A KBMOD ``StackSearch`` (its psi/phi images) of a WorkUnit, to evaluate given
+    trajectories."""
+    st = wu.im_stack
+    return kb.StackSearch(st.sci, st.var, st.psfs, list(np.asarray(st.zeroed_times, float)),
+                          -1)
+
+
+def forced_lh(search: Any, trajs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """KBMOD's likelihood and observation count of given trajectories ``(x, y, vx, vy)``
+    (start pixel, px/day), evaluated directly (no sigma-G)."""
+    lh = np.empty(len(trajs))
+    nobs = np.empty(len(trajs), int)
+    for i, (x, y, vx, vy) in enumerate(trajs):
+        t = search.search_linear_trajectory(round(float(x)), round(float(y)), float(vx),
+                                            float(vy), False)
+        lh[i], nobs[i] = t.lh, t.obs_count
+    return lh, nobs
+
+
+def mover_positions(tracks: list[dict]) -> np.ndarray:
+    """The movers' positions, shape (movers, frames, 2)."""
+    return np.array([tr["positions"] for tr in tracks]).reshape(len(tracks), -1, 2)
+
+
+def random_trajectories(rng: np.random.Generator, n: int, shape: tuple[int, int],
+                        zeroed: np.ndarray, velocities: np.ndarray, movers: np.ndarray,
+                        margin: float = 12.0, avoid: float = 15.0) -> np.ndarray:
+    """``n`` random trajectories ``(x, y, vx, vy)`` that stay ``margin`` px inside the
+    frame and ``avoid`` px from every mover at every frame."""
+    out: list[np.ndarray] = []
+    ny, nx = shape
+    while sum(len(o) for o in out) < n:
+        m = 4 * n
+        v = velocities[rng.integers(0, len(velocities), m)]
+        x0, y0 = rng.uniform(0, nx, m), rng.uniform(0, ny, m)
+        xs = x0[:, None] + v[:, :1] * zeroed[None, :]
+        ys = y0[:, None] + v[:, 1:] * zeroed[None, :]
+        ok = ((xs.min(1) >= margin) & (xs.max(1) <= nx - 1 - margin)
+              & (ys.min(1) >= margin) & (ys.max(1) <= ny - 1 - margin))
+        if movers.size:
+            d = np.hypot(xs[:, None, :] - movers[None, :, :, 0],
+                         ys[:, None, :] - movers[None, :, :, 1])
+            ok &= d.min(axis=(1, 2)) >= avoid
+        out.append(np.column_stack([np.round(x0), np.round(y0), v])[ok])
+    return np.concatenate(out)[:n]
+
+
+def blank_positions(rng: np.random.Generator, night: Path, nt: Night, n: int,
+                    half: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per frame, ``n`` random pixels of blank sky on the reference grid: under 1 e- of
+    star light (noiseless) anywhere in the kernel around them, ≥ 12 px from every mover's
+    track and ≥ ``half + 8`` px from the edges."""
+    truth = load_truth(night)
+    cfg = truth.config
+    ref = np.array(next(fr["offset"] for fr in truth.frames
+                        if fr["file"].removesuffix(".fits") == nt.reference))
+    shape = (nt.ours.im_stack.height, nt.ours.im_stack.width)
+    stars = np.zeros(shape)
+    add_sources(stars, truth.stars[:, 0] + ref[0], truth.stars[:, 1] + ref[1],
+                truth.stars[:, 2], cfg.psf_sigma)
+    blank = ndimage.maximum_filter(stars, size=2 * half + 1) < 1.0
+    near = np.zeros(shape, bool)
+    for tr in nt.tracks:
+        for x, y in tr["positions"]:
+            ix, iy = round(float(x)), round(float(y))
+            near[max(iy - 12, 0): iy + 13, max(ix - 12, 0): ix + 13] = True
+    blank &= ~near
+    edge = half + 8
+    blank[:edge], blank[-edge:], blank[:, :edge], blank[:, -edge:] = False, False, False, False
+    ys, xs = np.nonzero(blank)
+    out = []
+    for _ in nt.stems:
+        pick = rng.choice(ys.size, size=min(n, ys.size), replace=False)
+        out.append((ys[pick], xs[pick]))
+    return out
+
+
+def matched_filter_snr(wu: Any, positions: list[tuple[np.ndarray, np.ndarray]]
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """psi / sqrt(phi) of each frame's PSF-weighted sum at the given pixels, and the
+    per-pixel sci / sqrt(var) there (masked pixels skipped)."""
+    snr, pix = [], []
+    st = wu.im_stack
+    for i, (ys, xs) in enumerate(positions):
+        p = np.asarray(st.psfs[i], dtype=float)
+        hy, hx = p.shape[0] // 2, p.shape[1] // 2
+        dy, dx = np.mgrid[-hy: hy + 1, -hx: hx + 1]
+        sci = np.asarray(st.sci[i], dtype=float)
+        var = np.asarray(st.var[i], dtype=float)
+        s = sci[ys[:, None, None] + dy, xs[:, None, None] + dx]
+        v = var[ys[:, None, None] + dy, xs[:, None, None] + dx]
+        ok = np.isfinite(s) & np.isfinite(v) & (v > 0)
+        w = np.where(ok, p / np.where(ok, v, 1.0), 0.0)
+        psi = np.sum(w * np.where(ok, s, 0.0), axis=(1, 2))
+        phi = np.sum(w * p, axis=(1, 2))
+        good = phi > 0
+        snr.append(psi[good] / np.sqrt(phi[good]))
+        c = sci[ys, xs] / np.sqrt(var[ys, xs])
+        pix.append(c[np.isfinite(c)])
+    return np.concatenate(snr), np.concatenate(pix)
+
+
+def robust_std(a: np.ndarray) -> float:
+    """1.4826 × the median absolute deviation."""
+    a = a[np.isfinite(a)]
+    return float(1.4826 * np.median(np.abs(a - np.median(a)))) if a.size else float("nan")
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt(v: float, spec: str = ".1f") -> str:
+    """A number, or '-' for NaN."""
+    return "-" if v is None or not np.isfinite(v) else format(v, spec)
+
+
+def completeness(mask_ideal: np.ndarray, mask_ours: np.ndarray, sel: np.ndarray
+                 ) -> tuple[int, int]:
+    """(ours found, ideal found) among the movers ``sel``."""
+    base = mask_ideal & sel
+    return int((mask_ours & base).sum()), int(base.sum())
+
+
+def ideal_cache_key(nt: Night, sim: SimConfig, seed: int, config: Any) -> str:
+    """What the ideal search's results depend on: the simulation, our grid and times, the
+    noise seed and the search settings."""
+    st = nt.ours.im_stack
+    blob = json.dumps({
+        "sim": asdict(sim), "reference": nt.reference, "stems": nt.stems,
+        "times": [round(float(t), 9) for t in st.times], "shape": [st.height, st.width],
+        "seed": seed, "generator": config["generator_config"], "lh": config["lh_level"],
+        "num_obs": config["num_obs"], "wcs": str(nt.ours.wcs),
+    }, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (see the module docstring); returns the exit status (0 always
+    when it ran: the acceptance lines say PASS or FAIL)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=None, help="frame side, px (1024)")
+    ap.add_argument("--frames", type=int, default=20, help="science frames (20)")
+    ap.add_argument("--movers", type=int, default=None, help="number of movers (24)")
+    ap.add_argument("--seed", type=int, default=1, help="simulation seed (1)")
+    ap.add_argument("--work", default="/tmp/yield", help="work folder (/tmp/yield)")
+    ap.add_argument("--config", default=None, help="our settings file (TOML)")
+    ap.add_argument("--label", default=None,
+                    help="name of this run's outputs (baseline; quick with --quick)")
+    ap.add_argument("--only", choices=("ours", "ideal"), default=None,
+                    help="search only one side (the ideal's cached results are used)")
+    ap.add_argument("--quick", action="store_true", help="256², 8 movers: a smoke run")
+    ap.add_argument("--fresh", action="store_true",
+                    help="simulate, calibrate and search anew")
+    ap.add_argument("--kbmod-src", default=os.environ.get("KBMOD_SRC"),
+                    help="KBMOD's src folder (else as PYTHONPATH has it)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S")
+    size = args.size or (256 if args.quick else 1024)
+    n_movers = args.movers if args.movers is not None else (8 if args.quick else 24)
+    label = args.label or ("quick" if args.quick else "baseline")
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    kb = import_kbmod(args.kbmod_src)
+    timings: dict[str, float] = {}
+
+    sim = SimConfig(size=size, n_science=args.frames, cadence_s=100.0, psf_sigma=1.06,
+                    movers=default_movers(n_movers), wcs_center=WCS_CENTER, seed=args.seed)
+    t0 = time.perf_counter()
+    night = ensure_night(work, sim, args.fresh)
+    timings["simulate"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    summary = run_pipeline(night, work / f"out-{sim_key(sim)}-{label}", args.config,
+                           args.fresh)
+    timings["pipeline"] = time.perf_counter() - t0
+    nt = load_ours(kb, night, summary)
+    n_img = nt.ours.im_stack.num_times
+    config = search_config(kb, n_img, sim.cadence_s)
+    t_last = float(nt.zeroed[-1])
+    noise_seed = 1000 + args.seed
+
+    t0 = time.perf_counter()
+    ideal = build_ideal(kb, night, nt, config, noise_seed)
+    timings["build_ideal"] = time.perf_counter() - t0
+
+    cache = work / f"ideal-{ideal_cache_key(nt, sim, noise_seed, config)}.npz"
+    res: dict[str, dict[str, np.ndarray] | None] = {"ideal": None, "ours": None}
+    if cache.exists() and not args.fresh:
+        with np.load(cache) as z:
+            res["ideal"] = {k: z[k] for k in z}
+        log.info("reusing the ideal search's results %s", cache)
+    elif args.only != "ours":
+        log.info("searching the ideal WorkUnit (%d velocities)",
+                 len(grid_velocities(sim.cadence_s)))
+        res["ideal"] = run_search(kb, ideal, config)
+        timings["search_ideal"] = float(res["ideal"]["seconds"])
+        np.savez(cache, **res["ideal"])
+    if args.only != "ideal":
+        log.info("searching our WorkUnit")
+        res["ours"] = run_search(kb, nt.ours, config)
+        timings["search_ours"] = float(res["ours"]["seconds"])
+
+    # Likelihood of the true tracks, and the noise-only calibration, on both.
+    truth_trajs = np.array([[*tr["positions"][0], *tr["v"]] for tr in nt.tracks]
+                           ).reshape(-1, 4)
+    rng = np.random.default_rng(args.seed + 7)
+    shape = (nt.ours.im_stack.height, nt.ours.im_stack.width)
+    randoms = random_trajectories(rng, N_RANDOM, shape, nt.zeroed,
+                                  grid_velocities(sim.cadence_s), mover_positions(nt.tracks))
+    half = max(max(np.shape(p)) for p in nt.ours.im_stack.psfs) // 2
+    blanks = blank_positions(rng, night, nt, BLANK_PER_FRAME, max(half, 5))
+    calib: dict[str, dict[str, float]] = {}
+    forced: dict[str, np.ndarray] = {}
+    t0 = time.perf_counter()
+    for side, wu in (("ideal", ideal), ("ours", nt.ours)):
+        ss = stack_search(kb, wu)
+        forced[side], _ = forced_lh(ss, truth_trajs)
+        lh, nobs = forced_lh(ss, randoms)
+        good = nobs >= config["num_obs"]
+        lh = lh[good]
+        snr, pix = matched_filter_snr(wu, blanks)
+        calib[side] = {
+            "random_n": int(lh.size), "random_mean": float(np.mean(lh)),
+            "random_std": float(np.std(lh)), "random_robust_std": robust_std(lh),
+            "random_max": float(np.max(lh)), "blank_n": int(snr.size),
+            "blank_mean": float(np.mean(snr)), "blank_std": float(np.std(snr)),
+            "blank_robust_std": robust_std(snr), "pixel_std": float(np.std(pix)),
+        }
+        del ss
+    timings["calibration"] = time.perf_counter() - t0
+
+    # Per mover.
+    tracks = nt.tracks
+    flux = np.array([tr["flux"] for tr in tracks])
+    speed = np.array([float(np.hypot(*tr["v"])) for tr in tracks])
+    lh_ideal = lh_ours = np.full(len(tracks), np.nan)
+    matched_ideal = matched_ours = np.zeros(0, bool)
+    if res["ideal"] is not None:
+        lh_ideal, matched_ideal = match_movers(kb, res["ideal"], tracks, t_last)
+    if res["ours"] is not None:
+        lh_ours, matched_ours = match_movers(kb, res["ours"], tracks, t_last)
+    found_ideal = np.nan_to_num(lh_ideal, nan=-1) >= FOUND_LH
+    found_ours = np.nan_to_num(lh_ours, nan=-1) >= FOUND_LH
+    ratio = lh_ours / lh_ideal
+    slow = speed <= SLOW_PX_DAY
+
+    print(f"\n=== yield: {label} — {night}, {n_img} frames {shape[1]}x{shape[0]}, "
+          f"{len(tracks)} movers; search: {len(grid_velocities(sim.cadence_s))} velocities, "
+          f"lh_level {SEARCH_LH:g}, num_obs {config['num_obs']}, found at lh ≥ {FOUND_LH:g}")
+    print(f"{'k':>3} {'flux':>7} {'px/day':>7} {'class':>5} {'SNR':>6} {'ideal':>7} "
+          f"{'ours':>7} {'ratio':>6} {'I':>2} {'O':>2} {'f.ideal':>8} {'f.ours':>7}")
+    for k, tr in enumerate(tracks):
+        print(f"{k:3d} {flux[k]:7.0f} {speed[k]:7.0f} {'slow' if slow[k] else 'fast':>5} "
+              f"{tr['ideal']:6.1f} {fmt(lh_ideal[k]):>7} {fmt(lh_ours[k]):>7} "
+              f"{fmt(ratio[k], '.3f'):>6} {'Y' if found_ideal[k] else '.':>2} "
+              f"{'Y' if found_ours[k] else '.':>2} {fmt(forced['ideal'][k]):>8} "
+              f"{fmt(forced['ours'][k]):>7}")
+    print("(SNR: the truth's matched-filter SNR; ideal/ours: search likelihood of the best "
+          "matching result;\n I/O: found at ≥ 10; f.*: likelihood of the true track "
+          "evaluated directly, no sigma-G)")
+
+    both = res["ideal"] is not None and res["ours"] is not None
+    out: dict[str, Any] = {
+        "label": label, "night": str(night), "config_file": args.config, "sim": asdict(sim),
+        "search": {"generator": config["generator_config"], "lh_level": SEARCH_LH,
+                   "num_obs": config["num_obs"], "found_lh": FOUND_LH,
+                   "match_px": MATCH_PX},
+        "workunit_notes": nt.notes, "timings_s": timings, "calibration": calib,
+        "movers": [{"k": k, "flux": float(flux[k]), "speed_px_day": float(speed[k]),
+                    "truth_snr": float(tracks[k]["ideal"]),
+                    "lh_ideal": None if np.isnan(lh_ideal[k]) else float(lh_ideal[k]),
+                    "lh_ours": None if np.isnan(lh_ours[k]) else float(lh_ours[k]),
+                    "forced_ideal": float(forced["ideal"][k]),
+                    "forced_ours": float(forced["ours"][k])} for k in range(len(tracks))],
+    }
+    acceptance: dict[str, dict[str, Any]] = {}
+    if both:
+        print("\ncompleteness ours / ideal (movers the ideal finds at ≥ 10):")
+        comp: dict[str, list[int]] = {}
+        for lo, hi in itertools.pairwise(FLUX_BINS):
+            sel = (flux >= lo) & (flux < hi if hi < FLUX_BINS[-1] else flux <= hi)
+            comp[f"flux {lo:.0f}-{hi:.0f}"] = list(completeness(found_ideal, found_ours, sel))
+        comp[f"slow ≤ {SLOW_PX_DAY:.0f} px/day"] = list(
+            completeness(found_ideal, found_ours, slow))
+        comp["fast"] = list(completeness(found_ideal, found_ours, ~slow))
+        comp["all"] = list(completeness(found_ideal, found_ours, np.ones_like(slow)))
+        for name, (a, b) in comp.items():
+            print(f"  {name:<22} {a:3d} / {b:3d}  {fmt(100.0 * a / b if b else np.nan):>5} %")
+        ratio_sel = np.isfinite(ratio) & found_ideal
+        med = float(np.median(ratio[ratio_sel])) if ratio_sel.any() else float("nan")
+        fr = forced["ours"] / forced["ideal"]
+        fsel = found_ideal & (forced["ideal"] > 0)
+        med_forced = float(np.median(fr[fsel])) if fsel.any() else float("nan")
+        print(f"median likelihood ratio ours / ideal: {fmt(med, '.3f')} over {ratio_sel.sum()} "
+              f"movers both searches return (ideal ≥ 10); true tracks evaluated directly: "
+              f"{fmt(med_forced, '.3f')}")
+        ro, ri = res["ours"], res["ideal"]
+        strong = ro["likelihood"] >= FOUND_LH
+        unmatched = unmatched_in(kb, ro, strong & ~matched_ours, ri, t_last)
+        mpos = mover_positions(tracks)
+        stars = reference_stars(night, nt.reference)
+        lobe = sidelobes(ro, unmatched, mpos, nt.zeroed)
+        false = unmatched & (lobe < 0)
+        ideal_unmatched = (ri["likelihood"] >= FOUND_LH) & ~matched_ideal
+        ideal_lobe = sidelobes(ri, ideal_unmatched, mpos, nt.zeroed)
+        print(f"false detections (ours ≥ 10, matching no mover and no ideal result, not a "
+              f"mover's side-lobe): {int(false.sum())}")
+        print(f"  ours ≥ 10 matching no mover and no ideal result: {int(unmatched.sum())}, "
+              f"of which side-lobes {int((lobe >= 0).sum())}; ≥ 10 matching no mover: ours "
+              f"{int((strong & ~matched_ours).sum())}, ideal {int(ideal_unmatched.sum())} "
+              f"(side-lobes {int((ideal_lobe >= 0).sum())})")
+        for i in np.flatnonzero(unmatched)[:20]:
+            xs = ro["x"][i] + ro["vx"][i] * nt.zeroed
+            ys = ro["y"][i] + ro["vy"][i] * nt.zeroed
+            dmin = float(np.min(np.hypot(xs[None, :] - mpos[..., 0], ys[None, :] - mpos[..., 1]))
+                         ) if mpos.size else float("nan")
+            what = (f"side-lobe of mover {lobe[i]}" if lobe[i] >= 0
+                    else "FALSE" + star_note(stars, xs, ys))
+            print(f"    x {ro['x'][i]:5.0f} y {ro['y'][i]:5.0f} vx {ro['vx'][i]:7.1f} "
+                  f"vy {ro['vy'][i]:7.1f} lh {ro['likelihood'][i]:6.1f} "
+                  f"obs {ro['obs_count'][i]:3.0f}  nearest mover {dmin:6.1f} px  {what}")
+        out.update(completeness=comp, median_ratio=med, median_ratio_forced=med_forced,
+                   false_detections=int(false.sum()),
+                   false_list=[{c: float(ro[c][i]) for c in RESULT_COLUMNS}
+                               for i in np.flatnonzero(false)],
+                   unmatched_not_in_ideal=int(unmatched.sum()),
+                   sidelobes_not_in_ideal=int((lobe >= 0).sum()),
+                   ours_unmatched=int((strong & ~matched_ours).sum()),
+                   ideal_unmatched=int(ideal_unmatched.sum()))
+        a_all, b_all = comp["all"]
+        a_slow, b_slow = comp[f"slow ≤ {SLOW_PX_DAY:.0f} px/day"]
+        acceptance["median likelihood ratio ours/ideal ≥ 0.90"] = {
+            "value": med, "pass": bool(med >= 0.90)}
+        acceptance["completeness ≥ 95 % of the ideal's (all)"] = {
+            "value": a_all / b_all if b_all else None,
+            "pass": bool(b_all and a_all >= 0.95 * b_all)}
+        acceptance["completeness ≥ 95 % of the ideal's (slow ≤ 500 px/day)"] = {
+            "value": a_slow / b_slow if b_slow else None,
+            "pass": bool(b_slow and a_slow >= 0.95 * b_slow)}
+        acceptance["no false detection ≥ 10 that the ideal does not have "
+                   "(side-lobes of movers aside)"] = {
+            "value": int(false.sum()), "pass": bool(false.sum() == 0)}
+
+    print("\nnoise-only calibration (KBMOD likelihood of random trajectories without a mover)"
+          " and blank-sky matched filter (psi/sqrt(phi) per frame):")
+    for side in ("ideal", "ours"):
+        c = calib[side]
+        print(f"  {side:<5} random: n {c['random_n']}, mean {c['random_mean']:+.3f}, "
+              f"std {c['random_std']:.3f} (robust {c['random_robust_std']:.3f}, max "
+              f"{c['random_max']:.1f});  blank sky: n {c['blank_n']}, mean "
+              f"{c['blank_mean']:+.3f}, std {c['blank_std']:.3f} (robust "
+              f"{c['blank_robust_std']:.3f}); per pixel sci/sqrt(var) std {c['pixel_std']:.3f}")
+    c = calib["ours"]
+    acceptance["random-trajectory likelihood std 1.00 ± 0.05 (ours)"] = {
+        "value": c["random_std"], "pass": bool(abs(c["random_std"] - 1.0) <= 0.05)}
+    acceptance["blank-sky matched-filter scatter 1.00 ± 0.03 (ours)"] = {
+        "value": c["blank_std"], "pass": bool(abs(c["blank_std"] - 1.0) <= 0.03)}
+    if nt.notes:
+        print("\nour WorkUnit, as KBMOD read it: " + "; ".join(nt.notes))
+    print("\nacceptance (issue 31):")
+    for name, a in acceptance.items():
+        v = a["value"]
+        vs = "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+        print(f"  {'PASS' if a['pass'] else 'FAIL'}  {name}: {vs}")
+    print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    out["acceptance"] = acceptance
+    path = work / f"yield-{label}.json"
+    path.write_text(json.dumps(out, indent=1, default=float))
+    print(f"summary: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
