@@ -23,10 +23,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from astropy.io import fits
 from distributed import Client, LocalCluster
 
 from astep_dask.config import Settings, TemplateSettings
+from astep_dask.kbmod.products import read_layers
 from astep_dask.kbmod.stage import export_night
 from astep_dask.run.night import calibrate_night
 from astep_dask.testing.simulate import (
@@ -53,10 +53,9 @@ def difference_frames(export) -> list[dict]:
     """The KBMOD files of an export: header, SCI, VAR, MASK."""
     out = []
     for r in export.frames:
-        with fits.open(export.out_dir / r["output"]) as hdul:
-            out.append({"header": hdul[0].header.copy(), "sci": hdul[1].data.astype(float),
-                        "mask": hdul[2].data.astype(np.int64),
-                        "var": hdul[3].data.astype(float)})
+        header, f = read_layers(export.out_dir / r["output"])
+        out.append({"header": header, "sci": f.sci.astype(float),
+                    "mask": f.mask.astype(np.int64), "var": f.var.astype(float)})
     return out
 
 

@@ -166,7 +166,8 @@ def difference_task(job: DifferenceJob) -> dict:
     cards["FILTVARF"] = (round(filter_factor(
         float(header.get("REGDX", 0.0)), float(header.get("REGDY", 0.0)),
         job.kernel_var if ts.psf_match else (0.0, 0.0), sigma,
-        float(header.get("VARPIXF", 1.0)), str(header.get("VARMODE", "area"))), 5),
+        float(header.get("VARPIXF", 1.0)), str(header.get("VARMODE", "area")),
+        str(header.get("REGKERN", "overlap"))), 5),
         "Var(psi)/phi of PSFSIGMA filter: use VAR x this")
     hdul = kbmod_hdul(header, out, cards, job.wcs)
     hdul[1].header["BUNIT"] = ("electron", "registered frame minus static-sky template")

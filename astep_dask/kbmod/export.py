@@ -91,6 +91,10 @@ from astep_dask.kbmod.products import (
 )
 from astep_dask.version import __version__
 
+# The REGMETH card of each resampling kernel (astep_dask.core.register)
+REGMETH = {"overlap": "2x2 overlap (bilinear), flux-conserving",
+           "cubic": "4x4 Keys cubic convolution, flux-conserving"}
+
 __all__ = [
     "ExportJob",
     "FrameMeasure",
@@ -167,7 +171,8 @@ def export_layers(frame: Layers, bkg: Background, offset: Offset, ref_stars: np.
                   ks: KbmodSettings, template: Layers | None = None) -> tuple[Layers, dict]:
     """Sky-subtract and register one frame; returns the planes to write and figures."""
     sub = sky_subtract(frame, bkg)
-    reg = resample(sub.sci, sub.var, sub.mask, offset.dx, offset.dy, ks.variance)
+    reg = resample(sub.sci, sub.var, sub.mask, offset.dx, offset.dy, ks.variance,
+                   kind=ks.resampling)
     registered = Layers(reg.sci, reg.var, reg.mask)
     check = registration_check(registered, ref_stars, ks)
     out = science_plane(registered, template)
@@ -294,7 +299,7 @@ def frame_cards(f: CalFrame, job: ExportJob, offset: Offset, bkg: Background, in
                 figures: dict, ks: KbmodSettings) -> dict[str, tuple]:
     """Primary-header cards of a KBMOD file."""
     filtvarf = filter_factor(offset.dx, offset.dy, (0.0, 0.0), figures["psf_sigma"],
-                             info["var_pixel_factor"], ks.variance)
+                             info["var_pixel_factor"], ks.variance, ks.resampling)
     cards: dict[str, tuple] = {
         "MJD": (float(f.mjd), "[d] mid-exposure MJD (UTC): KBMOD obstime"),
         "MJD-AVG": (float(Time(f.date_avg, scale=f.timesys.lower()).mjd),
@@ -314,7 +319,8 @@ def frame_cards(f: CalFrame, job: ExportJob, offset: Offset, bkg: Background, in
         "REFFRAME": (job.reference.stem, "reference frame: its grid is this grid"),
         "REFADPRV": (job.reference.adprov, "ADPROV of the reference frame"),
         PROV_KEY: (job.provenance, "hash of input, reference and export settings"),
-        "REGMETH": ("2x2 overlap (bilinear), flux-conserving", "resampling"),
+        "REGMETH": (REGMETH[ks.resampling], "resampling onto the reference grid"),
+        "REGKERN": (ks.resampling, "resampling kernel (astep_dask.core.register)"),
         "REGDX": (card_float(offset.dx), "[px] x offset: ref (x,y) is (x+dx,y+dy) here"),
         "REGDY": (card_float(offset.dy), "[px] y offset to the reference frame"),
         "REGDXERR": (card_float(offset.err_x), "[px] uncertainty of REGDX"),

@@ -16,7 +16,7 @@ import numpy as np
 from scipy.optimize import brentq
 from scipy.special import erf
 
-from astep_dask.core.register import shift_weights
+from astep_dask.core.register import axis_weights, kernel_moment, shift_weights
 
 __all__ = [
     "effective_psf_variance",
@@ -67,17 +67,19 @@ def filter_variance_factor(kernels_x: list[np.ndarray], kernels_y: list[np.ndarr
 
 
 def filter_factor(dx: float, dy: float, kernel_var: tuple[float, float], sigma: float,
-                  var_pixel_factor: float = 1.0, variance: str = "area") -> float:
-    """FILTVARF of a frame registered with offset ``(dx, dy)`` then PSF-matched with
+                  var_pixel_factor: float = 1.0, variance: str = "area",
+                  kind: str = "overlap") -> float:
+    """FILTVARF of a frame registered with offset ``(dx, dy)`` by the resampling kernel
+    ``kind`` (:func:`~astep_dask.core.register.axis_weights`), then PSF-matched with
     kernels of variance ``kernel_var``: what its VAR is multiplied by for the variance of a
     matched filter of σ ``sigma`` (:func:`filter_variance_factor`; with the "pixel"
     convention, VAR is ``var_pixel_factor`` times the area one, so that is divided out).
     1 when σ is not known."""
     if not (np.isfinite(sigma) and sigma > 0):
         return 1.0
-    _, fx, fy = shift_weights(dx, dy)
-    kx = [np.array([1 - fx, fx]), kernel_1d(kernel_var[0])]
-    ky = [np.array([1 - fy, fy]), kernel_1d(kernel_var[1])]
+    _, fx, fy = shift_weights(dx, dy, kind=kind)
+    kx = [axis_weights(fx, kind)[1], kernel_1d(kernel_var[0])]
+    ky = [axis_weights(fy, kind)[1], kernel_1d(kernel_var[1])]
     c = filter_variance_factor(kx, ky, sigma)
     return c / var_pixel_factor if variance == "pixel" and var_pixel_factor > 0 else c
 
@@ -114,12 +116,14 @@ def kernel_1d(variance: float) -> np.ndarray:
     return _discrete_gaussian(s)
 
 
-def effective_psf_variance(sigma0: float, dx: float, dy: float) -> tuple[float, float]:
-    """PSF variance (x, y) of a registered frame: σ² before resampling plus the variance of
-    the overlap kernel of its offset."""
-    _, fx, fy = shift_weights(dx, dy)
+def effective_psf_variance(sigma0: float, dx: float, dy: float, kind: str = "overlap"
+                           ) -> tuple[float, float]:
+    """PSF variance (x, y) of a registered frame: σ² before resampling plus what the
+    resampling kernel ``kind`` of its offset adds (its second moment: ``f(1−f)`` for the
+    overlap kernel, 0 for the cubic one)."""
+    _, fx, fy = shift_weights(dx, dy, kind=kind)
     s2 = float(sigma0) ** 2
-    return s2 + fx * (1 - fx), s2 + fy * (1 - fy)
+    return s2 + kernel_moment(fx, kind), s2 + kernel_moment(fy, kind)
 
 
 def matching_variances(effective: dict[str, tuple[float, float]]

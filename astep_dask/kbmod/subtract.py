@@ -85,7 +85,7 @@ def run_template_stage(run: Dispatch, *, night_dir: Path, out: Path | None, kdir
                                     force, sig_med, info, effective)
     for r in good:
         effective[r["stem"]] = effective_psf_variance(_sigma0(r, sig_med), float(r["dx"]),
-                                                      float(r["dy"]))
+                                                      float(r["dy"]), ks.resampling)
     need = max(ts.min_frames, 1) + (1 if ts.nights <= 0 else 0)
     if len(tframes) < need:
         where = "this night" if ts.nights <= 0 else f"{ts.nights} neighbouring night(s)"
@@ -198,7 +198,7 @@ def _neighbour_frames(run: Dispatch, night_dir: Path, out: Path | None, kdir: Pa
             tframes.append(_template_frame(r, ndir / r["output"], night_of.get(r["stem"], ""),
                                            False))
             effective[r["stem"]] = effective_psf_variance(
-                _sigma0(r, sig_med), float(r["dx"]), float(r["dy"]))
+                _sigma0(r, sig_med), float(r["dx"]), float(r["dy"]), ks.resampling)
         else:
             info["failed_frames"].append({k: r.get(k) for k in ("file", "reason")})
     return tframes

@@ -4,13 +4,13 @@ KBMOD searches difference images: on registered, sky-subtracted frames the stars
 every result slot. This module builds, per night, a **template** of the static sky on the
 night's reference grid and turns each registered frame into ``frame − template``.
 
-**PSF matching.** Registration resamples every frame with a 2 × 2 overlap kernel whose
-variance, ``fx(1−fx)`` and ``fy(1−fy)`` px² per axis
-(:func:`astep_dask.core.register.shift_weights`), depends on the frame's fractional
-offset: up to 0.25 px² added to a PSF of about 1.7 px² (σ ≈ 1.3 px), enough to leave a
-bright star's residual far above the noise. Each frame's effective PSF
+**PSF matching.** Frames differ in seeing, and registration's resampling kernel can widen
+the PSF too: the 2 × 2 overlap kernel by ``fx(1−fx)`` and ``fy(1−fy)`` px² per axis, up to
+0.25 px² on a PSF of about 1.7 px² (σ ≈ 1.3 px), enough to leave a bright star's residual
+far above the noise; the cubic kernel (the default) by nothing
+(:func:`astep_dask.core.register.kernel_moment`). Each frame's effective PSF
 variance per axis is its measured Gaussian σ² before resampling plus that kernel's
-variance; every frame (of the night and of the template) is convolved with a small
+second moment; every frame (of the night and of the template) is convolved with a small
 separable kernel that brings both axes to the largest effective variance of the set (a
 3-tap ``[a/2, 1−a, a/2]`` kernel of variance ``a`` below 0.5 px², a sampled Gaussian of the
 same variance above). Second moments then agree exactly; what is left is a difference of

@@ -23,7 +23,9 @@ reads:
   (the PSF kernel; KBMOD's writer puts a 1×1 identity kernel there when it has none).
 
 We write that layout with astropy ourselves (KBMOD stays an optional dependency), one
-frame at a time (memory: one frame): the difference frames of the export, their variance,
+frame at a time (memory: one frame): the difference frames of the export, their variance
+times the file's ``FILTVARF`` (``VARSCALE``: the variance a PSF-matched sum of correlated
+noise has, so that KBMOD's likelihood is a unit-variance SNR on blank sky, issue 31),
 their mask with only the bits that make a pixel unusable (``MSK_i`` keeps those bits'
 values; the diagnostic bits HOT and DEAD, set on pixels the calibration repaired, are
 dropped so that KBMOD uses those pixels where they have a value; pixels without a value
@@ -131,7 +133,7 @@ def _wcs_json(w: WCS) -> str:
 def workunit_provenance(rows: list[dict], reference: Reference) -> str:
     """Hash of the KBMOD files (their provenance, in order) and of the global WCS."""
     return digest_of([r["provenance"] for r in rows], wcs_signature(reference.wcs),
-                     "workunit-1", __version__)
+                     "workunit-2", __version__)  # 2: VAR x FILTVARF
 
 
 def _primary(night: str, n: int, reference: Reference, provenance: str, plane: str
@@ -179,8 +181,9 @@ def _image_hdus(i: int, primary: fits.Header, sci: np.ndarray, var: np.ndarray,
     """``SCI_i``, ``VAR_i``, ``MSK_i``, ``PSF_i`` of one KBMOD file."""
     mjd = float(primary["MJD"])
     sigma = float(primary["PSFSIGMA"])
+    scale = _var_scale(primary)
     hdus = [image_hdu(sci, f"SCI_{i}", dtype=np.float32),
-            image_hdu(var, f"VAR_{i}", dtype=np.float32),
+            image_hdu(var * np.float32(scale), f"VAR_{i}", dtype=np.float32),
             image_hdu(workunit_search_mask(mask, sci, var), f"MSK_{i}"),
             fits.ImageHDU(psf_kernel(sigma), name=f"PSF_{i}")]
     for hdu in hdus[:3]:
@@ -195,11 +198,23 @@ def _image_hdus(i: int, primary: fits.Header, sci: np.ndarray, var: np.ndarray,
     for key in ("CALFILE", "DATE-AVG", "EXPTIME", "FILTER", "REGDX", "REGDY", "FILTVARF"):
         if key in primary:
             s[key] = (primary[key], primary.comments[key])
-    hdus[1].header["BUNIT"] = ("electron2", "variance of SCI")
+    hdus[1].header["BUNIT"] = ("electron2", "variance of SCI for PSF-matched sums")
+    hdus[1].header["VARSCALE"] = (card_float(scale, 5), "VAR_i = KBMOD file's VAR x FILTVARF")
     hdus[2].header["BUNIT"] = ("", "mask bits that make a pixel unusable (> 0: masked)")
     hdus[3].header["PSFSIGMA"] = (card_float(sigma, 4), "[px] Gaussian sigma of the kernel")
     hdus[3].header["PSFMODEL"] = ("pixel-integrated Gaussian", "kernel sums to 1")
     return hdus
+
+
+def _var_scale(header: fits.Header) -> float:
+    """What a KBMOD file's VAR is multiplied by in the WorkUnit: its ``FILTVARF``, so that
+    KBMOD's likelihood (a matched filter of the PSF over VAR) is a unit-variance SNR on
+    noise that resampling and PSF matching correlated (1 when the file has none)."""
+    try:
+        f = float(header.get("FILTVARF", 1.0))
+    except (TypeError, ValueError):
+        return 1.0
+    return f if np.isfinite(f) and f > 0 else 1.0
 
 
 def _config_table(headers: list[fits.Header]) -> fits.BinTableHDU:

@@ -385,23 +385,26 @@ def test_the_command_line_exports_with_other_nights_and_searches(archive, other_
     assert "astep-dask kbmod first" in capsys.readouterr().err
 
 
-def test_the_filter_variance_factor_makes_the_snr_of_noise_unit():
-    # White noise on the camera's pixels, resampled by a 2 × 2 overlap kernel and
-    # PSF-matched (VAR carried in the area convention, as the export does): psi / √phi at
-    # fixed positions has a standard deviation below 1 by √FILTVARF, and 1 with it.
+@pytest.mark.parametrize("kind, low, high", [("overlap", 0.8, 0.95), ("cubic", 0.85, 0.99)])
+def test_the_filter_variance_factor_makes_the_snr_of_noise_unit(kind, low, high):
+    # White noise on the camera's pixels, resampled by a 2 × 2 overlap kernel (or the
+    # 4 × 4 cubic one) and PSF-matched (VAR carried in the area convention, as the export
+    # does): psi / √phi at fixed positions has a standard deviation below 1 by √FILTVARF,
+    # and 1 with it.
     rng = np.random.default_rng(11)
     n, v, sigma = 400, 25.0, 1.3
     dx, dy, kvar = 0.4, 0.7, (0.05, 0.2)
     raw = rng.normal(0, np.sqrt(v), (n, n)).astype(np.float32)
-    reg = resample(raw, np.full((n, n), v, np.float32), np.zeros((n, n), np.int32), dx, dy)
+    reg = resample(raw, np.full((n, n), v, np.float32), np.zeros((n, n), np.int32), dx, dy,
+                   kind=kind)
     frame = homogenise(Layers(reg.sci, reg.var, reg.mask), kvar)
-    target = np.sqrt(sigma**2 + 0.4 * 0.6 + kvar[0])
+    target = np.sqrt(sigma**2 + reg.kernel_var[0] + kvar[0])
     psi, phi = psi_phi(frame.sci, frame.var, frame.mask, target)
     inner = (slice(20, n - 20, 7), slice(20, n - 20, 7))  # nearly independent positions
     snr = (psi / np.sqrt(phi))[inner].ravel()
-    c = filter_factor(dx, dy, kvar, target)
-    assert 0.8 < c < 0.95
-    assert filter_factor(0.0, 0.0, (0.0, 0.0), target) == pytest.approx(1.0)
+    c = filter_factor(dx, dy, kvar, target, kind=kind)
+    assert low < c < high
+    assert filter_factor(0.0, 0.0, (0.0, 0.0), target, kind=kind) == pytest.approx(1.0)
     assert np.std(snr) == pytest.approx(np.sqrt(c), rel=0.04)
     psi_c, phi_c = psi_phi(frame.sci, frame.var * c, frame.mask, target)
     assert np.std((psi_c / np.sqrt(phi_c))[inner]) == pytest.approx(1.0, rel=0.04)

@@ -21,7 +21,7 @@ from astropy.io import fits
 
 from astep_dask.config import Settings, TemplateSettings
 from astep_dask.kbmod.difference import leave_one_out
-from astep_dask.kbmod.products import Layers
+from astep_dask.kbmod.products import Layers, read_layers
 from astep_dask.kbmod.stage import export_night
 from astep_dask.kbmod.template import (
     NO_TEMPLATE,
@@ -194,10 +194,9 @@ def exported(tmp_path_factory, client):
 def _difference_frames(exp) -> list[dict]:
     out = []
     for r in exp.frames:
-        with fits.open(exp.out_dir / r["output"]) as hdul:
-            out.append({"header": hdul[0].header.copy(), "sci": hdul[1].data.astype(float),
-                        "mask": hdul[2].data.astype(np.int64),
-                        "var": hdul[3].data.astype(float)})
+        header, f = read_layers(exp.out_dir / r["output"])
+        out.append({"header": header, "sci": f.sci.astype(float),
+                    "mask": f.mask.astype(np.int64), "var": f.var.astype(float)})
     return out
 
 

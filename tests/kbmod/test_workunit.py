@@ -133,8 +133,12 @@ def test_workunit_layout_times_and_planes(exported, night):
             usable = ((mask & ~flag(Bit.HOT, Bit.DEAD)) == 0) & np.isfinite(kb[1].data)
             assert np.array_equal(img["msk"] > 0, ~usable)
             assert np.array_equal(img["sci"][usable], kb[1].data[usable])
-            assert np.array_equal(img["var"][usable], kb[3].data[usable])
             h = kb[0].header
+            # VAR_i is VAR x FILTVARF: KBMOD's likelihood is then a unit-variance SNR
+            assert 0.5 < h["FILTVARF"] < 1.0
+            np.testing.assert_allclose(img["var"][usable],
+                                       kb[3].data[usable] * np.float32(h["FILTVARF"]),
+                                       rtol=1e-6)
             repaired = (mask & flag(Bit.HOT, Bit.DEAD)) != 0
         # most repaired pixels (hot, or dead but responsive) keep a value KBMOD uses
         n_repaired += int(repaired.sum())
