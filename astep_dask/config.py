@@ -325,7 +325,12 @@ class TemplateSettings:
     # at the mover's pixels, so a slow mover does not subtract itself. 0: off.
     mover_sigma: float = 4.0
     saturation_halo: float = 2.0  # SUSPECT within this × PSF FWHM of a saturated pixel
-    psf_match: bool = True  # bring every frame to the set's largest PSF variance
+    psf_match: bool = True  # match PSFs (False: frames and template as they are)
+    # The template's PSF: "snr" (default) the width that maximises the night's summed
+    # matched-filter SNR² (kbmod.kernels.template_target): frames of bad seeing are left
+    # out of the template, which is convolved to their PSF instead of blurring every frame
+    # to theirs; "widest": every frame and the template at the set's largest PSF variance.
+    psf_target: str = "snr"
     residual_floor: float = 0.05  # model error of a static source, fraction of |template|
     memory_mb: float = 256.0  # pixels of all frames in one combination task
 
@@ -578,6 +583,7 @@ _RULES: dict[str, str | tuple[str, ...]] = {
     "kbmod.match_radius": "pos", "kbmod.min_matches": "pos",
     "kbmod.variance": ("area", "pixel"), "kbmod.resampling": ("overlap", "cubic"),
     "template.sigma": "pos", "template.min_frames": "pos", "template.memory_mb": "pos",
+    "template.psf_target": ("snr", "widest"),
     "search.vx_min": "any", "search.vx_max": "any", "search.vy_min": "any",
     "search.vy_max": "any", "search.step_psf": "pos", "search.threshold": "pos",
     "search.outlier_sigma": "pos", "search.tile": "pos", "search.memory_mb": "pos",

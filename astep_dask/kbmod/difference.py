@@ -7,9 +7,12 @@ registered frame of the night into its KBMOD file: PSF-matched as when the templ
 combined, differenced against the template *without it* (:func:`leave_one_out`: exact for
 the clipped weighted mean, so a frame never subtracts part of itself; where the frame is in
 a mover's run of frames, it was left out of the template already) or against the whole
-template when it is made from other nights, with variance ``frame + template`` and mask
-``frame OR template`` (:func:`difference`). One worker task per frame
-(:func:`difference_task`), skipped on a re-run when the file has the same provenance.
+template when it is made from other nights; where the frame's PSF is wider than the
+template's (a frame of bad seeing, left out of the template), the template is convolved to
+the frame's PSF instead (``template_kernel_var``), so no frame is blurred to the worst.
+Variance ``frame + template``, mask ``frame OR template`` (:func:`difference`). One worker
+task per frame (:func:`difference_task`), skipped on a re-run when the file has the same
+provenance.
 """
 
 from __future__ import annotations
@@ -110,6 +113,9 @@ class DifferenceJob:
     force: bool = False
     grow: int = 0
     rank: int | None = None  # the frame's time rank among the template's frames
+    # the kernel variances (x, y) that bring the template to this frame's PSF where the
+    # frame is wider than the template (kbmod.kernels.template_kernels)
+    template_kernel_var: tuple[float, float] = (0.0, 0.0)
 
 
 def difference_task(job: DifferenceJob) -> dict:
@@ -138,6 +144,8 @@ def difference_task(job: DifferenceJob) -> dict:
         used = leave_one_out(tpl, frame, job.weight, ts, job.grow, job.rank)
     else:
         used = Layers(tpl.sci, tpl.var, tpl.mask)
+    if ts.psf_match:
+        used = homogenise(used, job.template_kernel_var)
     out = difference(frame, used, ts.residual_floor)
     cards = {
         PROV_KEY: (job.provenance, "hash of registered frame, template and settings"),
@@ -152,6 +160,10 @@ def difference_task(job: DifferenceJob) -> dict:
         "PSFMATCH": (ts.psf_match, "T: PSF matched to the template's (Gaussian var)"),
         "PSFKVARX": (float(job.kernel_var[0]), "[px2] x variance of the matching kernel"),
         "PSFKVARY": (float(job.kernel_var[1]), "[px2] y variance of the matching kernel"),
+        "TPLKVARX": (float(job.template_kernel_var[0]),
+                     "[px2] x variance of the template's kernel to this PSF"),
+        "TPLKVARY": (float(job.template_kernel_var[1]),
+                     "[px2] y variance of the template's kernel to this PSF"),
         "PSFSIGRG": (header.get("PSFSIGMA", -1.0), "[px] PSF sigma of the registered frame"),
     }
     sigma = float(header.get("PSFSIGMA", -1.0))

@@ -3,7 +3,8 @@
 Three things share them: the search's matched filter (:func:`psf_1d`, the pixel-integrated
 Gaussian PSF of σ ``PSFSIGMA``, as KBMOD takes it); the template's PSF matching
 (:func:`kernel_1d`, a kernel of a given variance, and :func:`effective_psf_variance`,
-:func:`matching_variances`, :func:`halo`, which choose those variances per frame); and the
+:func:`template_target`, :func:`matching_variances`, :func:`template_kernels`,
+:func:`halo`, which choose the template's PSF and those variances per frame); and the
 factor ``FILTVARF`` written in every KBMOD file (:func:`filter_factor`), by which VAR is
 multiplied so that the matched filter's SNR of pure noise has unit variance after the
 resampling and matching kernels have correlated the noise
@@ -26,6 +27,9 @@ __all__ = [
     "kernel_1d",
     "matching_variances",
     "psf_1d",
+    "snr2_kept",
+    "template_kernels",
+    "template_target",
 ]
 
 # --------------------------------------------------------------------------- matched filter
@@ -126,15 +130,70 @@ def effective_psf_variance(sigma0: float, dx: float, dy: float, kind: str = "ove
     return s2 + kernel_moment(fx, kind), s2 + kernel_moment(fy, kind)
 
 
-def matching_variances(effective: dict[str, tuple[float, float]]
+def matching_variances(effective: dict[str, tuple[float, float]], target: float | None = None
                        ) -> tuple[float, dict[str, tuple[float, float]]]:
-    """Target PSF variance (the largest effective variance of the set, both axes) and, per
-    frame, the kernel variances (x, y) that bring it there."""
+    """Target PSF variance (``target``, or the largest effective variance of the set, both
+    axes) and, per frame, the kernel variances (x, y) that bring it there (0 along an axis
+    where the frame is already wider: see :func:`template_kernels`)."""
     if not effective:
         return float("nan"), {}
-    target = max(max(v) for v in effective.values())
+    if target is None:
+        target = max(max(v) for v in effective.values())
     return target, {k: (max(target - vx, 0.0), max(target - vy, 0.0))
                     for k, (vx, vy) in effective.items()}
+
+
+def template_kernels(effective: dict[str, tuple[float, float]], target: float
+                     ) -> dict[str, tuple[float, float]]:
+    """Per frame, the kernel variances (x, y) that bring a template of PSF variance
+    ``target`` to the frame's own PSF where the frame is wider (0 elsewhere)."""
+    return {k: (max(vx - target, 0.0), max(vy - target, 0.0))
+            for k, (vx, vy) in effective.items()}
+
+
+def snr2_kept(s2: float, a: float) -> float:
+    """The fraction of a matched filter's SNR² that a 1-D Gaussian PSF of variance ``s2``
+    keeps when signal and noise are convolved with a Gaussian kernel of variance ``a`` (the
+    filter the widened PSF, its variance corrected for the correlated noise, as FILTVARF
+    does): ``√(s2·(s2 + 2a)) / (s2 + a)``, from ``Σ G_v² ∝ v^(-1/2)``. 0.983 per axis for
+    s2 = 1.12 px² (σ 1.06) and a = 0.25 px²; 0.94 for a = 0.57 px² (σ 1.06 to 1.3)."""
+    if a <= 0 or s2 <= 0:
+        return 1.0
+    return float(np.sqrt(s2 * (s2 + 2 * a)) / (s2 + a))
+
+
+def template_target(template: dict[str, tuple[float, float]],
+                    frames: dict[str, tuple[float, float]], need: int) -> float:
+    """The template's PSF variance that maximises the night's summed matched-filter SNR².
+
+    ``template`` holds the effective PSF variances (x, y) of the frames that can go into the
+    template, ``frames`` those of the night's frames to difference (a frame in both is
+    left out of its own template). A target ``T`` takes the template frames no wider than
+    ``T`` (at least ``need`` of them), matched up to ``T``; a night frame narrower than
+    ``T`` is matched up to it and keeps :func:`snr2_kept` of its SNR² per axis, a wider
+    one keeps all of it (the template is convolved to its PSF instead); and every frame
+    keeps ``1 / (1 + 1/n)`` for the noise of a template of ``n`` frames (one fewer for its
+    own). With seeing that hardly changes, every frame goes into the template (the
+    largest ``T``: what blurring every frame to the worst costs is small against a
+    noisier template); with frames of bad seeing, those are left out of the template and
+    the others are not blurred to them.
+    """
+    if not template:
+        return float("nan")
+    widths = sorted({max(v) for v in template.values()})
+    best, best_t = -1.0, widths[-1]
+    for t in widths:
+        members = {k for k, v in template.items() if max(v) <= t}
+        if len(members) < need:
+            continue
+        total = 0.0
+        for k, (vx, vy) in frames.items():
+            n = len(members) - (k in members)
+            kept = snr2_kept(vx, t - vx) * snr2_kept(vy, t - vy)
+            total += kept / (1.0 + 1.0 / max(n, 1))
+        if total > best * (1 + 1e-9):
+            best, best_t = total, t
+    return best_t
 
 
 def halo(kernel_var: tuple[float, float]) -> int:

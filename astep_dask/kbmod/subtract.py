@@ -28,7 +28,13 @@ from astep_dask.kbmod.export import (
     export_provenance,
     export_task,
 )
-from astep_dask.kbmod.kernels import effective_psf_variance, halo, matching_variances
+from astep_dask.kbmod.kernels import (
+    effective_psf_variance,
+    halo,
+    matching_variances,
+    template_kernels,
+    template_target,
+)
 from astep_dask.kbmod.products import (
     Reference,
     card_float,
@@ -92,7 +98,15 @@ def run_template_stage(run: Dispatch, *, night_dir: Path, out: Path | None, kdir
         info["error"] = (f"template: {len(tframes)} usable frame(s) from {where}, at least "
                          f"{need} needed (use the sky-only export or other nights)")
         return [], info
-    if ts.psf_match:
+    tkvars: dict[str, tuple[float, float]] = {}
+    if ts.psf_match and ts.psf_target == "snr":
+        own = {f.stem: effective[f.stem] for f in tframes}
+        target = template_target(own, {r["stem"]: effective[r["stem"]] for r in good}, need)
+        tframes = [f for f in tframes if max(effective[f.stem]) <= target]
+        target, kvars = matching_variances(effective, target)
+        tkvars = template_kernels(effective, target)
+        info["frames_left_out"] = len(own) - len(tframes)
+    elif ts.psf_match:
         target, kvars = matching_variances(effective)
     else:
         target, kvars = float(np.mean([max(v) for v in effective.values()])), {}
@@ -116,14 +130,26 @@ def run_template_stage(run: Dispatch, *, night_dir: Path, out: Path | None, kdir
             output=kdir / r["output"].replace(KBMOD_REG_SUFFIX, KBMOD_SUFFIX), template=tpath,
             kernel_var=kvars.get(r["stem"], (0.0, 0.0)), weight=weights.get(r["stem"]),
             provenance=digest_of(r.get("provenance"), tprov, ts.digest(), __version__),
-            template_provenance=tprov, target_sigma=float(np.sqrt(target)), settings=ts,
-            wcs=reference.wcs, mode=info["mode"], force=force, grow=grow,
-            rank=ranks.get(r["stem"]))
+            template_provenance=tprov,
+            target_sigma=_matched_sigma(effective[r["stem"]], target, ts.psf_match),
+            settings=ts, wcs=reference.wcs, mode=info["mode"], force=force, grow=grow,
+            rank=ranks.get(r["stem"]),
+            template_kernel_var=tkvars.get(r["stem"], (0.0, 0.0)))
         for r in good
     ]
     out_rows = _difference_frames(run, jobs, good)
     info["seconds"] = time.perf_counter() - t0
     return out_rows, info
+
+
+def _matched_sigma(effective: tuple[float, float], target: float, match: bool) -> float:
+    """A difference frame's PSF σ (KBMOD takes a circular one): per axis, the template's
+    variance where the frame was matched up to it, the frame's own where the template was
+    convolved to the frame, the two axes averaged; the template's when nothing is matched."""
+    if not match:
+        return float(np.sqrt(target))
+    vx, vy = (max(v, target) for v in effective)
+    return float(np.sqrt(0.5 * (vx + vy)))
 
 
 def _as_written(row: dict) -> dict:

@@ -5,15 +5,20 @@ every result slot. This module builds, per night, a **template** of the static s
 night's reference grid and turns each registered frame into ``frame − template``.
 
 **PSF matching.** Frames differ in seeing, and registration's resampling kernel can widen
-the PSF too: the 2 × 2 overlap kernel by ``fx(1−fx)`` and ``fy(1−fy)`` px² per axis, up to
-0.25 px² on a PSF of about 1.7 px² (σ ≈ 1.3 px), enough to leave a bright star's residual
-far above the noise; the cubic kernel (the default) by nothing
+the PSF too: the 2 × 2 overlap kernel (the default) by ``fx(1−fx)`` and ``fy(1−fy)`` px²
+per axis, up to 0.25 px² on a PSF of about 1.7 px² (σ ≈ 1.3 px), enough to leave a bright
+star's residual far above the noise; the cubic kernel by nothing
 (:func:`astep_dask.core.register.kernel_moment`). Each frame's effective PSF
 variance per axis is its measured Gaussian σ² before resampling plus that kernel's
-second moment; every frame (of the night and of the template) is convolved with a small
-separable kernel that brings both axes to the largest effective variance of the set (a
+second moment. The template's PSF variance ``T`` is chosen
+(:func:`astep_dask.kbmod.kernels.template_target`, ``[template] psf_target = "snr"``) to
+maximise the night's summed matched-filter SNR²: the frames no wider than ``T`` make the
+template, each convolved with a small separable kernel that brings both axes to ``T`` (a
 3-tap ``[a/2, 1−a, a/2]`` kernel of variance ``a`` below 0.5 px², a sampled Gaussian of the
-same variance above). Second moments then agree exactly; what is left is a difference of
+same variance above); a frame wider than ``T`` (bad seeing) is left out of the template,
+which is convolved to that frame's PSF instead of blurring every frame to it. With steady
+seeing ``T`` is the widest frame's and every frame is in (``psf_target = "widest"``
+always does that). Second moments then agree exactly; what is left is a difference of
 higher moments, about 1 % of a star's peak. Flagged pixels take no part (normalised
 convolution; a pixel with too much of its kernel flagged is flagged); variance goes
 through the weights (``Σ w·var / Σ w``, the "area" convention of the export, right for

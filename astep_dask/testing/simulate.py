@@ -78,6 +78,10 @@ class SimConfig:
     star_density: float = 4e-3  # per pixel
     star_flux: tuple[float, float] = (300.0, 3e6)  # e-, power law between
     psf_sigma: float = 1.3  # px
+    # Seeing that changes from frame to frame: each science frame's PSF σ is psf_sigma
+    # times exp(N(0, seeing_scatter)) (its own random stream; the frame's truth records
+    # it as "psf_sigma"). 0: steady seeing, every frame at psf_sigma.
+    seeing_scatter: float = 0.0
     drift: tuple[float, float] = (0.35, -0.22)  # px per frame (x, y)
     jitter: float = 0.05  # px rms on top of the drift
     movers: tuple[tuple[float, float, float], ...] = (
@@ -239,7 +243,8 @@ def mover_tracks(night_dir: str | Path, stems: list[str], reference: str) -> lis
         shift = np.array(frames[stem]["offset"]) - ref
         for k, (mx, my, _) in enumerate(frames[stem]["movers"]):
             pos[k].append((mx - shift[0], my - shift[1]))
-            p, ys, xs = psf_stamp(mx, my, cfg.psf_sigma, model.shape)
+            p, ys, xs = psf_stamp(mx, my, frames[stem].get("psf_sigma", cfg.psf_sigma),
+                                  model.shape)
             ideal2[k] += np.sum((cfg.movers[k][2] * p) ** 2 / var[np.ix_(ys, xs)])
     tracks = []
     for k, (vx, vy, flux) in enumerate(cfg.movers):
@@ -497,17 +502,21 @@ def _science(cfg: SimConfig, cam: _Camera, truth: Truth, rng_sci: np.random.Gene
     n = cfg.size
     frames = []
     movers0 = rng_mov.uniform(0.2 * n, 0.8 * n, (len(cfg.movers), 2))
+    seeing = np.full(cfg.n_science, cfg.psf_sigma)
+    if cfg.seeing_scatter > 0:  # a stream of its own: steady nights stay as they were
+        rng_see = np.random.default_rng(np.random.SeedSequence(cfg.seed).spawn(10)[9])
+        seeing *= np.exp(rng_see.normal(0.0, cfg.seeing_scatter, cfg.n_science))
     for i in range(cfg.n_science):
         offset = np.array(cfg.drift) * i + (rng_sci.normal(0, cfg.jitter, 2) if i else 0.0)
         angle = cfg.sky_gradient_angle + 2 * np.pi * cfg.sky_gradient_turns * i / max(
             cfg.n_science, 1)
         model = cfg.sky * _illumination(cfg, cfg.sky_gradient, angle)
         add_sources(model, truth.stars[:, 0] + offset[0], truth.stars[:, 1] + offset[1],
-                    truth.stars[:, 2], cfg.psf_sigma)
+                    truth.stars[:, 2], float(seeing[i]))
         mover_pos = []
         for (vx, vy, flux), (x0, y0) in zip(cfg.movers, movers0, strict=True):
             mx, my = x0 + vx * i + offset[0], y0 + vy * i + offset[1]
-            add_sources(model, [mx], [my], [flux], cfg.psf_sigma)
+            add_sources(model, [mx], [my], [flux], float(seeing[i]))
             mover_pos.append([mx, my, flux])
         n_cr = rng_cr.poisson(cfg.cr_per_mpix * n * n / 1e6)
         cr = cosmic_rays((n, n), n_cr, rng_cr)
@@ -521,7 +530,7 @@ def _science(cfg: SimConfig, cam: _Camera, truth: Truth, rng_sci: np.random.Gene
                             saturated=adu >= 65535)
         frames.append({
             "file": name, "mjd": t, "offset": offset.tolist(), "movers": mover_pos,
-            "n_cr": int(n_cr), "sky": cfg.sky,
+            "n_cr": int(n_cr), "sky": cfg.sky, "psf_sigma": float(seeing[i]),
             "sky_gradient": [cfg.sky_gradient, float(angle)],
         })
         t += cfg.cadence_s / 86400
