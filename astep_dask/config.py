@@ -204,10 +204,13 @@ class SiteSettings:
     """Where the telescope is, for frames whose header names no site (``SITELAT``/
     ``SITELONG``/``SITEELEV``, ``LATITUDE``/``LONGITUD``, ``OBSGEO-*``): the mid-exposure
     ``BJD_TDB``, ``CENTALT`` and ``AIRMASS`` of calibrated frames (:mod:`astep_dask.io.times`).
-    Default: Concordia, Dome C."""
+    Default: Concordia Station, Dome C, where ASTEP observes: 75°05'59" S, 123°19'56" E,
+    3233 m (Wikipedia, "Concordia Station", infobox; the Italian programme PNRA gives
+    75°06' S, 123°20' E, 3,233 m at www.polarnet.cnr.it); the KBMOD products' observatory
+    when a frame records no site."""
 
-    latitude: float = -75.1  # deg, geodetic, north positive
-    longitude: float = 123.35  # deg, east positive
+    latitude: float = -75.099780  # deg, geodetic, north positive
+    longitude: float = 123.332196  # deg, east positive
     elevation: float = 3233.0  # m above the WGS84 ellipsoid
 
 

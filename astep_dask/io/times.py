@@ -459,11 +459,12 @@ def exposure_cards(header: fits.Header, exptime: float, latitude: float,
     header has none) also ``BJD_TDB`` (barycentric Julian date in TDB: light travel time
     to the solar-system barycentre for the field, astropy's builtin ephemeris),
     ``CENTALT`` (geometric altitude of the field, no refraction) and ``AIRMASS`` (sec z,
-    only above 5° of altitude), ``OBSGEO-B``/``-L``/``-H`` (the site used), ``PNTSRC`` and
+    only above 5° of altitude) and ``PNTSRC``; with a site, with or without a pointing,
+    ``OBSGEO-B``/``-L``/``-H`` (the site used: the KBMOD export's observatory too) and
     ``SITESRC``. ``TIMEFROM`` names the keyword(s) the start was read from (one keyword
     when ``follow`` chose it: the product's readers then follow it too,
     :func:`product_follow`). A frame without a pointing, or with an impossible site, gets
-    none of these and a note, never a guessed value.
+    no BJD_TDB, CENTALT or AIRMASS and a note, never a guessed value.
 
     Parameters
     ----------
@@ -495,6 +496,13 @@ def _exposure_cards(header: fits.Header, exptime: float, latitude: float,
     notes = [start.note] if start.note else []
     where, why = frame_pointing(header)
     site, site_why = frame_site(header, latitude, longitude, elevation)
+    if site is not None:  # the site, with or without a pointing (the KBMOD export's too)
+        cards.update({
+            "OBSGEO-B": (site.latitude, "[deg] site latitude (north +)"),
+            "OBSGEO-L": (site.longitude, "[deg] site longitude (east +)"),
+            "OBSGEO-H": (site.elevation, "[m] site height above the WGS84 ellipsoid"),
+            "SITESRC": (site.source, "site from these header keys or the setting"),
+        })
     if where is None or site is None:
         notes.append(f"{why or site_why}: no BJD_TDB, AIRMASS or CENTALT")
         return cards, notes
@@ -518,11 +526,5 @@ def _exposure_cards(header: fits.Header, exptime: float, latitude: float,
                             "sec z of the field at mid-exposure")
     else:
         notes.append(f"field {alt:.1f} deg above the horizon at mid-exposure: no AIRMASS")
-    cards.update({
-        "OBSGEO-B": (site.latitude, "[deg] site latitude (north +) used for BJD, ALT"),
-        "OBSGEO-L": (site.longitude, "[deg] site longitude (east +) used for BJD, ALT"),
-        "OBSGEO-H": (site.elevation, "[m] site height used for BJD, ALT"),
-        "SITESRC": (site.source, "site from these header keys or the setting"),
-        "PNTSRC": (where.source, "field centre used for BJD_TDB, CENTALT, AIRMASS"),
-    })
+    cards["PNTSRC"] = (where.source, "field centre used for BJD_TDB, CENTALT, AIRMASS")
     return cards, notes

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from astropy.io import fits
 from astropy.time import Time
 
 from astep_dask.config import KbmodSettings
@@ -73,10 +74,6 @@ from astep_dask.io.fitsio import ascii_text, atomic_write
 from astep_dask.io.provenance import digest_of
 from astep_dask.kbmod.kernels import filter_factor
 from astep_dask.kbmod.products import (
-    OBS_ELEV,
-    OBS_LAT,
-    OBS_LONG,
-    OBSERVATORY,
     PROV_KEY,
     CalFrame,
     Layers,
@@ -84,6 +81,7 @@ from astep_dask.kbmod.products import (
     card_float,
     existing_row,
     kbmod_hdul,
+    observatory_cards,
     read_layers,
     science_plane,
     sky_subtract,
@@ -281,7 +279,7 @@ def export_task(job: ExportJob) -> dict:
         "reg_rms": info["reg_rms"], "reg_n": info["reg_n"],
         "var_pixel_factor": info["var_pixel_factor"], "n_stars": int(stars.size),
     }
-    cards = frame_cards(f, job, offset, bkg, info, figures, ks)
+    cards = frame_cards(f, job, offset, bkg, info, figures, ks, cal_header)
     t2 = time.perf_counter()
     try:
         atomic_write(kbmod_hdul(cal_header, out, cards, ref.wcs), job.output)
@@ -296,8 +294,10 @@ def export_task(job: ExportJob) -> dict:
 
 
 def frame_cards(f: CalFrame, job: ExportJob, offset: Offset, bkg: Background, info: dict,
-                figures: dict, ks: KbmodSettings) -> dict[str, tuple]:
-    """Primary-header cards of a KBMOD file."""
+                figures: dict, ks: KbmodSettings, cal_header: fits.Header | None = None
+                ) -> dict[str, tuple]:
+    """Primary-header cards of a KBMOD file (the observatory from the calibrated frame's
+    header ``cal_header``: :func:`~astep_dask.kbmod.products.observatory_cards`)."""
     filtvarf = filter_factor(offset.dx, offset.dy, (0.0, 0.0), figures["psf_sigma"],
                              info["var_pixel_factor"], ks.variance, ks.resampling)
     cards: dict[str, tuple] = {
@@ -306,13 +306,7 @@ def frame_cards(f: CalFrame, job: ExportJob, offset: Offset, bkg: Background, in
                     f"[d] mid-exposure MJD ({f.timesys})"),
         "DATE-AVG": (f.date_avg, f"mid-exposure date ({f.timesys})"),
         "TIMESYS": (f.timesys, "time scale of DATE-* keywords"),
-        "OBSERVAT": (OBSERVATORY, "Concordia Station, Antarctica"),
-        "OBS-LAT": (OBS_LAT, "[deg] observatory latitude (north +)"),
-        "OBS-LONG": (OBS_LONG, "[deg] observatory longitude (east +)"),
-        "OBS-ELEV": (OBS_ELEV, "[m] observatory elevation"),
-        "OBSGEO-B": (OBS_LAT, "[deg] observatory geodetic latitude"),
-        "OBSGEO-L": (OBS_LONG, "[deg] observatory geodetic longitude (east +)"),
-        "OBSGEO-H": (OBS_ELEV, "[m] observatory height"),
+        **observatory_cards(cal_header),
         "BUNIT": ("electron", "unit of SCI"),
         "KBLAYOUT": ("SCI,MASK,VAR", "HDUs 1,2,3 as KBMOD's FITS loader reads them"),
         "CALFILE": (ascii_text(f.path.name), "calibrated frame exported"),

@@ -25,7 +25,7 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS, FITSFixedWarning
 
-from astep_dask.config import KbmodSettings
+from astep_dask.config import KbmodSettings, SiteSettings
 from astep_dask.core.background import Background
 from astep_dask.core.bits import MASK_DTYPE, Bit, flag
 from astep_dask.core.register import STAR_DTYPE
@@ -44,6 +44,7 @@ from astep_dask.io.fitsio import (
 from astep_dask.io.headers import exposure_time
 from astep_dask.io.products import CAL_SUFFIX
 from astep_dask.io.provenance import digest_of, stamp
+from astep_dask.io.times import frame_site
 from astep_dask.version import __version__
 
 __all__ = [
@@ -67,6 +68,7 @@ __all__ = [
     "frames_table",
     "header_value",
     "kbmod_hdul",
+    "observatory_cards",
     "read_layers",
     "read_reference",
     "reference_path",
@@ -83,20 +85,41 @@ __all__ = [
     "write_stack",
 ]
 
-# Concordia Station, Dome C (Antarctica), where ASTEP observes: 75°05'59" S, 123°19'56" E,
-# 3233 m above sea level (Wikipedia, "Concordia Station", infobox: 75.099780 S,
-# 123.332196 E, 3,233 m; the Italian programme PNRA gives 75°06' S, 123°20' E, 3,233 m at
-# www.polarnet.cnr.it). Longitude east-positive, latitude north-positive.
+# ASTEP's site, Concordia Station, Dome C (Antarctica): the [site] default (config.py, with
+# its reference), the observatory of products whose frames record no site.
 OBSERVATORY = "Concordia, Dome C"
+OBS_LAT = SiteSettings().latitude  # deg, north positive
+OBS_LONG = SiteSettings().longitude  # deg, east positive
+OBS_ELEV = SiteSettings().elevation  # m
 
 
-OBS_LAT = -75.099780  # deg
-
-
-OBS_LONG = 123.332196  # deg, east
-
-
-OBS_ELEV = 3233.0  # m
+def observatory_cards(header: fits.Header | None) -> dict[str, tuple]:
+    """The observatory cards of a KBMOD product (``OBS-LAT``/``-LONG``/``-ELEV``,
+    ``OBSGEO-B``/``-L``/``-H``, ``OBSERVAT``) from the header of what it was made from: the
+    site the calibration used (a calibrated frame records it, from the raw header or the
+    ``[site]`` setting, as ``OBSGEO-B``/``-L``/``-H``; a KBMOD file as ``OBS-LAT``...);
+    Concordia (ASTEP's) when the header records none (frames calibrated before the site
+    was written for frames without a pointing) or an impossible one."""
+    site, _ = frame_site(header, OBS_LAT, OBS_LONG, OBS_ELEV) if header is not None else (
+        None, "")
+    if site is None or site.source == "setting":
+        lat, lon, height, name = OBS_LAT, OBS_LONG, OBS_ELEV, OBSERVATORY
+    else:
+        lat, lon, height = site.latitude, site.longitude, site.elevation
+        name = str(header.get("OBSERVAT", "") or "").strip()  # type: ignore[union-attr]
+        if not name and abs(lat - OBS_LAT) < 0.05 and abs(lon - OBS_LONG) < 0.1:
+            name = OBSERVATORY  # the [site] default: Concordia to 1 arcmin
+    cards = {
+        "OBS-LAT": (lat, "[deg] observatory latitude (north +)"),
+        "OBS-LONG": (lon, "[deg] observatory longitude (east +)"),
+        "OBS-ELEV": (height, "[m] observatory elevation"),
+        "OBSGEO-B": (lat, "[deg] observatory geodetic latitude"),
+        "OBSGEO-L": (lon, "[deg] observatory geodetic longitude (east +)"),
+        "OBSGEO-H": (height, "[m] observatory height"),
+    }
+    if name:
+        cards["OBSERVAT"] = (name, "observatory")
+    return cards
 
 
 PROV_KEY = "KBPROV"  # the provenance card of a KBMOD file
@@ -452,7 +475,7 @@ def write_stack(path: Path, rows: list[dict], kdir: Path, reference: Reference,
     (file, MJD, offsets, background, PSF σ and FWHM per plane).
     """
     with atomic_path(path) as tmp:
-        _stack_primary(rows, reference, ks, provenance).writeto(tmp, overwrite=True)
+        _stack_primary(rows, reference, ks, provenance, kdir).writeto(tmp, overwrite=True)
         if ks.stack_images and rows:
             for name, ext, bitpix, dtype in (("SCI", 1, -32, ">f4"), ("MASK", 2, 32, ">i4"),
                                              ("VAR", 3, -32, ">f4")):
@@ -469,7 +492,7 @@ def write_stack(path: Path, rows: list[dict], kdir: Path, reference: Reference,
 
 
 def _stack_primary(rows: list[dict], reference: Reference, ks: KbmodSettings,
-                   provenance: str) -> fits.PrimaryHDU:
+                   provenance: str, kdir: Path) -> fits.PrimaryHDU:
     """The primary HDU of the stack file (night, reference, observatory, provenance)."""
     primary = fits.PrimaryHDU()
     h = primary.header
@@ -478,10 +501,8 @@ def _stack_primary(rows: list[dict], reference: Reference, ks: KbmodSettings,
     h["MJD"] = (float(rows[0]["mjd"]) if rows else 0.0, "[d] mid-exposure MJD of plane 0")
     h["MJD-BEG"] = (float(rows[0]["mjd"]) if rows else 0.0, "[d] first mid-exposure MJD")
     h["MJD-END"] = (float(rows[-1]["mjd"]) if rows else 0.0, "[d] last mid-exposure MJD")
-    h["OBSERVAT"] = (OBSERVATORY, "Concordia Station, Antarctica")
-    h["OBS-LAT"] = (OBS_LAT, "[deg] observatory latitude (north +)")
-    h["OBS-LONG"] = (OBS_LONG, "[deg] observatory longitude (east +)")
-    h["OBS-ELEV"] = (OBS_ELEV, "[m] observatory elevation")
+    site = fits.getheader(kdir / rows[0]["output"], 0) if rows else None
+    h.update({k: v for k, v in observatory_cards(site).items() if not k.startswith("OBSGEO")})
     h["STKPROV"] = (provenance, "hash of the frames' provenance")
     h["KBSETHSH"] = (ks.digest(), "hash of the export settings")
     h["STKIMGS"] = (ks.stack_images, "T: SCI, MASK, VAR cubes present")

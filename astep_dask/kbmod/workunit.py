@@ -31,7 +31,8 @@ values; the diagnostic bits HOT and DEAD, set on pixels the calibration repaired
 dropped so that KBMOD uses those pixels where they have a value; pixels without a value
 get NO_DATA), a PSF kernel per frame (a pixel-integrated
 Gaussian of the frame's own PSF σ, measured on its stars after registration and PSF
-matching, normalised to unit sum), the observatory (Concordia), the reference grid's WCS
+matching, normalised to unit sum), the observatory (the site the frames were calibrated
+with: :func:`~astep_dask.kbmod.products.observatory_cards`), the reference grid's WCS
 with ``REPRJCTD = T`` when there is one, and each frame's own WCS (the global one shifted
 by the frame's registration offset, or the frame's own header WCS when it has one).
 """
@@ -51,12 +52,9 @@ from astep_dask.core.psf import gaussian_images
 from astep_dask.io.fitsio import add_checksums, atomic_path, header_cards, image_hdu
 from astep_dask.io.provenance import digest_of, stamp
 from astep_dask.kbmod.products import (
-    OBS_ELEV,
-    OBS_LAT,
-    OBS_LONG,
-    OBSERVATORY,
     Reference,
     card_float,
+    observatory_cards,
     reference_wcs,
     wcs_signature,
 )
@@ -136,9 +134,10 @@ def workunit_provenance(rows: list[dict], reference: Reference) -> str:
                      "workunit-2", __version__)  # 2: VAR x FILTVARF
 
 
-def _primary(night: str, n: int, reference: Reference, provenance: str, plane: str
-             ) -> fits.PrimaryHDU:
-    """The WorkUnit's primary HDU: sizes, reprojection, observatory, global WCS."""
+def _primary(night: str, n: int, reference: Reference, provenance: str, plane: str,
+             site: fits.Header | None = None) -> fits.PrimaryHDU:
+    """The WorkUnit's primary HDU: sizes, reprojection, observatory (from the header
+    ``site``, a KBMOD file's), global WCS."""
     pri = fits.PrimaryHDU()
     h = pri.header
     h["NUMIMG"] = (n, "images in the WorkUnit")
@@ -146,10 +145,12 @@ def _primary(night: str, n: int, reference: Reference, provenance: str, plane: s
     has_wcs = reference.wcs is not None
     h["REPRJCTD"] = (has_wcs, "T: every image on the grid of the global WCS")
     h["REPFRAME"] = ("original", "grid in the images' sky frame, no parallax")
-    h["OBS_LAT"] = (OBS_LAT, "[deg] observatory latitude (north +)")
-    h["OBS_LON"] = (OBS_LONG, "[deg] observatory longitude (east +)")
-    h["OBS_ELEV"] = (OBS_ELEV, "[m] observatory elevation")
-    h["OBSERVAT"] = (OBSERVATORY, "Concordia Station, Antarctica")
+    obs = observatory_cards(site)
+    h["OBS_LAT"] = (obs["OBS-LAT"][0], "[deg] observatory latitude (north +)")
+    h["OBS_LON"] = (obs["OBS-LONG"][0], "[deg] observatory longitude (east +)")
+    h["OBS_ELEV"] = (obs["OBS-ELEV"][0], "[m] observatory elevation")
+    if "OBSERVAT" in obs:
+        h["OBSERVAT"] = obs["OBSERVAT"]
     h["NIGHT"] = (night, "night of the frames")
     h["REFFRAME"] = (reference.stem, "reference frame: grid of every image")
     h["KBPLANE"] = (plane, "SCI_i: difference or registered frames")
@@ -262,7 +263,8 @@ def write_workunit(path: Path, rows: list[dict], kdir: Path, reference: Referenc
         wcses.append(frame_wcs(reference.wcs, h, float(h.get("REGDX", r.get("dx", 0.0))),
                                float(h.get("REGDY", r.get("dy", 0.0))), reference.shape))
     plane = str(headers[0].get("KBPLANE", "registered")) if headers else "registered"
-    meta = [_primary(night, len(rows), reference, provenance, plane),
+    meta = [_primary(night, len(rows), reference, provenance, plane,
+                     headers[0] if headers else None),
             _config_table(headers), _meta_table([r["output"] for r in rows], wcses)]
     if sharded:
         folder = path.parent / WORKUNIT_SHARD_FOLDER

@@ -36,7 +36,7 @@ from astep_dask.io.times import (
 )
 from astep_dask.testing.simulate import SimConfig, simulate_night
 
-CONCORDIA = (-75.1, 123.35, 3233.0)
+CONCORDIA = (-75.09978, 123.332196, 3233.0)
 START = "2026-06-15T20:00:00.000"  # inside the IERS-B table astropy bundles
 MJD_START = 61206.0 + 20 / 24  # the same instant, by hand: 2026-06-15 is MJD 61206
 
@@ -222,6 +222,29 @@ def test_no_pointing_or_impossible_site_gives_no_card_and_a_note():
     # a frame without a usable time: no card at all, and the reason
     cards, notes = exposure_cards(_h(DATE_OBS="garbage", RA=RA, DEC=DEC), 60.0, *CONCORDIA)
     assert cards == {} and "bad DATE-OBS" in notes[0]
+
+
+def test_the_site_is_recorded_with_or_without_a_pointing():
+    # the KBMOD export's observatory is the site the calibration used: a frame without a
+    # pointing records it too; an impossible one is not recorded
+    chile = (-24.6, -70.4, 2635.0)
+    cards, _ = exposure_cards(_h(DATE_OBS=START), 60.0, *chile)
+    assert (cards["OBSGEO-B"][0], cards["OBSGEO-L"][0], cards["OBSGEO-H"][0]) == chile
+    assert cards["SITESRC"][0] == "setting" and "BJD_TDB" not in cards
+    bad, _ = exposure_cards(_h(DATE_OBS=START, SITELAT=123.0, SITELONG=0.0), 60.0, *chile)
+    assert "OBSGEO-B" not in bad
+    from astep_dask.kbmod.products import OBS_LAT, OBSERVATORY, observatory_cards
+
+    cal = _h(DATE_OBS=START)
+    cal.update({k: v[0] for k, v in cards.items()})
+    obs = observatory_cards(cal)
+    assert obs["OBS-LAT"][0] == -24.6 and obs["OBSGEO-L"][0] == -70.4
+    assert "OBSERVAT" not in obs  # no name for a site that is not Concordia
+    assert observatory_cards(None)["OBS-LAT"][0] == OBS_LAT
+    home, _ = exposure_cards(_h(DATE_OBS=START), 60.0, *CONCORDIA)
+    cal = _h(DATE_OBS=START)
+    cal.update({k: v[0] for k, v in home.items()})
+    assert observatory_cards(cal)["OBSERVAT"][0] == OBSERVATORY
 
 
 def test_offline_far_future_frame_downloads_nothing(monkeypatch):
