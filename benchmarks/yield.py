@@ -10,8 +10,9 @@ WorkUnit with KBMOD's ``WorkUnit.from_fits``. The IDEAL WorkUnit is made on the 
 (pixel-integrated Gaussians of the true σ at their true positions) plus Gaussian noise of
 the true per-pixel variance (the frame's noiseless model — sky, stars, movers — plus dark
 current and read noise², flat-fielded, moved onto the reference grid), VAR that variance,
-no mask, PSF_i the true PSF. Both are searched by KBMOD's own CPU search
-(``SearchRunner.run_search_from_work_unit``) with the same ``SearchConfiguration``:
+no mask, PSF_i the true PSF (the frame's own, with ``--seeing-scatter``). Both are
+searched by KBMOD's own CPU search (``SearchRunner.run_search_from_work_unit``) with the
+same ``SearchConfiguration``:
 
 - ``VelocityGridSearch`` over vx, vy in ±2.5 px/frame in steps of 0.25 px/frame (441
   velocities, in px/day). The simulated movers' velocities are nodes of that grid, so the
@@ -48,7 +49,7 @@ ends (KBMOD's own matcher is run too, as a cross-check). Printed:
   at random positions away from stars and movers, its standard deviation (target 1.00 ±
   0.03), and the per-pixel scatter sci / sqrt(var) there;
 - the acceptance lines of issue 31 with PASS / FAIL, and a JSON summary in
-  ``WORK/yield-LABEL.json``.
+  ``WORK/yield-LABEL.json`` (``yield-LABEL-only-SIDE.json`` with ``--only``).
 
 The ideal frames' noise is a realisation of its own (``--ideal-seed``), not our frames'
 noise: a mover near the threshold (truth SNR ≲ 13) is found or lost by either side by
@@ -82,6 +83,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -128,7 +130,7 @@ FAST = ((2.0, 1.25), (-1.5, 2.0), (2.25, -0.75), (-2.0, -1.25), (0.75, 2.25), (-
 
 
 
-def say(fmt: str, *args: object) -> None:
+def _say(fmt: str, *args: object) -> None:
     """Progress on stderr, with the time."""
     print(time.strftime("%H:%M:%S ") + (fmt % args if args else fmt), file=sys.stderr,
           flush=True)
@@ -182,7 +184,7 @@ def import_kbmod(src: str | None = None) -> types.SimpleNamespace:
     except ImportError as exc:
         raise SystemExit(f"cannot import KBMOD ({exc}): build it as shared/kbmod-build.md "
                          "says and put its src folder on PYTHONPATH (or --kbmod-src)") from exc
-    quiet_kbmod_logs()
+    _quiet_kbmod_logs()
     return types.SimpleNamespace(
         WorkUnit=WorkUnit, SearchRunner=SearchRunner, SearchConfiguration=SearchConfiguration,
         ImageStackPy=ImageStackPy, StackSearch=kbs.StackSearch,
@@ -206,13 +208,27 @@ class _Collect(logging.Handler):
 KBMOD_LOG = _Collect()
 
 
-def quiet_kbmod_logs() -> None:
+def _quiet_kbmod_logs() -> None:
     """Route KBMOD's loggers' warnings to :data:`KBMOD_LOG` instead of the terminal."""
     for name in list(logging.root.manager.loggerDict):
         if name.split(".")[0] == "kbmod":
             lg = logging.getLogger(name)
             lg.handlers, lg.propagate = [KBMOD_LOG], False
             lg.setLevel(logging.WARNING)
+
+
+def _compact(notes: list[str]) -> list[str]:
+    """Notes that differ only in their numbers shown once, with how many there are."""
+    groups: dict[str, list[str]] = {}
+    for n in notes:
+        groups.setdefault(re.sub(r"\d+(\.\d+)?(e[+-]?\d+)?", "#", n), []).append(n)
+    return [g[0] + (f"  (and {len(g) - 1} more like it)" if len(g) > 1 else "")
+            for g in groups.values()]
+
+
+def _tag_since(first: int, tag: str) -> None:
+    """Prefix what KBMOD logged since entry ``first`` of :data:`KBMOD_LOG` with ``tag``."""
+    KBMOD_LOG.seen[first:] = [f"[{tag}] {m}" for m in KBMOD_LOG.seen[first:]]
 
 
 def default_movers(n: int) -> tuple[tuple[float, float, float], ...]:
@@ -243,7 +259,7 @@ def default_movers(n: int) -> tuple[tuple[float, float, float], ...]:
     return tuple(out)
 
 
-def sim_key(cfg: SimConfig) -> str:
+def _sim_key(cfg: SimConfig) -> str:
     """A short name of a simulation setting (its folder in the work folder)."""
     digest = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()
     return f"{cfg.size}px-{cfg.n_science}f-{len(cfg.movers)}m-s{cfg.seed}-{digest[:8]}"
@@ -266,22 +282,22 @@ def ensure_night(work: Path, cfg: SimConfig, fresh: bool) -> Path:
     Path
         The night folder ``ROOT/DATE``.
     """
-    root = work / f"night-{sim_key(cfg)}"
+    root = work / f"night-{_sim_key(cfg)}"
     night = root / cfg.date
     if fresh and root.exists():
         shutil.rmtree(root)
     if (night / "truth" / "truth.json").exists():
-        say("reusing the simulated night %s", night)
+        _say("reusing the simulated night %s", night)
         return night
     if root.exists():
         shutil.rmtree(root)  # an interrupted simulation
     t0 = time.perf_counter()
     simulate_night(root, cfg)
-    say("simulated %s in %.0f s", night, time.perf_counter() - t0)
+    _say("simulated %s in %.0f s", night, time.perf_counter() - t0)
     return night
 
 
-def astep_command() -> str:
+def _astep_command() -> str:
     """The ``astep-dask`` console script of the environment this Python runs in."""
     beside = Path(sys.executable).parent / "astep-dask"
     if beside.exists():
@@ -317,20 +333,20 @@ def run_pipeline(night: Path, out: Path, config: str | None, fresh: bool) -> Pat
     if fresh and out.exists():
         shutil.rmtree(out)
     if summary.exists() and json.loads(summary.read_text()).get("workunit"):
-        say("reusing our pipeline's output %s", out)
+        _say("reusing our pipeline's output %s", out)
         return summary
-    cmd = [astep_command(), "calibrate", str(night), "--kbmod", "--out", str(out), "-q"]
+    cmd = [_astep_command(), "calibrate", str(night), "--kbmod", "--out", str(out), "-q"]
     if config:
         cmd += ["--config", str(config)]
-    say("running %s", " ".join(cmd))
+    _say("running %s", " ".join(cmd))
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    (out / CODE_FILE).write_text(code_state() + "\n")
+    (out / CODE_FILE).write_text(_code_state() + "\n")
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if proc.returncode not in (0, 3):
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"astep-dask calibrate exited {proc.returncode}")
-    say("pipeline: exit %d in %.0f s", proc.returncode, time.perf_counter() - t0)
+    _say("pipeline: exit %d in %.0f s", proc.returncode, time.perf_counter() - t0)
     if not summary.exists():
         raise SystemExit(f"the pipeline wrote no {summary}")
     return summary
@@ -374,8 +390,11 @@ def load_ours(kb: types.SimpleNamespace, night: Path, summary_path: Path) -> Nig
     notes: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        first = len(KBMOD_LOG.seen)
         ours = kb.WorkUnit.from_fits(str(path), show_progress=False)
-    notes += sorted({" ".join(f"{w.category.__name__}: {w.message}".split()) for w in caught})
+        _tag_since(first, "ours, read")
+    notes += sorted({" ".join(f"[ours, read] {w.category.__name__}: {w.message}".split())
+                     for w in caught})
     stack = ours.im_stack
     by_mjd = [(fr["mjd"], fr["stem"]) for fr in summary["frames"] if fr.get("mjd")]
     mjds = np.array([m for m, _ in by_mjd])
@@ -396,12 +415,12 @@ def load_ours(kb: types.SimpleNamespace, night: Path, summary_path: Path) -> Nig
     shapes = {tuple(np.shape(p)) for p in stack.psfs}
     if shapes == {(1, 1)}:
         notes.append("no PSF kernels (1×1 identity)")
-    say("our WorkUnit: %d images %dx%d, reference %s", stack.num_times, stack.width,
+    _say("our WorkUnit: %d images %dx%d, reference %s", stack.num_times, stack.width,
              stack.height, summary["reference"])
     return Night(ours, stems, summary["reference"], tracks, zeroed, notes)
 
 
-def true_psf(sigma: float) -> np.ndarray:
+def _true_psf(sigma: float) -> np.ndarray:
     """The true PSF as a kernel: a pixel-integrated Gaussian of σ ``sigma`` on an odd square
     reaching ceil(4σ) from its centre, summing to 1."""
     stamp, _, _ = psf_stamp(0.0, 0.0, sigma, half=int(np.ceil(4 * sigma)))
@@ -441,9 +460,10 @@ def build_ideal(kb: types.SimpleNamespace, night: Path, nt: Night, config: Any,
     if shape != flat.shape:
         raise SystemExit(f"our grid {shape} differs from the raw frames' {flat.shape}")
     rng = np.random.default_rng(seed)
-    psf = true_psf(cfg.psf_sigma)
-    sci, var = [], []
+    sci, var, psfs = [], [], []
     for i, stem in enumerate(nt.stems):
+        sigma = float(frames[stem].get("psf_sigma", cfg.psf_sigma))  # the frame's seeing
+        psfs.append(_true_psf(sigma))
         model = load_frame_truth(night, stem)["model"].astype(np.float64)
         v = (flat * model + dark + cfg.read_noise**2) / flat**2  # on the frame's own grid
         shift = np.array(frames[stem]["offset"]) - ref  # frame = reference grid + shift
@@ -451,31 +471,46 @@ def build_ideal(kb: types.SimpleNamespace, night: Path, nt: Night, config: Any,
         img = np.zeros(shape)
         for k, tr in enumerate(nt.tracks):
             x, y = tr["positions"][i]
-            add_sources(img, [x], [y], [cfg.movers[k][2]], cfg.psf_sigma)
+            add_sources(img, [x], [y], [cfg.movers[k][2]], sigma)
         img += rng.standard_normal(shape) * np.sqrt(v)
         sci.append(img.astype(np.float32))
         var.append(v.astype(np.float32))
     ours = nt.ours
-    stack = kb.ImageStackPy(np.array(ours.im_stack.times), sci, var,
-                            psfs=[psf.copy() for _ in nt.stems])
-    return kb.WorkUnit(stack, config, wcs=ours.wcs,
-                       per_image_wcs=list(ours.org_img_meta["per_image_wcs"]),
-                       reprojected=ours.reprojected,
-                       reprojection_frame=ours.reprojection_frame,
-                       observatory=ours.observatory)
+    stack = kb.ImageStackPy(np.array(ours.im_stack.times), sci, var, psfs=psfs)
+    first = len(KBMOD_LOG.seen)
+    wu = kb.WorkUnit(stack, config, wcs=ours.wcs,
+                     per_image_wcs=list(ours.org_img_meta["per_image_wcs"]),
+                     reprojected=ours.reprojected, reprojection_frame=ours.reprojection_frame,
+                     observatory=ours.observatory)
+    _tag_since(first, "ideal, built (dead pixels: flat ~0, so a huge true variance)")
+    return wu
 
 
 # --------------------------------------------------------------------------- search
 
 
-def px_per_day(cadence_s: float) -> float:
+def _px_per_day(cadence_s: float) -> float:
     """px/day of a speed of 1 px per frame at ``cadence_s``."""
     return 86400.0 / cadence_s
 
 
 def search_config(kb: types.SimpleNamespace, n_frames: int, cadence_s: float) -> Any:
-    """The one ``SearchConfiguration`` of both searches (see the module docstring)."""
-    k = px_per_day(cadence_s)
+    """The one ``SearchConfiguration`` of both searches (see the module docstring).
+
+    Parameters
+    ----------
+    kb
+        From :func:`import_kbmod`.
+    n_frames
+        Images in the WorkUnit (``num_obs`` is half of them).
+    cadence_s
+        Seconds between frames (the grid is in px/frame, converted to px/day).
+
+    Returns
+    -------
+    kbmod.configuration.SearchConfiguration
+    """
+    k = _px_per_day(cadence_s)
     steps = round(2 * GRID_MAX / GRID_STEP) + 1
     c = kb.SearchConfiguration()
     c.set("generator_config", {
@@ -492,9 +527,9 @@ def search_config(kb: types.SimpleNamespace, n_frames: int, cadence_s: float) ->
     return c
 
 
-def grid_velocities(cadence_s: float) -> np.ndarray:
+def _grid_velocities(cadence_s: float) -> np.ndarray:
     """The search grid's velocities (px/day), shape (n, 2)."""
-    k = px_per_day(cadence_s)
+    k = _px_per_day(cadence_s)
     axis = np.linspace(-GRID_MAX, GRID_MAX, round(2 * GRID_MAX / GRID_STEP) + 1) * k
     vx, vy = np.meshgrid(axis, axis)
     return np.column_stack([vx.ravel(), vy.ravel()])
@@ -505,13 +540,30 @@ RESULT_COLUMNS = ("x", "y", "vx", "vy", "likelihood", "flux", "obs_count")
 
 def run_search(kb: types.SimpleNamespace, wu: Any, config: Any, side: str
                ) -> dict[str, np.ndarray]:
-    """KBMOD's search of one WorkUnit; the results' columns as arrays (likelihood
-    descending). What KBMOD warns of goes to :data:`KBMOD_LOG`, tagged with ``side``."""
+    """KBMOD's search of one WorkUnit.
+
+    Parameters
+    ----------
+    kb
+        From :func:`import_kbmod`.
+    wu
+        The KBMOD WorkUnit; its ``config`` is replaced by a copy of ``config``.
+    config
+        The ``SearchConfiguration``.
+    side
+        'ideal' or 'ours': tags what KBMOD warns of in :data:`KBMOD_LOG`.
+
+    Returns
+    -------
+    dict
+        The results' columns :data:`RESULT_COLUMNS` as arrays, likelihood descending, and
+        ``seconds`` (the search's wall time).
+    """
     import copy
 
     wu.config = copy.deepcopy(config)  # run_search adjusts num_obs in place
     t0 = time.perf_counter()
-    quiet_kbmod_logs()
+    _quiet_kbmod_logs()
     first = len(KBMOD_LOG.seen)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -520,7 +572,7 @@ def run_search(kb: types.SimpleNamespace, wu: Any, config: Any, side: str
         msg = " ".join(f"{w.category.__name__}: {w.message}".split())
         if msg not in KBMOD_LOG.seen:
             KBMOD_LOG.seen.append(msg)
-    KBMOD_LOG.seen[first:] = [f"{side} search: {m}" for m in KBMOD_LOG.seen[first:]]
+    _tag_since(first, f"{side}, search")
     out = {c: np.asarray(res[c], dtype=float) for c in RESULT_COLUMNS} if len(res) else {
         c: np.zeros(0) for c in RESULT_COLUMNS}
     order = np.argsort(-out["likelihood"])
@@ -529,7 +581,7 @@ def run_search(kb: types.SimpleNamespace, wu: Any, config: Any, side: str
     return out
 
 
-def ends(kb: types.SimpleNamespace, res: dict[str, np.ndarray], t_last: float
+def _ends(kb: types.SimpleNamespace, res: dict[str, np.ndarray], t_last: float
          ) -> tuple[np.ndarray, np.ndarray]:
     """Positions (n, 2) of results at the first and at the last frame."""
     t = np.array([0.0, t_last])
@@ -539,7 +591,7 @@ def ends(kb: types.SimpleNamespace, res: dict[str, np.ndarray], t_last: float
     return np.column_stack([px[:, 0], py[:, 0]]), np.column_stack([px[:, 1], py[:, 1]])
 
 
-def track_hits(start: np.ndarray, end: np.ndarray, p0: np.ndarray, p1: np.ndarray
+def _track_hits(start: np.ndarray, end: np.ndarray, p0: np.ndarray, p1: np.ndarray
                ) -> np.ndarray:
     """Which of the tracks ``(start, end)`` (n, 2 each) are within :data:`MATCH_PX` of
     ``p0`` at the first frame and of ``p1`` at the last."""
@@ -572,9 +624,9 @@ def match_movers(kb: types.SimpleNamespace, res: dict[str, np.ndarray], tracks: 
     lh = np.full(len(tracks), np.nan)
     if n == 0:
         return lh, matched
-    start, end = ends(kb, res, t_last)
+    start, end = _ends(kb, res, t_last)
     for k, tr in enumerate(tracks):
-        hit = track_hits(start, end, tr["positions"][0], tr["positions"][-1])
+        hit = _track_hits(start, end, tr["positions"][0], tr["positions"][-1])
         matched |= hit
         if hit.any():
             lh[k] = res["likelihood"][hit].max()
@@ -583,27 +635,62 @@ def match_movers(kb: types.SimpleNamespace, res: dict[str, np.ndarray], tracks: 
 
 def unmatched_in(kb: types.SimpleNamespace, res: dict[str, np.ndarray], mask: np.ndarray,
                  other: dict[str, np.ndarray], t_last: float) -> np.ndarray:
-    """Of the results ``res[mask]``, which match no result of ``other`` by the track rule
-    (a boolean over all of ``res``)."""
+    """Of the results ``res[mask]``, which match no result of ``other`` by the track rule.
+
+    Parameters
+    ----------
+    kb
+        From :func:`import_kbmod`.
+    res, other
+        Two searches' results (:func:`run_search`).
+    mask
+        Which results of ``res`` to test.
+    t_last
+        The last frame's time, days after the first.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean over all of ``res``: selected and matching no result of ``other``.
+    """
     out = np.zeros(res["x"].size, bool)
     if not mask.any():
         return out
-    s, e = ends(kb, res, t_last)
+    s, e = _ends(kb, res, t_last)
     if other["x"].size == 0:
         out[mask] = True
         return out
-    os_, oe = ends(kb, other, t_last)
+    os_, oe = _ends(kb, other, t_last)
     for i in np.flatnonzero(mask):
-        out[i] = not track_hits(os_, oe, s[i], e[i]).any()
+        out[i] = not _track_hits(os_, oe, s[i], e[i]).any()
     return out
 
 
 def sidelobes(res: dict[str, np.ndarray], sel: np.ndarray, movers: np.ndarray,
               zeroed: np.ndarray, frames: int = 3) -> np.ndarray:
-    """Which mover each selected result is a side-lobe of: a result whose track passes
-    within :data:`MATCH_PX` of a mover's position at the same time in ≥ ``frames`` frames
-    (the mover found at a neighbouring velocity or start, which KBMOD's duplicate filters
-    left); -1 where none (or not selected).
+    """Which mover each selected result is a side-lobe of.
+
+    A side-lobe is a result whose track passes within :data:`MATCH_PX` of a mover's
+    position at the same time in ≥ ``frames`` frames: the mover found at a neighbouring
+    velocity or start, which KBMOD's duplicate filters left.
+
+    Parameters
+    ----------
+    res
+        A search's results (:func:`run_search`).
+    sel
+        Which results to test (boolean).
+    movers
+        The movers' positions, shape (movers, frames, 2).
+    zeroed
+        The frames' times, days after the first.
+    frames
+        Frames of overlap that make a side-lobe.
+
+    Returns
+    -------
+    numpy.ndarray
+        Per result, the mover's index, or -1 (none, or not selected).
     """
     out = np.full(res["x"].size, -1)
     if not movers.size:
@@ -618,7 +705,7 @@ def sidelobes(res: dict[str, np.ndarray], sel: np.ndarray, movers: np.ndarray,
     return out
 
 
-def reference_stars(night: Path, reference: str) -> np.ndarray:
+def _reference_stars(night: Path, reference: str) -> np.ndarray:
     """The simulated stars (x, y, e-) on the reference frame's grid."""
     truth = load_truth(night)
     ref = next(fr["offset"] for fr in truth.frames
@@ -626,7 +713,7 @@ def reference_stars(night: Path, reference: str) -> np.ndarray:
     return truth.stars + np.array([ref[0], ref[1], 0.0])
 
 
-def brightest_star(stars: np.ndarray, xs: np.ndarray, ys: np.ndarray,
+def _brightest_star(stars: np.ndarray, xs: np.ndarray, ys: np.ndarray,
                    radius: float = 4.0) -> tuple[float, float]:
     """The brightest star within ``radius`` px of a track: (e-, distance px); (0, NaN)
     when there is none."""
@@ -638,16 +725,33 @@ def brightest_star(stars: np.ndarray, xs: np.ndarray, ys: np.ndarray,
     return float(stars[j, 2]), float(d[j])
 
 
-def star_note(stars: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> str:
-    """:func:`brightest_star` as a note."""
-    flux, d = brightest_star(stars, xs, ys)
+def _star_note(stars: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> str:
+    """:func:`_brightest_star` as a note."""
+    flux, d = _brightest_star(stars, xs, ys)
     return f" (star of {flux:.0f} e- at {d:.1f} px)" if flux else " (no star within 4 px)"
 
 
 def kbmod_matcher(kb: types.SimpleNamespace, res: dict[str, np.ndarray] | None,
                   tracks: list[dict], t_last: float) -> int | None:
     """How many movers KBMOD's own ``match_trajectory_sets`` matches among the results ≥
-    :data:`FOUND_LH` (a cross-check of the per-end-point rule)."""
+    :data:`FOUND_LH` (a cross-check of the per-end-point rule).
+
+    Parameters
+    ----------
+    kb
+        From :func:`import_kbmod`.
+    res
+        A search's results (:func:`run_search`), or None (not searched).
+    tracks
+        The movers (``mover_tracks``).
+    t_last
+        The last frame's time, days after the first.
+
+    Returns
+    -------
+    int or None
+        Movers matched (mean first/last-frame distance < :data:`MATCH_PX`, one to one).
+    """
     if res is None:
         return None
     strong = res["likelihood"] >= FOUND_LH
@@ -663,7 +767,7 @@ def kbmod_matcher(kb: types.SimpleNamespace, res: dict[str, np.ndarray] | None,
     return int(np.sum(np.asarray(idx) >= 0))
 
 
-def code_state() -> str:
+def _code_state() -> str:
     """The commit of this checkout and how many files under astep_dask/ differ from it."""
     here = Path(__file__).resolve().parent.parent
     try:
@@ -680,7 +784,7 @@ def code_state() -> str:
 # --------------------------------------------------------------------------- calibration
 
 
-def stack_search(kb: types.SimpleNamespace, wu: Any) -> Any:
+def _stack_search(kb: types.SimpleNamespace, wu: Any) -> Any:
     """A KBMOD ``StackSearch`` (its psi/phi images) of a WorkUnit, to evaluate given
     trajectories."""
     st = wu.im_stack
@@ -689,8 +793,20 @@ def stack_search(kb: types.SimpleNamespace, wu: Any) -> Any:
 
 
 def forced_lh(search: Any, trajs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """KBMOD's likelihood and observation count of given trajectories ``(x, y, vx, vy)``
-    (start pixel, px/day), evaluated directly (no sigma-G)."""
+    """KBMOD's likelihood of given trajectories, evaluated directly (no sigma-G).
+
+    Parameters
+    ----------
+    search
+        A KBMOD ``StackSearch`` (:func:`_stack_search`).
+    trajs
+        Shape (n, 4): start x, y (rounded to the pixel) and vx, vy in px/day.
+
+    Returns
+    -------
+    (lh, obs_count)
+        Per trajectory: KBMOD's likelihood Σpsi / sqrt(Σphi) and the frames it used.
+    """
     lh = np.empty(len(trajs))
     nobs = np.empty(len(trajs), int)
     for i, (x, y, vx, vy) in enumerate(trajs):
@@ -700,7 +816,7 @@ def forced_lh(search: Any, trajs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lh, nobs
 
 
-def mover_positions(tracks: list[dict]) -> np.ndarray:
+def _mover_positions(tracks: list[dict]) -> np.ndarray:
     """The movers' positions, shape (movers, frames, 2)."""
     return np.array([tr["positions"] for tr in tracks]).reshape(len(tracks), -1, 2)
 
@@ -708,8 +824,32 @@ def mover_positions(tracks: list[dict]) -> np.ndarray:
 def random_trajectories(rng: np.random.Generator, n: int, shape: tuple[int, int],
                         zeroed: np.ndarray, velocities: np.ndarray, movers: np.ndarray,
                         margin: float = 12.0, avoid: float = 15.0) -> np.ndarray:
-    """``n`` random trajectories ``(x, y, vx, vy)`` that stay ``margin`` px inside the
-    frame and ``avoid`` px from every mover at every frame."""
+    """Random trajectories without a mover.
+
+    Parameters
+    ----------
+    rng
+        Random generator.
+    n
+        How many.
+    shape
+        (rows, columns) of the frames.
+    zeroed
+        The frames' times, days after the first.
+    velocities
+        The velocities to draw from (px/day), shape (m, 2).
+    movers
+        The movers' positions, shape (movers, frames, 2).
+    margin
+        Every position stays this far inside the frame, px.
+    avoid
+        Every position stays this far from every mover at the same frame, px.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape (n, 4): start x, y (whole pixels), vx, vy (px/day).
+    """
     out: list[np.ndarray] = []
     ny, nx = shape
     while sum(len(o) for o in out) < n:
@@ -730,17 +870,39 @@ def random_trajectories(rng: np.random.Generator, n: int, shape: tuple[int, int]
 
 def blank_positions(rng: np.random.Generator, night: Path, nt: Night, n: int,
                     half: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per frame, ``n`` random pixels of blank sky on the reference grid: under 1 e- of
-    star light (noiseless) anywhere in the kernel around them, ≥ 12 px from every mover's
-    track and ≥ ``half + 8`` px from the edges."""
+    """Random pixels of blank sky on the reference grid.
+
+    Blank: under 1 e- of (noiseless) star light anywhere within ``half`` px (the stars
+    drawn with 1.5 times the reference frame's PSF σ, to keep clear of their wings in the
+    difference frames), ≥ 12 px from every mover's track and ≥ ``half + 8`` px from the
+    edges.
+
+    Parameters
+    ----------
+    rng
+        Random generator.
+    night
+        The simulated night folder.
+    nt
+        Our WorkUnit and its ties to the truth.
+    n
+        Pixels per frame.
+    half
+        Half-width of the PSF kernels, px.
+
+    Returns
+    -------
+    list of (rows, columns)
+        One pair of index arrays per frame.
+    """
     truth = load_truth(night)
     cfg = truth.config
-    ref = np.array(next(fr["offset"] for fr in truth.frames
-                        if fr["file"].removesuffix(".fits") == nt.reference))
+    fr = next(fr for fr in truth.frames if fr["file"].removesuffix(".fits") == nt.reference)
+    ref = np.array(fr["offset"])
     shape = (nt.ours.im_stack.height, nt.ours.im_stack.width)
     stars = np.zeros(shape)
     add_sources(stars, truth.stars[:, 0] + ref[0], truth.stars[:, 1] + ref[1],
-                truth.stars[:, 2], cfg.psf_sigma)
+                truth.stars[:, 2], 1.5 * float(fr.get("psf_sigma", cfg.psf_sigma)))
     blank = ndimage.maximum_filter(stars, size=2 * half + 1) < 1.0
     near = np.zeros(shape, bool)
     for tr in nt.tracks:
@@ -760,8 +922,22 @@ def blank_positions(rng: np.random.Generator, night: Path, nt: Night, n: int,
 
 def matched_filter_snr(wu: Any, positions: list[tuple[np.ndarray, np.ndarray]]
                        ) -> tuple[np.ndarray, np.ndarray]:
-    """psi / sqrt(phi) of each frame's PSF-weighted sum at the given pixels, and the
-    per-pixel sci / sqrt(var) there (masked pixels skipped)."""
+    """The blank-sky matched filter of a WorkUnit's frames.
+
+    Parameters
+    ----------
+    wu
+        A KBMOD WorkUnit.
+    positions
+        Per frame, (rows, columns) of the pixels (:func:`blank_positions`).
+
+    Returns
+    -------
+    (snr, pixel)
+        psi / sqrt(phi) at each position, with psi = Σ P·sci/var and phi = Σ P²/var over
+        the frame's PSF kernel P (pixels without a value skipped); and sci / sqrt(var) at
+        each position's own pixel.
+    """
     snr, pix = [], []
     st = wu.im_stack
     for i, (ys, xs) in enumerate(positions):
@@ -783,7 +959,7 @@ def matched_filter_snr(wu: Any, positions: list[tuple[np.ndarray, np.ndarray]]
     return np.concatenate(snr), np.concatenate(pix)
 
 
-def robust_std(a: np.ndarray) -> float:
+def _robust_std(a: np.ndarray) -> float:
     """1.4826 × the median absolute deviation."""
     a = a[np.isfinite(a)]
     return float(1.4826 * np.median(np.abs(a - np.median(a)))) if a.size else float("nan")
@@ -792,19 +968,19 @@ def robust_std(a: np.ndarray) -> float:
 # --------------------------------------------------------------------------- report
 
 
-def fmt(v: float, spec: str = ".1f") -> str:
+def _fmt(v: float, spec: str = ".1f") -> str:
     """A number, or '-' for NaN."""
     return "-" if v is None or not np.isfinite(v) else format(v, spec)
 
 
-def completeness(mask_ideal: np.ndarray, mask_ours: np.ndarray, sel: np.ndarray
+def _completeness(mask_ideal: np.ndarray, mask_ours: np.ndarray, sel: np.ndarray
                  ) -> tuple[int, int]:
     """(ours found, ideal found) among the movers ``sel``."""
     base = mask_ideal & sel
     return int((mask_ours & base).sum()), int(base.sum())
 
 
-def ideal_cache_key(nt: Night, sim: SimConfig, seed: int, config: Any) -> str:
+def _ideal_cache_key(nt: Night, sim: SimConfig, seed: int, config: Any) -> str:
     """What the ideal search's results depend on: the simulation, our grid and times, the
     noise seed and the search settings."""
     st = nt.ours.im_stack
@@ -826,6 +1002,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=20, help="science frames (20)")
     ap.add_argument("--movers", type=int, default=None, help="number of movers (24)")
     ap.add_argument("--seed", type=int, default=1, help="simulation seed (1)")
+    ap.add_argument("--seeing-scatter", type=float, default=0.0,
+                    help="frame-to-frame seeing: σ of ln(PSF σ) (0: steady, as issue 31)")
     ap.add_argument("--ideal-seed", type=int, default=None,
                     help="seed of the ideal frames' noise (1000 + --seed)")
     ap.add_argument("--work", default="/tmp/yield", help="work folder (/tmp/yield)")
@@ -849,12 +1027,13 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
 
     sim = SimConfig(size=size, n_science=args.frames, cadence_s=100.0, psf_sigma=1.06,
-                    movers=default_movers(n_movers), wcs_center=WCS_CENTER, seed=args.seed)
+                    movers=default_movers(n_movers), wcs_center=WCS_CENTER, seed=args.seed,
+                    seeing_scatter=args.seeing_scatter)
     t0 = time.perf_counter()
     night = ensure_night(work, sim, args.fresh)
     timings["simulate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out_dir = work / f"out-{sim_key(sim)}-{label}"
+    out_dir = work / f"out-{_sim_key(sim)}-{label}"
     summary = run_pipeline(night, out_dir, args.config, args.fresh)
     code_file = out_dir / CODE_FILE
     code = code_file.read_text().strip() if code_file.exists() else "unknown"
@@ -869,20 +1048,20 @@ def main(argv: list[str] | None = None) -> int:
     ideal = build_ideal(kb, night, nt, config, noise_seed)
     timings["build_ideal"] = time.perf_counter() - t0
 
-    cache = work / f"ideal-{ideal_cache_key(nt, sim, noise_seed, config)}.npz"
+    cache = work / f"ideal-{_ideal_cache_key(nt, sim, noise_seed, config)}.npz"
     res: dict[str, dict[str, np.ndarray] | None] = {"ideal": None, "ours": None}
     if cache.exists() and not args.fresh:
         with np.load(cache) as z:
             res["ideal"] = {k: z[k] for k in z}
-        say("reusing the ideal search's results %s", cache)
+        _say("reusing the ideal search's results %s", cache)
     elif args.only != "ours":
-        say("searching the ideal WorkUnit (%d velocities)",
-                 len(grid_velocities(sim.cadence_s)))
+        _say("searching the ideal WorkUnit (%d velocities)",
+                 len(_grid_velocities(sim.cadence_s)))
         res["ideal"] = run_search(kb, ideal, config, "ideal")
         timings["search_ideal"] = float(res["ideal"]["seconds"])
         np.savez(cache, **res["ideal"])
     if args.only != "ideal":
-        say("searching our WorkUnit")
+        _say("searching our WorkUnit")
         res["ours"] = run_search(kb, nt.ours, config, "ours")
         timings["search_ours"] = float(res["ours"]["seconds"])
 
@@ -892,16 +1071,16 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed + 7)
     shape = (nt.ours.im_stack.height, nt.ours.im_stack.width)
     randoms = random_trajectories(rng, N_RANDOM, shape, nt.zeroed,
-                                  grid_velocities(sim.cadence_s), mover_positions(nt.tracks))
+                                  _grid_velocities(sim.cadence_s), _mover_positions(nt.tracks))
     half = max(max(np.shape(p)) for p in nt.ours.im_stack.psfs) // 2
     blanks = blank_positions(rng, night, nt, BLANK_PER_FRAME, max(half, 5))
     calib: dict[str, dict[str, float]] = {}
-    say("noise calibration: %d random trajectories, %d blank-sky positions per frame",
+    _say("noise calibration: %d random trajectories, %d blank-sky positions per frame",
         len(randoms), BLANK_PER_FRAME)
     forced: dict[str, np.ndarray] = {}
     t0 = time.perf_counter()
     for side, wu in (("ideal", ideal), ("ours", nt.ours)):
-        ss = stack_search(kb, wu)
+        ss = _stack_search(kb, wu)
         forced[side], _ = forced_lh(ss, truth_trajs)
         lh, nobs = forced_lh(ss, randoms)
         good = nobs >= config["num_obs"]
@@ -909,10 +1088,10 @@ def main(argv: list[str] | None = None) -> int:
         snr, pix = matched_filter_snr(wu, blanks)
         calib[side] = {
             "random_n": int(lh.size), "random_mean": float(np.mean(lh)),
-            "random_std": float(np.std(lh)), "random_robust_std": robust_std(lh),
+            "random_std": float(np.std(lh)), "random_robust_std": _robust_std(lh),
             "random_max": float(np.max(lh)), "blank_n": int(snr.size),
             "blank_mean": float(np.mean(snr)), "blank_std": float(np.std(snr)),
-            "blank_robust_std": robust_std(snr), "pixel_std": float(np.std(pix)),
+            "blank_robust_std": _robust_std(snr), "pixel_std": float(np.std(pix)),
         }
         del ss
     timings["calibration"] = time.perf_counter() - t0
@@ -933,7 +1112,7 @@ def main(argv: list[str] | None = None) -> int:
     slow = speed <= SLOW_PX_DAY
 
     print(f"\n=== yield: {label} — {night}, {n_img} frames {shape[1]}x{shape[0]}, "
-          f"{len(tracks)} movers; search: {len(grid_velocities(sim.cadence_s))} velocities, "
+          f"{len(tracks)} movers; search: {len(_grid_velocities(sim.cadence_s))} velocities, "
           f"lh_level {SEARCH_LH:g}, num_obs {config['num_obs']}, found at lh ≥ {FOUND_LH:g}")
     print(f"pipeline code: {code}; settings: {args.config or 'defaults'}; ideal noise seed "
           f"{noise_seed}")
@@ -941,10 +1120,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{'ours':>7} {'ratio':>6} {'I':>2} {'O':>2} {'f.ideal':>8} {'f.ours':>7}")
     for k, tr in enumerate(tracks):
         print(f"{k:3d} {flux[k]:7.0f} {speed[k]:7.0f} {'slow' if slow[k] else 'fast':>5} "
-              f"{tr['ideal']:6.1f} {fmt(lh_ideal[k]):>7} {fmt(lh_ours[k]):>7} "
-              f"{fmt(ratio[k], '.3f'):>6} {'Y' if found_ideal[k] else '.':>2} "
-              f"{'Y' if found_ours[k] else '.':>2} {fmt(forced['ideal'][k]):>8} "
-              f"{fmt(forced['ours'][k]):>7}")
+              f"{tr['ideal']:6.1f} {_fmt(lh_ideal[k]):>7} {_fmt(lh_ours[k]):>7} "
+              f"{_fmt(ratio[k], '.3f'):>6} {'Y' if found_ideal[k] else '.':>2} "
+              f"{'Y' if found_ours[k] else '.':>2} {_fmt(forced['ideal'][k]):>8} "
+              f"{_fmt(forced['ours'][k]):>7}")
     print("(SNR: the truth's matched-filter SNR; ideal/ours: search likelihood of the best "
           "matching result;\n I/O: found at ≥ 10; f.*: likelihood of the true track "
           "evaluated directly, no sigma-G)")
@@ -970,21 +1149,21 @@ def main(argv: list[str] | None = None) -> int:
         comp: dict[str, list[int]] = {}
         for lo, hi in itertools.pairwise(FLUX_BINS):
             sel = (flux >= lo) & (flux < hi if hi < FLUX_BINS[-1] else flux <= hi)
-            comp[f"flux {lo:.0f}-{hi:.0f}"] = list(completeness(found_ideal, found_ours, sel))
+            comp[f"flux {lo:.0f}-{hi:.0f}"] = list(_completeness(found_ideal, found_ours, sel))
         comp[f"slow ≤ {SLOW_PX_DAY:.0f} px/day"] = list(
-            completeness(found_ideal, found_ours, slow))
-        comp["fast"] = list(completeness(found_ideal, found_ours, ~slow))
-        comp["all"] = list(completeness(found_ideal, found_ours, np.ones_like(slow)))
+            _completeness(found_ideal, found_ours, slow))
+        comp["fast"] = list(_completeness(found_ideal, found_ours, ~slow))
+        comp["all"] = list(_completeness(found_ideal, found_ours, np.ones_like(slow)))
         for name, (a, b) in comp.items():
-            print(f"  {name:<22} {a:3d} / {b:3d}  {fmt(100.0 * a / b if b else np.nan):>5} %")
+            print(f"  {name:<22} {a:3d} / {b:3d}  {_fmt(100.0 * a / b if b else np.nan):>5} %")
         ratio_sel = np.isfinite(ratio) & found_ideal
         med = float(np.median(ratio[ratio_sel])) if ratio_sel.any() else float("nan")
         fr = forced["ours"] / forced["ideal"]
         fsel = found_ideal & (forced["ideal"] > 0)
         med_forced = float(np.median(fr[fsel])) if fsel.any() else float("nan")
-        print(f"median likelihood ratio ours / ideal: {fmt(med, '.3f')} over {ratio_sel.sum()} "
+        print(f"median likelihood ratio ours / ideal: {_fmt(med, '.3f')} over {ratio_sel.sum()} "
               f"movers both searches return (ideal ≥ 10); true tracks evaluated directly: "
-              f"{fmt(med_forced, '.3f')}")
+              f"{_fmt(med_forced, '.3f')}")
         kbm = {side: kbmod_matcher(kb, res[side], tracks, t_last) for side in res}
         print(f"cross-check, KBMOD's match_trajectory_sets (mean of the first- and last-frame "
               f"distances < {MATCH_PX:g} px, one to one) on results ≥ 10: movers matched: "
@@ -992,8 +1171,8 @@ def main(argv: list[str] | None = None) -> int:
         ro, ri = res["ours"], res["ideal"]
         strong = ro["likelihood"] >= FOUND_LH
         unmatched = unmatched_in(kb, ro, strong & ~matched_ours, ri, t_last)
-        mpos = mover_positions(tracks)
-        stars = reference_stars(night, nt.reference)
+        mpos = _mover_positions(tracks)
+        stars = _reference_stars(night, nt.reference)
         lobe = sidelobes(ro, unmatched, mpos, nt.zeroed)
         false = unmatched & (lobe < 0)
         ideal_unmatched = (ri["likelihood"] >= FOUND_LH) & ~matched_ideal
@@ -1010,14 +1189,14 @@ def main(argv: list[str] | None = None) -> int:
             dmin = float(np.min(np.hypot(xs[None, :] - mpos[..., 0], ys[None, :] - mpos[..., 1]))
                          ) if mpos.size else float("nan")
             what = (f"side-lobe of mover {lobe[i]}" if lobe[i] >= 0
-                    else "FALSE" + star_note(stars, xs, ys))
+                    else "FALSE" + _star_note(stars, xs, ys))
             print(f"    x {ro['x'][i]:5.0f} y {ro['y'][i]:5.0f} vx {ro['vx'][i]:7.1f} "
                   f"vy {ro['vy'][i]:7.1f} lh {ro['likelihood'][i]:6.1f} "
                   f"obs {ro['obs_count'][i]:3.0f}  nearest mover {dmin:6.1f} px  {what}")
         static = false & (np.hypot(ro["vx"], ro["vy"]) == 0)
         at_star = np.zeros(false.size, bool)
         for i in np.flatnonzero(false):
-            at_star[i] = brightest_star(stars, ro["x"][i:i + 1], ro["y"][i:i + 1])[0] >= 1e5
+            at_star[i] = _brightest_star(stars, ro["x"][i:i + 1], ro["y"][i:i + 1])[0] >= 1e5
         print(f"  of the {int(false.sum())} false: static (v = 0) {int(static.sum())}; starting "
               f"within 4 px of a star ≥ 1e5 e- {int((false & at_star).sum())}")
         out.update(completeness=comp, median_ratio=med, median_ratio_forced=med_forced,
@@ -1065,7 +1244,7 @@ def main(argv: list[str] | None = None) -> int:
     out["workunit_notes"] = nt.notes
     if nt.notes:
         print("\nwhat KBMOD said about the WorkUnits (reading and searching):")
-        for note in nt.notes:
+        for note in _compact(nt.notes):
             print(f"  - {note}")
     print("\nacceptance (issue 31):")
     for name, a in acceptance.items():
@@ -1074,7 +1253,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {'PASS' if a['pass'] else 'FAIL'}  {name}: {vs}")
     print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     out["acceptance"] = acceptance
-    path = work / f"yield-{label}.json"
+    path = work / (f"yield-{label}.json" if not args.only else
+                   f"yield-{label}-only-{args.only}.json")
     path.write_text(json.dumps(out, indent=1, default=float))
     print(f"summary: {path}")
     return 0
