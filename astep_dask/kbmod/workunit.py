@@ -61,6 +61,7 @@ from astep_dask.kbmod.products import (
 from astep_dask.version import __version__
 
 __all__ = [
+    "KBMOD_LIMIT",
     "PSF_HALF_WIDTH",
     "WORKUNIT_PROV",
     "WORKUNIT_SHARD_FOLDER",
@@ -73,6 +74,9 @@ __all__ = [
 ]
 
 PSF_HALF_WIDTH = 4.0  # the PSF kernel reaches this many σ from its centre
+# KBMOD's ImageStackPy.validate (src/kbmod/core/image_stack_py.py at 617cd33) warns of an
+# image whose unmasked science or variance exceeds 1e8: such pixels are masked here.
+KBMOD_LIMIT = 1e8
 WORKUNIT_PROV = "WUPROV"  # provenance card of the WorkUnit file
 WORKUNIT_SHARD_FOLDER = "workunit"  # a sharded WorkUnit's folder, in the export folder
 
@@ -91,13 +95,17 @@ def psf_kernel(sigma: float) -> np.ndarray:
 
 def workunit_search_mask(mask: np.ndarray, sci: np.ndarray, var: np.ndarray) -> np.ndarray:
     """``MSK_i``: the mask bits that make a pixel unusable for KBMOD (int32, > 0 masks);
-    the diagnostic bits (:data:`~astep_dask.core.bits.SEARCH_IGNORED`) are dropped, and a
+    the diagnostic bits (:data:`~astep_dask.core.bits.SEARCH_IGNORED`) are dropped, a
     pixel without a value (science or variance not finite, variance not positive: e.g. a
-    repaired pixel the PSF matching left out) gets NO_DATA."""
+    repaired pixel the PSF matching left out) gets NO_DATA, and one whose values KBMOD
+    refuses (:data:`KBMOD_LIMIT`: the core of a bright star, whose template residual
+    floor gives it a variance above 1e8 e-², and so no weight) gets SUSPECT."""
     out = np.asarray(mask).astype(np.int32) & ~np.int32(SEARCH_IGNORED)
     with np.errstate(invalid="ignore"):
         empty = ~np.isfinite(sci) | ~np.isfinite(var) | ~(var > 0)
+        refused = ~empty & ((var > KBMOD_LIMIT) | (np.abs(sci) > KBMOD_LIMIT))
     out[empty] |= np.int32(flag(Bit.NO_DATA))
+    out[refused] |= np.int32(flag(Bit.SUSPECT))
     return out.astype(np.int32)
 
 
@@ -185,7 +193,7 @@ def _image_hdus(i: int, primary: fits.Header, sci: np.ndarray, var: np.ndarray,
     scale = _var_scale(primary)
     hdus = [image_hdu(sci, f"SCI_{i}", dtype=np.float32),
             image_hdu(var * np.float32(scale), f"VAR_{i}", dtype=np.float32),
-            image_hdu(workunit_search_mask(mask, sci, var), f"MSK_{i}"),
+            image_hdu(workunit_search_mask(mask, sci, var * np.float32(scale)), f"MSK_{i}"),
             fits.ImageHDU(psf_kernel(sigma), name=f"PSF_{i}")]
     for hdu in hdus[:3]:
         hdu.header["MJD"] = (mjd, "[d] mid-exposure MJD (UTC)")

@@ -28,7 +28,7 @@ from astep_dask.io.fitsio import verify_file
 from astep_dask.kbmod.candidates import read_candidates
 from astep_dask.kbmod.search import search_night
 from astep_dask.kbmod.stage import export_night
-from astep_dask.kbmod.workunit import psf_kernel
+from astep_dask.kbmod.workunit import KBMOD_LIMIT, psf_kernel, workunit_search_mask
 from astep_dask.run.night import calibrate_night
 from astep_dask.testing.simulate import SimConfig, load_truth, mover_tracks, simulate_night
 from astep_dask.testing.skywcs import SKY, frame_true_wcs, true_wcs, write_sky
@@ -123,17 +123,22 @@ def test_workunit_layout_times_and_planes(exported, night):
     assert h["OBS_LON"] == pytest.approx(123.33, abs=0.01)
     assert h["OBS_ELEV"] == pytest.approx(3233)
     starts = sorted(f["mjd"] for f in load_truth(night_dir).frames)
-    n_repaired = n_used = 0
+    n_repaired = n_used = n_refused = 0
     for i, (img, r) in enumerate(zip(wu["images"], rows, strict=True)):
         assert img["ind"] == [i]
         assert img["mjd"] == pytest.approx(starts[i] + SIM.science_exptime / 2 / 86400,
                                            abs=1e-7)
         with fits.open(exported.out_dir / r["output"]) as kb:
             mask = kb[2].data
+            h = kb[0].header
+            # KBMOD refuses values above 1e8 (a bright star's core): those are masked
+            within = (kb[3].data * np.float32(h["FILTVARF"]) <= KBMOD_LIMIT) & (
+                np.abs(kb[1].data) <= KBMOD_LIMIT)
             usable = ((mask & ~flag(Bit.HOT, Bit.DEAD)) == 0) & np.isfinite(kb[1].data)
+            n_refused += int((usable & ~within).sum())
+            usable &= within
             assert np.array_equal(img["msk"] > 0, ~usable)
             assert np.array_equal(img["sci"][usable], kb[1].data[usable])
-            h = kb[0].header
             # VAR_i is VAR x FILTVARF: KBMOD's likelihood is then a unit-variance SNR
             assert 0.5 < h["FILTVARF"] < 1.0
             np.testing.assert_allclose(img["var"][usable],
@@ -148,7 +153,8 @@ def test_workunit_layout_times_and_planes(exported, night):
         assert (img["msk"][e:-e, e:-e] > 0).mean() <= 0.05
         assert np.all(np.isfinite(img["sci"][usable]) & (img["var"][usable] > 0))
     assert [i["mjd"] for i in wu["images"]] == sorted(i["mjd"] for i in wu["images"])
-    print(f"\nrepaired pixels used by KBMOD: {n_used} of {n_repaired}")
+    print(f"\nrepaired pixels used by KBMOD: {n_used} of {n_repaired}; masked for values "
+          f"above KBMOD's limit: {n_refused}")
     assert n_repaired > 100 and n_used >= 0.5 * n_repaired
 
 
@@ -431,3 +437,14 @@ def test_damaged_night_products_are_remade_and_force_remakes_them(exported, nigh
     forced = export_night(night_dir, client, settings, out=out, force=True)
     assert forced.status == "complete", forced.error
     assert all(p.stat().st_mtime_ns != before[p] for p in products), kept.details
+
+
+def test_values_kbmod_refuses_are_masked_not_passed_on():
+    # KBMOD's ImageStackPy.validate warns of unmasked variance or science above 1e8
+    sci = np.array([[1.0, 2.0, 3e8, np.nan]], np.float32)
+    var = np.array([[4.0, 2e8, 4.0, 4.0]], np.float32)
+    mask = np.array([[0, 0, 0, 0]], np.int32)
+    out = workunit_search_mask(mask, sci, var)
+    assert out[0, 0] == 0
+    assert out[0, 1] == flag(Bit.SUSPECT) and out[0, 2] == flag(Bit.SUSPECT)
+    assert out[0, 3] == flag(Bit.NO_DATA)
