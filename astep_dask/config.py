@@ -327,6 +327,12 @@ class TemplateSettings:
     # other frames is above this SNR holds a mover: its frames are left out of the template
     # at the mover's pixels, so a slow mover does not subtract itself. 0: off.
     mover_sigma: float = 4.0
+    # A frame's template also leaves out the template frames taken within the time a mover
+    # this slow (px/day) needs to move 2.5 PSF σ, each side: a slow mover too faint for
+    # mover_sigma would otherwise subtract its own light seen in the frames next to it.
+    # At least half of the template's frames stay. Each difference task then reads those
+    # frames too. 0: leave-one-out only.
+    near_speed: float = 400.0
     saturation_halo: float = 2.0  # SUSPECT within this × PSF FWHM of a saturated pixel
     psf_match: bool = True  # match PSFs (False: frames and template as they are)
     # The template's PSF: "snr" (default) the width that maximises the night's summed
@@ -586,7 +592,7 @@ _RULES: dict[str, str | tuple[str, ...]] = {
     "kbmod.match_radius": "pos", "kbmod.min_matches": "pos",
     "kbmod.variance": ("area", "pixel"), "kbmod.resampling": ("overlap", "cubic"),
     "template.sigma": "pos", "template.min_frames": "pos", "template.memory_mb": "pos",
-    "template.psf_target": ("snr", "widest"),
+    "template.psf_target": ("snr", "widest"), "template.near_speed": "any",
     "search.vx_min": "any", "search.vx_max": "any", "search.vy_min": "any",
     "search.vy_max": "any", "search.step_psf": "pos", "search.threshold": "pos",
     "search.outlier_sigma": "pos", "search.tile": "pos", "search.memory_mb": "pos",

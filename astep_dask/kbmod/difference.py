@@ -46,7 +46,69 @@ from astep_dask.kbmod.template import (
     read_template,
 )
 
-__all__ = ["DifferenceJob", "difference", "difference_task", "leave_one_out"]
+__all__ = ["DifferenceJob", "NearFrame", "difference", "difference_task", "leave_one_out",
+           "leave_out"]
+
+
+def _taken_out(template: Template, frames: list[tuple[Layers, float, int | None]],
+               ts: TemplateSettings, grow: int) -> tuple[np.ndarray, ...]:
+    """What ``frames`` (homogenised frame, weight, rank) put into the template, per pixel:
+    the sums of weights, of weighted values and of squared-weighted variances, and how
+    many of them the template kept there."""
+    shape = template.sci.shape
+    w_sum, f_sum, v_sum = (np.zeros(shape) for _ in range(3))
+    n = np.zeros(shape, np.int32)
+    for frame, weight, rank in frames:
+        usable = (frame.mask == 0) & np.isfinite(frame.sci) & np.isfinite(frame.var) & (
+            frame.var > 0)
+        mine = kept(frame.sci, frame.var, usable, template.centre, ts.sigma, grow,
+                    ts.residual_floor)
+        if rank is not None and template.first is not None and template.last is not None:
+            mine &= ~in_run(rank, template.first, template.last)
+        w = float(weight)
+        with np.errstate(invalid="ignore"):
+            w_sum += np.where(mine, w, 0.0)
+            f_sum += w * np.where(mine, frame.sci, 0.0).astype(np.float64)
+            v_sum += w * w * np.where(mine, frame.var, 0.0).astype(np.float64)
+        n += mine
+    return w_sum, f_sum, v_sum, n
+
+
+def leave_out(template: Template, frames: list[tuple[Layers, float, int | None]],
+              ts: TemplateSettings, grow: int = 0,
+              near: list[tuple[Layers, float, int | None]] | None = None,
+              rank: int | None = None) -> Layers:
+    """The template without some of its own frames. Each ``(frame, weight, rank)`` is a
+    frame homogenised as it was when the template was combined, its weight there and its
+    place in time among the template's frames (where it is in a mover's run, it was left
+    out already). ``frames`` are always left out (exact for the clipped weighted mean);
+    ``near`` (frames close in time to the one being differenced, of time rank ``rank``)
+    only where that leaves ``min_frames`` and where no mover's run around ``rank`` was
+    found already (those pixels left the mover's frames out)."""
+    wsum = template.wsum.astype(np.float64)
+    w_out, f_out, v_out, n_out = _taken_out(template, frames, ts, grow)
+    n = template.nkeep.astype(np.int32) - n_out
+    floor = 1e-6 * max(min((float(w) for _, w, _ in frames + (near or [])), default=1.0),
+                       1e-30)
+    if near:
+        w_near, f_near, v_near, n_near = _taken_out(template, near, ts, grow)
+        use = (n - n_near >= max(ts.min_frames, 1)) & (wsum - w_out - w_near > floor)
+        if rank is not None and template.first is not None and template.last is not None:
+            use &= ~in_run(rank, template.first, template.last)
+        w_out = w_out + np.where(use, w_near, 0.0)
+        f_out = f_out + np.where(use, f_near, 0.0)
+        v_out = v_out + np.where(use, v_near, 0.0)
+        n = n - np.where(use, n_near, 0)
+    rest = wsum - w_out
+    with np.errstate(invalid="ignore", divide="ignore"):
+        good = rest > floor
+        safe = np.where(good, rest, 1.0)
+        tsci = (template.sci * wsum - f_out) / safe
+        tvar = (template.var * wsum**2 - v_out) / safe**2
+    bad = ~good | (n < max(ts.min_frames, 1)) | ~np.isfinite(tsci) | ~(tvar > 0)
+    mask = np.where(bad, NO_TEMPLATE, 0).astype(MASK_DTYPE) | (template.mask & ~NO_TEMPLATE)
+    return Layers(np.where(bad, np.nan, tsci).astype(np.float32),
+                  np.where(bad, np.nan, np.maximum(tvar, 0)).astype(np.float32), mask)
 
 
 def leave_one_out(template: Template, frame: Layers, weight: float, ts: TemplateSettings,
@@ -54,27 +116,7 @@ def leave_one_out(template: Template, frame: Layers, weight: float, ts: Template
     """The template without one of its own frames (``frame`` homogenised as it was when the
     template was combined, ``weight`` its weight there, ``rank`` its place in time among
     the template's frames: where it is in a mover's run, it was left out already)."""
-    usable = (frame.mask == 0) & np.isfinite(frame.sci) & np.isfinite(frame.var) & (
-        frame.var > 0)
-    mine = kept(frame.sci, frame.var, usable, template.centre, ts.sigma, grow,
-                ts.residual_floor)
-    if rank is not None and template.first is not None and template.last is not None:
-        mine &= ~in_run(rank, template.first, template.last)
-    w = float(weight)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        wsum = template.wsum.astype(np.float64)
-        rest = np.where(mine, wsum - w, wsum)
-        good = rest > 1e-6 * max(w, 1e-30)
-        safe = np.where(good, rest, 1.0)
-        f = np.where(mine, frame.sci, 0.0).astype(np.float64)
-        v = np.where(mine, frame.var, 0.0).astype(np.float64)
-        tsci = (template.sci * wsum - w * f) / safe
-        tvar = (template.var * wsum**2 - w * w * v) / safe**2
-    n = template.nkeep.astype(np.int32) - mine
-    bad = ~good | (n < max(ts.min_frames, 1)) | ~np.isfinite(tsci) | ~(tvar > 0)
-    mask = np.where(bad, NO_TEMPLATE, 0).astype(MASK_DTYPE) | (template.mask & ~NO_TEMPLATE)
-    return Layers(np.where(bad, np.nan, tsci).astype(np.float32),
-                  np.where(bad, np.nan, np.maximum(tvar, 0)).astype(np.float32), mask)
+    return leave_out(template, [(frame, weight, rank)], ts, grow)
 
 
 def difference(frame: Layers, template: Layers, residual_floor: float = 0.0) -> Layers:
@@ -92,6 +134,18 @@ def difference(frame: Layers, template: Layers, residual_floor: float = 0.0) -> 
 
 
 # --------------------------------------------------------------------------- difference task
+
+
+@dataclass(frozen=True)
+class NearFrame:
+    """A frame of the template taken close in time to the frame being differenced: left
+    out of its template too, so that a slow mover does not subtract its own light
+    (``[template] near_speed``)."""
+
+    registered: Path
+    kernel_var: tuple[float, float]
+    weight: float
+    rank: int
 
 
 @dataclass(frozen=True)
@@ -116,6 +170,8 @@ class DifferenceJob:
     # the kernel variances (x, y) that bring the template to this frame's PSF where the
     # frame is wider than the template (kbmod.kernels.template_kernels)
     template_kernel_var: tuple[float, float] = (0.0, 0.0)
+    near: tuple[NearFrame, ...] = ()  # other template frames close in time, left out too
+    near_window: float = 0.0  # days: the half-width of the window they were chosen in
 
 
 def difference_task(job: DifferenceJob) -> dict:
@@ -140,8 +196,17 @@ def difference_task(job: DifferenceJob) -> dict:
     ts = job.settings
     if ts.psf_match:
         frame = homogenise(frame, job.kernel_var)
-    if job.weight is not None:
-        used = leave_one_out(tpl, frame, job.weight, ts, job.grow, job.rank)
+    own = [(frame, job.weight, job.rank)] if job.weight is not None else []
+    near = []
+    try:
+        for nf in job.near:
+            _, other = read_layers(nf.registered)
+            near.append((homogenise(other, nf.kernel_var) if ts.psf_match else other,
+                         nf.weight, nf.rank))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return {**row, "status": "failed", "reason": f"cannot read a nearby frame: {exc}"}
+    if own or near:
+        used = leave_out(tpl, own, ts, job.grow, near, job.rank)
     else:
         used = Layers(tpl.sci, tpl.var, tpl.mask)
     if ts.psf_match:
@@ -154,6 +219,8 @@ def difference_task(job: DifferenceJob) -> dict:
         "TPLPROV": (job.template_provenance, "provenance hash of the template"),
         "TPLMODE": (job.mode, "template: this night (leave-one-out) or other nights"),
         "TPLLOO": (job.weight is not None, "T: this frame left out of its template"),
+        "TPLNEAR": (len(job.near), "frames near in time also left out (slow movers)"),
+        "TPLNEARW": (job.near_window, "[d] half-width of that time window"),
         "TPLFLOOR": (ts.residual_floor, "fraction of |template| added to VAR (quadr.)"),
         "REGFILE": (ascii_text(f"{KBMOD_REGISTERED_FOLDER}/{job.registered.name}"),
                     "registered sky-subtracted frame"),

@@ -21,7 +21,7 @@ from astep_dask.io.products import (
     KBMOD_SUFFIX,
 )
 from astep_dask.io.provenance import digest_of
-from astep_dask.kbmod.difference import DifferenceJob, difference_task
+from astep_dask.kbmod.difference import DifferenceJob, NearFrame, difference_task
 from astep_dask.kbmod.dispatch import Dispatch
 from astep_dask.kbmod.export import (
     ExportJob,
@@ -57,7 +57,7 @@ from astep_dask.kbmod.template import (
 )
 from astep_dask.version import __version__
 
-__all__ = ["run_template_stage"]
+__all__ = ["near_window", "run_template_stage"]
 
 
 def run_template_stage(run: Dispatch, *, night_dir: Path, out: Path | None, kdir: Path,
@@ -124,6 +124,7 @@ def run_template_stage(run: Dispatch, *, night_dir: Path, out: Path | None, kdir
     weights = {f.stem: f.weight for f in tframes if f.own}
     ranks = {f.stem: int(r) for f, r in zip(tframes, time_ranks(tframes), strict=True)
              if f.own}
+    window = near_window(ts.near_speed, target)
     jobs = [
         DifferenceJob(
             stem=r["stem"], registered=reg_dir / r["output"],
@@ -134,12 +135,35 @@ def run_template_stage(run: Dispatch, *, night_dir: Path, out: Path | None, kdir
             target_sigma=_matched_sigma(effective[r["stem"]], target, ts.psf_match),
             settings=ts, wcs=reference.wcs, mode=info["mode"], force=force, grow=grow,
             rank=ranks.get(r["stem"]),
-            template_kernel_var=tkvars.get(r["stem"], (0.0, 0.0)))
+            template_kernel_var=tkvars.get(r["stem"], (0.0, 0.0)),
+            near=_near(r, tframes, ranks, window), near_window=window)
         for r in good
     ]
     out_rows = _difference_frames(run, jobs, good)
     info["seconds"] = time.perf_counter() - t0
     return out_rows, info
+
+
+def near_window(speed: float, target: float) -> float:
+    """Half-width (days) of the time window around a frame whose template frames are left
+    out of its template: the time a mover of ``speed`` px/day needs to move 2.5 PSF σ
+    (σ² = ``target``); 0 when ``speed`` is 0 or the PSF is not known."""
+    if not (speed > 0 and np.isfinite(target) and target > 0):
+        return 0.0
+    return 2.5 * float(np.sqrt(target)) / speed
+
+
+def _near(row: dict, tframes: list[TemplateFrame], ranks: dict[str, int], window: float
+          ) -> tuple[NearFrame, ...]:
+    """The night's template frames (other than the frame ``row`` itself) taken within
+    ``window`` days of it, nearest first, as many as leave at least half of the template's
+    frames in it."""
+    t = float(row["mjd"])
+    own = [f for f in tframes if f.own and f.stem != row["stem"]]
+    close = sorted((f for f in own if abs(f.mjd - t) <= window), key=lambda f: abs(f.mjd - t))
+    room = len(tframes) // 2 - (1 if row["stem"] in ranks else 0)
+    return tuple(NearFrame(f.path, f.kernel_var, f.weight, ranks[f.stem])
+                 for f in close[:max(room, 0)])
 
 
 def _matched_sigma(effective: tuple[float, float], target: float, match: bool) -> float:

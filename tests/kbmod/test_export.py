@@ -40,13 +40,14 @@ from astep_dask.core.register import (
 from astep_dask.errors import RunError
 from astep_dask.io.fitsio import mid_exposure
 from astep_dask.io.products import LOCK, output_dir
-from astep_dask.kbmod.difference import difference, leave_one_out
+from astep_dask.kbmod.difference import difference, leave_one_out, leave_out
 from astep_dask.kbmod.export import choose_reference
 from astep_dask.kbmod.kernels import filter_factor, kernel_1d
 from astep_dask.kbmod.products import (
     OBS_LAT,
     Layers,
     kbmod_hdul,
+    read_layers,
     reference_wcs,
     science_plane,
     strip_wcs,
@@ -678,7 +679,22 @@ def test_difference_is_frame_minus_its_template(exported):
         table = hdul["FRAMES"].data
         rank = {str(s).strip(): int(r) for s, r in zip(table["STEM"], table["RANK"],
                                                        strict=True)}
-    loo = leave_one_out(tpl, frame, weights[row["stem"]], ts, grow, rank[row["stem"]])
+        # the template frames within TPLNEARW days of this one, nearest first, TPLNEAR of
+        # them (the rule of [template] near_speed), left out where that leaves min_frames
+        others = sorted((abs(float(m) - h["MJD"]), str(s).strip(), str(fn).strip(),
+                         (float(kx), float(ky)))
+                        for s, m, fn, kx, ky in zip(table["STEM"], table["MJD"], table["FILE"],
+                                                    table["KVAR_X"], table["KVAR_Y"],
+                                                    strict=True)
+                        if str(s).strip() != row["stem"])
+    assert h["TPLNEARW"] > 0 and h["TPLNEAR"] >= 1
+    near = []
+    for dt, stem, fname, kvar in others[:h["TPLNEAR"]]:
+        assert dt <= h["TPLNEARW"] + 1e-9
+        near.append((homogenise(read_layers(kdir / fname)[1], kvar), weights[stem],
+                     rank[stem]))
+    loo = leave_out(tpl, [(frame, weights[row["stem"]], rank[row["stem"]])], ts, grow, near,
+                    rank[row["stem"]])
     want = difference(frame, loo, ts.residual_floor)
     np.testing.assert_array_equal(out["mask"], want.mask)
     good = want.mask == 0
