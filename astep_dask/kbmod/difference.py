@@ -18,6 +18,7 @@ provenance.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,15 +51,19 @@ __all__ = ["DifferenceJob", "NearFrame", "difference", "difference_task", "leave
            "leave_out"]
 
 
-def _taken_out(template: Template, frames: list[tuple[Layers, float, int | None]],
-               ts: TemplateSettings, grow: int) -> tuple[np.ndarray, ...]:
-    """What ``frames`` (homogenised frame, weight, rank) put into the template, per pixel:
-    the sums of weights, of weighted values and of squared-weighted variances, and how
-    many of them the template kept there."""
+def _taken_out(template: Template, frames: Iterable[tuple[Layers, float, int | None]],
+               ts: TemplateSettings, grow: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                         np.ndarray, float]:
+    """What ``frames`` (homogenised frame, weight, rank; read one at a time when an
+    iterator) put into the template, per pixel: the sums of weights, of weighted values
+    and of squared-weighted variances, how many of them the template kept there, and the
+    smallest weight."""
     shape = template.sci.shape
     w_sum, f_sum, v_sum = (np.zeros(shape) for _ in range(3))
     n = np.zeros(shape, np.int32)
+    w_min = np.inf
     for frame, weight, rank in frames:
+        w_min = min(w_min, float(weight))
         usable = (frame.mask == 0) & np.isfinite(frame.sci) & np.isfinite(frame.var) & (
             frame.var > 0)
         mine = kept(frame.sci, frame.var, usable, template.centre, ts.sigma, grow,
@@ -71,12 +76,12 @@ def _taken_out(template: Template, frames: list[tuple[Layers, float, int | None]
             f_sum += w * np.where(mine, frame.sci, 0.0).astype(np.float64)
             v_sum += w * w * np.where(mine, frame.var, 0.0).astype(np.float64)
         n += mine
-    return w_sum, f_sum, v_sum, n
+    return w_sum, f_sum, v_sum, n, w_min
 
 
 def leave_out(template: Template, frames: list[tuple[Layers, float, int | None]],
               ts: TemplateSettings, grow: int = 0,
-              near: list[tuple[Layers, float, int | None]] | None = None,
+              near: Iterable[tuple[Layers, float, int | None]] | None = None,
               rank: int | None = None) -> Layers:
     """The template without some of its own frames. Each ``(frame, weight, rank)`` is a
     frame homogenised as it was when the template was combined, its weight there and its
@@ -84,14 +89,16 @@ def leave_out(template: Template, frames: list[tuple[Layers, float, int | None]]
     out already). ``frames`` are always left out (exact for the clipped weighted mean);
     ``near`` (frames close in time to the one being differenced, of time rank ``rank``)
     only where that leaves ``min_frames`` and where no mover's run around ``rank`` was
-    found already (those pixels left the mover's frames out)."""
+    found already (those pixels left the mover's frames out). ``near`` may be an iterator
+    that reads its frames one at a time (memory: one frame more)."""
     wsum = template.wsum.astype(np.float64)
-    w_out, f_out, v_out, n_out = _taken_out(template, frames, ts, grow)
+    w_out, f_out, v_out, n_out, w_min = _taken_out(template, frames, ts, grow)
     n = template.nkeep.astype(np.int32) - n_out
-    floor = 1e-6 * max(min((float(w) for _, w, _ in frames + (near or [])), default=1.0),
-                       1e-30)
-    if near:
-        w_near, f_near, v_near, n_near = _taken_out(template, near, ts, grow)
+    if near is not None:
+        w_near, f_near, v_near, n_near, w_near_min = _taken_out(template, near, ts, grow)
+        w_min = min(w_min, w_near_min)
+    floor = 1e-6 * max(w_min if np.isfinite(w_min) else 1.0, 1e-30)
+    if near is not None:
         use = (n - n_near >= max(ts.min_frames, 1)) & (wsum - w_out - w_near > floor)
         if rank is not None and template.first is not None and template.last is not None:
             use &= ~in_run(rank, template.first, template.last)
@@ -174,6 +181,15 @@ class DifferenceJob:
     near_window: float = 0.0  # days: the half-width of the window they were chosen in
 
 
+def _near_frames(near: tuple[NearFrame, ...], match: bool
+                 ) -> Iterator[tuple[Layers, float, int | None]]:
+    """The near frames, read and homogenised one at a time, as :func:`leave_out` takes
+    them."""
+    for nf in near:
+        _, other = read_layers(nf.registered)
+        yield (homogenise(other, nf.kernel_var) if match else other), nf.weight, nf.rank
+
+
 def difference_task(job: DifferenceJob) -> dict:
     """Worker task: the KBMOD file of one frame, ``registered − template``.
 
@@ -197,16 +213,12 @@ def difference_task(job: DifferenceJob) -> dict:
     if ts.psf_match:
         frame = homogenise(frame, job.kernel_var)
     own = [(frame, job.weight, job.rank)] if job.weight is not None else []
-    near = []
-    try:
-        for nf in job.near:
-            _, other = read_layers(nf.registered)
-            near.append((homogenise(other, nf.kernel_var) if ts.psf_match else other,
-                         nf.weight, nf.rank))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return {**row, "status": "failed", "reason": f"cannot read a nearby frame: {exc}"}
-    if own or near:
-        used = leave_out(tpl, own, ts, job.grow, near, job.rank)
+    if own or job.near:
+        try:
+            used = leave_out(tpl, own, ts, job.grow, _near_frames(job.near, ts.psf_match),
+                             job.rank)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return {**row, "status": "failed", "reason": f"cannot read a nearby frame: {exc}"}
     else:
         used = Layers(tpl.sci, tpl.var, tpl.mask)
     if ts.psf_match:

@@ -71,13 +71,14 @@ def run_template_stage(run: Dispatch, *, night_dir: Path, out: Path | None, kdir
     Returns the rows of the KBMOD files (registration figures plus the difference's
     ``output``, ``status``, ``provenance``, ``psf_sigma``) and a summary of the template
     (``file``, ``mode``, ``frames``, ``nights``, ``skipped_nights``, ``failed_frames``,
-    ``psf_sigma``, ``provenance``, ``error``, ``seconds``).
+    ``psf_sigma``, ``provenance``, ``error``, ``seconds``, ``frames_left_out``: frames of
+    wider PSF than the template's, left out of it).
     """
     reg_dir = kdir / KBMOD_REGISTERED_FOLDER
     good = [_as_written(r) for r in rows if r.get("status") in ("done", "skipped")]
     info: dict = {"file": None, "mode": None, "frames": 0, "nights": [], "skipped_nights": [],
                   "failed_frames": [], "psf_sigma": None, "provenance": None, "error": None,
-                  "seconds": 0.0}
+                  "seconds": 0.0, "frames_left_out": 0}
     t0 = time.perf_counter()
     sig_med = float(np.median([_sigma0(r, np.nan) for r in good] or [np.nan]))
     sig_med = sig_med if np.isfinite(sig_med) else ks.psf_sigma_guess
