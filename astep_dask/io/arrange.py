@@ -95,8 +95,8 @@ def arrange_night(source: str | Path, root: str | Path, date: str | None = None,
         else:
             records.append(rec)
     if not records:
-        raise ArchiveError(f"{source}: no usable raw frame among "
-                           f"{len(out.left_out)} FITS files")
+        raise ArchiveError(f"{source}: no usable raw frame among {len(out.left_out)} FITS "
+                           f"files{_reasons(out.left_out)}")
     science = [r for r in records if r.kind == FrameType.SCIENCE and math.isfinite(r.mjd)]
     if date is None:
         if not science:
@@ -120,6 +120,18 @@ def arrange_night(source: str | Path, root: str | Path, date: str | None = None,
         taken[dest] = rec.path
         out.placed.setdefault(folder, []).append(rec.path)
     return out
+
+
+def _reasons(left_out: list[tuple[Path, str]], most: int = 5) -> str:
+    """Why files were left out, each reason once with how many files and an example (the
+    most frequent first, at most ``most`` of them), as one text to append to a message."""
+    seen: dict[str, list] = {}
+    for path, why in left_out:
+        seen.setdefault(why, [0, path.name])[0] += 1
+    lines = [f"{why} ({n} files, e.g. {ex})" if n > 1 else f"{why} ({ex})"
+             for why, (n, ex) in sorted(seen.items(), key=lambda kv: -kv[1][0])[:most]]
+    more = f"; and {len(seen) - most} other reasons" if len(seen) > most else ""
+    return (": " + "; ".join(lines) + more) if lines else ""
 
 
 def _place(src: Path, dest: Path, copy: bool) -> None:

@@ -52,3 +52,25 @@ def test_a_camera_folder_becomes_the_archive_night(tmp_path):
 def test_the_night_is_the_evening_it_began():
     assert evening_of(61206.75) == "2026-06-15"  # 18:00 UTC
     assert evening_of(61207.1) == "2026-06-15"  # 02:24 UTC the next day
+
+
+def test_a_folder_of_unusable_frames_names_each_reason(tmp_path):
+    # a camera writing EXPTIME with a decimal comma (seen on a real Andor night): every
+    # frame is unusable, and the error says why, once per reason, with an example
+    import numpy as np
+    from astropy.io import fits
+
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    for i in range(3):
+        h = fits.Header({"IMAGETYP": "OBJECT", "EXPTIME": "30,00000",
+                         "DATE-OBS": f"2019-08-0{i + 1}T02:00:00"})
+        fits.PrimaryHDU(np.zeros((8, 8), np.uint16), h).writeto(camera / f"f{i}.fits")
+    (camera / "log.fits").write_text("not a FITS file")
+    r = subprocess.run([SCRIPT, "arrange", str(camera), str(tmp_path / "root")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1
+    err = r.stderr
+    assert "no usable raw frame among 4 FITS files" in err, err
+    assert "EXPTIME '30,00000'" in err and "(3 files, e.g. f" in err, err
+    assert "log.fits" in err, err
