@@ -10,9 +10,10 @@ WorkUnit with KBMOD's ``WorkUnit.from_fits``. The IDEAL WorkUnit is made on the 
 (pixel-integrated Gaussians of the true σ at their true positions) plus Gaussian noise of
 the true per-pixel variance (the frame's noiseless model — sky, stars, movers — plus dark
 current and read noise², flat-fielded, moved onto the reference grid), VAR that variance,
-no mask, PSF_i the true PSF (the frame's own, with ``--seeing-scatter``). Both are
-searched by KBMOD's own CPU search (``SearchRunner.run_search_from_work_unit``) with the
-same ``SearchConfiguration``:
+no mask (but the handful of pixels whose true response is < 0.05: no light, an infinite
+true variance that KBMOD's validation refuses), PSF_i the true PSF (the frame's own, with
+``--seeing-scatter``). Both are searched by KBMOD's own CPU search
+(``SearchRunner.run_search_from_work_unit``) with the same ``SearchConfiguration``:
 
 - ``VelocityGridSearch`` over vx, vy in ±2.5 px/frame in steps of 0.25 px/frame (441
   velocities, in px/day). The simulated movers' velocities are nodes of that grid, so the
@@ -119,6 +120,8 @@ SLOW_PX_DAY = 500.0  # slow movers: at most this speed
 FLUX_BINS = (250.0, 500.0, 1000.0, 2500.0)  # e- per frame
 N_RANDOM = 2000  # random trajectories of the noise-only calibration
 BLANK_PER_FRAME = 500  # blank-sky positions per frame
+IDEAL_VERSION = 2  # of how the ideal frames are made (part of their results' cache key)
+DEAD_FLAT = 0.05  # ideal frames: pixels of a smaller response get no light (masked)
 WCS_CENTER = (97.5, -75.0)  # deg, the simulated frames' WCS centre
 
 # Mover velocities (px/frame), all nodes of the search grid: slow (0.35–0.56 px/frame,
@@ -447,7 +450,8 @@ def build_ideal(kb: types.SimpleNamespace, night: Path, nt: Night, config: Any,
     Returns
     -------
     kbmod WorkUnit
-        SCI (movers + noise), VAR (the true variance), no mask, the true PSF per frame, our
+        SCI (movers + noise), VAR (the true variance), no mask (but pixels without light:
+        response < :data:`DEAD_FLAT`), the true PSF per frame, our
         times, global and per-image WCS and observatory.
     """
     truth = load_truth(night)
@@ -473,6 +477,9 @@ def build_ideal(kb: types.SimpleNamespace, night: Path, nt: Night, config: Any,
             x, y = tr["positions"][i]
             add_sources(img, [x], [y], [cfg.movers[k][2]], sigma)
         img += rng.standard_normal(shape) * np.sqrt(v)
+        blind = ndimage.shift((flat < DEAD_FLAT).astype(float), (-shift[1], -shift[0]),
+                              order=1, mode="nearest") > 0
+        img[blind], v[blind] = np.nan, np.nan  # no light: no information, infinite variance
         sci.append(img.astype(np.float32))
         var.append(v.astype(np.float32))
     ours = nt.ours
@@ -482,7 +489,7 @@ def build_ideal(kb: types.SimpleNamespace, night: Path, nt: Night, config: Any,
                      per_image_wcs=list(ours.org_img_meta["per_image_wcs"]),
                      reprojected=ours.reprojected, reprojection_frame=ours.reprojection_frame,
                      observatory=ours.observatory)
-    _tag_since(first, "ideal, built (dead pixels: flat ~0, so a huge true variance)")
+    _tag_since(first, "ideal, built")
     return wu
 
 
@@ -1032,7 +1039,8 @@ def _ideal_cache_key(nt: Night, sim: SimConfig, seed: int, config: Any) -> str:
     blob = json.dumps({
         "sim": asdict(sim), "reference": nt.reference, "stems": nt.stems,
         "times": [round(float(t), 9) for t in st.times], "shape": [st.height, st.width],
-        "seed": seed, "generator": config["generator_config"], "lh": config["lh_level"],
+        "seed": seed, "ideal": IDEAL_VERSION, "generator": config["generator_config"],
+        "lh": config["lh_level"],
         "num_obs": config["num_obs"], "wcs": str(nt.ours.wcs),
     }, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
