@@ -122,7 +122,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="settings file (TOML), see astep_dask/config.py")
     g = p.add_argument_group("what the run shows")
     g.add_argument("-q", "--quiet", action="store_true",
-                   help="no progress and no cluster messages (the summary and errors stay)")
+                   help="print only what went wrong (failed frames, unusable files, "
+                   "errors; on stderr): no progress, no cluster messages, no summary; the "
+                   "exit code says how the run ended")
     g.add_argument("--performance-report", action="store_true",
                    help="write dask's performance report of the run (task stream, worker "
                    "profiles) to performance-<stage>.html in the night's output folder")
