@@ -474,10 +474,22 @@ def ccdproc_compare(cal_frames: dict[str, list[Raw]], science: list[Raw], out_ni
     """Master flat and science frames the slow way with ccdproc, against ours."""
     import astropy.units as u
     import ccdproc
+    from astropy.modeling import models
     from astropy.nddata import CCDData
+
+    from astep_dask.io.rawfiles import stem
 
     def ccd(r: Raw) -> CCDData:
         c = CCDData(load(r.path).astype(np.float32), unit="adu")
+        c.header["EXPTIME"] = r.exptime
+        head = header_of(r.path)[0]
+        if head.get("BIASSEC"):  # ccdproc's own overscan (a constant level) and trim
+            c = ccdproc.subtract_overscan(c, fits_section=str(head["BIASSEC"]),
+                                          overscan_axis=1, median=True,
+                                          model=models.Polynomial1D(0))
+        if head.get("TRIMSEC") or head.get("DATASEC"):
+            c = ccdproc.trim_image(c, fits_section=str(head.get("TRIMSEC")
+                                                        or head["DATASEC"]))
         c.header["EXPTIME"] = r.exptime
         return c
 
@@ -529,7 +541,7 @@ def ccdproc_compare(cal_frames: dict[str, list[Raw]], science: list[Raw], out_ni
         good = np.isfinite(ratio) & (mflat[filt].data > 0.5)
         out["flat"][filt] = {"file": ours_path.name, "median": float(np.median(ratio[good])),
                              "scatter": float(mad_std(ratio[good]))}
-    by_stem = {r.path.name.split(".")[0]: r for r in science}
+    by_stem = {stem(r.path): r for r in science}  # the package's own product names
     for p in cal[:max_frames]:
         sci, var, mask, head = product(p)
         raw = by_stem.get(p.name.replace("_CAL.fits", ""))
@@ -680,7 +692,11 @@ def main(argv: list[str] | None = None) -> int:
     usable = [r for r in raws if not r.problem]
     science = [r for r in usable if r.kind == "science"]
     if not science:
-        print("no usable science frame: nothing to calibrate", file=sys.stderr)
+        # what the package itself says of the folder, as a user would see it
+        said = run([console_script(), "arrange", str(src), str(work / "archive")])
+        print("no usable science frame by this benchmark's reading; `astep-dask arrange` "
+              f"says (exit {said['rc']}):\n{said['stderr'] or said['stdout']}",
+              file=sys.stderr)
         print(json.dumps(asdict(report), default=str))
         return 1
     if is_night:
