@@ -2,7 +2,9 @@
 
 :func:`frame_start` reads the start of an exposure from ``DATE-OBS`` (an ISO date, with a
 UTC offset such as ``+02:00`` or ``Z`` converted to UTC; a date alone completed by
-``TIME-OBS`` or ``UT``), ``MJD-OBS`` and ``TIMESYS`` (the scale of both, UTC when absent).
+a time-of-day keyword such as ``TIME-OBS``, ``UT`` or ``UTCSTART``, else by ``MJD-OBS`` or
+``JD``, never taken as midnight), ``MJD-OBS`` and ``TIMESYS`` (the scale of both, UTC when
+absent).
 The inventory (:mod:`astep_dask.io.layout`), the product writer
 (:func:`astep_dask.io.fitsio.mid_exposure`), the manifest and the readers of calibrated
 frames all take a frame's time from it, so they cannot disagree. A header whose time is
@@ -42,8 +44,12 @@ if TYPE_CHECKING:
     from astropy.coordinates import EarthLocation
 
 __all__ = [
+    "AIRMASS_DISAGREEMENT",
     "FOLLOW",
     "MAX_DISAGREEMENT",
+    "POINTING_DISAGREEMENT",
+    "READING_VERSION",
+    "TIME_OF_DAY",
     "YEARS",
     "FrameStart",
     "Pointing",
@@ -60,6 +66,13 @@ __all__ = [
 # temporary setting would not be thread-safe: workers calibrate frames in threads).
 iers.conf.auto_download = False
 
+# The version of how this module reads a header (times, pointing, site, airmass): raised
+# with every change that can give a header another reading (2: a date-only DATE-OBS
+# completed by UTCSTART/UTC-OBS/UT-TIME or MJD-OBS/JD, never midnight; WCS cards as text;
+# AIRMHDR and the airmass note). What is cached from an earlier reading (the inventory's
+# records in a night's index, a product's provenance) should name it, so that a re-run
+# reads the headers again.
+READING_VERSION = 2
 YEARS = (1990, 2100)  # plausible years of a frame's start (inclusive)
 MAX_DISAGREEMENT = 1.0  # s: DATE-OBS and MJD-OBS further apart are a conflict
 FOLLOW = ("none", "DATE-OBS", "MJD-OBS")  # what a conflict resolves to
@@ -75,6 +88,17 @@ _DATE = re.compile(
     r"(?:[T ](?P<time>\d{2}:\d{2}(?::\d{2}(?:\.\d*)?)?))?"
     r"(?P<zone>Z|[+-]\d{2}(?::?\d{2})?)?$")
 _TIME = re.compile(r"^\d{2}:\d{2}(?::\d{2}(?:\.\d*)?)?$")
+_DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+# Keywords that give the time of day (UTC, hh:mm[:ss[.s]]) of a DATE-OBS that holds a date
+# only, in the order they are read. TIME-OBS: the pre-1997 FITS convention (DATE-OBS then
+# held dd/mm/yy); UT: NOAO/KPNO and Lowell's older cameras; UTSTART: Lick and other
+# observatories; UTCSTART and UTC-OBS: Lowell's LOIS cameras ("universal time (start of
+# exposure)", both written); UT-TIME: Magellan/IMACS. The pairs DATE-OBS|TIME-OBS,
+# DATE-OBS|UT, DATE-OBS|UTC-OBS, DATE-OBS|UT-TIME are those photometrypipeline's telescope
+# definitions (setup/telescopes.py) use for these cameras. Two of them more than
+# MAX_DISAGREEMENT apart make the time a problem.
+TIME_OF_DAY = ("TIME-OBS", "UT", "UTSTART", "UTCSTART", "UTC-OBS", "UT-TIME")
 
 # The same years as MJDs: 1990-01-01 and 2101-01-01 (checked before any time is made:
 # astropy warns of "dubious years" far from today).
@@ -206,6 +230,13 @@ def _span(seconds: float) -> str:
 def frame_start(header: fits.Header, follow: str = "none") -> FrameStart:
     """The start of a frame's exposure, from ``DATE-OBS``, ``MJD-OBS`` and ``TIMESYS``.
 
+    A ``DATE-OBS`` that holds a date only is completed by the first time-of-day keyword of
+    :data:`TIME_OF_DAY` the header has (``TIME-OBS``, ``UT``, ``UTSTART``, ``UTCSTART``,
+    ``UTC-OBS``, ``UT-TIME``; two of them more than a second apart are a problem). Without
+    one, ``MJD-OBS`` gives the time, else ``JD`` (taken as the start, with a note), when
+    it falls on that date; else the frame's time is unknown and ``problem`` says what is
+    missing: a date alone is never taken as midnight.
+
     Parameters
     ----------
     header
@@ -237,13 +268,16 @@ def frame_start(header: fits.Header, follow: str = "none") -> FrameStart:
     found: dict[str, Time] = {}
     bad: dict[str, str] = {}
     date = header.get("DATE-OBS")
+    date_only = False  # a DATE-OBS that holds a date and no time of day
+    clock_key = ""
     if date is not None and not (isinstance(date, str) and not date.strip()):
-        clock = next((str(header[k]) for k in ("TIME-OBS", "UT", "UTSTART")
-                      if isinstance(header.get(k), str) and header[k].strip()), "")
         try:
             if not isinstance(date, str):
                 raise ValueError("not a date")
-            found["DATE-OBS"] = parse_date_obs(date, scale, clock)
+            date_only = _DATE_ONLY.match(date.strip()) is not None
+            clock_key, clock = _time_of_day(header) if date_only else ("", "")
+            if not date_only or clock_key:  # else MJD-OBS or JD may give it (below)
+                found["DATE-OBS"] = parse_date_obs(date, scale, clock)
         except ValueError as exc:
             bad["DATE-OBS"] = f"bad DATE-OBS {date!r} ({exc})"
     if "MJD-OBS" in header and header["MJD-OBS"] is not None and not (
@@ -258,11 +292,15 @@ def frame_start(header: fits.Header, follow: str = "none") -> FrameStart:
             bad["MJD-OBS"] = f"bad MJD-OBS {value!r} ({exc})"
 
     note = ""
+    if date_only and not clock_key and "DATE-OBS" not in bad:
+        return _date_only_start(header, str(date).strip(), scale, sys_name, found, bad)
     if len(found) == 2:
         diff = float((found["DATE-OBS"] - found["MJD-OBS"]).sec)
         if abs(diff) <= MAX_DISAGREEMENT:  # MJD-OBS: a float holds microseconds
             return FrameStart(found["MJD-OBS"], sys_name, "MJD-OBS, DATE-OBS")
-        conflict = (f"DATE-OBS {header['DATE-OBS']!r} and MJD-OBS {header['MJD-OBS']!r} "
+        given = f"DATE-OBS {header['DATE-OBS']!r}" + (
+            f" {clock_key} {header[clock_key]!r}" if clock_key else "")
+        conflict = (f"{given} and MJD-OBS {header['MJD-OBS']!r} "
                     f"({found['MJD-OBS'].isot} {sys_name}) differ by {_span(diff)} "
                     f"(more than {MAX_DISAGREEMENT:g} s)")
         if follow == "none":
@@ -277,8 +315,79 @@ def frame_start(header: fits.Header, follow: str = "none") -> FrameStart:
         return FrameStart(None, sys_name, problem="; ".join(bad[k] for k in keys))
     if found:
         key, t = next(iter(found.items()))
+        if key == "DATE-OBS" and clock_key:
+            key = f"DATE-OBS+{clock_key}"
         return FrameStart(t, sys_name, key, note=note)
     return FrameStart(None, sys_name)
+
+
+def _time_of_day(header: fits.Header) -> tuple[str, str]:
+    """The keyword and value that give the time of day of a date-only ``DATE-OBS``
+    (:data:`TIME_OF_DAY`, the first one with text), ("", "") when none has one.
+
+    Raises
+    ------
+    ValueError
+        When two of them are readable and more than :data:`MAX_DISAGREEMENT` apart (both
+        values are in the reason).
+    """
+    given = [(k, header[k].strip()) for k in TIME_OF_DAY
+             if isinstance(header.get(k), str) and header[k].strip()]
+    if not given:
+        return "", ""
+    seconds = {}
+    for key, text in given:
+        if _TIME.match(text):
+            parts = [float(p) for p in text.split(":")]
+            seconds[key] = parts[0] * 3600 + parts[1] * 60 + (parts[2] if len(parts) > 2 else 0)
+    if seconds:
+        first = next(iter(seconds))
+        for key, value in seconds.items():
+            gap = abs(value - seconds[first])
+            if min(gap, 86400 - gap) > MAX_DISAGREEMENT:
+                raise ValueError(f"time of day {first} {header[first]!r} and {key} "
+                                 f"{header[key]!r} differ by {_span(gap)}")
+    return given[0]
+
+
+def _date_only_start(header: fits.Header, date: str, scale: str, sys_name: str,
+                     found: dict[str, Time], bad: dict[str, str]) -> FrameStart:
+    """The start of a frame whose ``DATE-OBS`` is a date alone and no time-of-day keyword
+    completes it: ``MJD-OBS`` (else ``JD``) when it falls on that date; else no time and a
+    problem naming what is missing (never midnight)."""
+    if "MJD-OBS" in bad:
+        return FrameStart(None, sys_name, problem=bad["MJD-OBS"])
+    source, t = ("MJD-OBS", found["MJD-OBS"]) if "MJD-OBS" in found else ("", None)
+    note = ""
+    if t is None and header.get("JD") is not None:
+        jd = _number(header["JD"])  # a number, or a number as text (OPD's Andor camera)
+        try:
+            if jd is None:
+                raise ValueError("not a number")
+            mjd = _mjd_obs(jd - 2400000.5)
+        except ValueError as exc:
+            return FrameStart(None, sys_name, problem=(
+                f"DATE-OBS {date!r} holds a date only, and JD {header['JD']!r} is no time "
+                f"({exc})"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ErfaWarning)
+            t = Time(mjd, format="mjd", scale=scale)
+        source = "JD"
+        note = (f"DATE-OBS {date!r} holds a date only: the start of exposure is JD "
+                f"{header['JD']!r} (taken as the start)")
+    if t is None:
+        return FrameStart(None, sys_name, problem=(
+            f"DATE-OBS {date!r} holds a date only and no time of day "
+            f"({', '.join(TIME_OF_DAY)}) nor MJD-OBS or JD gives the time: "
+            f"the frame's time is unknown"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ErfaWarning)
+        day = t.isot[:10]
+    if day != date[:10]:
+        return FrameStart(None, sys_name, problem=(
+            f"time conflict: DATE-OBS {date!r} (a date only) and {source} "
+            f"{header[source]!r} ({t.isot} {sys_name}) fall on different days"))
+    return FrameStart(t, sys_name, f"{source}, DATE-OBS", note=note)
 
 
 def product_follow(header: fits.Header) -> str:
@@ -311,11 +420,12 @@ class Site:
 
 @dataclass(frozen=True)
 class Pointing:
-    """The field centre of a frame (ICRS, deg) and where it came from."""
+    """The field centre of a frame (ICRS, deg), where it came from and a note."""
 
     ra: float
     dec: float
     source: str
+    note: str = ""  # what was resolved on the way (WCS cards as text, a disagreement)
 
 
 # Site keywords, in order: (latitude, longitude, height) of one convention each.
@@ -393,34 +503,55 @@ def frame_site(header: fits.Header, latitude: float, longitude: float, elevation
     return Site(float(latitude), float(longitude), float(elevation), "setting"), ""
 
 
-def frame_pointing(header: fits.Header) -> tuple[Pointing | None, str]:
-    """A frame's field centre: the celestial WCS at the image centre when the header has
-    one, else ``RA``/``DEC`` (``OBJCTRA``/``OBJCTDEC``, ``TELRA``/``TELDEC``: text RA in
-    hours, numbers in degrees).
+# WCS cards whose values must be numbers (FITS WCS paper I): a WCS whose CRVAL, CRPIX or
+# CD / CDELT / PC card is text is read by astropy (its warnings silenced) as if the card
+# were absent, CRVAL then 0: a pointing of (0, 0) that is no pointing at all.
+_WCS_NUMERIC = re.compile(r"^(CRVAL[12]|CRPIX[12]|CDELT[12]|CD[12]_[12]|PC[12]_[12]|CROTA2"
+                          r"|PV[12]_\d+|LONPOLE|LATPOLE|EQUINOX)$")
+# A WCS centre and the header's RA/DEC further apart than this (deg) are a note: more than
+# a large field's size, or a telescope's pointing error.
+POINTING_DISAGREEMENT = 3.0
+# The raw header's AIRMASS and ours further apart than this (relative) are a note: the
+# site, the pointing or the time is not the header's (an exposure's start and middle
+# differ by less at the airmasses where it matters).
+AIRMASS_DISAGREEMENT = 0.05
 
-    Returns
-    -------
-    tuple
-        The pointing and "" ; or None and why there is none.
-    """
-    ctype1 = str(header.get("CTYPE1", ""))
-    if ctype1.startswith("RA--") and str(header.get("CTYPE2", "")).startswith("DEC-"):
-        from astropy.wcs import WCS  # a WCS only for frames that have one
 
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                w = WCS(header, naxis=2)
-                nx = _number(header.get("ZNAXIS1", header.get("NAXIS1")))
-                ny = _number(header.get("ZNAXIS2", header.get("NAXIS2")))
-                if nx and ny:
-                    ra, dec = w.all_pix2world([[(nx - 1) / 2, (ny - 1) / 2]], 0)[0]
-                else:
-                    ra, dec = w.wcs.crval[:2]
-            if np.isfinite(ra) and np.isfinite(dec) and -90 <= dec <= 90:
-                return Pointing(float(ra) % 360.0, float(dec), "WCS centre"), ""
-        except Exception:  # an unreadable WCS: try the keywords
-            pass
+def _wcs_header(header: fits.Header) -> tuple[fits.Header | None, str, str]:
+    """The header with its WCS cards as numbers, whether some were text, and why the WCS
+    cannot be used ("" when it can): a CRVAL, CRPIX or CD/CDELT card missing or not a
+    number (text that reads as a number is taken as that number)."""
+    missing = [k for k in ("CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2") if k not in header]
+    scale = [k for k in ("CD1_1", "CD1_2", "CD2_1", "CD2_2") if k in header] or [
+        k for k in ("CDELT1", "CDELT2") if k in header]
+    if missing or not scale:
+        absent = missing + ([] if scale else ["CD1_1..CD2_2 or CDELT1/2"])
+        return None, "", f"WCS card{'s' * (len(absent) > 1)} {', '.join(absent)} missing"
+    out = header.copy()
+    text = []
+    for card in header.cards:
+        if not _WCS_NUMERIC.match(card.keyword):
+            continue
+        value = card.value
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            return None, "", f"WCS card {card.keyword} = {value!r} is not a number"
+        if isinstance(value, str):
+            number = _number(value.strip()) if value.strip() else None
+            if number is None:
+                return None, "", f"WCS card {card.keyword} = {value!r} is not a number"
+            out[card.keyword] = number
+            text.append(card.keyword)
+        elif not math.isfinite(float(value)):
+            return None, "", f"WCS card {card.keyword} = {value!r} is not a finite number"
+    core = [k for k in text if not k.startswith(("PV", "EQUINOX", "LONPOLE", "LATPOLE"))]
+    more = len(text) - len(core)
+    named = ", ".join(core) + (f" (and {more} more)" if more and core else "")
+    return out, named or ", ".join(text), ""
+
+
+def _keyword_pointing(header: fits.Header) -> tuple[Pointing | None, str]:
+    """``RA``/``DEC`` (else ``OBJCTRA``/``OBJCTDEC``, ``TELRA``/``TELDEC``): text RA in
+    hours, numbers in degrees."""
     for ra_key, dec_key in (("RA", "DEC"), ("OBJCTRA", "OBJCTDEC"), ("TELRA", "TELDEC")):
         if header.get(ra_key) is None or header.get(dec_key) is None:
             continue
@@ -434,6 +565,83 @@ def frame_pointing(header: fits.Header) -> tuple[Pointing | None, str]:
                           f"{dec_key}={header[dec_key]!r}")
         return Pointing(ra, dec, f"{ra_key}/{dec_key} keywords"), ""
     return None, "no pointing (no WCS, no RA/DEC or OBJCTRA/OBJCTDEC in the header)"
+
+
+def _separation(a: Pointing, b: Pointing) -> float:
+    """Angle between two pointings (deg)."""
+    ra1, dec1, ra2, dec2 = map(math.radians, (a.ra, a.dec, b.ra, b.dec))
+    cos = (math.sin(dec1) * math.sin(dec2)
+           + math.cos(dec1) * math.cos(dec2) * math.cos(ra1 - ra2))
+    return math.degrees(math.acos(max(-1.0, min(1.0, cos))))
+
+
+def frame_pointing(header: fits.Header) -> tuple[Pointing | None, str]:
+    """A frame's field centre: the celestial WCS at the image centre when the header has
+    a usable one, else ``RA``/``DEC`` (``OBJCTRA``/``OBJCTDEC``, ``TELRA``/``TELDEC``:
+    text RA in hours, numbers in degrees).
+
+    A WCS is used only when its ``CRVAL1/2``, ``CRPIX1/2`` and ``CD`` (or ``CDELT``, with
+    ``PC``) cards are there and are numbers; cards written as text that reads as a number
+    (SCAMP / photometrypipeline headers: ``CRVAL1 = '124.6185920672'``) are taken as that
+    number, and the source says so. A WCS with a card missing or not a number is not used
+    (astropy would read a missing CRVAL as 0): the keywords are, and ``note`` names the
+    card. When both a WCS centre and the keywords are there and lie more than
+    :data:`POINTING_DISAGREEMENT` degrees apart, the WCS centre is kept (a fit to the
+    stars describes the pixels; the telescope's RA/DEC may be a requested or stale
+    position) and ``note`` gives both.
+
+    Returns
+    -------
+    tuple
+        The pointing and "" ; or None and why there is none.
+    """
+    ctype1 = str(header.get("CTYPE1", ""))
+    wcs_note = ""
+    if ctype1.startswith("RA--") and str(header.get("CTYPE2", "")).startswith("DEC-"):
+        numeric, as_text, why = _wcs_header(header)
+        centre = None
+        if numeric is not None:
+            centre, why = _wcs_centre(numeric)
+        if centre is not None:
+            source = "WCS centre" + (" (cards as text)" if as_text else "")
+            notes = [f"WCS cards {as_text} are text: read as numbers"] if as_text else []
+            keywords, _ = _keyword_pointing(header)
+            if keywords is not None and (
+                    sep := _separation(centre, keywords)) > POINTING_DISAGREEMENT:
+                notes.append(
+                    f"WCS centre RA {centre.ra:.4f} Dec {centre.dec:.4f} and "
+                    f"{keywords.source} RA {keywords.ra:.4f} Dec {keywords.dec:.4f} are "
+                    f"{sep:.1f} deg apart: the WCS centre is used")
+            return Pointing(centre.ra, centre.dec, source, "; ".join(notes)), ""
+        wcs_note = f"{why}: the WCS is not used for the pointing"
+    where, why = _keyword_pointing(header)
+    if wcs_note:
+        if where is None:
+            return None, f"{wcs_note}; {why}"
+        return Pointing(where.ra, where.dec, where.source, wcs_note), ""
+    return where, why
+
+
+def _wcs_centre(header: fits.Header) -> tuple[Pointing | None, str]:
+    """The celestial position of the image centre (of ``CRVAL`` without ``NAXIS``) by the
+    header's WCS, whose cards are numbers; None and why when it cannot be computed."""
+    from astropy.wcs import WCS  # a WCS only for frames that have one
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            w = WCS(header, naxis=2)
+            nx = _number(header.get("ZNAXIS1", header.get("NAXIS1")))
+            ny = _number(header.get("ZNAXIS2", header.get("NAXIS2")))
+            if nx and ny:
+                ra, dec = w.all_pix2world([[(nx - 1) / 2, (ny - 1) / 2]], 0)[0]
+            else:
+                ra, dec = w.wcs.crval[:2]
+    except Exception as exc:  # an unreadable WCS: the keywords are tried
+        return None, f"unreadable WCS ({type(exc).__name__})"
+    if np.isfinite(ra) and np.isfinite(dec) and -90 <= dec <= 90:
+        return Pointing(float(ra) % 360.0, float(dec), "WCS centre"), ""
+    return None, f"WCS centre ({ra}, {dec}) impossible"
 
 
 # ------------------------------------------------------------------- mid-exposure cards
@@ -503,6 +711,8 @@ def _exposure_cards(header: fits.Header, exptime: float, latitude: float,
             "OBSGEO-H": (site.elevation, "[m] site height above the WGS84 ellipsoid"),
             "SITESRC": (site.source, "site from these header keys or the setting"),
         })
+    if where is not None and where.note:
+        notes.append(where.note)
     if where is None or site is None:
         notes.append(f"{why or site_why}: no BJD_TDB, AIRMASS or CENTALT")
         return cards, notes
@@ -521,10 +731,41 @@ def _exposure_cards(header: fits.Header, exptime: float, latitude: float,
         "BJD_TDB": (float(bjd), "[d] barycentric JD (TDB) at mid-exposure"),
         "CENTALT": (round(alt, 5), "[deg] altitude of the field at mid-exposure"),
     })
-    if alt >= 5.0:
-        cards["AIRMASS"] = (round(1.0 / math.sin(math.radians(alt)), 5),
-                            "sec z of the field at mid-exposure")
+    ours = round(1.0 / math.sin(math.radians(alt)), 5) if alt >= 5.0 else None
+    raw_key, raw = _header_airmass(header)
+    if ours is not None:
+        cards["AIRMASS"] = (ours, "sec z of the field at mid-exposure")
+        if "AIRMASS" in header and header["AIRMASS"] is not None:  # ours replaces it
+            value = _number(header["AIRMASS"])
+            cards["AIRMHDR"] = (value if value is not None else str(header["AIRMASS"]),
+                                "AIRMASS of the raw header")
     else:
         notes.append(f"field {alt:.1f} deg above the horizon at mid-exposure: no AIRMASS")
+    if raw is not None and (ours is None or abs(ours / raw - 1.0) > AIRMASS_DISAGREEMENT):
+        computed = f"{ours:.3f}" if ours is not None else f"none (altitude {alt:.1f} deg)"
+        place = (f"at the [site] setting's site ({_place(site)}): set [site] for this camera"
+                 if site.source == "setting" else
+                 f"at the header's site ({_place(site)}, {site.source}) for the field "
+                 f"RA {where.ra:.4f} Dec {where.dec:.4f} ({where.source}): check the "
+                 f"site, the pointing and the time")
+        notes.append(f"header {raw_key} {raw:.3f} differs from {computed} computed {place}")
     cards["PNTSRC"] = (where.source, "field centre used for BJD_TDB, CENTALT, AIRMASS")
     return cards, notes
+
+
+def _header_airmass(header: fits.Header) -> tuple[str, float | None]:
+    """The raw header's own airmass: ``AIRMASS`` (else ``SECZ``, CTIO's ANDICAM), a number
+    or a number as text, 1-40; ("", None) when none is there or it is implausible.
+    (Altitude cards are not read: ``ALTITUDE`` is the site's height on some cameras, the
+    LOIS ones among them.)"""
+    for key in ("AIRMASS", "SECZ"):
+        value = _number(header.get(key))
+        if value is not None and 1.0 <= value <= 40.0:
+            return key, value
+    return "", None
+
+
+def _place(site: Site) -> str:
+    """A site as '75.10 S, 123.33 E'."""
+    return (f"{abs(site.latitude):.2f} {'S' if site.latitude < 0 else 'N'}, "
+            f"{abs(site.longitude):.2f} {'W' if site.longitude < 0 else 'E'}")

@@ -369,3 +369,150 @@ def test_a_frame_is_redone_when_the_site_changes(small_night):
     assert frame_provenance(rec, "masters", Settings()) == here
     elsewhere = Settings().replace(site={"latitude": -24.6, "longitude": -70.4})
     assert frame_provenance(rec, "masters", elsewhere) != here
+
+
+# ------------------------------------------- real cameras (issue 29): three silent values
+LOIS_WCS = {  # a Lowell LOIS frame after SCAMP/photometrypipeline: WCS cards as text
+    "CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRVAL1": "124.6185920672",
+    "CRVAL2": "25.32885681452", "CRPIX1": "716.0", "CRPIX2": "685.0",
+    "CD1_1": "-0.0003073728745725", "CD1_2": "1.223604312691e-05",
+    "CD2_1": "1.223604312691e-05", "CD2_2": "0.0003073728745725", "NAXIS1": 1432,
+    "NAXIS2": 1370}
+
+
+@pytest.mark.parametrize("key", ["TIME-OBS", "UT", "UTSTART", "UTCSTART", "UTC-OBS",
+                                 "UT-TIME"])
+def test_a_date_alone_is_completed_by_each_time_of_day_keyword(key):
+    h = _h(DATE_OBS="2026-06-15")
+    h[key] = "20:00:00.25"
+    s = frame_start(h)
+    assert s.problem == "" and s.source == f"DATE-OBS+{key}"
+    assert (s.mjd - MJD_START) * 86400 == pytest.approx(0.25, abs=1e-4)
+
+
+def test_a_date_alone_without_a_time_of_day_is_never_midnight():
+    s = frame_start(_h(DATE_OBS="2026-06-15", EXPTIME=60.0))
+    assert s.time is None
+    assert "'2026-06-15'" in s.problem and "date only" in s.problem
+    assert "UTCSTART" in s.problem and "MJD-OBS" in s.problem
+    cards, notes = exposure_cards(_h(DATE_OBS="2026-06-15", RA=RA, DEC=DEC), 60.0,
+                                  *CONCORDIA)
+    assert cards == {} and "date only" in notes[0]
+    with pytest.raises(ValueError, match="date only"):
+        mid_exposure(_h(DATE_OBS="2026-06-15"))
+    # ... the inventory makes such a frame unusable, with that reason
+    # (checked in test_a_date_only_frame_is_unusable_in_the_inventory)
+
+
+def test_a_date_alone_takes_its_time_from_mjd_obs_or_jd():
+    s = frame_start(_h(DATE_OBS="2026-06-15", MJD_OBS=MJD_START))
+    assert s.problem == "" and s.mjd == pytest.approx(MJD_START, abs=1e-9)
+    assert "MJD-OBS" in s.source
+    h = _h(DATE_OBS="2026-06-15")
+    h["JD"] = f"{MJD_START + 2400000.5:.5f}"  # as OPD's Andor camera writes it: text
+    s = frame_start(h)
+    assert s.problem == "" and s.source == "JD, DATE-OBS" and "JD" in s.note
+    assert abs(s.mjd - MJD_START) * 86400 < 0.5  # 5 decimals of a day: 0.43 s
+    # another day than the date: a conflict, not a time
+    s = frame_start(_h(DATE_OBS="2026-06-14", MJD_OBS=MJD_START))
+    assert s.time is None and "different days" in s.problem
+    # a time-of-day keyword wins over JD; MJD-OBS then is checked against it
+    h = _h(DATE_OBS="2026-06-15", UT="21:00:00", MJD_OBS=MJD_START)
+    assert "conflict" in frame_start(h).problem and "UT '21:00:00'" in frame_start(h).problem
+
+
+def test_two_time_of_day_keywords_that_disagree_are_a_problem():
+    h = _h(DATE_OBS="2026-06-15", UTCSTART="20:00:00", UT="20:30:00")
+    s = frame_start(h)
+    assert s.time is None and "UT" in s.problem and "30 min" in s.problem
+    h = _h(DATE_OBS="2026-06-15", UTCSTART="20:00:00.2", UT="20:00:00")  # agree
+    assert frame_start(h).problem == ""
+
+
+def test_a_date_only_frame_is_unusable_in_the_inventory(tmp_path):
+    p = _raw_file(tmp_path / "a_SCIENCE.fits", **{"DATE-OBS": "2026-06-15"})
+    rec = read_record(p)
+    assert not rec.usable and "date only" in rec.problem
+    q = _raw_file(tmp_path / "b_SCIENCE.fits", UTCSTART="20:00:00",
+                  **{"DATE-OBS": "2026-06-15"})
+    rec = read_record(q)
+    assert rec.usable and rec.mjd == pytest.approx(MJD_START, abs=1e-9)
+
+
+def _alt_truth(when: str, ra: float, dec: float, site: tuple) -> float:
+    loc = EarthLocation.from_geodetic(site[1] * u.deg, site[0] * u.deg, site[2] * u.m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        aa = SkyCoord(ra * u.deg, dec * u.deg).transform_to(
+            AltAz(obstime=Time(when, scale="utc"), location=loc))
+    return float(aa.alt.deg)
+
+
+def test_a_wcs_written_as_text_is_read_as_numbers_and_said_so():
+    h = _h(DATE_OBS=START, **LOIS_WCS)
+    where, why = frame_pointing(h)
+    assert why == "" and where.source == "WCS centre (cards as text)"
+    numeric = fits.Header({k: (float(v) if isinstance(v, str) and k[:2] != "CT" else v)
+                           for k, v in LOIS_WCS.items()})
+    truth = WCS(numeric).pixel_to_world((1432 - 1) / 2, (1370 - 1) / 2)
+    assert where.ra == pytest.approx(truth.ra.deg, abs=1e-7)
+    assert where.dec == pytest.approx(truth.dec.deg, abs=1e-7)
+    assert "CRVAL1" in where.note and "text" in where.note
+    cards, notes = exposure_cards(h, 0.0, *CONCORDIA)
+    assert cards["PNTSRC"][0] == "WCS centre (cards as text)"
+    assert any("CRVAL1" in n for n in notes)
+
+
+@pytest.mark.parametrize("bad, card", [({"CRVAL1": "n/a"}, "CRVAL1"),
+                                        ({"CD1_1": "  "}, "CD1_1"),
+                                        ({"CRVAL2": None}, "CRVAL2")])
+def test_a_wcs_with_a_card_that_is_no_number_is_not_the_pointing(bad, card):
+    cards = {**LOIS_WCS, **bad}
+    if bad.get(card, 0) is None:
+        del cards[card]
+    h = _h(DATE_OBS=START, **cards, RA="08:18:29.9", DEC="+25:19:59")
+    where, why = frame_pointing(h)
+    assert why == "" and where.source == "RA/DEC keywords"
+    assert where.ra == pytest.approx(124.624583, abs=1e-5)
+    assert where.dec == pytest.approx(25 + 19 / 60 + 59 / 3600, abs=1e-6)
+    assert card in where.note and "not used" in where.note
+    # without keywords: no pointing (never (0, 0)), the card named
+    h = _h(DATE_OBS=START, **cards)
+    where, why = frame_pointing(h)
+    assert where is None and card in why
+
+
+def test_a_wcs_centre_far_from_ra_dec_is_kept_with_a_note():
+    num = {k: (float(v) if isinstance(v, str) and k[:2] != "CT" else v)
+           for k, v in LOIS_WCS.items()}
+    h = _h(**num, RA=130.0, DEC=25.3)  # 4.9 deg east of the WCS centre
+    where, _ = frame_pointing(h)
+    assert where.source == "WCS centre" and where.ra == pytest.approx(124.618, abs=1e-2)
+    assert "apart" in where.note and "130.0000" in where.note and "124.61" in where.note
+    h = _h(**num, RA=124.7, DEC=25.3)  # near: no note
+    assert frame_pointing(h)[0].note == ""
+
+
+def test_a_header_airmass_far_from_ours_at_the_setting_site_is_a_note():
+    """The OPD case: no site cards, the [site] default (Concordia) used; the header's own
+    AIRMASS (text, as that camera writes it) disagrees: a note naming both and the site;
+    the raw value kept as AIRMHDR."""
+    when, ra, dec = START, RA, DEC
+    alt = _alt_truth(when, ra, dec, CONCORDIA)
+    ours = 1 / np.sin(np.radians(alt))
+    h = _h(DATE_OBS=when, RA=ra, DEC=dec, AIRMASS=f"{ours * 1.3:.3f}")
+    cards, notes = exposure_cards(h, 0.0, *CONCORDIA)
+    assert cards["AIRMASS"][0] == pytest.approx(ours, abs=1e-3)
+    assert cards["AIRMHDR"][0] == pytest.approx(ours * 1.3, abs=1e-3)
+    assert len(notes) == 1 and "[site] setting" in notes[0]
+    assert f"{ours * 1.3:.3f}" in notes[0] and f"{ours:.3f}" in notes[0]
+    assert "75.10 S, 123.33 E" in notes[0]
+    # within 5 %: no note, the raw value still kept
+    h = _h(DATE_OBS=when, RA=ra, DEC=dec, AIRMASS=round(ours * 1.03, 4))
+    cards, notes = exposure_cards(h, 0.0, *CONCORDIA)
+    assert notes == [] and cards["AIRMHDR"][0] == round(ours * 1.03, 4)
+    # a header site that disagrees is a note too (site, pointing or time to check)
+    h = _h(DATE_OBS=when, RA=ra, DEC=dec, AIRMASS=round(ours * 1.3, 4),
+           SITELAT=CONCORDIA[0], SITELONG=CONCORDIA[1], SITEELEV=CONCORDIA[2])
+    _, notes = exposure_cards(h, 0.0, *CONCORDIA)
+    assert len(notes) == 1 and "header's site" in notes[0]
