@@ -35,12 +35,17 @@ from pathlib import Path
 from astep_dask.io.layout import known_record, remember_record
 from astep_dask.io.products import read_manifest
 from astep_dask.io.rawfiles import Content, known_content, remember
+from astep_dask.io.times import READING_VERSION
 from astep_dask.version import __version__
 
 __all__ = ["RACY_NS", "FileIndex", "Stamp", "stamp_of"]
 
 RACY_NS = 2_000_000_000  # ns: the coarsest time-stamp granularity we allow for (2 s)
 _VERSION = 1
+# Who read the cached header facts: the package version and the version of the header
+# reading rules (io.times.READING_VERSION, raised with every change that can read a header
+# otherwise; the package version alone does not change with the code)
+_READER = f"{__version__}/r{READING_VERSION}"
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,7 @@ class FileIndex:
             table = manifest.get("files") or {}
             # Header facts are read by this version's rules only (a new version may
             # classify or check a header otherwise); digests hold whatever the version.
-            same = table.get("pipeline") == __version__
+            same = table.get("pipeline") == _READER
             if table.get("version") == _VERSION:
                 for name, e in table["entries"].items():
                     entries[name] = Entry(Stamp.from_list(e["stamp"]), str(e["digest"]),
@@ -122,7 +127,7 @@ class FileIndex:
 
     def to_manifest(self) -> dict:
         """The ``files`` table (entries of files that no longer exist left out)."""
-        return {"version": _VERSION, "pipeline": __version__, "racy_ns": RACY_NS,
+        return {"version": _VERSION, "pipeline": _READER, "racy_ns": RACY_NS,
                 "entries": {
                     name: {"stamp": e.stamp.to_list(), "digest": e.digest,
                            "checked_ns": e.checked_ns, "written": e.written,

@@ -24,6 +24,7 @@ from astropy.utils.exceptions import AstropyUserWarning
 from astep_dask.config import Settings
 from astep_dask.io.layout import FrameRecord, iter_fits, night_folders
 from astep_dask.io.rawfiles import content_digest
+from astep_dask.io.times import READING_VERSION
 from astep_dask.version import __version__
 
 __all__ = [
@@ -109,7 +110,7 @@ def frame_provenance(record: FrameRecord, masters_digest: str, settings: Setting
     return digest_of(identity, masters_digest,
                      settings.digest("cosmics", "detector", "combine", "flat", "mask",
                                      "output", "site"),  # site: BJD_TDB, AIRMASS cards
-                     __version__)
+                     __version__, f"r{READING_VERSION}")  # how its header was read
 
 
 def _file_identity(kind: str, path: Path) -> tuple:
