@@ -2,7 +2,8 @@
 they make sense.
 
 A frame is classified from its header (``ACQTYPE``, ``IMAGETYP`` or ``OBSTYPE``), the
-file name only as a fallback. Exposure time, gain, read noise and saturation are checked
+file name only as a fallback; its filter is the first of :data:`FILTER_KEYS` that names
+one (:func:`frame_filter`). Exposure time, gain, read noise and saturation are checked
 when the night is scanned (:func:`value_problems`): a frame with an impossible value is
 unusable, with the reason, before any pixel is calibrated with it.
 """
@@ -10,6 +11,7 @@ unusable, with the reason, before any pixel is calibrated with it.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +22,19 @@ from astep_dask.io.rawfiles import stem
 
 __all__ = [
     "EXPTIME_KEYS",
+    "FILTER_KEYS",
     "GAIN_KEYS",
     "GAIN_RANGE",
     "RDNOISE_KEYS",
     "RDNOISE_RANGE",
     "SATURATE_KEYS",
     "SATURATE_RANGE",
+    "FilterReading",
     "FrameType",
     "classify",
     "exposure_time",
+    "filter_label",
+    "frame_filter",
     "header_float",
     "header_section",
     "image_hdu_index",
@@ -153,6 +159,75 @@ RDNOISE_KEYS = ("RDNOISE", "READNOIS", "RON")
 
 
 SATURATE_KEYS = ("SATURATE", "SATLEVEL")
+
+
+# The keywords that name a frame's filter, in the order they are tried: the first present
+# with a non-empty value is the filter (:func:`frame_filter`). Who writes each (the
+# photometrypipeline's telescope table, setup/telescopes.py, lists the same per camera):
+FILTER_KEYS = (
+    "FILTER",  # the common one: IRAF/NOAO cameras, MaxIm DL, ASCOM/ACP, N.I.N.A., Andor
+    #            Solis (an OPD Andor night), Las Cumbres, KPNO, SOAR; our own products
+    "FILTNAME",  # Lowell LOIS on the Hall 42-inch (a real night's flats carry only this)
+    "FILTERS",  # Lowell DCT LMI (LOIS: both wheels as one name), CTIO 0.9-m ('dia v')
+    "FILTERID",  # CTIO 1.0-m Y4KCam
+    "INSFLNAM",  # Calar Alto (CAHA) instruments, e.g. CAFOS
+    "FLT_ID",  # TNG DOLORES
+    "WFFBAND",  # INT Wide Field Camera
+)
+# Left out: keywords that name one wheel of several (FILTER1/FILTER2 of HST, GMOS, WIYN
+# HDI, CFHT MegaPrime; ALFLTNM/FAFLTNM of NOT ALFOSC; FILTNME3 of the Lowell 72-inch):
+# one wheel's position ('Open' on the other) is not the filter, and taking the first
+# would put every filter of such a camera in one group.
+
+
+@dataclass(frozen=True)
+class FilterReading:
+    """A frame's filter as its header names it (:func:`frame_filter`)."""
+
+    name: str  # "" when no keyword of FILTER_KEYS names one
+    key: str  # the keyword it was read from ("" when none)
+    note: str = ""  # keywords that name another filter, when there are
+
+    def notes(self, kind: FrameType) -> list[str]:
+        """What the inventory says about this reading for a frame of ``kind``: only flats
+        and science frames are matched by filter (a bias or dark has none that matters).
+        """
+        if kind not in (FrameType.FLAT, FrameType.SCIENCE):
+            return []
+        if not self.name:
+            return [f"no filter keyword ({', '.join(FILTER_KEYS)}): filter taken as "
+                    f"{filter_label('')}"]
+        out = [self.note] if self.note else []
+        if self.key != FILTER_KEYS[0]:
+            out.append(f"filter from {self.key} ({FILTER_KEYS[0]} missing or blank)")
+        return out
+
+
+def frame_filter(header: fits.Header) -> FilterReading:
+    """The one reader of a raw frame's filter: the value of the first of
+    :data:`FILTER_KEYS` present with a non-empty value (surrounding blanks removed; a
+    boolean names no filter), "" when none is. When another of the keywords names a
+    different filter, the reading's ``note`` says which was used."""
+    found: list[tuple[str, str]] = []
+    for key in FILTER_KEYS:
+        value = header.get(key)
+        if value is None or isinstance(value, bool):
+            continue
+        text = str(value).strip()
+        if text:
+            found.append((key, text))
+    if not found:
+        return FilterReading("", "")
+    key, name = found[0]
+    others = [f"{k} {v!r}" for k, v in found[1:] if v != name]
+    note = (f"filter keywords disagree: {key} {name!r} used, not {', '.join(others)}"
+            if others else "")
+    return FilterReading(name, key, note)
+
+
+def filter_label(name: str) -> str:
+    """A filter as messages show it: quoted (``'VR'``), or ``(no filter)`` for ""."""
+    return repr(name) if name else "(no filter)"
 
 
 MAX_EXPTIME = 86400.0  # s: an exposure longer than a day is a broken header

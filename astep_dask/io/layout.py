@@ -45,6 +45,8 @@ from astep_dask.io.headers import (
     FrameType,
     classify,
     exposure_time,
+    filter_label,
+    frame_filter,
     header_float,
     header_section,
     image_hdu_index,
@@ -67,6 +69,7 @@ __all__ = [
     "INVENTORY_THREADS",
     "NO_GAIN",
     "NO_READ_NOISE",
+    "READER_VERSION",
     "SCIENCE_FOLDER",
     "DetectorValues",
     "FrameRecord",
@@ -381,18 +384,29 @@ def _header_problem(rec: FrameRecord, exptime: float | None, mjd: float | None) 
 # or (told by the night's index) in an earlier run, is not opened again while unchanged.
 _RECORDS: dict[tuple, dict] = {}
 
+# The version of the rules by which _read_record reads a header (which keywords name the
+# filter, the time, the type...): a record found by other rules is read again. The night's
+# index keeps records across runs of one pipeline version only; this number makes a change
+# of the rules count within a version too. 2: the filter from FILTER_KEYS (was FILTER).
+READER_VERSION = 2
+_READER = "reader"  # the record's key that holds it
+
 
 def known_record(path: Path, key: tuple[int, int, int, int, int]) -> dict | None:
     """What :func:`read_record` found in ``path`` while its status was ``key`` (device,
     inode, size, modification and inode-change times), as :meth:`FrameRecord.to_dict`
-    without its content digest; None when it was not read for that status."""
-    return _RECORDS.get((os.path.abspath(path), *key))
+    without its content digest (and the :data:`READER_VERSION` it was read by); None when
+    it was not read for that status, or was read by other rules."""
+    record = _RECORDS.get((os.path.abspath(path), *key))
+    return record if record is not None and record.get(_READER) == READER_VERSION else None
 
 
 def remember_record(path: str | Path, key: tuple[int, int, int, int, int],
                     record: dict) -> None:
     """Take ``record`` (:meth:`FrameRecord.to_dict`) as what ``path``'s header says while its
-    status is ``key``: the night's index knows it from an earlier run."""
+    status is ``key``: the night's index knows it from an earlier run. A record without
+    this version's :data:`READER_VERSION` is kept but never given back
+    (:func:`known_record`): the file is read again."""
     if len(_RECORDS) > 100_000:
         _RECORDS.clear()
     _RECORDS[(os.path.abspath(path), *key)] = record
@@ -415,7 +429,7 @@ def read_record(path: Path, night: str = "", folder: str = "") -> FrameRecord:
             return replace(rec, digest=content.digest if content else "")
     rec = _read_record(path, night, folder)
     if st is not None and stat.S_ISREG(st.st_mode):
-        remember_record(path, key, {**rec.to_dict(), "digest": ""})
+        remember_record(path, key, {**rec.to_dict(), "digest": "", _READER: READER_VERSION})
     return rec
 
 
@@ -428,7 +442,9 @@ def _read_record(path: Path, night: str = "", folder: str = "") -> FrameRecord:
     unreadable, implausible or in conflict (:func:`astep_dask.io.times.frame_start`), a
     bad section keyword); nothing is raised. The file's bytes are read once for its content digest
     (headers aside, no pixel data is decoded; a gzip file is decompressed to check it is
-    whole).
+    whole). The filter is the first of :data:`~astep_dask.io.headers.FILTER_KEYS` that
+    names one (:func:`~astep_dask.io.headers.frame_filter`); a flat or science frame
+    whose header names none, or names it otherwise than by ``FILTER``, gets a note.
     """
     rec = FrameRecord(path=path, night=night, folder=folder)
     st, problem = entry_problem(path)
@@ -472,13 +488,13 @@ def _read_record(path: Path, night: str = "", folder: str = "") -> FrameRecord:
     date_obs = merged.get("DATE-OBS")
     start = frame_start(merged)  # the one reader of a frame's time (io.times)
     mjd = start.mjd if start.time is not None else None
-    note = "; ".join([n for n in (note, start.note) if n])
-    filt = merged.get("FILTER", "")
+    filt = frame_filter(merged)  # the first of FILTER_KEYS that names one
+    note = "; ".join([n for n in (note, start.note, *filt.notes(kind)) if n])
     rec = replace(
         rec,
         kind=kind,
         exptime=exptime if exptime is not None else float("nan"),
-        filter=str(filt).strip() if filt is not None else "",
+        filter=filt.name,
         date_obs=str(date_obs).strip() if date_obs else "",
         mjd=mjd if mjd is not None else float("nan"),
         shape=shape,
@@ -503,6 +519,29 @@ def _read_record(path: Path, night: str = "", folder: str = "") -> FrameRecord:
         return replace(rec, problem=f"bad section keyword: {exc}")
     problem = _header_problem(rec, exptime, mjd)
     return replace(rec, problem=problem) if problem else rec
+
+
+def _note_filterless(frames: list[FrameRecord]) -> list[FrameRecord]:
+    """The frames, with a note on the usable flats and science frames whose header names
+    no filter (:data:`~astep_dask.io.headers.FILTER_KEYS`) when the other kind's frames
+    have one: a flat is used only for science frames of its own filter, never silently for
+    another (a flat without one is not taken for a 'VR' frame), so such frames are left
+    without a match."""
+    def filters(kind: FrameType) -> set[str]:
+        return {f.filter for f in frames if f.usable and f.kind is kind}
+
+    flat_filters, science_filters = filters(FrameType.FLAT), filters(FrameType.SCIENCE)
+    notes = {}
+    if "" in flat_filters and (named := sorted(science_filters - {""})):
+        notes[FrameType.FLAT] = (
+            "flats with no filter keyword are not used for the science frames' filter"
+            f"{'s' if len(named) > 1 else ''} {', '.join(map(filter_label, named))}")
+    if "" in science_filters and flat_filters and "" not in flat_filters:
+        notes[FrameType.SCIENCE] = (
+            "science frames with no filter keyword have no flat (flats for: "
+            f"{', '.join(map(filter_label, sorted(flat_filters)))})")
+    return [replace(f, note="; ".join(n for n in (f.note, notes[f.kind]) if n))
+            if f.usable and not f.filter and f.kind in notes else f for f in frames]
 
 
 def _flag_odd_shapes(frames: list[FrameRecord]) -> list[FrameRecord]:
@@ -654,7 +693,7 @@ def scan_night(night_dir: str | Path) -> Inventory:
         frames = list(pool.map(lambda e: read_record(e[0], night=night_dir.name,
                                                      folder=e[1]), entries))
     frames = _unique_outputs(_flag_duplicates(_hash_twins(_flag_odd_shapes(frames))))
-    return Inventory(night=night_dir.name, root=night_dir, frames=frames)
+    return Inventory(night=night_dir.name, root=night_dir, frames=_note_filterless(frames))
 
 
 INVENTORY_THREADS = 8  # at most: beyond, one node's disk or file system is the limit

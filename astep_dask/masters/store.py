@@ -39,6 +39,7 @@ from astep_dask.io.fitsio import (
     image_of,
     verify_file,
 )
+from astep_dask.io.headers import FILTER_KEYS, filter_label
 from astep_dask.io.index import FileIndex
 from astep_dask.io.products import inside
 from astep_dask.io.provenance import file_digest, stamp
@@ -294,10 +295,34 @@ def load_cached(path: Path, expect: str | None = None) -> Master:
     return _load(str(path), path.stat().st_mtime_ns, expect)
 
 
-def no_flat_reason(paths: MasterPaths, filter: str) -> str:
-    """Why a frame of this filter cannot be flat-fielded: the filters that have a flat."""
-    have = ", ".join(sorted(f for f, _ in paths.flats)) or "none"
-    return f"no master flat for filter {filter!r} (flats for: {have})"
+def no_flat_reason(paths: MasterPaths, filter: str, unfiltered: int | None = None) -> str:
+    """Why a frame of this filter cannot be flat-fielded: the filters that have a master
+    flat (``(no filter)`` for the flats whose header names none), and why the flats
+    without a filter are not used for a frame that has one.
+
+    A flat is used for the science frames of its own filter only: flats whose header
+    names no filter (none of :data:`~astep_dask.io.headers.FILTER_KEYS`) are never taken
+    for a filtered frame, nor filtered flats for a frame without a filter; the message
+    says so, naming the keywords read. ``unfiltered`` is how many of the night's usable
+    flats name no filter, when the caller knows it (None: only the master flats are
+    known, from ``paths``).
+    """
+    have = sorted(f for f, _ in paths.flats)
+    names = ", ".join(map(filter_label, have)) or "none"
+    what = f"filter {filter_label(filter)}" if filter else "a frame with no filter"
+    out = f"no master flat for {what} (flats for: {names})"
+    keys = ", ".join(FILTER_KEYS)
+    if filter and unfiltered:
+        out += (f"; {unfiltered} flat{'s have' if unfiltered > 1 else ' has'} no filter "
+                f"keyword ({keys}): {'they are' if unfiltered > 1 else 'it is'} not used "
+                f"for filter {filter_label(filter)}")
+    elif filter and unfiltered is None and "" in have:
+        out += (f"; flats with no filter keyword ({keys}) are not used for filter "
+                f"{filter_label(filter)}")
+    elif not filter and have:
+        out += (f"; its header has no filter keyword ({keys}): the flats of a filter are "
+                "not used for it")
+    return out
 
 
 def corrected_flat(flat_path: Path, mask_path: Path,
