@@ -62,7 +62,7 @@ from astep_dask.io.rawfiles import (
     read_content,
     stem,
 )
-from astep_dask.io.times import frame_start
+from astep_dask.io.times import READING_VERSION, frame_start
 
 __all__ = [
     "FLAT_FOLDER",
@@ -385,10 +385,11 @@ def _header_problem(rec: FrameRecord, exptime: float | None, mjd: float | None) 
 _RECORDS: dict[tuple, dict] = {}
 
 # The version of the rules by which _read_record reads a header (which keywords name the
-# filter, the time, the type...): a record found by other rules is read again. The night's
-# index keeps records across runs of one pipeline version only; this number makes a change
-# of the rules count within a version too. 2: the filter from FILTER_KEYS (was FILTER).
-READER_VERSION = 2
+# filter, the time, the type...): a record found by other rules is read again. One number
+# for all of them, io.times.READING_VERSION (which the night index and a frame's
+# provenance name too). 2: the filter from FILTER_KEYS (was FILTER); the time of a
+# date-only DATE-OBS; WCS cards as text.
+READER_VERSION = READING_VERSION
 _READER = "reader"  # the record's key that holds it
 
 

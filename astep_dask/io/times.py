@@ -66,10 +66,11 @@ __all__ = [
 # temporary setting would not be thread-safe: workers calibrate frames in threads).
 iers.conf.auto_download = False
 
-# The version of how this module reads a header (times, pointing, site, airmass): raised
-# with every change that can give a header another reading (2: a date-only DATE-OBS
-# completed by UTCSTART/UTC-OBS/UT-TIME or MJD-OBS/JD, never midnight; WCS cards as text;
-# AIRMHDR and the airmass note). What is cached from an earlier reading (the inventory's
+# The version of how a raw header is read (here: times, pointing, site, airmass; in
+# io.headers and io.layout: type, filter, detector values): raised with every change that
+# can give a header another reading (2: a date-only DATE-OBS completed by UTCSTART/UTC-OBS/
+# UT-TIME or MJD-OBS/JD, never midnight; WCS cards as text; AIRMHDR and the airmass note;
+# the filter from io.headers.FILTER_KEYS). What is cached from an earlier reading (the inventory's
 # records in a night's index, a product's provenance) should name it, so that a re-run
 # reads the headers again.
 READING_VERSION = 2

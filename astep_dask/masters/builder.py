@@ -515,7 +515,7 @@ class MasterBuilder:
                solve: Callable[[], dict[float, DarkSolution]], flat: Master,
                mask: Master) -> Master | None:
         il = self.settings.illum
-        what = f"illumination {filt}"
+        what = f"illumination {filt or '(no filter)'}"
         if not self._enough(recs, what, il.min_frames):
             return None
         digest = self.illum_digest(filt, recs, flat.digest, mask.digest, hows)

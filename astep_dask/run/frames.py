@@ -201,6 +201,9 @@ def _process(job: FrameJob, row: dict) -> dict:
     cards.update({
         "ADPROV": (provenance, "hash of input, masters and settings"),
         "RAWFILE": (ascii_text(rec.path.name), "raw frame (non-ASCII %-encoded)"),
+        # the filter as the inventory read it (io.headers.FILTER_KEYS: FILTNAME, ...), so
+        # that every reader of the product finds it under FILTER
+        "FILTER": (ascii_text(rec.filter), "filter (from the raw header's filter keyword)"),
         "GAIN": (detector.gain, "[e-/ADU] gain applied"),
         "RDNOISE": (detector.read_noise, "[e-] read noise used for VAR"),
         "SATURATE": (detector.saturation, "[adu] raw level flagged SAT"),

@@ -177,8 +177,9 @@ def calibrate_night(
         ]
         # A filter with no flat fails its frames here, once, not in every frame's task.
         flat_filters = {f for f, _ in masters.flats}
+        unfiltered = sum(1 for r in inv.select(FrameType.FLAT) if not r.filter)
         result.frames.extend(
-            {**_row(j, no_flat_reason(masters, j.record.filter)), "no_flat": True}
+            {**_row(j, no_flat_reason(masters, j.record.filter, unfiltered)), "no_flat": True}
             for j in jobs if j.record.filter not in flat_filters)
         jobs = [j for j in jobs if j.record.filter in flat_filters]
         done, jobs = already_done(jobs, previous, index)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from astep_dask.config import Settings
 from astep_dask.core.exptimes import ExptimeTolerance
-from astep_dask.io.headers import FrameType
+from astep_dask.io.headers import FrameType, filter_label
 from astep_dask.io.index import FileIndex
 from astep_dask.io.layout import Inventory, scan_night
 from astep_dask.io.products import CAL_SUFFIX, output_dir, read_manifest
@@ -181,8 +181,8 @@ def _frames(inv: Inventory, recipe: list[MasterStep], actions: dict[str, str],
                             ExptimeTolerance.of(settings.combine))
         if rec.filter not in flats:
             steps.append(Step("frame", output.name, "fail",
-                              f"no master flat for filter {rec.filter!r} can be made here "
-                              "(the run may take one from another night)", "science",
+                              f"no master flat for filter {filter_label(rec.filter)} can be made "
+                              "here (the run may take one from another night)", "science",
                               (rec.path.name,), needs))
             continue
         provenance = (frame_provenance(rec, masters_digest, settings)

@@ -209,3 +209,28 @@ def test_the_night_index_keeps_this_versions_readings_only(tmp_path):
         assert read_record(flat).filter == "V"
     finally:
         layout._RECORDS.clear()
+
+
+def test_a_filter_named_only_in_filtname_is_the_products_filter(tmp_path):
+    # a camera that writes FILTNAME only (Lowell LOIS): the calibrated frames carry the
+    # filter under FILTER, where every reader of a product looks for it
+    from distributed import Client, LocalCluster
+
+    from astep_dask.run.night import calibrate_night
+    from astep_dask.testing.simulate import SimConfig, simulate_night
+
+    night = simulate_night(tmp_path / "root", SimConfig(size=48, n_science=2, n_darks=3,
+                                                        n_flats=3, seed=41))
+    for raw in night.rglob("*.fits"):
+        with fits.open(raw, mode="update") as hdul:
+            h = hdul[0].header
+            if "FILTER" in h:
+                h["FILTNAME"] = h["FILTER"]
+                del h["FILTER"]
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        res = calibrate_night(night, client, Settings(), out=tmp_path / "out")
+    assert res.status == "complete", res.error
+    cal = sorted((tmp_path / "out").rglob("*_CAL.fits"))
+    assert len(cal) == 2
+    assert all(fits.getheader(p)["FILTER"] == "RC" for p in cal)
