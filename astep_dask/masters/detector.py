@@ -8,6 +8,18 @@ of that exposure (else of the bias frames). Only the central region of the few f
 needed is read, as one small dask graph on the run's cluster (a frame's region read once,
 whatever pairs use it).
 
+Levels: a frame with an overscan (``BIASSEC``) has its own overscan level (a clipped
+mean) subtracted from its region when ``[detector] overscan = "auto"``, flats, bias and
+darks alike, so that the level image removed from the flats (the mean of the darks or
+bias frames, their overscan removed the same way) holds only what the overscan does not
+see (the bias structure, the dark current): a flat's signal is its counts above its
+own read-out zero, whatever the zero did between frames. Without the overscan the level
+image removes the mean bias, which is the same when the zero is stable.
+
+Each flat pair records the correlation of its difference between neighbouring pixels; a
+large one is a note (:func:`shared_charge_note`): the gain from single pixels then
+depends on the signal level.
+
 Which value a frame uses: its header, else the ``[detector]`` setting, else this
 measurement (:func:`~astep_dask.io.layout.detector_values`); each frame's product says
 which (``GAINSRC = 'flat pairs, 4 pairs'``), and so does the manifest (``detector``). A
@@ -49,15 +61,18 @@ __all__ = [
     "measure_detector",
     "missing_values",
     "night_detector",
+    "shared_charge_note",
 ]
 
-METHOD_VERSION = 1  # of the measurement: a change here measures every night again
+METHOD_VERSION = 2  # of the measurement: a change here measures every night again
+# 2: each pair records its neighbours' correlation (rho_x, rho_y), noted when large
 MAX_NOISE_PAIRS = 4  # bias (or dark) pairs for the read noise
 MAX_FLAT_PAIRS = 8  # flat pairs for the gain, spread over the night's levels
 LEVEL_FRAMES = 4  # darks (or bias frames) averaged into the level removed from flats
 MAX_RATIO = 1.5  # a flat pair's levels differ by at most this factor
 MAX_SATURATION = 0.7  # a flat pair's raw level at most this fraction of SATURATE
 DIFFERS = 0.10  # a measurement this far from a header's value is a note
+SHARED = 0.02  # flat pairs whose 2 (rho_x + rho_y) is larger than this are a note
 
 
 @dataclass(frozen=True)
@@ -219,6 +234,35 @@ def _flat_pair(a: np.ndarray | str, b: np.ndarray | str, level: np.ndarray | str
     return stat
 
 
+def shared_charge_note(pairs: Sequence[PairStat]) -> str:
+    """A note when the flat pairs' differences correlate between neighbouring pixels
+    (:mod:`~astep_dask.core.ptc`: charge shared between pixels after it was collected),
+    else "".
+
+    The gain measured is that of single pixels at the flats' level; with a correlation
+    ``rho_x``, ``rho_y`` between neighbours it differs from the gain counted with them,
+    the conversion gain, by about ``2 (rho_x + rho_y)`` (nearest neighbours), and frames
+    at another level, where the sharing differs (transfer inefficiency grows at low
+    signal), have single pixels of another variance. Noted when that figure (the pairs'
+    means weighted by their pixels) is beyond :data:`SHARED` and beyond four times its
+    own noise (each correlation's is ``1 / sqrt(pixels)``).
+    """
+    good = [p for p in pairs if math.isfinite(p.rho_x) and math.isfinite(p.rho_y)
+            and p.n_pixels > 0]
+    if not good:
+        return ""
+    n = np.array([p.n_pixels for p in good], float)
+    mx = float(np.dot([p.rho_x for p in good], n) / n.sum())
+    my = float(np.dot([p.rho_y for p in good], n) / n.sum())
+    share = 2 * (mx + my)
+    if abs(share) <= max(SHARED, 4 * 2 * math.sqrt(2 / n.sum())):
+        return ""
+    return (f"flat pairs: neighbouring pixels of the differences correlate (rho_x {mx:+.3f}, "
+            f"rho_y {my:+.3f}): charge shared between pixels; the gain measured, of single "
+            f"pixels at the flats' level, is about {100 * share:+.1f} % off the gain counted "
+            "with their neighbours")
+
+
 def measure_detector(inv: Inventory, settings: Settings, previous: dict | None = None
                      ) -> DetectorMeasurement:
     """Measure the night's gain and read noise (module docstring) as one dask graph on
@@ -283,6 +327,8 @@ def measure_detector(inv: Inventory, settings: Settings, previous: dict | None =
         if math.isfinite(g) and GAIN_RANGE[0] <= g <= GAIN_RANGE[1]:
             gain = g
             gain_method = f"flat pairs, {n_ok} pair{'s' if n_ok != 1 else ''}"
+            if why := shared_charge_note(good):
+                notes.append(why)
             if known is None and math.isfinite(rv):
                 read_var = rv
                 read_method = f"flat pairs (fit), {n_ok} pairs"
