@@ -33,7 +33,8 @@ ends (KBMOD's own matcher is run too, as a cross-check). Printed:
 
 - per mover: flux, speed, the truth's matched-filter SNR, the ideal and our search
   likelihoods, their ratio, found by each, and the likelihood of the true track evaluated
-  directly (``StackSearch.search_linear_trajectory``, no sigma-G) on each;
+  directly (``StackSearch.search_linear_trajectory``, no sigma-G) on each, and the
+  fraction of its flux our frames keep at its true positions (PSF photometry);
 - completeness ours / ideal (movers the ideal finds at ≥ 10) per flux bin and per speed
   bin (slow ≤ 500 px/day, fast above), the median likelihood ratio over the movers both
   searches return, false detections: our results ≥ 10 matching no mover and no ideal
@@ -44,9 +45,8 @@ ends (KBMOD's own matcher is run too, as a cross-check). Printed:
 - the noise-only calibration: KBMOD's likelihood of 2,000 random trajectories (grid
   velocities, starts away from the movers and the edges; and 1,000 more of slow grid
   velocities only, where noise shared by the frames' templates adds up) on ours and on
-  the ideal, its
-  standard deviation (target 1.00 ± 0.05) and mean (0 expected: a negative mean is a
-  bias of the difference frames);
+  the ideal, its standard deviation (target 1.00 ± 0.05) and mean (0 expected: a
+  negative mean is a bias of the difference frames);
 - the blank-sky matched-filter calibration: per frame, psi / sqrt(phi) of the PSF_i
   weighted sum (psi = Σ P·sci/var, phi = Σ P²/var over the kernel, masked pixels skipped)
   at random positions away from stars and movers, its standard deviation (target 1.00 ±
@@ -63,7 +63,8 @@ Everything is kept in ``--work`` (default ``/tmp/yield``): the simulated night (
 per simulation setting), our pipeline's output (one per setting and ``--label``, with the
 code state it ran with in ``yield-code.txt``) and the ideal search's results (keyed by
 all they depend on); they are reused when present, so after a change of our code run
-with ``--fresh`` (or another ``--label``). Two settings files compare in one work folder
+with ``--fresh`` (everything anew), remove that label's ``out-*`` folder (the pipeline
+anew) or use another ``--label``. Two settings files compare in one work folder
 with two labels; ``--only ours`` skips the ideal search when its results are not cached.
 
 KBMOD is built from source (``shared/kbmod-build.md``, CPU only); run with the Python of
@@ -74,7 +75,8 @@ and KBMOD's ``src`` on the path::
         --work /tmp/yield --label baseline [--config settings.toml]
     ... benchmarks/yield.py --quick          # 256², 8 movers: a smoke run (~1 min)
 
-The default run takes ~5 min on 2 cores (pipeline ~1 min, each search ~1.5–2 min).
+The default run takes ~5–7 min on 2 cores (pipeline 1–2 min, each search ~1.5 min; the
+ideal search is skipped when cached).
 """
 
 from __future__ import annotations
