@@ -61,7 +61,6 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 from astropy.stats import mad_std, sigma_clipped_stats
-from astropy.time import Time
 from astropy.utils.exceptions import AstropyWarning
 from scipy import ndimage
 
@@ -129,7 +128,8 @@ def header_of(path: Path) -> tuple[fits.Header, tuple[int, int]]:
 
 def read_raw(path: Path) -> Raw:
     """What the package makes of one raw file's header (its own classifier is used)."""
-    from astep_dask.io.headers import classify, exposure_time
+    from astep_dask.io.headers import classify, exposure_time, frame_filter
+    from astep_dask.io.times import frame_start
 
     try:
         header, shape = header_of(path)
@@ -138,13 +138,9 @@ def read_raw(path: Path) -> Raw:
                    None, problem=f"unreadable: {exc}")
     kind, note = classify(header, path)
     date_obs = str(header.get("DATE-OBS", "") or "").strip()
-    mjd = header_float(header, "MJD-OBS")
-    if mjd is None and date_obs:
-        try:
-            mjd = float(Time(date_obs, scale="utc").mjd)
-        except ValueError:
-            mjd = None
-    raw = Raw(path, str(kind), note, exposure_time(header), str(header.get("FILTER", "")).strip(),
+    start = frame_start(header)  # the package's one reader of a frame's time
+    mjd = start.mjd if start.time is not None else None
+    raw = Raw(path, str(kind), note, exposure_time(header), frame_filter(header).name,
               date_obs, float("nan") if mjd is None else mjd, shape,
               header_float(header, *GAIN_KEYS), header_float(header, *RDNOISE_KEYS))
     if raw.kind == "unknown":
