@@ -12,6 +12,7 @@ of a security file (:func:`load_security`) or of the dask configuration.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -505,12 +506,36 @@ def _closed_after(cluster):
         yield cluster
     except BaseException:
         try:
-            cluster.close()
+            _close_quietly(cluster)
         except Exception as exc:  # the error in flight is the one to report
             logging.getLogger(__name__).debug("closing the batch cluster after an error: %r",
                                               exc)
         raise
-    cluster.close()
+    _close_quietly(cluster)
+
+
+class _CancelledAtClose(logging.Filter):
+    """Drops the records of coroutines cancelled while the scheduler closes (a worker's
+    stream read in ``add_worker`` cut short: distributed logs it with a traceback although
+    nothing went wrong, as a batch worker leaves during the shutdown)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, asyncio.CancelledError)
+
+
+def _close_quietly(cluster) -> None:
+    """``cluster.close()``, without distributed's tracebacks of the coroutines it cancels."""
+    quiet = _CancelledAtClose()
+    loggers = [logging.getLogger(n) for n in ("distributed.scheduler", "distributed.core",
+                                              "distributed.utils")]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        cluster.close()
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
 
 
 def _dashboard_link(client: Client, settings: ClusterSettings, ours: bool) -> str:

@@ -80,3 +80,28 @@ def test_connect_uses_the_default_layout_only_when_none_is_set(monkeypatch):
     given = ClusterSettings(n_workers=1, threads_per_worker=6)
     assert cluster._with_default_layout(given) == given
     assert cluster._with_default_layout(ClusterSettings(processes=True)).n_workers is None
+
+
+def test_closing_a_batch_cluster_shows_no_traceback_of_what_it_cancels(caplog):
+    # distributed logs a worker's stream read cancelled by the scheduler's close with a
+    # traceback (seen at the end of a successful `report --cluster slurm`): not shown;
+    # any other error still is
+    import asyncio
+    import logging
+    import sys
+
+    from astep_dask.run.cluster import _close_quietly
+
+    class Cluster:
+        def close(self) -> None:
+            log = logging.getLogger("distributed.scheduler")
+            try:
+                raise asyncio.CancelledError()
+            except BaseException:
+                log.error("", exc_info=sys.exc_info())
+            log.error("a real problem")
+
+    with caplog.at_level(logging.ERROR, logger="distributed.scheduler"):
+        _close_quietly(Cluster())
+    assert [r.getMessage() for r in caplog.records] == ["a real problem"]
+    assert not logging.getLogger("distributed.scheduler").filters  # removed after close
