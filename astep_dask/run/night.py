@@ -50,7 +50,7 @@ from astep_dask.masters.store import MasterPaths, no_flat_reason
 from astep_dask.run.frames import FrameJob, process_frame, share_masters
 from astep_dask.run.plan import already_done, load_index, plan_night
 from astep_dask.run.results import Progress, StageResult
-from astep_dask.run.tasks import cluster_window, map_bounded
+from astep_dask.run.tasks import cluster_window, map_bounded, wait_idle
 from astep_dask.version import __version__
 
 __all__ = [
@@ -199,8 +199,12 @@ def calibrate_night(
             _manifest(result, inv, settings, masters, index)
             raise
         finally:
-            # A worker killed while writing leaves its temporary file; every task of this
-            # run is over now and the lock keeps other runs out, so none of them is live.
+            # A worker killed while writing leaves its temporary file. A night stopped by
+            # a write error cancelled its frames, but one already running still runs to
+            # its end: wait for it; then the lock keeps other runs out, so no temporary
+            # file is live.
+            if any(r.get("not_attempted") for r in result.frames):
+                wait_idle(client)
             remove_stale_temps(out_dir)
             remove_shared(shared_dir)
         result.frames[:] = resume_rows(result.frames, previous, jobs)

@@ -24,7 +24,7 @@ from astep_dask.config import ClusterSettings
 from astep_dask.run.cluster import capacity
 from astep_dask.run.stop import stop_requested
 
-__all__ = ["cluster_window", "map_bounded"]
+__all__ = ["cluster_window", "map_bounded", "wait_idle"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -53,6 +53,28 @@ def cluster_window(client: Client, settings: ClusterSettings) -> Callable[[], in
 
 
 REFRESH_S = 1.0  # s: how old the cluster's thread count may be when sizing the window
+
+
+def _running(dask_worker) -> int:
+    """Tasks occupying a thread of this worker, cancelled ones included."""
+    return len(dask_worker.state.all_running_tasks)
+
+
+def wait_idle(client: Client, timeout: float = 30.0) -> bool:
+    """Wait until no worker runs a task: a task cancelled while it runs (a night stopped
+    by a full disk) still runs to its end in its thread, and may still be writing. True
+    once idle; False after ``timeout`` seconds or when the workers cannot be asked."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            busy = sum(client.run(_running).values())
+        except Exception:  # a worker gone, a closed client: do not wait
+            return False
+        if not busy:
+            return True
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.1)
 
 
 def map_bounded(
