@@ -191,9 +191,10 @@ def _image_hdus(i: int, primary: fits.Header, sci: np.ndarray, var: np.ndarray,
     mjd = float(primary["MJD"])
     sigma = float(primary["PSFSIGMA"])
     scale = _var_scale(primary)
+    var = var * np.float32(scale)  # VAR_i, and what KBMOD's limits are checked on
     hdus = [image_hdu(sci, f"SCI_{i}", dtype=np.float32),
-            image_hdu(var * np.float32(scale), f"VAR_{i}", dtype=np.float32),
-            image_hdu(workunit_search_mask(mask, sci, var * np.float32(scale)), f"MSK_{i}"),
+            image_hdu(var, f"VAR_{i}", dtype=np.float32),
+            image_hdu(workunit_search_mask(mask, sci, var), f"MSK_{i}"),
             fits.ImageHDU(psf_kernel(sigma), name=f"PSF_{i}")]
     for hdu in hdus[:3]:
         hdu.header["MJD"] = (mjd, "[d] mid-exposure MJD (UTC)")
