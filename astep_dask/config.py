@@ -337,6 +337,16 @@ class TemplateSettings:
     # task reads those frames too. 0 (default): leave-one-out only. For faint slow movers,
     # a template from other nights (nights = N) is the cure.
     near_speed: float = 0.0
+    # A faint slow mover is below mover_sigma in every window of frames at a pixel, but
+    # summed along its track over the night it is seen: linear tracks up to track_reach
+    # PSF σ long over the template's time span (:func:`~astep_dask.kbmod.template.
+    # moving_tracks`) whose matched-filter SNR is above track_sigma have their frames left
+    # out of the template along the track, as a run. The SNR counts the residual from a
+    # centre that still holds part of the mover, so noise alone is below 1 σ on slow tracks
+    # and 5 σ is rarely reached (false marks only leave frames out: a slightly noisier
+    # template there). Only for a template of the night's own frames. 0: off.
+    track_sigma: float = 5.0
+    track_reach: float = 24.0
     saturation_halo: float = 2.0  # SUSPECT within this × PSF FWHM of a saturated pixel
     psf_match: bool = True  # match PSFs (False: frames and template as they are)
     # The template's PSF: "snr" (default) the width that maximises the night's summed
@@ -646,6 +656,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "cosmics.warm_min_frames": (1, 100_000),
     "template.max_frames": (0, 100_000),
     "template.mover_sigma": (0, 100),
+    "template.track_sigma": (0, 100),
+    "template.track_reach": (0, 200),
     "template.memory_mb": (1, 1_048_576),
     "search.memory_mb": (1, 1_048_576),
     "search.tile": (16, 65_536),

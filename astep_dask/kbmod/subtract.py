@@ -267,7 +267,8 @@ def _combine_template(run: Dispatch, path: Path, tframes: list[TemplateFrame], t
     # (and, with the mover rejection, on its matched filter and its grown runs, twice)
     sigma = float(np.sqrt(target)) if np.isfinite(target) and target > 0 else 0.0
     pad = max([halo(f.kernel_var) for f in tframes] + [0]) + max(
-        (ts.iterations + 1) * grow + mover_pad(ts, sigma), sat_halo)
+        (ts.iterations + 1) * grow + mover_pad(ts, sigma, all(f.own for f in tframes)),
+        sat_halo)
     jobs = [StripJob(frames=tuple(tframes), y0=a, y1=b, ny=ny, pad=pad, settings=ts,
                      grow=grow, sat_halo=sat_halo, psf_sigma=sigma)
             for a, b in strips(ny, nx, len(tframes), ts.memory_mb)]

@@ -111,9 +111,17 @@ __all__ = [
     "NO_TEMPLATE",
     "OFF",
     "SATURATED",
+    "TRACK_BRIGHT",
+    "TRACK_BRIGHT_GROW",
+    "TRACK_CLIP",
+    "TRACK_FINE",
+    "TRACK_GROW",
+    "TRACK_MIN",
+    "TRACK_STEP",
     "StripJob",
     "Template",
     "TemplateFrame",
+    "TrackSearch",
     "assemble",
     "bright_halo",
     "combine_frames",
@@ -123,6 +131,7 @@ __all__ = [
     "kept",
     "mover_pad",
     "moving_runs",
+    "moving_tracks",
     "neighbour_nights",
     "read_rows",
     "read_template",
@@ -134,6 +143,10 @@ __all__ = [
     "template_path",
     "template_provenance",
     "time_ranks",
+    "track_displacements",
+    "track_grow",
+    "track_halo",
+    "track_runs",
     "windows",
     "write_template",
 ]
@@ -308,18 +321,7 @@ def moving_runs(sci: np.ndarray, var: np.ndarray, keep: np.ndarray, centre: np.n
     """
     n = sci.shape[0]
     ny, nx = sci.shape[1:]
-    g = psf_1d(psf_sigma)
-    c = np.nan_to_num(centre.astype(np.float32))
-    with np.errstate(invalid="ignore"):
-        r = np.where(keep, sci - c, 0).astype(np.float32)
-        v = np.where(keep, var, 0).astype(np.float32)
-    psi = ndimage.correlate1d(ndimage.correlate1d(r, g, axis=1, mode="constant"), g, axis=2,
-                              mode="constant")
-    g2 = g * g
-    phi = ndimage.correlate1d(ndimage.correlate1d(v, g2, axis=1, mode="constant"), g2, axis=2,
-                              mode="constant")
-    pc = np.abs(ndimage.correlate1d(ndimage.correlate1d(c, g, axis=0, mode="constant"), g,
-                                    axis=1, mode="constant")).astype(np.float64)
+    psi, phi, pc = _filtered(sci, var, keep, centre, psf_sigma)
     order = np.argsort(rank, kind="stable")
 
     def cumulative(a: np.ndarray) -> np.ndarray:
@@ -342,6 +344,32 @@ def moving_runs(sci: np.ndarray, var: np.ndarray, keep: np.ndarray, centre: np.n
         if hit.any():
             marked |= ndimage.maximum_filter1d(hit, 2 * h + 1, axis=0, mode="constant") \
                 if h else hit
+    return _first_last(marked, grow)
+
+
+def _filtered(sci: np.ndarray, var: np.ndarray, keep: np.ndarray, centre: np.ndarray,
+              psf_sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each frame's matched-filter residual ``ψ = Σ g·(sci − centre)`` and its variance
+    ``φ = Σ g²·var`` over the values ``keep`` (0 elsewhere), and ``|Σ g·centre|``."""
+    g = psf_1d(psf_sigma)
+    c = np.nan_to_num(centre.astype(np.float32))
+    with np.errstate(invalid="ignore"):
+        r = np.where(keep, sci - c, 0).astype(np.float32)
+        v = np.where(keep, var, 0).astype(np.float32)
+    psi = ndimage.correlate1d(ndimage.correlate1d(r, g, axis=1, mode="constant"), g, axis=2,
+                              mode="constant")
+    g2 = g * g
+    phi = ndimage.correlate1d(ndimage.correlate1d(v, g2, axis=1, mode="constant"), g2, axis=2,
+                              mode="constant")
+    pc = np.abs(ndimage.correlate1d(ndimage.correlate1d(c, g, axis=0, mode="constant"), g,
+                                    axis=1, mode="constant")).astype(np.float64)
+    return psi, phi, pc
+
+
+def _first_last(marked: np.ndarray, grow: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(first, last)`` time ranks of the marks ``(frame in time order, y, x)``, grown by
+    ``grow`` px in each frame; −1 where none."""
+    n, ny, nx = marked.shape
     if not marked.any():
         return np.full((ny, nx), -1, np.int16), np.full((ny, nx), -1, np.int16)
     if grow > 0:
@@ -350,6 +378,212 @@ def moving_runs(sci: np.ndarray, var: np.ndarray, keep: np.ndarray, centre: np.n
     first = np.where(anyof, np.argmax(marked, axis=0), -1)
     last = np.where(anyof, n - 1 - np.argmax(marked[::-1], axis=0), -1)
     return first.astype(np.int16), last.astype(np.int16)
+
+
+def track_runs(sci: np.ndarray, var: np.ndarray, usable: np.ndarray, centre: np.ndarray,
+               rank: np.ndarray, psf_sigma: float, search: TrackSearch, grow: int = 0,
+               floor: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """The runs of frames on the tracks :func:`moving_tracks` finds, per pixel: ``(first,
+    last)`` time ranks as :func:`moving_runs` gives them. The residuals are of every
+    usable value (the windows' runs included: they are a bright part of the same track)
+    from ``centre``, which should be the template without the runs found so far."""
+    psi, phi, pc = _filtered(sci, var, usable, centre, psf_sigma)
+    marked = moving_tracks(psi, phi, pc, search, psf_sigma, floor)
+    return _first_last(marked[np.argsort(rank, kind="stable")], grow)
+
+
+TRACK_STEP = 2.0  # PSF σ: the track search's grid of end-to-end displacements
+TRACK_FINE = 0.5  # PSF σ: the grid a found track's displacement is refined on
+TRACK_MIN = 2.0  # PSF σ: shorter tracks are the windows' (a pixel's excursion in time)
+TRACK_GROW = 2.0  # PSF σ: a track's marks are grown by this (its light below 14 % of peak)
+TRACK_CLIP = 3.0  # a frame (or bin) adds at most this many σ to a track
+TRACK_BRIGHT = 5.0  # a frame's residual above this many σ (a bright mover, found by the
+# windows) is left out of the track search with its wings ...
+TRACK_BRIGHT_GROW = 4.0  # ... within this many PSF σ (a 5,000 e- mover's wings there: ~1 σ)
+
+
+@dataclass(frozen=True)
+class TrackSearch:
+    """What :func:`moving_tracks` needs beyond the filtered frames: each frame's time
+    (days, in the order of the stack), the detection threshold and the longest track (PSF
+    σ over the frames' time span)."""
+
+    times: tuple[float, ...]
+    nsigma: float
+    reach: float
+
+
+def track_displacements(reach: float, psf_sigma: float) -> np.ndarray:
+    """The end-to-end displacements (px, ``(k, 2)`` as ``(dx, dy)``) that
+    :func:`moving_tracks` searches: a square grid of :data:`TRACK_STEP` PSF σ, from
+    :data:`TRACK_MIN` to ``reach`` PSF σ long. A track between nodes is at most 1 σ off the
+    nearest node's track at its ends and 0 at mid-time, so the matched filter keeps more
+    than 90 % of its signal; the best node is then refined."""
+    step = TRACK_STEP * psf_sigma
+    k = int(np.floor(reach / TRACK_STEP))
+    kk = np.arange(-k, k + 1) * step
+    dx, dy = np.meshgrid(kk, kk)
+    length = np.hypot(dx, dy)
+    ok = (length <= reach * psf_sigma + 1e-9) & (length >= TRACK_MIN * psf_sigma - 1e-9)
+    return np.column_stack([dx[ok], dy[ok]])
+
+
+def track_halo(reach: float, psf_sigma: float) -> int:
+    """Pixels a track reaches from its mid-time pixel: half its longest displacement,
+    refinement included."""
+    if reach <= 0 or psf_sigma <= 0:
+        return 0
+    return int(np.ceil((reach + TRACK_STEP) * psf_sigma / 2)) + 1
+
+
+def track_grow(psf_sigma: float) -> int:
+    """How far (px) a found track's marks are grown: :data:`TRACK_GROW` PSF σ."""
+    return int(np.ceil(TRACK_GROW * psf_sigma))
+
+
+def _along(planes: np.ndarray, h: int, ys: np.ndarray, xs: np.ndarray, d: np.ndarray,
+           tau: np.ndarray) -> np.ndarray:
+    """``Σ_i planes[i](p + D·τ_i)`` for pixels ``(ys, xs)`` and displacements ``d`` (one
+    per pixel, ``(k, 2)``), on planes padded by ``h``."""
+    y = ys[:, None] + h + np.rint(d[:, 1:2] * tau[None]).astype(int)
+    x = xs[:, None] + h + np.rint(d[:, 0:1] * tau[None]).astype(int)
+    return planes[np.arange(tau.size)[None], y, x].sum(axis=1)
+
+
+def _without_bright(psi: np.ndarray, phi: np.ndarray, psf_sigma: float
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """ψ and φ with each frame's bright residuals (above :data:`TRACK_BRIGHT` σ) and their
+    surroundings (:data:`TRACK_BRIGHT_GROW` PSF σ) set to 0."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bright = np.abs(psi) > TRACK_BRIGHT * np.sqrt(np.maximum(phi, 0))
+    if not bright.any():
+        return psi, phi
+    r = int(np.ceil(TRACK_BRIGHT_GROW * psf_sigma))
+    bright = ndimage.binary_dilation(bright, structure=disk(r)[None])
+    return np.where(bright, 0, psi).astype(np.float32), np.where(bright, 0, phi).astype(
+        np.float32)
+
+
+def _capped(psi: np.ndarray, phi: np.ndarray) -> np.ndarray:
+    """ψ limited to ± :data:`TRACK_CLIP` × √φ."""
+    cap = TRACK_CLIP * np.sqrt(np.maximum(phi, 0))
+    return np.clip(psi, -cap, cap).astype(np.float32)
+
+
+def moving_tracks(psi: np.ndarray, phi: np.ndarray, pc: np.ndarray, search: TrackSearch,
+                  psf_sigma: float, floor: float = 0.0) -> np.ndarray:
+    """Frames of a faint slow mover found along its track (issue 31).
+
+    A mover too faint for any window of frames at one pixel (:func:`moving_runs`) is seen
+    when its matched-filter residuals are summed along its track over the night: for each
+    end-to-end displacement ``D`` (:func:`track_displacements`) and each pixel ``p`` (the
+    track's place at mid-time ``t0``), ``S = Σ ψ_i(p + D·τ_i)`` and ``N = Σ φ_i(p +
+    D·τ_i)`` with ``τ_i = (t_i − t0) / span`` (positions rounded to the pixel). A faint
+    mover is a few σ in any one frame; a bright one (the windows' business) crossing or
+    running beside a slow track would alone lift it above the threshold, and make a fan
+    of false tracks around its path: each frame's residuals above :data:`TRACK_BRIGHT` σ
+    are left out with their wings (:data:`TRACK_BRIGHT_GROW` PSF σ around them), and a
+    frame adds at most :data:`TRACK_CLIP` σ. Frames
+    close in time are summed first (bins in which the longest track moves half a step), so
+    the work grows with the reach, not with the number of frames. Each pixel keeps its
+    best ``D``; where ``S / √N`` there is above ``nsigma`` and is the highest of its 3 × 3
+    neighbours (one track, not the fan of its neighbouring nodes and pixels), ``D`` is
+    refined on a :data:`TRACK_FINE` σ grid frame by frame, the static sources' model error
+    ``(floor · Σ |ψ_centre|)²`` (coherent along the track) is added to ``N``, and if the
+    track still passes its frames are marked at its pixel in each, grown by
+    :func:`track_grow`.
+
+    The residuals are from a centre that still holds part of a faint slow mover (that is
+    the point), so both the signal and the noise of a slow track are below their
+    independent-frames values (by the fraction ``c`` of the night the mover stays on a
+    pixel: signal ``1 − c``, noise ``√(1 − c)``): the threshold is conservative, and on
+    noise alone it is rarely reached.
+
+    Parameters
+    ----------
+    psi, phi
+        ``(frame, y, x)``: each frame's matched-filter residual ``Σ g·(sci − centre)``
+        and its variance ``Σ g²·var`` (0 where a value is not used).
+    pc
+        ``(y, x)``: ``|Σ g·centre|``, a static source's matched-filter flux.
+    search
+        Times, threshold and reach (:class:`TrackSearch`).
+    psf_sigma
+        Gaussian PSF σ (px) of the frames.
+    floor
+        Model error of a static source, a fraction of ``pc``.
+
+    Returns
+    -------
+    numpy.ndarray
+        bool ``(frame, y, x)``: a frame is on a found track at a pixel (not yet grown).
+    """
+    n, ny, nx = psi.shape
+    marked = np.zeros((n, ny, nx), bool)
+    t = np.asarray(search.times, np.float64)
+    span = float(t.max() - t.min()) if t.size else 0.0
+    disp = track_displacements(search.reach, psf_sigma)
+    if span <= 0 or search.nsigma <= 0 or not disp.size or n < 3:
+        return marked
+    tau = (t - 0.5 * (t.max() + t.min())) / span  # in [-1/2, 1/2]
+    nbin = max(1, int(np.ceil(2 * search.reach / TRACK_STEP)))
+    b = np.minimum(((tau + 0.5) * nbin).astype(int), nbin - 1)
+    used = np.unique(b)
+    btau = np.array([tau[b == u].mean() for u in used])
+    h = track_halo(search.reach, psf_sigma)
+    pad = ((0, 0), (h, h), (h, h))
+    psi, phi = _without_bright(psi, phi, psf_sigma)
+    bphi = np.array([phi[b == u].sum(axis=0) for u in used], np.float32)
+    bpsi = _capped(np.array([psi[b == u].sum(axis=0) for u in used], np.float32), bphi)
+    bpsi, bphi = np.pad(bpsi, pad), np.pad(bphi, pad)
+    best = np.full((ny, nx), -np.inf, np.float32)
+    which = np.zeros((ny, nx), np.int32)
+    for k, (dx, dy) in enumerate(disp):
+        ox = np.rint(dx * btau).astype(int)
+        oy = np.rint(dy * btau).astype(int)
+        s = np.zeros((ny, nx), np.float32)
+        v = np.zeros((ny, nx), np.float32)
+        for j in range(used.size):
+            win = (slice(h + oy[j], h + oy[j] + ny), slice(h + ox[j], h + ox[j] + nx))
+            s += bpsi[j][win]
+            v += bphi[j][win]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            snr = np.where(v > 0, s / np.sqrt(v), -np.inf)
+        better = snr > best
+        best[better] = snr[better]
+        which[better] = k
+    peak = (best > search.nsigma) & (best >= ndimage.maximum_filter(best, size=3,
+                                                                      mode="constant"))
+    if not peak.any():
+        return marked
+    ys, xs = np.nonzero(peak)
+    # refine each peak's displacement frame by frame on the fine grid around its node
+    fpsi, fphi = np.pad(_capped(psi, phi), pad), np.pad(phi, pad)
+    steps = np.arange(-TRACK_STEP / 2, TRACK_STEP / 2 + 1e-9, TRACK_FINE) * psf_sigma
+    offsets = np.array([(a, c) for a in steps for c in steps])
+    top = np.full(ys.size, -np.inf)
+    d = disp[which[ys, xs]]
+    chosen = d.copy()
+    for off in offsets:
+        cand = d + off
+        s, v = _along(fpsi, h, ys, xs, cand, tau), _along(fphi, h, ys, xs, cand, tau)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            snr = np.where(v > 0, s / np.sqrt(np.where(v > 0, v, 1)), -np.inf)
+        better = snr > top
+        top[better], chosen[better] = snr[better], cand[better]
+    if floor > 0:  # the static sources' model error, where it can matter
+        s, v = _along(fpsi, h, ys, xs, chosen, tau), _along(fphi, h, ys, xs, chosen, tau)
+        p = _along(np.broadcast_to(np.pad(pc, h), (n, ny + 2 * h, nx + 2 * h)), h, ys, xs,
+                   chosen, tau)
+        top = np.where(s > search.nsigma * np.sqrt(v + (floor * p) ** 2), top, -np.inf)
+    ok = top > search.nsigma
+    ys, xs, chosen = ys[ok], xs[ok], chosen[ok]
+    for i in range(n):
+        y = ys + np.rint(chosen[:, 1] * tau[i]).astype(int)
+        x = xs + np.rint(chosen[:, 0] * tau[i]).astype(int)
+        inside = (y >= 0) & (y < ny) & (x >= 0) & (x < nx)
+        marked[i, y[inside], x[inside]] = True
+    return marked
 
 
 def _shrink(first: np.ndarray, last: np.ndarray, keep: np.ndarray, rank: np.ndarray,
@@ -377,12 +611,20 @@ def run_grow(psf_sigma: float) -> int:
     return int(np.ceil(1.0 * psf_sigma))
 
 
-def mover_pad(ts: TemplateSettings, psf_sigma: float) -> int:
+def mover_pad(ts: TemplateSettings, psf_sigma: float, tracks: bool = False) -> int:
     """Rows beyond a strip on which its mover runs depend: the matched filter's half-width
-    and the runs' growth, for each of the two passes (0 without the mover rejection)."""
+    and the runs' growth, for each of the two passes (0 without the mover rejection), and
+    with ``tracks`` (the track search, in the second pass) twice a track's reach from its
+    mid-time pixel (once to the ψ it sums, once to the pixels it marks), its filter's
+    half-width, the bright residuals' surroundings, the peak's neighbours and the marks'
+    growth."""
     if ts.mover_sigma <= 0 or psf_sigma <= 0:
         return 0
-    return 2 * (psf_1d(psf_sigma).size // 2 + run_grow(psf_sigma))
+    pad = 2 * (psf_1d(psf_sigma).size // 2 + run_grow(psf_sigma))
+    if tracks and ts.track_sigma > 0:
+        pad += psf_1d(psf_sigma).size // 2 + int(np.ceil(TRACK_BRIGHT_GROW * psf_sigma)) \
+            + 2 * track_halo(ts.track_reach, psf_sigma) + 1 + track_grow(psf_sigma)
+    return pad
 
 
 def in_run(rank: np.ndarray | int, first: np.ndarray, last: np.ndarray) -> np.ndarray:
@@ -407,7 +649,7 @@ def _mean(sci: np.ndarray, var: np.ndarray, keep: np.ndarray, w: np.ndarray
 
 def combine_frames(sci: np.ndarray, var: np.ndarray, usable: np.ndarray, weights: np.ndarray,
                    ts: TemplateSettings, grow: int = 0, rank: np.ndarray | None = None,
-                   psf_sigma: float = 0.0) -> Template:
+                   psf_sigma: float = 0.0, times: np.ndarray | None = None) -> Template:
     """Clipped weighted mean of a stack ``(frame, y, x)`` (see the module doc); a frame's
     rejection is grown by ``grow`` px (IRAF ``imcombine``'s ``grow``), so the wings of a
     mover whose core is rejected go with it.
@@ -417,7 +659,9 @@ def combine_frames(sci: np.ndarray, var: np.ndarray, usable: np.ndarray, weights
     left out too, twice (the centre recomputed without them in between), except where that
     would leave fewer than ``ts.min_frames + 1`` frames; the runs are stored in the
     template (``first``, ``last``) so that :func:`~astep_dask.kbmod.difference.leave_one_out`
-    knows them."""
+    knows them. With the frames' ``times`` (days; a template of one night's own frames)
+    and ``ts.track_sigma`` > 0, a third pass leaves out the frames of the faint slow
+    movers' tracks as well (:func:`track_runs`)."""
     sci = np.asarray(sci, np.float32)
     var = np.asarray(var, np.float32)
     n = sci.shape[0]
@@ -438,10 +682,18 @@ def combine_frames(sci: np.ndarray, var: np.ndarray, usable: np.ndarray, weights
         if ts.mover_sigma > 0 and psf_sigma > 0 and n >= 3:
             # on every usable value (a bright mover's core, clipped, is the best evidence
             # of its wings, which the clipping's own grow may not reach)
-            for _ in range(2):
-                f, la = moving_runs(sci, var, usable & ~in_run(rank, first, last),
-                                    np.where(wsum > 0, mean, centre), rank, psf_sigma,
-                                    ts.mover_sigma, run_grow(psf_sigma), ts.residual_floor)
+            tracks = (TrackSearch(tuple(float(x) for x in times), ts.track_sigma,
+                                  ts.track_reach)
+                      if times is not None and ts.track_sigma > 0 else None)
+            for p in range(3 if tracks is not None else 2):
+                now = np.where(wsum > 0, mean, centre)
+                if p < 2:
+                    f, la = moving_runs(sci, var, usable & ~in_run(rank, first, last), now,
+                                        rank, psf_sigma, ts.mover_sigma, run_grow(psf_sigma),
+                                        ts.residual_floor)
+                else:
+                    f, la = track_runs(sci, var, usable, now, rank, psf_sigma, tracks,
+                                       track_grow(psf_sigma), ts.residual_floor)
                 first = np.where(first >= 0, np.where(f >= 0, np.minimum(first, f), first),
                                  f).astype(np.int16)
                 last = np.maximum(last, la).astype(np.int16)
@@ -540,8 +792,12 @@ def strip_task(job: StripJob) -> tuple[int, int, Template, float]:
     weights = np.array([fr.weight for fr in job.frames])
     # The clipping's grown rejections, the movers' filters and the saturation halo reach
     # across rows: combine the extra rows too, keep the strip's own.
+    # the track search only within one night: other nights' frames hold the mover elsewhere
+    times = (np.array([fr.mjd for fr in job.frames]) if all(fr.own for fr in job.frames)
+             else None)
     full = combine_frames(np.array(sci), np.array(var), np.array(usable), weights,
-                          job.settings, job.grow, time_ranks(job.frames), job.psf_sigma)
+                          job.settings, job.grow, time_ranks(job.frames), job.psf_sigma,
+                          times)
     full.mask[bright_halo(saturated, job.sat_halo)] |= BRIGHT_HALO
     rows = slice(lo, lo + n)
     tpl = Template(**{f.name: np.ascontiguousarray(getattr(full, f.name)[rows])
@@ -689,6 +945,9 @@ def template_cards(night: str, mode: str, frames: list[TemplateFrame], target: f
         "TPLMINF": (ts.min_frames, "fewer kept frames: NO_DATA"),
         "TPLGROW": (ts.grow, "rejections grown by this x PSF sigma"),
         "TPLMOVS": (ts.mover_sigma, "movers' runs left out above this SNR (0: off)"),
+        "TPLTRKS": (ts.track_sigma if all(f.own for f in frames) else 0.0,
+                    "movers' tracks left out above this SNR (0: off)"),
+        "TPLTRKR": (ts.track_reach, "[sigma] longest track searched over the night"),
         "TPLSATH": (ts.saturation_halo, "SUSPECT within this x FWHM of SAT pixels"),
         "PSFMATCH": (ts.psf_match, "T: frames PSF-matched before combination"),
         "PSFVAR": (round(target, 6), "[px2] PSF variance per axis after matching"),
