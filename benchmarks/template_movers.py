@@ -9,15 +9,19 @@ template from the night itself (leave-one-out), with the time-aware rejection on
 of before). Prints, per mover, the fraction of its true flux kept in the difference frames
 (PSF-weighted photometry at its true positions, summed over the frames: an unbiased flux
 for the difference frames' Gaussian PSF of σ ``PSFSIGMA``), the residual rms at the static
-stars in VAR units, and the time of the template stage (template and differences).
+stars in VAR units, and the time of the template stage (template and differences), for
+each ``--mover-sigma`` with each ``--track-sigma`` (the track search for faint slow
+movers, ``[template] track_sigma``; 0: off).
 
-    python benchmarks/template_movers.py --size 256 --frames 20 --mover-sigma 4 0
+    python benchmarks/template_movers.py --size 256 --frames 20 --mover-sigma 4 0 \
+        --track-sigma 5 0
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import shutil
 import tempfile
 from pathlib import Path
@@ -122,6 +126,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--mover-sigma", type=float, nargs="+", default=[4.0, 0.0])
+    p.add_argument("--track-sigma", type=float, nargs="+", default=[5.0],
+                   help="[template] track_sigma values, each with every --mover-sigma "
+                        "(0: no track search)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
     a = p.parse_args()
     fluxes = tuple(float(f) for f in a.fluxes.split(","))
@@ -135,16 +142,18 @@ def main() -> None:
         with LocalCluster(n_workers=a.workers, threads_per_worker=1, processes=True,
                           dashboard_address=":0") as cluster, Client(cluster) as client:
             assert calibrate_night(night, client, settings, out=out).status == "complete"
-            for ms in a.mover_sigma:
-                s = settings.replace(kbmod={"folder": f"kbmod_ms{ms:g}"})
-                known = {f.name for f in dataclasses.fields(TemplateSettings)}
-                ts = TemplateSettings(**({"mover_sigma": ms} if "mover_sigma" in known
-                                         else {}))  # (before issue 31: the plain clip)
+            known = {f.name for f in dataclasses.fields(TemplateSettings)}
+            for ms, tr in itertools.product(a.mover_sigma, a.track_sigma):
+                s = settings.replace(kbmod={"folder": f"kbmod_ms{ms:g}_tr{tr:g}"})
+                # (before issue 31: the plain clip; before December 2026: no tracks)
+                given = {"mover_sigma": ms, "track_sigma": tr}
+                ts = TemplateSettings(**{k: v for k, v in given.items() if k in known})
                 exp = export_night(night, client, s, out=out, template=ts)
                 assert exp.status == "complete", exp.error
                 info = exp.details["template"]
-                print(f"\nmover_sigma {ms:g}: template stage {info['seconds']:.2f} s "
-                      f"({info['frames']} frames, {a.size}², {a.workers} workers)")
+                print(f"\nmover_sigma {ms:g}, track_sigma {tr:g}: template stage "
+                      f"{info['seconds']:.2f} s ({info['frames']} frames, {a.size}², "
+                      f"{a.workers} workers)")
                 for r in kept_fractions(night, exp):
                     print(f"  mover {r['k']}: {r['px_day']:6.0f} px/day "
                           f"({r['per_frame']:.2f} px/frame), {r['flux']:6.0f} e-: "

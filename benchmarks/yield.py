@@ -54,10 +54,16 @@ ends (KBMOD's own matcher is run too, as a cross-check). Printed:
 - the acceptance lines of issue 31 with PASS / FAIL, and a JSON summary in
   ``WORK/yield-LABEL.json`` (``yield-LABEL-only-SIDE.json`` with ``--only``).
 
-The ideal frames' noise is a realisation of its own (``--ideal-seed``), not our frames'
-noise: a mover near the threshold (truth SNR ≲ 13) is found or lost by either side by
-chance (±1 in likelihood), and one night's faint-end completeness is that noisy; the
-directly evaluated likelihoods show it.
+The ideal frames' noise is, by default (``--ideal-noise data``), the simulated raw
+frames' own: photon and read noise taken from the raw ADU (less bias, the overscan's
+offset, the expected electrons and the cosmic rays, divided by the flat), moved onto the
+reference grid by whole pixels, with the cosmic rays, warm and saturated pixels masked as
+a perfect calibration would. A mover the noise happens to dim in our data is then dimmed
+in the ideal too, and the comparison measures what calibration and subtraction lose.
+``--ideal-noise independent`` draws the ideal's noise anew (``--ideal-seed``), as before
+December 2026: a mover near the threshold (truth SNR ≲ 13) is then found or lost by
+either side by chance (±1 in likelihood; on the default night, mover 2's flux in the
+calibrated frames is 0.77 of the truth, the noise of the raw frames alone).
 
 Everything is kept in ``--work`` (default ``/tmp/yield``): the simulated night (one folder
 per simulation setting), our pipeline's output (one per setting and ``--label``, with the
@@ -102,6 +108,7 @@ from typing import Any
 os.environ.setdefault("OMP_NUM_THREADS", "2")  # before KBMOD's OpenMP starts
 
 import numpy as np
+from astropy.io import fits
 from scipy import ndimage
 
 from astep_dask.testing.simulate import (
@@ -434,9 +441,49 @@ def _true_psf(sigma: float) -> np.ndarray:
     return (stamp / stamp.sum()).astype(np.float32)
 
 
+def _data_noise(night: Path, stem: str, truth: Any, model: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The photon and read noise of a simulated raw frame, in e- of sky (the flat taken
+    out), and the pixels the ideal calibration knows to be bad (a cosmic ray, a warm
+    pixel, saturation): the raw ADU less the bias (and the overscan's offset), times the
+    gain, less the frame's expected electrons (flat × model + dark) and its cosmic rays."""
+    cfg = truth.config
+    n = cfg.size
+    with fits.open(night / f"{cfg.date}-CAMS" / f"{stem}.fits") as hdul:
+        raw = hdul[0].data.astype(np.float64)
+    offset = float(np.median(raw[:, n:]) - cfg.bias_level) if raw.shape[1] > n else 0.0
+    ft = load_frame_truth(night, stem)
+    flat = truth.flat.astype(np.float64)
+    expected = flat * model + truth.dark_rate * cfg.science_exptime + ft["cr"]
+    bad = (ft["cr"] > 0) | ft["saturated"]
+    if truth.warm is not None and np.ndim(truth.warm) == 2:
+        expected = expected + truth.warm
+        bad |= truth.warm > 0
+    noise = (raw[:, :n] - truth.bias - offset) * cfg.gain - expected
+    return noise / flat, bad
+
+
+def _shift_int(a: np.ndarray, dx: int, dy: int, fill: float) -> np.ndarray:
+    """``out[y, x] = a[y + dy, x + dx]``, ``fill`` beyond ``a``."""
+    out = np.full(a.shape, fill, dtype=np.result_type(a, type(fill)))
+    ny, nx = a.shape
+    ys, yd = slice(max(dy, 0), ny + min(dy, 0)), slice(max(-dy, 0), ny - max(dy, 0))
+    xs, xd = slice(max(dx, 0), nx + min(dx, 0)), slice(max(-dx, 0), nx - max(dx, 0))
+    out[yd, xd] = a[ys, xs]
+    return out
+
+
 def build_ideal(kb: types.SimpleNamespace, night: Path, nt: Night, config: Any,
-                seed: int) -> Any:
+                seed: int | None) -> Any:
     """The ideal WorkUnit: the movers alone plus photon and read noise, on our grid.
+
+    With ``seed`` None (``--ideal-noise data``, the default) the noise is the simulated
+    raw frames' own (:func:`_data_noise`), moved onto the reference grid by the nearest
+    whole pixel (so it stays white; the movers are drawn at their true sub-pixel places,
+    within half a pixel of the noise they saw: a PSF-sized filter's noise there is ~95 %
+    the same), the pixels a perfect calibration knows to be bad masked: the comparison
+    then measures what our calibration and subtraction lose, not a second draw of the
+    noise. With a seed, an independent draw of the same variance (the figures before).
 
     Parameters
     ----------
@@ -449,7 +496,7 @@ def build_ideal(kb: types.SimpleNamespace, night: Path, nt: Night, config: Any,
     config
         The ``SearchConfiguration`` the WorkUnit carries.
     seed
-        Seed of the ideal frames' noise.
+        Seed of the ideal frames' noise; None: the raw frames' own noise.
 
     Returns
     -------
@@ -467,7 +514,7 @@ def build_ideal(kb: types.SimpleNamespace, night: Path, nt: Night, config: Any,
     shape = (nt.ours.im_stack.height, nt.ours.im_stack.width)
     if shape != flat.shape:
         raise SystemExit(f"our grid {shape} differs from the raw frames' {flat.shape}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed if seed is not None else 0)
     sci, var, psfs = [], [], []
     for i, stem in enumerate(nt.stems):
         sigma = float(frames[stem].get("psf_sigma", cfg.psf_sigma))  # the frame's seeing
@@ -475,14 +522,21 @@ def build_ideal(kb: types.SimpleNamespace, night: Path, nt: Night, config: Any,
         model = load_frame_truth(night, stem)["model"].astype(np.float64)
         v = (flat * model + dark + cfg.read_noise**2) / flat**2  # on the frame's own grid
         shift = np.array(frames[stem]["offset"]) - ref  # frame = reference grid + shift
-        v = ndimage.shift(v, (-shift[1], -shift[0]), order=1, mode="nearest")
         img = np.zeros(shape)
         for k, tr in enumerate(nt.tracks):
             x, y = tr["positions"][i]
             add_sources(img, [x], [y], [cfg.movers[k][2]], sigma)
-        img += rng.standard_normal(shape) * np.sqrt(v)
-        blind = ndimage.shift((flat < DEAD_FLAT).astype(float), (-shift[1], -shift[0]),
-                              order=1, mode="nearest") > 0
+        if seed is None:
+            noise, bad = _data_noise(night, stem, truth, model)
+            dx, dy = (int(np.rint(c)) for c in shift)
+            v = _shift_int(v, dx, dy, np.nan)
+            img += _shift_int(noise, dx, dy, np.nan)
+            blind = _shift_int((flat < DEAD_FLAT) | bad, dx, dy, True) | ~np.isfinite(v)
+        else:
+            v = ndimage.shift(v, (-shift[1], -shift[0]), order=1, mode="nearest")
+            img += rng.standard_normal(shape) * np.sqrt(v)
+            blind = ndimage.shift((flat < DEAD_FLAT).astype(float), (-shift[1], -shift[0]),
+                                  order=1, mode="nearest") > 0
         img[blind], v[blind] = np.nan, np.nan  # no light: no information, infinite variance
         sci.append(img.astype(np.float32))
         var.append(v.astype(np.float32))
@@ -1036,7 +1090,7 @@ def _completeness(mask_ideal: np.ndarray, mask_ours: np.ndarray, sel: np.ndarray
     return int((mask_ours & base).sum()), int(base.sum())
 
 
-def _ideal_cache_key(nt: Night, sim: SimConfig, seed: int, config: Any) -> str:
+def _ideal_cache_key(nt: Night, sim: SimConfig, seed: int | None, config: Any) -> str:
     """What the ideal search's results depend on: the simulation, our grid and times, the
     noise seed and the search settings."""
     st = nt.ours.im_stack
@@ -1061,8 +1115,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1, help="simulation seed (1)")
     ap.add_argument("--seeing-scatter", type=float, default=0.0,
                     help="frame-to-frame seeing: σ of ln(PSF σ) (0: steady, as issue 31)")
+    ap.add_argument("--ideal-noise", choices=("data", "independent"), default="data",
+                    help="the ideal frames' noise: the raw frames' own (data, default) or "
+                         "an independent draw of the same variance (independent)")
     ap.add_argument("--ideal-seed", type=int, default=None,
-                    help="seed of the ideal frames' noise (1000 + --seed)")
+                    help="seed of the independent draw (1000 + --seed)")
     ap.add_argument("--work", default="/tmp/yield", help="work folder (/tmp/yield)")
     ap.add_argument("--config", default=None, help="our settings file (TOML)")
     ap.add_argument("--label", default=None,
@@ -1099,7 +1156,8 @@ def main(argv: list[str] | None = None) -> int:
     n_img = nt.ours.im_stack.num_times
     config = search_config(kb, n_img, sim.cadence_s)
     t_last = float(nt.zeroed[-1])
-    noise_seed = args.ideal_seed if args.ideal_seed is not None else 1000 + args.seed
+    noise_seed = None if args.ideal_noise == "data" else (
+        args.ideal_seed if args.ideal_seed is not None else 1000 + args.seed)
 
     t0 = time.perf_counter()
     ideal = build_ideal(kb, night, nt, config, noise_seed)
@@ -1181,8 +1239,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n=== yield: {label} — {night}, {n_img} frames {shape[1]}x{shape[0]}, "
           f"{len(tracks)} movers; search: {len(_grid_velocities(sim.cadence_s))} velocities, "
           f"lh_level {SEARCH_LH:g}, num_obs {config['num_obs']}, found at lh ≥ {FOUND_LH:g}")
-    print(f"pipeline code: {code}; settings: {args.config or 'defaults'}; ideal noise seed "
-          f"{noise_seed}")
+    print(f"pipeline code: {code}; settings: {args.config or 'defaults'}; ideal noise: "
+          + ("the raw frames' own" if noise_seed is None else f"seed {noise_seed}"))
     print(f"{'k':>3} {'flux':>7} {'px/day':>7} {'class':>5} {'SNR':>6} {'ideal':>7} "
           f"{'ours':>7} {'ratio':>6} {'I':>2} {'O':>2} {'f.ideal':>8} {'f.ours':>7} "
           f"{'kept':>5}")

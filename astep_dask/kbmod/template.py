@@ -57,6 +57,17 @@ leave-one-out knows whether it was in a run
 (:func:`~astep_dask.kbmod.difference.leave_one_out`). A slower mover the longer windows
 see more deeply; on noise alone about 1 % of the values are left out.
 
+**Tracks.** A faint slow mover is below ``mover_sigma`` in every window at one pixel, yet
+summed along its track over the night it is well above the noise. With the night's own
+frames, a third pass searches linear tracks up to ``track_reach`` PSF σ long
+(:func:`moving_tracks`: every pixel, a grid of end-to-end displacements, frames binned in
+time) in the residuals from the template so far; a track above ``track_sigma`` has its
+frames marked along it, grown by 2 σ, and they join the runs. Bright residuals (a bright
+mover, which the windows find) are left out of this search with their wings, and each
+frame adds at most 3 σ, so that a bright mover crossing a slow track does not make one.
+On a 1024², 20-frame night it costs about 1.5× the combination's time and its rows of
+overlap between strips grow from 14 to about 60.
+
 **Neighbouring nights.** A mover slower still (less than a PSF width over the night) is in
 every frame of its own template and subtracts itself. With ``nights = N`` the template is made
 instead from the frames of the N nearest other nights of the same field (``OBJECT``),
