@@ -471,8 +471,10 @@ def _without_bright(psi: np.ndarray, phi: np.ndarray, psf_sigma: float
         return psi, phi
     r = int(np.ceil(TRACK_BRIGHT_GROW * psf_sigma))
     bright = ndimage.binary_dilation(bright, structure=disk(r)[None])
-    return np.where(bright, 0, psi).astype(np.float32), np.where(bright, 0, phi).astype(
-        np.float32)
+    psi, phi = psi.copy(), phi.copy()
+    psi[bright] = 0
+    phi[bright] = 0
+    return psi, phi
 
 
 def _capped(psi: np.ndarray, phi: np.ndarray) -> np.ndarray:
@@ -499,7 +501,7 @@ def moving_tracks(psi: np.ndarray, phi: np.ndarray, pc: np.ndarray, search: Trac
     the work grows with the reach, not with the number of frames. Each pixel keeps its
     best ``D``; where ``S / √N`` there is above ``nsigma`` and is the highest of its 3 × 3
     neighbours (one track, not the fan of its neighbouring nodes and pixels), ``D`` is
-    refined on a :data:`TRACK_FINE` σ grid frame by frame, the static sources' model error
+    refined on a :data:`TRACK_FINE` σ grid, the static sources' model error
     ``(floor · Σ |ψ_centre|)²`` (coherent along the track) is added to ``N``, and if the
     track still passes its frames are marked at its pixel in each, grown by
     :func:`track_grow`.
@@ -568,8 +570,7 @@ def moving_tracks(psi: np.ndarray, phi: np.ndarray, pc: np.ndarray, search: Trac
     if not peak.any():
         return marked
     ys, xs = np.nonzero(peak)
-    # refine each peak's displacement frame by frame on the fine grid around its node
-    fpsi, fphi = np.pad(_capped(psi, phi), pad), np.pad(phi, pad)
+    # refine each peak's displacement on the fine grid around its node (with the bins)
     steps = np.arange(-TRACK_STEP / 2, TRACK_STEP / 2 + 1e-9, TRACK_FINE) * psf_sigma
     offsets = np.array([(a, c) for a in steps for c in steps])
     top = np.full(ys.size, -np.inf)
@@ -577,15 +578,17 @@ def moving_tracks(psi: np.ndarray, phi: np.ndarray, pc: np.ndarray, search: Trac
     chosen = d.copy()
     for off in offsets:
         cand = d + off
-        s, v = _along(fpsi, h, ys, xs, cand, tau), _along(fphi, h, ys, xs, cand, tau)
+        s, v = _along(bpsi, h, ys, xs, cand, btau), _along(bphi, h, ys, xs, cand, btau)
         with np.errstate(invalid="ignore", divide="ignore"):
             snr = np.where(v > 0, s / np.sqrt(np.where(v > 0, v, 1)), -np.inf)
         better = snr > top
         top[better], chosen[better] = snr[better], cand[better]
     if floor > 0:  # the static sources' model error, where it can matter
-        s, v = _along(fpsi, h, ys, xs, chosen, tau), _along(fphi, h, ys, xs, chosen, tau)
-        p = _along(np.broadcast_to(np.pad(pc, h), (n, ny + 2 * h, nx + 2 * h)), h, ys, xs,
-                   chosen, tau)
+        s, v = _along(bpsi, h, ys, xs, chosen, btau), _along(bphi, h, ys, xs, chosen, btau)
+        pcp = np.pad(pc, h)
+        p = sum(np.sum(b == u) * pcp[ys + h + np.rint(chosen[:, 1] * btau[j]).astype(int),
+                                     xs + h + np.rint(chosen[:, 0] * btau[j]).astype(int)]
+                for j, u in enumerate(used))
         top = np.where(s > search.nsigma * np.sqrt(v + (floor * p) ** 2), top, -np.inf)
     ok = top > search.nsigma
     ys, xs, chosen = ys[ok], xs[ok], chosen[ok]
