@@ -344,7 +344,9 @@ class TemplateSettings:
     # out of the template along the track, as a run. The SNR counts the residual from a
     # centre that still holds part of the mover, so noise alone is below 1 σ on slow tracks
     # and 5 σ is rarely reached (false marks only leave frames out: a slightly noisier
-    # template there). Only for a template of the night's own frames. 0: off.
+    # template there). Only for a template of the night's own frames, and with
+    # mover_sigma > 0 (it is the third pass of that rejection). 0: off. The work grows as
+    # track_reach cubed.
     track_sigma: float = 5.0
     track_reach: float = 24.0
     saturation_halo: float = 2.0  # SUSPECT within this × PSF FWHM of a saturated pixel
@@ -657,7 +659,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "template.max_frames": (0, 100_000),
     "template.mover_sigma": (0, 100),
     "template.track_sigma": (0, 100),
-    "template.track_reach": (0, 200),
+    "template.track_reach": (0, 64),
     "template.memory_mb": (1, 1_048_576),
     "search.memory_mb": (1, 1_048_576),
     "search.tile": (16, 65_536),

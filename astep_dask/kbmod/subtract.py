@@ -271,7 +271,7 @@ def _combine_template(run: Dispatch, path: Path, tframes: list[TemplateFrame], t
         sat_halo)
     jobs = [StripJob(frames=tuple(tframes), y0=a, y1=b, ny=ny, pad=pad, settings=ts,
                      grow=grow, sat_halo=sat_halo, psf_sigma=sigma)
-            for a, b in strips(ny, nx, len(tframes), ts.memory_mb)]
+            for a, b in strips(ny, nx, len(tframes), ts.memory_mb, pad)]
     parts: list = []
 
     def combined(job: StripJob, res: tuple) -> None:

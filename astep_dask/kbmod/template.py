@@ -64,7 +64,8 @@ frames, a third pass searches linear tracks up to ``track_reach`` PSF σ long
 time) in the residuals from the template so far; a track above ``track_sigma`` has its
 frames marked along it, grown by 2 σ, and they join the runs. Bright residuals (a bright
 mover, which the windows find) are left out of this search with their wings, and each
-frame adds at most 3 σ, so that a bright mover crossing a slow track does not make one.
+time bin adds at most 3 of its σ, so that a bright mover crossing a slow track does not
+make one.
 On a simulated 1024², 20-frame night on 2 workers the template stage (template and
 differences) takes 28.0 s with it against 17.4 s without
 (``benchmarks/template_movers.py --size 1024 --mover-sigma 4 --track-sigma 5 0``), and
@@ -160,6 +161,7 @@ __all__ = [
     "track_grow",
     "track_halo",
     "track_runs",
+    "tracks_searched",
     "windows",
     "write_template",
 ]
@@ -407,9 +409,10 @@ def track_runs(sci: np.ndarray, var: np.ndarray, usable: np.ndarray, centre: np.
 
 TRACK_STEP = 2.0  # PSF σ: the track search's grid of end-to-end displacements
 TRACK_FINE = 0.5  # PSF σ: the grid a found track's displacement is refined on
-TRACK_MIN = 2.0  # PSF σ: shorter tracks are the windows' (a pixel's excursion in time)
+TRACK_MIN = 2.0  # PSF σ: shorter tracks are the windows' (a pixel's excursion in time);
+# the refinement may end a little below it
 TRACK_GROW = 2.0  # PSF σ: a track's marks are grown by this (its light below 14 % of peak)
-TRACK_CLIP = 3.0  # a frame (or bin) adds at most this many σ to a track
+TRACK_CLIP = 3.0  # a time bin (a frame, on short nights) adds at most this many σ to a track
 TRACK_BRIGHT = 5.0  # a frame's residual above this many σ (a bright mover, found by the
 # windows) is left out of the track search with its wings ...
 TRACK_BRIGHT_GROW = 4.0  # ... within this many PSF σ (a 5,000 e- mover's wings there: ~1 σ)
@@ -466,13 +469,15 @@ def _along(planes: np.ndarray, h: int, ys: np.ndarray, xs: np.ndarray, d: np.nda
 def _without_bright(psi: np.ndarray, phi: np.ndarray, psf_sigma: float
                     ) -> tuple[np.ndarray, np.ndarray]:
     """ψ and φ with each frame's bright residuals (above :data:`TRACK_BRIGHT` σ) and their
-    surroundings (:data:`TRACK_BRIGHT_GROW` PSF σ) set to 0."""
+    surroundings (a square of :data:`TRACK_BRIGHT_GROW` PSF σ each side) set to 0."""
     with np.errstate(invalid="ignore", divide="ignore"):
         bright = np.abs(psi) > TRACK_BRIGHT * np.sqrt(np.maximum(phi, 0))
     if not bright.any():
         return psi, phi
     r = int(np.ceil(TRACK_BRIGHT_GROW * psf_sigma))
-    bright = ndimage.binary_dilation(bright, structure=disk(r)[None])
+    grown = bright.view(np.uint8)  # a square of side 2r + 1: two 1-D passes, cheap
+    grown = ndimage.maximum_filter1d(grown, 2 * r + 1, axis=1, mode="constant")
+    bright = ndimage.maximum_filter1d(grown, 2 * r + 1, axis=2, mode="constant") > 0
     psi, phi = psi.copy(), phi.copy()
     psi[bright] = 0
     phi[bright] = 0
@@ -498,10 +503,10 @@ def moving_tracks(psi: np.ndarray, phi: np.ndarray, pc: np.ndarray, search: Trac
     running beside a slow track would alone lift it above the threshold, and make a fan
     of false tracks around its path: each frame's residuals above :data:`TRACK_BRIGHT` σ
     are left out with their wings (:data:`TRACK_BRIGHT_GROW` PSF σ around them), and a
-    frame adds at most :data:`TRACK_CLIP` σ. Frames
+    time bin (below) adds at most :data:`TRACK_CLIP` of its σ. Frames
     close in time are summed first (bins in which the longest track moves one step, 2 σ;
-    a track half as long, 1 σ), so the work grows with the reach, not with the number of
-    frames. Each pixel keeps its
+    a track half as long, 1 σ), so the work grows with the reach (as its cube:
+    displacements × bins), not with the number of frames. Each pixel keeps its
     best ``D``; where ``S / √N`` there is above ``nsigma`` and is the highest of its 3 × 3
     neighbours (one track, not the fan of its neighbouring nodes and pixels), ``D`` is
     refined on a :data:`TRACK_FINE` σ grid, the static sources' model error
@@ -537,9 +542,11 @@ def moving_tracks(psi: np.ndarray, phi: np.ndarray, pc: np.ndarray, search: Trac
     n, ny, nx = psi.shape
     marked = np.zeros((n, ny, nx), bool)
     t = np.asarray(search.times, np.float64)
-    span = float(t.max() - t.min()) if t.size else 0.0
+    if t.size != n:
+        raise ValueError(f"{t.size} times for {n} frames")
+    span = float(t.max() - t.min()) if t.size and np.isfinite(t).all() else 0.0
     disp = track_displacements(search.reach, psf_sigma)
-    if span <= 0 or search.nsigma <= 0 or not disp.size or n < 3:
+    if not span > 0 or search.nsigma <= 0 or not disp.size or n < 3:
         return marked
     tau = (t - 0.5 * (t.max() + t.min())) / span  # in [-1/2, 1/2]
     nbin = max(1, int(np.ceil(search.reach / TRACK_STEP)))
@@ -567,7 +574,8 @@ def moving_tracks(psi: np.ndarray, phi: np.ndarray, pc: np.ndarray, search: Trac
             s += bpsi[j][win]
             v += bphi[j][win]
         np.sqrt(v, out=v)
-        np.divide(s, v, out=s, where=v > 0)  # S / √N (0 where nothing was summed)
+        # S / √N; where N is 0, S is 0 too (ψ is capped at ± 3 √φ) and stays so
+        np.divide(s, v, out=s, where=v > 0)
         np.greater(s, best, out=better)
         np.copyto(best, s, where=better)
         which[better] = k
@@ -687,7 +695,10 @@ def combine_frames(sci: np.ndarray, var: np.ndarray, usable: np.ndarray, weights
     n = sci.shape[0]
     usable = usable & np.isfinite(sci) & np.isfinite(var) & (var > 0)
     w = np.asarray(weights, np.float64).reshape(-1, 1, 1)
-    rank = np.arange(n) if rank is None else np.asarray(rank)
+    if rank is None:  # time order: from the times when given (the tracks run in time)
+        rank = (np.arange(n) if times is None
+                else np.argsort(np.argsort(np.asarray(times), kind="stable"), kind="stable"))
+    rank = np.asarray(rank)
     first = np.full(sci.shape[1:], -1, np.int16)
     last = np.full(sci.shape[1:], -1, np.int16)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -923,11 +934,15 @@ def spread(items: list, n: int) -> list:
     return [items[i] for i in idx]
 
 
-def strips(ny: int, nx: int, n_frames: int, memory_mb: float) -> list[tuple[int, int]]:
+def strips(ny: int, nx: int, n_frames: int, memory_mb: float, pad: int = 0
+           ) -> list[tuple[int, int]]:
     """Row ranges of the combination tasks: about ``memory_mb`` of pixels of all frames
-    (about 40 bytes a pixel a frame, reading and working copies) per task."""
-    rows = int(max(1, memory_mb * 1e6 // max(40 * nx * max(n_frames, 1), 1)))
-    rows = min(rows, ny)
+    (about 40 bytes a pixel a frame, reading and working copies) per task, the ``pad``
+    rows each task also reads on each side included; at least ``pad`` rows each (a
+    task then reads 3 × its rows, where thinner strips would read the same overlap again
+    and again: many frames of a wide frame, and the movers' tracks)."""
+    budget = int(max(1, memory_mb * 1e6 // max(40 * nx * max(n_frames, 1), 1)))
+    rows = min(max(budget - 2 * pad, pad, 1), ny)
     n = int(np.ceil(ny / rows))
     edges = np.linspace(0, ny, n + 1).round().astype(int)
     return [(int(a), int(b)) for a, b in itertools.pairwise(edges) if b > a]
@@ -948,6 +963,15 @@ def assemble(parts: list[tuple[int, int, Template]], ny: int, nx: int) -> Templa
     return Template(**out)
 
 
+def tracks_searched(ts: TemplateSettings, frames: list[TemplateFrame] | tuple,
+                    target: float) -> bool:
+    """Whether the combination searches movers' tracks (:func:`moving_tracks`): the
+    setting, the mover rejection it is part of, a PSF, at least 3 frames, all of this
+    night."""
+    return (ts.track_sigma > 0 and ts.mover_sigma > 0 and np.isfinite(target)
+            and target > 0 and len(frames) >= 3 and all(f.own for f in frames))
+
+
 def template_cards(night: str, mode: str, frames: list[TemplateFrame], target: float,
                    provenance: str, reference: str, ts: TemplateSettings) -> dict:
     """Primary-header cards of the template file."""
@@ -965,7 +989,7 @@ def template_cards(night: str, mode: str, frames: list[TemplateFrame], target: f
         "TPLMINF": (ts.min_frames, "fewer kept frames: NO_DATA"),
         "TPLGROW": (ts.grow, "rejections grown by this x PSF sigma"),
         "TPLMOVS": (ts.mover_sigma, "movers' runs left out above this SNR (0: off)"),
-        "TPLTRKS": (ts.track_sigma if all(f.own for f in frames) else 0.0,
+        "TPLTRKS": (ts.track_sigma if tracks_searched(ts, frames, target) else 0.0,
                     "movers' tracks left out above this SNR (0: off)"),
         "TPLTRKR": (ts.track_reach, "[sigma] longest track searched over the night"),
         "TPLSATH": (ts.saturation_halo, "SUSPECT within this x FWHM of SAT pixels"),

@@ -118,8 +118,11 @@ def test_noise_alone_rarely_makes_a_track():
 
 def test_strips_give_the_whole_frame_tracks():
     # the template is combined in strips of rows, each read with mover_pad(..., True)
-    # extra rows: with the track search, a strip gives the whole frame's result
-    sci, var, _, _ = _stack(4, MOVERS)
+    # extra rows: with the track search, a strip gives the whole frame's result (a frame
+    # of 240 rows, more than 2 x the pad, so that strips read less than all of it)
+    more = [(20.0, 150.0, -0.4, 0.3, 400.0), (30.0, 200.0, 2.0, 1.5, 5000.0)]
+    sci, var, _, _ = _stack(4, [*MOVERS, *more], size=240)
+    sci, var = sci[:, :, :48].copy(), var[:, :, :48].copy()
     usable = np.ones(sci.shape, bool)
     ts = TemplateSettings()
     whole = combine_frames(sci, var, usable, np.ones(N), ts, GROW, psf_sigma=SIGMA,
@@ -129,15 +132,24 @@ def test_strips_give_the_whole_frame_tracks():
     pad = (ts.iterations + 1) * GROW + mover_pad(ts, SIGMA, True)
     assert pad > (ts.iterations + 1) * GROW + mover_pad(ts, SIGMA)
     ny = sci.shape[1]
-    for a in range(0, ny, 16):
-        b = min(a + 16, ny)
-        lo, hi = max(a - pad, 0), min(b + pad, ny)
-        part = combine_frames(sci[:, lo:hi], var[:, lo:hi], usable[:, lo:hi], np.ones(N),
-                              ts, GROW, psf_sigma=SIGMA, times=TIMES)
-        rows = slice(a - lo, a - lo + b - a)
-        for name in ("sci", "var", "nkeep", "first", "last"):
-            np.testing.assert_array_equal(getattr(part, name)[rows],
-                                          getattr(whole, name)[a:b], err_msg=name)
+    assert ny > 2 * pad + 16
+
+    def differing(pad: int) -> int:
+        """Rows of 16 whose strip, read with ``pad`` extra rows, differs from the whole."""
+        out = 0
+        for a in range(0, ny, 16):
+            b = min(a + 16, ny)
+            lo, hi = max(a - pad, 0), min(b + pad, ny)
+            part = combine_frames(sci[:, lo:hi], var[:, lo:hi], usable[:, lo:hi],
+                                  np.ones(N), ts, GROW, psf_sigma=SIGMA, times=TIMES)
+            rows = slice(a - lo, a - lo + b - a)
+            out += any(not np.array_equal(getattr(part, name)[rows],
+                                          getattr(whole, name)[a:b], equal_nan=True)
+                       for name in ("sci", "var", "nkeep", "first", "last"))
+        return out
+
+    assert differing(pad) == 0
+    assert differing(pad // 3) > 0  # the check can fail: too few rows give other runs
 
 
 def test_track_grid():
@@ -172,3 +184,25 @@ def test_a_bright_fast_mover_makes_no_fan_of_tracks():
           f"{extra} more and {wider} with longer runs by the track search; fewest frames "
           f"kept {int(both.nkeep.min())} (windows only {int(plain.nkeep.min())})")
     assert extra < 60 and wider < 60
+
+
+def test_frames_in_any_order_give_the_same_template():
+    # the runs are in time order: with times and no ranks, the ranks come from the times
+    sci, var, _, _ = _stack(5, MOVERS)
+    usable = np.ones(sci.shape, bool)
+    ts = TemplateSettings()
+    ordered = combine_frames(sci, var, usable, np.ones(N), ts, GROW, psf_sigma=SIGMA,
+                             times=TIMES)
+    p = np.random.default_rng(0).permutation(N)
+    shuffled = combine_frames(sci[p], var[p], usable[p], np.ones(N), ts, GROW,
+                              psf_sigma=SIGMA, times=TIMES[p])
+    for name in ("sci", "var", "nkeep", "first", "last"):
+        np.testing.assert_array_equal(getattr(shuffled, name), getattr(ordered, name),
+                                      err_msg=name)
+    # a time that is not a number: no track search, no error
+    bad = TIMES.copy()
+    bad[3] = np.nan
+    odd = combine_frames(sci, var, usable, np.ones(N), ts, GROW, rank=np.arange(N),
+                         psf_sigma=SIGMA, times=bad)
+    plain = combine_frames(sci, var, usable, np.ones(N), ts, GROW, psf_sigma=SIGMA)
+    np.testing.assert_array_equal(odd.first, plain.first)
