@@ -111,6 +111,7 @@ import numpy as np
 from astropy.io import fits
 from scipy import ndimage
 
+from astep_dask.core.register import shifted
 from astep_dask.testing.simulate import (
     SimConfig,
     add_sources,
@@ -441,36 +442,27 @@ def _true_psf(sigma: float) -> np.ndarray:
     return (stamp / stamp.sum()).astype(np.float32)
 
 
-def _data_noise(night: Path, stem: str, truth: Any, model: np.ndarray
+def _data_noise(night: Path, stem: str, truth: Any, ft: dict[str, np.ndarray]
                 ) -> tuple[np.ndarray, np.ndarray]:
     """The photon and read noise of a simulated raw frame, in e- of sky (the flat taken
     out), and the pixels the ideal calibration knows to be bad (a cosmic ray, a warm
     pixel, saturation): the raw ADU less the bias (and the overscan's offset), times the
-    gain, less the frame's expected electrons (flat × model + dark) and its cosmic rays."""
+    gain, less the frame's expected electrons (flat × model + dark) and its cosmic rays.
+    ``ft`` is the frame's truth (``load_frame_truth``)."""
     cfg = truth.config
     n = cfg.size
     with fits.open(night / f"{cfg.date}-CAMS" / f"{stem}.fits") as hdul:
         raw = hdul[0].data.astype(np.float64)
     offset = float(np.median(raw[:, n:]) - cfg.bias_level) if raw.shape[1] > n else 0.0
-    ft = load_frame_truth(night, stem)
     flat = truth.flat.astype(np.float64)
-    expected = flat * model + truth.dark_rate * cfg.science_exptime + ft["cr"]
+    dark = truth.dark_rate * cfg.science_exptime
+    expected = flat * ft["model"].astype(np.float64) + dark + ft["cr"]
     bad = (ft["cr"] > 0) | ft["saturated"]
     if truth.warm is not None and np.ndim(truth.warm) == 2:
         expected = expected + truth.warm
         bad |= truth.warm > 0
     noise = (raw[:, :n] - truth.bias - offset) * cfg.gain - expected
     return noise / flat, bad
-
-
-def _shift_int(a: np.ndarray, dx: int, dy: int, fill: float) -> np.ndarray:
-    """``out[y, x] = a[y + dy, x + dx]``, ``fill`` beyond ``a``."""
-    out = np.full(a.shape, fill, dtype=np.result_type(a, type(fill)))
-    ny, nx = a.shape
-    ys, yd = slice(max(dy, 0), ny + min(dy, 0)), slice(max(-dy, 0), ny - max(dy, 0))
-    xs, xd = slice(max(dx, 0), nx + min(dx, 0)), slice(max(-dx, 0), nx - max(dx, 0))
-    out[yd, xd] = a[ys, xs]
-    return out
 
 
 def build_ideal(kb: types.SimpleNamespace, night: Path, nt: Night, config: Any,
@@ -519,7 +511,8 @@ def build_ideal(kb: types.SimpleNamespace, night: Path, nt: Night, config: Any,
     for i, stem in enumerate(nt.stems):
         sigma = float(frames[stem].get("psf_sigma", cfg.psf_sigma))  # the frame's seeing
         psfs.append(_true_psf(sigma))
-        model = load_frame_truth(night, stem)["model"].astype(np.float64)
+        ft = load_frame_truth(night, stem)
+        model = ft["model"].astype(np.float64)
         v = (flat * model + dark + cfg.read_noise**2) / flat**2  # on the frame's own grid
         shift = np.array(frames[stem]["offset"]) - ref  # frame = reference grid + shift
         img = np.zeros(shape)
@@ -527,11 +520,11 @@ def build_ideal(kb: types.SimpleNamespace, night: Path, nt: Night, config: Any,
             x, y = tr["positions"][i]
             add_sources(img, [x], [y], [cfg.movers[k][2]], sigma)
         if seed is None:
-            noise, bad = _data_noise(night, stem, truth, model)
+            noise, bad = _data_noise(night, stem, truth, ft)
             dx, dy = (int(np.rint(c)) for c in shift)
-            v = _shift_int(v, dx, dy, np.nan)
-            img += _shift_int(noise, dx, dy, np.nan)
-            blind = _shift_int((flat < DEAD_FLAT) | bad, dx, dy, True) | ~np.isfinite(v)
+            v = shifted(v, dy, dx, np.nan)
+            img += shifted(noise, dy, dx, np.nan)
+            blind = shifted((flat < DEAD_FLAT) | bad, dy, dx, True) | ~np.isfinite(v)
         else:
             v = ndimage.shift(v, (-shift[1], -shift[0]), order=1, mode="nearest")
             img += rng.standard_normal(shape) * np.sqrt(v)
