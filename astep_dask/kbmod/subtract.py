@@ -53,6 +53,7 @@ from astep_dask.kbmod.template import (
     template_path,
     template_provenance,
     time_ranks,
+    tracks_searched,
     write_template,
 )
 from astep_dask.version import __version__
@@ -264,10 +265,11 @@ def _combine_template(run: Dispatch, path: Path, tframes: list[TemplateFrame], t
     ny, nx = reference.shape
     # a row's result depends on rows within the kernel's half-width, then on the
     # rejections grown by ``grow`` px at each clipping iteration
-    # (and, with the mover rejection, on its matched filter and its grown runs, twice)
+    # (and, with the mover rejection, on its matched filter and its grown runs, twice,
+    # then on the track search's reach)
     sigma = float(np.sqrt(target)) if np.isfinite(target) and target > 0 else 0.0
     pad = max([halo(f.kernel_var) for f in tframes] + [0]) + max(
-        (ts.iterations + 1) * grow + mover_pad(ts, sigma, all(f.own for f in tframes)),
+        (ts.iterations + 1) * grow + mover_pad(ts, sigma, tracks_searched(ts, tframes, sigma)),
         sat_halo)
     jobs = [StripJob(frames=tuple(tframes), y0=a, y1=b, ny=ny, pad=pad, settings=ts,
                      grow=grow, sat_halo=sat_halo, psf_sigma=sigma)

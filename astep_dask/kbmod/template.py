@@ -642,14 +642,15 @@ def run_grow(psf_sigma: float) -> int:
 def mover_pad(ts: TemplateSettings, psf_sigma: float, tracks: bool = False) -> int:
     """Rows beyond a strip on which its mover runs depend: the matched filter's half-width
     and the runs' growth, for each of the two passes (0 without the mover rejection), and
-    with ``tracks`` (the track search, in the second pass) twice a track's reach from its
+    with ``tracks`` (:func:`tracks_searched`: the track search, a third pass) twice a
+    track's reach from its
     mid-time pixel (once to the ψ it sums, once to the pixels it marks), its filter's
     half-width, the bright residuals' surroundings, the peak's neighbours and the marks'
     growth."""
     if ts.mover_sigma <= 0 or psf_sigma <= 0:
         return 0
     pad = 2 * (psf_1d(psf_sigma).size // 2 + run_grow(psf_sigma))
-    if tracks and ts.track_sigma > 0:
+    if tracks:
         pad += psf_1d(psf_sigma).size // 2 + int(np.ceil(TRACK_BRIGHT_GROW * psf_sigma)) \
             + 2 * track_halo(ts.track_reach, psf_sigma) + 1 + track_grow(psf_sigma)
     return pad
@@ -823,9 +824,8 @@ def strip_task(job: StripJob) -> tuple[int, int, Template, float]:
     weights = np.array([fr.weight for fr in job.frames])
     # The clipping's grown rejections, the movers' filters and the saturation halo reach
     # across rows: combine the extra rows too, keep the strip's own.
-    # the track search only within one night: other nights' frames hold the mover elsewhere
-    times = (np.array([fr.mjd for fr in job.frames]) if all(fr.own for fr in job.frames)
-             else None)
+    times = (np.array([fr.mjd for fr in job.frames])
+             if tracks_searched(job.settings, job.frames, job.psf_sigma) else None)
     full = combine_frames(np.array(sci), np.array(var), np.array(usable), weights,
                           job.settings, job.grow, time_ranks(job.frames), job.psf_sigma,
                           times)
@@ -964,12 +964,14 @@ def assemble(parts: list[tuple[int, int, Template]], ny: int, nx: int) -> Templa
 
 
 def tracks_searched(ts: TemplateSettings, frames: list[TemplateFrame] | tuple,
-                    target: float) -> bool:
+                    psf_sigma: float) -> bool:
     """Whether the combination searches movers' tracks (:func:`moving_tracks`): the
-    setting, the mover rejection it is part of, a PSF, at least 3 frames, all of this
-    night."""
-    return (ts.track_sigma > 0 and ts.mover_sigma > 0 and np.isfinite(target)
-            and target > 0 and len(frames) >= 3 and all(f.own for f in frames))
+    setting, the mover rejection it is part of, a PSF (σ ``psf_sigma``), at least 3
+    frames, all of this night (other nights' frames hold a mover elsewhere). The one
+    place this is decided: the strips' overlap (:func:`mover_pad`), the strip task and
+    the template's ``TPLTRKS`` card follow it."""
+    return (ts.track_sigma > 0 and ts.mover_sigma > 0 and np.isfinite(psf_sigma)
+            and psf_sigma > 0 and len(frames) >= 3 and all(f.own for f in frames))
 
 
 def template_cards(night: str, mode: str, frames: list[TemplateFrame], target: float,
@@ -989,7 +991,8 @@ def template_cards(night: str, mode: str, frames: list[TemplateFrame], target: f
         "TPLMINF": (ts.min_frames, "fewer kept frames: NO_DATA"),
         "TPLGROW": (ts.grow, "rejections grown by this x PSF sigma"),
         "TPLMOVS": (ts.mover_sigma, "movers' runs left out above this SNR (0: off)"),
-        "TPLTRKS": (ts.track_sigma if tracks_searched(ts, frames, target) else 0.0,
+        "TPLTRKS": (ts.track_sigma if tracks_searched(ts, frames, float(np.sqrt(target)))
+                    else 0.0,
                     "movers' tracks left out above this SNR (0: off)"),
         "TPLTRKR": (ts.track_reach, "[sigma] longest track searched over the night"),
         "TPLSATH": (ts.saturation_halo, "SUSPECT within this x FWHM of SAT pixels"),

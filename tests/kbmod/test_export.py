@@ -66,6 +66,7 @@ from astep_dask.kbmod.template import (
     mover_pad,
     read_template,
     strip_task,
+    tracks_searched,
 )
 from astep_dask.run.night import calibrate_night
 from astep_dask.testing.simulate import (
@@ -746,7 +747,8 @@ def test_template_strips_give_the_whole_frame_result(exported):
     grow = round(th["TPLGROW"] * np.sqrt(th["PSFVAR"]))
     halo = round(th["TPLSATH"] * 2.354820045 * np.sqrt(th["PSFVAR"]))
     sigma = float(np.sqrt(th["PSFVAR"]))
-    pad = 4 + (ts.iterations + 1) * grow + mover_pad(ts, sigma) + halo
+    pad = 4 + (ts.iterations + 1) * grow + halo + mover_pad(
+        ts, sigma, tracks_searched(ts, frames, sigma))
     parts = [strip_task(StripJob(frames, a, min(a + 37, SIM.size), SIM.size, pad, ts, grow,
                                  halo, sigma))[2] for a in range(0, SIM.size, 37)]
     for name, key in (("sci", "SCI"), ("var", "VAR"), ("mask", "MASK"), ("nkeep", "NKEEP")):
