@@ -48,8 +48,8 @@ WORKER_HTTP = "127.0.0.1:0"  # where a worker's own HTTP server listens (any fre
 # not by its first task: the frame chain's imports (astropy, scipy, astroscrappy; ~2 s)
 # then run while the command takes its inventory (2 local workers: the first task
 # 2.1-2.4 s → 0.02 s, the start 1.0-1.6 s → 2.0-2.9 s; benchmarks/scaling.py measures
-# the whole).
-WORKER_PRELOAD = ("astep_dask.run.frames",)
+# the whole). The module also keeps a closing worker's last heartbeat off the console.
+WORKER_PRELOAD = ("astep_dask.run.preload",)
 
 __all__ = ["capacity", "check_frames_in_flight", "check_layout", "connect", "default_layout",
            "load_security", "local_cluster", "local_layout", "machine_cores", "machine_memory",
@@ -498,10 +498,11 @@ def _jobqueue_cluster(settings: ClusterSettings, security: Security | None):
 
 @contextmanager
 def _closed_after(cluster):
-    """A batch cluster, closed when the block ends. When the block ends with an error (a
-    refused or never-started worker job), a failure to close is not allowed to replace it:
-    dask-jobqueue's close asserts on a job still in its ``created`` state, and that
-    assertion, not the batch system's words, would reach the user."""
+    """A cluster we started, closed quietly (:func:`_close_quietly`) when the block ends.
+    When the block ends with an error (a refused or never-started worker job), a failure
+    to close is not allowed to replace it: dask-jobqueue's close asserts on a job still in
+    its ``created`` state, and that assertion, not the batch system's words, would reach
+    the user."""
     try:
         yield cluster
     except BaseException:
@@ -515,20 +516,24 @@ def _closed_after(cluster):
 
 
 class _CancelledAtClose(logging.Filter):
-    """Drops the records of coroutines cancelled while the scheduler closes (a worker's
-    stream read in ``add_worker`` cut short: distributed logs it with a traceback although
-    nothing went wrong, as a batch worker leaves during the shutdown)."""
+    """Drops the records of connections cut short while the cluster closes, which
+    distributed logs although nothing went wrong: a coroutine cancelled in the scheduler
+    (a worker's stream read in ``add_worker``, as a batch worker leaves during the
+    shutdown; with a traceback), and a TLS handshake that a closing worker abandoned (its
+    last heartbeat, cancelled; the worker's own record of it is dropped by
+    :mod:`astep_dask.run.preload`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, asyncio.CancelledError)
+        return not (isinstance(exc, asyncio.CancelledError)
+                    or "TLS handshake failed" in record.getMessage())
 
 
 def _close_quietly(cluster) -> None:
-    """``cluster.close()``, without distributed's tracebacks of the coroutines it cancels."""
+    """``cluster.close()``, without distributed's records of the connections it cuts."""
     quiet = _CancelledAtClose()
     loggers = [logging.getLogger(n) for n in ("distributed.scheduler", "distributed.core",
-                                              "distributed.utils")]
+                                              "distributed.utils", "distributed.comm.tcp")]
     for logger in loggers:
         logger.addFilter(quiet)
     try:
@@ -709,7 +714,7 @@ def connect(settings: ClusterSettings, log: Callable[[str], None] = print) -> It
             if threads:
                 check_frames_in_flight(settings, threads)
         elif settings.kind == "local":
-            cluster = stack.enter_context(local_cluster(settings))
+            cluster = stack.enter_context(_closed_after(local_cluster(settings)))
             client = stack.enter_context(Client(cluster, security=cluster.security))
         elif settings.kind in ("slurm", "pbs"):
             security = (stack.enter_context(run_security(credentials_folder(settings.kind)))

@@ -36,6 +36,8 @@ def test_connect_in_process_by_default_and_processes_on_request():
     with connect(ClusterSettings(n_workers=2, threads_per_worker=1, processes=True,
                                  dashboard_address=":0"), log=lambda m: None) as client:
         assert os.getpid() not in set(client.run(os.getpid).values())
+        # Each worker ran the preload's setup: its closing heartbeat is kept quiet.
+        assert all(client.run(_heartbeat_quieted).values())
         # Worker processes import the frame chain as they start, not in their first task.
         assert all(client.run(_frame_chain_imported).values())
         # They are forked from one server process that imported it once (their imported
@@ -45,6 +47,15 @@ def test_connect_in_process_by_default_and_processes_on_request():
         server = parents.pop()
         assert "forkserver" in " ".join(psutil.Process(server).cmdline())
         assert "astroscrappy" in Path(f"/proc/{server}/maps").read_text()
+
+
+def _heartbeat_quieted() -> bool:
+    import logging
+
+    from astep_dask.run.preload import ClosingHeartbeat
+
+    return any(isinstance(f, ClosingHeartbeat)
+               for f in logging.getLogger("distributed.worker").filters)
 
 
 def _frame_chain_imported() -> bool:
@@ -82,7 +93,7 @@ def test_connect_uses_the_default_layout_only_when_none_is_set(monkeypatch):
     assert cluster._with_default_layout(ClusterSettings(processes=True)).n_workers is None
 
 
-def test_closing_a_batch_cluster_shows_no_traceback_of_what_it_cancels(caplog):
+def test_closing_a_cluster_shows_no_traceback_of_what_it_cancels(caplog):
     # distributed logs a worker's stream read cancelled by the scheduler's close with a
     # traceback (seen at the end of a successful `report --cluster slurm`): not shown;
     # any other error still is
@@ -100,8 +111,13 @@ def test_closing_a_batch_cluster_shows_no_traceback_of_what_it_cancels(caplog):
             except BaseException:
                 log.error("", exc_info=sys.exc_info())
             log.error("a real problem")
+            # a closing worker's abandoned last heartbeat (seen once in CI, after a season)
+            logging.getLogger("distributed.comm.tcp").warning(
+                "Listener on 'tls://127.0.0.1:34913': TLS handshake failed with remote "
+                "'tls://127.0.0.1:53160': [SSL: UNEXPECTED_EOF_WHILE_READING] EOF")
 
-    with caplog.at_level(logging.ERROR, logger="distributed.scheduler"):
+    with caplog.at_level(logging.WARNING, logger="distributed"):
         _close_quietly(Cluster())
     assert [r.getMessage() for r in caplog.records] == ["a real problem"]
-    assert not logging.getLogger("distributed.scheduler").filters  # removed after close
+    for name in ("distributed.scheduler", "distributed.comm.tcp"):
+        assert not logging.getLogger(name).filters  # removed after close

@@ -142,7 +142,7 @@ def test_job_workers_import_the_frame_chain_as_they_start(kind, monkeypatch, tmp
             script = cluster.job_script()
         finally:
             cluster.close()
-    assert "--preload astep_dask.run.frames" in script
+    assert "--preload astep_dask.run.preload" in script
     assert script.index("--preload") < script.index("--lifetime")
 
 
