@@ -357,6 +357,10 @@ class TemplateSettings:
     # to theirs; "widest": every frame and the template at the set's largest PSF variance.
     psf_target: str = "snr"
     residual_floor: float = 0.05  # model error of a static source, fraction of |template|
+    # The difference frames' variance: the frame's Poisson term from the template (the
+    # scene) rather than from each pixel's own value, whose noise biases KBMOD's
+    # likelihood low (kbmod.difference.model_variance). False: the frame's VAR as it is.
+    model_variance: bool = True
     memory_mb: float = 256.0  # pixels of all frames in one combination task
 
     def digest(self) -> str:

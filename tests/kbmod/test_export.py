@@ -40,7 +40,7 @@ from astep_dask.core.register import (
 from astep_dask.errors import RunError
 from astep_dask.io.fitsio import mid_exposure
 from astep_dask.io.products import LOCK, output_dir
-from astep_dask.kbmod.difference import difference, leave_one_out, leave_out
+from astep_dask.kbmod.difference import difference, leave_one_out, leave_out, poisson_slope
 from astep_dask.kbmod.export import choose_reference
 from astep_dask.kbmod.kernels import filter_factor, kernel_1d
 from astep_dask.kbmod.products import (
@@ -675,6 +675,7 @@ def test_difference_is_frame_minus_its_template(exported):
     with fits.open(kdir / h["REGFILE"]) as hdul:
         reg = Layers(hdul["SCI"].data.astype(np.float32), hdul["VAR"].data.astype(np.float32),
                      hdul["MASK"].data.astype(np.int32))
+        reg_header = hdul[0].header
     frame = homogenise(reg, (h["PSFKVARX"], h["PSFKVARY"]))
     with fits.open(kdir / f"{SIM.date}_TEMPLATE.fits") as hdul:
         table = hdul["FRAMES"].data
@@ -699,7 +700,10 @@ def test_difference_is_frame_minus_its_template(exported):
                      rank[stem]))
     loo = leave_out(tpl, [(frame, weights[row["stem"]], rank[row["stem"]])], ts, grow, near,
                     rank[row["stem"]])
-    want = difference(frame, loo, ts.residual_floor)
+    # the frame's Poisson term from the template (its slope from the frame's sky)
+    assert h["VARMODEL"] == pytest.approx(poisson_slope(reg_header), abs=1e-4)
+    assert h["VARMODEL"] == pytest.approx(1.0, abs=1e-3)  # the simulated sky is well above 0
+    want = difference(frame, loo, ts.residual_floor, h["VARMODEL"])
     np.testing.assert_array_equal(out["mask"], want.mask)
     good = want.mask == 0
     np.testing.assert_allclose(out["raw_sci"][good], want.sci[good], rtol=1e-6, atol=1e-3)
