@@ -172,12 +172,15 @@ def model_variance(frame: Layers, template: Layers, slope: float,
     in the frame's variance. Differences beyond ``clip`` times the frame's sigma (a mover,
     a star's residual) keep the rest of their Poisson term.
     """
-    var = frame.var.astype(np.float64)
+    var = frame.var.astype(np.float32, copy=False)  # float32 throughout: frame-sized
     with np.errstate(invalid="ignore", divide="ignore"):
-        limit = clip * np.sqrt(var)
-        own = np.clip(frame.sci.astype(np.float64) - template.sci, -limit, limit)
-        share = var / (var + template.var)
-        return np.maximum(var - slope * share * own, 0.5 * var)
+        limit = np.sqrt(var) * np.float32(clip)
+        own = np.subtract(frame.sci, template.sci, dtype=np.float32)
+        np.clip(own, -limit, limit, out=own)
+        own *= var
+        own /= var + template.var  # the frame's share
+        own *= np.float32(slope)
+        return np.maximum(var - own, var * np.float32(0.5))
 
 
 def difference(frame: Layers, template: Layers, residual_floor: float = 0.0,
