@@ -363,10 +363,15 @@ class TemplateSettings:
     model_variance: bool = True
     memory_mb: float = 256.0  # pixels of all frames in one combination task
 
-    def digest(self) -> str:
-        """Short stable hash of everything that shapes the template and the differences."""
+    def digest(self, template: bool = False) -> str:
+        """Short stable hash of everything that shapes the template and the differences;
+        ``template``: of what shapes the template alone (not ``model_variance``, which
+        only the difference frames use), so a change to that remakes the differences
+        and keeps the template."""
         data = dataclasses.asdict(self)
         data.pop("memory_mb")
+        if template:
+            data.pop("model_variance")
         return hashlib.sha256(json.dumps(sorted(data.items())).encode()).hexdigest()[:16]
 
 

@@ -141,19 +141,26 @@ MODEL_CLIP = 2.0
 
 
 def poisson_slope(header: fits.Header) -> float:
-    """How much a calibrated frame's variance grows per electron of its own value
-    (``∂VAR/∂SCI``): 1 where its sky is well above 0, since the calibration takes the
-    Poisson term from each pixel's electrons clipped at 0 (:func:`astep_dask.core.
-    calibrate.calibrate_frame`), and the fraction of sky pixels above 0, Φ(sky / its rms),
-    below (0 without ``BKGLEVEL`` and ``BKGRMS``: the variance left as it is). The flat's
-    1/flat is taken as 1 (it is normalised to a median of 1)."""
+    """How much a registered frame's variance grows per electron of its own value
+    (``∂VAR/∂SCI``, the regression of its VAR's noise on its SCI's).
+
+    1 where its sky is well above 0, since the calibration takes the Poisson term from
+    each pixel's electrons clipped at 0 (:func:`astep_dask.core.calibrate.
+    calibrate_frame`), and the fraction of sky pixels above 0, Φ(sky / its rms), below.
+    Registered in the "pixel" convention (``VARMODE``; VAR through the squared weights),
+    VAR follows SCI by ``VARPIXF`` (Σw²) of that: exact for a shift split evenly between
+    pixels, close otherwise. 0 without ``BKGLEVEL`` and ``BKGRMS`` (the variance left as
+    it is). The flat's 1/flat is taken as 1 (it is normalised to a median of 1).
+    """
     try:
         level, rms = float(header["BKGLEVEL"]), float(header["BKGRMS"])
+        pixel = float(header.get("VARPIXF", 1.0)) if str(
+            header.get("VARMODE", "area")).strip() == "pixel" else 1.0
     except (KeyError, TypeError, ValueError):
         return 0.0
-    if not (np.isfinite(level) and rms > 0):
+    if not (np.isfinite(level) and rms > 0 and 0 < pixel <= 1):
         return 0.0
-    return float(0.5 * (1.0 + math.erf(level / rms / math.sqrt(2.0))))
+    return float(0.5 * (1.0 + math.erf(level / rms / math.sqrt(2.0))) * pixel)
 
 
 def model_variance(frame: Layers, template: Layers, slope: float,
@@ -167,18 +174,17 @@ def model_variance(frame: Layers, template: Layers, slope: float,
     likelihood of random trajectories had mean −0.25 where the ideal's is 0; the
     correlation of SCI and VAR on blank sky, 0.65). Registration and PSF matching are
     linear in both planes with the same weights (the area convention), so removing
-    ``slope`` times the frame's difference from the template removes that dependence
-    exactly; the share ``frame / (frame + template)`` of it, as only the frame's noise is
-    in the frame's variance. Differences beyond ``clip`` times the frame's sigma (a mover,
-    a star's residual) keep the rest of their Poisson term.
+    ``slope`` (:func:`poisson_slope`) times the frame's difference from the template
+    removes that dependence exactly; the share ``frame / (frame + template)`` of it, as
+    only the frame's noise is in the frame's variance. Differences beyond ``clip`` times
+    the frame's sigma (a mover, a star's residual) keep the rest of their Poisson term.
     """
     var = frame.var.astype(np.float32, copy=False)  # float32 throughout: frame-sized
     with np.errstate(invalid="ignore", divide="ignore"):
         limit = np.sqrt(var) * np.float32(clip)
         own = np.subtract(frame.sci, template.sci, dtype=np.float32)
         np.clip(own, -limit, limit, out=own)
-        own *= var
-        own /= var + template.var  # the frame's share
+        own *= var / (var + template.var)  # the frame's share
         own *= np.float32(slope)
         return np.maximum(var - own, var * np.float32(0.5))
 

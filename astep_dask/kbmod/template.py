@@ -923,7 +923,7 @@ def template_provenance(frames: list[TemplateFrame], target: float, ts: Template
     """Hash of the template's frames (their provenance, weights, kernels) and settings."""
     return digest_of([(f.stem, f.provenance, round(f.weight, 9),
                        [round(v, 9) for v in f.kernel_var]) for f in frames],
-                     round(target, 9), ts.digest(), __version__)
+                     round(target, 9), ts.digest(template=True), __version__)
 
 
 def spread(items: list, n: int) -> list:

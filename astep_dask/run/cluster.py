@@ -509,8 +509,7 @@ def _closed_after(cluster):
         try:
             _close_quietly(cluster)
         except Exception as exc:  # the error in flight is the one to report
-            logging.getLogger(__name__).debug("closing the batch cluster after an error: %r",
-                                              exc)
+            logging.getLogger(__name__).debug("closing the cluster after an error: %r", exc)
         raise
     _close_quietly(cluster)
 

@@ -20,7 +20,9 @@ import astep_dask.run.frames  # noqa: F401  (the frame chain: imported here, not
 __all__ = ["ClosingHeartbeat", "dask_setup"]
 
 HEARTBEAT_FAILED = "Failed to communicate with scheduler during heartbeat"
-CLOSING = ("closing", "closing_gracefully", "closed")  # distributed's Status names
+# distributed's Status names of a worker whose close has begun (not closing_gracefully:
+# a worker that retires may still talk to its scheduler for a long while)
+CLOSING = ("closing", "closed")
 
 
 class ClosingHeartbeat(logging.Filter):

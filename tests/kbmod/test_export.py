@@ -899,6 +899,10 @@ def test_template_and_search_options_come_from_the_settings_file(tmp_path):
         load_settings(path)
     assert TemplateSettings(memory_mb=1.0).digest() == TemplateSettings().digest()
     assert TemplateSettings(grow=1.0).digest() != TemplateSettings().digest()
+    # the variance model shapes the differences only: they are remade, the template kept
+    plain = TemplateSettings(model_variance=False)
+    assert plain.digest() != TemplateSettings().digest()
+    assert plain.digest(template=True) == TemplateSettings().digest(template=True)
 
 
 def test_a_failed_export_keeps_the_previous_one(exported, night, client, tmp_path):

@@ -76,6 +76,41 @@ def test_matched_filter_of_blank_sky_is_unbiased_with_the_model_variance(shift):
     assert model.std() == pytest.approx(own.std(), rel=0.1)  # the scale is unchanged
 
 
+def test_pixel_convention_follows_its_smaller_slope():
+    # VAR resampled through the squared weights follows SCI by Σw² only: the header's
+    # slope says so, and with it blank sky is unbiased (with the area convention's 1 it
+    # would be biased high, as much as the own value biases it low).
+    rng = np.random.default_rng(8)
+    header = fits.Header({"BKGLEVEL": SKY, "BKGRMS": math.sqrt(SKY + READ**2),
+                          "VARMODE": "pixel"})
+    zs: dict[str, list[np.ndarray]] = {"own": [], "slope": [], "one": []}
+    for _ in range(3):
+        frame, template = _blank_night(rng)
+        r, rt = (resample(x.sci, x.var, x.mask, 0.5, 0.5, variance="pixel")
+                 for x in (frame, template))
+        header["VARPIXF"] = r.var_pixel_factor
+        frame, template = Layers(r.sci, r.var, r.mask), Layers(rt.sci, rt.var, rt.mask)
+        zs["own"].append(_matched_filter_z(difference(frame, template)))
+        zs["slope"].append(_matched_filter_z(difference(frame, template,
+                                                        poisson=poisson_slope(header))))
+        zs["one"].append(_matched_filter_z(difference(frame, template, poisson=1.0)))
+    assert poisson_slope(header) == pytest.approx(0.25)
+    mean = {k: float(np.concatenate(v).mean()) for k, v in zs.items()}
+    err = 1.0 / math.sqrt(np.concatenate(zs["own"]).size / (4 * math.pi * PSF**2))
+    assert mean["own"] < -8 * err and mean["one"] > 8 * err
+    assert abs(mean["slope"]) < 4 * err
+
+
+def test_only_the_frames_share_of_the_difference_leaves_its_variance():
+    # frame var 400, template var 100: the frame holds 0.8 of the difference's noise
+    frame = Layers(np.array([[10.0, -10.0]], np.float32), np.full((1, 2), 400, np.float32),
+                   np.zeros((1, 2), np.uint16))
+    template = Layers(np.zeros((1, 2), np.float32), np.full((1, 2), 100, np.float32),
+                      np.zeros((1, 2), np.uint16))
+    assert np.allclose(model_variance(frame, template, 1.0), [[392.0, 408.0]])
+    assert np.allclose(model_variance(frame, template, 0.5), [[396.0, 404.0]])
+
+
 def test_model_variance_keeps_a_movers_poisson_term_beyond_the_clip():
     # A source in the frame and not in the template (a mover): its pixels' variance loses
     # at most MODEL_CLIP of the frame's sigma, and keeps the rest of its photons' term.
@@ -99,3 +134,6 @@ def test_poisson_slope_from_the_sky_level_and_noise():
     assert poisson_slope(fits.Header({"BKGLEVEL": 0.0, "BKGRMS": 10.0})) == pytest.approx(0.5)
     assert poisson_slope(fits.Header()) == 0.0  # unknown sky: VAR left as it is
     assert poisson_slope(fits.Header({"BKGLEVEL": 5.0, "BKGRMS": 0.0})) == 0.0
+    pixel = {"BKGLEVEL": 600.0, "BKGRMS": 27.0, "VARMODE": "pixel", "VARPIXF": 0.3}
+    assert poisson_slope(fits.Header(pixel)) == pytest.approx(0.3)
+    assert poisson_slope(fits.Header({**pixel, "VARMODE": "area"})) == pytest.approx(1)

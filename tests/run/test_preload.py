@@ -72,8 +72,8 @@ def test_a_closing_workers_cut_heartbeat_is_not_logged(kept):
 
 
 @pytest.mark.parametrize("status,shown", [(Status.running, True), (Status.paused, True),
-                                          (Status.closing, False), (Status.closed, False),
-                                          (Status.closing_gracefully, False)])
+                                          (Status.closing_gracefully, True),
+                                          (Status.closing, False), (Status.closed, False)])
 def test_only_a_closing_workers_heartbeat_failure_is_dropped(status, shown):
     quiet = ClosingHeartbeat(SimpleNamespace(status=status))
 
