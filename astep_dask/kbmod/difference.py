@@ -12,9 +12,8 @@ template's (a frame of bad seeing, left out of the template), the template is co
 the frame's PSF instead (``template_kernel_var``), so no frame is blurred to the worst.
 Variance ``frame + template``, the frame's Poisson term taken from the template rather than
 from each pixel's own value (:func:`model_variance`), mask ``frame OR template``
-(:func:`difference`). One worker
-task per frame (:func:`difference_task`), skipped on a re-run when the file has the same
-provenance.
+(:func:`difference`). One worker task per frame (:func:`difference_task`), skipped on a
+re-run when the file has the same provenance.
 """
 
 from __future__ import annotations
