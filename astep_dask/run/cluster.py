@@ -53,7 +53,8 @@ WORKER_PRELOAD = ("astep_dask.run.preload",)
 
 __all__ = ["capacity", "check_frames_in_flight", "check_layout", "connect", "default_layout",
            "load_security", "local_cluster", "local_layout", "machine_cores", "machine_memory",
-           "private_scratch", "probe_scheduler", "queue_state", "run_security", "worker_threads"]
+           "private_scratch", "probe_scheduler", "queue_state", "remove_stale_scratch",
+           "run_security", "worker_threads"]
 
 
 def local_layout(settings: ClusterSettings) -> tuple[int, int]:
@@ -640,8 +641,53 @@ def local_cluster(settings: ClusterSettings) -> LocalCluster:
         )
 
 
+SCRATCH_PREFIX = "astep-dask-"  # a run's scratch folder: this, then mkdtemp's random part
+SCRATCH_OWNER = ".owner"  # in it: "host pid" of the run that made it
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (it may be another user's,
+    or a later process that reuses the id: then the folder is kept, the safe side)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, not ours to signal
+        return True
+    return True
+
+
+def remove_stale_scratch(parent: Path) -> list[Path]:
+    """Remove the scratch folders that runs on this machine left in ``parent`` when they
+    were killed (SIGKILL, the out-of-memory killer, a batch system's time limit: no
+    clean-up of theirs ran), and return them.
+
+    Only folders named like ours (``SCRATCH_PREFIX``), owned by this user, not links, whose
+    :data:`SCRATCH_OWNER` file names this machine and a process that no longer exists; a
+    folder without one (made before it was written, or by anything else) is never touched.
+    """
+    host, gone = socket.gethostname(), []
+    try:
+        entries = [e for e in os.scandir(parent) if e.name.startswith(SCRATCH_PREFIX)]
+    except OSError:
+        return gone
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat_module.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+                continue
+            owner_host, pid = (Path(entry.path) / SCRATCH_OWNER).read_text().split()
+            if owner_host != host or _alive(int(pid)):
+                continue
+        except (OSError, ValueError):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        gone.append(Path(entry.path))
+    return gone
+
+
 @contextmanager
-def private_scratch() -> Iterator[Path]:
+def private_scratch(log: Callable[[str], None] | None = None) -> Iterator[Path]:
     """A scratch folder of this run's own (``mkdtemp``: mode 0700, a random name), made
     in dask's ``temporary-directory`` (else the system's temporary folder) and removed
     with everything in it on exit.
@@ -649,7 +695,9 @@ def private_scratch() -> Iterator[Path]:
     Every dask server (scheduler, worker, nanny) puts its scratch folder on ``sys.path``;
     dask's default, ``$TMPDIR/dask-scratch-space``, may have been made by another user of
     a shared machine, world-writable, with modules planted in it that our processes would
-    then import. So the run's servers get this folder instead.
+    then import. So the run's servers get this folder instead. It records the run's host
+    and process (:data:`SCRATCH_OWNER`), so that the next run removes it if this one is
+    killed before it can (:func:`remove_stale_scratch`; ``log`` says so).
 
     Raises
     ------
@@ -671,12 +719,16 @@ def private_scratch() -> Iterator[Path]:
                            + ("not yours" if st.st_uid != os.getuid()
                               else "others may write in it")
                            + " (a scratch folder's modules are importable by the workers)")
+    stale = remove_stale_scratch(parent)
+    if stale and log is not None:
+        log(f"removed {len(stale)} scratch folder(s) in {parent} left by killed runs")
     try:
-        folder = Path(tempfile.mkdtemp(prefix="astep-dask-", dir=parent))
+        folder = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=parent))
     except OSError as exc:
         raise RunError(f"{parent}: cannot make the run's scratch folder there: "
                        f"{exc.strerror or exc}") from None
     try:
+        (folder / SCRATCH_OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         with dask.config.set({"temporary-directory": str(folder)}):
             yield folder
     finally:
@@ -704,7 +756,7 @@ def connect(settings: ClusterSettings, log: Callable[[str], None] = print) -> It
     """
     with ExitStack() as stack:
         cluster = None
-        stack.enter_context(private_scratch())  # before any dask server is made
+        stack.enter_context(private_scratch(log))  # before any dask server is made
         if settings.scheduler:
             client = stack.enter_context(_join(settings))
             log(f"joined scheduler {settings.scheduler}")

@@ -121,3 +121,45 @@ def test_closing_a_cluster_shows_no_traceback_of_what_it_cancels(caplog):
     assert [r.getMessage() for r in caplog.records] == ["a real problem"]
     for name in ("distributed.scheduler", "distributed.comm.tcp"):
         assert not logging.getLogger(name).filters  # removed after close
+
+
+def test_scratch_folders_of_killed_runs_are_removed_and_nothing_else(tmp_path):
+    # A run killed with SIGKILL cannot remove its scratch folder; the next run does, and
+    # only that: not a live run's, another machine's, one without an owner record, a
+    # link, nor a file.
+    import socket
+    import subprocess
+
+    import dask
+
+    from astep_dask.run.cluster import SCRATCH_OWNER, SCRATCH_PREFIX, private_scratch
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+
+    def folder(name: str, owner: str | None) -> Path:
+        path = tmp_path / f"{SCRATCH_PREFIX}{name}"
+        (path / "dask-scratch-space").mkdir(parents=True)
+        if owner is not None:
+            (path / SCRATCH_OWNER).write_text(owner)
+        return path
+
+    killed = folder("killed", f"{host} {dead.pid}\n")
+    kept = [folder("live", f"{host} {os.getpid()}\n"),
+            folder("elsewhere", f"another-node {dead.pid}\n"),
+            folder("unrecorded", None), folder("garbled", "not a record")]
+    target = tmp_path / "not-ours"
+    (target / "data").mkdir(parents=True)
+    (target / SCRATCH_OWNER).write_text(f"{host} {dead.pid}\n")
+    (tmp_path / f"{SCRATCH_PREFIX}link").symlink_to(target)
+    (tmp_path / f"{SCRATCH_PREFIX}file").write_text("x")
+    said: list[str] = []
+    with dask.config.set({"temporary-directory": str(tmp_path)}), \
+            private_scratch(said.append) as mine:
+        assert not killed.exists()
+        assert all(p.is_dir() for p in kept) and (target / "data").is_dir()
+        assert (tmp_path / f"{SCRATCH_PREFIX}file").is_file()
+        assert (mine / SCRATCH_OWNER).read_text() == f"{host} {os.getpid()}\n"
+    assert not mine.exists()
+    assert said == [f"removed 1 scratch folder(s) in {tmp_path} left by killed runs"]

@@ -237,22 +237,31 @@ def test_cli_killed_midway_then_resumed(small_night, tmp_path):
     night = raw / small_night.name
     exe = str(Path(sys.executable).parent / "astep-dask")
     cmd = [exe, "calibrate", str(night), "--workers", "1", "--dashboard-address", ":0"]
+    import os
+
+    scratch = tmp_path / "tmp"  # the runs' TMPDIR: where their scratch folders go
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    env.pop("DASK_TEMPORARY_DIRECTORY", None)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     folder = output_dir(night, None)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(folder.glob("*_CAL.fits"))) < 2:
         time.sleep(0.05)
-    import os
     import signal
 
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     partial = len(list(folder.glob("*_CAL.fits")))
     assert 2 <= partial < 6
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert len(list(scratch.glob("astep-dask-*"))) == 1  # the killed run's, left behind
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"{6 - partial} calibrated, {partial} already done" in done.stdout
+    # the resumed run removed the killed run's scratch folder, then its own
+    assert "removed 1 scratch folder(s)" in done.stderr + done.stdout
+    assert not list(scratch.iterdir())
     assert not list(folder.glob(".tmp-*"))
     assert len(list(folder.glob("*_CAL.fits"))) == 6
     for _path, header, sci, _var, mask in _frames(folder):
