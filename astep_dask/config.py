@@ -361,7 +361,10 @@ class TemplateSettings:
     # scene) rather than from each pixel's own value, whose noise biases KBMOD's
     # likelihood low (kbmod.difference.model_variance). False: the frame's VAR as it is.
     model_variance: bool = True
-    memory_mb: float = 256.0  # pixels of all frames in one combination task
+    # Bytes one combination task holds (kbmod.template.blocks: strips of rows, or square
+    # tiles of a wide frame; at least the overlap's 3 x 3 blocks, ~1.2 GB for 200 frames
+    # and the track search's overlap at PSF σ 1.1)
+    memory_mb: float = 1024.0
 
     def digest(self, template: bool = False) -> str:
         """Short stable hash of everything that shapes the template and the differences;

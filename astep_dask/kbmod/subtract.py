@@ -44,11 +44,11 @@ from astep_dask.kbmod.template import (
     StripJob,
     TemplateFrame,
     assemble,
+    blocks,
     mover_pad,
     neighbour_nights,
     spread,
     strip_task,
-    strips,
     template_cards,
     template_path,
     template_provenance,
@@ -259,7 +259,8 @@ def _neighbour_frames(run: Dispatch, night_dir: Path, out: Path | None, kdir: Pa
 def _combine_template(run: Dispatch, path: Path, tframes: list[TemplateFrame], target: float,
                       reference: Reference, ts: TemplateSettings, mode: str,
                       provenance: str) -> None:
-    """Combine the template in strips of rows (one task each) and write it to ``path``."""
+    """Combine the template in blocks (strips of rows, or tiles of a wide frame; one task
+    each) and write it to ``path``."""
     grow = round(ts.grow * float(np.sqrt(target)))
     sat_halo = round(ts.saturation_halo * 2.354820045 * float(np.sqrt(target)))
     ny, nx = reference.shape
@@ -272,14 +273,15 @@ def _combine_template(run: Dispatch, path: Path, tframes: list[TemplateFrame], t
         (ts.iterations + 1) * grow + mover_pad(ts, sigma, tracks_searched(ts, tframes, sigma)),
         sat_halo)
     jobs = [StripJob(frames=tuple(tframes), y0=a, y1=b, ny=ny, pad=pad, settings=ts,
-                     grow=grow, sat_halo=sat_halo, psf_sigma=sigma)
-            for a, b in strips(ny, nx, len(tframes), ts.memory_mb, pad)]
+                     grow=grow, sat_halo=sat_halo, psf_sigma=sigma, x0=c, x1=d, nx=nx)
+            for a, b, c, d in blocks(ny, nx, len(tframes), ts.memory_mb, pad)]
     parts: list = []
 
     def combined(job: StripJob, res: tuple) -> None:
-        parts.append(res[:3])
-        run.report(len(parts), len(jobs), {"file": f"rows {job.y0}-{job.y1}",
-                                           "status": "combined", "stage": "template"})
+        parts.append((job.y0, job.y1, job.x0, job.x1, res[2]))
+        run.report(len(parts), len(jobs), {
+            "file": f"rows {job.y0}-{job.y1}, columns {job.x0}-{job.x1}",
+            "status": "combined", "stage": "template"})
 
     run.map("template", strip_task, jobs, combined)
     cards = template_cards(run.night, mode, tframes, target, provenance, reference.stem, ts)

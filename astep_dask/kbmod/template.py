@@ -69,7 +69,7 @@ make one.
 On a simulated 1024², 20-frame night on 2 workers the template stage (template and
 differences) takes 27.4 s with it against 17.0 s without
 (``benchmarks/template_movers.py --size 1024 --mover-sigma 4 --track-sigma 5 0``), and
-the rows of overlap between strips grow from 14 to about 60.
+the overlap between blocks grows from 14 rows and columns to about 60.
 
 **Neighbouring nights.** A mover slower still (less than a PSF width over the night) is in
 every frame of its own template and subtracts itself. With ``nights = N`` the template is made
@@ -125,6 +125,7 @@ __all__ = [
     "NO_TEMPLATE",
     "OFF",
     "SATURATED",
+    "TEMPLATE_BYTES",
     "TRACK_BRIGHT",
     "TRACK_BRIGHT_GROW",
     "TRACK_CLIP",
@@ -137,6 +138,7 @@ __all__ = [
     "TemplateFrame",
     "TrackSearch",
     "assemble",
+    "blocks",
     "bright_halo",
     "combine_frames",
     "disk",
@@ -152,7 +154,6 @@ __all__ = [
     "run_grow",
     "spread",
     "strip_task",
-    "strips",
     "template_cards",
     "template_path",
     "template_provenance",
@@ -756,12 +757,14 @@ def template_path(kdir: Path, night: str) -> Path:
     return kdir / f"{night}{KBMOD_TEMPLATE_SUFFIX}"
 
 
-def read_rows(path: Path, y0: int, y1: int) -> Layers:
-    """Rows ``[y0, y1)`` of a registered frame (KBMOD layout: 1 SCI, 2 MASK, 3 VAR)."""
+def read_rows(path: Path, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> Layers:
+    """Rows ``[y0, y1)`` (and columns ``[x0, x1)``, all by default) of a registered frame
+    (KBMOD layout: 1 SCI, 2 MASK, 3 VAR)."""
+    cols = slice(x0, x1)
     with fits.open(path, memmap=True) as hdul:
-        sci = np.array(hdul[1].data[y0:y1], dtype=np.float32)
-        mask = np.array(hdul[2].data[y0:y1], dtype=MASK_DTYPE)
-        var = np.array(hdul[3].data[y0:y1], dtype=np.float32)
+        sci = np.array(hdul[1].data[y0:y1, cols], dtype=np.float32)
+        mask = np.array(hdul[2].data[y0:y1, cols], dtype=MASK_DTYPE)
+        var = np.array(hdul[3].data[y0:y1, cols], dtype=np.float32)
     return Layers(sci, var, mask)
 
 
@@ -781,7 +784,8 @@ class TemplateFrame:
 
 @dataclass(frozen=True)
 class StripJob:
-    """Rows ``[y0, y1)`` of a template: every frame is read with ``pad`` rows more."""
+    """Rows ``[y0, y1)`` and columns ``[x0, x1)`` of a template (a block; all columns when
+    ``x1`` is 0): every frame is read with ``pad`` rows and columns more on each side."""
 
     frames: tuple[TemplateFrame, ...]
     y0: int
@@ -792,6 +796,9 @@ class StripJob:
     grow: int = 0
     sat_halo: int = 0
     psf_sigma: float = 0.0  # of the matched frames, for the mover rejection (0: none)
+    x0: int = 0
+    x1: int = 0  # 0: to the last column
+    nx: int = 0  # the frame's columns (needed with x1)
 
 
 def time_ranks(frames: tuple[TemplateFrame, ...] | list[TemplateFrame]) -> np.ndarray:
@@ -803,18 +810,21 @@ def time_ranks(frames: tuple[TemplateFrame, ...] | list[TemplateFrame]) -> np.nd
 
 
 def strip_task(job: StripJob) -> tuple[int, int, Template, float]:
-    """Worker task: homogenise and combine one strip of every template frame."""
+    """Worker task: homogenise and combine one block (rows, and columns when ``x1`` is set)
+    of every template frame. Returns ``y0``, ``y1``, the block's template and seconds."""
     t0 = time.perf_counter()
     a, b = max(job.y0 - job.pad, 0), min(job.y1 + job.pad, job.ny)
     lo, n = job.y0 - a, job.y1 - job.y0
+    c, d = (max(job.x0 - job.pad, 0), min(job.x1 + job.pad, job.nx)) if job.x1 else (0, None)
+    left, width = (job.x0 - c, job.x1 - job.x0) if job.x1 else (0, None)
     sci, var, usable = [], [], []
     saturated = None
     for fr in job.frames:
-        block = read_rows(fr.path, a, b)
+        block = read_rows(fr.path, a, b, c, d)
         if job.settings.psf_match:
-            # Beyond rows a and b the homogenisation pads as beyond the frame: at the frame's
-            # edges that is what the whole-frame computation does; inside, it only touches
-            # the ``pad`` extra rows, which are dropped.
+            # Beyond rows a and b (columns c and d) the homogenisation pads as beyond the
+            # frame: at the frame's edges that is what the whole-frame computation does;
+            # inside, it only touches the ``pad`` extra rows and columns, which are dropped.
             block = homogenise(block, fr.kernel_var)
         sci.append(block.sci)
         var.append(block.var)
@@ -830,8 +840,8 @@ def strip_task(job: StripJob) -> tuple[int, int, Template, float]:
                           job.settings, job.grow, time_ranks(job.frames), job.psf_sigma,
                           times)
     full.mask[bright_halo(saturated, job.sat_halo)] |= BRIGHT_HALO
-    rows = slice(lo, lo + n)
-    tpl = Template(**{f.name: np.ascontiguousarray(getattr(full, f.name)[rows])
+    own = (slice(lo, lo + n), slice(left, None if width is None else left + width))
+    tpl = Template(**{f.name: np.ascontiguousarray(getattr(full, f.name)[own])
                       for f in dataclasses.fields(Template)
                       if getattr(full, f.name) is not None})
     return job.y0, job.y1, tpl, time.perf_counter() - t0
@@ -934,32 +944,53 @@ def spread(items: list, n: int) -> list:
     return [items[i] for i in idx]
 
 
-def strips(ny: int, nx: int, n_frames: int, memory_mb: float, pad: int = 0
-           ) -> list[tuple[int, int]]:
-    """Row ranges of the combination tasks: about ``memory_mb`` of pixels of all frames
-    (about 40 bytes a pixel a frame, reading and working copies) per task, besides the
-    ``pad`` rows each task also reads on each side; but at least ``pad`` rows each (a
-    task then reads at most 3 × its rows, where thinner strips would read the same
-    overlap again and again: many frames of a wide frame, and the movers' tracks)."""
-    budget = int(max(1, memory_mb * 1e6 // max(40 * nx * max(n_frames, 1), 1)))
-    rows = min(max(budget, pad, 1), ny)
-    n = int(np.ceil(ny / rows))
-    edges = np.linspace(0, ny, n + 1).round().astype(int)
+# Bytes a combination task holds per pixel and frame at its peak (the frames read, their
+# stacked copies and the clipping's and the mover passes' working arrays): 128 measured
+# with tracemalloc on combine_frames (40 frames of 213 x 1024 px, the track search on or
+# off alike)
+TEMPLATE_BYTES = 128
+
+
+def _split(n: int, size: int) -> list[tuple[int, int]]:
+    """``[0, n)`` in about equal parts of at most ``size``."""
+    edges = np.linspace(0, n, int(np.ceil(n / max(size, 1))) + 1).round().astype(int)
     return [(int(a), int(b)) for a, b in itertools.pairwise(edges) if b > a]
 
 
-def assemble(parts: list[tuple[int, int, Template]], ny: int, nx: int) -> Template:
-    """One template from its strips."""
+def blocks(ny: int, nx: int, n_frames: int, memory_mb: float, pad: int = 0
+           ) -> list[tuple[int, int, int, int]]:
+    """The combination tasks' blocks ``(y0, y1, x0, x1)``, covering the frame once.
+
+    A task holds :data:`TEMPLATE_BYTES` per pixel and frame of its block with ``pad`` more
+    rows and columns on each side. Full-width strips of rows when one of at least ``pad``
+    rows fits in ``memory_mb``; else square tiles of the side that fits, but at least
+    ``pad`` (a task then holds 9 × its block, where smaller ones would read the same
+    overlap again and again). Tiles bound a task's memory whatever the frame's width: a
+    strip of a 4096-wide frame read with 71 rows each side would hold 22 GB for 200
+    frames, a tile 1.2 GB.
+    """
+    per_px = TEMPLATE_BYTES * max(n_frames, 1)
+    budget = max(memory_mb * 1e6 / per_px, 1.0)  # pixels a task may hold
+    rows = int(budget // (nx + 2 * pad)) - 2 * pad  # full-width strips
+    if rows >= max(pad, 1) or nx <= max(pad, 1):
+        return [(a, b, 0, nx) for a, b in _split(ny, min(max(rows, pad, 1), ny))]
+    side = max(int(np.sqrt(budget)) - 2 * pad, pad, 1)
+    return [(a, b, c, d) for a, b in _split(ny, min(side, ny))
+            for c, d in _split(nx, min(side, nx))]
+
+
+def assemble(parts: list[tuple[int, int, int, int, Template]], ny: int, nx: int) -> Template:
+    """One template from its blocks ``(y0, y1, x0, x1, template)``."""
     out = {name: np.zeros((ny, nx), dtype) for name, dtype in (
         ("sci", np.float32), ("var", np.float32), ("mask", MASK_DTYPE),
         ("centre", np.float32), ("wsum", np.float32), ("nkeep", np.int16),
         ("first", np.int16), ("last", np.int16))}
     out["first"][:] = -1
     out["last"][:] = -1
-    for y0, y1, t in parts:
+    for y0, y1, x0, x1, t in parts:
         for name in out:
             if getattr(t, name) is not None:
-                out[name][y0:y1] = getattr(t, name)
+                out[name][y0:y1, x0:x1] = getattr(t, name)
     return Template(**out)
 
 

@@ -60,6 +60,8 @@ from astep_dask.kbmod.template import (
     StripJob,
     Template,
     TemplateFrame,
+    assemble,
+    blocks,
     combine_frames,
     homogenise,
     kept,
@@ -758,6 +760,44 @@ def test_template_strips_give_the_whole_frame_result(exported):
     for name, key in (("sci", "SCI"), ("var", "VAR"), ("mask", "MASK"), ("nkeep", "NKEEP")):
         np.testing.assert_array_equal(np.concatenate([getattr(t, name) for t in parts]),
                                       stored[key], err_msg=name)
+    # tiles of a wide frame: rows and columns, each read with the pad on every side
+    size, step = SIM.size, 53
+    assert size > 2 * pad + step  # a tile reads less than the whole frame
+    tiles = [(a, min(a + step, size), c, min(c + step, size))
+             for a in range(0, size, step) for c in range(0, size, step)]
+    whole = assemble([(a, b, c, d, strip_task(StripJob(frames, a, b, size, pad, ts, grow,
+                                                        halo, sigma, c, d, size))[2])
+                      for a, b, c, d in tiles], size, size)
+    for name, key in (("sci", "SCI"), ("var", "VAR"), ("mask", "MASK"), ("nkeep", "NKEEP")):
+        np.testing.assert_array_equal(getattr(whole, name), stored[key], err_msg=name)
+
+
+def test_blocks_cover_the_frame_once_and_bound_a_tasks_memory():
+    from astep_dask.kbmod.template import TEMPLATE_BYTES
+
+    def check(ny, nx, n, memory_mb, pad):
+        parts = blocks(ny, nx, n, memory_mb, pad)
+        cover = np.zeros((ny, nx), int)
+        for a, b, c, d in parts:
+            cover[a:b, c:d] += 1
+        assert (cover == 1).all()
+        held = max(TEMPLATE_BYTES * n * (b - a + 2 * pad) * (d - c + 2 * pad)
+                   for a, b, c, d in parts)
+        # within the budget, or the least a block of pad x pad holds (9 x its pixels)
+        least = TEMPLATE_BYTES * n * (3 * pad) ** 2
+        assert held <= max(memory_mb * 1e6, least) * 1.1, (held, memory_mb, least)
+        return parts
+
+    # a small night: full-width strips, as before
+    parts = check(256, 256, 8, 256.0, 30)
+    assert all((c, d) == (0, 256) for _, _, c, d in parts)
+    # a real night's size (4k x 4k, 200 frames, the track search's overlap): tiles, each
+    # task about 1.2 GB where a full-width strip of at least the overlap would hold 22 GB
+    parts = check(4096, 4096, 200, 256.0, 71)
+    assert len({(c, d) for _, _, c, d in parts}) > 1
+    assert TEMPLATE_BYTES * 200 * 4096 * (3 * 71) > 20e9
+    # a generous budget: strips again
+    assert all((c, d) == (0, 4096) for *_, c, d in check(4096, 4096, 200, 1e5, 71))
 
 
 def test_difference_variance_is_honest(exported, night):
