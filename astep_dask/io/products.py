@@ -34,6 +34,8 @@ __all__ = [
     "REPORT_INDEX",
     "SHARED_MASTERS_FOLDER",
     "check_writable",
+    "dead_holder",
+    "holder_record",
     "inside",
     "master_files",
     "master_name",
@@ -143,14 +145,14 @@ def night_lock(folder: Path) -> Iterator[None]:
     person) to remove.
     """
     path = folder / LOCK
-    mine = f"{socket.gethostname()} {os.getpid()}\n"
+    mine = holder_record()
     for _ in range(3):
         if _create_lock(path, mine):
             break
         holder = _read_lock(path)
         if holder is None:  # released meanwhile
             continue
-        if _stale_lock(holder):
+        if dead_holder(holder):
             _break_lock(path, holder)
             continue
         shown = holder.strip() or "empty lock file, its holder unknown"
@@ -214,8 +216,15 @@ def _break_lock(path: Path, holder: str) -> None:
         os.close(guard)  # releases the flock
 
 
-def _stale_lock(holder: str) -> bool:
-    """True when the lock's holder (``host pid``) is a dead process on this host."""
+def holder_record() -> str:
+    """This process as the holder of a lock or a run's scratch folder: ``host pid``, one
+    line (:func:`dead_holder` reads it)."""
+    return f"{socket.gethostname()} {os.getpid()}\n"
+
+
+def dead_holder(holder: str) -> bool:
+    """True when a holder record (``host pid``, :func:`holder_record`) names a dead
+    process on this host; False when it is alive, of another host, or unreadable."""
     try:
         host, pid = holder.split()
         pid_n = int(pid)

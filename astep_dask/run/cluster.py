@@ -41,6 +41,7 @@ from distributed.security import Security
 
 from astep_dask.config import MIN_WORKER_MEMORY, ClusterSettings, machine_cores, parse_memory
 from astep_dask.errors import RunError, SettingsError
+from astep_dask.io.products import dead_holder, holder_record
 
 WORKER_HTTP = "127.0.0.1:0"  # where a worker's own HTTP server listens (any free port)
 # Imported by each worker process as it starts (local ones fork from a server process that
@@ -642,19 +643,7 @@ def local_cluster(settings: ClusterSettings) -> LocalCluster:
 
 
 SCRATCH_PREFIX = "astep-dask-"  # a run's scratch folder: this, then mkdtemp's random part
-SCRATCH_OWNER = ".owner"  # in it: "host pid" of the run that made it
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process with this id exists on this machine (it may be another user's,
-    or a later process that reuses the id: then the folder is kept, the safe side)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, not ours to signal
-        return True
-    return True
+SCRATCH_OWNER = ".owner"  # in it: the run's holder record ("host pid", io.products)
 
 
 def remove_stale_scratch(parent: Path) -> list[Path]:
@@ -663,10 +652,11 @@ def remove_stale_scratch(parent: Path) -> list[Path]:
     clean-up of theirs ran), and return them.
 
     Only folders named like ours (``SCRATCH_PREFIX``), owned by this user, not links, whose
-    :data:`SCRATCH_OWNER` file names this machine and a process that no longer exists; a
-    folder without one (made before it was written, or by anything else) is never touched.
+    :data:`SCRATCH_OWNER` record names a dead process of this machine
+    (:func:`~astep_dask.io.products.dead_holder`, as for an output folder's lock); a folder
+    without one (made before it was written, or by anything else) is never touched.
     """
-    host, gone = socket.gethostname(), []
+    gone: list[Path] = []
     try:
         entries = [e for e in os.scandir(parent) if e.name.startswith(SCRATCH_PREFIX)]
     except OSError:
@@ -674,12 +664,10 @@ def remove_stale_scratch(parent: Path) -> list[Path]:
     for entry in entries:
         try:
             st = entry.stat(follow_symlinks=False)
-            if not stat_module.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            if not stat_module.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() \
+                    or not dead_holder((Path(entry.path) / SCRATCH_OWNER).read_text()):
                 continue
-            owner_host, pid = (Path(entry.path) / SCRATCH_OWNER).read_text().split()
-            if owner_host != host or _alive(int(pid)):
-                continue
-        except (OSError, ValueError):
+        except (OSError, UnicodeDecodeError):
             continue
         shutil.rmtree(entry.path, ignore_errors=True)
         gone.append(Path(entry.path))
@@ -728,7 +716,7 @@ def private_scratch(log: Callable[[str], None] | None = None) -> Iterator[Path]:
         raise RunError(f"{parent}: cannot make the run's scratch folder there: "
                        f"{exc.strerror or exc}") from None
     try:
-        (folder / SCRATCH_OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        (folder / SCRATCH_OWNER).write_text(holder_record())
         with dask.config.set({"temporary-directory": str(folder)}):
             yield folder
     finally:
