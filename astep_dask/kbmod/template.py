@@ -641,13 +641,12 @@ def run_grow(psf_sigma: float) -> int:
 
 
 def mover_pad(ts: TemplateSettings, psf_sigma: float, tracks: bool = False) -> int:
-    """Rows beyond a strip on which its mover runs depend: the matched filter's half-width
+    """Rows beyond a block on which its mover runs depend: the matched filter's half-width
     and the runs' growth, for each of the two passes (0 without the mover rejection), and
     with ``tracks`` (:func:`tracks_searched`: the track search, a third pass) twice a
-    track's reach from its
-    mid-time pixel (once to the ψ it sums, once to the pixels it marks), its filter's
-    half-width, the bright residuals' surroundings, the peak's neighbours and the marks'
-    growth."""
+    track's reach from its mid-time pixel (once to the ψ it sums, once to the pixels it
+    marks), its filter's half-width, the bright residuals' surroundings, the peak's
+    neighbours and the marks' growth. Columns depend alike (tiles, :func:`blocks`)."""
     if ts.mover_sigma <= 0 or psf_sigma <= 0:
         return 0
     pad = 2 * (psf_1d(psf_sigma).size // 2 + run_grow(psf_sigma))
@@ -815,8 +814,11 @@ def strip_task(job: StripJob) -> tuple[int, int, Template, float]:
     t0 = time.perf_counter()
     a, b = max(job.y0 - job.pad, 0), min(job.y1 + job.pad, job.ny)
     lo, n = job.y0 - a, job.y1 - job.y0
-    c, d = (max(job.x0 - job.pad, 0), min(job.x1 + job.pad, job.nx)) if job.x1 else (0, None)
-    left, width = (job.x0 - c, job.x1 - job.x0) if job.x1 else (0, None)
+    if job.x1:  # a tile: its columns too, with the pad
+        c, d = max(job.x0 - job.pad, 0), min(job.x1 + job.pad, job.nx)
+        cols = slice(job.x0 - c, job.x1 - c)
+    else:
+        c, d, cols = 0, None, slice(None)
     sci, var, usable = [], [], []
     saturated = None
     for fr in job.frames:
@@ -840,7 +842,7 @@ def strip_task(job: StripJob) -> tuple[int, int, Template, float]:
                           job.settings, job.grow, time_ranks(job.frames), job.psf_sigma,
                           times)
     full.mask[bright_halo(saturated, job.sat_halo)] |= BRIGHT_HALO
-    own = (slice(lo, lo + n), slice(left, None if width is None else left + width))
+    own = (slice(lo, lo + n), cols)
     tpl = Template(**{f.name: np.ascontiguousarray(getattr(full, f.name)[own])
                       for f in dataclasses.fields(Template)
                       if getattr(full, f.name) is not None})
