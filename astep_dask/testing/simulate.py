@@ -42,6 +42,7 @@ __all__ = [
     "load_truth",
     "make_static_truth",
     "mover_tracks",
+    "moving_light",
     "psf_stamp",
     "simulate_night",
     "wcs_cards",
@@ -267,6 +268,21 @@ def add_sources(image: np.ndarray, xs, ys, fluxes, sigma: float) -> None:
         if rows.size == 0 or cols.size == 0:
             continue
         image[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1] += f * stamp
+
+
+def moving_light(movers, n_frames: int, size: int, sigma: float
+                 ) -> tuple[np.ndarray, list[list[tuple[float, float]]]]:
+    """The light of linear movers alone, frame by frame: ``movers`` are ``(x0, y0, vx, vy,
+    flux)`` (px, px per frame, e- per frame). Returns the stack ``(frame, y, x)`` of
+    pixel-integrated Gaussians of σ ``sigma`` and each mover's positions."""
+    light = np.zeros((n_frames, size, size))
+    tracks = []
+    for x0, y0, vx, vy, flux in movers:
+        pos = [(x0 + vx * i, y0 + vy * i) for i in range(n_frames)]
+        for i, (x, y) in enumerate(pos):
+            add_sources(light[i], [x], [y], [flux], sigma)
+        tracks.append(pos)
+    return light, tracks
 
 
 def _power_law(rng: np.random.Generator, n: int, lo: float, hi: float, slope: float = -1.5):

@@ -39,6 +39,7 @@ from astep_dask.testing.simulate import (
     add_sources,
     load_truth,
     mover_tracks,
+    moving_light,
     psf_stamp,
     simulate_night,
 )
@@ -56,13 +57,7 @@ def _stack(seed: int, movers: list[tuple[float, float, float, float, float]], si
     static = np.zeros((size, size))
     add_sources(static, [45.0], [15.0], [40000.0], SIGMA)
     noisy = static + rng.normal(0, 1, (N, size, size)) * np.sqrt(VAR + static)
-    light = np.zeros((N, size, size))
-    tracks = []
-    for x0, y0, vx, vy, flux in movers:
-        pos = [(x0 + vx * i, y0 + vy * i) for i in range(N)]
-        for i, (x, y) in enumerate(pos):
-            add_sources(light[i], [x], [y], [flux], SIGMA)
-        tracks.append(pos)
+    light, tracks = moving_light(movers, N, size, SIGMA)
     return noisy, light, tracks
 
 

@@ -25,7 +25,7 @@ from astep_dask.kbmod.template import (
     mover_pad,
     track_displacements,
 )
-from astep_dask.testing.simulate import add_sources, psf_stamp
+from astep_dask.testing.simulate import add_sources, moving_light, psf_stamp
 
 SIGMA = 1.45  # px, PSF of the PSF-matched frames
 SKY = 700.0  # e-², sky and read noise of a pixel
@@ -48,13 +48,7 @@ def _stack(seed: int, movers: list, size: int = 64, star: bool = True
     static = np.zeros((size, size))
     if star:
         add_sources(static, [45.0], [15.0], [40000.0], SIGMA)
-    light = np.zeros((N, size, size))
-    tracks = []
-    for x0, y0, vx, vy, flux in movers:
-        pos = [(x0 + vx * i, y0 + vy * i) for i in range(N)]
-        for i, (x, y) in enumerate(pos):
-            add_sources(light[i], [x], [y], [flux], SIGMA)
-        tracks.append(pos)
+    light, tracks = moving_light(movers, N, size, SIGMA)
     var = (SKY + static + light).astype(np.float32)
     sci = (static + light + rng.standard_normal(light.shape) * np.sqrt(var)).astype(np.float32)
     return sci, var, light, tracks
